@@ -1,0 +1,195 @@
+"""Capture the decoder attention that produced each generated token, during generation.
+
+The default method ("sdpa") registers an attention function with transformers: it computes the
+layer output with SDPA, exactly as plain generation does, and additionally recomputes the softmax
+row of only the last query position (the one that predicts the next token), stored in float16 on
+the CPU. The reference method ("eager") runs eager attention and reads the same rows through
+forward hooks; it is slower and exists for tests and comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from families import VisionLayout, decoder_layers
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_IMPLEMENTATION = "vlm_explorer_capture"
+CaptureMethod = Literal["sdpa", "eager"]
+CAPTURE_METHODS: tuple[str, ...] = ("sdpa", "eager")
+
+
+class CaptureError(RuntimeError):
+    """Capture did not produce one attention row per generated token."""
+
+
+@dataclass
+class AttentionRun:
+    """One generation: its tokens, the image's vision layout and the captured attention.
+
+    All indices are 0-based. Everything is detached and on the CPU.
+
+    prompt_ids: the prompt's token ids, vision placeholders expanded (len = prompt_len).
+    generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
+    generated_tokens: one decoded piece per generated id.
+    vision: where the image's tokens sit in the sequence and on the picture.
+    layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
+    num_heads: query heads per layer; axis 1 of `step_attention`.
+    rows: per step t, a float16 tensor (num_layers, num_heads, prompt_len + t): the softmax
+        attention of the query at position prompt_len - 1 + t, i.e. the one that produced
+        generated token t (t = 0 is the last prompt row). Use `step_attention`.
+    model_id, family, settings: provenance for exports and captions.
+    """
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    generated_tokens: list[str]
+    vision: VisionLayout
+    layer_indices: list[int]
+    num_heads: int
+    rows: list[torch.Tensor] = field(repr=False)
+    model_id: str = ""
+    family: str = ""
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_indices)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(row.numel() * row.element_size() for row in self.rows)
+
+    def step_attention(self, step_idx: int) -> torch.Tensor:
+        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU."""
+        if not 0 <= step_idx < self.num_steps:
+            raise IndexError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
+                             f"tokens, so pick 0..{self.num_steps - 1}.")
+        return self.rows[step_idx]
+
+
+class _Recorder:
+    """Rows captured during one generation, per layer, one per forward call."""
+
+    def __init__(self, layer_indices: list[int]):
+        self.layer_indices = layer_indices
+        self.wanted = set(layer_indices)
+        self.rows: dict[int, list[torch.Tensor]] = {idx: [] for idx in layer_indices}
+
+    def record(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """probs: (B=1, H, kv) softmax row of the last query position, any device and dtype."""
+        if layer_idx in self.wanted:
+            row = probs[0].to(torch.float16)                            # (H, kv)
+            self.rows[layer_idx].append(row.to("cpu", non_blocking=row.is_cuda))
+
+    def steps(self, num_steps: int) -> list[torch.Tensor]:
+        """Stack per step: list over t of (num_layers, H, prompt_len + t)."""
+        counts = {idx: len(rows) for idx, rows in self.rows.items()}
+        if any(count != num_steps for count in counts.values()):
+            raise CaptureError(f"Captured {counts} rows per layer for {num_steps} generated tokens. "
+                               "Was the model run with a batch of one and a standard decoding loop?")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()                                    # the non-blocking copies have landed
+        return [torch.stack([self.rows[idx][t] for idx in self.layer_indices]) for t in range(num_steps)]
+
+
+_active: _Recorder | None = None
+_active_lock = threading.Lock()
+
+
+def _last_query_probs(module, query, key, attention_mask, scaling) -> torch.Tensor:
+    """Softmax attention of the last query row only: (B, H, kv), computed in float32."""
+    query = query[:, :, -1:, :].float()                                 # (B, H, 1, D)
+    key = repeat_kv(key, module.num_key_value_groups).float()            # (B, H, kv, D)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling         # (B, H, 1, kv)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, : key.shape[-2]]               # (B, 1, 1, kv)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return torch.softmax(scores, dim=-1)[:, :, 0, :]                    # (B, H, kv)
+
+
+def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA output, plus the last query's softmax row for the active recorder."""
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                       dropout=dropout, scaling=scaling, **kwargs)  # (B, q, H, D)
+    recorder = _active
+    layer_idx = getattr(module, "layer_idx", None)
+    if recorder is not None and layer_idx is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        recorder.record(layer_idx, _last_query_probs(module, query, key, attention_mask, scale))
+    return output, None
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_sdpa)
+# Without a mask function under the same name the decoder gets no mask and ignores padding.
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+
+
+def _attn_implementations(model) -> dict[str, str]:
+    config = model.config
+    return {"text_config": config.get_text_config()._attn_implementation,
+            "vision_config": config.vision_config._attn_implementation}
+
+
+def _eager_hook(recorder: _Recorder, layer_idx: int):
+    def hook(module, args, output):
+        weights = output[1]                                             # (B, H, q, kv)
+        if weights is None:
+            raise CaptureError("Eager attention returned no weights; cannot use the eager reference.")
+        recorder.record(layer_idx, weights[:, :, -1, :])
+    return hook
+
+
+@contextmanager
+def capture_attention(model, method: CaptureMethod = "sdpa",
+                      layers: list[int] | None = None) -> Iterator[_Recorder]:
+    """Install attention capture on the decoder for the duration of the block.
+
+    Yields a recorder; after `model.generate(...)` inside the block, call
+    `recorder.steps(num_generated)`. The model's attention implementation and hooks are
+    restored on exit, also when generation raises. Only one capture runs at a time.
+    """
+    global _active
+    if method not in CAPTURE_METHODS:
+        raise ValueError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
+    num_layers = len(decoder_layers(model))
+    layer_indices = sorted(set(range(num_layers) if layers is None else layers))
+    if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
+        raise ValueError(f"layers must be indices in 0..{num_layers - 1}, got {layers}.")
+    recorder = _Recorder(layer_indices)
+    saved = _attn_implementations(model)
+    handles = []
+    with _active_lock:
+        try:
+            if method == "sdpa":
+                model.set_attn_implementation({"text_config": CAPTURE_IMPLEMENTATION,
+                                               "vision_config": saved["vision_config"]})
+                _active = recorder
+            else:
+                model.set_attn_implementation({"text_config": "eager", "vision_config": saved["vision_config"]})
+                for idx in layer_indices:
+                    attn = decoder_layers(model)[idx].self_attn
+                    handles.append(attn.register_forward_hook(_eager_hook(recorder, idx)))
+            yield recorder
+        finally:
+            _active = None
+            for handle in handles:
+                handle.remove()
+            model.set_attn_implementation(saved)

@@ -1,0 +1,109 @@
+"""Turn captured attention rows into maps over the image's token grid.
+
+Pure functions over an `AttentionRun`: select the vision tokens, aggregate over inclusive layer
+and head ranges, and (as a separate, explicit step) normalise a map for display.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from attention_extractor import AttentionRun
+
+Reduce = Literal["mean", "max", "min"]
+REDUCTIONS: tuple[str, ...] = ("mean", "max", "min")
+Normalization = Literal["minmax", "percentile", "fixed"]
+NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "fixed")
+
+
+def _range_slice(bounds: tuple[int, int] | None, available: list[int], what: str) -> list[int]:
+    """Indices into `available` for the inclusive range `bounds` of model indices."""
+    if bounds is None:
+        return list(range(len(available)))
+    lo, hi = int(bounds[0]), int(bounds[1])
+    if lo > hi:
+        raise ValueError(f"The {what} range {lo}..{hi} is inverted; the first number must not exceed the second.")
+    missing = [idx for idx in range(lo, hi + 1) if idx not in available]
+    if missing:
+        raise ValueError(f"The {what} range {lo}..{hi} is outside what was captured "
+                         f"({available[0]}..{available[-1]}); pick a range inside it.")
+    return [available.index(idx) for idx in range(lo, hi + 1)]
+
+
+def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Aggregate over the first two axes (layers, heads) of a (L, H, N) tensor → (N,)."""
+    flat = values.reshape(-1, values.shape[-1])                         # (L*H, N)
+    if reduce == "mean":
+        return flat.mean(dim=0)
+    if reduce == "max":
+        return flat.max(dim=0).values
+    if reduce == "min":
+        return flat.min(dim=0).values
+    raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
+
+
+def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
+                     heads: tuple[int, int] | None = None) -> torch.Tensor:
+    """(n_layers_sel, n_heads_sel, n_cells) float32: attention on each grid cell's token."""
+    layer_sel = _range_slice(layers, run.layer_indices, "layer")
+    head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
+    positions = torch.from_numpy(run.vision.token_positions)            # (n_cells,)
+    rows = run.step_attention(step_idx)                                 # (L, H, S_t)
+    return rows[layer_sel][:, head_sel][:, :, positions].float()        # (l, h, n_cells)
+
+
+def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
+                  heads: tuple[int, int] | None = None, reduce: Reduce = "mean") -> np.ndarray:
+    """Raw attention mass on each vision token for generated token `step_idx`.
+
+    layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
+    reduce: how layers and heads are combined (over both axes together).
+    Returns (grid_h, grid_w) float32, unnormalised: each value is a softmax probability (0..1).
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
+    values = vision_attention(run, step_idx, layers, heads)             # (l, h, n_cells)
+    grid_h, grid_w = run.vision.grid_hw
+    return _reduce(values, reduce).reshape(grid_h, grid_w).numpy().astype(np.float32)  # (grid_h, grid_w)
+
+
+def vision_share(run: AttentionRun) -> np.ndarray:
+    """(num_steps, num_layers, num_heads) float32: attention mass on all vision tokens, 0..1."""
+    positions = torch.from_numpy(run.vision.token_positions)            # (n_cells,)
+    shares = [rows[:, :, positions].float().sum(dim=-1) for rows in run.rows]  # each (L, H)
+    return torch.stack(shares).numpy().astype(np.float32)               # (T, L, H)
+
+
+def heatmap_range(heatmaps: list[np.ndarray]) -> tuple[float, float]:
+    """(min, max) over several maps: one shared scale for comparing tokens."""
+    return (float(min(h.min() for h in heatmaps)), float(max(h.max() for h in heatmaps)))
+
+
+def normalize_heatmap(heatmap: np.ndarray, mode: Normalization = "minmax", percentile: float = 99.0,
+                      value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale a raw map to 0..1 for display. Same shape, float32.
+
+    minmax: this map's min → 0 and max → 1.
+    percentile: min → 0, the given percentile → 1, values above are clipped (tames attention sinks).
+    fixed: `value_range` (lo, hi) → (0, 1), e.g. from `heatmap_range` for a scale shared across tokens.
+    A constant map becomes all zeros.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if mode == "minmax":
+        lo, hi = float(heatmap.min()), float(heatmap.max())
+    elif mode == "percentile":
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}.")
+        lo, hi = float(heatmap.min()), float(np.percentile(heatmap, percentile))
+    elif mode == "fixed":
+        if value_range is None:
+            raise ValueError("mode='fixed' needs value_range=(lo, hi).")
+        lo, hi = float(value_range[0]), float(value_range[1])
+    else:
+        raise ValueError(f"Unknown normalisation {mode!r}; choose one of {NORMALIZATIONS}.")
+    if hi <= lo:
+        return np.zeros_like(heatmap)
+    return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,47 @@
+"""Typed defaults for the whole tool, in one frozen dataclass.
+
+Only `app.py` reads the command line and the environment; it builds an `AppConfig` from them
+and passes explicit values down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent
+
+MODEL_PRESETS: tuple[str, ...] = (
+    "Qwen/Qwen2.5-VL-3B-Instruct",
+    "Qwen/Qwen2.5-VL-7B-Instruct",
+    "Qwen/Qwen2-VL-2B-Instruct",
+    "Qwen/Qwen2-VL-7B-Instruct",
+    "llava-hf/llava-1.5-7b-hf",
+)
+GPU_DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+DEMO_MODEL_DIR = REPO_DIR / "demo_model"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Defaults for loading, generation, capture, rendering and serving."""
+
+    model: str | None = None                  # hub id or local folder; None = pick by hardware
+    device: str = "auto"                      # auto | cuda | cpu
+    dtype: str = "auto"                       # auto | bfloat16 | float16 | float32
+    max_new_tokens: int = 64
+    capture_method: str = "sdpa"              # sdpa (fast, default) | eager (reference)
+    colormap: str = "jet"
+    alpha: float = 0.5
+    aggregation: str = "mean"                 # mean | max | min
+    normalization: str = "minmax"             # minmax | percentile | shared
+    percentile: float = 99.0
+    view: str = "overlay"                     # overlay | side_by_side | heatmap
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    session_cache_mb: int = 2048              # captured attention kept for all sessions together
+    presets: tuple[str, ...] = field(default=MODEL_PRESETS)
+    outputs_dir: Path = REPO_DIR / "outputs"
+    cache_dir: Path = REPO_DIR / "cache"

@@ -1,0 +1,139 @@
+"""Load a vision-language model with its processor, and generate with attention capture.
+
+`ModelHolder.load` accepts a hub id or a local folder of any supported family and returns a
+holder whose `generate` gives one `AttentionRun` per call: tokens, vision layout and attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from attention_extractor import AttentionRun, CaptureMethod, capture_attention
+from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, decoder_layers, detect_family, vision_layout
+from utils import load_image, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that could not be found or loaded; the message says what to check."""
+
+
+def _read_config(model_id: str, trust_remote_code: bool):
+    try:
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        where = "a local folder" if Path(model_id).exists() else "a hub id or local folder"
+        raise ModelLoadError(
+            f"Could not load the config of {model_id!r} as {where}: {err}. Check the spelling; for a hub id, "
+            "check the network (with HF_HUB_OFFLINE=1 only models already in the local cache load), "
+            "or download it once and pass its local folder.") from err
+
+
+@dataclass
+class ModelHolder:
+    """A loaded model and processor. Read-only once loaded; share it between users behind a lock."""
+
+    model: torch.nn.Module
+    processor: object
+    family: str
+    model_id: str
+    device: str
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, model_id: str | Path, device: str = "auto", dtype: str = "auto",
+             trust_remote_code: bool = False) -> "ModelHolder":
+        """Load a checkpoint of a supported family (see `families.SUPPORTED_FAMILIES`).
+
+        device: 'auto' (CUDA when available, else CPU), 'cuda' or 'cpu'.
+        dtype: 'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'.
+        """
+        model_id = str(model_id)
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        family = detect_family(_read_config(model_id, trust_remote_code))
+        placement = {"device_map": "auto"} if device == "cuda" else {}
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=torch_dtype, attn_implementation="sdpa", use_safetensors=True,
+            trust_remote_code=trust_remote_code, **placement)
+        if not placement:
+            model.to(device)
+        model.eval()
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        logger.info("loaded %s (%s) on %s as %s", model_id, SUPPORTED_FAMILIES[family], device, torch_dtype)
+        return cls(model, processor, family, model_id, device, torch_dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.config.get_text_config().num_attention_heads)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def describe(self) -> str:
+        """One line for status bars: family, sizes, device and dtype."""
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"{self.model_id} · {SUPPORTED_FAMILIES[self.family]} · {self.num_layers} layers × "
+                f"{self.num_heads} heads · {self.device} · {dtype}")
+
+    def build_inputs(self, image: Image.Image, prompt: str, min_pixels: int | None = None,
+                     max_pixels: int | None = None):
+        """Chat-templated, processed model inputs for one image and one user message (batch of 1)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        kwargs = {}
+        if self.family in QWEN_FAMILIES and (min_pixels or max_pixels):
+            size = dict(self.processor.image_processor.size)
+            size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
+            kwargs["size"] = size
+        return self.processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+
+    def generate(self, image: Image.Image | str | Path, prompt: str, max_new_tokens: int = 64,
+                 method: CaptureMethod = "sdpa", layers: list[int] | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 **generate_kwargs) -> AttentionRun:
+        """Generate an answer and capture, for every generated token, the attention that produced it.
+
+        image: a PIL image or a file path (EXIF orientation applied, converted to RGB).
+        method: 'sdpa' (fast capture, default) or 'eager' (reference).
+        layers: decoder layer indices to capture; all by default.
+        min_pixels / max_pixels: Qwen's image-token budget, in pixels of the resized image.
+        generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
+        """
+        image = load_image(image)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("The prompt is empty. Type a question or instruction about the image.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
+        layout = vision_layout(self.family, self.model.config, self.processor, inputs, image.size)
+        inputs = inputs.to(self.input_device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        generate_kwargs.setdefault("do_sample", False)
+        prompt_len = inputs["input_ids"].shape[1]
+        with torch.inference_mode(), capture_attention(self.model, method, layers) as recorder:
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            generated = output[0, prompt_len:].tolist()                 # (num_steps,)
+            rows = recorder.steps(len(generated))
+        tokenizer = self.processor.tokenizer
+        settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
+                    "min_pixels": min_pixels, "max_pixels": max_pixels,
+                    **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        return AttentionRun(
+            prompt_ids=inputs["input_ids"][0].tolist(), generated_ids=generated,
+            generated_tokens=[tokenizer.decode([token_id]) for token_id in generated], vision=layout,
+            layer_indices=recorder.layer_indices, num_heads=self.num_heads, rows=rows,
+            model_id=self.model_id, family=self.family, settings=settings)

@@ -1,0 +1,142 @@
+"""Captured rows are exactly the attention that produced each token, for every family."""
+
+import pytest
+import torch
+
+from attention_extractor import CAPTURE_IMPLEMENTATION, capture_attention
+from conftest import noise_image
+from families import decoder_layers
+from tiny_models import FAMILIES
+
+SIZES = [(150, 100), (100, 150), (224, 224)]   # landscape, portrait, square (W, H)
+NEW_TOKENS = 5
+
+
+def _generate_kwargs(holder, min_new_tokens: int = NEW_TOKENS) -> dict:
+    # Random models can stop early or emit the image placeholder, which a replay cannot take back.
+    return dict(min_new_tokens=min_new_tokens, suppress_tokens=[holder.model.config.image_token_id])
+
+
+def _teacher_forced_eager(holder, image, prompt, generated_ids) -> list[torch.Tensor]:
+    """Reference: one eager forward over prompt + generated ids, output_attentions=True.
+
+    Returns per step t the rows (L, H, prompt_len + t) of the query at prompt_len - 1 + t.
+    """
+    inputs = holder.build_inputs(image, prompt)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = torch.tensor([generated_ids[:-1]], dtype=torch.long)              # (1, T-1)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)       # (1, S + T - 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    saved = holder.model.config.get_text_config()._attn_implementation
+    holder.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            out = holder.model(**inputs, output_attentions=True)
+    finally:
+        holder.model.set_attn_implementation({"text_config": saved})
+    attn = torch.stack(out.attentions)[:, 0]                                  # (L, H, S', S')
+    return [attn[:, :, prompt_len - 1 + t, : prompt_len + t] for t in range(len(generated_ids))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_captured_rows_equal_eager_attention(load_holder, family, size):
+    holder = load_holder(family)
+    image = noise_image(*size, seed=size[0])
+    run = holder.generate(image, "Describe the picture.", max_new_tokens=NEW_TOKENS, **_generate_kwargs(holder))
+    reference = _teacher_forced_eager(holder, image, "Describe the picture.", run.generated_ids)
+    assert run.num_steps == NEW_TOKENS
+    for t in range(run.num_steps):
+        captured = run.step_attention(t)
+        assert captured.dtype == torch.float16 and captured.device.type == "cpu"
+        assert captured.shape == (holder.num_layers, holder.num_heads, len(run.prompt_ids) + t)
+        # fp16 storage rounds each value by at most ~5e-4 of itself.
+        torch.testing.assert_close(captured.float(), reference[t], rtol=2e-3, atol=2e-6)
+        torch.testing.assert_close(captured.float().sum(-1), torch.ones(captured.shape[:2]), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_matches_eager_hook_reference_and_plain_generation(load_holder, family, dummy_image):
+    holder = load_holder(family)
+    kwargs = _generate_kwargs(holder)
+    fast = holder.generate(dummy_image, "What is this?", max_new_tokens=NEW_TOKENS, **kwargs)
+    eager = holder.generate(dummy_image, "What is this?", max_new_tokens=NEW_TOKENS, method="eager", **kwargs)
+    inputs = holder.build_inputs(dummy_image, "What is this?")
+    with torch.no_grad():
+        plain = holder.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+    assert fast.generated_ids == plain[0, inputs["input_ids"].shape[1]:].tolist()
+    assert eager.generated_ids == fast.generated_ids
+    for t in range(fast.num_steps):
+        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
+                                   rtol=2e-3, atol=2e-6)
+
+
+def test_layers_differ_by_far_more_than_the_tolerance(load_holder, dummy_image):
+    """Guards the tests above: a wrong layer or head would not pass for a right one."""
+    holder = load_holder("qwen2_vl")
+    run = holder.generate(dummy_image, "Hi", max_new_tokens=2, **_generate_kwargs(holder, 2))
+    rows = run.step_attention(0).float()                                      # (L, H, S)
+    assert (rows[0] - rows[1]).abs().max() > 0.05
+    assert (rows[0, 0] - rows[0, 1]).abs().max() > 0.05
+
+
+def test_step_zero_is_the_last_prompt_row(load_holder, dummy_image):
+    holder = load_holder("qwen2_5_vl")
+    run = holder.generate(dummy_image, "What is this?", max_new_tokens=3, **_generate_kwargs(holder, 3))
+    inputs = holder.build_inputs(dummy_image, "What is this?")
+    holder.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            out = holder.model(**inputs, output_attentions=True)
+    finally:
+        holder.model.set_attn_implementation({"text_config": "sdpa"})
+    last_row = torch.stack(out.attentions)[:, 0, :, -1, :]                     # (L, H, S)
+    assert run.step_attention(0).shape[-1] == len(run.prompt_ids) == last_row.shape[-1]
+    torch.testing.assert_close(run.step_attention(0).float(), last_row, rtol=2e-3, atol=2e-6)
+
+
+def test_layers_option_narrows_capture(load_holder, dummy_image):
+    holder = load_holder("qwen2_vl")
+    full = holder.generate(dummy_image, "Hi", max_new_tokens=3, **_generate_kwargs(holder, 3))
+    part = holder.generate(dummy_image, "Hi", max_new_tokens=3, layers=[2, 0], **_generate_kwargs(holder))
+    assert part.layer_indices == [0, 2]
+    assert part.step_attention(1).shape == (2, holder.num_heads, len(part.prompt_ids) + 1)
+    torch.testing.assert_close(part.step_attention(1), full.step_attention(1)[[0, 2]])
+
+
+class _RaiseAtStep:
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > self.step:
+            raise RuntimeError("boom inside generation")
+        return scores
+
+
+@pytest.mark.parametrize("method", ["sdpa", "eager"])
+def test_model_is_restored_when_generation_raises(load_holder, dummy_image, method):
+    from transformers import LogitsProcessorList
+    holder = load_holder("qwen2_vl")
+    before = dict(text=holder.model.config.get_text_config()._attn_implementation,
+                  vision=holder.model.config.vision_config._attn_implementation)
+    hooks_before = [len(layer.self_attn._forward_hooks) for layer in decoder_layers(holder.model)]
+    with pytest.raises(RuntimeError, match="boom"):
+        holder.generate(dummy_image, "Hi", max_new_tokens=4, method=method,
+                        logits_processor=LogitsProcessorList([_RaiseAtStep(2)]))
+    assert holder.model.config.get_text_config()._attn_implementation == before["text"] != CAPTURE_IMPLEMENTATION
+    assert holder.model.config.vision_config._attn_implementation == before["vision"]
+    assert [len(layer.self_attn._forward_hooks) for layer in decoder_layers(holder.model)] == hooks_before
+    run = holder.generate(dummy_image, "Hi", max_new_tokens=2, **_generate_kwargs(holder, 2))
+    assert run.num_steps == 2
+
+
+def test_capture_fails_loudly_when_nothing_was_captured(load_holder):
+    from attention_extractor import CaptureError
+    holder = load_holder("qwen2_vl")
+    with pytest.raises(CaptureError, match="generated tokens"):
+        with capture_attention(holder.model) as recorder:
+            recorder.steps(3)                                                 # no forward ran

@@ -1,0 +1,163 @@
+"""Tiny random-weight checkpoints of every supported family, built offline from configs.
+
+Tests, benchmarks and the README example use these: each call trains a small byte-level BPE
+tokenizer in-process, builds the real transformers architecture from a config, and writes a
+normal checkpoint folder (safetensors, processor, tokenizer, chat template) that loads through
+`ModelHolder.load` exactly as a hub checkpoint would.
+
+    python tiny_models.py qwen2_5_vl /tmp/tiny-qwen2.5-vl
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CORPUS = [
+    "What is in the picture? Describe the image in detail.",
+    "A red circle, a blue square and a green triangle on a white background.",
+    "Where is the cat? The cat sits on the left of the plate, near the top.",
+    "USER: ASSISTANT: user assistant system answer question colour shape",
+] * 20
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+
+
+def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a tiny corpus; `specials` get the first ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named_tokens)
+
+
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    return _tokenizer(QWEN_SPECIALS, 400, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _qwen_ids(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _text_dims(tok, hidden: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                bos_token_id=tok.bos_token_id or tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **extra)
+
+
+def _mrope(hidden: int, heads: int) -> dict:
+    """An M-RoPE section split (t, h, w) summing to head_dim / 2."""
+    half = hidden // heads // 2
+    t = half - 2 * (half // 3)
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [t, half // 3, half // 3]}
+
+
+def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
+                 vision_dim: int = 32, vision_depth: int = 2):
+    """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, LlavaConfig
+    if family == "llava":
+        vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
+                      num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
+        text = dict(model_type="llama", **_text_dims(tok, hidden, layers, heads, kv_heads))
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                           vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    text = _text_dims(tok, hidden, layers, heads, kv_heads, rope_parameters=_mrope(hidden, heads))
+    if family == "qwen2_vl":
+        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    if family == "qwen2_5_vl":
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, num_heads=2,
+                      intermediate_size=2 * vision_dim, window_size=56, fullatt_block_indexes=[vision_depth - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    if family == "qwen3_vl":
+        text["rope_parameters"]["mrope_interleaved"] = True
+        text["head_dim"] = hidden // heads
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, num_heads=2,
+                      intermediate_size=2 * vision_dim, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def build_processor(family: str, tok, max_pixels: int = 224 * 224):
+    """The family's real processor classes, configured for small images."""
+    from transformers import (CLIPImageProcessor, LlavaProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    if family == "llava":
+        image_proc = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_TEMPLATE)
+    patch = 16 if family == "qwen3_vl" else 14
+    size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": max_pixels}
+    image_proc = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2)
+    if family == "qwen3_vl":
+        video_proc = Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2)
+        return Qwen3VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
+                                chat_template=QWEN_TEMPLATE)
+    video_proc = Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=2)
+    return Qwen2VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
+                            chat_template=QWEN_TEMPLATE)
+
+
+def _sharpen_decoder_attention(model, factor: float) -> None:
+    """Random attention is nearly uniform; scaling q/k makes rows peaked, so a wrong row or layer shows."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+
+
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: float = 6.0,
+                    max_pixels: int = 224 * 224, **dims) -> Path:
+    """Write a random-weight checkpoint of `family` to `out_dir` and return the folder."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                     pad_token="<pad>") if family == "llava" else _qwen_tokenizer()
+    config = build_config(family, tok, **dims)
+    model = AutoModelForImageTextToText.from_config(config)
+    _sharpen_decoder_attention(model, sharpen)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    build_processor(family, tok, max_pixels=max_pixels).save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("out_dir")
+    args = parser.parse_args()
+    print(make_tiny_model(args.family, args.out_dir))

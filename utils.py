@@ -1,0 +1,78 @@
+"""Generic helpers: opening user images safely and choosing devices and dtypes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ImageLoadError(ValueError):
+    """A file or object that cannot be used as an image; the message says what to do."""
+
+
+def _to_8bit_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel; 16-bit greyscale is rescaled, alpha is flattened onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)                    # (H, W)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """An upright 8-bit RGB PIL image from a path or a PIL image.
+
+    EXIF orientation is applied once here, so the model and the overlay see the same picture.
+    Animated images use their first frame.
+    """
+    if source is None:
+        raise ImageLoadError("No image given. Upload or pass an image (a file path or a PIL.Image).")
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(Path(source))
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()                                                    # truncated files fail here, not at open
+        image = ImageOps.exif_transpose(image)
+        image = _to_8bit_rgb(image)
+    except FileNotFoundError as err:
+        raise ImageLoadError(f"Image file not found: {source}. Check the path.") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageLoadError(f"Could not read the image ({err}). Use a PNG, JPEG, WebP, GIF or BMP file "
+                             "that opens in an image viewer.") from err
+    if min(image.size) < 1:
+        raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
+    return image
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'. Asking for CUDA without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is visible to PyTorch. Use device='cpu' (or 'auto'), "
+                         "or check the CUDA driver and the torch build.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cuda' or 'cpu'.")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' → bfloat16 on a GPU, float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]

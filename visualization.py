@@ -1,0 +1,139 @@
+"""Draw token-grid maps over the original image with OpenCV colormaps.
+
+`overlay` is the one public drawing function the rest of the tool builds on; `heatmap_image`,
+`side_by_side` and `draw_grid` are views built from the same private helpers. The part of the
+image the model never saw (outside `image_box_xyxy`) is hatched and never colour-mapped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+COLORMAPS: dict[str, int] = {
+    "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
+    "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA, "plasma": cv2.COLORMAP_PLASMA,
+    "cividis": cv2.COLORMAP_CIVIDIS, "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE,
+    "rainbow": cv2.COLORMAP_RAINBOW, "ocean": cv2.COLORMAP_OCEAN, "parula": cv2.COLORMAP_PARULA,
+}
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+_UNSEEN_GREY = np.array([128, 128, 128], dtype=np.float32)
+
+
+def _box_pixels(box_xyxy) -> tuple[int, int, int, int]:
+    """The box rounded to whole pixels (may extend past the image)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box_xyxy)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"image_box_xyxy {tuple(box_xyxy)} is empty; it must satisfy x0 < x1 and y0 < y1.")
+    return x0, y0, x1, y1
+
+
+def _scaled(heatmap: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Map values to 0..1: by `value_range`, or by the map's own min and max when None."""
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.ndim != 2 or heatmap.size == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array (grid_h, grid_w), got shape {heatmap.shape}.")
+    lo, hi = value_range if value_range is not None else (float(heatmap.min()), float(heatmap.max()))
+    if hi <= lo:
+        return np.zeros_like(heatmap)
+    return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
+              interpolation: Interpolation) -> np.ndarray:
+    """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB float32 at `size_wh`."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATIONS)}.")
+    resized = cv2.resize(unit, size_wh, interpolation=_INTERPOLATIONS[interpolation])  # (h, w)
+    levels = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)                   # (h, w)
+    bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])                               # (h, w, 3) BGR
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32)  # OpenCV is BGR; everything else is RGB
+
+
+def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
+    """Grey out and hatch, in place, the pixels outside the grid's box: the model never saw them."""
+    height, width = inside.shape
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = ((xx + yy) // 6) % 3 == 0                                 # diagonal hatch
+    outside = ~inside
+    canvas[outside] = 0.35 * canvas[outside] + 0.65 * _UNSEEN_GREY
+    canvas[outside & stripes] = 0.5 * canvas[outside & stripes] + 0.5 * 255.0
+
+
+def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, value_range) -> np.ndarray:
+    """Blend the colour-mapped grid into `base` (h, w, 3 float32) inside the box; hatch the rest."""
+    height, width = base.shape[:2]
+    x0, y0, x1, y1 = _box_pixels(box_xyxy)
+    color = _colorize(_scaled(heatmap, value_range), (x1 - x0, y1 - y0), colormap, interpolation)  # box-sized
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)  # box ∩ image
+    inside = np.zeros((height, width), dtype=bool)
+    if cx1 > cx0 and cy1 > cy0:
+        inside[cy0:cy1, cx0:cx1] = True
+        patch = color[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]              # (ch, cw, 3)
+        base[cy0:cy1, cx0:cx1] = (1.0 - alpha) * base[cy0:cy1, cx0:cx1] + alpha * patch
+    _hatch_unseen(base, inside)
+    return base
+
+
+def _as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32)           # (H, W, 3) RGB
+
+
+def _to_image(canvas: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "jet", alpha: float = 0.5,
+            interpolation: Interpolation = "bilinear", value_range: tuple[float, float] | None = None,
+            grid: bool = False) -> Image.Image:
+    """The map blended over the image, at the original size.
+
+    image: the original (upright) image. heatmap: (grid_h, grid_w) values.
+    box_xyxy: the region of the original image the grid covers, in its pixels.
+    value_range: values mapped to the colormap's ends; None = this map's own min and max.
+    alpha: 0 returns the image unchanged inside the box, 1 shows only the colours.
+    grid: draw the token grid's cell borders.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}.")
+    canvas = _paint(_as_array(image), heatmap, box_xyxy, colormap, alpha, interpolation, value_range)
+    return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
+
+
+def heatmap_image(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "jet",
+                  interpolation: Interpolation = "bilinear",
+                  value_range: tuple[float, float] | None = None, grid: bool = False) -> Image.Image:
+    """The colour-mapped grid alone, at the image's size; the unseen part is hatched grey."""
+    blank = np.full((image.size[1], image.size[0], 3), 255.0, dtype=np.float32)
+    canvas = _paint(blank, heatmap, box_xyxy, colormap, 1.0, interpolation, value_range)
+    return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    """Two images next to each other on white, top-aligned."""
+    width, height = left.size[0] + gap + right.size[0], max(left.size[1], right.size[1])
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.size[0] + gap, 0))
+    return canvas
+
+
+def draw_grid(image: Image.Image, grid_hw: tuple[int, int], box_xyxy,
+              color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Thin lines on the borders of the token cells inside the box."""
+    canvas = np.array(image.convert("RGB"))                             # (H, W, 3) uint8, writable
+    grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
+    x0, y0, x1, y1 = box_xyxy
+    for i in range(grid_h + 1):
+        y = int(round(y0 + (y1 - y0) * i / grid_h))
+        cv2.line(canvas, (int(round(x0)), y), (int(round(x1)), y), color, 1)
+    for j in range(grid_w + 1):
+        x = int(round(x0 + (x1 - x0) * j / grid_w))
+        cv2.line(canvas, (x, int(round(y0))), (x, int(round(y1))), color, 1)
+    return Image.fromarray(canvas)
