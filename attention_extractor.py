@@ -17,7 +17,7 @@ from typing import Iterator, Literal
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from families import VisionLayout, decoder_layers
@@ -111,18 +111,23 @@ _active: _Recorder | None = None
 _active_lock = threading.Lock()
 
 
-def _last_query_probs(module, query, key, attention_mask, scaling) -> torch.Tensor:
-    """Softmax attention of the last query row only: (B, H, kv), computed in float32."""
-    query = query[:, :, -1:, :].float()                                 # (B, H, 1, D)
-    key = repeat_kv(key, module.num_key_value_groups).float()            # (B, H, kv, D)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling         # (B, H, 1, kv)
+def _last_query_probs(query, key, attention_mask, scaling) -> torch.Tensor:
+    """Softmax attention of the last query row only: (B, H, kv), computed in float32.
+
+    Grouped-query attention is handled by grouping the query heads instead of repeating keys.
+    """
+    batch, num_heads, _, head_dim = query.shape
+    num_kv_heads, kv_len = key.shape[1], key.shape[2]
+    query = query[:, :, -1, :].float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, KV, G, D)
+    scores = torch.matmul(query, key.float().transpose(2, 3)) * scaling  # (B, KV, G, kv)
+    scores = scores.reshape(batch, num_heads, kv_len)                   # (B, H, kv)
     if attention_mask is not None:
-        mask = attention_mask[:, :, -1:, : key.shape[-2]]               # (B, 1, 1, kv)
+        mask = attention_mask[:, :, -1, :kv_len]                         # (B, 1 or H, kv)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
-    return torch.softmax(scores, dim=-1)[:, :, 0, :]                    # (B, H, kv)
+    return torch.softmax(scores, dim=-1)                                # (B, H, kv)
 
 
 def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -133,7 +138,7 @@ def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
     layer_idx = getattr(module, "layer_idx", None)
     if recorder is not None and layer_idx is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        recorder.record(layer_idx, _last_query_probs(module, query, key, attention_mask, scale))
+        recorder.record(layer_idx, _last_query_probs(query, key, attention_mask, scale))
     return output, None
 
 

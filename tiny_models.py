@@ -67,8 +67,8 @@ def _qwen_ids(tok) -> dict[str, int]:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def _text_dims(tok, hidden: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+def _text_dims(tok, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, **extra) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 bos_token_id=tok.bos_token_id or tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, **extra)
@@ -82,16 +82,17 @@ def _mrope(hidden: int, heads: int) -> dict:
 
 
 def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
-                 vision_dim: int = 32, vision_depth: int = 2):
+                 vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None):
     """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
+    intermediate = intermediate or 2 * hidden
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, LlavaConfig
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
-        text = dict(model_type="llama", **_text_dims(tok, hidden, layers, heads, kv_heads))
+        text = dict(model_type="llama", **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
         return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
-    text = _text_dims(tok, hidden, layers, heads, kv_heads, rope_parameters=_mrope(hidden, heads))
+    text = _text_dims(tok, hidden, layers, heads, kv_heads, intermediate, rope_parameters=_mrope(hidden, heads))
     if family == "qwen2_vl":
         vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))

@@ -1,0 +1,70 @@
+"""Bad input is refused early with a message that says what to do."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from families import UnsupportedModelError
+from model_holder import ModelHolder, ModelLoadError
+from utils import ImageLoadError, load_image
+
+
+def test_unsupported_model_type_names_the_supported_families(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported.*Qwen2-VL.*Qwen2.5-VL.*LLaVA-1.5"):
+        ModelHolder.load(tmp_path, device="cpu")
+
+
+def test_missing_model_mentions_offline_mode_and_local_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*local folder"):
+        ModelHolder.load(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_cuda_without_gpu_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no GPU"):
+        ModelHolder.load("anything", device="cuda")
+
+
+def test_missing_image_and_empty_prompt(load_holder, dummy_image):
+    holder = load_holder("qwen2_vl")
+    with pytest.raises(ImageLoadError, match="No image"):
+        holder.generate(None, "What is this?")
+    for prompt in ["", "   \n"]:
+        with pytest.raises(ValueError, match="prompt is empty"):
+            holder.generate(dummy_image, prompt)
+
+
+def test_unreadable_and_truncated_files(tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    with pytest.raises(ImageLoadError, match="Could not read"):
+        load_image(not_image)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(buffer.getvalue()[:400])
+    with pytest.raises(ImageLoadError, match="Could not read"):
+        load_image(truncated)
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_awkward_images_become_upright_8bit_rgb(tmp_path):
+    deep = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    rgb = load_image(deep)
+    assert rgb.mode == "RGB" and 0 < np.asarray(rgb).mean() < 255        # not clipped to white
+    transparent = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)    # alpha flattened onto white
+    rotated = Image.new("RGB", (40, 20), "red")
+    exif = rotated.getexif()
+    exif[0x0112] = 6                                                      # rotate 90° when displayed
+    path = tmp_path / "rotated.jpg"
+    rotated.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
