@@ -26,14 +26,18 @@ class ModelLoadError(RuntimeError):
 
 
 def _read_config(model_id: str, trust_remote_code: bool):
+    looks_local = Path(model_id).is_absolute() or model_id.startswith((".", "~")) or Path(model_id).exists()
+    if looks_local and not Path(model_id).expanduser().is_dir():
+        raise ModelLoadError(f"No local folder {model_id!r}. Check the path, or give a hub id such as "
+                             "Qwen/Qwen2.5-VL-3B-Instruct.")
     try:
         return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        where = "a local folder" if Path(model_id).exists() else "a hub id or local folder"
+        where = "local folder" if looks_local else "hub id"
         raise ModelLoadError(
-            f"Could not load the config of {model_id!r} as {where}: {err}. Check the spelling; for a hub id, "
-            "check the network (with HF_HUB_OFFLINE=1 only models already in the local cache load), "
-            "or download it once and pass its local folder.") from err
+            f"Could not load {model_id!r} as a {where}: {err}. Check the spelling; for a hub id, check the "
+            "network (with HF_HUB_OFFLINE=1 only models already in the local cache load), or download the "
+            "model once and pass its local folder.") from err
 
 
 @dataclass

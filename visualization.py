@@ -58,6 +58,8 @@ def _colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
 
 def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
     """Grey out and hatch, in place, the pixels outside the grid's box: the model never saw them."""
+    if inside.all():
+        return
     height, width = inside.shape
     yy, xx = np.mgrid[0:height, 0:width]
     stripes = ((xx + yy) // 6) % 3 == 0                                 # diagonal hatch

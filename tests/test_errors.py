@@ -21,6 +21,8 @@ def test_unsupported_model_type_names_the_supported_families(tmp_path):
 def test_missing_model_mentions_offline_mode_and_local_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*local folder"):
+        ModelHolder.load("nobody-here/no-such-model", device="cpu")
+    with pytest.raises(ModelLoadError, match="No local folder"):
         ModelHolder.load(str(tmp_path / "no-such-model"), device="cpu")
 
 

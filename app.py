@@ -1,0 +1,333 @@
+"""VLM Attention Explorer: the browser app. Layout, wiring and thin handlers only.
+
+    python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass]
+                  [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
+
+The work happens in `pipeline.py` and the modules below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import threading
+from dataclasses import replace
+
+import gradio as gr
+import pandas as pd
+import torch
+from transformers import TextIteratorStreamer
+
+from attention_processor import REDUCTIONS
+from model_holder import ModelLoadError
+from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
+from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
+                      render, save_picture, share_table)
+from utils import load_image
+from visualization import COLORMAPS
+
+logger = logging.getLogger("app")
+USER_ERRORS = (ValueError, LookupError, IndexError, MemoryError, OSError, ModelLoadError)
+CSS = """
+#token-chips .wrap { gap: 4px !important; max-height: 9em; overflow-y: auto; }
+#token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
+.range-row { gap: 6px !important; }
+"""
+
+
+def default_model(cfg: AppConfig) -> str | None:
+    """--model if given; else a real model on a GPU and the bundled demo model on a CPU."""
+    if cfg.model:
+        return cfg.model
+    if torch.cuda.is_available():
+        return GPU_DEFAULT_MODEL
+    return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
+
+
+def model_choices(cfg: AppConfig) -> list[str]:
+    demo = [str(DEMO_MODEL_DIR)] if (DEMO_MODEL_DIR / "config.json").exists() else []
+    return demo + list(cfg.presets)
+
+
+def _token_label(step_idx: int, token: str) -> str:
+    return f"{step_idx}: {token!r}"
+
+
+class Handlers:
+    """Event handlers; each validates input, calls the pipeline and turns user errors into gr.Error."""
+
+    def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore):
+        self.cfg, self.slot, self.store = cfg, slot, store
+
+    # -- model ------------------------------------------------------------------------------------
+    def model_status(self) -> tuple:
+        holder = self.slot.holder
+        if holder is None:
+            return ("**No model loaded.** Pick one and press Load.",) + (gr.skip(),) * 4
+        layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
+        return (f"**Loaded:** {holder.describe()}",
+                gr.Slider(maximum=layer_max, value=0), gr.Slider(maximum=layer_max, value=layer_max),
+                gr.Slider(maximum=head_max, value=0), gr.Slider(maximum=head_max, value=head_max))
+
+    def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        if not model_id or not str(model_id).strip():
+            raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
+        progress(0, desc=f"Loading {model_id}")
+        try:
+            self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype)
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        return self.model_status()
+
+    def page_load(self) -> tuple:
+        self.slot.ready.wait()                                          # a start-up load finishes first
+        return self.model_status()
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
+                 max_pixels, *view_values, progress=gr.Progress()):
+        if not image_path:
+            raise gr.Error("No image. Upload an image first.")
+        if not prompt or not prompt.strip():
+            raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
+        try:
+            image, holder = load_image(image_path), self.slot.get()
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
+        budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
+        streamer = TextIteratorStreamer(holder.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict = {}
+
+        def work():
+            try:
+                with self.slot.lock:
+                    outcome["run"] = holder.generate(image, prompt, max_new_tokens=int(max_new_tokens),
+                                                     streamer=streamer, **sample, **budget)
+            except Exception as err:                                    # reported to the user below
+                outcome["error"] = err
+                streamer.end()
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        for count, piece in enumerate(streamer, start=1):
+            text += piece
+            progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
+            yield (gr.skip(), text) + (gr.skip(),) * 5
+        worker.join()                                                   # the streamer ends before the run is built
+        if "error" in outcome:
+            err = outcome["error"]
+            raise gr.Error(str(err) if isinstance(err, USER_ERRORS) else f"Generation failed: {err}") from err
+        stored = StoredRun(outcome["run"], image)
+        try:
+            run_id = self.store.put(stored)
+        except MemoryError as err:
+            raise gr.Error(str(err)) from err
+        choices = [(_token_label(t, tok), t) for t, tok in enumerate(stored.run.generated_tokens)]
+        picture, caption, plot = self._render(stored, 0, *view_values[1:])
+        yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
+               picture, caption, plot)
+
+    # -- views ------------------------------------------------------------------------------------
+    def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
+                  alpha, view, grid) -> ViewSettings:
+        return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
+                            heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
+                            percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
+                            grid=bool(grid))
+
+    def _render(self, stored: StoredRun, *view_values):
+        settings = self._settings(*view_values)
+        try:
+            picture, caption = render(stored, settings)
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        table = share_table(stored, settings.layers, settings.heads, settings.step_idx)
+        return picture, caption, pd.DataFrame(table)
+
+    def render(self, run_id, *view_values):
+        try:
+            stored = self.store.get(run_id)
+        except LookupError as err:
+            raise gr.Error(str(err)) from err
+        return self._render(stored, *view_values)
+
+    def render_clamped(self, moved: str, run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest):
+        """For the range sliders: the handle being moved pushes the other one along."""
+        if moved == "layer_lo":
+            layer_hi = max(layer_hi, layer_lo)
+        elif moved == "layer_hi":
+            layer_lo = min(layer_lo, layer_hi)
+        elif moved == "head_lo":
+            head_hi = max(head_hi, head_lo)
+        else:
+            head_lo = min(head_lo, head_hi)
+        view = self.render(run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest)
+        return (*view, layer_lo, layer_hi, head_lo, head_hi)
+
+    def pick_chip(self, step_idx):
+        return step_idx
+
+    # -- downloads --------------------------------------------------------------------------------
+    def download_png(self, run_id, *view_values) -> str:
+        stored = self.store.get(run_id) if run_id else None
+        if stored is None:
+            raise gr.Error("Nothing to download yet. Generate first.")
+        picture, _, _ = self._render(stored, *view_values)
+        return str(save_picture(picture, self.cfg.outputs_dir, int(view_values[0] or 0)))
+
+    def export_attention(self, run_id) -> list[str]:
+        try:
+            stored = self.store.get(run_id)
+        except LookupError as err:
+            raise gr.Error(str(err)) from err
+        return [str(path) for path in export_run(stored, self.cfg.outputs_dir)]
+
+
+def _range_sliders(label: str, elem_id: str, maximum: int) -> tuple[gr.Slider, gr.Slider]:
+    with gr.Row(elem_id=elem_id, elem_classes="range-row"):
+        lo = gr.Slider(0, max(maximum, 1), value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo")
+        hi = gr.Slider(0, max(maximum, 1), value=maximum, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi")
+    return lo, hi
+
+
+def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
+    h = Handlers(cfg, slot, store)
+    with gr.Blocks(title="VLM Attention Explorer") as demo:
+        run_id = gr.State(None)
+        gr.Markdown("## VLM Attention Explorer\nWhere in the image did the model look when it generated each "
+                    "token? Maps show the decoder's attention on the image tokens; indices are 0-based.")
+        with gr.Row():
+            model_box = gr.Dropdown(model_choices(cfg), value=default_model(cfg), allow_custom_value=True,
+                                    label="Model (preset, hub id or local folder)", elem_id="model-id", scale=4)
+            load_btn = gr.Button("Load", elem_id="load-btn", scale=1)
+        status = gr.Markdown("Starting…", elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="filepath", label="Image", elem_id="image-input", height=320)
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    placeholder="e.g. What color is the circle?")
+                with gr.Accordion("Generation settings", open=False):
+                    max_new = gr.Slider(1, 512, value=cfg.max_new_tokens, step=1, label="Max new tokens")
+                    sampling = gr.Checkbox(False, label="Sample (off = greedy)")
+                    temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                    with gr.Row():
+                        min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
+                        max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
+            with gr.Column(scale=3):
+                token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
+                                    allow_custom_value=True)
+                chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
+                layer_lo, layer_hi = _range_sliders("Layers", "layer-range", 1)
+                head_lo, head_hi = _range_sliders("Heads", "head-range", 1)
+                with gr.Row():
+                    aggregation = gr.Dropdown(list(REDUCTIONS), value=cfg.aggregation, label="Aggregation",
+                                              elem_id="aggregation")
+                    normalization = gr.Dropdown(list(DISPLAY_NORMALIZATIONS), value=cfg.normalization,
+                                                label="Normalisation", elem_id="normalization")
+                    colormap = gr.Dropdown(list(COLORMAPS), value=cfg.colormap, label="Colormap",
+                                           elem_id="colormap")
+                with gr.Row():
+                    alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha")
+                    view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
+                    grid = gr.Checkbox(False, label="Show token grid", elem_id="grid")
+                picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
+                                   elem_id="overlay")
+                caption = gr.Markdown("", elem_id="caption")
+                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"],
+                                  title="Attention share on the image per generated token", y_lim=[0, 1],
+                                  elem_id="share-plot", height=220)
+                with gr.Row():
+                    png_btn = gr.Button("Download picture (PNG)")
+                    export_btn = gr.Button("Export attention (safetensors + JSON)")
+                files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+
+        view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
+                       view, grid]
+        sliders = [layer_lo, layer_hi, head_lo, head_hi]
+        view_outputs = [picture, caption, plot]
+        model_events = dict(concurrency_id="model", concurrency_limit=1)
+        render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
+
+        load_btn.click(h.load_model, [model_box], [status, *sliders], api_name="load_model", **model_events)
+        demo.load(h.page_load, None, [status, *sliders], api_name=False, **model_events)
+        generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
+                                        *view_inputs], [run_id, answer, token, chips, *view_outputs],
+                           api_name="generate", **model_events)
+        gr.on([token.input, aggregation.input, normalization.input, colormap.input, view.input, grid.input],
+              h.render, [run_id, *view_inputs], view_outputs, api_name="render", trigger_mode="always_last",
+              **render_events)
+        alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
+                    **render_events)
+        for name, slider in zip(("layer_lo", "layer_hi", "head_lo", "head_hi"), sliders):
+            slider.input(functools.partial(h.render_clamped, name), [run_id, *view_inputs],
+                         [*view_outputs, *sliders], api_name=False, trigger_mode="always_last", **render_events)
+        chips.input(h.pick_chip, [chips], [token], api_name=False, queue=False).then(
+            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
+        token.input(h.pick_chip, [token], [chips], api_name=False, queue=False)
+        png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)
+        export_btn.click(h.export_attention, [run_id], [files], api_name="export_attention", **render_events)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> AppConfig:
+    parser = argparse.ArgumentParser(description="VLM Attention Explorer")
+    parser.add_argument("--model", help="hub id or local folder to load at start-up")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    parser.add_argument("--auth", help="user:pass protecting the page and the API")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--session-cache-mb", type=int, default=AppConfig.session_cache_mb,
+                        help="memory for all sessions' results; least recently used are evicted")
+    args = parser.parse_args(argv)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth must look like user:password")
+        auth = (user, password)
+    return AppConfig(model=args.model, host=args.host, port=args.port, share=args.share, auth=auth,
+                     device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb)
+
+
+def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
+    """Load the start-up model in the background so the page is served at once."""
+    model_id = default_model(cfg)
+    if not model_id:
+        return
+    slot.ready.clear()
+
+    def load():
+        try:
+            slot.load(model_id, cfg.device, cfg.dtype)
+        except Exception as err:                                        # the page shows "no model loaded"
+            logger.error("could not load %s: %s", model_id, err)
+        finally:
+            slot.ready.set()
+    threading.Thread(target=load, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    if cfg.share and cfg.auth is None:
+        logger.warning("--share without --auth: anyone holding the public link can use this machine and its GPU. "
+                       "Add --auth user:password to protect it.")
+    cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
+    slot, store = ModelSlot(), RunStore(cfg.session_cache_mb)
+    start_loading(cfg, slot)
+    demo = build_ui(cfg, slot, store)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
+                allowed_paths=[str(cfg.outputs_dir)], max_file_size="50mb", ssr_mode=False, css=CSS,
+                theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

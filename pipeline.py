@@ -1,0 +1,221 @@
+"""What the app does, without the app: the shared model slot, per-session results, views, exports.
+
+`app.py` validates input and calls one function here per event. Nothing here imports gradio, so
+scripts and tests use the same code paths as the browser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from safetensors.torch import save_file
+
+from attention_extractor import AttentionRun
+from attention_processor import heatmap_range, normalize_heatmap, token_heatmap, vision_share
+from model_holder import ModelHolder
+from visualization import heatmap_image, overlay, side_by_side
+
+logger = logging.getLogger(__name__)
+VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
+DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
+
+
+class EvictedError(LookupError):
+    """A session's result was dropped to keep memory bounded."""
+
+
+class ModelSlot:
+    """The one model the server holds. Loading and generating are serialised by `lock`."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.holder: ModelHolder | None = None
+        self.ready = threading.Event()                                  # cleared while a start-up load runs
+        self.ready.set()
+
+    def load(self, model_id: str, device: str = "auto", dtype: str = "auto") -> ModelHolder:
+        with self.lock:
+            if self.holder is not None and self.holder.model_id == str(model_id):
+                return self.holder
+            self.holder = None                                          # free the old weights first
+            self.holder = ModelHolder.load(model_id, device=device, dtype=dtype)
+            return self.holder
+
+    def get(self) -> ModelHolder:
+        if self.holder is None:
+            raise LookupError("No model is loaded. Pick a model and press Load first.")
+        return self.holder
+
+
+@dataclass
+class StoredRun:
+    """A run with the upright image it was made from, and caches for fast re-rendering."""
+
+    run: AttentionRun
+    image: Image.Image
+    shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
+    _ranges: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.shares is None:
+            self.shares = vision_share(self.run)
+
+    @property
+    def nbytes(self) -> int:
+        return self.run.nbytes + self.image.size[0] * self.image.size[1] * 3 + self.shares.nbytes
+
+    def shared_range(self, layers, heads, reduce) -> tuple[float, float]:
+        """(min, max) over every token's map for these settings, cached."""
+        key = (tuple(layers), tuple(heads), reduce)
+        if key not in self._ranges:
+            maps = [token_heatmap(self.run, t, layers, heads, reduce) for t in range(self.run.num_steps)]
+            self._ranges[key] = heatmap_range(maps)
+        return self._ranges[key]
+
+
+class RunStore:
+    """Results of all sessions, least recently used evicted first beyond `cap_mb`."""
+
+    def __init__(self, cap_mb: float):
+        self.cap_bytes = int(cap_mb * 2**20)
+        self._runs: OrderedDict[str, StoredRun] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, stored: StoredRun) -> str:
+        if stored.nbytes > self.cap_bytes:
+            raise MemoryError(f"This result needs {stored.nbytes / 2**20:.0f} MB, more than the "
+                              f"{self.cap_bytes / 2**20:.0f} MB kept for all sessions. Generate fewer tokens, "
+                              "use a smaller image budget, or start the app with a larger --session-cache-mb.")
+        run_id = uuid.uuid4().hex
+        with self._lock:
+            self._runs[run_id] = stored
+            while self.total_bytes > self.cap_bytes:
+                evicted, _ = self._runs.popitem(last=False)
+                logger.info("evicted run %s to stay under %d MB", evicted, self.cap_bytes // 2**20)
+        return run_id
+
+    def get(self, run_id: str | None) -> StoredRun:
+        with self._lock:
+            if not run_id:
+                raise LookupError("Nothing generated yet. Upload an image, type a prompt and press Generate.")
+            if run_id not in self._runs:
+                raise EvictedError("This result was removed to free memory for other sessions. "
+                                   "Press Generate again to recompute it.")
+            self._runs.move_to_end(run_id)
+            return self._runs[run_id]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(stored.nbytes for stored in self._runs.values())
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    """Everything that decides one picture. Ranges are 0-based and inclusive."""
+
+    step_idx: int = 0
+    layers: tuple[int, int] = (0, 0)
+    heads: tuple[int, int] = (0, 0)
+    reduce: str = "mean"
+    normalization: str = "minmax"            # minmax | percentile | shared
+    percentile: float = 99.0
+    colormap: str = "jet"
+    alpha: float = 0.5
+    view: str = "overlay"                    # overlay | side_by_side | heatmap
+    grid: bool = False
+    interpolation: str = "bilinear"
+
+
+def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]:
+    """The picture for one token and its caption, stating exactly what is drawn."""
+    run, s = stored.run, settings
+    if s.view not in VIEWS:
+        raise ValueError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
+    heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce)            # (grid_h, grid_w)
+    if s.normalization == "shared":
+        unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s.layers, s.heads, s.reduce))
+    elif s.normalization in ("minmax", "percentile"):
+        unit = normalize_heatmap(heat, s.normalization, s.percentile)
+    else:
+        raise ValueError(f"Unknown normalisation {s.normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
+    box = run.vision.image_box_xyxy
+    draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
+    if s.view == "heatmap":
+        picture = heatmap_image(stored.image, unit, box, **draw)
+    else:
+        picture = overlay(stored.image, unit, box, alpha=s.alpha, **draw)
+        if s.view == "side_by_side":
+            picture = side_by_side(stored.image, picture)
+    return picture, caption(stored, settings, heat)
+
+
+def _range_text(bounds: tuple[int, int]) -> str:
+    return f"{bounds[0]}" if bounds[0] == bounds[1] else f"{bounds[0]}–{bounds[1]}"
+
+
+def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
+    run = stored.run
+    norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
+            "shared": "one scale shared by all tokens"}[s.normalization]
+    n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+    share = stored.shares[s.step_idx, s.layers[0] - run.layer_indices[0]:s.layers[1] - run.layer_indices[0] + 1,
+                          s.heads[0]:s.heads[1] + 1].mean()
+    grid_h, grid_w = run.vision.grid_hw
+    text = (f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r} · layers {_range_text(s.layers)} · "
+            f"heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps · normalised: {norm} · "
+            f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
+            f"(peak cell {heat.max():.3g}).")
+    width, height = run.vision.image_size
+    x0, y0, x1, y1 = run.vision.image_box_xyxy
+    if x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:
+        text += " Hatched: parts of the image the model never saw (outside its crop)."
+    return text
+
+
+def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int) -> dict:
+    """Columns for a plot of the attention share on the image, per generated token."""
+    run, first = stored.run, stored.run.layer_indices[0]
+    shares = stored.shares[:, layers[0] - first:layers[1] - first + 1, heads[0]:heads[1] + 1].mean(axis=(1, 2))
+    return {"step": list(range(run.num_steps)), "share": [float(v) for v in shares],
+            "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
+            "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}
+
+
+def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
+    """Write the raw captured attention (safetensors) and its metadata (JSON) to a new folder.
+
+    Tensor `step_{t}` has shape (num_layers, num_heads, len(prompt_ids) + t), float16.
+    """
+    run = stored.run
+    folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True, exist_ok=False)                          # never overwrite anyone's files
+    tensors_path, meta_path = folder / "attention.safetensors", folder / "attention.json"
+    save_file({f"step_{t}": rows.contiguous() for t, rows in enumerate(run.rows)}, str(tensors_path))
+    meta = {"model_id": run.model_id, "family": run.family, "prompt_ids": run.prompt_ids,
+            "generated_ids": run.generated_ids, "generated_tokens": run.generated_tokens,
+            "layer_indices": run.layer_indices, "num_heads": run.num_heads, "vision": run.vision.to_dict(),
+            "settings": run.settings,
+            "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
+                       "query that produced generated token t; indices 0-based"}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return tensors_path, meta_path
+
+
+def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
+    """The current picture as a PNG in a fresh, uniquely named file."""
+    path = Path(out_dir) / f"attention-token{step_idx}-{uuid.uuid4().hex[:8]}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+    return path

@@ -1,0 +1,135 @@
+"""The app's handlers as plain functions, and the whole flow through gradio_client."""
+
+import socket
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from config import AppConfig
+from pipeline import ModelSlot, RunStore
+
+VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
+            colormap="jet", alpha=0.5, view="overlay", grid=False)
+
+
+def _view(**changes) -> list:
+    return list({**VIEW, **changes}.values())
+
+
+@pytest.fixture
+def image_file(tmp_path) -> str:
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def handlers(tmp_path, tiny_model_dirs):
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs", max_new_tokens=4)
+    return app.Handlers(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
+
+
+def _generate(h, image_file, prompt="What is this?", max_new=4):
+    *_, last = h.generate(image_file, prompt, max_new, False, 0.7, 0.9, 0, 0, *_view())
+    return last
+
+
+def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
+    status, lo, hi, head_lo, head_hi = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
+    assert hi.maximum == 2 and head_hi.maximum == 3
+    run_id, answer, dropdown, chips, picture, caption, plot = _generate(handlers, image_file)
+    assert len(dropdown.choices) == handlers.store.get(run_id).run.num_steps
+    assert picture.size == (400, 300) and caption.startswith("Token 0 ")
+    assert list(plot["selected"]).count("selected") == 1
+    other, caption2, _ = handlers.render(run_id, *_view(layer_lo=1, layer_hi=1))
+    assert "layers 1 ·" in caption2 and np.asarray(other).tolist() != np.asarray(picture).tolist()
+    side, _, _ = handlers.render(run_id, *_view(view="side_by_side"))
+    assert side.size[0] > 800
+    # Moving the lower handle past the upper one pushes the upper one along.
+    *_, layer_lo, layer_hi, _, _ = handlers.render_clamped("layer_lo", run_id, *_view(layer_lo=2, layer_hi=1))
+    assert (layer_lo, layer_hi) == (2, 2)
+    png = handlers.download_png(run_id, *_view())
+    assert Image.open(png).format == "PNG"
+    tensors, meta = handlers.export_attention(run_id)
+    assert tensors.endswith(".safetensors") and meta.endswith(".json")
+    assert handlers.export_attention(run_id)[0] != tensors                   # never overwrites
+
+
+def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_model_dirs, image_file, tmp_path):
+    with pytest.raises(gr.Error, match="No model is loaded"):
+        _generate(handlers, image_file)
+    with pytest.raises(gr.Error, match="hub id"):
+        handlers.load_model("  ")
+    with pytest.raises(gr.Error, match="local folder"):
+        handlers.load_model(str(tmp_path / "missing-model"))
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    with pytest.raises(gr.Error, match="No image"):
+        _generate(handlers, None)
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        _generate(handlers, image_file, prompt=" ")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not really a png")
+    with pytest.raises(gr.Error, match="Could not read the image"):
+        _generate(handlers, str(broken))
+    with pytest.raises(gr.Error, match="Nothing generated yet"):
+        handlers.render(None, *_view())
+    run_id = _generate(handlers, image_file)[0]
+    with pytest.raises(gr.Error, match="outside"):
+        handlers.render(run_id, *_view(layer_hi=7))
+    with pytest.raises(gr.Error, match="inverted"):
+        handlers.render(run_id, *_view(layer_lo=2, layer_hi=1))
+    with pytest.raises(gr.Error, match="colormap"):
+        handlers.render(run_id, *_view(colormap="nope"))
+    with pytest.raises(gr.Error, match="out of range"):
+        handlers.render(run_id, *_view(step_idx=99))
+    assert handlers.render(run_id, *_view())[0].size == (400, 300)            # still serving
+
+
+def test_evicted_result_asks_to_generate_again(tiny_model_dirs, image_file, tmp_path):
+    cfg = AppConfig(outputs_dir=tmp_path)
+    h = app.Handlers(cfg, ModelSlot(), RunStore(cap_mb=0.6))
+    h.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    first = _generate(h, image_file)[0]
+    second = _generate(h, image_file)[0]
+    assert len(h.store) == 1
+    with pytest.raises(gr.Error, match="Generate again"):
+        h.render(first, *_view())
+    assert h.render(second, *_view())[0] is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
+    from gradio_client import Client, handle_file
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs")
+    demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
+    demo.queue()
+    port = _free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, allowed_paths=[str(cfg.outputs_dir)],
+                ssr_mode=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        status, *_ = client.predict(str(tiny_model_dirs["llava"]), api_name="/load_model")
+        assert "LLaVA-1.5" in status
+        result = client.predict(handle_file(image_file), "What is this?", 3, False, 0.7, 0.9, 0, 0,
+                                *_view()[:1], 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", True,
+                                api_name="/generate")
+        answer, dropdown, chips, picture, caption, plot = result
+        assert "Token 0" in caption and "Hatched" in caption          # LLaVA crops a 400x300 image
+        rendered = client.predict(1, 0, 2, 0, 3, "max", "shared", "viridis", 0.3, "heatmap", False,
+                                  api_name="/render")
+        assert "Token 1 " in rendered[1] and "max of 12 maps" in rendered[1]
+        with pytest.raises(Exception, match="outside|greater than maximum"):
+            client.predict(0, 0, 9, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False, api_name="/render")
+        again = client.predict(0, 0, 2, 0, 3, "mean", "percentile", "jet", 0.5, "overlay", False, api_name="/render")
+        assert "percentile" in again[1]                                # still serving after the error
+    finally:
+        demo.close()
