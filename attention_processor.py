@@ -19,18 +19,17 @@ Normalization = Literal["minmax", "percentile", "fixed"]
 NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "fixed")
 
 
-def _range_slice(bounds: tuple[int, int] | None, available: list[int], what: str) -> list[int]:
-    """Indices into `available` for the inclusive range `bounds` of model indices."""
+def _range_slice(bounds: tuple[int, int] | None, available: list[int], what: str) -> slice:
+    """A slice into `available` (sorted, consecutive or not) for the inclusive range `bounds`."""
     if bounds is None:
-        return list(range(len(available)))
+        return slice(0, len(available))
     lo, hi = int(bounds[0]), int(bounds[1])
     if lo > hi:
         raise ValueError(f"The {what} range {lo}..{hi} is inverted; the first number must not exceed the second.")
-    missing = [idx for idx in range(lo, hi + 1) if idx not in available]
-    if missing:
+    if lo not in available or hi not in available or available.index(hi) - available.index(lo) != hi - lo:
         raise ValueError(f"The {what} range {lo}..{hi} is outside what was captured "
                          f"({available[0]}..{available[-1]}); pick a range inside it.")
-    return [available.index(idx) for idx in range(lo, hi + 1)]
+    return slice(available.index(lo), available.index(hi) + 1)
 
 
 def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -50,9 +49,16 @@ def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] |
     """(n_layers_sel, n_heads_sel, n_cells) float32: attention on each grid cell's token."""
     layer_sel = _range_slice(layers, run.layer_indices, "layer")
     head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
-    positions = torch.from_numpy(run.vision.token_positions)            # (n_cells,)
-    rows = run.step_attention(step_idx)                                 # (L, H, S_t)
-    return rows[layer_sel][:, head_sel][:, :, positions].float()        # (l, h, n_cells)
+    rows = run.step_attention(step_idx)[layer_sel, head_sel]            # (l, h, S_t), a view
+    return rows[:, :, _positions_index(run)].float()                    # (l, h, n_cells)
+
+
+def _positions_index(run: AttentionRun) -> slice | torch.Tensor:
+    """The vision positions as a slice when they are one block (the usual case), else an index tensor."""
+    positions = run.vision.token_positions                              # (n_cells,)
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return torch.from_numpy(positions)
 
 
 def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
@@ -72,8 +78,8 @@ def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | No
 
 def vision_share(run: AttentionRun) -> np.ndarray:
     """(num_steps, num_layers, num_heads) float32: attention mass on all vision tokens, 0..1."""
-    positions = torch.from_numpy(run.vision.token_positions)            # (n_cells,)
-    shares = [rows[:, :, positions].float().sum(dim=-1) for rows in run.rows]  # each (L, H)
+    index = _positions_index(run)
+    shares = [rows[:, :, index].float().sum(dim=-1) for rows in run.rows]  # each (L, H)
     return torch.stack(shares).numpy().astype(np.float32)               # (T, L, H)
 
 

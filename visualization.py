@@ -45,15 +45,15 @@ def _scaled(heatmap: np.ndarray, value_range: tuple[float, float] | None) -> np.
 
 def _colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
               interpolation: Interpolation) -> np.ndarray:
-    """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB float32 at `size_wh`."""
+    """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB uint8 at `size_wh`."""
     if colormap not in COLORMAPS:
         raise ValueError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATIONS)}.")
-    resized = cv2.resize(unit, size_wh, interpolation=_INTERPOLATIONS[interpolation])  # (h, w)
-    levels = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)                   # (h, w)
+    resized = cv2.resize(unit, size_wh, interpolation=_INTERPOLATIONS[interpolation])  # (h, w) float32
+    levels = cv2.convertScaleAbs(resized, alpha=255.0)                                 # (h, w) uint8, clipped
     bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])                               # (h, w, 3) BGR
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32)  # OpenCV is BGR; everything else is RGB
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV is BGR; everything else here is RGB
 
 
 def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
@@ -64,12 +64,14 @@ def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
     yy, xx = np.mgrid[0:height, 0:width]
     stripes = ((xx + yy) // 6) % 3 == 0                                 # diagonal hatch
     outside = ~inside
-    canvas[outside] = 0.35 * canvas[outside] + 0.65 * _UNSEEN_GREY
-    canvas[outside & stripes] = 0.5 * canvas[outside & stripes] + 0.5 * 255.0
+    faded = 0.35 * canvas[outside] + 0.65 * _UNSEEN_GREY
+    canvas[outside] = faded.astype(np.uint8)
+    hatched = outside & stripes
+    canvas[hatched] = (0.5 * canvas[hatched] + 127.5).astype(np.uint8)
 
 
 def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, value_range) -> np.ndarray:
-    """Blend the colour-mapped grid into `base` (h, w, 3 float32) inside the box; hatch the rest."""
+    """Blend the colour-mapped grid into `base` (h, w, 3 uint8, in place) inside the box; hatch the rest."""
     height, width = base.shape[:2]
     x0, y0, x1, y1 = _box_pixels(box_xyxy)
     color = _colorize(_scaled(heatmap, value_range), (x1 - x0, y1 - y0), colormap, interpolation)  # box-sized
@@ -78,17 +80,18 @@ def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, 
     if cx1 > cx0 and cy1 > cy0:
         inside[cy0:cy1, cx0:cx1] = True
         patch = color[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]              # (ch, cw, 3)
-        base[cy0:cy1, cx0:cx1] = (1.0 - alpha) * base[cy0:cy1, cx0:cx1] + alpha * patch
+        region = base[cy0:cy1, cx0:cx1]
+        base[cy0:cy1, cx0:cx1] = cv2.addWeighted(region, 1.0 - alpha, patch, alpha, 0.0)
     _hatch_unseen(base, inside)
     return base
 
 
 def _as_array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32)           # (H, W, 3) RGB
+    return np.array(image.convert("RGB"), dtype=np.uint8)               # (H, W, 3) RGB, writable copy
 
 
 def _to_image(canvas: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(canvas, mode="RGB")
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "jet", alpha: float = 0.5,
@@ -112,7 +115,7 @@ def heatmap_image(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: s
                   interpolation: Interpolation = "bilinear",
                   value_range: tuple[float, float] | None = None, grid: bool = False) -> Image.Image:
     """The colour-mapped grid alone, at the image's size; the unseen part is hatched grey."""
-    blank = np.full((image.size[1], image.size[0], 3), 255.0, dtype=np.float32)
+    blank = np.full((image.size[1], image.size[0], 3), 255, dtype=np.uint8)
     canvas = _paint(blank, heatmap, box_xyxy, colormap, 1.0, interpolation, value_range)
     return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
 

@@ -1,0 +1,101 @@
+"""The whole workflow in a real browser: Debian's chromium driven by playwright.
+
+Starts `python app.py` on a tiny model in a subprocess, uploads an image, generates, picks a
+token, moves the layer range and checks that the picture changes. Saves a screenshot to
+docs/screenshot.png.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt install chromium)")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scene(path) -> str:
+    image = Image.new("RGB", (640, 480), (235, 235, 230))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((380, 90, 560, 270), fill=(220, 30, 30))
+    draw.rectangle((80, 260, 240, 420), fill=(30, 60, 220))
+    image.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def served_app(tiny_model_dirs, tmp_path):
+    model = os.environ.get("BROWSER_TEST_MODEL") or str(tiny_model_dirs["qwen2_5_vl"])
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port),
+                             "--device", "cpu"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "app.log").read_text()
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _picture_src(page) -> str:
+    return page.locator("#overlay img").get_attribute("src") or ""
+
+
+def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1250})
+        page.goto(served_app)
+        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
+        page.locator("#image-input input[type=file]").set_input_files(_scene(tmp_path / "scene.png"))
+        page.locator("#prompt textarea").fill("What color is the circle?")
+        page.locator("#generate-btn").click()
+        expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+        first = _picture_src(page)
+        assert first
+
+        page.locator("#token-chips label").nth(1).click()                  # a token chip picks token 1
+        expect(page.locator("#caption")).to_contain_text("Token 1", timeout=20_000)
+        expect(page.locator("#token-dropdown input")).to_have_value(re.compile(r"^1: "), timeout=5_000)
+        token1 = _picture_src(page)
+
+        slider = page.locator("#layer-range-hi input[type=range]")
+        slider.focus()
+        slider.press("Home")                                               # layers 0..0
+        expect(page.locator("#caption")).to_contain_text("layers 0 ·", timeout=20_000)
+        expect(page.locator("#caption")).to_contain_text("Token 1")
+        page.wait_for_function("(old) => document.querySelector('#overlay img').src !== old", arg=token1,
+                               timeout=20_000)
+        assert _picture_src(page) not in (first, token1)
+
+        page.locator("#layer-range-hi input[type=range]").press("End")      # back to all layers
+        expect(page.locator("#caption")).to_contain_text("layers 0–", timeout=20_000)
+        (REPO / "docs").mkdir(exist_ok=True)
+        page.screenshot(path=str(REPO / "docs" / "screenshot.png"), full_page=True)
+        browser.close()
