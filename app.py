@@ -244,7 +244,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                 with gr.Row():
                     png_btn = gr.Button("Download picture (PNG)")
                     export_btn = gr.Button("Export attention (safetensors + JSON)")
-                files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=90)
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
                        view, grid]
@@ -326,7 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
                 allowed_paths=[str(cfg.outputs_dir)], max_file_size="50mb", ssr_mode=False, css=CSS,
-                theme=gr.themes.Soft())
+                theme=gr.themes.Soft(), prevent_thread_lock=True)
+    if cfg.share:
+        if demo.share_url:
+            logger.info("Public link: %s", demo.share_url)
+        else:
+            logger.warning("Could not create a public share link: the Gradio relay is not reachable from this "
+                           "machine. The app is still served locally at %s", demo.local_url)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ def _read_config(model_id: str, trust_remote_code: bool):
             "model once and pass its local folder.") from err
 
 
+def _token_piece(tokenizer, token_id: int) -> str:
+    """The text of one token; the raw vocabulary entry when it is only part of a UTF-8 character."""
+    text = tokenizer.decode([token_id])
+    return str(tokenizer.convert_ids_to_tokens(token_id)) if "\ufffd" in text else text
+
+
 @dataclass
 class ModelHolder:
     """A loaded model and processor. Read-only once loaded; share it between users behind a lock."""
@@ -138,6 +144,6 @@ class ModelHolder:
                     **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
         return AttentionRun(
             prompt_ids=inputs["input_ids"][0].tolist(), generated_ids=generated,
-            generated_tokens=[tokenizer.decode([token_id]) for token_id in generated], vision=layout,
+            generated_tokens=[_token_piece(tokenizer, token_id) for token_id in generated], vision=layout,
             layer_indices=recorder.layer_indices, num_heads=self.num_heads, rows=rows,
             model_id=self.model_id, family=self.family, settings=settings)
