@@ -104,7 +104,8 @@ class Handlers:
             try:
                 with self.slot.lock:
                     outcome["run"] = holder.generate(image, prompt, max_new_tokens=int(max_new_tokens),
-                                                     streamer=streamer, **sample, **budget)
+                                                     streamer=streamer, max_capture_mb=self.cfg.session_cache_mb,
+                                                     **sample, **budget)
             except Exception as err:                                    # reported to the user below
                 outcome["error"] = err
                 streamer.end()

@@ -82,6 +82,16 @@ class AttentionRun:
         return self.rows[step_idx]
 
 
+def estimate_capture_bytes(num_layers: int, num_heads: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Upper bound of what a capture stores: float16 rows of prompt_len + t keys for t < max_new_tokens."""
+    keys = max_new_tokens * prompt_len + max_new_tokens * (max_new_tokens - 1) // 2
+    return 2 * num_layers * num_heads * keys
+
+
+class CaptureTooLargeError(MemoryError):
+    """A capture that would exceed the memory allowed for it; refused before generating."""
+
+
 class _Recorder:
     """Rows captured during one generation, per layer, one per forward call."""
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from attention_extractor import AttentionRun, CaptureMethod, capture_attention
+from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
+                                 estimate_capture_bytes)
 from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, decoder_layers, detect_family, vision_layout
 from utils import load_image, resolve_device, resolve_dtype
 
@@ -113,13 +114,14 @@ class ModelHolder:
     def generate(self, image: Image.Image | str | Path, prompt: str, max_new_tokens: int = 64,
                  method: CaptureMethod = "sdpa", layers: list[int] | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
-                 **generate_kwargs) -> AttentionRun:
+                 max_capture_mb: float | None = None, **generate_kwargs) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
 
         image: a PIL image or a file path (EXIF orientation applied, converted to RGB).
         method: 'sdpa' (fast capture, default) or 'eager' (reference).
         layers: decoder layer indices to capture; all by default.
         min_pixels / max_pixels: Qwen's image-token budget, in pixels of the resized image.
+        max_capture_mb: refuse up front (CaptureTooLargeError) when the capture could exceed this.
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
         """
         image = load_image(image)
@@ -129,11 +131,18 @@ class ModelHolder:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
         layout = vision_layout(self.family, self.model.config, self.processor, inputs, image.size)
+        prompt_len = inputs["input_ids"].shape[1]
+        num_layers = len(set(layers)) if layers is not None else self.num_layers
+        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens)
+        if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
+            raise CaptureTooLargeError(
+                f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
+                f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
+                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
         inputs = inputs.to(self.input_device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         generate_kwargs.setdefault("do_sample", False)
-        prompt_len = inputs["input_ids"].shape[1]
         with torch.inference_mode(), capture_attention(self.model, method, layers) as recorder:
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             generated = output[0, prompt_len:].tolist()                 # (num_steps,)

@@ -70,3 +70,13 @@ def test_awkward_images_become_upright_8bit_rgb(tmp_path):
     path = tmp_path / "rotated.jpg"
     rotated.save(path, exif=exif)
     assert load_image(path).size == (20, 40)
+
+
+def test_capture_too_large_is_refused_up_front_with_a_suggestion(load_holder, dummy_image):
+    from attention_extractor import CaptureTooLargeError
+    holder = load_holder("qwen2_vl")
+    with pytest.raises(CaptureTooLargeError, match="fewer layers, generate fewer tokens, or lower the image"):
+        holder.generate(dummy_image, "Hi", max_new_tokens=50, max_capture_mb=0.001)
+    run = holder.generate(dummy_image, "Hi", max_new_tokens=4, min_new_tokens=4, max_capture_mb=1)
+    from attention_extractor import estimate_capture_bytes
+    assert run.nbytes == estimate_capture_bytes(holder.num_layers, holder.num_heads, len(run.prompt_ids), 4)
