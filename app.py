@@ -75,7 +75,7 @@ class Handlers:
             raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
         progress(0, desc=f"Loading {model_id}")
         try:
-            self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype)
+            self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
         except USER_ERRORS as err:
             raise gr.Error(str(err)) from err
         return self.model_status()
@@ -91,6 +91,9 @@ class Handlers:
             raise gr.Error("No image. Upload an image first.")
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
+        if len(prompt) > self.cfg.max_prompt_chars:
+            raise gr.Error(f"The prompt has {len(prompt)} characters; this server accepts up to "
+                           f"{self.cfg.max_prompt_chars}. Shorten it and try again.")
         try:
             image, holder = load_image(image_path), self.slot.get()
         except USER_ERRORS as err:
@@ -286,6 +289,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--session-cache-mb", type=int, default=AppConfig.session_cache_mb,
                         help="memory for all sessions' results; least recently used are evicted")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow checkpoints that ship their own Python code (runs that code)")
     args = parser.parse_args(argv)
     auth = None
     if args.auth:
@@ -294,7 +299,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
             parser.error("--auth must look like user:password")
         auth = (user, password)
     return AppConfig(model=args.model, host=args.host, port=args.port, share=args.share, auth=auth,
-                     device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb)
+                     device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb,
+                     trust_remote_code=args.trust_remote_code)
 
 
 def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
@@ -306,7 +312,7 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
 
     def load():
         try:
-            slot.load(model_id, cfg.device, cfg.dtype)
+            slot.load(model_id, cfg.device, cfg.dtype, cfg.trust_remote_code)
         except Exception as err:                                        # the page shows "no model loaded"
             logger.error("could not load %s: %s", model_id, err)
         finally:

@@ -6,6 +6,7 @@ holder whose `generate` gives one `AttentionRun` per call: tokens, vision layout
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """A checkpoint that could not be found or loaded; the message says what to check."""
+
+
+class GenerationOutOfMemoryError(MemoryError):
+    """Generation ran out of memory; what it took has been freed and the model is usable."""
 
 
 def _read_config(model_id: str, trust_remote_code: bool):
@@ -109,7 +114,45 @@ class ModelHolder:
             size = dict(self.processor.image_processor.size)
             size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
             kwargs["size"] = size
-        return self.processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+        try:
+            return self.processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+        except ValueError as err:
+            raise ValueError(f"The processor could not prepare this {image.size[0]}x{image.size[1]} image: {err} "
+                             "Crop it to a less extreme aspect ratio or resize it, then try again.") from err
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
+                      max_capture_mb: float | None) -> None:
+        """Refuse up front what would overflow the model's context or the capture's memory."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if context and prompt_len + max_new_tokens > context:
+            raise ValueError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
+                             f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
+                             "image-token budget (max pixels) or generate fewer tokens.")
+        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens)
+        if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
+            raise CaptureTooLargeError(
+                f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
+                f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
+                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
+
+    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
+                               layers: list[int] | None, generate_kwargs: dict):
+        """(generated ids, per-step rows, captured layer indices); out-of-memory frees what it took."""
+        prompt_len = inputs["input_ids"].shape[1]
+        try:
+            with torch.inference_mode(), capture_attention(self.model, method, layers) as recorder:
+                output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+                generated = output[0, prompt_len:].tolist()             # (num_steps,)
+                return generated, recorder.steps(len(generated)), recorder.layer_indices
+        except torch.OutOfMemoryError:
+            recorder = output = None                                    # drop references before freeing
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise GenerationOutOfMemoryError(
+                f"Out of {'GPU memory' if self.device.startswith('cuda') else 'memory'} while generating. Lower the "
+                "image-token budget (max pixels), generate fewer tokens, or capture fewer layers, then try "
+                "again.") from None
 
     def generate(self, image: Image.Image | str | Path, prompt: str, max_new_tokens: int = 64,
                  method: CaptureMethod = "sdpa", layers: list[int] | None = None,
@@ -131,28 +174,19 @@ class ModelHolder:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
         layout = vision_layout(self.family, self.model.config, self.processor, inputs, image.size)
-        prompt_len = inputs["input_ids"].shape[1]
         num_layers = len(set(layers)) if layers is not None else self.num_layers
-        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens)
-        if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
-            raise CaptureTooLargeError(
-                f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
-                f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
-                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
+        self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb)
         inputs = inputs.to(self.input_device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         generate_kwargs.setdefault("do_sample", False)
-        with torch.inference_mode(), capture_attention(self.model, method, layers) as recorder:
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-            generated = output[0, prompt_len:].tolist()                 # (num_steps,)
-            rows = recorder.steps(len(generated))
-        tokenizer = self.processor.tokenizer
+        generated, rows, layer_indices = self._generate_with_capture(inputs, max_new_tokens, method, layers,
+                                                                     generate_kwargs)
         settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
                     "min_pixels": min_pixels, "max_pixels": max_pixels,
                     **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
         return AttentionRun(
             prompt_ids=inputs["input_ids"][0].tolist(), generated_ids=generated,
-            generated_tokens=[_token_piece(tokenizer, token_id) for token_id in generated], vision=layout,
-            layer_indices=recorder.layer_indices, num_heads=self.num_heads, rows=rows,
+            generated_tokens=[_token_piece(self.processor.tokenizer, token_id) for token_id in generated],
+            vision=layout, layer_indices=layer_indices, num_heads=self.num_heads, rows=rows,
             model_id=self.model_id, family=self.family, settings=settings)

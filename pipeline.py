@@ -42,12 +42,14 @@ class ModelSlot:
         self.ready = threading.Event()                                  # cleared while a start-up load runs
         self.ready.set()
 
-    def load(self, model_id: str, device: str = "auto", dtype: str = "auto") -> ModelHolder:
+    def load(self, model_id: str, device: str = "auto", dtype: str = "auto",
+             trust_remote_code: bool = False) -> ModelHolder:
         with self.lock:
             if self.holder is not None and self.holder.model_id == str(model_id):
                 return self.holder
             self.holder = None                                          # free the old weights first
-            self.holder = ModelHolder.load(model_id, device=device, dtype=dtype)
+            self.holder = ModelHolder.load(model_id, device=device, dtype=dtype,
+                                           trust_remote_code=trust_remote_code)
             return self.holder
 
     def get(self) -> ModelHolder:
