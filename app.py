@@ -36,6 +36,18 @@ CSS = """
 """
 
 
+class ImageUpload(gr.Image):
+    """gr.Image that passes the uploaded file through untouched (our loader handles EXIF, 16-bit,
+    alpha and frames) and turns an unreadable upload into a message instead of a stack trace."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise gr.Error(f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, "
+                           "GIF or BMP file.") from err
+
+
 def default_model(cfg: AppConfig) -> str | None:
     """--model if given; else a real model on a GPU and the bundled demo model on a CPU."""
     if cfg.model:
@@ -209,7 +221,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         status = gr.Markdown("Starting…", elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", label="Image", elem_id="image-input", height=320)
+                image = ImageUpload(type="filepath", image_mode=None, label="Image", elem_id="image-input",
+                                    height=320)
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     placeholder="e.g. What color is the circle?")
                 with gr.Accordion("Generation settings", open=False):
