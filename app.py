@@ -76,7 +76,7 @@ class Handlers:
     def model_status(self) -> tuple:
         holder = self.slot.holder
         if holder is None:
-            return ("**No model loaded.** Pick one and press Load.",) + (gr.skip(),) * 4
+            return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         return (f"**Loaded:** {holder.describe()}",
                 gr.Slider(maximum=layer_max, value=0), gr.Slider(maximum=layer_max, value=layer_max),
@@ -201,10 +201,15 @@ class Handlers:
         return [str(path) for path in export_run(stored, self.cfg.outputs_dir)]
 
 
-def _range_sliders(label: str, elem_id: str, maximum: int) -> tuple[gr.Slider, gr.Slider]:
+# Sliders start with a generous bound so API clients of a model loaded at start-up are not capped;
+# each page load (and each Load) narrows them to the loaded model, and ranges are validated anyway.
+UNLOADED_SLIDER_MAX = 1023
+
+
+def _range_sliders(label: str, elem_id: str) -> tuple[gr.Slider, gr.Slider]:
     with gr.Row(elem_id=elem_id, elem_classes="range-row"):
-        lo = gr.Slider(0, max(maximum, 1), value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo")
-        hi = gr.Slider(0, max(maximum, 1), value=maximum, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi")
+        lo = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo")
+        hi = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi")
     return lo, hi
 
 
@@ -239,8 +244,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                 token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
                                     allow_custom_value=True)
                 chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
-                layer_lo, layer_hi = _range_sliders("Layers", "layer-range", 1)
-                head_lo, head_hi = _range_sliders("Heads", "head-range", 1)
+                layer_lo, layer_hi = _range_sliders("Layers", "layer-range")
+                head_lo, head_hi = _range_sliders("Heads", "head-range")
                 with gr.Row():
                     aggregation = gr.Dropdown(list(REDUCTIONS), value=cfg.aggregation, label="Aggregation",
                                               elem_id="aggregation")

@@ -1,0 +1,161 @@
+"""Many users at once, bounded memory over many sessions, and recovery from out-of-memory."""
+
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+import app
+from config import AppConfig
+from model_holder import GenerationOutOfMemoryError
+from pipeline import ModelSlot, RunStore
+
+VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _ConcurrencyMeter:
+    """Wraps holder.generate to record how many generations overlap, optionally slowing them."""
+
+    def __init__(self, holder, delay: float = 0.0):
+        self.inner, self.delay = holder.generate, delay
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(self.delay)
+            return self.inner(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture
+def served(tiny_model_dirs, tmp_path):
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs")
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    demo = app.build_ui(cfg, slot, RunStore(cfg.session_cache_mb))
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    yield f"http://127.0.0.1:{port}/", slot
+    demo.close()
+
+
+def _image_file(folder, seed: int) -> str:
+    path = folder / f"user{seed}.png"
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_eight_users_three_rounds_each(served, tmp_path):
+    from gradio_client import Client, handle_file
+    url, slot = served
+    meter = _ConcurrencyMeter(slot.holder)
+    slot.holder.generate = meter
+    failures, timings = [], []
+
+    def user(idx: int):
+        try:
+            client = Client(url, verbose=False)
+            for round_idx in range(3):
+                prompt = f"user {idx} round {round_idx}: what is this?"
+                start = time.perf_counter()
+                answer, dropdown, _, picture, caption, _ = client.predict(
+                    handle_file(_image_file(tmp_path, idx)), prompt, 3, False, 0.7, 0.9, 0, 0, *VIEW,
+                    api_name="/generate")
+                tokens = [choice[0] for choice in dropdown["choices"]]
+                rendered = client.predict(len(tokens) - 1, *VIEW[1:], api_name="/render")
+                timings.append(time.perf_counter() - start)
+                # The render sees this session's own last token, not another user's.
+                assert rendered[1].startswith(f"Token {len(tokens) - 1} "), rendered[1]
+                assert tokens[-1].split(": ", 1)[1] in rendered[1]
+        except Exception as err:                                            # collected and asserted below
+            failures.append(f"user {idx}: {err!r}")
+    threads = [threading.Thread(target=user, args=(idx,)) for idx in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    assert len(timings) == 24
+    assert meter.peak == 1                                                  # generation is serialised
+    logger.info("8 users x 3 rounds: median round %.2f s, slowest %.2f s", np.median(timings), max(timings))
+
+
+def test_rendering_is_not_blocked_by_another_users_generation(served, tmp_path):
+    from gradio_client import Client, handle_file
+    url, slot = served
+    viewer = Client(url, verbose=False)
+    viewer.predict(handle_file(_image_file(tmp_path, 1)), "first", 2, False, 0.7, 0.9, 0, 0, *VIEW,
+                   api_name="/generate")
+    slot.holder.generate = _ConcurrencyMeter(slot.holder, delay=4.0)           # a slow generation
+    generator = Client(url, verbose=False)
+    job = generator.submit(handle_file(_image_file(tmp_path, 2)), "slow", 2, False, 0.7, 0.9, 0, 0, *VIEW,
+                           api_name="/generate")
+    time.sleep(1.0)                                                          # the slow generation is running
+    start = time.perf_counter()
+    rendered = viewer.predict(*VIEW, api_name="/render")
+    render_seconds = time.perf_counter() - start
+    assert "Token 0" in rendered[1]
+    assert not job.done() and render_seconds < 2.5
+    job.result(timeout=60)
+
+
+def test_memory_levels_off_over_a_hundred_sessions(tiny_model_dirs, tmp_path):
+    cap_mb = 1.0
+    h = app.Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(cap_mb))
+    h.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    image = _image_file(tmp_path, 0)
+    process, rss_mb = psutil.Process(), []
+    for session in range(100):
+        *_, last = h.generate(image, f"session {session}", 4, False, 0.7, 0.9, 0, 0, *VIEW)
+        assert h.store.total_bytes <= cap_mb * 2**20
+        if session % 10 == 9:
+            rss_mb.append(process.memory_info().rss / 2**20)
+    print("RSS every 10 sessions (MB):", " ".join(f"{v:.0f}" for v in rss_mb),
+          f"| kept: {len(h.store)} runs, {h.store.total_bytes / 2**20:.2f} MB")
+    assert rss_mb[-1] - rss_mb[2] < 40                                      # flat after warm-up
+
+
+def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder, dummy_image, monkeypatch, tmp_path):
+    holder = load_holder("qwen2_vl")
+    real_generate, calls = holder.model.generate, []
+
+    def exploding_generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(holder.model, "generate", exploding_generate)
+    with pytest.raises(GenerationOutOfMemoryError, match="Lower the image-token budget"):
+        holder.generate(dummy_image, "Hi", max_new_tokens=2)
+    assert holder.model.config.get_text_config()._attn_implementation == "sdpa"   # capture was removed
+    assert holder.generate(dummy_image, "Hi", max_new_tokens=2).num_steps >= 1
+
+    import gradio as gr
+    slot = ModelSlot()
+    slot.holder = holder
+    h = app.Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(100))
+    calls.clear()
+    with pytest.raises(gr.Error, match="Out of memory"):
+        list(h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW))
+    *_, last = h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW)
+    assert last[0] in [key for key in h.store._runs]
