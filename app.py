@@ -338,6 +338,13 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
     threading.Thread(target=load, daemon=True).start()
 
 
+def launch_options(cfg: AppConfig) -> dict:
+    """How the server is exposed: only the app's own output folder is served, uploads are capped."""
+    return dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
+                allowed_paths=[str(cfg.outputs_dir)], max_file_size=cfg.max_upload, ssr_mode=False, css=CSS,
+                theme=gr.themes.Soft())
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
@@ -349,9 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     start_loading(cfg, slot)
     demo = build_ui(cfg, slot, store)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
-                allowed_paths=[str(cfg.outputs_dir)], max_file_size="50mb", ssr_mode=False, css=CSS,
-                theme=gr.themes.Soft(), prevent_thread_lock=True)
+    demo.launch(**launch_options(cfg), prevent_thread_lock=True)
     if cfg.share:
         if demo.share_url:
             logger.info("Public link: %s", demo.share_url)
