@@ -40,6 +40,9 @@ class ImageUpload(gr.Image):
     """gr.Image that passes the uploaded file through untouched (our loader handles EXIF, 16-bit,
     alpha and frames) and turns an unreadable upload into a message instead of a stack trace."""
 
+    def get_block_name(self) -> str:
+        return "image"                                                  # render with gr.Image's frontend
+
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)

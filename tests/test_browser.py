@@ -2,7 +2,7 @@
 
 Starts `python app.py` on a tiny model in a subprocess, uploads an image, generates, picks a
 token, moves the layer range and checks that the picture changes. Saves a screenshot to
-docs/screenshot.png.
+outputs/browser-test.png (the README's docs/screenshot.png is a copy of one).
 """
 
 import os
@@ -96,6 +96,6 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
 
         page.locator("#layer-range-hi input[type=range]").press("End")      # back to all layers
         expect(page.locator("#caption")).to_contain_text("layers 0–", timeout=20_000)
-        (REPO / "docs").mkdir(exist_ok=True)
-        page.screenshot(path=str(REPO / "docs" / "screenshot.png"), full_page=True)
+        (REPO / "outputs").mkdir(exist_ok=True)                           # docs/screenshot.png is a copy
+        page.screenshot(path=str(REPO / "outputs" / "browser-test.png"), full_page=True)
         browser.close()
