@@ -47,10 +47,16 @@ def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
 def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
                      heads: tuple[int, int] | None = None) -> torch.Tensor:
     """(n_layers_sel, n_heads_sel, n_cells) float32: attention on each grid cell's token."""
+    rows = step_rows(run, step_idx, layers, heads)                      # (l, h, S_t), a view
+    return rows[:, :, _positions_index(run)].float()                    # (l, h, n_cells)
+
+
+def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
+              heads: tuple[int, int] | None = None) -> torch.Tensor:
+    """(n_layers_sel, n_heads_sel, len(prompt_ids) + step_idx) float16 view of the selected rows."""
     layer_sel = _range_slice(layers, run.layer_indices, "layer")
     head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
-    rows = run.step_attention(step_idx)[layer_sel, head_sel]            # (l, h, S_t), a view
-    return rows[:, :, _positions_index(run)].float()                    # (l, h, n_cells)
+    return run.step_attention(step_idx)[layer_sel, head_sel]
 
 
 def _positions_index(run: AttentionRun) -> slice | torch.Tensor:

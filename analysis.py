@@ -1,0 +1,175 @@
+"""Views beyond one heatmap: per-head statistics, galleries, text attention, sinks and baselines.
+
+Pure functions over an `AttentionRun`; ranges are 0-based and inclusive like everywhere else.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from attention_extractor import AttentionRun
+from attention_processor import normalize_heatmap, step_rows, vision_attention
+from visualization import overlay
+
+GENERIC_PROMPT = "Write a general description of the image."
+
+
+def one_based(idx: int) -> int:
+    """The single place where 0-based indices become the 1-based numbers of file names."""
+    return int(idx) + 1
+
+
+def vision_maps(run: AttentionRun, step_idx: int, layers, heads, renormalize: bool = False) -> np.ndarray:
+    """(l, h, grid_h, grid_w) float32: every selected head's raw map; optionally each sums to 1."""
+    values = vision_attention(run, step_idx, layers, heads)              # (l, h, n_cells)
+    if renormalize:
+        values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    grid_h, grid_w = run.vision.grid_hw
+    return values.reshape(*values.shape[:2], grid_h, grid_w).numpy()
+
+
+def head_matrix(run: AttentionRun, step_idx: int, layers, heads) -> dict[str, np.ndarray]:
+    """Per (layer, head) of the ranges: `share` of attention on the image (0..1) and the
+    normalised spatial `entropy` of its map (0 = one cell, 1 = uniform). Both (l, h) float32."""
+    maps = vision_maps(run, step_idx, layers, heads)                      # (l, h, gh, gw)
+    flat = maps.reshape(*maps.shape[:2], -1)                              # (l, h, n_cells)
+    share = flat.sum(-1)                                                  # (l, h)
+    p = flat / np.clip(share[..., None], 1e-12, None)
+    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1) / np.log(max(flat.shape[-1], 2))
+    return {"share": share.astype(np.float32), "entropy": entropy.astype(np.float32)}
+
+
+def region_share(run: AttentionRun, step_idx: int, region: np.ndarray, layers=None, heads=None) -> np.ndarray:
+    """(l, h) share of each head's attention that falls on the grid cells where `region` is True."""
+    maps = vision_maps(run, step_idx, layers, heads)                      # (l, h, gh, gw)
+    if region.shape != maps.shape[2:]:
+        raise ValueError(f"The region mask has shape {region.shape}, but the token grid is {maps.shape[2:]}.")
+    return maps[:, :, region].sum(-1).astype(np.float32)
+
+
+def box_to_cells(run: AttentionRun, box_xyxy) -> np.ndarray:
+    """(grid_h, grid_w) bool: the cells whose centres fall inside a box given in original-image pixels."""
+    grid_h, grid_w = run.vision.grid_hw
+    x0, y0, x1, y1 = run.vision.image_box_xyxy
+    cx = x0 + (np.arange(grid_w) + 0.5) * (x1 - x0) / grid_w             # (grid_w,) cell centres
+    cy = y0 + (np.arange(grid_h) + 0.5) * (y1 - y0) / grid_h             # (grid_h,)
+    bx0, by0, bx1, by1 = box_xyxy
+    return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
+
+
+def region_to_text(run: AttentionRun, region: np.ndarray) -> dict[str, np.ndarray]:
+    """Which generated tokens, layers and heads attend most to a region of the image.
+
+    Returns `per_step` (T,) mean share over all layers and heads, and `per_head` (L, H) mean over steps.
+    """
+    shares = np.stack([region_share(run, t, region) for t in range(run.num_steps)])  # (T, L, H)
+    return {"per_step": shares.mean(axis=(1, 2)), "per_head": shares.mean(axis=0)}
+
+
+def sink_cells(run: AttentionRun, layers=None, heads=None, factor: float = 5.0,
+               min_fraction: float = 0.9) -> np.ndarray:
+    """(grid_h, grid_w) bool: cells that take more than `factor`× a uniform share of the image's
+    attention for at least `min_fraction` of the generated tokens, whatever the token."""
+    n_cells = run.vision.num_cells
+    hits = np.zeros(run.vision.grid_hw, dtype=np.int32)
+    for t in range(run.num_steps):
+        maps = vision_maps(run, t, layers, heads, renormalize=True).mean(axis=(0, 1))  # (gh, gw), sums to 1
+        hits += maps > factor / n_cells
+    return hits >= max(1, int(np.ceil(min_fraction * run.num_steps)))
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """One chip of the text-attention view: a token (or the whole image block) and its weight."""
+
+    text: str
+    weight: float          # attention mass, 0..1
+    kind: str              # "prompt" | "image" | "answer" | "excluded"
+
+
+def text_attention(run: AttentionRun, step_idx: int, tokenizer, layers=None, heads=None,
+                   exclude_positions: tuple[int, ...] = ()) -> list[TextPiece]:
+    """The selected token's attention over everything before it, mean over the selected heads.
+
+    The vision block becomes one piece; `exclude_positions` (e.g. BOS, system prompt) are kept as
+    pieces of kind "excluded" and the other weights are renormalised without them.
+    """
+    weights = step_rows(run, step_idx, layers, heads).float().mean(dim=(0, 1)).numpy()  # (S_t,)
+    excluded = set(exclude_positions)
+    kept_total = sum(w for pos, w in enumerate(weights) if pos not in excluded) or 1.0
+    ids = run.prompt_ids + run.generated_ids[:step_idx]
+    vision = set(run.vision.token_positions.tolist())
+    pieces, vision_mass = [], 0.0
+    for pos, weight in enumerate(weights):
+        if pos in vision:
+            vision_mass += weight
+            if pos == run.vision.token_positions[-1]:
+                pieces.append(TextPiece(f"[image: {len(vision)} tokens]", vision_mass / kept_total, "image"))
+            continue
+        kind = "excluded" if pos in excluded else ("prompt" if pos < len(run.prompt_ids) else "answer")
+        value = weight if kind == "excluded" else weight / kept_total
+        pieces.append(TextPiece(tokenizer.decode([ids[pos]]), float(value), kind))
+    return pieces
+
+
+def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, heads, colormap: str = "jet",
+                 thumb: int = 160) -> list[tuple[str, Image.Image]]:
+    """Small overlays of every (layer, head) in the ranges, each labelled; names are 1-based
+    `S{step}_L{layer}_H{head}` like the reference LLaVA toolkit."""
+    maps = vision_maps(run, step_idx, layers, heads)                       # (l, h, gh, gw)
+    scale = thumb / max(image.size)
+    small = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))))
+    box = tuple(v * scale for v in run.vision.image_box_xyxy)
+    tiles = []
+    for i, layer_idx in enumerate(range(layers[0], layers[1] + 1)):
+        for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
+            name = f"S{one_based(step_idx)}_L{one_based(layer_idx)}_H{one_based(head_idx)}"
+            tile = overlay(small, normalize_heatmap(maps[i, j]), box, colormap=colormap, value_range=(0, 1))
+            tiles.append((name, _labelled(tile, name)))
+    return tiles
+
+
+def _labelled(tile: Image.Image, label: str) -> Image.Image:
+    canvas = Image.new("RGB", (tile.size[0], tile.size[1] + 14), "white")
+    canvas.paste(tile, (0, 0))
+    ImageDraw.Draw(canvas).text((2, tile.size[1]), label, fill=(0, 0, 0))
+    return canvas
+
+
+def gallery_sheet(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.Image:
+    """All tiles on one sheet, `columns` per row (one row per layer when columns = number of heads)."""
+    width, height = tiles[0][1].size
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (width + 4), rows * (height + 4)), "white")
+    for k, (_, tile) in enumerate(tiles):
+        sheet.paste(tile, ((k % columns) * (width + 4), (k // columns) * (height + 4)))
+    return sheet
+
+
+def gallery_zip(tiles: list[tuple[str, Image.Image]]) -> bytes:
+    """A ZIP of the tiles as `S{step}_L{layer}_H{head}.png`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, tile in tiles:
+            png = io.BytesIO()
+            tile.save(png, format="PNG")
+            archive.writestr(f"{name}.png", png.getvalue())
+    return buffer.getvalue()
+
+
+def relative_heatmap(heat: np.ndarray, generic_heat: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The map divided by the same model's map for a generic prompt on the same image (same grid)."""
+    if heat.shape != generic_heat.shape:
+        raise ValueError(f"The generic map has grid {generic_heat.shape}, the map {heat.shape}; they must match.")
+    return (heat / (generic_heat + eps)).astype(np.float32)
+
+
+def system_positions(run: AttentionRun) -> tuple[int, ...]:
+    """Positions before the first vision token: BOS, system prompt and the chat header."""
+    return tuple(range(int(run.vision.token_positions[0]))) if len(run.vision.token_positions) else ()
+
