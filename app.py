@@ -22,8 +22,9 @@ from transformers import TextIteratorStreamer
 from attention_processor import REDUCTIONS
 from model_holder import ModelLoadError
 from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
+from analysis import GENERIC_PROMPT, head_gallery, head_matrix, system_positions, text_attention
 from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
-                      render, save_picture, share_table)
+                      matrix_cell, matrix_picture, render, save_gallery_zip, save_picture, share_table)
 from utils import load_image
 from visualization import COLORMAPS
 
@@ -150,11 +151,12 @@ class Handlers:
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
-                  alpha, view, grid) -> ViewSettings:
+                  alpha, view, grid, renormalize=False, mask_sinks=False, relative=False) -> ViewSettings:
         return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
                             heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
                             percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
-                            grid=bool(grid))
+                            grid=bool(grid), renormalize=bool(renormalize), mask_sinks=bool(mask_sinks),
+                            relative=bool(relative))
 
     def _render(self, stored: StoredRun, *view_values):
         settings = self._settings(*view_values)
@@ -188,6 +190,59 @@ class Handlers:
     def pick_chip(self, step_idx):
         return step_idx
 
+    def relative_toggle(self, run_id, *view_values):
+        """Compute the generic-prompt baseline for this image once (a model call), then render."""
+        stored = self._stored(run_id)
+        if view_values[-1] and stored.baseline is None:
+            try:
+                with self.slot.lock:
+                    stored.baseline = self.slot.get().generate(stored.image, GENERIC_PROMPT, max_new_tokens=1)
+            except USER_ERRORS as err:
+                raise gr.Error(str(err)) from err
+        return self._render(stored, *view_values)
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _stored(self, run_id) -> StoredRun:
+        try:
+            return self.store.get(run_id)
+        except LookupError as err:
+            raise gr.Error(str(err)) from err
+
+    def analysis(self, run_id, metric, *view_values):
+        """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
+        stored, s = self._stored(run_id), self._settings(*view_values)
+        n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+        try:
+            matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
+            pieces = text_attention(stored.run, s.step_idx, self.slot.get().processor.tokenizer, s.layers,
+                                    s.heads, exclude_positions=system_positions(stored.run))
+            tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) \
+                if n_maps <= self.cfg.max_gallery_maps else []
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
+        highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
+        note = "" if tiles else (f"Gallery: narrow the ranges to at most {self.cfg.max_gallery_maps} layer × head "
+                                 f"maps (now {n_maps}).")
+        return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
+                [(tile, name) for name, tile in tiles], note)
+
+    def matrix_click(self, run_id, metric, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization,
+                     colormap, alpha, view, grid, renormalize, mask_sinks, relative, evt: gr.SelectData):
+        """A click on the layer × head matrix selects that single layer and head."""
+        layer, head = matrix_cell(evt.index, (int(layer_lo), int(layer_hi)), (int(head_lo), int(head_hi)))
+        rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
+                               view, grid, renormalize, mask_sinks, relative)
+        return (*rendered, layer, layer, head, head)
+
+    def gallery_download(self, run_id, *view_values) -> str:
+        stored, s = self._stored(run_id), self._settings(*view_values)
+        try:
+            tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        return str(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx))
+
     # -- downloads --------------------------------------------------------------------------------
     def download_png(self, run_id, *view_values) -> str:
         stored = self.store.get(run_id) if run_id else None
@@ -214,6 +269,28 @@ def _range_sliders(label: str, elem_id: str) -> tuple[gr.Slider, gr.Slider]:
         lo = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo")
         hi = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi")
     return lo, hi
+
+
+def build_analysis() -> dict[str, gr.components.Component]:
+    """The analysis views for the selected token and ranges, refreshed on demand."""
+    with gr.Accordion("Analysis: layers × heads, text attention, per-head gallery", open=False,
+                      elem_id="analysis"):
+        with gr.Row():
+            metric = gr.Radio(["share", "entropy"], value="share", elem_id="matrix-metric",
+                              label="Matrix: attention share on the image, or spatial entropy of each head's map")
+            show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
+        with gr.Row():
+            matrix = gr.Image(type="pil", format="png", interactive=False, elem_id="head-matrix",
+                              label="Layer × head (click a cell to show that head's map)")
+            text = gr.HighlightedText(label="What the token attends to in the text (BOS and system prompt "
+                                      "excluded and shown unhighlighted)", elem_id="text-attention")
+        gallery = gr.Gallery(label="Per-head maps (S step, L layer, H head; 1-based)", columns=8, height=420,
+                             elem_id="head-gallery")
+        with gr.Row():
+            note = gr.Markdown("")
+            zip_btn = gr.Button("Download the gallery (ZIP)", elem_id="gallery-zip")
+    return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
+            "zip": zip_btn}
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
@@ -260,6 +337,10 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha")
                     view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
                     grid = gr.Checkbox(False, label="Show token grid", elem_id="grid")
+                with gr.Row():
+                    renormalize = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
+                    mask_sinks = gr.Checkbox(False, label="Mask sink cells", elem_id="mask-sinks")
+                    relative = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
                                    elem_id="overlay")
                 caption = gr.Markdown("", elem_id="caption")
@@ -270,20 +351,23 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     png_btn = gr.Button("Download picture (PNG)")
                     export_btn = gr.Button("Export attention (safetensors + JSON)")
                 files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=90)
+        analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid]
+                       view, grid, renormalize, mask_sinks, relative]
         sliders = [layer_lo, layer_hi, head_lo, head_hi]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
         render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
 
         load_btn.click(h.load_model, [model_box], [status, *sliders], api_name="load_model", **model_events)
-        demo.load(h.page_load, None, [status, *sliders], api_name=False, **model_events)
+        demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
+                  concurrency_limit=None)
         generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
                                         *view_inputs], [run_id, answer, token, chips, *view_outputs],
                            api_name="generate", **model_events)
-        gr.on([token.input, aggregation.input, normalization.input, colormap.input, view.input, grid.input],
+        gr.on([token.input, aggregation.input, normalization.input, colormap.input, view.input, grid.input,
+               renormalize.input, mask_sinks.input],
               h.render, [run_id, *view_inputs], view_outputs, api_name="render", trigger_mode="always_last",
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
@@ -294,6 +378,15 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         chips.input(h.pick_chip, [chips], [token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         token.input(h.pick_chip, [token], [chips], api_name=False, queue=False)
+        relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
+        analysis_inputs = [run_id, analysis["metric"], *view_inputs]
+        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"]]
+        gr.on([analysis["show"].click, analysis["metric"].input], h.analysis, analysis_inputs, analysis_outputs,
+              api_name="analysis", **render_events)
+        analysis["matrix"].select(h.matrix_click, analysis_inputs, [*view_outputs, *sliders], api_name=False,
+                                  **render_events)
+        analysis["zip"].click(h.gallery_download, [run_id, *view_inputs], [files], api_name="gallery_zip",
+                              **render_events)
         png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)
         export_btn.click(h.export_attention, [run_id], [files], api_name="export_attention", **render_events)
     return demo

@@ -68,16 +68,20 @@ def _positions_index(run: AttentionRun) -> slice | torch.Tensor:
 
 
 def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                  heads: tuple[int, int] | None = None, reduce: Reduce = "mean") -> np.ndarray:
+                  heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
+                  renormalize: bool = False) -> np.ndarray:
     """Raw attention mass on each vision token for generated token `step_idx`.
 
     layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
     reduce: how layers and heads are combined (over both axes together).
+    renormalize: first rescale each head's vision attention to sum to 1 (attention within the image).
     Returns (grid_h, grid_w) float32, unnormalised: each value is a softmax probability (0..1).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
     values = vision_attention(run, step_idx, layers, heads)             # (l, h, n_cells)
+    if renormalize:
+        values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     grid_h, grid_w = run.vision.grid_hw
     return _reduce(values, reduce).reshape(grid_h, grid_w).numpy().astype(np.float32)  # (grid_h, grid_w)
 

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from attention_extractor import AttentionRun
 from attention_processor import heatmap_range, normalize_heatmap, token_heatmap, vision_share
+from analysis import gallery_zip, relative_heatmap, sink_cells
 from model_holder import ModelHolder
 from visualization import heatmap_image, overlay, side_by_side
 
@@ -65,7 +66,9 @@ class StoredRun:
     run: AttentionRun
     image: Image.Image
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
+    baseline: AttentionRun | None = None                                # same image, generic prompt
     _ranges: dict = field(default_factory=dict)
+    _sinks: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.shares is None:
@@ -75,13 +78,20 @@ class StoredRun:
     def nbytes(self) -> int:
         return self.run.nbytes + self.image.size[0] * self.image.size[1] * 3 + self.shares.nbytes
 
-    def shared_range(self, layers, heads, reduce) -> tuple[float, float]:
+    def shared_range(self, settings: "ViewSettings") -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
-        key = (tuple(layers), tuple(heads), reduce)
+        key = replace(settings, step_idx=0, normalization="", colormap="", alpha=0.0, view="", grid=False)
         if key not in self._ranges:
-            maps = [token_heatmap(self.run, t, layers, heads, reduce) for t in range(self.run.num_steps)]
-            self._ranges[key] = heatmap_range(maps)
+            self._ranges[key] = heatmap_range([raw_heatmap(self, replace(settings, step_idx=t))
+                                               for t in range(self.run.num_steps)])
         return self._ranges[key]
+
+    def sinks(self, layers, heads) -> np.ndarray:
+        """(grid_h, grid_w) bool sink cells for these ranges, cached."""
+        key = (tuple(layers), tuple(heads))
+        if key not in self._sinks:
+            self._sinks[key] = sink_cells(self.run, layers, heads)
+        return self._sinks[key]
 
 
 class RunStore:
@@ -137,7 +147,26 @@ class ViewSettings:
     alpha: float = 0.5
     view: str = "overlay"                    # overlay | side_by_side | heatmap
     grid: bool = False
+    renormalize: bool = False                # each head's image attention rescaled to sum to 1
+    mask_sinks: bool = False                 # sink cells set to the map's floor
+    relative: bool = False                   # divided by the generic-prompt map of the same image
     interpolation: str = "bilinear"
+
+
+def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
+    """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
+    heat = token_heatmap(stored.run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize)
+    if s.relative:
+        if stored.baseline is None:
+            raise LookupError("The generic-prompt baseline for this image is not computed yet. "
+                              "Tick 'Relative to a generic prompt' again to compute it.")
+        heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce,
+                                                    s.renormalize))
+    if s.mask_sinks:
+        sinks = stored.sinks(s.layers, s.heads)
+        if sinks.any() and not sinks.all():
+            heat = np.where(sinks, heat[~sinks].min(), heat).astype(np.float32)
+    return heat
 
 
 def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]:
@@ -145,9 +174,9 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
     run, s = stored.run, settings
     if s.view not in VIEWS:
         raise ValueError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
-    heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce)            # (grid_h, grid_w)
+    heat = raw_heatmap(stored, s)                                                   # (grid_h, grid_w)
     if s.normalization == "shared":
-        unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s.layers, s.heads, s.reduce))
+        unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s))
     elif s.normalization in ("minmax", "percentile"):
         unit = normalize_heatmap(heat, s.normalization, s.percentile)
     else:
@@ -179,6 +208,11 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
             f"heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
             f"(peak cell {heat.max():.3g}).")
+    options = [name for flag, name in ((s.renormalize, "renormalised within the image"),
+                                       (s.mask_sinks, f"{int(stored.sinks(s.layers, s.heads).sum())} sink cells masked"),
+                                       (s.relative, "divided by the generic-prompt map")) if flag]
+    if options:
+        text += " Options: " + ", ".join(options) + "."
     width, height = run.vision.image_size
     x0, y0, x1, y1 = run.vision.image_box_xyxy
     if x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:
@@ -220,4 +254,43 @@ def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
     path = Path(out_dir) / f"attention-token{step_idx}-{uuid.uuid4().hex[:8]}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, format="PNG")
+    return path
+
+
+MATRIX_CELL_PX, MATRIX_MARGIN_PX = 22, 36
+
+
+def matrix_picture(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, int], metric: str) -> Image.Image:
+    """(l, h) values as a picture: one row per layer, one column per head, labelled 0-based."""
+    import cv2
+    from PIL import ImageDraw
+    cell, margin = MATRIX_CELL_PX, MATRIX_MARGIN_PX
+    unit = normalize_heatmap(values, "fixed", value_range=(0.0, max(float(values.max()), 1e-6)))  # (l, h)
+    cells = cv2.resize(unit, (unit.shape[1] * cell, unit.shape[0] * cell), interpolation=cv2.INTER_NEAREST)
+    colored = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(cells, alpha=255.0), cv2.COLORMAP_VIRIDIS),
+                           cv2.COLOR_BGR2RGB)                                   # OpenCV is BGR
+    canvas = Image.new("RGB", (colored.shape[1] + margin, colored.shape[0] + margin), "white")
+    canvas.paste(Image.fromarray(colored), (margin, margin))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), f"{metric}: rows = layers, columns = heads", fill=(0, 0, 0))
+    for i, layer_idx in enumerate(range(layers[0], layers[1] + 1)):
+        draw.text((2, margin + i * cell + 5), f"L{layer_idx}", fill=(0, 0, 0))
+    for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
+        draw.text((margin + j * cell + 3, margin - 12), f"{head_idx}", fill=(0, 0, 0))
+    return canvas
+
+
+def matrix_cell(index_xy, layers: tuple[int, int], heads: tuple[int, int]) -> tuple[int, int]:
+    """(layer_idx, head_idx) under a click at pixel (x, y) of `matrix_picture`, clamped to the ranges."""
+    x, y = int(index_xy[0]), int(index_xy[1])
+    row = min(max((y - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), layers[1] - layers[0])
+    col = min(max((x - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), heads[1] - heads[0])
+    return layers[0] + row, heads[0] + col
+
+
+def save_gallery_zip(tiles: list[tuple[str, Image.Image]], out_dir: Path, step_idx: int) -> Path:
+    """The per-head gallery as a ZIP of `S{step}_L{layer}_H{head}.png` in a fresh, uniquely named file."""
+    path = Path(out_dir) / f"heads-token{step_idx}-{uuid.uuid4().hex[:8]}.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gallery_zip(tiles))
     return path

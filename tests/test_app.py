@@ -133,3 +133,29 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
         assert "percentile" in again[1]                                # still serving after the error
     finally:
         demo.close()
+
+
+def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_file):
+    import zipfile
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    matrix, highlighted, gallery, note = handlers.analysis(run_id, "share", *_view())
+    assert matrix.size[0] > 4 * 20 and matrix.size[1] > 3 * 20          # 3 layers x 4 heads of cells
+    assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note == ""
+    assert any(text.startswith("[image:") for text, _ in highlighted)
+    assert max(score for _, score in highlighted if score is not None) == 1.0
+    entropy_matrix, *_ = handlers.analysis(run_id, "entropy", *_view())
+    assert np.asarray(entropy_matrix).tolist() != np.asarray(matrix).tolist()
+    # A click on the matrix cell of layer 1, head 2 selects exactly that head.
+    event = gr.SelectData(None, {"index": [36 + 2 * 22 + 5, 36 + 1 * 22 + 5], "value": None})
+    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, "share", *_view(), False, False, False, evt=event)
+    assert (lo, hi, head_lo, head_hi) == (1, 1, 2, 2)
+    archive = zipfile.ZipFile(handlers.gallery_download(run_id, *_view(layer_lo=2, layer_hi=2)))
+    assert sorted(archive.namelist()) == [f"S1_L3_H{h}.png" for h in range(1, 5)]
+    for option in ("renormalize", "mask_sinks"):
+        _, caption, _ = handlers.render(run_id, *_view(), *[option == "renormalize", option == "mask_sinks", False])
+        assert "Options:" in caption
+    picture, caption, _ = handlers.relative_toggle(run_id, *_view(), False, False, True)
+    assert "generic-prompt map" in caption
+    assert handlers.store.get(run_id).baseline.num_steps == 1              # computed once, then cached
+    handlers.render(run_id, *_view(), False, False, True)

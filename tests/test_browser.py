@@ -98,4 +98,16 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         expect(page.locator("#caption")).to_contain_text("layers 0–", timeout=20_000)
         (REPO / "outputs").mkdir(exist_ok=True)                           # docs/screenshot.png is a copy
         page.screenshot(path=str(REPO / "outputs" / "browser-test.png"), full_page=True)
+
+        page.locator("#analysis").get_by_text("Analysis:").click()          # open the analysis views
+        page.locator("#analysis-btn").click()
+        expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
+        expect(page.locator("#text-attention")).to_contain_text("[image:", timeout=20_000)
+        matrix = page.locator("#head-matrix img")
+        expect(matrix).to_be_visible(timeout=20_000)
+        matrix.scroll_into_view_if_needed()
+        box = matrix.bounding_box()
+        matrix.click(position={"x": box["width"] - 5, "y": box["height"] - 5})   # the last layer and head
+        expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
+        page.locator("#analysis").screenshot(path=str(REPO / "outputs" / "browser-test-analysis.png"))
         browser.close()
