@@ -48,6 +48,10 @@ class AttentionRun:
     rows: per step t, a float16 tensor (num_layers, num_heads, prompt_len + t): the softmax
         attention of the query at position prompt_len - 1 + t, i.e. the one that produced
         generated token t (t = 0 is the last prompt row). Use `step_attention`.
+    prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
+    prompt_rows: (num_layers, num_heads, len(prompt_positions), prompt_len) float16 or None: row i is
+        the softmax attention of the query at prompt_positions[i] (zero after that position).
+        Use `prompt_attention`.
     model_id, family, settings: provenance for exports and captions.
     """
 
@@ -61,6 +65,8 @@ class AttentionRun:
     model_id: str = ""
     family: str = ""
     settings: dict = field(default_factory=dict)
+    prompt_positions: list[int] = field(default_factory=list)
+    prompt_rows: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_steps(self) -> int:
@@ -72,7 +78,15 @@ class AttentionRun:
 
     @property
     def nbytes(self) -> int:
-        return sum(row.numel() * row.element_size() for row in self.rows)
+        prompt = 0 if self.prompt_rows is None else self.prompt_rows.numel() * self.prompt_rows.element_size()
+        return prompt + sum(row.numel() * row.element_size() for row in self.rows)
+
+    def prompt_attention(self, token_pos: int) -> torch.Tensor:
+        """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
+        if token_pos not in self.prompt_positions:
+            raise IndexError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
+                             f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
+        return self.prompt_rows[:, :, self.prompt_positions.index(token_pos), : token_pos + 1]
 
     def step_attention(self, step_idx: int) -> torch.Tensor:
         """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU."""
@@ -82,9 +96,11 @@ class AttentionRun:
         return self.rows[step_idx]
 
 
-def estimate_capture_bytes(num_layers: int, num_heads: int, prompt_len: int, max_new_tokens: int) -> int:
-    """Upper bound of what a capture stores: float16 rows of prompt_len + t keys for t < max_new_tokens."""
-    keys = max_new_tokens * prompt_len + max_new_tokens * (max_new_tokens - 1) // 2
+def estimate_capture_bytes(num_layers: int, num_heads: int, prompt_len: int, max_new_tokens: int,
+                           num_prompt_rows: int = 0) -> int:
+    """Upper bound of what a capture stores: float16 rows of prompt_len + t keys for t < max_new_tokens,
+    plus `num_prompt_rows` prompt rows of prompt_len keys."""
+    keys = max_new_tokens * prompt_len + max_new_tokens * (max_new_tokens - 1) // 2 + num_prompt_rows * prompt_len
     return 2 * num_layers * num_heads * keys
 
 
@@ -95,10 +111,30 @@ class CaptureTooLargeError(MemoryError):
 class _Recorder:
     """Rows captured during one generation, per layer, one per forward call."""
 
-    def __init__(self, layer_indices: list[int]):
+    def __init__(self, layer_indices: list[int], prompt_positions: list[int] | None = None):
         self.layer_indices = layer_indices
         self.wanted = set(layer_indices)
         self.rows: dict[int, list[torch.Tensor]] = {idx: [] for idx in layer_indices}
+        self.prompt_positions = sorted(set(prompt_positions or []))
+        self.prompt_rows: dict[int, torch.Tensor] = {}                   # layer -> (H, n, prompt_len)
+
+    def wants_prompt_rows(self, layer_idx: int, q_len: int) -> bool:
+        """At prefill (many queries), once per layer, when prompt rows were asked for."""
+        return bool(self.prompt_positions) and q_len > 1 and layer_idx in self.wanted \
+            and layer_idx not in self.prompt_rows
+
+    def record_prompt(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """probs: (B=1, H, n, kv) softmax rows of the prompt positions."""
+        rows = probs[0].to(torch.float16)                               # (H, n, kv)
+        self.prompt_rows[layer_idx] = rows.to("cpu", non_blocking=rows.is_cuda)
+
+    def stacked_prompt_rows(self) -> torch.Tensor | None:
+        """(num_layers, H, n, prompt_len) float16, or None when no prompt rows were asked for."""
+        if not self.prompt_positions:
+            return None
+        if set(self.prompt_rows) != self.wanted:
+            raise CaptureError("Prompt rows were asked for but not captured at prefill for every layer.")
+        return torch.stack([self.prompt_rows[idx] for idx in self.layer_indices])
 
     def record(self, layer_idx: int, probs: torch.Tensor) -> None:
         """probs: (B=1, H, kv) softmax row of the last query position, any device and dtype."""
@@ -121,23 +157,31 @@ _active: _Recorder | None = None
 _active_lock = threading.Lock()
 
 
-def _last_query_probs(query, key, attention_mask, scaling) -> torch.Tensor:
-    """Softmax attention of the last query row only: (B, H, kv), computed in float32.
+def _query_probs(query, key, attention_mask, scaling, rows: list[int]) -> torch.Tensor:
+    """Softmax attention of the given query rows only: (B, H, n, kv), computed in float32.
 
-    Grouped-query attention is handled by grouping the query heads instead of repeating keys.
+    rows index the query's own axis. Grouped-query attention is handled by grouping the query
+    heads instead of repeating keys. Causality comes from the mask, or, when the model relies on
+    SDPA's is_causal (no mask), from the rows' positions: query row r sits at kv_len - q_len + r.
     """
-    batch, num_heads, _, head_dim = query.shape
+    batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    query = query[:, :, -1, :].float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, KV, G, D)
-    scores = torch.matmul(query, key.float().transpose(2, 3)) * scaling  # (B, KV, G, kv)
-    scores = scores.reshape(batch, num_heads, kv_len)                   # (B, H, kv)
+    groups = num_heads // num_kv_heads
+    picked = query[:, :, rows, :].float()                               # (B, H, n, D)
+    picked = picked.view(batch, num_kv_heads, groups * len(rows), head_dim)  # (B, KV, G*n, D)
+    scores = torch.matmul(picked, key.float().transpose(2, 3)) * scaling  # (B, KV, G*n, kv)
+    scores = scores.view(batch, num_heads, len(rows), kv_len)           # (B, H, n, kv)
     if attention_mask is not None:
-        mask = attention_mask[:, :, -1, :kv_len]                         # (B, 1 or H, kv)
+        mask = attention_mask[:, :, rows, :kv_len]                       # (B, 1 or H, n, kv)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
-    return torch.softmax(scores, dim=-1)                                # (B, H, kv)
+    else:
+        positions = torch.tensor(rows, device=key.device) + (kv_len - q_len)    # (n,)
+        future = torch.arange(kv_len, device=key.device)[None, :] > positions[:, None]  # (n, kv)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1)                                # (B, H, n, kv)
 
 
 def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -148,7 +192,11 @@ def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
     layer_idx = getattr(module, "layer_idx", None)
     if recorder is not None and layer_idx is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        recorder.record(layer_idx, _last_query_probs(query, key, attention_mask, scale))
+        q_len = query.shape[2]
+        recorder.record(layer_idx, _query_probs(query, key, attention_mask, scale, [q_len - 1])[:, :, 0])
+        if recorder.wants_prompt_rows(layer_idx, q_len):
+            recorder.record_prompt(layer_idx, _query_probs(query, key, attention_mask, scale,
+                                                           recorder.prompt_positions))
     return output, None
 
 
@@ -169,16 +217,19 @@ def _eager_hook(recorder: _Recorder, layer_idx: int):
         if weights is None:
             raise CaptureError("Eager attention returned no weights; cannot use the eager reference.")
         recorder.record(layer_idx, weights[:, :, -1, :])
+        if recorder.wants_prompt_rows(layer_idx, weights.shape[2]):
+            recorder.record_prompt(layer_idx, weights[:, :, recorder.prompt_positions, :])
     return hook
 
 
 @contextmanager
-def capture_attention(model, method: CaptureMethod = "sdpa",
-                      layers: list[int] | None = None) -> Iterator[_Recorder]:
+def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] | None = None,
+                      prompt_positions: list[int] | None = None) -> Iterator[_Recorder]:
     """Install attention capture on the decoder for the duration of the block.
 
     Yields a recorder; after `model.generate(...)` inside the block, call
-    `recorder.steps(num_generated)`. The model's attention implementation and hooks are
+    `recorder.steps(num_generated)` (and `recorder.stacked_prompt_rows()` when `prompt_positions`,
+    positions of the prompt whose rows to keep from prefill, were given). The model's attention implementation and hooks are
     restored on exit, also when generation raises. Only one capture runs at a time.
     """
     global _active
@@ -188,7 +239,7 @@ def capture_attention(model, method: CaptureMethod = "sdpa",
     layer_indices = sorted(set(range(num_layers) if layers is None else layers))
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
         raise ValueError(f"layers must be indices in 0..{num_layers - 1}, got {layers}.")
-    recorder = _Recorder(layer_indices)
+    recorder = _Recorder(layer_indices, prompt_positions)
     saved = _attn_implementations(model)
     handles = []
     with _active_lock:

@@ -10,6 +10,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -17,7 +18,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
                                  estimate_capture_bytes)
-from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, decoder_layers, detect_family, vision_layout
+from families import (QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family,
+                      vision_layout)
 from utils import load_image, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,20 @@ def _token_piece(tokenizer, token_id: int) -> str:
     """The text of one token; the raw vocabulary entry when it is only part of a UTF-8 character."""
     text = tokenizer.decode([token_id])
     return str(tokenizer.convert_ids_to_tokens(token_id)) if "\ufffd" in text else text
+
+
+PromptRows = Literal["question", "all", "none"]
+
+
+def prompt_query_positions(prompt_ids: list[int], layout: VisionLayout, which: str) -> list[int]:
+    """Text positions of the prompt whose attention rows to keep (the last one is step 0 anyway)."""
+    if which not in ("question", "all", "none"):
+        raise ValueError(f"prompt_rows must be 'question', 'all' or 'none', got {which!r}.")
+    if which == "none":
+        return []
+    vision = set(layout.token_positions.tolist())
+    start = int(layout.token_positions[-1]) + 1 if which == "question" else 0
+    return [pos for pos in range(start, len(prompt_ids) - 1) if pos not in vision]
 
 
 @dataclass
@@ -121,14 +137,14 @@ class ModelHolder:
                              "Crop it to a less extreme aspect ratio or resize it, then try again.") from err
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
-                      max_capture_mb: float | None) -> None:
+                      max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
         """Refuse up front what would overflow the model's context or the capture's memory."""
         context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if context and prompt_len + max_new_tokens > context:
             raise ValueError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
                              f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
                              "image-token budget (max pixels) or generate fewer tokens.")
-        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens)
+        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens, num_prompt_rows)
         if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
             raise CaptureTooLargeError(
                 f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
@@ -136,14 +152,16 @@ class ModelHolder:
                 "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
 
     def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
-                               layers: list[int] | None, generate_kwargs: dict):
-        """(generated ids, per-step rows, captured layer indices); out-of-memory frees what it took."""
+                               layers: list[int] | None, prompt_positions: list[int], generate_kwargs: dict):
+        """(generated ids, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
         try:
-            with torch.inference_mode(), capture_attention(self.model, method, layers) as recorder:
+            with torch.inference_mode(), capture_attention(self.model, method, layers,
+                                                           prompt_positions) as recorder:
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
                 generated = output[0, prompt_len:].tolist()             # (num_steps,)
-                return generated, recorder.steps(len(generated)), recorder.layer_indices
+                recorder.steps_checked = recorder.steps(len(generated))
+                return generated, recorder
         except torch.OutOfMemoryError:
             recorder = output = None                                    # drop references before freeing
             gc.collect()
@@ -157,7 +175,8 @@ class ModelHolder:
     def generate(self, image: Image.Image | str | Path, prompt: str, max_new_tokens: int = 64,
                  method: CaptureMethod = "sdpa", layers: list[int] | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
-                 max_capture_mb: float | None = None, **generate_kwargs) -> AttentionRun:
+                 max_capture_mb: float | None = None, prompt_rows: PromptRows = "question",
+                 **generate_kwargs) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
 
         image: a PIL image or a file path (EXIF orientation applied, converted to RGB).
@@ -165,6 +184,8 @@ class ModelHolder:
         layers: decoder layer indices to capture; all by default.
         min_pixels / max_pixels: Qwen's image-token budget, in pixels of the resized image.
         max_capture_mb: refuse up front (CaptureTooLargeError) when the capture could exceed this.
+        prompt_rows: which prompt tokens' own attention to keep from prefill, so their maps can be
+            shown too: 'question' (the text after the image), 'all' (every text token) or 'none'.
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
         """
         image = load_image(image)
@@ -175,18 +196,21 @@ class ModelHolder:
         inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
         layout = vision_layout(self.family, self.model.config, self.processor, inputs, image.size)
         num_layers = len(set(layers)) if layers is not None else self.num_layers
-        self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb)
+        positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layout, prompt_rows)
+        self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
+                           len(positions))
         inputs = inputs.to(self.input_device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         generate_kwargs.setdefault("do_sample", False)
-        generated, rows, layer_indices = self._generate_with_capture(inputs, max_new_tokens, method, layers,
-                                                                     generate_kwargs)
+        generated, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
+                                                          generate_kwargs)
         settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
                     "min_pixels": min_pixels, "max_pixels": max_pixels,
                     **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
         return AttentionRun(
             prompt_ids=inputs["input_ids"][0].tolist(), generated_ids=generated,
             generated_tokens=[_token_piece(self.processor.tokenizer, token_id) for token_id in generated],
-            vision=layout, layer_indices=layer_indices, num_heads=self.num_heads, rows=rows,
-            model_id=self.model_id, family=self.family, settings=settings)
+            vision=layout, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
+            rows=recorder.steps_checked, model_id=self.model_id, family=self.family, settings=settings,
+            prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows())

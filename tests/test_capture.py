@@ -97,6 +97,31 @@ def test_step_zero_is_the_last_prompt_row(load_holder, dummy_image):
     torch.testing.assert_close(run.step_attention(0).float(), last_row, rtol=2e-3, atol=2e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_image):
+    holder = load_holder(family)
+    fast = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all")
+    eager = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all",
+                            method="eager")
+    vision = set(fast.vision.token_positions.tolist())
+    assert fast.prompt_positions == [p for p in range(len(fast.prompt_ids) - 1) if p not in vision]
+    inputs = holder.build_inputs(dummy_image, "Where is the red circle?")
+    holder.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            attn = torch.stack(holder.model(**inputs, output_attentions=True).attentions)[:, 0]  # (L, H, S, S)
+    finally:
+        holder.model.set_attn_implementation({"text_config": "sdpa"})
+    for pos in fast.prompt_positions:
+        row = fast.prompt_attention(pos)
+        assert row.shape == (holder.num_layers, holder.num_heads, pos + 1)
+        torch.testing.assert_close(row.float(), attn[:, :, pos, : pos + 1], rtol=2e-3, atol=2e-6)
+        torch.testing.assert_close(row.float(), eager.prompt_attention(pos).float(), rtol=2e-3, atol=2e-6)
+    question = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=1)
+    assert question.prompt_positions and min(question.prompt_positions) > max(vision)
+    assert holder.generate(dummy_image, "Hi", max_new_tokens=1, prompt_rows="none").prompt_rows is None
+
+
 def test_layers_option_narrows_capture(load_holder, dummy_image):
     holder = load_holder("qwen2_vl")
     full = holder.generate(dummy_image, "Hi", max_new_tokens=3, **_generate_kwargs(holder, 3))
