@@ -19,9 +19,18 @@ from visualization import overlay
 GENERIC_PROMPT = "Write a general description of the image."
 
 
-def one_based(idx: int) -> int:
-    """The single place where 0-based indices become the 1-based numbers of file names."""
-    return int(idx) + 1
+def file_stem(step_idx: int, layer_idx: int | None = None, head_idx: int | None = None) -> str:
+    """The file label of 0-based indices: (0, 2, 3) -> 'S1_L3_H4', (4,) -> 'S5'.
+
+    Files are numbered from 1, as the reference LLaVA toolkit labels them; this is the only
+    place that converts. JSON logs keep the 0-based indices.
+    """
+    parts = [f"S{step_idx + 1}"]
+    if layer_idx is not None:
+        parts.append(f"L{layer_idx + 1}")
+    if head_idx is not None:
+        parts.append(f"H{head_idx + 1}")
+    return "_".join(parts)
 
 
 def vision_maps(run: AttentionRun, step_idx: int, layers, heads, renormalize: bool = False) -> np.ndarray:
@@ -128,7 +137,7 @@ def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, h
     tiles = []
     for i, layer_idx in enumerate(range(layers[0], layers[1] + 1)):
         for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
-            name = f"S{one_based(step_idx)}_L{one_based(layer_idx)}_H{one_based(head_idx)}"
+            name = file_stem(step_idx, layer_idx, head_idx)
             tile = overlay(small, normalize_heatmap(maps[i, j]), box, colormap=colormap, value_range=(0, 1))
             tiles.append((name, _labelled(tile, name)))
     return tiles

@@ -1,0 +1,242 @@
+"""One self-contained, offline HTML file per run: token chips that switch the attention map, the
+per-token share of attention on the image as an inline SVG bar chart, and the settings used.
+Images are embedded as data URIs; every string from the run is escaped for where it lands.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from string import Template
+
+from PIL import Image
+
+from attention_extractor import AttentionRun
+from pipeline import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings, render, share_table
+
+logger = logging.getLogger(__name__)
+IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
+_BAR_W, _BAR_GAP, _PLOT_H, _PAD_L, _PAD_B = 18, 4, 120, 40, 22   # share plot geometry, in px
+
+_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
+h1 { font-size: 1.3em; } h2 { font-size: 1em; margin: 0.5em 0 0; } small { font-weight: normal; color: #666; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; }
+dt { font-weight: 600; } dd { margin: 0; white-space: pre-wrap; word-break: break-word; }
+#tokens { display: flex; flex-wrap: wrap; gap: 4px; margin: 1em 0; }
+.chip { font: 13px monospace; white-space: pre; border: 1px solid #999; border-radius: 4px;
+        background: #f4f4f4; padding: 2px 6px; cursor: pointer; }
+.chip .n { color: #777; margin-right: 4px; }
+.chip[aria-pressed=true] { background: #ffd54f; border-color: #c49000; }
+#frames img { max-width: 100%; height: auto; border: 1px solid #ccc; } figure { margin: 0; }
+figcaption, #status { color: #444; margin: 4px 0; } #plot { overflow-x: auto; }
+.bar { cursor: pointer; } .bar .hit { fill: transparent; } .bar .fill { fill: #7a9cc6; }
+.bar.sel .fill { fill: #d62728; } .axis { stroke: #bbb; } svg text { font: 10px sans-serif; fill: #555; }
+"""
+
+# Reads the JSON block with JSON.parse and writes tokens with textContent only: no HTML from data.
+_JS = """
+(function () {
+  var data = JSON.parse(document.getElementById("run-data").textContent);
+  var chips = document.querySelectorAll("#tokens .chip");
+  var frames = document.querySelectorAll("#frames figure");
+  var bars = document.querySelectorAll("#share-plot .bar");
+  var status = document.getElementById("status");
+  var current = 0;
+  function select(step) {
+    if (!(step >= 0 && step < frames.length)) return;
+    current = step;
+    for (var i = 0; i < frames.length; i++) {
+      frames[i].hidden = i !== step;
+      chips[i].setAttribute("aria-pressed", i === step ? "true" : "false");
+      bars[i].classList.toggle("sel", i === step);
+    }
+    status.textContent = "Token " + step + " of " + data.tokens.length + ": " + JSON.stringify(data.tokens[step]) +
+      " \\u00b7 " + (100 * data.shares[step]).toFixed(1) + "% of its attention is on the image";
+  }
+  function onClick(event) {
+    var target = event.target.closest("[data-step]");
+    if (target) select(parseInt(target.getAttribute("data-step"), 10));
+  }
+  document.getElementById("tokens").addEventListener("click", onClick);
+  document.getElementById("share-plot").addEventListener("click", onClick);
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "ArrowRight") select(current + 1);
+    if (event.key === "ArrowLeft") select(current - 1);
+  });
+  select(0);
+})();
+"""
+
+# The browser itself refuses any network access and any script or style not inline in the file.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+_PAGE = Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="$csp">
+<title>$title</title><style>$css</style></head>
+<body>
+<h1>$title</h1>
+<dl id="settings">$settings</dl>
+<div id="tokens">$chips</div>
+<h2>Share of each token's attention on the image <small>(click a bar or a chip; ← → step)</small></h2>
+<div id="plot">$plot</div>
+<p id="status"></p>
+<div id="frames">$frames</div>
+<script type="application/json" id="run-data">$data</script>
+<script>$js</script>
+</body></html>
+""")
+
+
+def script_json(value) -> str:
+    """JSON that is safe inside <script>: '<', '>' and '&' escaped, so '</script>' cannot end the block."""
+    text = json.dumps(value, ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def visible_token(token: str) -> str:
+    """A token as shown on a chip: line breaks and tabs made visible, empty marked. Not yet escaped."""
+    return token.replace("\n", "↵").replace("\r", "␍").replace("\t", "⇥") or "∅"
+
+
+def _data_uri(picture: Image.Image, image_format: str, max_side: int | None) -> str:
+    if max_side is not None and max(picture.size) > max_side:
+        picture = picture.copy()
+        picture.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        picture.convert("RGB").save(buffer, format="JPEG", quality=85)
+    else:
+        picture.save(buffer, format="PNG")
+    return f"data:image/{image_format};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def _chips(tokens: list[str], ids: list[int]) -> str:
+    return "".join(
+        f'<button type="button" class="chip" data-step="{t}" aria-pressed="{"true" if t == 0 else "false"}" '
+        f'title="step {t}, id {token_id}"><span class="n">{t}</span>{html.escape(visible_token(token))}</button>'
+        for t, (token, token_id) in enumerate(zip(tokens, ids)))
+
+
+def _frames(uris: list[str], captions: list[str]) -> str:
+    return "".join(
+        f'<figure data-step="{t}"{"" if t == 0 else " hidden"}><img src="{uri}" alt="attention map for token {t}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for t, (uri, caption) in enumerate(zip(uris, captions)))
+
+
+def share_svg(shares: list[float], tokens: list[str], selected: int = 0) -> str:
+    """Bars of each token's attention share on the image (0..1); one <g class="bar"> per token."""
+    step_w = _BAR_W + _BAR_GAP
+    width, height = _PAD_L + step_w * len(shares) + _BAR_GAP, _PLOT_H + _PAD_B + 8
+    parts = [f'<svg id="share-plot" width="{width}" height="{height}" '
+             f'role="img" aria-label="attention share on the image per token">']
+    for frac in (0.0, 0.5, 1.0):                                        # y axis: 0 %, 50 %, 100 %
+        y = 8 + _PLOT_H * (1 - frac)
+        parts.append(f'<line class="axis" x1="{_PAD_L - 4}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                     f'<text x="{_PAD_L - 6}" y="{y + 3:.1f}" text-anchor="end">{frac:.0%}</text>')
+    label_every = 1 if len(shares) <= 40 else 5
+    for t, (share, token) in enumerate(zip(shares, tokens)):
+        x, bar_h = _PAD_L + _BAR_GAP + t * step_w, _PLOT_H * min(max(share, 0.0), 1.0)
+        title = html.escape(f"{t}: {token!r} · {share:.1%} on the image")
+        label = f'<text x="{x + _BAR_W / 2}" y="{height - 6}" text-anchor="middle">{t}</text>' \
+            if t % label_every == 0 else ""
+        parts.append(f'<g class="bar{" sel" if t == selected else ""}" data-step="{t}"><title>{title}</title>'
+                     f'<rect class="hit" x="{x}" y="8" width="{_BAR_W}" height="{_PLOT_H}"/>'
+                     f'<rect class="fill" x="{x}" y="{8 + _PLOT_H - bar_h:.1f}" width="{_BAR_W}" '
+                     f'height="{bar_h:.1f}"/>{label}</g>')
+    return "".join(parts) + "</svg>"
+
+
+def _settings(run: AttentionRun, s: ViewSettings, image_size: tuple[int, int]) -> str:
+    norm = {"minmax": "min–max of each map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
+            "shared": "one scale shared by all tokens"}[s.normalization]
+    n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+    rows = [("Model", run.model_id), ("Family", run.family), ("Prompt", str(run.settings.get("prompt", ""))),
+            ("Answer", "".join(run.generated_tokens)),
+            ("Layers", f"{s.layers[0]}–{s.layers[1]} (0-based, inclusive)"),
+            ("Heads", f"{s.heads[0]}–{s.heads[1]} of {run.num_heads} (0-based, inclusive)"),
+            ("Aggregation", f"{s.reduce} of {n_maps} maps"), ("Normalisation", norm),
+            ("Colormap", f"{s.colormap}, alpha {s.alpha:g}"),
+            ("Token grid", "{}×{}".format(*run.vision.grid_hw)), ("Image", "{}×{} px".format(*image_size)),
+            ("Written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]
+    return "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in rows)
+
+
+def _view_settings(run: AttentionRun, layers, heads, reduce, normalization, percentile, colormap, alpha,
+                   grid) -> ViewSettings:
+    """ViewSettings for every token; None ranges mean everything captured."""
+    if normalization not in DISPLAY_NORMALIZATIONS:
+        raise ValueError(f"Unknown normalisation {normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
+    layers = tuple(layers) if layers is not None else (run.layer_indices[0], run.layer_indices[-1])
+    heads = tuple(heads) if heads is not None else (0, run.num_heads - 1)
+    return ViewSettings(layers=layers, heads=heads, reduce=reduce, normalization=normalization,
+                        percentile=percentile, colormap=colormap, alpha=alpha, grid=grid)
+
+
+def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None) -> StoredRun:
+    """A StoredRun with the image to draw on, checked against the run."""
+    if isinstance(stored_or_run, StoredRun):
+        stored = stored_or_run if image is None else StoredRun(stored_or_run.run, image, stored_or_run.shares)
+    elif image is None:
+        raise ValueError("write_report needs the image the run was generated from when given an AttentionRun.")
+    else:
+        stored = StoredRun(stored_or_run, image)
+    if stored.run.num_steps == 0:
+        raise ValueError("This run generated no tokens, so there is nothing to report. Generate again.")
+    if tuple(stored.image.size) != tuple(stored.run.vision.image_size):
+        width, height = stored.run.vision.image_size
+        raise ValueError(f"The image is {stored.image.size[0]}x{stored.image.size[1]} px but the run was made "
+                         f"from a {width}x{height} px image; pass the image the run was generated from.")
+    return stored
+
+
+def _page(stored: StoredRun, base: ViewSettings, uris: list[str], captions: list[str]) -> str:
+    run = stored.run
+    shares = share_table(stored, base.layers, base.heads, 0)["share"]
+    data = {"model_id": run.model_id, "family": run.family, "prompt": run.settings.get("prompt", ""),
+            "tokens": run.generated_tokens, "ids": run.generated_ids, "shares": shares,
+            "layers": list(base.layers), "heads": list(base.heads), "reduce": base.reduce,
+            "normalization": base.normalization, "vision": run.vision.to_dict()}
+    title = f"Attention report · {run.model_id} · {str(run.settings.get('prompt', ''))[:80]}"
+    return _PAGE.substitute(title=html.escape(title), csp=_CSP, css=_CSS, js=_JS,
+                            settings=_settings(run, base, stored.image.size),
+                            chips=_chips(run.generated_tokens, run.generated_ids), frames=_frames(uris, captions),
+                            plot=share_svg(shares, run.generated_tokens), data=script_json(data))
+
+
+def write_report(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None, path: str | Path,
+                 layers: tuple[int, int] | None = None, heads: tuple[int, int] | None = None,
+                 reduce: str = "mean", normalization: str = "minmax", percentile: float = 99.0,
+                 colormap: str = "jet", alpha: float = 0.5, grid: bool = False,
+                 image_format: str = "jpeg", max_side: int | None = 1024) -> Path:
+    """Write one HTML report for a run and return its path.
+
+    image: the upright image the run was generated from (None when a StoredRun is given).
+    layers, heads: 0-based inclusive ranges; None = all captured. reduce: mean | max | min.
+    normalization: minmax | percentile | shared. One overlay per generated token is embedded
+    (image_format jpeg or png, longest side at most max_side px; None keeps the original size).
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"Unknown image_format {image_format!r}; choose one of {IMAGE_FORMATS}.")
+    stored = _as_stored(stored_or_run, image)
+    base = _view_settings(stored.run, layers, heads, reduce, normalization, percentile, colormap, alpha, grid)
+    uris, captions = [], []
+    for step_idx in range(stored.run.num_steps):
+        picture, caption = render(stored, replace(base, step_idx=step_idx))
+        uris.append(_data_uri(picture, image_format, max_side))
+        captions.append(caption)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_page(stored, base, uris, captions), encoding="utf-8")
+    logger.info("wrote %s (%d tokens, %.1f MB)", path, stored.run.num_steps, path.stat().st_size / 2**20)
+    return path
