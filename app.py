@@ -134,7 +134,7 @@ class Handlers:
         for count, piece in enumerate(streamer, start=1):
             text += piece
             progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-            yield (gr.skip(), text) + (gr.skip(),) * 5
+            yield (gr.skip(), text) + (gr.skip(),) * 6
         worker.join()                                                   # the streamer ends before the run is built
         if "error" in outcome:
             err = outcome["error"]
@@ -144,19 +144,23 @@ class Handlers:
             run_id = self.store.put(stored)
         except MemoryError as err:
             raise gr.Error(str(err)) from err
-        choices = [(_token_label(t, tok), t) for t, tok in enumerate(stored.run.generated_tokens)]
-        picture, caption, plot = self._render(stored, 0, *view_values[1:])
+        run = stored.run
+        choices = [(_token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
+        prompt_choices = [(_token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
+        picture, caption, plot = self._render(stored, 0, *view_values[1:-1], None)
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
-               picture, caption, plot)
+               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value=""))
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
-                  alpha, view, grid, renormalize=False, mask_sinks=False, relative=False) -> ViewSettings:
+                  alpha, view, grid, renormalize=False, mask_sinks=False, relative=False,
+                  prompt_token=None) -> ViewSettings:
         return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
                             heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
                             percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
                             grid=bool(grid), renormalize=bool(renormalize), mask_sinks=bool(mask_sinks),
-                            relative=bool(relative))
+                            relative=bool(relative), prompt_pos=None if prompt_token in (None, "") else
+                            int(prompt_token))
 
     def _render(self, stored: StoredRun, *view_values):
         settings = self._settings(*view_values)
@@ -188,7 +192,8 @@ class Handlers:
         return (*view, layer_lo, layer_hi, head_lo, head_hi)
 
     def pick_chip(self, step_idx):
-        return step_idx
+        """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
+        return step_idx, ""
 
     def relative_toggle(self, run_id, *view_values):
         """Compute the generic-prompt baseline for this image once (a model call), then render."""
@@ -228,11 +233,12 @@ class Handlers:
                 [(tile, name) for name, tile in tiles], note)
 
     def matrix_click(self, run_id, metric, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization,
-                     colormap, alpha, view, grid, renormalize, mask_sinks, relative, evt: gr.SelectData):
+                     colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
+                     evt: gr.SelectData):
         """A click on the layer × head matrix selects that single layer and head."""
         layer, head = matrix_cell(evt.index, (int(layer_lo), int(layer_hi)), (int(head_lo), int(head_hi)))
         rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
-                               view, grid, renormalize, mask_sinks, relative)
+                               view, grid, renormalize, mask_sinks, relative, prompt_token)
         return (*rendered, layer, layer, head, head)
 
     def gallery_download(self, run_id, *view_values) -> str:
@@ -324,6 +330,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                 token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
                                     allow_custom_value=True)
                 chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
+                prompt_token = gr.Dropdown([], value="", label="…or a prompt token (what that word looks at)",
+                                           elem_id="prompt-token-dropdown", allow_custom_value=True)
                 layer_lo, layer_hi = _range_sliders("Layers", "layer-range")
                 head_lo, head_hi = _range_sliders("Heads", "head-range")
                 with gr.Row():
@@ -354,7 +362,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid, renormalize, mask_sinks, relative]
+                       view, grid, renormalize, mask_sinks, relative, prompt_token]
         sliders = [layer_lo, layer_hi, head_lo, head_hi]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
@@ -364,10 +372,10 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
                   concurrency_limit=None)
         generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
-                                        *view_inputs], [run_id, answer, token, chips, *view_outputs],
+                                        *view_inputs], [run_id, answer, token, chips, *view_outputs, prompt_token],
                            api_name="generate", **model_events)
-        gr.on([token.input, aggregation.input, normalization.input, colormap.input, view.input, grid.input,
-               renormalize.input, mask_sinks.input],
+        gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
+               renormalize.input, mask_sinks.input, prompt_token.input],
               h.render, [run_id, *view_inputs], view_outputs, api_name="render", trigger_mode="always_last",
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
@@ -375,9 +383,10 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         for name, slider in zip(("layer_lo", "layer_hi", "head_lo", "head_hi"), sliders):
             slider.input(functools.partial(h.render_clamped, name), [run_id, *view_inputs],
                          [*view_outputs, *sliders], api_name=False, trigger_mode="always_last", **render_events)
-        chips.input(h.pick_chip, [chips], [token], api_name=False, queue=False).then(
+        chips.input(h.pick_chip, [chips], [token, prompt_token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
-        token.input(h.pick_chip, [token], [chips], api_name=False, queue=False)
+        token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(
+            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
         analysis_inputs = [run_id, analysis["metric"], *view_inputs]
         analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"]]

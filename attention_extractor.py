@@ -48,6 +48,7 @@ class AttentionRun:
     rows: per step t, a float16 tensor (num_layers, num_heads, prompt_len + t): the softmax
         attention of the query at position prompt_len - 1 + t, i.e. the one that produced
         generated token t (t = 0 is the last prompt row). Use `step_attention`.
+    prompt_tokens: one decoded piece per prompt id (empty when not provided).
     prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
     prompt_rows: (num_layers, num_heads, len(prompt_positions), prompt_len) float16 or None: row i is
         the softmax attention of the query at prompt_positions[i] (zero after that position).
@@ -67,6 +68,7 @@ class AttentionRun:
     settings: dict = field(default_factory=dict)
     prompt_positions: list[int] = field(default_factory=list)
     prompt_rows: torch.Tensor | None = field(default=None, repr=False)
+    prompt_tokens: list[str] = field(default_factory=list, repr=False)
 
     @property
     def num_steps(self) -> int:

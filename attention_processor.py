@@ -77,9 +77,24 @@ def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | No
     renormalize: first rescale each head's vision attention to sum to 1 (attention within the image).
     Returns (grid_h, grid_w) float32, unnormalised: each value is a softmax probability (0..1).
     """
+    return _heatmap(run, step_rows(run, step_idx, layers, heads), reduce, renormalize)
+
+
+def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, int] | None = None,
+                         heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
+                         renormalize: bool = False) -> np.ndarray:
+    """Like `token_heatmap`, for a prompt token at sequence position `token_pos` (one of
+    `run.prompt_positions`): what that prompt word attends to in the image. (grid_h, grid_w) float32."""
+    layer_sel = _range_slice(layers, run.layer_indices, "layer")
+    head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
+    return _heatmap(run, run.prompt_attention(token_pos)[layer_sel, head_sel], reduce, renormalize)
+
+
+def _heatmap(run: AttentionRun, rows: torch.Tensor, reduce: str, renormalize: bool) -> np.ndarray:
+    """rows (l, h, S) → (grid_h, grid_w) float32 over the vision cells."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
-    values = vision_attention(run, step_idx, layers, heads)             # (l, h, n_cells)
+    values = rows[:, :, _positions_index(run)].float()                  # (l, h, n_cells)
     if renormalize:
         values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     grid_h, grid_w = run.vision.grid_hw

@@ -68,6 +68,12 @@ def prompt_query_positions(prompt_ids: list[int], layout: VisionLayout, which: s
     return [pos for pos in range(start, len(prompt_ids) - 1) if pos not in vision]
 
 
+def _token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
+    """`_token_piece` for many ids, decoding each distinct id once (images repeat one id many times)."""
+    pieces = {token_id: _token_piece(tokenizer, token_id) for token_id in set(token_ids)}
+    return [pieces[token_id] for token_id in token_ids]
+
+
 @dataclass
 class ModelHolder:
     """A loaded model and processor. Read-only once loaded; share it between users behind a lock."""
@@ -208,9 +214,11 @@ class ModelHolder:
         settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
                     "min_pixels": min_pixels, "max_pixels": max_pixels,
                     **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        prompt_ids = inputs["input_ids"][0].tolist()
         return AttentionRun(
-            prompt_ids=inputs["input_ids"][0].tolist(), generated_ids=generated,
-            generated_tokens=[_token_piece(self.processor.tokenizer, token_id) for token_id in generated],
+            prompt_ids=prompt_ids, generated_ids=generated,
+            generated_tokens=_token_pieces(self.processor.tokenizer, generated),
             vision=layout, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
             rows=recorder.steps_checked, model_id=self.model_id, family=self.family, settings=settings,
-            prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows())
+            prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows(),
+            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from attention_extractor import AttentionRun
-from attention_processor import heatmap_range, normalize_heatmap, token_heatmap, vision_share
+from attention_processor import (heatmap_range, normalize_heatmap, prompt_token_heatmap, token_heatmap,
+                                 vision_share)
 from analysis import gallery_zip, relative_heatmap, sink_cells
 from model_holder import ModelHolder
 from visualization import heatmap_image, overlay, side_by_side
@@ -150,12 +151,16 @@ class ViewSettings:
     renormalize: bool = False                # each head's image attention rescaled to sum to 1
     mask_sinks: bool = False                 # sink cells set to the map's floor
     relative: bool = False                   # divided by the generic-prompt map of the same image
+    prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
 
 
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
-    heat = token_heatmap(stored.run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize)
+    if s.prompt_pos is not None:
+        heat = prompt_token_heatmap(stored.run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize)
+    else:
+        heat = token_heatmap(stored.run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize)
     if s.relative:
         if stored.baseline is None:
             raise LookupError("The generic-prompt baseline for this image is not computed yet. "
@@ -201,10 +206,17 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
             "shared": "one scale shared by all tokens"}[s.normalization]
     n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
-    share = stored.shares[s.step_idx, s.layers[0] - run.layer_indices[0]:s.layers[1] - run.layer_indices[0] + 1,
-                          s.heads[0]:s.heads[1] + 1].mean()
+    layer_sel = slice(s.layers[0] - run.layer_indices[0], s.layers[1] - run.layer_indices[0] + 1)
+    if s.prompt_pos is None:
+        share = stored.shares[s.step_idx, layer_sel, s.heads[0]:s.heads[1] + 1].mean()
+        who = f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r}"
+    else:
+        rows = run.prompt_attention(s.prompt_pos)[layer_sel, s.heads[0]:s.heads[1] + 1]   # (l, h, pos + 1)
+        share = rows[:, :, [p for p in run.vision.token_positions if p <= s.prompt_pos]].float().sum(-1).mean()
+        piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
+        who = f"Prompt token {s.prompt_pos} {piece!r}"
     grid_h, grid_w = run.vision.grid_hw
-    text = (f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r} · layers {_range_text(s.layers)} · "
+    text = (f"{who} · layers {_range_text(s.layers)} · "
             f"heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
             f"(peak cell {heat.max():.3g}).")

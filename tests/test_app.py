@@ -41,10 +41,14 @@ def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     status, lo, hi, head_lo, head_hi = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
     assert hi.maximum == 2 and head_hi.maximum == 3
-    run_id, answer, dropdown, chips, picture, caption, plot = _generate(handlers, image_file)
+    run_id, answer, dropdown, chips, picture, caption, plot, prompt_dropdown = _generate(handlers, image_file)
     assert len(dropdown.choices) == handlers.store.get(run_id).run.num_steps
     assert picture.size == (400, 300) and caption.startswith("Token 0 ")
     assert list(plot["selected"]).count("selected") == 1
+    positions = [value for _, value in prompt_dropdown.choices]
+    assert positions == handlers.store.get(run_id).run.prompt_positions and positions
+    _, prompt_caption, _ = handlers.render(run_id, *_view(), False, False, False, positions[-1])
+    assert prompt_caption.startswith(f"Prompt token {positions[-1]} ")
     other, caption2, _ = handlers.render(run_id, *_view(layer_lo=1, layer_hi=1))
     assert "layers 1 ·" in caption2 and np.asarray(other).tolist() != np.asarray(picture).tolist()
     side, _, _ = handlers.render(run_id, *_view(view="side_by_side"))
@@ -122,7 +126,7 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
         result = client.predict(handle_file(image_file), "What is this?", 3, False, 0.7, 0.9, 0, 0,
                                 *_view()[:1], 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", True,
                                 api_name="/generate")
-        answer, dropdown, chips, picture, caption, plot = result
+        answer, dropdown, chips, picture, caption, plot, prompt_tokens = result
         assert "Token 0" in caption and "Hatched" in caption          # LLaVA crops a 400x300 image
         rendered = client.predict(1, 0, 2, 0, 3, "max", "shared", "viridis", 0.3, "heatmap", False,
                                   api_name="/render")
@@ -148,7 +152,8 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert np.asarray(entropy_matrix).tolist() != np.asarray(matrix).tolist()
     # A click on the matrix cell of layer 1, head 2 selects exactly that head.
     event = gr.SelectData(None, {"index": [36 + 2 * 22 + 5, 36 + 1 * 22 + 5], "value": None})
-    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, "share", *_view(), False, False, False, evt=event)
+    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, "share", *_view(), False, False, False, None,
+                                                         evt=event)
     assert (lo, hi, head_lo, head_hi) == (1, 1, 2, 2)
     archive = zipfile.ZipFile(handlers.gallery_download(run_id, *_view(layer_lo=2, layer_hi=2)))
     assert sorted(archive.namelist()) == [f"S1_L3_H{h}.png" for h in range(1, 5)]
