@@ -71,6 +71,15 @@ def box_to_cells(run: AttentionRun, box_xyxy) -> np.ndarray:
     return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
 
 
+def cell_at(run: AttentionRun, x: float, y: float) -> tuple[int, int] | None:
+    """(row, col) of the grid cell under original-image pixel (x, y), or None outside the grid's box."""
+    x0, y0, x1, y1 = run.vision.image_box_xyxy
+    if not (x0 <= x < x1 and y0 <= y < y1):
+        return None
+    grid_h, grid_w = run.vision.grid_hw
+    return int((y - y0) * grid_h // (y1 - y0)), int((x - x0) * grid_w // (x1 - x0))
+
+
 def region_to_text(run: AttentionRun, region: np.ndarray) -> dict[str, np.ndarray]:
     """Which generated tokens, layers and heads attend most to a region of the image.
 

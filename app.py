@@ -12,21 +12,22 @@ import argparse
 import functools
 import logging
 import threading
-from dataclasses import replace
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import torch
 from transformers import TextIteratorStreamer
 
+from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region_to_text, system_positions,
+                      text_attention)
 from attention_processor import REDUCTIONS
-from model_holder import ModelLoadError
 from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
-from analysis import GENERIC_PROMPT, head_gallery, head_matrix, system_positions, text_attention
+from model_holder import ModelLoadError
 from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
                       matrix_cell, matrix_picture, render, save_gallery_zip, save_picture, share_table)
 from utils import load_image
-from visualization import COLORMAPS
+from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
 USER_ERRORS = (ValueError, LookupError, IndexError, MemoryError, OSError, ModelLoadError)
@@ -241,6 +242,36 @@ class Handlers:
                                view, grid, renormalize, mask_sinks, relative, prompt_token)
         return (*rendered, layer, layer, head, head)
 
+    def region_click(self, run_id, region, view, evt: gr.SelectData):
+        """A click on the picture adds or removes that token cell; shows who attends to the region."""
+        stored = self._stored(run_id)
+        x, y = evt.index
+        width = stored.image.size[0]
+        if view == "side_by_side" and x >= width:
+            x -= width + SIDE_BY_SIDE_GAP                                 # the overlay is the right half
+        cell = cell_at(stored.run, x, y)
+        cells = {tuple(c) for c in region or []}
+        if cell is not None:
+            cells ^= {cell}
+        return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
+
+    def region_clear(self):
+        return [], pd.DataFrame({"step": [], "share": [], "token": []}), "Click the picture to pick token cells."
+
+    def _region_views(self, stored: StoredRun, cells: set):
+        if not cells:
+            return self.region_clear()[1:]
+        mask = np.zeros(stored.run.vision.grid_hw, dtype=bool)
+        mask[tuple(np.array(sorted(cells)).T)] = True
+        summary = region_to_text(stored.run, mask)
+        table = pd.DataFrame({"step": list(range(stored.run.num_steps)), "share": summary["per_step"],
+                              "token": [_token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)]})
+        per_head = summary["per_head"]                                    # (L, H)
+        order = np.argsort(per_head, axis=None)[::-1][:5]
+        top = ", ".join(f"layer {stored.run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} "
+                        f"({per_head.flat[i]:.1%})" for i in order)
+        return table, f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
+
     def gallery_download(self, run_id, *view_values) -> str:
         stored, s = self._stored(run_id), self._settings(*view_values)
         try:
@@ -295,8 +326,17 @@ def build_analysis() -> dict[str, gr.components.Component]:
         with gr.Row():
             note = gr.Markdown("")
             zip_btn = gr.Button("Download the gallery (ZIP)", elem_id="gallery-zip")
+        gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
+                    "(click again to remove a cell).")
+        with gr.Row():
+            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], y_lim=[0, 1], height=200,
+                                     title="Attention share on the region per generated token",
+                                     elem_id="region-plot")
+            with gr.Column():
+                region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
+                region_clear = gr.Button("Clear region", elem_id="region-clear")
     return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
-            "zip": zip_btn}
+            "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear}
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
@@ -394,6 +434,12 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
               api_name="analysis", **render_events)
         analysis["matrix"].select(h.matrix_click, analysis_inputs, [*view_outputs, *sliders], api_name=False,
                                   **render_events)
+        region = gr.State([])
+        picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
+                                                                analysis["region_note"]],
+                       api_name=False, **render_events)
+        analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
+                                                            analysis["region_note"]], api_name=False)
         analysis["zip"].click(h.gallery_download, [run_id, *view_inputs], [files], api_name="gallery_zip",
                               **render_events)
         png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)

@@ -231,8 +231,9 @@ def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] |
 
     Yields a recorder; after `model.generate(...)` inside the block, call
     `recorder.steps(num_generated)` (and `recorder.stacked_prompt_rows()` when `prompt_positions`,
-    positions of the prompt whose rows to keep from prefill, were given). The model's attention implementation and hooks are
-    restored on exit, also when generation raises. Only one capture runs at a time.
+    positions of the prompt whose rows to keep from prefill, were given). The model's attention
+    implementation and hooks are restored on exit, also when generation raises. Only one capture
+    runs at a time.
     """
     global _active
     if method not in CAPTURE_METHODS:

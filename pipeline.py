@@ -220,8 +220,9 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
             f"heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
             f"(peak cell {heat.max():.3g}).")
+    sinks = int(stored.sinks(s.layers, s.heads).sum()) if s.mask_sinks else 0
     options = [name for flag, name in ((s.renormalize, "renormalised within the image"),
-                                       (s.mask_sinks, f"{int(stored.sinks(s.layers, s.heads).sum())} sink cells masked"),
+                                       (s.mask_sinks, f"{sinks} sink cells masked"),
                                        (s.relative, "divided by the generic-prompt map")) if flag]
     if options:
         text += " Options: " + ", ".join(options) + "."

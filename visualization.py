@@ -120,7 +120,10 @@ def heatmap_image(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: s
     return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
 
 
-def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+SIDE_BY_SIDE_GAP = 8
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = SIDE_BY_SIDE_GAP) -> Image.Image:
     """Two images next to each other on white, top-aligned."""
     width, height = left.size[0] + gap + right.size[0], max(left.size[1], right.size[1])
     canvas = Image.new("RGB", (width, height), (255, 255, 255))

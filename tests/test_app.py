@@ -164,3 +164,20 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert "generic-prompt map" in caption
     assert handlers.store.get(run_id).baseline.num_steps == 1              # computed once, then cached
     handlers.render(run_id, *_view(), False, False, True)
+
+
+def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs, image_file):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    run = handlers.store.get(run_id).run
+    click = gr.SelectData(None, {"index": [10, 10], "value": None})              # top-left cell
+    region, table, note = handlers.region_click(run_id, [], "overlay", evt=click)
+    assert region == [[0, 0]] and len(table) == run.num_steps and "1 cells selected" in note
+    beside = gr.SelectData(None, {"index": [400 + 8 + 10, 10], "value": None})   # same cell, right half
+    region, _, _ = handlers.region_click(run_id, region, "side_by_side", evt=beside)
+    assert region == []                                                          # clicked again: removed
+    far = gr.SelectData(None, {"index": [399, 299], "value": None})
+    region, table, note = handlers.region_click(run_id, [[0, 0]], "overlay", evt=far)
+    grid_h, grid_w = run.vision.grid_hw
+    assert region == [[0, 0], [grid_h - 1, grid_w - 1]] and "layer" in note
+    assert ((table["share"] >= 0) & (table["share"] <= 1)).all()

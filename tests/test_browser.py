@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 

@@ -33,7 +33,8 @@ def launched(tmp_path, request):
 @pytest.mark.parametrize("launched", [("alice", "s3cret")], indirect=True)
 def test_auth_protects_api_files_and_config(launched):
     url, cfg = launched
-    routes = [("GET", "/config"), ("GET", "/gradio_api/info"), ("GET", f"/gradio_api/file={cfg.outputs_dir}/result.png"),
+    routes = [("GET", "/config"), ("GET", "/gradio_api/info"),
+              ("GET", f"/gradio_api/file={cfg.outputs_dir}/result.png"),
               ("POST", "/gradio_api/upload"), ("POST", "/gradio_api/queue/join"), ("POST", "/gradio_api/call/render"),
               ("POST", "/gradio_api/call/generate")]
     with httpx.Client(base_url=url, timeout=10) as client:
