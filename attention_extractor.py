@@ -42,7 +42,8 @@ class AttentionRun:
     prompt_ids: the prompt's token ids, vision placeholders expanded (len = prompt_len).
     generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
     generated_tokens: one decoded piece per generated id.
-    vision: where the image's tokens sit in the sequence and on the picture.
+    vision: where the image's tokens sit in the sequence and on the picture (the first image).
+    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
     layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
     num_heads: query heads per layer; axis 1 of `step_attention`.
     rows: per step t, a float16 tensor (num_layers, num_heads, prompt_len + t): the softmax
@@ -69,6 +70,11 @@ class AttentionRun:
     prompt_positions: list[int] = field(default_factory=list)
     prompt_rows: torch.Tensor | None = field(default=None, repr=False)
     prompt_tokens: list[str] = field(default_factory=list, repr=False)
+    visions: list[VisionLayout] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.visions:
+            self.visions = [self.vision]
 
     @property
     def num_steps(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from attention_extractor import AttentionRun
+from families import VisionLayout
 
 Reduce = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "min")
@@ -45,10 +46,10 @@ def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                     heads: tuple[int, int] | None = None) -> torch.Tensor:
-    """(n_layers_sel, n_heads_sel, n_cells) float32: attention on each grid cell's token."""
+                     heads: tuple[int, int] | None = None, image_idx: int = 0) -> torch.Tensor:
+    """(n_layers_sel, n_heads_sel, n_tokens) float32: attention on each token of image `image_idx`."""
     rows = step_rows(run, step_idx, layers, heads)                      # (l, h, S_t), a view
-    return rows[:, :, _positions_index(run)].float()                    # (l, h, n_cells)
+    return rows[:, :, _positions_index(_layout(run, image_idx))].float()  # (l, h, n_tokens)
 
 
 def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
@@ -59,9 +60,15 @@ def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None =
     return run.step_attention(step_idx)[layer_sel, head_sel]
 
 
-def _positions_index(run: AttentionRun) -> slice | torch.Tensor:
+def _layout(run: AttentionRun, image_idx: int) -> VisionLayout:
+    if not 0 <= image_idx < len(run.visions):
+        raise IndexError(f"image_idx {image_idx} is out of range: this run has {len(run.visions)} image(s).")
+    return run.visions[image_idx]
+
+
+def _positions_index(layout: VisionLayout) -> slice | torch.Tensor:
     """The vision positions as a slice when they are one block (the usual case), else an index tensor."""
-    positions = run.vision.token_positions                              # (n_cells,)
+    positions = layout.token_positions                                  # (n_tokens,)
     if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
         return slice(int(positions[0]), int(positions[-1]) + 1)
     return torch.from_numpy(positions)
@@ -69,43 +76,56 @@ def _positions_index(run: AttentionRun) -> slice | torch.Tensor:
 
 def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
                   heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
-                  renormalize: bool = False) -> np.ndarray:
+                  renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
     """Raw attention mass on each vision token for generated token `step_idx`.
 
     layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
     reduce: how layers and heads are combined (over both axes together).
-    renormalize: first rescale each head's vision attention to sum to 1 (attention within the image).
-    Returns (grid_h, grid_w) float32, unnormalised: each value is a softmax probability (0..1).
+    renormalize: first rescale each head's attention on this image to sum to 1 (attention within it).
+    image_idx: which image of the prompt (0 = the first, `run.vision`).
+    Returns (grid_h, grid_w) float32 for an image, (num_frames, grid_h, grid_w) for a video;
+    unnormalised: each value is a softmax probability (0..1).
     """
-    return _heatmap(run, step_rows(run, step_idx, layers, heads), reduce, renormalize)
+    return _heatmap(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), reduce, renormalize)
 
 
 def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, int] | None = None,
                          heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
-                         renormalize: bool = False) -> np.ndarray:
+                         renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
     """Like `token_heatmap`, for a prompt token at sequence position `token_pos` (one of
-    `run.prompt_positions`): what that prompt word attends to in the image. (grid_h, grid_w) float32."""
+    `run.prompt_positions`): what that prompt word attends to in the image."""
     layer_sel = _range_slice(layers, run.layer_indices, "layer")
     head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
-    return _heatmap(run, run.prompt_attention(token_pos)[layer_sel, head_sel], reduce, renormalize)
+    layout = _layout(run, image_idx)
+    if layout.token_positions[0] > token_pos:
+        raise ValueError(f"Prompt token {token_pos} comes before image {image_idx}, so it cannot attend to it.")
+    return _heatmap(layout, run.prompt_attention(token_pos)[layer_sel, head_sel], reduce, renormalize)
 
 
-def _heatmap(run: AttentionRun, rows: torch.Tensor, reduce: str, renormalize: bool) -> np.ndarray:
-    """rows (l, h, S) → (grid_h, grid_w) float32 over the vision cells."""
+def _heatmap(layout: VisionLayout, rows: torch.Tensor, reduce: str, renormalize: bool) -> np.ndarray:
+    """rows (l, h, S) → (grid_h, grid_w), or (frames, grid_h, grid_w) for a video, float32."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
-    values = rows[:, :, _positions_index(run)].float()                  # (l, h, n_cells)
+    values = rows[:, :, _positions_index(layout)].float()               # (l, h, n_tokens)
     if renormalize:
         values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    grid_h, grid_w = run.vision.grid_hw
-    return _reduce(values, reduce).reshape(grid_h, grid_w).numpy().astype(np.float32)  # (grid_h, grid_w)
+    shape = (layout.num_frames, *layout.grid_hw) if layout.num_frames > 1 else layout.grid_hw
+    return _reduce(values, reduce).reshape(shape).numpy().astype(np.float32)
 
 
 def vision_share(run: AttentionRun) -> np.ndarray:
     """(num_steps, num_layers, num_heads) float32: attention mass on all vision tokens, 0..1."""
-    index = _positions_index(run)
-    shares = [rows[:, :, index].float().sum(dim=-1) for rows in run.rows]  # each (L, H)
+    index = [_positions_index(layout) for layout in run.visions]
+    shares = [sum(rows[:, :, i].float().sum(dim=-1) for i in index) for rows in run.rows]  # each (L, H)
     return torch.stack(shares).numpy().astype(np.float32)               # (T, L, H)
+
+
+def image_shares(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
+                 heads: tuple[int, int] | None = None) -> np.ndarray:
+    """(n_images,) float32: mean attention mass over the selected heads on each image of the prompt."""
+    rows = step_rows(run, step_idx, layers, heads).float()              # (l, h, S_t)
+    return np.array([float(rows[:, :, _positions_index(layout)].sum(-1).mean()) for layout in run.visions],
+                    dtype=np.float32)
 
 
 def heatmap_range(heatmaps: list[np.ndarray]) -> tuple[float, float]:

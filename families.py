@@ -38,6 +38,8 @@ class VisionLayout:
         The whole image for Qwen (resize without crop); the centre crop for LLaVA-1.5. It may
         extend past the image when the processor pads (LLaVA with do_pad).
     processed_hw: (H, W) of the pixel tensor the vision encoder received.
+    num_frames: 1 for an image; for a video, the temporal grid size t. Then token_positions holds
+        num_frames * grid_h * grid_w entries, frame-major: entry j is frame j // (grid_h * grid_w).
     """
 
     token_positions: np.ndarray
@@ -45,15 +47,17 @@ class VisionLayout:
     image_size: tuple[int, int]
     image_box_xyxy: tuple[float, float, float, float]
     processed_hw: tuple[int, int]
+    num_frames: int = 1
 
     @property
     def num_cells(self) -> int:
+        """Cells per frame: grid_h * grid_w."""
         return self.grid_hw[0] * self.grid_hw[1]
 
     def to_dict(self) -> dict:
         return {"token_positions": self.token_positions.tolist(), "grid_hw": list(self.grid_hw),
                 "image_size": list(self.image_size), "image_box_xyxy": list(self.image_box_xyxy),
-                "processed_hw": list(self.processed_hw)}
+                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames}
 
 
 def detect_family(config) -> str:
@@ -73,33 +77,56 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def vision_layout(family: str, config, processor, inputs, image_size: tuple[int, int]) -> VisionLayout:
-    """Read the vision layout of one processed image from the model inputs (batch of 1)."""
+    """The vision layout of the one image in the model inputs (batch of 1)."""
+    layouts = vision_layouts(family, config, processor, inputs, [image_size])
+    return layouts[0]
+
+
+def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tuple[int, int]],
+                   video: bool = False) -> list[VisionLayout]:
+    """One layout per image (or the one video) in the model inputs (batch of 1), in prompt order.
+
+    image_sizes: (W, H) of each original image, or of the video's frames.
+    """
+    token_id = config.video_token_id if video else config.image_token_id
     input_ids = inputs["input_ids"][0]                                   # (S,)
-    positions = torch.nonzero(input_ids == config.image_token_id).flatten().cpu().numpy()  # (n_vision,)
-    processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:]) if family == "llava" else None
+    positions = torch.nonzero(input_ids == token_id).flatten().cpu().numpy()  # (n_vision,)
     if family in QWEN_FAMILIES:
-        t, h, w = (int(v) for v in inputs["image_grid_thw"][0])          # in patches
-        merge = int(config.vision_config.spatial_merge_size)
-        patch = int(config.vision_config.patch_size)
-        grid_hw = (h // merge, w // merge)
-        processed_hw = (h * patch, w * patch)
+        grids = [_qwen_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
+        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized without crop or padding
         extra = 0
-        if t != 1:
-            raise ValueError(f"Expected one still image (t=1), got image_grid_thw t={t}.")
-        box = (0.0, 0.0, float(image_size[0]), float(image_size[1]))  # resized without crop or padding
     else:
+        if video:
+            raise ValueError("Video input is supported for the Qwen families only.")
         patch = int(config.vision_config.patch_size)
-        grid_hw = (processed_hw[0] // patch, processed_hw[1] // patch)
+        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
+        grids = [(1, (processed_hw[0] // patch, processed_hw[1] // patch), processed_hw)] * len(image_sizes)
+        boxes = [llava_box_xyxy(processor.image_processor, size) for size in image_sizes]
         # "full" keeps CLIP's CLS embedding as the first image token; it has no cell on the grid.
         extra = 1 if config.vision_feature_select_strategy == "full" else 0
-        box = llava_box_xyxy(processor.image_processor, image_size)
-    n_cells = grid_hw[0] * grid_hw[1]
-    if len(positions) != n_cells + extra:
+    needed = [frames * gh * gw + extra for frames, (gh, gw), _ in grids]
+    if len(grids) != len(image_sizes) or len(positions) != sum(needed):
+        what = "video" if video else "image"
         raise ValueError(
-            f"Found {len(positions)} image tokens (id {config.image_token_id}) in the prompt, but the grid "
-            f"{grid_hw[0]}x{grid_hw[1]} needs {n_cells + extra}. Use exactly one image and the processor "
-            "that belongs to this checkpoint.")
-    return VisionLayout(positions[extra:].astype(np.int64), grid_hw, tuple(image_size), box, processed_hw)
+            f"Found {len(positions)} {what} tokens (id {token_id}) in the prompt for {len(image_sizes)} {what}(s), "
+            f"but their grids need {' + '.join(map(str, needed)) or 0}. Give one {what} entry in the prompt "
+            "per input and use the processor that belongs to this checkpoint.")
+    layouts, start = [], 0
+    for (frames, grid_hw, processed_hw), size, box, count in zip(grids, image_sizes, boxes, needed):
+        own = positions[start + extra:start + count].astype(np.int64)  # (frames * grid_h * grid_w,)
+        layouts.append(VisionLayout(own, grid_hw, tuple(size), box, processed_hw, frames))
+        start += count
+    return layouts
+
+
+def _qwen_grid(config, thw, video: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(frames, (grid_h, grid_w), processed (H, W)) from one image_grid_thw / video_grid_thw row."""
+    t, h, w = (int(v) for v in thw)                                     # in patches
+    merge = int(config.vision_config.spatial_merge_size)
+    patch = int(config.vision_config.patch_size)
+    if t != 1 and not video:
+        raise ValueError(f"Expected a still image (t=1), got image_grid_thw t={t}.")
+    return t, (h // merge, w // merge), (h * patch, w * patch)
 
 
 def _size_value(size, key: str):

@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
                                  estimate_capture_bytes)
 from families import (QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family,
-                      vision_layout)
-from utils import load_image, resolve_device, resolve_dtype
+                      vision_layouts)
+from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ def _token_piece(tokenizer, token_id: int) -> str:
 PromptRows = Literal["question", "all", "none"]
 
 
-def prompt_query_positions(prompt_ids: list[int], layout: VisionLayout, which: str) -> list[int]:
+def prompt_query_positions(prompt_ids: list[int], layouts: list[VisionLayout], which: str) -> list[int]:
     """Text positions of the prompt whose attention rows to keep (the last one is step 0 anyway)."""
     if which not in ("question", "all", "none"):
         raise ValueError(f"prompt_rows must be 'question', 'all' or 'none', got {which!r}.")
     if which == "none":
         return []
-    vision = set(layout.token_positions.tolist())
-    start = int(layout.token_positions[-1]) + 1 if which == "question" else 0
+    vision = {int(pos) for layout in layouts for pos in layout.token_positions}
+    start = max(vision) + 1 if which == "question" else 0
     return [pos for pos in range(start, len(prompt_ids) - 1) if pos not in vision]
 
 
@@ -126,21 +126,28 @@ class ModelHolder:
         return (f"{self.model_id} · {SUPPORTED_FAMILIES[self.family]} · {self.num_layers} layers × "
                 f"{self.num_heads} heads · {self.device} · {dtype}")
 
-    def build_inputs(self, image: Image.Image, prompt: str, min_pixels: int | None = None,
-                     max_pixels: int | None = None):
-        """Chat-templated, processed model inputs for one image and one user message (batch of 1)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def build_inputs(self, image: Image.Image | list[Image.Image] | None, prompt: str,
+                     min_pixels: int | None = None, max_pixels: int | None = None,
+                     video: list[Image.Image] | None = None):
+        """Chat-templated, processed model inputs for one user message with its images or video (batch of 1)."""
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        parts = [{"type": "image"}] * len(images) + ([{"type": "video"}] if video else [])
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         kwargs = {}
         if self.family in QWEN_FAMILIES and (min_pixels or max_pixels):
             size = dict(self.processor.image_processor.size)
             size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
             kwargs["size"] = size
+        media = {"images": images} if images else {}
+        if video:
+            media["videos"] = [video]
         try:
-            return self.processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+            return self.processor(text=[text], return_tensors="pt", **media, **kwargs)
         except ValueError as err:
-            raise ValueError(f"The processor could not prepare this {image.size[0]}x{image.size[1]} image: {err} "
-                             "Crop it to a less extreme aspect ratio or resize it, then try again.") from err
+            sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
+            raise ValueError(f"The processor could not prepare the input ({sizes}): {err} Crop it to a less "
+                             "extreme aspect ratio or resize it, then try again.") from err
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
                       max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
@@ -178,14 +185,30 @@ class ModelHolder:
                 "image-token budget (max pixels), generate fewer tokens, or capture fewer layers, then try "
                 "again.") from None
 
-    def generate(self, image: Image.Image | str | Path, prompt: str, max_new_tokens: int = 64,
+    def _media(self, image, video) -> tuple[list[Image.Image], list[Image.Image] | None]:
+        """Loaded images and video frames; exactly one of the two is given."""
+        if video is not None:
+            if image is not None:
+                raise ValueError("Give either images or a video, not both.")
+            if self.family not in QWEN_FAMILIES:
+                raise ValueError(f"Video input needs a Qwen model; {SUPPORTED_FAMILIES[self.family]} takes images.")
+            return [], load_video(video)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ImageLoadError("No image given. Upload or pass at least one image.")
+        return [load_image(im) for im in images], None
+
+    def generate(self, image: Image.Image | str | Path | list | None, prompt: str, max_new_tokens: int = 64,
                  method: CaptureMethod = "sdpa", layers: list[int] | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  max_capture_mb: float | None = None, prompt_rows: PromptRows = "question",
-                 **generate_kwargs) -> AttentionRun:
+                 video: str | Path | list | None = None, **generate_kwargs) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
 
-        image: a PIL image or a file path (EXIF orientation applied, converted to RGB).
+        image: a PIL image or a file path (EXIF orientation applied, converted to RGB), or a list of
+            them for several images in one prompt (run.visions has one layout per image).
+        video: instead of images, a video file or a list of frames (Qwen families); run.vision then
+            has num_frames > 1 and token_heatmap returns one map per frame.
         method: 'sdpa' (fast capture, default) or 'eager' (reference).
         layers: decoder layer indices to capture; all by default.
         min_pixels / max_pixels: Qwen's image-token budget, in pixels of the resized image.
@@ -194,20 +217,22 @@ class ModelHolder:
             shown too: 'question' (the text after the image), 'all' (every text token) or 'none'.
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
         """
-        image = load_image(image)
+        images, frames = self._media(image, video)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty. Type a question or instruction about the image.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
-        layout = vision_layout(self.family, self.model.config, self.processor, inputs, image.size)
+        inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
+        sizes = [im.size for im in images] or [frames[0].size]
+        layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
         num_layers = len(set(layers)) if layers is not None else self.num_layers
-        positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layout, prompt_rows)
+        positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
                            len(positions))
         inputs = inputs.to(self.input_device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(self.dtype)
         generate_kwargs.setdefault("do_sample", False)
         generated, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
                                                           generate_kwargs)
@@ -218,7 +243,7 @@ class ModelHolder:
         return AttentionRun(
             prompt_ids=prompt_ids, generated_ids=generated,
             generated_tokens=_token_pieces(self.processor.tokenizer, generated),
-            vision=layout, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
+            vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
             rows=recorder.steps_checked, model_id=self.model_id, family=self.family, settings=settings,
             prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows(),
             prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))

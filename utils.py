@@ -57,6 +57,30 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     return image
 
 
+def load_video(source, max_frames: int = 16) -> list[Image.Image]:
+    """Upright 8-bit RGB frames from a video file (sampled evenly) or a list of images.
+
+    An even number of frames is returned, since Qwen's vision encoder pairs frames in time.
+    """
+    if isinstance(source, (list, tuple)):
+        frames = [load_image(frame) for frame in source]
+    else:
+        import cv2
+        capture = cv2.VideoCapture(str(source))
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        frames = []
+        for index in np.linspace(0, max(total - 1, 0), num=min(max_frames, total)).round().astype(int):
+            capture.set(cv2.CAP_PROP_POS_FRAMES, int(index))
+            ok, bgr = capture.read()
+            if ok:
+                frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))  # OpenCV decodes BGR
+        capture.release()
+    if len(frames) < 2:
+        raise ImageLoadError(f"Could not read at least two frames from {source!r}. Use an MP4, WebM or AVI "
+                             "file that plays in a video player, or pass a list of frames.")
+    return frames[: len(frames) // 2 * 2]
+
+
 def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when a GPU is visible, else 'cpu'. Asking for CUDA without one is an error."""
     if device == "auto":

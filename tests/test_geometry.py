@@ -132,5 +132,59 @@ def test_grid_count_mismatch_is_reported(load_holder, dummy_image):
     holder = load_holder("qwen2_vl")
     inputs = holder.build_inputs(dummy_image, "Hi")
     inputs["image_grid_thw"] = inputs["image_grid_thw"] * torch.tensor([[1, 2, 1]])
-    with pytest.raises(ValueError, match=r"image tokens .* needs"):
+    with pytest.raises(ValueError, match=r"image tokens .* need 40"):
         vision_layout(holder.family, holder.model.config, holder.processor, inputs, dummy_image.size)
+
+
+def _embeds_and_layouts(holder, images=None, video=None):
+    """(S, hidden) decoder input embeddings and the layouts, for several images or a video."""
+    from families import vision_layouts
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"][0].detach().clone()
+    inputs = holder.build_inputs(images, "Where?", video=video)
+    sizes = [im.size for im in images] if images else [video[0].size]
+    layouts = vision_layouts(holder.family, holder.model.config, holder.processor, inputs, sizes, video=bool(video))
+    handle = holder.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), _bypass_vision_blocks(holder.model):
+            holder.model(**inputs)
+    finally:
+        handle.remove()
+    return captured["embeds"], layouts
+
+
+def _changed_positions(before, after) -> list[int]:
+    return torch.nonzero((after - before).abs().amax(dim=-1) > 1e-6).flatten().tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_image_block_maps_to_its_own_token(load_holder, family):
+    holder = load_holder(family)
+    side = _cell_px(holder)
+    rng = np.random.default_rng(5)
+    shapes = [(2 * side, 3 * side), (4 * side, 2 * side)] if family != "llava" else [(4 * side, 4 * side)] * 2
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in shapes]
+    before, layouts = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
+    assert len(layouts) == 2 and layouts[0].token_positions[-1] < layouts[1].token_positions[0]
+    r, c = 1, 1
+    arrays[1][r * side:(r + 1) * side, c * side:(c + 1) * side] ^= 0xFF
+    after, _ = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
+    assert _changed_positions(before, after) == [int(layouts[1].token_positions[r * layouts[1].grid_hw[1] + c])]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_video_frame_block_maps_to_its_frame_and_cell(load_holder, family):
+    holder = load_holder(family)
+    side = _cell_px(holder)
+    rng = np.random.default_rng(6)
+    frames = [rng.integers(0, 256, (3 * side, 4 * side, 3), dtype=np.uint8) for _ in range(4)]
+    before, (layout,) = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
+    assert layout.num_frames == 2 and layout.grid_hw == (3, 4)
+    frame, r, c = 1, 2, 3                                            # frames 2 and 3 form temporal step 1
+    for f in (2, 3):
+        frames[f][r * side:(r + 1) * side, c * side:(c + 1) * side] ^= 0xFF
+    after, _ = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
+    cells = layout.grid_hw[0] * layout.grid_hw[1]
+    assert _changed_positions(before, after) == [int(layout.token_positions[frame * cells + r * 4 + c])]
