@@ -10,11 +10,11 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from attention_extractor import AttentionRun
 from attention_processor import normalize_heatmap, step_rows, vision_attention
-from visualization import overlay
+from visualization import labelled, overlay
 
 GENERIC_PROMPT = "Write a general description of the image."
 
@@ -148,15 +148,8 @@ def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, h
         for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
             name = file_stem(step_idx, layer_idx, head_idx)
             tile = overlay(small, normalize_heatmap(maps[i, j]), box, colormap=colormap, value_range=(0, 1))
-            tiles.append((name, _labelled(tile, name)))
+            tiles.append((name, labelled(tile, name)))
     return tiles
-
-
-def _labelled(tile: Image.Image, label: str) -> Image.Image:
-    canvas = Image.new("RGB", (tile.size[0], tile.size[1] + 14), "white")
-    canvas.paste(tile, (0, 0))
-    ImageDraw.Draw(canvas).text((2, tile.size[1]), label, fill=(0, 0, 0))
-    return canvas
 
 
 def gallery_sheet(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.Image:

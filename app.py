@@ -26,7 +26,7 @@ from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
 from model_holder import ModelLoadError
 from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
                       matrix_cell, matrix_picture, render, save_gallery_zip, save_picture, share_table)
-from utils import load_image
+from utils import load_image, load_video
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
@@ -102,17 +102,31 @@ class Handlers:
         return self.model_status()
 
     # -- generation -------------------------------------------------------------------------------
-    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
-                 max_pixels, *view_values, progress=gr.Progress()):
+    def _media(self, holder, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
+        """(images, video frames or None, one picture per map panel) from the uploads."""
+        if video_path:
+            if image_path or extra_paths:
+                raise gr.Error("Give either images or a video, not both: clear one of them.")
+            frames = load_video(video_path)
+            step = int(getattr(holder.model.config.vision_config, "temporal_patch_size", 1) or 1)
+            return [], frames, frames[::step]
         if not image_path:
             raise gr.Error("No image. Upload an image first.")
+        images = [load_image(path) for path in [image_path, *(extra_paths or [])]]
+        return images, None, images
+
+    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
+                 max_pixels, *values, progress=gr.Progress()):
+        """values: the view settings, then the extra images and the video (both optional)."""
+        view_values, (extra_paths, video_path) = values[:-2], values[-2:]
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
         if len(prompt) > self.cfg.max_prompt_chars:
             raise gr.Error(f"The prompt has {len(prompt)} characters; this server accepts up to "
                            f"{self.cfg.max_prompt_chars}. Shorten it and try again.")
         try:
-            image, holder = load_image(image_path), self.slot.get()
+            holder = self.slot.get()
+            images, frames, panels = self._media(holder, image_path, extra_paths, video_path)
         except USER_ERRORS as err:
             raise gr.Error(str(err)) from err
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
@@ -123,7 +137,8 @@ class Handlers:
         def work():
             try:
                 with self.slot.lock:
-                    outcome["run"] = holder.generate(image, prompt, max_new_tokens=int(max_new_tokens),
+                    outcome["run"] = holder.generate(images or None, prompt, max_new_tokens=int(max_new_tokens),
+                                                     video=frames,
                                                      streamer=streamer, max_capture_mb=self.cfg.session_cache_mb,
                                                      **sample, **budget)
             except Exception as err:                                    # reported to the user below
@@ -140,7 +155,7 @@ class Handlers:
         if "error" in outcome:
             err = outcome["error"]
             raise gr.Error(str(err) if isinstance(err, USER_ERRORS) else f"Generation failed: {err}") from err
-        stored = StoredRun(outcome["run"], image)
+        stored = StoredRun(outcome["run"], panels[0], images=panels)
         try:
             run_id = self.store.put(stored)
         except MemoryError as err:
@@ -364,6 +379,10 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     with gr.Row():
                         min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
                         max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
+                with gr.Accordion("More images, or a video (Qwen)", open=False):
+                    extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
+                                           label="More images, after the first one, in this order")
+                    video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
             with gr.Column(scale=3):
@@ -408,11 +427,15 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         model_events = dict(concurrency_id="model", concurrency_limit=1)
         render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
 
+        # Extra media reach `generate` through session state, so the API keeps its one-image signature.
+        extra_state, video_state = gr.State([]), gr.State(None)
+        extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
+        video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
         load_btn.click(h.load_model, [model_box], [status, *sliders], api_name="load_model", **model_events)
         demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
                   concurrency_limit=None)
         generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
-                                        *view_inputs], [run_id, answer, token, chips, *view_outputs, prompt_token],
+                                        *view_inputs, extra_state, video_state], [run_id, answer, token, chips, *view_outputs, prompt_token],
                            api_name="generate", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input],

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -25,7 +25,7 @@ from attention_processor import normalize_heatmap, token_heatmap, vision_share
 from model_holder import ModelHolder
 from report import write_report
 from utils import load_image
-from visualization import COLORMAPS, overlay
+from visualization import COLORMAPS, labelled, overlay
 
 logger = logging.getLogger(__name__)
 AGGREGATES: tuple[str, ...] = ("mean", "none")
@@ -135,18 +135,6 @@ def check_settings(settings: BatchSettings, num_layers: int | None = None, num_h
                              f"(0-{count - 1}, 0-based); pick a range inside it.")
 
 
-def _labelled(picture: Image.Image, label: str) -> Image.Image:
-    """The picture with `label` written on a white strip under it."""
-    font = ImageFont.load_default(size=max(12, picture.size[0] // 40))
-    _, _, x1, y1 = font.getbbox(label)                                   # text extent in px
-    pad = 6
-    width, strip = max(picture.size[0], x1 + 2 * pad), y1 + 2 * pad
-    canvas = Image.new("RGB", (width, picture.size[1] + strip), (255, 255, 255))
-    canvas.paste(picture, (0, 0))
-    ImageDraw.Draw(canvas).text((pad, picture.size[1] + pad), label, fill=(0, 0, 0), font=font)
-    return canvas
-
-
 def _save(picture: Image.Image, path: Path) -> str:
     picture.save(path, format="PNG", compress_level=1)  # fast: --aggregate none writes thousands of files
     return path.name
@@ -166,7 +154,7 @@ def write_maps(run: AttentionRun, image: Image.Image, folder: Path, layers: tupl
                     files.append(_save(picture, folder / f"{file_stem(step_idx, layer_idx, head_idx)}.png"))
         heat = token_heatmap(run, step_idx, layers, heads, reduce="mean")        # (grid_h, grid_w)
         label = f"{file_stem(step_idx)}: {run.generated_tokens[step_idx]!r}"
-        picture = _labelled(overlay(image, normalize_heatmap(heat), box, **draw), label)
+        picture = labelled(overlay(image, normalize_heatmap(heat), box, **draw), label)
         files.append(_save(picture, folder / f"composite_{file_stem(step_idx)}.png"))
     return files
 

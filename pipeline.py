@@ -20,11 +20,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from attention_extractor import AttentionRun
-from attention_processor import (heatmap_range, normalize_heatmap, prompt_token_heatmap, token_heatmap,
-                                 vision_share)
+from attention_processor import (heatmap_range, image_shares, normalize_heatmap, prompt_token_heatmap,
+                                 token_heatmap, vision_share)
 from analysis import gallery_zip, relative_heatmap, sink_cells
 from model_holder import ModelHolder
-from visualization import heatmap_image, overlay, side_by_side
+from visualization import heatmap_image, labelled, overlay, side_by_side
 
 logger = logging.getLogger(__name__)
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
@@ -66,18 +66,26 @@ class StoredRun:
 
     run: AttentionRun
     image: Image.Image
+    images: list[Image.Image] = field(default_factory=list)           # one per layout; video: one per frame
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
     _ranges: dict = field(default_factory=dict)
     _sinks: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.images:
+            self.images = [self.image]
         if self.shares is None:
             self.shares = vision_share(self.run)
 
     @property
+    def is_single_image(self) -> bool:
+        return len(self.run.visions) == 1 and self.run.vision.num_frames == 1
+
+    @property
     def nbytes(self) -> int:
-        return self.run.nbytes + self.image.size[0] * self.image.size[1] * 3 + self.shares.nbytes
+        pixels = sum(image.size[0] * image.size[1] * 3 for image in self.images)
+        return self.run.nbytes + pixels + self.shares.nbytes
 
     def shared_range(self, settings: "ViewSettings") -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
@@ -179,6 +187,8 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
     run, s = stored.run, settings
     if s.view not in VIEWS:
         raise ValueError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
+    if not stored.is_single_image:
+        return render_strip(stored, settings)
     heat = raw_heatmap(stored, s)                                                   # (grid_h, grid_w)
     if s.normalization == "shared":
         unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s))
@@ -195,6 +205,53 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         if s.view == "side_by_side":
             picture = side_by_side(stored.image, picture)
     return picture, caption(stored, settings, heat)
+
+
+def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.ndarray, tuple, str]]:
+    """(image, raw map, box, label) per image of the prompt, or per frame of a video."""
+    run, panels = stored.run, []
+    shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
+    for i, layout in enumerate(run.visions):
+        if s.prompt_pos is not None:
+            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, i)
+        else:
+            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, i)
+        share = "" if shares is None else f" · {shares[i]:.0%} of the attention"
+        if layout.num_frames == 1:
+            panels.append((stored.images[i], heat, layout.image_box_xyxy, f"image {i}{share}"))
+        else:
+            panels += [(stored.images[f], heat[f], layout.image_box_xyxy, f"frame {f}{share if f == 0 else ''}")
+                       for f in range(layout.num_frames)]
+    return panels
+
+
+def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
+    """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
+    if s.relative or s.mask_sinks:
+        raise ValueError("'Relative to a generic prompt' and 'Mask sink cells' work with a single image; "
+                         "untick them to compare several images or frames.")
+    panels = _panels(stored, s)
+    heats = np.concatenate([heat.ravel() for _, heat, _, _ in panels])
+    lo, hi = float(heats.min()), float(np.percentile(heats, s.percentile) if s.normalization == "percentile"
+                                       else heats.max())
+    draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(lo, hi), grid=s.grid)
+    tiles = []
+    for image, heat, box, label in panels:
+        picture = heatmap_image(image, heat, box, **draw) if s.view == "heatmap" else \
+            overlay(image, heat, box, alpha=s.alpha, **draw)
+        scale = height / picture.size[1]
+        tile = picture.resize((max(1, round(picture.size[0] * scale)), height))
+        tiles.append(labelled(tile, label))
+    strip = tiles[0]
+    for tile in tiles[1:]:
+        strip = side_by_side(strip, tile)
+    kind = "frames" if stored.run.vision.num_frames > 1 else "images"
+    who = (f"Token {s.step_idx} {stored.run.generated_tokens[s.step_idx]!r}" if s.prompt_pos is None
+           else f"Prompt token {s.prompt_pos}")
+    text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
+            f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
+            "over all of them), so their colours compare directly.")
+    return strip, text
 
 
 def _range_text(bounds: tuple[int, int]) -> str:

@@ -11,7 +11,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 COLORMAPS: dict[str, int] = {
     "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
@@ -145,3 +145,15 @@ def draw_grid(image: Image.Image, grid_hw: tuple[int, int], box_xyxy,
         x = int(round(x0 + (x1 - x0) * j / grid_w))
         cv2.line(canvas, (x, int(round(y0))), (x, int(round(y1))), color, 1)
     return Image.fromarray(canvas)
+
+
+def labelled(picture: Image.Image, label: str) -> Image.Image:
+    """The picture with `label` written on a white strip under it."""
+    font = ImageFont.load_default(size=max(12, picture.size[0] // 40))
+    _, _, x1, y1 = font.getbbox(label)                                   # text extent in px
+    pad = 6
+    width, strip = max(picture.size[0], x1 + 2 * pad), y1 + 2 * pad
+    canvas = Image.new("RGB", (width, picture.size[1] + strip), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    ImageDraw.Draw(canvas).text((pad, picture.size[1] + pad), label, fill=(0, 0, 0), font=font)
+    return canvas

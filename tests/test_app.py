@@ -33,7 +33,7 @@ def handlers(tmp_path, tiny_model_dirs):
 
 
 def _generate(h, image_file, prompt="What is this?", max_new=4):
-    *_, last = h.generate(image_file, prompt, max_new, False, 0.7, 0.9, 0, 0, *_view())
+    *_, last = h.generate(image_file, prompt, max_new, False, 0.7, 0.9, 0, 0, *_view(), None, None)
     return last
 
 
@@ -181,3 +181,27 @@ def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs,
     grid_h, grid_w = run.vision.grid_hw
     assert region == [[0, 0], [grid_h - 1, grid_w - 1]] and "layer" in note
     assert ((table["share"] >= 0) & (table["share"] <= 1)).all()
+
+
+def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dirs, image_file, tmp_path):
+    import cv2
+    handlers.load_model(str(tiny_model_dirs["qwen2_5_vl"]))
+    second = tmp_path / "second.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (200, 120, 3), dtype=np.uint8)).save(second)
+    *_, last = handlers.generate(image_file, "Compare", 3, False, 0.7, 0.9, 0, 0, *_view(), [str(second)], None)
+    run_id, _, _, _, picture, caption, _, _ = last
+    assert len(handlers.store.get(run_id).run.visions) == 2
+    assert "2 images on one scale" in caption and picture.size[1] > 300
+    with pytest.raises(gr.Error, match="single image"):
+        handlers.render(run_id, *_view(), False, True, False)
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
+    for k in range(6):
+        writer.write(np.full((84, 112, 3), 40 * k, dtype=np.uint8))
+    writer.release()
+    *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
+    run_id, _, _, _, picture, caption, _, _ = last
+    run = handlers.store.get(run_id).run
+    assert run.vision.num_frames == 3 and f"{run.vision.num_frames} frames on one scale" in caption
+    with pytest.raises(gr.Error, match="not both"):
+        list(handlers.generate(image_file, "Hi", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip)))

@@ -31,12 +31,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _scene(path) -> str:
+def _scene(path, flip: bool = False) -> str:
     image = Image.new("RGB", (640, 480), (235, 235, 230))
     draw = ImageDraw.Draw(image)
     draw.ellipse((380, 90, 560, 270), fill=(220, 30, 30))
     draw.rectangle((80, 260, 240, 420), fill=(30, 60, 220))
-    image.save(path)
+    (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image).save(path)
     return str(path)
 
 
@@ -109,4 +109,24 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         matrix.click(position={"x": box["width"] - 5, "y": box["height"] - 5})   # the last layer and head
         expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
         page.locator("#analysis").screenshot(path=str(REPO / "outputs" / "browser-test-analysis.png"))
+
+        page.locator("#overlay img").click(position={"x": 20, "y": 20})        # image → text: pick a cell
+        expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
+        page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
+
+        page.locator("#mask-sinks input").check()                              # sinks and baselines
+        expect(page.locator("#caption")).to_contain_text("sink cells masked", timeout=20_000)
+        page.locator("#mask-sinks input").uncheck()
+
+        page.locator("#prompt-token-dropdown input").click()                   # a prompt word's own map
+        page.get_by_role("option").first.click()
+        expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
+        page.screenshot(path=str(REPO / "outputs" / "browser-test-prompt-token.png"), full_page=True)
+
+        page.get_by_text("More images, or a video (Qwen)").click()            # several images in one prompt
+        page.locator("#extra-images input[type=file]").set_input_files(_scene(tmp_path / "second.png", flip=True))
+        page.wait_for_timeout(1000)
+        page.locator("#generate-btn").click()
+        expect(page.locator("#caption")).to_contain_text("2 images on one scale", timeout=60_000)
+        page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-images.png"))
         browser.close()

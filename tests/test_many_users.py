@@ -124,7 +124,7 @@ def test_memory_levels_off_over_a_hundred_sessions(tiny_model_dirs, tmp_path):
     image = _image_file(tmp_path, 0)
     process, rss_mb = psutil.Process(), []
     for session in range(100):
-        *_, last = h.generate(image, f"session {session}", 4, False, 0.7, 0.9, 0, 0, *VIEW)
+        *_, last = h.generate(image, f"session {session}", 4, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
         assert h.store.total_bytes <= cap_mb * 2**20
         if session % 10 == 9:
             rss_mb.append(process.memory_info().rss / 2**20)
@@ -154,6 +154,6 @@ def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder,
     h = app.Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(100))
     calls.clear()
     with pytest.raises(gr.Error, match="Out of memory"):
-        list(h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW))
-    *_, last = h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW)
+        list(h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW, None, None))
+    *_, last = h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
     assert last[0] in [key for key in h.store._runs]
