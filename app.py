@@ -243,8 +243,12 @@ class Handlers:
             raise gr.Error(str(err)) from err
         top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
         highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
-        note = "" if tiles else (f"Gallery: narrow the ranges to at most {self.cfg.max_gallery_maps} layer × head "
-                                 f"maps (now {n_maps}).")
+        sinks = stored.sinks(s.layers, s.heads)
+        note = (f"Sink cells (high attention from almost every generated token): {int(sinks.sum())} "
+                f"{[list(map(int, cell)) for cell in np.argwhere(sinks)][:8]}; tick 'Mask sink cells' to hide them.")
+        if not tiles:
+            note += (f" Gallery: narrow the ranges to at most {self.cfg.max_gallery_maps} layer × head maps "
+                     f"(now {n_maps}).")
         return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
                 [(tile, name) for name, tile in tiles], note)
 
@@ -344,7 +348,7 @@ def build_analysis() -> dict[str, gr.components.Component]:
         gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
                     "(click again to remove a cell).")
         with gr.Row():
-            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], y_lim=[0, 1], height=200,
+            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=200,
                                      title="Attention share on the region per generated token",
                                      elem_id="region-plot")
             with gr.Column():

@@ -145,7 +145,7 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     run_id = _generate(handlers, image_file)[0]
     matrix, highlighted, gallery, note = handlers.analysis(run_id, "share", *_view())
     assert matrix.size[0] > 4 * 20 and matrix.size[1] > 3 * 20          # 3 layers x 4 heads of cells
-    assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note == ""
+    assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note.startswith("Sink cells")
     assert any(text.startswith("[image:") for text, _ in highlighted)
     assert max(score for _, score in highlighted if score is not None) == 1.0
     entropy_matrix, *_ = handlers.analysis(run_id, "entropy", *_view())

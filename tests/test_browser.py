@@ -121,7 +121,7 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.locator("#prompt-token-dropdown input").click()                   # a prompt word's own map
         page.get_by_role("option").first.click()
         expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
-        page.screenshot(path=str(REPO / "outputs" / "browser-test-prompt-token.png"), full_page=True)
+        page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-prompt-token.png"))
 
         page.get_by_text("More images, or a video (Qwen)").click()            # several images in one prompt
         page.locator("#extra-images input[type=file]").set_input_files(_scene(tmp_path / "second.png", flip=True))
