@@ -30,19 +30,8 @@ def _bypass_vision_blocks(model):
 
 def _decoder_input_embeds(holder, image) -> tuple[torch.Tensor, object]:
     """(S, hidden) embeddings entering the decoder, and the vision layout, for one image."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"][0].detach().clone()
-    inputs = holder.build_inputs(image, "Where?")
-    layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
-    handle = holder.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad(), _bypass_vision_blocks(holder.model):
-            holder.model(**inputs)
-    finally:
-        handle.remove()
-    return captured["embeds"], layout
+    embeds, (layout,) = _embeds_and_layouts(holder, [image])
+    return embeds, layout
 
 
 def _cell_px(holder) -> int:
