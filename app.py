@@ -165,7 +165,7 @@ class Handlers:
         prompt_choices = [(_token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
         picture, caption, plot = self._render(stored, 0, *view_values[1:-1], None)
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
-               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value=""))
+               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True))
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
