@@ -110,28 +110,34 @@ class TextPiece:
     kind: str              # "prompt" | "image" | "answer" | "excluded"
 
 
-def text_attention(run: AttentionRun, step_idx: int, tokenizer, layers=None, heads=None,
+def text_attention(run: AttentionRun, step_idx: int, layers=None, heads=None,
                    exclude_positions: tuple[int, ...] = ()) -> list[TextPiece]:
     """The selected token's attention over everything before it, mean over the selected heads.
 
-    The vision block becomes one piece; `exclude_positions` (e.g. BOS, system prompt) are kept as
-    pieces of kind "excluded" and the other weights are renormalised without them.
+    Each image (or video) block becomes one piece; `exclude_positions` (e.g. BOS, system prompt)
+    are kept as pieces of kind "excluded" and the other weights are renormalised without them.
+    Token texts come from the run itself, so this works whatever model is loaded now.
     """
     weights = step_rows(run, step_idx, layers, heads).float().mean(dim=(0, 1)).numpy()  # (S_t,)
     excluded = set(exclude_positions)
     kept_total = sum(w for pos, w in enumerate(weights) if pos not in excluded) or 1.0
-    ids = run.prompt_ids + run.generated_ids[:step_idx]
-    vision = set(run.vision.token_positions.tolist())
-    pieces, vision_mass = [], 0.0
+    texts = (run.prompt_tokens or [str(i) for i in run.prompt_ids]) + run.generated_tokens[:step_idx]
+    block_of = {int(pos): i for i, layout in enumerate(run.visions) for pos in layout.token_positions}
+    block_mass = [0.0] * len(run.visions)
+    pieces = []
     for pos, weight in enumerate(weights):
-        if pos in vision:
-            vision_mass += weight
-            if pos == run.vision.token_positions[-1]:
-                pieces.append(TextPiece(f"[image: {len(vision)} tokens]", vision_mass / kept_total, "image"))
+        if pos in block_of:
+            i = block_of[pos]
+            block_mass[i] += weight
+            layout = run.visions[i]
+            if pos == layout.token_positions[-1]:
+                name = "video" if layout.num_frames > 1 else f"image {i}" if len(run.visions) > 1 else "image"
+                pieces.append(TextPiece(f"[{name}: {len(layout.token_positions)} tokens]",
+                                        block_mass[i] / kept_total, "image"))
             continue
         kind = "excluded" if pos in excluded else ("prompt" if pos < len(run.prompt_ids) else "answer")
         value = weight if kind == "excluded" else weight / kept_total
-        pieces.append(TextPiece(tokenizer.decode([ids[pos]]), float(value), kind))
+        pieces.append(TextPiece(texts[pos], float(value), kind))
     return pieces
 
 

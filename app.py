@@ -235,8 +235,8 @@ class Handlers:
         n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
         try:
             matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
-            pieces = text_attention(stored.run, s.step_idx, self.slot.get().processor.tokenizer, s.layers,
-                                    s.heads, exclude_positions=system_positions(stored.run))
+            pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
+                                    exclude_positions=system_positions(stored.run))
             tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) \
                 if n_maps <= self.cfg.max_gallery_maps else []
         except USER_ERRORS as err:

@@ -57,17 +57,13 @@ def test_sink_cells_are_flagged():
     assert sinks[0, 0] and sinks.sum() == 1
 
 
-class _Tok:
-    def decode(self, ids):
-        return "<s>" if ids[0] == 100 else f"w{ids[0]}"
-
-
 def test_text_attention_summarises_the_image_and_renormalises_without_excluded():
     run = _run()
-    pieces = text_attention(run, 2, _Tok(), exclude_positions=system_positions(run))
+    run.prompt_tokens = ["<s>"] + [f"w{i}" for i in range(1, PROMPT_LEN)]
+    pieces = text_attention(run, 2, exclude_positions=system_positions(run))
     kinds = [piece.kind for piece in pieces]
     assert kinds.count("image") == 1 and kinds[:3] == ["excluded"] * 3 and kinds[-2:] == ["answer"] * 2
-    assert pieces[0].text == "<s>"
+    assert pieces[0].text == "<s>" and pieces[-1].text == "t1"
     kept = sum(piece.weight for piece in pieces if piece.kind != "excluded")
     assert kept == pytest.approx(1.0, abs=1e-3)
 
