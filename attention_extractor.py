@@ -116,6 +116,14 @@ class CaptureTooLargeError(MemoryError):
     """A capture that would exceed the memory allowed for it; refused before generating."""
 
 
+def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy; from a GPU it goes into pinned memory without waiting (see `_Recorder.steps`)."""
+    if not tensor.is_cuda:
+        return tensor.clone() if tensor.device.type == "cpu" else tensor.cpu()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    return pinned.copy_(tensor, non_blocking=True)
+
+
 class _Recorder:
     """Rows captured during one generation, per layer, one per forward call."""
 
@@ -134,7 +142,7 @@ class _Recorder:
     def record_prompt(self, layer_idx: int, probs: torch.Tensor) -> None:
         """probs: (B=1, H, n, kv) softmax rows of the prompt positions."""
         rows = probs[0].to(torch.float16)                               # (H, n, kv)
-        self.prompt_rows[layer_idx] = rows.to("cpu", non_blocking=rows.is_cuda)
+        self.prompt_rows[layer_idx] = _to_cpu(rows)
 
     def stacked_prompt_rows(self) -> torch.Tensor | None:
         """(num_layers, H, n, prompt_len) float16, or None when no prompt rows were asked for."""
@@ -148,7 +156,7 @@ class _Recorder:
         """probs: (B=1, H, kv) softmax row of the last query position, any device and dtype."""
         if layer_idx in self.wanted:
             row = probs[0].to(torch.float16)                            # (H, kv)
-            self.rows[layer_idx].append(row.to("cpu", non_blocking=row.is_cuda))
+            self.rows[layer_idx].append(_to_cpu(row))
 
     def steps(self, num_steps: int) -> list[torch.Tensor]:
         """Stack per step: list over t of (num_layers, H, prompt_len + t)."""
