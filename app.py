@@ -9,6 +9,7 @@ The work happens in `pipeline.py` and the modules below it.
 from __future__ import annotations
 
 import argparse
+import html
 import functools
 import logging
 import threading
@@ -23,9 +24,11 @@ from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region
                       text_attention)
 from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
+from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
-                      matrix_cell, matrix_picture, render, save_gallery_zip, save_picture, share_table)
+                      matrix_cell, matrix_picture, render, save_gallery_zip, save_page, save_picture,
+                      share_table)
 from utils import load_image, load_video
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
@@ -291,6 +294,24 @@ class Handlers:
                         f"({per_head.flat[i]:.1%})" for i in order)
         return table, f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
 
+    def lens(self, run_id, progress=gr.Progress()) -> tuple[str, str]:
+        """Logit lens over the image's patches (a model pass), shown in a sandboxed frame and saved as HTML."""
+        stored, holder = self._stored(run_id), self.slot.holder
+        if holder is None or holder.model_id != stored.run.model_id:
+            raise gr.Error(f"The logit lens needs the model that made this result ({stored.run.model_id}). "
+                           "Load it again, or generate with the current model first.")
+        progress(0, desc="Decoding every layer at every image patch")
+        try:
+            with self.slot.lock:
+                lens = logit_lens(holder, stored.image, stored.run.settings.get("prompt", ""))
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        page = lens_html(lens, stored.image)
+        path = save_page(page, self.cfg.outputs_dir, "logit-lens")
+        frame = (f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
+                 f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+        return frame, str(path)
+
     def gallery_download(self, run_id, *view_values) -> str:
         stored, s = self._stored(run_id), self._settings(*view_values)
         try:
@@ -345,6 +366,10 @@ def build_analysis() -> dict[str, gr.components.Component]:
         with gr.Row():
             note = gr.Markdown("")
             zip_btn = gr.Button("Download the gallery (ZIP)", elem_id="gallery-zip")
+        with gr.Row():
+            lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
+            lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
+        lens_view = gr.HTML("", elem_id="logit-lens")
         gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
                     "(click again to remove a cell).")
         with gr.Row():
@@ -355,7 +380,8 @@ def build_analysis() -> dict[str, gr.components.Component]:
                 region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
                 region_clear = gr.Button("Clear region", elem_id="region-clear")
     return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
-            "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear}
+            "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
+            "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file}
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
@@ -467,6 +493,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                        api_name=False, **render_events)
         analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
                                                             analysis["region_note"]], api_name=False)
+        analysis["lens_btn"].click(h.lens, [run_id], [analysis["lens_view"], analysis["lens_file"]],
+                                   api_name="logit_lens", **model_events)
         analysis["zip"].click(h.gallery_download, [run_id, *view_inputs], [files], api_name="gallery_zip",
                               **render_events)
         png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)

@@ -364,3 +364,11 @@ def save_gallery_zip(tiles: list[tuple[str, Image.Image]], out_dir: Path, step_i
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gallery_zip(tiles))
     return path
+
+
+def save_page(page: str, out_dir: Path, stem: str) -> Path:
+    """A self-contained HTML page in a fresh, uniquely named file."""
+    path = Path(out_dir) / f"{stem}-{uuid.uuid4().hex[:8]}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -205,3 +205,14 @@ def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dir
     assert run.vision.num_frames == 3 and f"{run.vision.num_frames} frames on one scale" in caption
     with pytest.raises(gr.Error, match="not both"):
         list(handlers.generate(image_file, "Hi", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip)))
+
+
+def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    frame, path = handlers.lens(run_id)
+    assert frame.startswith("<iframe") and 'sandbox="allow-scripts"' in frame and "&lt;script" in frame
+    assert open(path, encoding="utf-8").read().startswith("<!DOCTYPE html>")
+    handlers.load_model(str(tiny_model_dirs["llava"]))
+    with pytest.raises(gr.Error, match="needs the model that made this result"):
+        handlers.lens(run_id)

@@ -1,0 +1,81 @@
+"""Logit lens: layer indexing, the final norm applied once, and a safe self-contained page."""
+
+import os
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import noise_image
+from families import vision_layout
+from lenses import LogitLens, lens_html, logit_lens
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl"])
+def test_lens_layers_match_the_model(load_holder, family):
+    holder = load_holder(family)
+    image = noise_image(150, 100)
+    lens = logit_lens(holder, image, "What is this?", top_k=3)
+    inputs = holder.build_inputs(image, "What is this?")
+    layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
+    positions = torch.from_numpy(layout.token_positions)
+    with torch.no_grad():
+        out = holder.model(**inputs, output_hidden_states=True)
+    assert lens.top_ids.shape == (holder.num_layers, len(positions), 3) == lens.top_probs.shape
+    # The last layer is exactly the model's own prediction: the final norm is applied once, not twice.
+    final = torch.softmax(out.logits[0, positions].float(), -1).topk(3, dim=-1)
+    np.testing.assert_array_equal(lens.top_ids[-1], final.indices.numpy())
+    np.testing.assert_allclose(lens.top_probs[-1], final.values.numpy(), rtol=1e-4, atol=1e-6)
+    # Layer 0 is the first decoder layer's output (hidden_states[0] is the embedding, not a layer).
+    lm = holder.model.model.language_model
+    first = torch.softmax(holder.model.lm_head(lm.norm(out.hidden_states[1][0, positions])).float(), -1)
+    np.testing.assert_array_equal(lens.top_ids[0], first.topk(3, dim=-1).indices.numpy())
+    assert (lens.top_probs[:, :, 0] >= lens.top_probs[:, :, 1]).all()
+    assert set(lens.most_confident_layer()) <= set(range(holder.num_layers))
+
+
+class _Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [name for name, _ in attrs]
+
+
+def _nasty_lens() -> LogitLens:
+    tokens = [[["</script><img src=x onerror=alert(1)>", "<s>", "&amp;"], [" ", '"q"', "<image>"]]]
+    return LogitLens([0], np.zeros((1, 2, 3), dtype=np.int64), np.full((1, 2, 3), 0.3, dtype=np.float32),
+                     tokens, (1, 2), (0.0, 0.0, 64.0, 32.0))
+
+
+def test_lens_page_is_self_contained_and_escapes_tokens(tmp_path):
+    from PIL import Image
+    page = lens_html(_nasty_lens(), Image.new("RGB", (64, 32), "white"))
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    parser = _Elements()
+    parser.feed(page)
+    assert "img" in parser.tags and parser.tags.count("img") == 1          # only the picture itself
+    assert parser.tags.count("script") == 2 and "onerror" not in parser.attrs
+    assert "</script><img" not in page
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Debian's chromium")
+def test_lens_page_works_offline_in_a_browser(tmp_path):
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+    path = tmp_path / "lens.html"
+    path.write_text(lens_html(_nasty_lens(), Image.new("RGB", (64, 32), "white"), mask_blank=False))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                     args=["--headless", "--no-sandbox", "--disable-gpu",
+                                           "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(path.as_uri())
+        cells = page.locator(".c")
+        assert cells.nth(0).text_content() == "</script><img src=x onerror=alert(1)>"   # shown as text
+        cells.nth(1).hover()
+        assert '"<image>"' in page.locator("#tip").text_content()
+        browser.close()
