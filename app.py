@@ -13,6 +13,7 @@ import html
 import functools
 import logging
 import threading
+from dataclasses import replace
 
 import gradio as gr
 import numpy as np
@@ -153,7 +154,7 @@ class Handlers:
         for count, piece in enumerate(streamer, start=1):
             text += piece
             progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-            yield (gr.skip(), text) + (gr.skip(),) * 6
+            yield (gr.skip(), text) + (gr.skip(),) * 9
         worker.join()                                                   # the streamer ends before the run is built
         if "error" in outcome:
             err = outcome["error"]
@@ -166,9 +167,12 @@ class Handlers:
         run = stored.run
         choices = [(_token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(_token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
-        picture, caption, plot = self._render(stored, 0, *view_values[1:-1], None)
+        # A new result starts without the options that need extra work (baseline) or one image (sinks).
+        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None)
+        picture, caption, plot = self._render_with(stored, fresh)
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
-               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True))
+               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
+               False, False, [])
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
@@ -182,7 +186,9 @@ class Handlers:
                             int(prompt_token))
 
     def _render(self, stored: StoredRun, *view_values):
-        settings = self._settings(*view_values)
+        return self._render_with(stored, self._settings(*view_values))
+
+    def _render_with(self, stored: StoredRun, settings: ViewSettings):
         try:
             picture, caption = render(stored, settings)
         except USER_ERRORS as err:
@@ -216,11 +222,19 @@ class Handlers:
 
     def relative_toggle(self, run_id, *view_values):
         """Compute the generic-prompt baseline for this image once (a model call), then render."""
-        stored = self._stored(run_id)
-        if view_values[-1] and stored.baseline is None:
+        stored, settings = self._stored(run_id), self._settings(*view_values)
+        if settings.relative and stored.baseline is None:
+            holder = self.slot.holder
+            if holder is None or holder.model_id != stored.run.model_id:
+                raise gr.Error(f"The baseline must come from the model that made this result "
+                               f"({stored.run.model_id}). Load it again, or generate with the current model.")
+            if not stored.is_single_image:
+                raise gr.Error("'Relative to a generic prompt' works with a single image; generate with one image.")
+            budget = {key: stored.run.settings.get(key) for key in ("min_pixels", "max_pixels")}
             try:
                 with self.slot.lock:
-                    stored.baseline = self.slot.get().generate(stored.image, GENERIC_PROMPT, max_new_tokens=1)
+                    stored.baseline = holder.generate(stored.image, GENERIC_PROMPT, max_new_tokens=1,
+                                                      prompt_rows="none", **budget)
             except USER_ERRORS as err:
                 raise gr.Error(str(err)) from err
         return self._render(stored, *view_values)
@@ -232,9 +246,16 @@ class Handlers:
         except LookupError as err:
             raise gr.Error(str(err)) from err
 
+    def _single(self, run_id) -> StoredRun:
+        stored = self._stored(run_id)
+        if not stored.is_single_image:
+            raise gr.Error("This view works on a single image. Generate with one image (no extra images or video) "
+                           "to use it; the main picture and its caption cover several images and videos.")
+        return stored
+
     def analysis(self, run_id, metric, *view_values):
         """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
-        stored, s = self._stored(run_id), self._settings(*view_values)
+        stored, s = self._single(run_id), self._settings(*view_values)
         n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
         try:
             matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
@@ -253,20 +274,22 @@ class Handlers:
             note += (f" Gallery: narrow the ranges to at most {self.cfg.max_gallery_maps} layer × head maps "
                      f"(now {n_maps}).")
         return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
-                [(tile, name) for name, tile in tiles], note)
+                [(tile, name) for name, tile in tiles], note, [list(s.layers), list(s.heads)])
 
-    def matrix_click(self, run_id, metric, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization,
-                     colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
+    def matrix_click(self, run_id, matrix_ranges, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce,
+                     normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
                      evt: gr.SelectData):
         """A click on the layer × head matrix selects that single layer and head."""
-        layer, head = matrix_cell(evt.index, (int(layer_lo), int(layer_hi)), (int(head_lo), int(head_hi)))
+        if not matrix_ranges:
+            raise gr.Error("Press 'Show analysis' first.")
+        layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
         rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
                                view, grid, renormalize, mask_sinks, relative, prompt_token)
         return (*rendered, layer, layer, head, head)
 
     def region_click(self, run_id, region, view, evt: gr.SelectData):
         """A click on the picture adds or removes that token cell; shows who attends to the region."""
-        stored = self._stored(run_id)
+        stored = self._single(run_id)
         x, y = evt.index
         width = stored.image.size[0]
         if view == "side_by_side" and x >= width:
@@ -296,7 +319,7 @@ class Handlers:
 
     def lens(self, run_id, progress=gr.Progress()) -> tuple[str, str]:
         """Logit lens over the image's patches (a model pass), shown in a sandboxed frame and saved as HTML."""
-        stored, holder = self._stored(run_id), self.slot.holder
+        stored, holder = self._single(run_id), self.slot.holder
         if holder is None or holder.model_id != stored.run.model_id:
             raise gr.Error(f"The logit lens needs the model that made this result ({stored.run.model_id}). "
                            "Load it again, or generate with the current model first.")
@@ -313,7 +336,11 @@ class Handlers:
         return frame, str(path)
 
     def gallery_download(self, run_id, *view_values) -> str:
-        stored, s = self._stored(run_id), self._settings(*view_values)
+        stored, s = self._single(run_id), self._settings(*view_values)
+        n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+        if n_maps > self.cfg.max_gallery_maps:
+            raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps (now {n_maps}); "
+                           "narrow the layer or head range.")
         try:
             tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
         except USER_ERRORS as err:
@@ -322,10 +349,7 @@ class Handlers:
 
     # -- downloads --------------------------------------------------------------------------------
     def download_png(self, run_id, *view_values) -> str:
-        stored = self.store.get(run_id) if run_id else None
-        if stored is None:
-            raise gr.Error("Nothing to download yet. Generate first.")
-        picture, _, _ = self._render(stored, *view_values)
+        picture, _, _ = self._render(self._stored(run_id), *view_values)
         return str(save_picture(picture, self.cfg.outputs_dir, int(view_values[0] or 0)))
 
     def export_attention(self, run_id) -> list[str]:
@@ -458,14 +482,15 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
 
         # Extra media reach `generate` through session state, so the API keeps its one-image signature.
-        extra_state, video_state = gr.State([]), gr.State(None)
+        extra_state, video_state, region = gr.State([]), gr.State(None), gr.State([])
         extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
         load_btn.click(h.load_model, [model_box], [status, *sliders], api_name="load_model", **model_events)
         demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
                   concurrency_limit=None)
         generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
-                                        *view_inputs, extra_state, video_state], [run_id, answer, token, chips, *view_outputs, prompt_token],
+                                        *view_inputs, extra_state, video_state],
+                           [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region],
                            api_name="generate", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input],
@@ -482,12 +507,12 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
         analysis_inputs = [run_id, analysis["metric"], *view_inputs]
-        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"]]
+        matrix_ranges = gr.State([])
+        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"], matrix_ranges]
         gr.on([analysis["show"].click, analysis["metric"].input], h.analysis, analysis_inputs, analysis_outputs,
               api_name="analysis", **render_events)
-        analysis["matrix"].select(h.matrix_click, analysis_inputs, [*view_outputs, *sliders], api_name=False,
-                                  **render_events)
-        region = gr.State([])
+        analysis["matrix"].select(h.matrix_click, [run_id, matrix_ranges, *view_inputs], [*view_outputs, *sliders],
+                                  api_name=False, **render_events)
         picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
                                                                 analysis["region_note"]],
                        api_name=False, **render_events)

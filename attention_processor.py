@@ -20,7 +20,7 @@ Normalization = Literal["minmax", "percentile", "fixed"]
 NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "fixed")
 
 
-def _range_slice(bounds: tuple[int, int] | None, available: list[int], what: str) -> slice:
+def range_slice(bounds: tuple[int, int] | None, available: list[int], what: str) -> slice:
     """A slice into `available` (sorted, consecutive or not) for the inclusive range `bounds`."""
     if bounds is None:
         return slice(0, len(available))
@@ -55,8 +55,8 @@ def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] |
 def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
               heads: tuple[int, int] | None = None) -> torch.Tensor:
     """(n_layers_sel, n_heads_sel, len(prompt_ids) + step_idx) float16 view of the selected rows."""
-    layer_sel = _range_slice(layers, run.layer_indices, "layer")
-    head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
+    layer_sel = range_slice(layers, run.layer_indices, "layer")
+    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
     return run.step_attention(step_idx)[layer_sel, head_sel]
 
 
@@ -94,8 +94,8 @@ def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, i
                          renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
     """Like `token_heatmap`, for a prompt token at sequence position `token_pos` (one of
     `run.prompt_positions`): what that prompt word attends to in the image."""
-    layer_sel = _range_slice(layers, run.layer_indices, "layer")
-    head_sel = _range_slice(heads, list(range(run.num_heads)), "head")
+    layer_sel = range_slice(layers, run.layer_indices, "layer")
+    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
     layout = _layout(run, image_idx)
     if layout.token_positions[0] > token_pos:
         raise ValueError(f"Prompt token {token_pos} comes before image {image_idx}, so it cannot attend to it.")

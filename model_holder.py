@@ -33,6 +33,11 @@ class GenerationOutOfMemoryError(MemoryError):
     """Generation ran out of memory; what it took has been freed and the model is usable."""
 
 
+def check_loadable(model_id: str, trust_remote_code: bool = False) -> str:
+    """The family of a checkpoint, from its config alone; raises ModelLoadError / UnsupportedModelError."""
+    return detect_family(_read_config(model_id, trust_remote_code))
+
+
 def _read_config(model_id: str, trust_remote_code: bool):
     looks_local = Path(model_id).is_absolute() or model_id.startswith((".", "~")) or Path(model_id).exists()
     if looks_local and not Path(model_id).expanduser().is_dir():
@@ -142,6 +147,7 @@ class ModelHolder:
         media = {"images": images} if images else {}
         if video:
             media["videos"] = [video]
+            kwargs["do_sample_frames"] = False                          # load_video chose the frames already
         try:
             return self.processor(text=[text], return_tensors="pt", **media, **kwargs)
         except ValueError as err:
@@ -166,15 +172,14 @@ class ModelHolder:
 
     def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
                                layers: list[int] | None, prompt_positions: list[int], generate_kwargs: dict):
-        """(generated ids, recorder) after generation; out-of-memory frees what it took."""
+        """(generated ids, per-step rows, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
         try:
             with torch.inference_mode(), capture_attention(self.model, method, layers,
                                                            prompt_positions) as recorder:
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
                 generated = output[0, prompt_len:].tolist()             # (num_steps,)
-                recorder.steps_checked = recorder.steps(len(generated))
-                return generated, recorder
+                return generated, recorder.steps(len(generated)), recorder
         except torch.OutOfMemoryError:
             recorder = output = None                                    # drop references before freeing
             gc.collect()
@@ -234,7 +239,7 @@ class ModelHolder:
             if key in inputs and inputs[key].is_floating_point():
                 inputs[key] = inputs[key].to(self.dtype)
         generate_kwargs.setdefault("do_sample", False)
-        generated, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
+        generated, rows, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
                                                           generate_kwargs)
         settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
                     "min_pixels": min_pixels, "max_pixels": max_pixels,
@@ -244,6 +249,6 @@ class ModelHolder:
             prompt_ids=prompt_ids, generated_ids=generated,
             generated_tokens=_token_pieces(self.processor.tokenizer, generated),
             vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
-            rows=recorder.steps_checked, model_id=self.model_id, family=self.family, settings=settings,
+            rows=rows, model_id=self.model_id, family=self.family, settings=settings,
             prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows(),
             prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))

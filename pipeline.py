@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from attention_extractor import AttentionRun
 from attention_processor import (heatmap_range, image_shares, normalize_heatmap, prompt_token_heatmap,
-                                 token_heatmap, vision_share)
+                                 range_slice, token_heatmap, vision_share)
 from analysis import gallery_zip, relative_heatmap, sink_cells
-from model_holder import ModelHolder
+from model_holder import ModelHolder, check_loadable
 from visualization import heatmap_image, labelled, overlay, side_by_side
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,15 @@ class ModelSlot:
         with self.lock:
             if self.holder is not None and self.holder.model_id == str(model_id):
                 return self.holder
+            check_loadable(str(model_id), trust_remote_code)            # a typo keeps the current model
             self.holder = None                                          # free the old weights first
             self.holder = ModelHolder.load(model_id, device=device, dtype=dtype,
                                            trust_remote_code=trust_remote_code)
             return self.holder
 
     def get(self) -> ModelHolder:
+        if self.holder is None and not self.ready.is_set():
+            raise LookupError("The start-up model is still loading; try again in a moment.")
         if self.holder is None:
             raise LookupError("No model is loaded. Pick a model and press Load first.")
         return self.holder
@@ -66,7 +69,7 @@ class StoredRun:
 
     run: AttentionRun
     image: Image.Image
-    images: list[Image.Image] = field(default_factory=list)           # one per layout; video: one per frame
+    images: list[Image.Image] = field(default_factory=list)           # per layout; video: per time step
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
     _ranges: dict = field(default_factory=dict)
@@ -85,13 +88,15 @@ class StoredRun:
     @property
     def nbytes(self) -> int:
         pixels = sum(image.size[0] * image.size[1] * 3 for image in self.images)
-        return self.run.nbytes + pixels + self.shares.nbytes
+        baseline = self.baseline.nbytes if self.baseline is not None else 0
+        return self.run.nbytes + pixels + self.shares.nbytes + baseline
 
     def shared_range(self, settings: "ViewSettings") -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
-        key = replace(settings, step_idx=0, normalization="", colormap="", alpha=0.0, view="", grid=False)
+        key = replace(settings, step_idx=0, prompt_pos=None, normalization="", colormap="", alpha=0.0, view="",
+                      grid=False)                                       # over the generated tokens
         if key not in self._ranges:
-            self._ranges[key] = heatmap_range([raw_heatmap(self, replace(settings, step_idx=t))
+            self._ranges[key] = heatmap_range([raw_heatmap(self, replace(key, step_idx=t))
                                                for t in range(self.run.num_steps)])
         return self._ranges[key]
 
@@ -220,7 +225,7 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
         if layout.num_frames == 1:
             panels.append((stored.images[i], heat, layout.image_box_xyxy, f"image {i}{share}"))
         else:
-            panels += [(stored.images[f], heat[f], layout.image_box_xyxy, f"frame {f}{share if f == 0 else ''}")
+            panels += [(stored.images[f], heat[f], layout.image_box_xyxy, f"time step {f}{share if f == 0 else ''}")
                        for f in range(layout.num_frames)]
     return panels
 
@@ -245,7 +250,7 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     strip = tiles[0]
     for tile in tiles[1:]:
         strip = side_by_side(strip, tile)
-    kind = "frames" if stored.run.vision.num_frames > 1 else "images"
+    kind = "time steps of the video" if stored.run.vision.num_frames > 1 else "images"
     who = (f"Token {s.step_idx} {stored.run.generated_tokens[s.step_idx]!r}" if s.prompt_pos is None
            else f"Prompt token {s.prompt_pos}")
     text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
@@ -263,7 +268,7 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
             "shared": "one scale shared by all tokens"}[s.normalization]
     n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
-    layer_sel = slice(s.layers[0] - run.layer_indices[0], s.layers[1] - run.layer_indices[0] + 1)
+    layer_sel = range_slice(s.layers, run.layer_indices, "layer")
     if s.prompt_pos is None:
         share = stored.shares[s.step_idx, layer_sel, s.heads[0]:s.heads[1] + 1].mean()
         who = f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r}"
@@ -292,8 +297,9 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
 
 def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int) -> dict:
     """Columns for a plot of the attention share on the image, per generated token."""
-    run, first = stored.run, stored.run.layer_indices[0]
-    shares = stored.shares[:, layers[0] - first:layers[1] - first + 1, heads[0]:heads[1] + 1].mean(axis=(1, 2))
+    run = stored.run
+    layer_sel = range_slice(layers, run.layer_indices, "layer")
+    shares = stored.shares[:, layer_sel, heads[0]:heads[1] + 1].mean(axis=(1, 2))
     return {"step": list(range(run.num_steps)), "share": [float(v) for v in shares],
             "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
             "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}
@@ -308,13 +314,19 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
     folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True, exist_ok=False)                          # never overwrite anyone's files
     tensors_path, meta_path = folder / "attention.safetensors", folder / "attention.json"
-    save_file({f"step_{t}": rows.contiguous() for t, rows in enumerate(run.rows)}, str(tensors_path))
+    tensors = {f"step_{t}": rows.contiguous() for t, rows in enumerate(run.rows)}
+    if run.prompt_rows is not None:
+        tensors["prompt_rows"] = run.prompt_rows.contiguous()
+    save_file(tensors, str(tensors_path))
     meta = {"model_id": run.model_id, "family": run.family, "prompt_ids": run.prompt_ids,
+            "prompt_tokens": run.prompt_tokens, "prompt_positions": run.prompt_positions,
             "generated_ids": run.generated_ids, "generated_tokens": run.generated_tokens,
-            "layer_indices": run.layer_indices, "num_heads": run.num_heads, "vision": run.vision.to_dict(),
-            "settings": run.settings,
+            "layer_indices": run.layer_indices, "num_heads": run.num_heads,
+            "visions": [layout.to_dict() for layout in run.visions], "settings": run.settings,
             "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
-                       "query that produced generated token t; indices 0-based"}
+                       "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
+                       "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "
+                       "indices 0-based"}
     meta_path.write_text(json.dumps(meta, indent=1))
     return tensors_path, meta_path
 

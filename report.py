@@ -186,7 +186,7 @@ def _view_settings(run: AttentionRun, layers, heads, reduce, normalization, perc
 def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None) -> StoredRun:
     """A StoredRun with the image to draw on, checked against the run."""
     if isinstance(stored_or_run, StoredRun):
-        stored = stored_or_run if image is None else StoredRun(stored_or_run.run, image, stored_or_run.shares)
+        stored = stored_or_run if image is None else replace(stored_or_run, image=image, images=[image])
     elif image is None:
         raise ValueError("write_report needs the image the run was generated from when given an AttentionRun.")
     else:

@@ -41,7 +41,7 @@ def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     status, lo, hi, head_lo, head_hi = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
     assert hi.maximum == 2 and head_hi.maximum == 3
-    run_id, answer, dropdown, chips, picture, caption, plot, prompt_dropdown = _generate(handlers, image_file)
+    run_id, answer, dropdown, chips, picture, caption, plot, prompt_dropdown, *_ = _generate(handlers, image_file)
     assert len(dropdown.choices) == handlers.store.get(run_id).run.num_steps
     assert picture.size == (400, 300) and caption.startswith("Token 0 ")
     assert list(plot["selected"]).count("selected") == 1
@@ -71,6 +71,9 @@ def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_m
     with pytest.raises(gr.Error, match="local folder"):
         handlers.load_model(str(tmp_path / "missing-model"))
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    with pytest.raises(gr.Error, match="No local folder"):
+        handlers.load_model(str(tmp_path / "typo-model"))
+    assert handlers.slot.holder is not None                                  # a typo keeps the working model
     with pytest.raises(gr.Error, match="No image"):
         _generate(handlers, None)
     with pytest.raises(gr.Error, match="prompt is empty"):
@@ -126,7 +129,7 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
         result = client.predict(handle_file(image_file), "What is this?", 3, False, 0.7, 0.9, 0, 0,
                                 *_view()[:1], 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", True,
                                 api_name="/generate")
-        answer, dropdown, chips, picture, caption, plot, prompt_tokens = result
+        answer, dropdown, chips, picture, caption, plot, prompt_tokens, *_ = result
         assert "Token 0" in caption and "Hatched" in caption          # LLaVA crops a 400x300 image
         rendered = client.predict(1, 0, 2, 0, 3, "max", "shared", "viridis", 0.3, "heatmap", False,
                                   api_name="/render")
@@ -143,7 +146,7 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     import zipfile
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
-    matrix, highlighted, gallery, note = handlers.analysis(run_id, "share", *_view())
+    matrix, highlighted, gallery, note, ranges = handlers.analysis(run_id, "share", *_view())
     assert matrix.size[0] > 4 * 20 and matrix.size[1] > 3 * 20          # 3 layers x 4 heads of cells
     assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note.startswith("Sink cells")
     assert any(text.startswith("[image:") for text, _ in highlighted)
@@ -152,18 +155,28 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert np.asarray(entropy_matrix).tolist() != np.asarray(matrix).tolist()
     # A click on the matrix cell of layer 1, head 2 selects exactly that head.
     event = gr.SelectData(None, {"index": [36 + 2 * 22 + 5, 36 + 1 * 22 + 5], "value": None})
-    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, "share", *_view(), False, False, False, None,
+    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, ranges, *_view(), False, False, False, None,
                                                          evt=event)
     assert (lo, hi, head_lo, head_hi) == (1, 1, 2, 2)
+    # A second click uses the ranges the matrix was drawn with, not the single head now selected.
+    event = gr.SelectData(None, {"index": [36 + 0 * 22 + 5, 36 + 2 * 22 + 5], "value": None})
+    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, ranges, *_view(layer_lo=1, layer_hi=1, head_lo=2,
+                                                                                head_hi=2), False, False, False,
+                                                         None, evt=event)
+    assert (lo, hi, head_lo, head_hi) == (2, 2, 0, 0)
     archive = zipfile.ZipFile(handlers.gallery_download(run_id, *_view(layer_lo=2, layer_hi=2)))
     assert sorted(archive.namelist()) == [f"S1_L3_H{h}.png" for h in range(1, 5)]
     for option in ("renormalize", "mask_sinks"):
         _, caption, _ = handlers.render(run_id, *_view(), *[option == "renormalize", option == "mask_sinks", False])
         assert "Options:" in caption
-    picture, caption, _ = handlers.relative_toggle(run_id, *_view(), False, False, True)
+    picture, caption, _ = handlers.relative_toggle(run_id, *_view(), False, False, True, "")   # the UI's order
     assert "generic-prompt map" in caption
     assert handlers.store.get(run_id).baseline.num_steps == 1              # computed once, then cached
     handlers.render(run_id, *_view(), False, False, True)
+    # A new generation starts with the baseline and sink options unticked, whatever the boxes said.
+    *_, last = handlers.generate(image_file, "Again", 2, False, 0.7, 0.9, 0, 0, *_view(), False, True, True, "",
+                                 None, None)
+    assert last[-3:] == (False, False, []) and "Options" not in last[5]
 
 
 def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs, image_file):
@@ -189,20 +202,23 @@ def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dir
     second = tmp_path / "second.png"
     Image.fromarray(np.random.default_rng(9).integers(0, 256, (200, 120, 3), dtype=np.uint8)).save(second)
     *_, last = handlers.generate(image_file, "Compare", 3, False, 0.7, 0.9, 0, 0, *_view(), [str(second)], None)
-    run_id, _, _, _, picture, caption, _, _ = last
+    run_id, _, _, _, picture, caption, *_ = last
     assert len(handlers.store.get(run_id).run.visions) == 2
     assert "2 images on one scale" in caption and picture.size[1] > 300
     with pytest.raises(gr.Error, match="single image"):
         handlers.render(run_id, *_view(), False, True, False)
+    with pytest.raises(gr.Error, match="single image"):
+        handlers.analysis(run_id, "share", *_view())
     clip = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
     for k in range(6):
         writer.write(np.full((84, 112, 3), 40 * k, dtype=np.uint8))
     writer.release()
     *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
-    run_id, _, _, _, picture, caption, _, _ = last
+    run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
-    assert run.vision.num_frames == 3 and f"{run.vision.num_frames} frames on one scale" in caption
+    assert run.vision.num_frames == 3 and "3 time steps of the video on one scale" in caption
+    assert len(handlers.store.get(run_id).images) == 3                    # one picture per time step
     with pytest.raises(gr.Error, match="not both"):
         list(handlers.generate(image_file, "Hi", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip)))
 
@@ -216,3 +232,19 @@ def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
     handlers.load_model(str(tiny_model_dirs["llava"]))
     with pytest.raises(gr.Error, match="needs the model that made this result"):
         handlers.lens(run_id)
+
+
+def test_qwen3_video_keeps_the_frames_it_was_given(handlers, tiny_model_dirs):
+    from PIL import Image as PILImage
+    handlers.load_model(str(tiny_model_dirs["qwen3_vl"]))
+    frames = [PILImage.fromarray(np.full((64, 96, 3), 20 * k, dtype=np.uint8)) for k in range(8)]
+    run = handlers.slot.holder.generate(None, "What happens?", max_new_tokens=1, video=frames)
+    assert run.vision.num_frames == 4                                     # 8 frames, paired in time
+
+
+def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, image_file, tmp_path):
+    from report import write_report
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    stored = handlers.store.get(_generate(handlers, image_file)[0])
+    path = write_report(stored, Image.open(image_file), tmp_path / "report.html")
+    assert path.stat().st_size > 1000

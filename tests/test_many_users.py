@@ -76,7 +76,7 @@ def test_eight_users_three_rounds_each(served, tmp_path):
             for round_idx in range(3):
                 prompt = f"user {idx} round {round_idx}: what is this?"
                 start = time.perf_counter()
-                answer, dropdown, _, picture, caption, _, _ = client.predict(
+                answer, dropdown, _, picture, caption, *_ = client.predict(
                     handle_file(_image_file(tmp_path, idx)), prompt, 3, False, 0.7, 0.9, 0, 0, *VIEW,
                     api_name="/generate")
                 tokens = [choice[0] for choice in dropdown["choices"]]
