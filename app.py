@@ -2,6 +2,7 @@
 
     python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass]
                   [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
+                  [--session-cache-mb 2048] [--trust-remote-code]
 
 The work happens in `pipeline.py` and the modules below it.
 """
