@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import functools
 import logging
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -25,7 +27,7 @@ from transformers import TextIteratorStreamer
 from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region_to_text, system_positions,
                       text_attention)
 from attention_processor import REDUCTIONS
-from config import DEMO_MODEL_DIR, GPU_DEFAULT_MODEL, AppConfig
+from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
@@ -67,6 +69,21 @@ def default_model(cfg: AppConfig) -> str | None:
     return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
 
 
+def recommended_ranges(model_id: str, layer_max: int, head_max: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Start-up slider ranges: the demo model's measured best, otherwise everything."""
+    if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
+        return DEMO_RANGES
+    return (0, layer_max), (0, head_max)
+
+
+def example_rows() -> list[list[str]]:
+    """[image path, question] pairs shipped in examples/ (empty when the folder is missing)."""
+    listing = EXAMPLES_DIR / "examples.json"
+    if not listing.exists():
+        return []
+    return [[str(EXAMPLES_DIR / name), question] for name, question, _ in json.loads(listing.read_text())]
+
+
 def model_choices(cfg: AppConfig) -> list[str]:
     demo = [str(DEMO_MODEL_DIR)] if (DEMO_MODEL_DIR / "config.json").exists() else []
     return demo + list(cfg.presets)
@@ -88,9 +105,10 @@ class Handlers:
         if holder is None:
             return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
+        (layer_lo, layer_hi), (head_lo, head_hi) = recommended_ranges(holder.model_id, layer_max, head_max)
         return (f"**Loaded:** {holder.describe()}",
-                gr.Slider(maximum=layer_max, value=0), gr.Slider(maximum=layer_max, value=layer_max),
-                gr.Slider(maximum=head_max, value=0), gr.Slider(maximum=head_max, value=head_max))
+                gr.Slider(maximum=layer_max, value=layer_lo), gr.Slider(maximum=layer_max, value=layer_hi),
+                gr.Slider(maximum=head_max, value=head_lo), gr.Slider(maximum=head_max, value=head_hi))
 
     def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
         if not model_id or not str(model_id).strip():
@@ -439,6 +457,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                            label="More images, after the first one, in this order")
                     video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                if example_rows():
+                    gr.Examples(example_rows(), [image, prompt], label="Examples for the demo model",
+                                examples_per_page=6)
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
             with gr.Column(scale=3):
                 token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",

@@ -174,6 +174,27 @@ def box_area_fraction(box_xyxy: tuple[int, int, int, int], width: int, height: i
     return max(0, x1 - x0) * max(0, y1 - y0) / (width * height)
 
 
+def write_examples(out_dir: str, seed: int = 7, n: int = 6) -> None:
+    """PNG examples for the app, one per sample, and `examples.json` as [[file, question, answer], ...]."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        size = DEFAULT_SIZE if i < n - 2 else OTHER_SIZES[i % 2]  # the last two are not square
+        sample = make_sample(rng, size=size, question_type=QUESTION_TYPES[i % len(QUESTION_TYPES)])
+        name = f"shapes_{i}.png"
+        sample.image.save(out / name)
+        rows.append([name, sample.question, sample.answer])
+    (out / "examples.json").write_text("[\n" + ",\n".join(" " + json.dumps(r) for r in rows) + "\n]\n")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--examples":
+        write_examples(sys.argv[2])
     for s in make_samples(0, 5):
         print(s.image.size, s.question, "->", s.answer, s.box_xyxy, len(s.objects))

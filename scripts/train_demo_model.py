@@ -156,6 +156,31 @@ class Batcher:
                 "pixel_values": torch.cat(pix), "image_grid_thw": torch.tensor(grids)}
 
 
+def ShapeAt(obj):  # noqa: N802 - the object moved to the origin of its own box
+    x0, y0, x1, y1 = obj.box_xyxy
+    return demo_data.ShapeObject(obj.shape, obj.color, (0, 0, x1 - x0, y1 - y0))
+
+
+def token_labels(sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vision token (row-major, 28x28 px cells): shape class and colour class of the object
+    covering most of the cell (>= 25% of it), 0 = background. Targets of the auxiliary loss."""
+    width, height = sample.image.size
+    gh, gw = height // 28, width // 28
+    cover = np.zeros((len(sample.objects) + 1, gh * gw))  # pixels of each object per cell
+    for i, obj in enumerate(sample.objects):
+        x0, y0, x1, y1 = obj.box_xyxy
+        mask = np.zeros((height, width), np.float32)
+        box = demo_data.render([ShapeAt(obj)], (x1 - x0, y1 - y0), (0, 0, 0))
+        mask[y0:y1, x0:x1] = np.asarray(box).max(-1) > 0  # (H, W) object pixels
+        cover[i + 1] = mask.reshape(gh, 28, gw, 28).sum((1, 3)).reshape(-1)  # (gh*gw,)
+    cover[0] = 0.25 * 28 * 28 - 1e-3  # background unless an object covers >= 25% of the cell
+    owner = cover.argmax(0)  # (gh*gw,)
+    shape_lut = [0] + [1 + demo_data.SHAPES.index(o.shape) for o in sample.objects]
+    color_lut = [0] + [1 + list(demo_data.COLORS).index(o.color) for o in sample.objects]
+    shape_ids, color_ids = np.take(shape_lut, owner), np.take(color_lut, owner)
+    return torch.tensor(shape_ids), torch.tensor(color_ids)
+
+
 def check_against_processor(batcher: Batcher, seed: int = 123) -> None:
     """The fast path must reproduce what the app's processor call gives, token for token."""
     for s in demo_data.make_samples(seed, 8):
@@ -168,38 +193,111 @@ def check_against_processor(batcher: Batcher, seed: int = 123) -> None:
         assert err < 1e-4, f"pixel_values differ from the processor by {err}"
 
 
-def curriculum(step: int, total: int) -> dict:
-    """Sampling options for a step: single objects first (to learn shape), then mixed scenes."""
+def curriculum(step: int, total: int, two_object_until: float) -> dict:
+    """Sampling options for a step: single objects first (to learn shape), then two-object scenes
+    (the simplest that need a lookup of the asked-about object), then 2-4 objects."""
     frac = step / total
-    if frac < 0.15:
+    if frac < 0.1:
         return {"n_objects": 1}
-    if frac < 0.3:
+    if frac < two_object_until:
+        return {"n_objects": 2 if random.random() < 0.7 else 1}
+    if frac < 0.2:
         return {"n_objects": None if random.random() < 0.5 else 1}
     return {"n_objects": None if random.random() < 0.9 else 1}
 
 
-def batch_samples(seed: int, step: int, batch_size: int, total: int) -> list:
+def batch_samples(seed: int, step: int, batch_size: int, total: int, two_object_until: float) -> list:
     """The training batch of `step` depends only on (seed, step), so a resumed run sees the same data."""
     # string seeds: never equal to the integer seeds used for held-out evaluation and the benchmark
     rng = random.Random(f"train-{seed}-{step}")
     random.seed(f"curriculum-{seed}-{step}")  # for curriculum()
     size = demo_data.pick_size(rng)  # one size per batch keeps the sequences the same length
-    return [demo_data.make_sample(rng, size=size, **curriculum(step, total)) for _ in range(batch_size)]
+    return [demo_data.make_sample(rng, size=size, **curriculum(step, total, two_object_until))
+            for _ in range(batch_size)]
 
 
-def answer_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the answer word (last prompt position) and of <|im_end|> after it."""
-    out = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=2)
-    logits = out.logits  # (B, 2, V): predictions for [answer, <|im_end|>]
+class TokenProbe(torch.nn.Module):
+    """Training-only linear probe on the vision tokens (the merger's output): which shape and
+    colour is under each token. Its dense loss teaches the tiny vision tower shape features far
+    faster than one answer word per image; it is not saved and never touches the attention."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1 + 3 + 1 + 6)
+        self.features = None
+        model.model.visual.merger.register_forward_hook(lambda mod, inp, out: setattr(self, "features", out))
+
+    def loss(self, shape_ids, color_ids) -> torch.Tensor:
+        logits = self.head(self.features)  # (n_tokens, 11)
+        return F.cross_entropy(logits[:, :4], shape_ids) + F.cross_entropy(logits[:, 4:], color_ids)
+
+
+def vision_batch(seed: int, step: int, vision_steps: int) -> list:
+    """Stage-1 data: small single-object images first (cheap, ~4x fewer patches), then full scenes."""
+    rng = random.Random(f"vision-{seed}-{step}")
+    if step < vision_steps - 100:
+        return [demo_data.make_sample(rng, size=(112, 112), n_objects=1, question_type="color") for _ in range(64)]
+    return [demo_data.make_sample(rng, size=demo_data.pick_size(rng)) for _ in range(16)]
+
+
+def probe_step(model, probe, samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: train only the vision tower (+ probe) on per-token shape/colour labels."""
+    pixel_values, grids = zip(*[pixel_values_of(s.image) for s in samples])
+    shape_ids, color_ids = map(torch.cat, zip(*map(token_labels, samples)))  # (n_tokens,) each
+    model.model.visual(torch.cat(pixel_values), grid_thw=torch.tensor(grids))
+    loss = probe.loss(shape_ids, color_ids)
+    on_object = shape_ids > 0
+    acc = (probe.head(probe.features)[:, :4].argmax(-1)[on_object] == shape_ids[on_object]).float().mean()
+    return loss, acc
+
+
+def knockout_mask(model, inputs: dict, p_knockout: float, step: int = 0) -> dict:
+    """Training-only regulariser: in a random share of the samples, the prompt's text tokens after
+    the image may not attend to the image; only the last prompt position (which predicts the
+    answer) and the answer position still can. The model must then look things up from the
+    position whose attention the app shows, instead of routing the lookup through the question
+    words. At inference the mask is the ordinary causal one. Returns inputs with a 4-D float mask
+    and explicit M-RoPE positions (computed from the 2-D mask, as the model would)."""
+    input_ids, mask2d = inputs["input_ids"], inputs["attention_mask"]  # (B, S)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=mask2d)
+    bsz, seq = input_ids.shape
+    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool)).expand(bsz, seq, seq).clone()  # (B, q, kv)
+    allowed &= mask2d.bool()[:, None, :]
+    is_image = inputs["mm_token_type_ids"].bool()  # (B, S)
+    after_image = torch.cumsum(is_image.long(), 1).bool() & ~is_image  # text positions after the image
+    readers_blocked = after_image.clone()
+    readers_blocked[:, -2:] = False  # the last prompt position and the answer position keep the image
+    knocked = torch.rand(bsz, generator=torch.Generator().manual_seed(step)) < p_knockout  # (B,), per step
+    block = (knocked[:, None, None] & readers_blocked[:, :, None] & is_image[:, None, :])  # (B, q, kv)
+    allowed &= ~block
+    allowed |= torch.eye(seq, dtype=torch.bool)[None]  # padded rows attend to themselves (no NaN)
+    mask4d = torch.zeros(bsz, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    return {**inputs, "attention_mask": mask4d, "position_ids": position_ids}
+
+
+def answer_loss(model, probe, batch, aux_weight: float, p_knockout: float = 0.0,
+                step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answer word (last prompt position) and of <|im_end|> after it,
+    plus the vision-token probe loss."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shape_ids", "color_ids")}
+    if p_knockout > 0:
+        inputs = knockout_mask(model, inputs, p_knockout, step)
+    logits = model(**inputs, logits_to_keep=2).logits  # (B, 2, V): predictions for [answer, <|im_end|>]
     loss_answer = F.cross_entropy(logits[:, 0], batch["labels"][:, 0])
     loss_end = F.cross_entropy(logits[:, 1], batch["labels"][:, 1])
-    return loss_answer + 0.1 * loss_end, (logits[:, 0].argmax(-1) == batch["labels"][:, 0]).float().mean()
+    loss = loss_answer + 0.1 * loss_end
+    if aux_weight > 0:
+        loss = loss + aux_weight * probe.loss(batch["shape_ids"], batch["color_ids"])
+    return loss, (logits[:, 0].argmax(-1) == batch["labels"][:, 0]).float().mean()
 
 
 def with_labels(batcher: Batcher, samples) -> dict[str, torch.Tensor]:
     batch = batcher(samples)
     answers = torch.tensor([batcher.answer_ids[s.answer] for s in samples])
     batch["labels"] = torch.stack([answers, torch.full_like(answers, batcher.end_id)], 1)  # (B, 2)
+    shape_ids, color_ids = zip(*map(token_labels, samples))
+    batch["shape_ids"], batch["color_ids"] = torch.cat(shape_ids), torch.cat(color_ids)  # (n_tokens,)
     return batch
 
 
@@ -237,34 +335,48 @@ def train(args) -> None:
     model = build_model(processor.tokenizer, args)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    probe = TokenProbe(model)
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step = 0
     if args.resume and os.path.exists(args.ckpt):
         state = torch.load(args.ckpt, weights_only=False)
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resumed from %s at step %d", args.ckpt, step)
     model.train()
     t0, run_loss, run_acc = time.time(), 0.0, 0.0
-    while step < args.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        loss, acc = answer_loss(model, with_labels(batcher, batch_samples(args.seed, step, args.batch, args.steps)))
+    total = args.vision_steps + args.steps  # stage 1 (vision tower + probe), then stage 2 (everything)
+    while step < total:
+        stage2_step = step - args.vision_steps
+        if stage2_step < 0:
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / 50)
+            loss, acc = probe_step(model, probe, vision_batch(args.seed, step, args.vision_steps))
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(stage2_step, args.steps, args.lr)
+            batch = with_labels(batcher, batch_samples(args.seed, stage2_step, args.batch, args.steps,
+                                                     args.two_object_until))
+            loss, acc = answer_loss(model, probe, batch, args.aux_weight, args.knockout, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         run_loss, run_acc = run_loss + loss.item(), run_acc + acc.item()
         if step % args.log_every == 0:
-            log.info("step %d/%d loss %.3f acc %.3f lr %.2e %.2fs/step", step, args.steps, run_loss / args.log_every,
+            log.info("%s step %d/%d loss %.3f acc %.3f lr %.2e %.2fs/step", "answer" if stage2_step >= 0 else
+                     "vision-probe (acc = shape of object tokens)", step, total, run_loss / args.log_every,
                      run_acc / args.log_every, opt.param_groups[0]["lr"], (time.time() - t0) / args.log_every)
             t0, run_loss, run_acc = time.time(), 0.0, 0.0
-        if step % args.eval_every == 0 or step == args.steps:
+        if (stage2_step >= 0 and step % args.eval_every == 0) or step in (args.vision_steps, total):
             log.info("eval step %d: single %s | scenes %s", step, evaluate(model, batcher, 999, 150, n_objects=1),
                      evaluate(model, batcher, 998, 300))
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, args.ckpt)
+            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
+                        "step": step}, args.ckpt)
     save_and_verify(model, processor, args.out)
 
 
@@ -295,10 +407,16 @@ def main() -> None:
     p.add_argument("--ckpt", default="/tmp/demo_model_ckpt.pt", help="checkpoint for --resume")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=1500, help="stage 2: answer loss (+ probe)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vision-steps", type=int, default=550, help="stage 1: vision tower + probe only")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is faster when the 2 cores are shared")
+    p.add_argument("--two-object-until", type=float, default=0.35,
+                   help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)")
+    p.add_argument("--knockout", type=float, default=0.5,
+                   help="share of samples whose question words may not attend to the image (see knockout_mask)")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the vision-token probe loss")
     p.add_argument("--vision-depth", type=int, default=3)
     p.add_argument("--vision-dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=192)

@@ -40,12 +40,10 @@ def _scene(path, flip: bool = False) -> str:
     return str(path)
 
 
-@pytest.fixture
-def served_app(tiny_model_dirs, tmp_path):
-    model = os.environ.get("BROWSER_TEST_MODEL") or str(tiny_model_dirs["qwen2_5_vl"])
+def _serve(tmp_path, model_args: list[str]):
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *model_args, "--port", str(port),
                              "--device", "cpu"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
@@ -56,9 +54,42 @@ def served_app(tiny_model_dirs, tmp_path):
         except OSError:
             assert proc.poll() is None, (tmp_path / "app.log").read_text()
             time.sleep(0.5)
+    return url, proc
+
+
+@pytest.fixture
+def served_app(tiny_model_dirs, tmp_path):
+    url, proc = _serve(tmp_path, ["--model", str(tiny_model_dirs["qwen2_5_vl"])])
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture
+def served_default(tmp_path):
+    url, proc = _serve(tmp_path, [])                                   # no --model: the CPU default
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.mark.skipif(not (REPO / "demo_model" / "config.json").exists(), reason="the demo model is not present")
+def test_default_start_serves_the_demo_model_with_examples(served_default):
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(served_default)
+        expect(page.locator("#model-status")).to_contain_text("demo_model", timeout=60_000)
+        expect(page.locator("#layer-range-lo input[type=number]")).to_have_value("1", timeout=10_000)
+        page.get_by_text("What color is the circle?").first.click()           # an example row
+        expect(page.locator("#prompt textarea")).to_have_value("What color is the circle?", timeout=10_000)
+        page.locator("#generate-btn").click()
+        expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+        expect(page.locator("#caption")).to_contain_text("layers 1–3 · heads 0–1")
+        (REPO / "outputs").mkdir(exist_ok=True)
+        page.screenshot(path=str(REPO / "outputs" / "browser-test-demo.png"), full_page=True)
+        browser.close()
 
 
 def _picture_src(page) -> str:

@@ -1,0 +1,161 @@
+"""Localization benchmark for the demo model: does the answer token's attention point at the object?
+
+For held-out `demo_data` images it measures answer accuracy and the pointing game: the argmax cell
+of the answer token's heatmap (step 0), mapped to the cell centre in image pixels, must fall inside
+the box of the object the answer is about. The layer and head ranges are chosen on a validation
+seed and reported on a separate test seed, next to a shuffled-grid control whose expected value is
+the share of cells whose centre lies in the box (chance).
+
+    nice -n 15 python bench/bench_localization.py --model demo_model --n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo_data  # noqa: E402
+from attention_processor import token_heatmap  # noqa: E402
+from model_holder import ModelHolder  # noqa: E402
+
+log = logging.getLogger("bench_localization")
+REDUCES = ("mean", "max", "min")
+VALIDATION_SEED, TEST_SEED = 20_241, 31_337  # training uses string seeds, so neither was trained on
+
+
+@dataclass
+class Item:
+    """One generated answer and everything needed to score its heatmaps."""
+
+    sample: demo_data.Sample
+    run: object  # the engine's generation result
+    correct: bool
+
+
+def cell_hits_box(heat: np.ndarray, image_box_xyxy, target_box_xyxy) -> bool:
+    """True if the centre of heat's argmax cell (heat: (grid_h, grid_w)) lies in the target box."""
+    grid_h, grid_w = heat.shape
+    row, col = divmod(int(np.argmax(heat)), grid_w)
+    x0, y0, x1, y1 = image_box_xyxy
+    cx = x0 + (col + 0.5) * (x1 - x0) / grid_w
+    cy = y0 + (row + 0.5) * (y1 - y0) / grid_h
+    tx0, ty0, tx1, ty1 = target_box_xyxy
+    return tx0 <= cx < tx1 and ty0 <= cy < ty1
+
+
+def chance(grid_hw, image_box_xyxy, target_box_xyxy) -> float:
+    """Share of cells whose centre is in the target box = expected hit rate of a random cell."""
+    grid_h, grid_w = grid_hw
+    hits = [cell_hits_box(np.eye(grid_h * grid_w)[i].reshape(grid_h, grid_w), image_box_xyxy, target_box_xyxy)
+            for i in range(grid_h * grid_w)]
+    return float(np.mean(hits))
+
+
+def run_items(holder, seed: int, n: int) -> list[Item]:
+    items = []
+    for sample in demo_data.make_samples(seed, n):
+        run = holder.generate(sample.image, sample.question, max_new_tokens=2)
+        answer = str(run.generated_tokens[0]).strip().lower()
+        items.append(Item(sample, run, answer == sample.answer))
+    return items
+
+
+def pointing(items: list[Item], layers, heads, reduce: str, shuffle_seed: int | None = None,
+             any_object: bool = False) -> float:
+    """Pointing-game hit rate; with shuffle_seed, the heatmap cells are permuted first (control).
+    any_object: count a hit on any object's box (a diagnostic: "looked at an object, not the right one")."""
+    rng = np.random.default_rng(shuffle_seed)
+    hits = []
+    for it in items:
+        heat = token_heatmap(it.run, 0, layers=layers, heads=heads, reduce=reduce)  # (grid_h, grid_w)
+        if shuffle_seed is not None:
+            heat = rng.permutation(heat.reshape(-1)).reshape(heat.shape)
+        boxes = [o.box_xyxy for o in it.sample.objects] if any_object else [it.sample.box_xyxy]
+        hits.append(any(cell_hits_box(heat, it.run.vision.image_box_xyxy, box) for box in boxes))
+    return float(np.mean(hits))
+
+
+def ranges(n: int) -> list[tuple[int, int]]:
+    """All contiguous 0-based inclusive ranges (lo, hi) of n items."""
+    return [(lo, hi) for lo, hi in itertools.combinations_with_replacement(range(n), 2)]
+
+
+def choose_ranges(items: list[Item], n_layers: int, n_heads: int) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """Best (layers, heads) by mean-pointing on the validation items; ties go to the wider range."""
+    scored = [(pointing(items, lr, hr, "mean"), (lr[1] - lr[0]) + (hr[1] - hr[0]), lr, hr)
+              for lr in ranges(n_layers) for hr in ranges(n_heads)]
+    score, _, layers, heads = max(scored)
+    return layers, heads, score
+
+
+def accuracy(items: list[Item]) -> dict[str, float]:
+    out = {q: float(np.mean([it.correct for it in items if it.sample.question_type == q]))
+           for q in demo_data.QUESTION_TYPES if any(it.sample.question_type == q for it in items)}
+    out["all"] = float(np.mean([it.correct for it in items]))
+    return out
+
+
+def report(items, layers, heads, n_layers, n_heads, val_score) -> str:
+    all_heads = (0, n_heads - 1)
+    acc = accuracy(items)
+    lines = ["## Demo model localization benchmark", "",
+             f"test seed {TEST_SEED}, n={len(items)}; ranges chosen on validation seed {VALIDATION_SEED} "
+             f"(mean pointing there {val_score:.3f}); layers/heads are 0-based inclusive", "",
+             "| answer accuracy | " + " | ".join(acc) + " |", "|---" * (len(acc) + 1) + "|",
+             "| | " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |", "",
+             "| heatmap | layers | heads | reduce | pointing game |", "|---|---|---|---|---|"]
+    for layer in range(n_layers):
+        lines.append(f"| per layer | {layer}-{layer} | 0-{n_heads - 1} | mean "
+                     f"| {pointing(items, (layer, layer), all_heads, 'mean'):.3f} |")
+    lines.append(f"| all layers | 0-{n_layers - 1} | 0-{n_heads - 1} | mean "
+                 f"| {pointing(items, (0, n_layers - 1), all_heads, 'mean'):.3f} |")
+    for reduce in REDUCES:
+        lines.append(f"| **recommended** | {layers[0]}-{layers[1]} | {heads[0]}-{heads[1]} | {reduce} "
+                     f"| {pointing(items, layers, heads, reduce):.3f} |")
+    correct = [it for it in items if it.correct]
+    lines.append(f"| recommended, correct answers only (n={len(correct)}) | {layers[0]}-{layers[1]} "
+                 f"| {heads[0]}-{heads[1]} | mean | {pointing(correct, layers, heads, 'mean'):.3f} |")
+    lines.append(f"| recommended, argmax on ANY object (diagnostic) | {layers[0]}-{layers[1]} "
+                 f"| {heads[0]}-{heads[1]} | mean | {pointing(items, layers, heads, 'mean', any_object=True):.3f} |")
+    for qtype in demo_data.QUESTION_TYPES:
+        subset = [it for it in items if it.sample.question_type == qtype]
+        lines.append(f"| recommended, {qtype} questions (n={len(subset)}) | {layers[0]}-{layers[1]} "
+                     f"| {heads[0]}-{heads[1]} | mean | {pointing(subset, layers, heads, 'mean'):.3f} |")
+    shuffled = np.mean([pointing(items, layers, heads, "mean", shuffle_seed=s) for s in range(5)])
+    lines.append(f"| shuffled grid (control, 5 shuffles) | {layers[0]}-{layers[1]} | {heads[0]}-{heads[1]} "
+                 f"| mean | {shuffled:.3f} |")
+    chance_cells = np.mean([chance(it.run.vision.grid_hw, it.run.vision.image_box_xyxy, it.sample.box_xyxy)
+                            for it in items])
+    area = np.mean([demo_data.box_area_fraction(it.sample.box_xyxy, *it.sample.image.size) for it in items])
+    lines += ["", f"chance (share of cells centred in the target box): {chance_cells:.3f}; "
+              f"target box area fraction: {area:.3f}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo_model")
+    p.add_argument("--n", type=int, default=200, help="test images")
+    p.add_argument("--n-val", type=int, default=200, help="validation images for choosing the ranges")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    random.seed(0)
+    holder = ModelHolder.load(args.model, device="cpu", dtype="float32")
+    val = run_items(holder, VALIDATION_SEED, args.n_val)
+    n_layers, n_heads = holder.num_layers, holder.num_heads
+    layers, heads, val_score = choose_ranges(val, n_layers, n_heads)
+    log.info("validation: layers %s heads %s mean-pointing %.3f", layers, heads, val_score)
+    test = run_items(holder, TEST_SEED, args.n)
+    print(report(test, layers, heads, n_layers, n_heads, val_score))
+
+
+if __name__ == "__main__":
+    main()
