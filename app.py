@@ -196,13 +196,13 @@ class Handlers:
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
                   alpha, view, grid, renormalize=False, mask_sinks=False, relative=False,
-                  prompt_token=None) -> ViewSettings:
+                  prompt_token=None, exclude_system=False) -> ViewSettings:
         return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
                             heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
                             percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
                             grid=bool(grid), renormalize=bool(renormalize), mask_sinks=bool(mask_sinks),
                             relative=bool(relative), prompt_pos=None if prompt_token in (None, "") else
-                            int(prompt_token))
+                            int(prompt_token), exclude_system=bool(exclude_system))
 
     def _render(self, stored: StoredRun, *view_values):
         return self._render_with(stored, self._settings(*view_values))
@@ -212,7 +212,7 @@ class Handlers:
             picture, caption = render(stored, settings)
         except USER_ERRORS as err:
             raise gr.Error(str(err)) from err
-        table = share_table(stored, settings.layers, settings.heads, settings.step_idx)
+        table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
         return picture, caption, pd.DataFrame(table)
 
     def render(self, run_id, *view_values):
@@ -279,7 +279,7 @@ class Handlers:
         try:
             matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
             pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
-                                    exclude_positions=system_positions(stored.run))
+                                    exclude_positions=system_positions(stored.run) if s.exclude_system else ())
             tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) \
                 if n_maps <= self.cfg.max_gallery_maps else []
         except USER_ERRORS as err:
@@ -297,13 +297,13 @@ class Handlers:
 
     def matrix_click(self, run_id, matrix_ranges, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce,
                      normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
-                     evt: gr.SelectData):
+                     exclude_system=False, evt: gr.SelectData = None):
         """A click on the layer × head matrix selects that single layer and head."""
         if not matrix_ranges:
             raise gr.Error("Press 'Show analysis' first.")
         layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
         rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
-                               view, grid, renormalize, mask_sinks, relative, prompt_token)
+                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system)
         return (*rendered, layer, layer, head, head)
 
     def region_click(self, run_id, region, view, evt: gr.SelectData):
@@ -402,8 +402,8 @@ def build_analysis() -> dict[str, gr.components.Component]:
         with gr.Row():
             matrix = gr.Image(type="pil", format="png", interactive=False, elem_id="head-matrix",
                               label="Layer × head (click a cell to show that head's map)")
-            text = gr.HighlightedText(label="What the token attends to in the text (BOS and system prompt "
-                                      "excluded and shown unhighlighted)", elem_id="text-attention")
+            text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
+                                      "system prompt', those are shown unhighlighted)", elem_id="text-attention")
         gallery = gr.Gallery(label="Per-head maps (S step, L layer, H head; 1-based)", columns=8, height=420,
                              elem_id="head-gallery")
         with gr.Row():
@@ -484,6 +484,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     renormalize = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
                     mask_sinks = gr.Checkbox(False, label="Mask sink cells", elem_id="mask-sinks")
                     relative = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
+                    exclude_system = gr.Checkbox(False, label="Exclude BOS and system prompt",
+                                                 elem_id="exclude-system")
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
                                    elem_id="overlay")
                 caption = gr.Markdown("", elem_id="caption")
@@ -497,7 +499,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid, renormalize, mask_sinks, relative, prompt_token]
+                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system]
         sliders = [layer_lo, layer_hi, head_lo, head_hi]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
@@ -515,7 +517,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                            [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region],
                            api_name="generate", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
-               renormalize.input, mask_sinks.input, prompt_token.input],
+               renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
               h.render, [run_id, *view_inputs], view_outputs, api_name="render", trigger_mode="always_last",
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",

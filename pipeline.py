@@ -80,6 +80,19 @@ class StoredRun:
             self.images = [self.image]
         if self.shares is None:
             self.shares = vision_share(self.run)
+        first_vision = int(self.run.vision.token_positions[0])          # BOS, system prompt, chat header
+        self.system_shares = np.stack([rows[:, :, :first_vision].float().sum(-1).numpy()
+                                       for rows in self.run.rows])      # (T, L, H)
+
+    def image_share(self, layers, heads, exclude_system: bool = False) -> np.ndarray:
+        """(T,) mean share of each token's attention on the image(s), over the selected layers and heads;
+        with exclude_system, measured among the tokens after the system prompt."""
+        layer_sel = range_slice(layers, self.run.layer_indices, "layer")
+        shares = self.shares[:, layer_sel, heads[0]:heads[1] + 1]                   # (T, l, h)
+        if exclude_system:
+            rest = 1.0 - self.system_shares[:, layer_sel, heads[0]:heads[1] + 1]
+            shares = shares / np.clip(rest, 1e-12, None)
+        return shares.mean(axis=(1, 2))
 
     @property
     def is_single_image(self) -> bool:
@@ -164,6 +177,7 @@ class ViewSettings:
     renormalize: bool = False                # each head's image attention rescaled to sum to 1
     mask_sinks: bool = False                 # sink cells set to the map's floor
     relative: bool = False                   # divided by the generic-prompt map of the same image
+    exclude_system: bool = False             # shares measured without BOS and the system prompt
     prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
 
@@ -270,7 +284,7 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
     layer_sel = range_slice(s.layers, run.layer_indices, "layer")
     if s.prompt_pos is None:
-        share = stored.shares[s.step_idx, layer_sel, s.heads[0]:s.heads[1] + 1].mean()
+        share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
         who = f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r}"
     else:
         rows = run.prompt_attention(s.prompt_pos)[layer_sel, s.heads[0]:s.heads[1] + 1]   # (l, h, pos + 1)
@@ -285,7 +299,8 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     sinks = int(stored.sinks(s.layers, s.heads).sum()) if s.mask_sinks else 0
     options = [name for flag, name in ((s.renormalize, "renormalised within the image"),
                                        (s.mask_sinks, f"{sinks} sink cells masked"),
-                                       (s.relative, "divided by the generic-prompt map")) if flag]
+                                       (s.relative, "divided by the generic-prompt map"),
+                                       (s.exclude_system, "shares without BOS and the system prompt")) if flag]
     if options:
         text += " Options: " + ", ".join(options) + "."
     width, height = run.vision.image_size
@@ -295,11 +310,11 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     return text
 
 
-def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int) -> dict:
+def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int,
+                exclude_system: bool = False) -> dict:
     """Columns for a plot of the attention share on the image, per generated token."""
     run = stored.run
-    layer_sel = range_slice(layers, run.layer_indices, "layer")
-    shares = stored.shares[:, layer_sel, heads[0]:heads[1] + 1].mean(axis=(1, 2))
+    shares = stored.image_share(layers, heads, exclude_system)
     return {"step": list(range(run.num_steps)), "share": [float(v) for v in shares],
             "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
             "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}

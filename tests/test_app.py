@@ -149,6 +149,12 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     matrix, highlighted, gallery, note, ranges = handlers.analysis(run_id, "share", *_view())
     assert matrix.size[0] > 4 * 20 and matrix.size[1] > 3 * 20          # 3 layers x 4 heads of cells
     assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note.startswith("Sink cells")
+    _, unexcluded, *_ = handlers.analysis(run_id, "share", *_view(), False, False, False, "", True)
+    assert any(score is None for _, score in unexcluded)                    # BOS and system prompt unhighlighted
+    _, caption, table = handlers.render(run_id, *_view(), False, False, False, "", True)
+    _, plain_caption, plain_table = handlers.render(run_id, *_view())
+    assert "without BOS and the system prompt" in caption
+    assert (table["share"] >= plain_table["share"] - 1e-6).all()             # a smaller denominator
     assert any(text.startswith("[image:") for text, _ in highlighted)
     assert max(score for _, score in highlighted if score is not None) == 1.0
     entropy_matrix, *_ = handlers.analysis(run_id, "entropy", *_view())

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -160,4 +161,45 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("2 images on one scale", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-images.png"))
+        browser.close()
+
+
+def _clip(path) -> str:
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4, (224, 168))
+    for k in range(8):
+        frame = np.full((168, 224, 3), 230, dtype=np.uint8)
+        cv2.circle(frame, (30 + 22 * k, 84), 20, (40, 40, 220), -1)          # a red ball moving right (BGR)
+        writer.write(frame)
+    writer.release()
+    return str(path)
+
+
+def test_video_and_baseline_views(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1250})
+        page.goto(served_app)
+        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
+        page.locator("#image-input input[type=file]").set_input_files(_scene(tmp_path / "scene.png"))
+        page.locator("#prompt textarea").fill("Where is the ball?")
+        page.locator("#generate-btn").click()
+        expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+        page.locator("#relative input").check()                              # a generic-prompt pass, cached
+        expect(page.locator("#caption")).to_contain_text("divided by the generic-prompt map", timeout=60_000)
+        page.locator("#exclude-system input").check()
+        expect(page.locator("#caption")).to_contain_text("without BOS and the system prompt", timeout=20_000)
+        (REPO / "outputs").mkdir(exist_ok=True)
+        page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-relative.png"))
+
+        page.goto(served_app)                                                 # a fresh session, a video only
+        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
+        page.locator("#prompt textarea").fill("Where does the ball go?")
+        page.get_by_text("More images, or a video (Qwen)").click()
+        page.locator("#video-input input[type=file]").set_input_files(_clip(tmp_path / "ball.mp4"))
+        page.wait_for_timeout(1500)
+        page.locator("#generate-btn").click()
+        expect(page.locator("#caption")).to_contain_text("time steps of the video on one scale", timeout=60_000)
+        page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-video.png"))
         browser.close()
