@@ -97,11 +97,11 @@ def _decoder(tokenizer):
 
 
 def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None, mask_blank: bool = True,
-              max_side: int = 768) -> str:
+              max_side: int = 640) -> str:
     """A self-contained HTML page: each patch's top token over the image, a layer slider, and the
     top-5 with probabilities on hover. All text is escaped; nothing is fetched from the network."""
-    scale = min(1.0, max_side / max(image.size))
-    shown = image.resize((round(image.size[0] * scale), round(image.size[1] * scale))) if scale < 1 else image
+    scale = max_side / max(image.size)                                  # small images grow so labels fit
+    shown = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)))
     buffer = io.BytesIO()
     shown.convert("RGB").save(buffer, format="JPEG", quality=85)
     data_uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
