@@ -4,7 +4,7 @@
                   [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
                   [--session-cache-mb 2048] [--trust-remote-code]
 
-The work happens in `pipeline.py` and the modules below it.
+The work happens in `pipeline.py`, `views.py` and the modules below them.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
-from pipeline import (DISPLAY_NORMALIZATIONS, VIEWS, ModelSlot, RunStore, StoredRun, ViewSettings, export_run,
-                      matrix_cell, matrix_picture, render, save_gallery_zip, save_page, save_picture,
-                      share_table)
+from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
+from views import (DISPLAY_NORMALIZATIONS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture, render,
+                   share_table)
 from utils import load_image, load_video
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 

@@ -18,7 +18,7 @@ from string import Template
 from PIL import Image
 
 from attention_extractor import AttentionRun
-from pipeline import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings, render, share_table
+from views import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings, render, share_table
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")

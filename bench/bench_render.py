@@ -1,7 +1,7 @@
 """Server-side re-render time for one slider move, at 1024×768.
 
-A slider move runs `pipeline.render` (heatmap over the layer/head range, normalisation, colormap
-overlay at the original size) and `pipeline.share_table` (the per-token plot), and then the
+A slider move runs `views.render` (heatmap over the layer/head range, normalisation, colormap
+overlay at the original size) and `views.share_table` (the per-token plot), and then the
 picture is encoded for the browser. The run has the
 shape a Qwen2.5-VL-7B generation would have for a 1024×768 image (28 layers × 28 heads, a
 27×37 token grid, 64 generated tokens); its attention values are random, which does not change
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_extractor import AttentionRun  # noqa: E402
 from families import VisionLayout  # noqa: E402
-from pipeline import StoredRun, ViewSettings, render, share_table  # noqa: E402
+from views import StoredRun, ViewSettings, render, share_table  # noqa: E402
 
 LAYERS, HEADS, GRID_HW, PROMPT_TEXT, STEPS = 28, 28, (27, 37), 40, 64
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import noise_image
-from pipeline import StoredRun
+from views import StoredRun
 from report import script_json, share_svg, visible_token, write_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
