@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from analysis import relative_heatmap, sink_cells
 from attention_extractor import AttentionRun
 from attention_processor import (heatmap_range, image_shares, normalize_heatmap, prompt_token_heatmap,
                                  range_slice, token_heatmap, vision_share)
-from visualization import heatmap_image, labelled, overlay, side_by_side
+from visualization import colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
@@ -244,13 +244,9 @@ MATRIX_CELL_PX, MATRIX_MARGIN_PX = 22, 36
 
 def matrix_picture(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, int], metric: str) -> Image.Image:
     """(l, h) values as a picture: one row per layer, one column per head, labelled 0-based."""
-    import cv2
-    from PIL import ImageDraw
     cell, margin = MATRIX_CELL_PX, MATRIX_MARGIN_PX
     unit = normalize_heatmap(values, "fixed", value_range=(0.0, max(float(values.max()), 1e-6)))  # (l, h)
-    cells = cv2.resize(unit, (unit.shape[1] * cell, unit.shape[0] * cell), interpolation=cv2.INTER_NEAREST)
-    colored = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(cells, alpha=255.0), cv2.COLORMAP_VIRIDIS),
-                           cv2.COLOR_BGR2RGB)                                   # OpenCV is BGR
+    colored = colorize(unit, (unit.shape[1] * cell, unit.shape[0] * cell), "viridis", "nearest")  # RGB
     canvas = Image.new("RGB", (colored.shape[1] + margin, colored.shape[0] + margin), "white")
     canvas.paste(Image.fromarray(colored), (margin, margin))
     draw = ImageDraw.Draw(canvas)

@@ -43,7 +43,7 @@ def _scaled(heatmap: np.ndarray, value_range: tuple[float, float] | None) -> np.
     return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
+def colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
               interpolation: Interpolation) -> np.ndarray:
     """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB uint8 at `size_wh`."""
     if colormap not in COLORMAPS:
@@ -74,7 +74,7 @@ def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, 
     """Blend the colour-mapped grid into `base` (h, w, 3 uint8, in place) inside the box; hatch the rest."""
     height, width = base.shape[:2]
     x0, y0, x1, y1 = _box_pixels(box_xyxy)
-    color = _colorize(_scaled(heatmap, value_range), (x1 - x0, y1 - y0), colormap, interpolation)  # box-sized
+    color = colorize(_scaled(heatmap, value_range), (x1 - x0, y1 - y0), colormap, interpolation)  # box-sized
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)  # box ∩ image
     inside = np.zeros((height, width), dtype=bool)
     if cx1 > cx0 and cy1 > cy0:
