@@ -254,3 +254,21 @@ def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, imag
     stored = handlers.store.get(_generate(handlers, image_file)[0])
     path = write_report(stored, Image.open(image_file), tmp_path / "report.html")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
+def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, family):
+    portrait = tmp_path / "portrait.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (333, 201, 3), dtype=np.uint8)).save(portrait)
+    handlers.load_model(str(tiny_model_dirs[family]))
+    run_id, *_ = _generate(handlers, str(portrait))
+    for view in ("overlay", "side_by_side", "heatmap"):
+        for normalization in ("minmax", "percentile", "shared"):
+            picture, caption, _ = handlers.render(run_id, *_view(view=view, normalization=normalization, grid=True),
+                                                  True, True, False, "", True)
+            assert picture.size[1] == 333 and caption.startswith("Token 0")
+    handlers.relative_toggle(run_id, *_view(), False, False, True, "", False)
+    handlers.analysis(run_id, "entropy", *_view())
+    handlers.region_click(run_id, [], "overlay", evt=gr.SelectData(None, {"index": [100, 160], "value": None}))
+    assert handlers.lens(run_id)[0].startswith("<iframe")
+    assert len(handlers.export_attention(run_id)) == 2
