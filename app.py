@@ -28,11 +28,12 @@ from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region
                       text_attention)
 from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
+from faithfulness import faithfulness
 from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
-from views import (DISPLAY_NORMALIZATIONS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture, render,
-                   share_table)
+from views import (DISPLAY_NORMALIZATIONS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture, raw_heatmap,
+                   render, share_table)
 from utils import load_image, load_video
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
@@ -354,6 +355,30 @@ class Handlers:
                  f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
         return frame, str(path)
 
+    def verify(self, run_id, *view_values, progress=gr.Progress()):
+        """Deletion and insertion curves of the current map against a random order (model passes)."""
+        stored, s = self._single(run_id), self._settings(*view_values)
+        holder = self.slot.holder
+        if holder is None or holder.model_id != stored.run.model_id:
+            raise gr.Error(f"Verifying needs the model that made this result ({stored.run.model_id}). Load it again.")
+        if s.prompt_pos is not None:
+            raise gr.Error("Verify works on generated tokens; pick one from the token list.")
+        progress(0, desc="Blurring cells in map order and in a random order")
+        try:
+            with self.slot.lock:
+                result = faithfulness(holder, stored.run, stored.image, s.step_idx, raw_heatmap(stored, s))
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        curves = {"deletion (map order)": result.deletion, "deletion (random order)": result.random_deletion,
+                  "insertion (map order)": result.insertion, "insertion (random order)": result.random_insertion}
+        table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
+                              for name, curve in curves.items() for f, p in zip(result.fractions, curve)])
+        auc = result.summary()
+        verdict = (f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
+                   f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
+                   f"vs random {auc['random_insertion']:.3f}. Cells are blurred at about one token's size.")
+        return table, verdict
+
     def gallery_download(self, run_id, *view_values) -> str:
         stored, s = self._single(run_id), self._settings(*view_values)
         n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
@@ -413,6 +438,12 @@ def build_analysis() -> dict[str, gr.components.Component]:
             lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
             lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
         lens_view = gr.HTML("", elem_id="logit-lens")
+        with gr.Row():
+            verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
+                                   elem_id="verify-btn")
+            verify_note = gr.Markdown("", elem_id="verify-note")
+        verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=240, elem_id="verify-plot",
+                                  title="Probability of the token as cells are deleted or inserted")
         gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
                     "(click again to remove a cell).")
         with gr.Row():
@@ -424,7 +455,8 @@ def build_analysis() -> dict[str, gr.components.Component]:
                 region_clear = gr.Button("Clear region", elem_id="region-clear")
     return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
             "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
-            "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file}
+            "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file, "verify_btn": verify_btn,
+            "verify_plot": verify_plot, "verify_note": verify_note}
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
@@ -544,6 +576,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                                             analysis["region_note"]], api_name=False)
         analysis["lens_btn"].click(h.lens, [run_id], [analysis["lens_view"], analysis["lens_file"]],
                                    api_name="logit_lens", **model_events)
+        analysis["verify_btn"].click(h.verify, [run_id, *view_inputs],
+                                     [analysis["verify_plot"], analysis["verify_note"]], api_name="verify",
+                                     **model_events)
         analysis["zip"].click(h.gallery_download, [run_id, *view_inputs], [files], api_name="gallery_zip",
                               **render_events)
         png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)

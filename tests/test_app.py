@@ -272,3 +272,15 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
     handlers.region_click(run_id, [], "overlay", evt=gr.SelectData(None, {"index": [100, 160], "value": None}))
     assert handlers.lens(run_id)[0].startswith("<iframe")
     assert len(handlers.export_attention(run_id)) == 2
+
+
+def test_verify_this_map(handlers, tiny_model_dirs, image_file):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    table, verdict = handlers.verify(run_id, *_view())
+    assert set(table["curve"]) == {"deletion (map order)", "deletion (random order)", "insertion (map order)",
+                                   "insertion (random order)"}
+    assert len(table) == 4 * 9 and table["probability"].between(0, 1).all()
+    assert "Deletion AUC" in verdict and "Insertion AUC" in verdict
+    with pytest.raises(gr.Error, match="generated tokens"):
+        handlers.verify(run_id, *_view(), False, False, False, 5)

@@ -142,6 +142,11 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
         page.locator("#analysis").screenshot(path=str(REPO / "outputs" / "browser-test-analysis.png"))
 
+        page.locator("#verify-btn").click()                                   # faithfulness check
+        expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
+        page.wait_for_timeout(500)
+        page.locator("#verify-plot").screenshot(path=str(REPO / "outputs" / "browser-test-verify.png"))
+
         page.locator("#overlay img").click(position={"x": 20, "y": 20})        # image → text: pick a cell
         expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
         page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
