@@ -59,13 +59,8 @@ def _cell_slices(run: AttentionRun, size_wh: tuple[int, int]) -> list[tuple[slic
 def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Image) -> float:
     """p(generated token step_idx | image, prompt, earlier tokens), one teacher-forced forward."""
     settings = run.settings
-    inputs = holder.build_inputs(image, settings.get("prompt", ""), settings.get("min_pixels"),
-                                 settings.get("max_pixels"))
-    earlier = torch.tensor([run.generated_ids[:step_idx]], dtype=torch.long)         # (1, step_idx)
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], earlier], dim=1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(earlier)], dim=1)
+    inputs = holder.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
+                                          settings.get("min_pixels"), settings.get("max_pixels"))
     with torch.inference_mode():
         logits = holder.model(**inputs.to(holder.input_device)).logits[0, -1].float()  # (vocab,)
     return float(torch.softmax(logits, dim=-1)[run.generated_ids[step_idx]])

@@ -155,6 +155,20 @@ class ModelHolder:
             raise ValueError(f"The processor could not prepare the input ({sizes}): {err} Crop it to a less "
                              "extreme aspect ratio or resize it, then try again.") from err
 
+    def teacher_forced_inputs(self, image, prompt: str, continuation: list[int], min_pixels: int | None = None,
+                              max_pixels: int | None = None):
+        """Model inputs for prompt + `continuation` ids in one forward (no generation), batch of 1.
+
+        The logits at position len(prompt) - 1 + t are then those that chose continuation[t].
+        """
+        inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
+        extra = torch.tensor([continuation], dtype=torch.long)                  # (1, len(continuation))
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if "mm_token_type_ids" in inputs:                                       # text tokens are type 0
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+        return inputs
+
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
                       max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
         """Refuse up front what would overflow the model's context or the capture's memory."""

@@ -93,6 +93,19 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         browser.close()
 
 
+def _generate_in_page(browser, url: str, image_path: str, prompt: str):
+    """A new page on the app, with a model loaded, the image uploaded and the first token drawn."""
+    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1400, "height": 1250})
+    page.goto(url)
+    expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
+    page.locator("#image-input input[type=file]").set_input_files(image_path)
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate-btn").click()
+    expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+    return page
+
+
 def _picture_src(page) -> str:
     return page.locator("#overlay img").get_attribute("src") or ""
 
@@ -101,13 +114,7 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1250})
-        page.goto(served_app)
-        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
-        page.locator("#image-input input[type=file]").set_input_files(_scene(tmp_path / "scene.png"))
-        page.locator("#prompt textarea").fill("What color is the circle?")
-        page.locator("#generate-btn").click()
-        expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
         first = _picture_src(page)
         assert first
 
@@ -184,13 +191,7 @@ def test_video_and_baseline_views(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1250})
-        page.goto(served_app)
-        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
-        page.locator("#image-input input[type=file]").set_input_files(_scene(tmp_path / "scene.png"))
-        page.locator("#prompt textarea").fill("Where is the ball?")
-        page.locator("#generate-btn").click()
-        expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the ball?")
         page.locator("#relative input").check()                              # a generic-prompt pass, cached
         expect(page.locator("#caption")).to_contain_text("divided by the generic-prompt map", timeout=60_000)
         page.locator("#exclude-system input").check()

@@ -22,13 +22,8 @@ def _teacher_forced_eager(holder, image, prompt, generated_ids) -> list[torch.Te
 
     Returns per step t the rows (L, H, prompt_len + t) of the query at prompt_len - 1 + t.
     """
-    inputs = holder.build_inputs(image, prompt)
-    prompt_len = inputs["input_ids"].shape[1]
-    extra = torch.tensor([generated_ids[:-1]], dtype=torch.long)              # (1, T-1)
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)       # (1, S + T - 1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    inputs = holder.teacher_forced_inputs(image, prompt, generated_ids[:-1])   # (1, S + T - 1)
+    prompt_len = inputs["input_ids"].shape[1] - (len(generated_ids) - 1)
     saved = holder.model.config.get_text_config()._attn_implementation
     holder.model.set_attn_implementation({"text_config": "eager"})
     try:
