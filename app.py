@@ -28,13 +28,14 @@ from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region
                       text_attention)
 from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
+from explain import gradient_map, rollout_map
 from faithfulness import faithfulness
 from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
-from views import (DISPLAY_NORMALIZATIONS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture, raw_heatmap,
-                   render, share_table)
 from utils import load_image, load_video
+from views import (DISPLAY_NORMALIZATIONS, METHODS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture,
+                   raw_heatmap, render, share_table)
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
@@ -174,7 +175,7 @@ class Handlers:
         for count, piece in enumerate(streamer, start=1):
             text += piece
             progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-            yield (gr.skip(), text) + (gr.skip(),) * 9
+            yield (gr.skip(), text) + (gr.skip(),) * 10
         worker.join()                                                   # the streamer ends before the run is built
         if "error" in outcome:
             err = outcome["error"]
@@ -188,22 +189,23 @@ class Handlers:
         choices = [(_token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(_token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
         # A new result starts without the options that need extra work (baseline) or one image (sinks).
-        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None)
+        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None,
+                        method="attention")
         picture, caption, plot = self._render_with(stored, fresh)
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
                picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
-               False, False, [])
+               False, False, [], "attention")
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
                   alpha, view, grid, renormalize=False, mask_sinks=False, relative=False,
-                  prompt_token=None, exclude_system=False) -> ViewSettings:
+                  prompt_token=None, exclude_system=False, method="attention") -> ViewSettings:
         return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
                             heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
                             percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
                             grid=bool(grid), renormalize=bool(renormalize), mask_sinks=bool(mask_sinks),
                             relative=bool(relative), prompt_pos=None if prompt_token in (None, "") else
-                            int(prompt_token), exclude_system=bool(exclude_system))
+                            int(prompt_token), exclude_system=bool(exclude_system), method=method or "attention")
 
     def _render(self, stored: StoredRun, *view_values):
         return self._render_with(stored, self._settings(*view_values))
@@ -259,6 +261,27 @@ class Handlers:
                 raise gr.Error(str(err)) from err
         return self._render(stored, *view_values)
 
+    def method_select(self, run_id, *view_values, progress=gr.Progress()):
+        """Compute the rollout or gradient maps of every generated token once (model passes), then render."""
+        stored, settings = self._stored(run_id), self._settings(*view_values)
+        if settings.method != "attention" and settings.method not in stored.method_maps:
+            holder = self.slot.holder
+            if holder is None or holder.model_id != stored.run.model_id:
+                raise gr.Error(f"The {settings.method} maps need the model that made this result "
+                               f"({stored.run.model_id}). Load it again.")
+            if not stored.is_single_image:
+                raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
+            compute = {"rollout": rollout_map,
+                       "gradient": functools.partial(gradient_map, max_mb=self.cfg.max_gradient_mb)}[settings.method]
+            try:
+                with self.slot.lock:
+                    stored.method_maps[settings.method] = [
+                        compute(holder, stored.run, stored.image, t)
+                        for t in progress.tqdm(range(stored.run.num_steps), desc=f"{settings.method} maps")]
+            except USER_ERRORS as err:
+                raise gr.Error(str(err)) from err
+        return self._render(stored, *view_values)
+
     # -- analysis ---------------------------------------------------------------------------------
     def _stored(self, run_id) -> StoredRun:
         try:
@@ -298,13 +321,14 @@ class Handlers:
 
     def matrix_click(self, run_id, matrix_ranges, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce,
                      normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
-                     exclude_system=False, evt: gr.SelectData = None):
+                     exclude_system=False, method="attention", evt: gr.SelectData = None):
         """A click on the layer × head matrix selects that single layer and head."""
         if not matrix_ranges:
             raise gr.Error("Press 'Show analysis' first.")
         layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
         rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
-                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system)
+                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system,
+                               method)
         return (*rendered, layer, layer, head, head)
 
     def region_click(self, run_id, region, view, evt: gr.SelectData):
@@ -518,6 +542,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     relative = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
                     exclude_system = gr.Checkbox(False, label="Exclude BOS and system prompt",
                                                  elem_id="exclude-system")
+                method = gr.Radio(list(METHODS), value="attention", elem_id="method",
+                                  label="Map: raw attention (layer and head ranges apply), rollout through all "
+                                        "layers, or gradient-weighted attention (computed on demand)")
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
                                    elem_id="overlay")
                 caption = gr.Markdown("", elem_id="caption")
@@ -531,7 +558,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system]
+                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method]
         sliders = [layer_lo, layer_hi, head_lo, head_hi]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
@@ -546,7 +573,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                   concurrency_limit=None)
         generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
                                         *view_inputs, extra_state, video_state],
-                           [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region],
+                           [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region,
+                            method],
                            api_name="generate", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
@@ -562,6 +590,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
+        method.input(h.method_select, [run_id, *view_inputs], view_outputs, api_name="method", **model_events)
         analysis_inputs = [run_id, analysis["metric"], *view_inputs]
         matrix_ranges = gr.State([])
         analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"], matrix_ranges]

@@ -49,6 +49,7 @@ class AppConfig:
     max_prompt_chars: int = 8000              # longer prompts are refused by the app
     max_upload: str = "50mb"                  # largest file the server accepts
     max_gallery_maps: int = 64                # per-head gallery size limit (layers × heads)
+    max_gradient_mb: int = 8192               # memory allowed for a gradient-weighted attention pass
     trust_remote_code: bool = False           # run a checkpoint's own Python code (off unless asked for)
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)
     outputs_dir: Path = REPO_DIR / "outputs"

@@ -18,6 +18,9 @@ from attention_processor import (heatmap_range, image_shares, normalize_heatmap,
 from visualization import colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
+METHODS: tuple[str, ...] = ("attention", "rollout", "gradient")
+METHOD_CAPTIONS = {"rollout": "attention rollout through all layers (heads averaged, residual mixed in)",
+                   "gradient": "gradient-weighted attention, all layers (Chefer et al.)"}
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
 
 
@@ -30,6 +33,7 @@ class StoredRun:
     images: list[Image.Image] = field(default_factory=list)           # per layout; video: per time step
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
+    method_maps: dict = field(default_factory=dict)                     # method -> [(grid_h, grid_w)] per step
     _ranges: dict = field(default_factory=dict)
     _sinks: dict = field(default_factory=dict)
 
@@ -60,7 +64,8 @@ class StoredRun:
     def nbytes(self) -> int:
         pixels = sum(image.size[0] * image.size[1] * 3 for image in self.images)
         baseline = self.baseline.nbytes if self.baseline is not None else 0
-        return self.run.nbytes + pixels + self.shares.nbytes + baseline
+        methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
+        return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
 
     def shared_range(self, settings: "ViewSettings") -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
@@ -96,6 +101,7 @@ class ViewSettings:
     renormalize: bool = False                # each head's image attention rescaled to sum to 1
     mask_sinks: bool = False                 # sink cells set to the map's floor
     relative: bool = False                   # divided by the generic-prompt map of the same image
+    method: str = "attention"                # attention | rollout | gradient
     exclude_system: bool = False             # shares measured without BOS and the system prompt
     prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
@@ -103,6 +109,8 @@ class ViewSettings:
 
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
+    if s.method != "attention":
+        return method_heatmap(stored, s)
     if s.prompt_pos is not None:
         heat = prompt_token_heatmap(stored.run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize)
     else:
@@ -113,6 +121,24 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
                               "Tick 'Relative to a generic prompt' again to compute it.")
         heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce,
                                                     s.renormalize))
+    if s.mask_sinks:
+        sinks = stored.sinks(s.layers, s.heads)
+        if sinks.any() and not sinks.all():
+            heat = np.where(sinks, heat[~sinks].min(), heat).astype(np.float32)
+    return heat
+
+
+def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
+    """A rollout or gradient-weighted map, computed beforehand for every generated token."""
+    if s.method not in METHODS:
+        raise ValueError(f"Unknown method {s.method!r}; choose one of {METHODS}.")
+    if s.prompt_pos is not None or s.relative:
+        raise ValueError(f"The {s.method} map is for generated tokens, without the generic-prompt division; "
+                         "pick a generated token and untick 'Relative to a generic prompt'.")
+    maps = stored.method_maps.get(s.method)
+    if maps is None:
+        raise LookupError(f"The {s.method} maps are not computed yet; select the method again to compute them.")
+    heat = maps[s.step_idx]
     if s.mask_sinks:
         sinks = stored.sinks(s.layers, s.heads)
         if sinks.any() and not sinks.all():
@@ -165,9 +191,9 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
 
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
     """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
-    if s.relative or s.mask_sinks:
-        raise ValueError("'Relative to a generic prompt' and 'Mask sink cells' work with a single image; "
-                         "untick them to compare several images or frames.")
+    if s.relative or s.mask_sinks or s.method != "attention":
+        raise ValueError("'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
+                         "with a single image; untick them (method: attention) to compare several images or frames.")
     panels = _panels(stored, s)
     heats = np.concatenate([heat.ravel() for _, heat, _, _ in panels])
     lo, hi = float(heats.min()), float(np.percentile(heats, s.percentile) if s.normalization == "percentile"
@@ -211,8 +237,9 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
         who = f"Prompt token {s.prompt_pos} {piece!r}"
     grid_h, grid_w = run.vision.grid_hw
-    text = (f"{who} · layers {_range_text(s.layers)} · "
-            f"heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps · normalised: {norm} · "
+    what = (f"layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps"
+            if s.method == "attention" else METHOD_CAPTIONS[s.method])
+    text = (f"{who} · {what} · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
             f"(peak cell {heat.max():.3g}).")
     sinks = int(stored.sinks(s.layers, s.heads).sum()) if s.mask_sinks else 0

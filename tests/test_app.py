@@ -182,7 +182,7 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     # A new generation starts with the baseline and sink options unticked, whatever the boxes said.
     *_, last = handlers.generate(image_file, "Again", 2, False, 0.7, 0.9, 0, 0, *_view(), False, True, True, "",
                                  None, None)
-    assert last[-3:] == (False, False, []) and "Options" not in last[5]
+    assert last[-4:] == (False, False, [], "attention") and "Options" not in last[5]
 
 
 def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs, image_file):
@@ -284,3 +284,19 @@ def test_verify_this_map(handlers, tiny_model_dirs, image_file):
     assert "Deletion AUC" in verdict and "Insertion AUC" in verdict
     with pytest.raises(gr.Error, match="generated tokens"):
         handlers.verify(run_id, *_view(), False, False, False, 5)
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient"])
+def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_file, method):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    with pytest.raises(gr.Error, match="not computed yet"):
+        handlers.render(run_id, *_view(), False, False, False, "", False, method)
+    picture, caption, _ = handlers.method_select(run_id, *_view(), False, False, False, "", False, method)
+    stored = handlers.store.get(run_id)
+    assert len(stored.method_maps[method]) == stored.run.num_steps
+    assert ("rollout" if method == "rollout" else "Chefer") in caption
+    _, caption1, _ = handlers.render(run_id, *_view(step_idx=1), False, False, False, "", False, method)
+    assert caption1.startswith("Token 1")                                   # every token computed at once
+    with pytest.raises(gr.Error, match="generated tokens"):
+        handlers.render(run_id, *_view(), False, False, True, "", False, method)

@@ -154,6 +154,11 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.wait_for_timeout(500)
         page.locator("#verify-plot").screenshot(path=str(REPO / "outputs" / "browser-test-verify.png"))
 
+        page.get_by_test_id("rollout-radio-label").click()                   # computed on demand, all tokens
+        expect(page.locator("#caption")).to_contain_text("attention rollout", timeout=60_000)
+        page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-rollout.png"))
+        page.get_by_test_id("attention-radio-label").click()
+
         page.locator("#overlay img").click(position={"x": 20, "y": 20})        # image → text: pick a cell
         expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
         page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
