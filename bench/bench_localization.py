@@ -16,6 +16,7 @@ import itertools
 import logging
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo_data  # noqa: E402
 from attention_processor import token_heatmap  # noqa: E402
+from explain import gradient_map, rollout_map  # noqa: E402
+from faithfulness import faithfulness  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
 log = logging.getLogger("bench_localization")
@@ -140,11 +143,42 @@ def report(items, layers, heads, n_layers, n_heads, val_score) -> str:
     return "\n".join(lines)
 
 
+def method_maps(holder, items: list[Item], layers, heads) -> dict[str, tuple[list[np.ndarray], float]]:
+    """The answer token's map per method for every item, with the mean seconds per map."""
+    makers = {"raw attention (recommended ranges)": lambda it: token_heatmap(it.run, 0, layers, heads, "mean"),
+              "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, it.sample.image, 0),
+              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, it.sample.image, 0)}
+    out = {}
+    for name, make in makers.items():
+        start = time.perf_counter()
+        maps = [make(it) for it in items]
+        out[name] = (maps, (time.perf_counter() - start) / len(items))
+    return out
+
+
+def methods_report(holder, items: list[Item], layers, heads, n_faith: int) -> str:
+    """Pointing game and deletion / insertion AUC (vs a random order) for every map method."""
+    lines = ["", "## Methods compared on the same test images", "",
+             f"pointing over n={len(items)}; faithfulness AUCs over the first {n_faith} (8 steps, blur baseline)",
+             "", "| method | pointing game | deletion AUC (map / random) | insertion AUC (map / random) "
+             "| seconds per map |", "|---|---|---|---|---|"]
+    for name, (maps, seconds) in method_maps(holder, items, layers, heads).items():
+        hits = [cell_hits_box(heat, it.run.vision.image_box_xyxy, it.sample.box_xyxy)
+                for heat, it in zip(maps, items)]
+        sums = [faithfulness(holder, it.run, it.sample.image, 0, heat, seed=k).summary()
+                for k, (heat, it) in enumerate(zip(maps[:n_faith], items[:n_faith]))]
+        auc = {key: float(np.mean([s[key] for s in sums])) for key in sums[0]}
+        lines.append(f"| {name} | {np.mean(hits):.3f} | {auc['deletion']:.3f} / {auc['random_deletion']:.3f} "
+                     f"| {auc['insertion']:.3f} / {auc['random_insertion']:.3f} | {seconds * 1000:.0f} ms |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo_model")
     p.add_argument("--n", type=int, default=200, help="test images")
     p.add_argument("--n-val", type=int, default=200, help="validation images for choosing the ranges")
+    p.add_argument("--n-faith", type=int, default=30, help="images for the method comparison's AUCs (0: skip)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     random.seed(0)
@@ -155,6 +189,8 @@ def main() -> None:
     log.info("validation: layers %s heads %s mean-pointing %.3f", layers, heads, val_score)
     test = run_items(holder, TEST_SEED, args.n)
     print(report(test, layers, heads, n_layers, n_heads, val_score))
+    if args.n_faith:
+        print(methods_report(holder, test, layers, heads, args.n_faith))
 
 
 if __name__ == "__main__":
