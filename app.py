@@ -28,14 +28,14 @@ from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region
                       text_attention)
 from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
-from explain import gradient_map, rollout_map
+from explain import gradient_map, rollout_map, vit_combined_maps
 from faithfulness import faithfulness
 from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
 from utils import load_image, load_video
 from views import (DISPLAY_NORMALIZATIONS, METHODS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture,
-                   raw_heatmap, render, share_table)
+                   method_key, raw_heatmap, render, share_table)
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
@@ -264,7 +264,7 @@ class Handlers:
     def method_select(self, run_id, *view_values, progress=gr.Progress()):
         """Compute the rollout or gradient maps of every generated token once (model passes), then render."""
         stored, settings = self._stored(run_id), self._settings(*view_values)
-        if settings.method != "attention" and settings.method not in stored.method_maps:
+        if settings.method != "attention" and method_key(settings) not in stored.method_maps:
             holder = self.slot.holder
             if holder is None or holder.model_id != stored.run.model_id:
                 raise gr.Error(f"The {settings.method} maps need the model that made this result "
@@ -272,12 +272,18 @@ class Handlers:
             if not stored.is_single_image:
                 raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
             compute = {"rollout": rollout_map,
-                       "gradient": functools.partial(gradient_map, max_mb=self.cfg.max_gradient_mb)}[settings.method]
+                       "gradient": functools.partial(gradient_map, max_mb=self.cfg.max_gradient_mb)}
+            steps = range(stored.run.num_steps)
             try:
                 with self.slot.lock:
-                    stored.method_maps[settings.method] = [
-                        compute(holder, stored.run, stored.image, t)
-                        for t in progress.tqdm(range(stored.run.num_steps), desc=f"{settings.method} maps")]
+                    if settings.method == "vit":
+                        heats = [raw_heatmap(stored, replace(settings, method="attention", step_idx=t, relative=False,
+                                                             mask_sinks=False)) for t in steps]
+                        maps = vit_combined_maps(holder, stored.run, stored.image, heats)
+                    else:
+                        maps = [compute[settings.method](holder, stored.run, stored.image, t)
+                                for t in progress.tqdm(steps, desc=f"{settings.method} maps")]
+                    stored.method_maps[method_key(settings)] = maps
             except USER_ERRORS as err:
                 raise gr.Error(str(err)) from err
         return self._render(stored, *view_values)
@@ -544,7 +550,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                                  elem_id="exclude-system")
                 method = gr.Radio(list(METHODS), value="attention", elem_id="method",
                                   label="Map: raw attention (layer and head ranges apply), rollout through all "
-                                        "layers, or gradient-weighted attention (computed on demand)")
+                                        "layers, gradient-weighted attention, or the raw map pushed through the "
+                                        "vision encoder (vit); the last three are computed on demand")
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
                                    elem_id="overlay")
                 caption = gr.Markdown("", elem_id="caption")

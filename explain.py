@@ -134,3 +134,117 @@ def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float 
         cam = (attn.grad[0] * attn[0]).clamp(min=0).mean(dim=0).detach().float().cpu()  # (S, S)
         relevance = relevance + cam @ relevance
     return _grid(run, relevance[seq - 1])
+
+
+VISION_QK_IMPLEMENTATION = "vlm_explorer_vision_qk"
+_vision_calls: list | None = None
+
+
+def _recording_vision_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The vision tower's SDPA; also keeps each call's queries and keys (one call per block or window chunk)."""
+    if _vision_calls is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        _vision_calls.append((id(module), query[0].detach().cpu(), key[0].detach().cpu(), scale))  # (H, n, D)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+AttentionInterface.register(VISION_QK_IMPLEMENTATION, _recording_vision_sdpa)
+AttentionMaskInterface.register(VISION_QK_IMPLEMENTATION, sdpa_mask)
+
+
+def _vision_attention_rows(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-averaged, non-causal softmax attention of one chunk: (n, n) float32."""
+    scores = torch.matmul(query.float(), key.float().transpose(1, 2)) * scale  # (H, n, n)
+    return torch.softmax(scores, dim=-1).mean(dim=0)
+
+
+def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Run the vision tower once; per block index, its calls' (query, key, scale) in order."""
+    from families import vision_encoder_blocks
+    global _vision_calls
+    blocks = vision_encoder_blocks(holder.model)
+    block_of = {id(getattr(block, "attn", None) or block.self_attn): idx for idx, block in enumerate(blocks)}
+    saved = {"text_config": holder.model.config.get_text_config()._attn_implementation,
+             "vision_config": holder.model.config.vision_config._attn_implementation}
+    _vision_calls = []
+    try:
+        holder.model.set_attn_implementation({"text_config": saved["text_config"],
+                                              "vision_config": VISION_QK_IMPLEMENTATION})
+        with torch.inference_mode():
+            if hasattr(holder.model.model, "visual"):
+                holder.model.model.visual(inputs["pixel_values"].to(holder.dtype), grid_thw=inputs["image_grid_thw"])
+            else:
+                holder.model.model.vision_tower(inputs["pixel_values"].to(holder.dtype))
+        calls = _vision_calls
+    finally:
+        _vision_calls = None
+        holder.model.set_attn_implementation(saved)
+    per_block: dict[int, list] = {}
+    for module_id, query, key, scale in calls:
+        per_block.setdefault(block_of[module_id], []).append((query, key, scale))
+    return per_block
+
+
+def _propagate(relevance: torch.Tensor, per_block: dict, blocks: list[int]) -> torch.Tensor:
+    """relevance (n,) over a block's outputs → over the first block's inputs, through 0.5 A + 0.5 I per block."""
+    for block in reversed(blocks):
+        mixed, start = 0.5 * relevance.clone(), 0
+        for query, key, scale in per_block[block]:                       # chunks tile the sequence in order
+            n = query.shape[1]
+            mixed[start:start + n] += 0.5 * relevance[start:start + n] @ _vision_attention_rows(query, key, scale)
+            start += n
+        relevance = mixed
+    return relevance
+
+
+def vit_combined_map(holder, run: AttentionRun, image, heat: np.ndarray) -> np.ndarray:
+    """A decoder map pushed back through the vision encoder's own attention (rollout over its blocks).
+
+    heat: (grid_h, grid_w) decoder attention on the image's tokens. Returns a map over the encoder's
+    patches: (2 * grid_h, 2 * grid_w) for Qwen (each merged token splits into its 2×2 patches, with
+    Qwen2.5-VL's window order undone), (grid_h, grid_w) for LLaVA (rollout up to the feature layer).
+    Qwen3-VL's deepstack shortcuts from inner blocks to the decoder are not followed.
+    """
+    return vit_combined_maps(holder, run, image, [heat])[0]
+
+
+def vit_combined_maps(holder, run: AttentionRun, image, heats: list[np.ndarray]) -> list[np.ndarray]:
+    """`vit_combined_map` for several decoder maps of the same image, with one vision-tower pass."""
+    settings = run.settings
+    inputs = holder.build_inputs(image, settings.get("prompt", ""), settings.get("min_pixels"),
+                                 settings.get("max_pixels"))
+    per_block = _record_vision_tower(holder, inputs)
+    return [_through_vision(holder, run, inputs, per_block, heat) for heat in heats]
+
+
+def _through_vision(holder, run: AttentionRun, inputs, per_block: dict, heat: np.ndarray) -> np.ndarray:
+    weights = torch.from_numpy(np.asarray(heat, dtype=np.float32)).flatten()   # (n_cells,)
+    if holder.family == "llava":
+        num_layers = len(per_block)
+        last = num_layers + holder.model.config.vision_feature_layer if holder.model.config.vision_feature_layer < 0 \
+            else holder.model.config.vision_feature_layer - 1              # the block whose output is the feature
+        relevance = torch.cat([torch.zeros(1), weights])                  # CLS first, no decoder weight
+        relevance = _propagate(relevance, per_block, list(range(last + 1)))
+        return relevance[1:].reshape(run.vision.grid_hw).numpy()
+    merge = int(holder.model.config.vision_config.spatial_merge_size)
+    unit = merge * merge
+    window_index = _window_order(holder, inputs, len(weights))            # block position k holds unit window_index[k]
+    relevance = (weights[window_index] / unit).repeat_interleave(unit)    # (n_patches,) in block order
+    relevance = _propagate(relevance, per_block, sorted(per_block))
+    patches = torch.empty_like(relevance)
+    patches.view(-1, unit)[window_index] = relevance.view(-1, unit)       # back to the original unit order
+    grid_h, grid_w = run.vision.grid_hw
+    cells = patches.view(grid_h, grid_w, merge, merge)                     # unit (R, C), sub-patch (r, c)
+    return cells.permute(0, 2, 1, 3).reshape(grid_h * merge, grid_w * merge).numpy()
+
+
+def _window_order(holder, inputs, num_units: int) -> torch.Tensor:
+    """Qwen2.5-VL regroups merge units into attention windows; other models keep the natural order."""
+    vision = holder.model.model.visual
+    if not hasattr(vision, "window_size"):
+        return torch.arange(num_units)
+    from transformers.vision_utils import get_vision_window_index
+    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=vision.spatial_merge_size,
+                                              window_size=vision.window_size, patch_size=vision.patch_size)
+    return window_index.cpu()

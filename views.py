@@ -18,9 +18,15 @@ from attention_processor import (heatmap_range, image_shares, normalize_heatmap,
 from visualization import colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
-METHODS: tuple[str, ...] = ("attention", "rollout", "gradient")
+METHODS: tuple[str, ...] = ("attention", "rollout", "gradient", "vit")
 METHOD_CAPTIONS = {"rollout": "attention rollout through all layers (heads averaged, residual mixed in)",
-                   "gradient": "gradient-weighted attention, all layers (Chefer et al.)"}
+                   "gradient": "gradient-weighted attention, all layers (Chefer et al.)",
+                   "vit": "the raw-attention map pushed back through the vision encoder's attention (patch grid)"}
+
+
+def method_key(s: "ViewSettings"):
+    """Cache key of a method's maps: the ViT-combined map also depends on the raw map's settings."""
+    return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if s.method == "vit" else s.method
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
 
 
@@ -135,10 +141,13 @@ def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     if s.prompt_pos is not None or s.relative:
         raise ValueError(f"The {s.method} map is for generated tokens, without the generic-prompt division; "
                          "pick a generated token and untick 'Relative to a generic prompt'.")
-    maps = stored.method_maps.get(s.method)
+    maps = stored.method_maps.get(method_key(s))
     if maps is None:
-        raise LookupError(f"The {s.method} maps are not computed yet; select the method again to compute them.")
+        raise LookupError(f"The {s.method} maps for these settings are not computed yet; select the method "
+                          "again to compute them.")
     heat = maps[s.step_idx]
+    if s.mask_sinks and s.method == "vit":
+        raise ValueError("Sink cells are token cells; untick 'Mask sink cells' for the patch-level ViT map.")
     if s.mask_sinks:
         sinks = stored.sinks(s.layers, s.heads)
         if sinks.any() and not sinks.all():

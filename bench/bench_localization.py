@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo_data  # noqa: E402
 from attention_processor import token_heatmap  # noqa: E402
-from explain import gradient_map, rollout_map  # noqa: E402
+from explain import gradient_map, rollout_map, vit_combined_map  # noqa: E402
 from faithfulness import faithfulness  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
@@ -145,15 +145,26 @@ def report(items, layers, heads, n_layers, n_heads, val_score) -> str:
 
 def method_maps(holder, items: list[Item], layers, heads) -> dict[str, tuple[list[np.ndarray], float]]:
     """The answer token's map per method for every item, with the mean seconds per map."""
-    makers = {"raw attention (recommended ranges)": lambda it: token_heatmap(it.run, 0, layers, heads, "mean"),
+    def raw(it):
+        return token_heatmap(it.run, 0, layers, heads, "mean")
+    makers = {"raw attention (recommended ranges)": raw,
               "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, it.sample.image, 0),
-              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, it.sample.image, 0)}
+              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, it.sample.image, 0),
+              "ViT-combined (raw map through the vision encoder, patch grid)":
+                  lambda it: vit_combined_map(holder, it.run, it.sample.image, raw(it))}
     out = {}
     for name, make in makers.items():
         start = time.perf_counter()
         maps = [make(it) for it in items]
         out[name] = (maps, (time.perf_counter() - start) / len(items))
     return out
+
+
+def to_token_grid(heat: np.ndarray, run) -> np.ndarray:
+    """A finer (patch) map summed back onto the token grid, which the deletion steps work on."""
+    grid_h, grid_w = run.vision.grid_hw
+    fy, fx = heat.shape[0] // grid_h, heat.shape[1] // grid_w
+    return heat.reshape(grid_h, fy, grid_w, fx).sum(axis=(1, 3))
 
 
 def methods_report(holder, items: list[Item], layers, heads, n_faith: int) -> str:
@@ -165,7 +176,7 @@ def methods_report(holder, items: list[Item], layers, heads, n_faith: int) -> st
     for name, (maps, seconds) in method_maps(holder, items, layers, heads).items():
         hits = [cell_hits_box(heat, it.run.vision.image_box_xyxy, it.sample.box_xyxy)
                 for heat, it in zip(maps, items)]
-        sums = [faithfulness(holder, it.run, it.sample.image, 0, heat, seed=k).summary()
+        sums = [faithfulness(holder, it.run, it.sample.image, 0, to_token_grid(heat, it.run), seed=k).summary()
                 for k, (heat, it) in enumerate(zip(maps[:n_faith], items[:n_faith]))]
         auc = {key: float(np.mean([s[key] for s in sums])) for key in sums[0]}
         lines.append(f"| {name} | {np.mean(hits):.3f} | {auc['deletion']:.3f} / {auc['random_deletion']:.3f} "

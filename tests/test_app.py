@@ -286,7 +286,7 @@ def test_verify_this_map(handlers, tiny_model_dirs, image_file):
         handlers.verify(run_id, *_view(), False, False, False, 5)
 
 
-@pytest.mark.parametrize("method", ["rollout", "gradient"])
+@pytest.mark.parametrize("method", ["rollout", "gradient", "vit"])
 def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_file, method):
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
@@ -294,8 +294,11 @@ def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_f
         handlers.render(run_id, *_view(), False, False, False, "", False, method)
     picture, caption, _ = handlers.method_select(run_id, *_view(), False, False, False, "", False, method)
     stored = handlers.store.get(run_id)
-    assert len(stored.method_maps[method]) == stored.run.num_steps
-    assert ("rollout" if method == "rollout" else "Chefer") in caption
+    (maps,) = stored.method_maps.values()
+    assert len(maps) == stored.run.num_steps
+    assert maps[0].shape == (tuple(2 * n for n in stored.run.vision.grid_hw) if method == "vit"
+                             else stored.run.vision.grid_hw)
+    assert {"rollout": "rollout", "gradient": "Chefer", "vit": "vision encoder"}[method] in caption
     _, caption1, _ = handlers.render(run_id, *_view(step_idx=1), False, False, False, "", False, method)
     assert caption1.startswith("Token 1")                                   # every token computed at once
     with pytest.raises(gr.Error, match="generated tokens"):

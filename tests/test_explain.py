@@ -58,3 +58,62 @@ def test_gradient_map_follows_chefers_rule(load_holder, family):
     assert all(p.grad is None for p in holder.model.parameters())
     with pytest.raises(MemoryError, match="max pixels"):
         gradient_map(holder, run, image, 1, max_mb=0.001)
+
+
+def _upsampled(heat: np.ndarray, merge: int = 2) -> np.ndarray:
+    """Each merged cell's weight split evenly over its merge × merge patches."""
+    return np.kron(heat, np.ones((merge, merge))) / (merge * merge)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_vit_combined_map_places_patches_and_windows_right(load_holder, family, monkeypatch):
+    import explain
+    holder = load_holder(family)
+    image = noise_image(224, 168)
+    run = holder.generate(image, "What?", max_new_tokens=1)
+    heat = np.random.default_rng(0).random(run.vision.grid_hw).astype(np.float32)
+    # Self-attention only: the map is the decoder map split over each token's 2×2 patches, in place.
+    monkeypatch.setattr(explain, "_vision_attention_rows", lambda q, k, s: torch.eye(q.shape[1]))
+    np.testing.assert_allclose(explain.vit_combined_map(holder, run, image, heat), _upsampled(heat), rtol=1e-6)
+    # Uniform attention inside each chunk: full blocks spread to the mean, window blocks to the window mean.
+    monkeypatch.setattr(explain, "_vision_attention_rows",
+                        lambda q, k, s: torch.full((q.shape[1],) * 2, 1 / q.shape[1]))
+    got = explain.vit_combined_map(holder, run, image, heat)
+    expected = _upsampled(heat)
+    vision = holder.model.model.visual
+    full_blocks = set(getattr(vision, "fullatt_block_indexes", range(len(vision.blocks))))
+    units = vision.window_size // vision.patch_size if hasattr(vision, "window_size") else None
+    for block in reversed(range(len(vision.blocks))):
+        if block in full_blocks:
+            expected = 0.5 * expected + 0.5 * expected.mean()
+        else:                                                              # windows of units × units patches
+            side = units
+            for r in range(0, expected.shape[0], side):
+                for c in range(0, expected.shape[1], side):
+                    window = expected[r:r + side, c:c + side]
+                    window[...] = 0.5 * window + 0.5 * window.mean()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert got.sum() == pytest.approx(heat.sum(), rel=1e-5)                # rollout rows sum to one
+
+
+def test_vit_combined_map_equals_clip_rollout(load_holder):
+    from explain import vit_combined_map
+    holder = load_holder("llava")
+    image = noise_image(150, 100)
+    run = holder.generate(image, "What?", max_new_tokens=1)
+    heat = np.random.default_rng(1).random(run.vision.grid_hw).astype(np.float32)
+    inputs = holder.build_inputs(image, "What?")
+    saved = holder.model.config.vision_config._attn_implementation
+    holder.model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        with torch.no_grad():
+            attentions = holder.model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        holder.model.set_attn_implementation({"vision_config": saved})
+    last = len(attentions) + holder.model.config.vision_feature_layer           # feature layer -2
+    relevance = torch.cat([torch.zeros(1), torch.from_numpy(heat).flatten()])
+    for attn in reversed(attentions[:last + 1]):
+        n = attn.shape[-1]
+        relevance = relevance @ (0.5 * attn[0].mean(0) + 0.5 * torch.eye(n))
+    expected = relevance[1:].reshape(run.vision.grid_hw).numpy()
+    np.testing.assert_allclose(vit_combined_map(holder, run, image, heat), expected, rtol=1e-4, atol=1e-7)
