@@ -37,6 +37,13 @@ class LogitLens:
     top_tokens: list[list[list[str]]]
     grid_hw: tuple[int, int]
     image_box_xyxy: tuple[float, float, float, float]
+    tracked: np.ndarray | None = None          # (num_layers, n_cells, n_tracked) probabilities of track_ids
+
+    def token_map(self, index: int = 0) -> np.ndarray:
+        """(grid_h, grid_w): each patch's probability of tracked token `index`, averaged over layers."""
+        if self.tracked is None:
+            raise ValueError("No token was tracked; pass track_ids to logit_lens.")
+        return self.tracked[:, :, index].mean(axis=0).reshape(self.grid_hw).astype(np.float32)
 
     def most_confident_layer(self) -> np.ndarray:
         """(n_cells,) the layer index where each cell's top-1 probability peaks."""
@@ -47,8 +54,12 @@ def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output           # (B, S, hidden)
 
 
-def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256) -> LogitLens:
-    """Decode every decoder layer's hidden state at the image's vision tokens (first image)."""
+def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256,
+               track_ids: list[int] | None = None) -> LogitLens:
+    """Decode every decoder layer's hidden state at the image's vision tokens (first image).
+
+    track_ids: token ids whose probability to keep at every layer and cell (`LogitLens.tracked`).
+    """
     image = load_image(image)
     inputs = holder.build_inputs(image, prompt)
     layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
@@ -68,22 +79,24 @@ def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256) -> 
         for handle in handles:
             handle.remove()
     norm, head = holder.model.model.language_model.norm, holder.model.get_output_embeddings()
-    top_ids, top_probs = [], []
+    top_ids, top_probs, tracked = [], [], []
     with torch.inference_mode():
         for idx in range(len(layers)):
-            ids, probs = [], []
+            ids, probs, kept = [], [], []
             for start in range(0, len(positions), chunk):                # bounded (chunk, vocab) logits
-                logits = head(norm(states[idx][start:start + chunk])).float()  # (c, vocab)
-                best = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+                distribution = torch.softmax(head(norm(states[idx][start:start + chunk])).float(), dim=-1)
+                best = distribution.topk(top_k, dim=-1)                  # (c, k)
                 ids.append(best.indices.cpu())
                 probs.append(best.values.cpu())
+                kept.append(distribution[:, list(track_ids or [])].cpu())  # (c, n_tracked)
             top_ids.append(torch.cat(ids))
             top_probs.append(torch.cat(probs))
+            tracked.append(torch.cat(kept))
     top_ids = torch.stack(top_ids).numpy()                              # (L, n_cells, k)
     decode = _decoder(holder.processor.tokenizer)
     tokens = [[[decode(int(i)) for i in cell] for cell in layer] for layer in top_ids]
     return LogitLens(list(range(len(layers))), top_ids, torch.stack(top_probs).numpy(), tokens,
-                     layout.grid_hw, layout.image_box_xyxy)
+                     layout.grid_hw, layout.image_box_xyxy, torch.stack(tracked).numpy() if track_ids else None)
 
 
 def _decoder(tokenizer):

@@ -27,6 +27,7 @@ import demo_data  # noqa: E402
 from attention_processor import token_heatmap  # noqa: E402
 from explain import gradient_map, rollout_map, vit_combined_map  # noqa: E402
 from faithfulness import faithfulness  # noqa: E402
+from lenses import logit_lens  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
 log = logging.getLogger("bench_localization")
@@ -151,7 +152,10 @@ def method_maps(holder, items: list[Item], layers, heads) -> dict[str, tuple[lis
               "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, it.sample.image, 0),
               "gradient-weighted attention": lambda it: gradient_map(holder, it.run, it.sample.image, 0),
               "ViT-combined (raw map through the vision encoder, patch grid)":
-                  lambda it: vit_combined_map(holder, it.run, it.sample.image, raw(it))}
+                  lambda it: vit_combined_map(holder, it.run, it.sample.image, raw(it)),
+              "logit lens (each patch's p(answer), mean over layers)":
+                  lambda it: logit_lens(holder, it.sample.image, it.sample.question, top_k=1,
+                                        track_ids=[it.run.generated_ids[0]]).token_map()}
     out = {}
     for name, make in makers.items():
         start = time.perf_counter()

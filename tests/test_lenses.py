@@ -16,7 +16,7 @@ from lenses import LogitLens, lens_html, logit_lens
 def test_lens_layers_match_the_model(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
-    lens = logit_lens(holder, image, "What is this?", top_k=3)
+    lens = logit_lens(holder, image, "What is this?", top_k=3, track_ids=[5, 7])
     inputs = holder.build_inputs(image, "What is this?")
     layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
     positions = torch.from_numpy(layout.token_positions)
@@ -32,6 +32,9 @@ def test_lens_layers_match_the_model(load_holder, family):
     first = torch.softmax(holder.model.lm_head(lm.norm(out.hidden_states[1][0, positions])).float(), -1)
     np.testing.assert_array_equal(lens.top_ids[0], first.topk(3, dim=-1).indices.numpy())
     assert (lens.top_probs[:, :, 0] >= lens.top_probs[:, :, 1]).all()
+    final_all = torch.softmax(out.logits[0, positions].float(), -1)
+    np.testing.assert_allclose(lens.tracked[-1], final_all[:, [5, 7]].numpy(), rtol=1e-4, atol=1e-7)
+    assert lens.token_map(1).shape == layout.grid_hw
     assert set(lens.most_confident_layer()) <= set(range(holder.num_layers))
 
 
