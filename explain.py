@@ -57,7 +57,7 @@ def _decoder_attention(model, implementation: str):
 def _teacher_forced(holder, run: AttentionRun, image, step_idx: int):
     settings = run.settings
     return holder.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
-                                        settings.get("min_pixels"), settings.get("max_pixels")).to(holder.input_device)
+                                        settings.get("min_pixels"), settings.get("max_pixels"))
 
 
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
@@ -171,11 +171,12 @@ def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, t
     try:
         holder.model.set_attn_implementation({"text_config": saved["text_config"],
                                               "vision_config": VISION_QK_IMPLEMENTATION})
+        on_model = holder.on_model(inputs)
         with torch.inference_mode():
             if hasattr(holder.model.model, "visual"):
-                holder.model.model.visual(inputs["pixel_values"].to(holder.dtype), grid_thw=inputs["image_grid_thw"])
+                holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
             else:
-                holder.model.model.vision_tower(inputs["pixel_values"].to(holder.dtype))
+                holder.model.model.vision_tower(on_model["pixel_values"])
         calls = _vision_calls
     finally:
         _vision_calls = None

@@ -62,7 +62,7 @@ def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Ima
     inputs = holder.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
                                           settings.get("min_pixels"), settings.get("max_pixels"))
     with torch.inference_mode():
-        logits = holder.model(**inputs.to(holder.input_device)).logits[0, -1].float()  # (vocab,)
+        logits = holder.model(**inputs).logits[0, -1].float()            # (vocab,)
     return float(torch.softmax(logits, dim=-1)[run.generated_ids[step_idx]])
 
 

@@ -74,7 +74,7 @@ def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256,
     handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
     try:
         with torch.inference_mode():
-            holder.model(**inputs.to(holder.input_device))
+            holder.model(**holder.on_model(inputs))
     finally:
         for handle in handles:
             handle.remove()

@@ -155,9 +155,17 @@ class ModelHolder:
             raise ValueError(f"The processor could not prepare the input ({sizes}): {err} Crop it to a less "
                              "extreme aspect ratio or resize it, then try again.") from err
 
+    def on_model(self, inputs):
+        """Processor outputs moved to the model's input device, pixels in the model's dtype."""
+        inputs = inputs.to(self.input_device)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(self.dtype)
+        return inputs
+
     def teacher_forced_inputs(self, image, prompt: str, continuation: list[int], min_pixels: int | None = None,
                               max_pixels: int | None = None):
-        """Model inputs for prompt + `continuation` ids in one forward (no generation), batch of 1.
+        """Model inputs, on the model's device, for prompt + `continuation` ids in one forward, batch of 1.
 
         The logits at position len(prompt) - 1 + t are then those that chose continuation[t].
         """
@@ -167,7 +175,7 @@ class ModelHolder:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         if "mm_token_type_ids" in inputs:                                       # text tokens are type 0
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
-        return inputs
+        return self.on_model(inputs)
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
                       max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
@@ -248,10 +256,7 @@ class ModelHolder:
         positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
                            len(positions))
-        inputs = inputs.to(self.input_device)
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in inputs and inputs[key].is_floating_point():
-                inputs[key] = inputs[key].to(self.dtype)
+        inputs = self.on_model(inputs)
         generate_kwargs.setdefault("do_sample", False)
         generated, rows, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
                                                           generate_kwargs)
