@@ -357,7 +357,7 @@ def train(args) -> None:
             loss, acc = probe_step(model, probe, vision_batch(args.seed, step, args.vision_steps))
         else:
             for group in opt.param_groups:
-                group["lr"] = lr_at(stage2_step, args.steps, args.lr)
+                group["lr"] = lr_at(stage2_step, args.steps, args.answer_lr or args.lr)
             batch = with_labels(batcher, batch_samples(args.seed, stage2_step, args.batch, args.steps,
                                                      args.two_object_until))
             loss, acc = answer_loss(model, probe, batch, args.aux_weight, args.knockout, step)
@@ -411,7 +411,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--vision-steps", type=int, default=550, help="stage 1: vision tower + probe only")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=1, help="1 is faster when the 2 cores are shared")
+    p.add_argument("--answer-lr", type=float, default=5e-4,
+                   help="stage 2 peak learning rate; 2e-3 (the stage-1 rate) left the object look-up unlearned")
+    p.add_argument("--threads", type=int, default=2, help="torch threads; 1 is faster when the cores are shared")
     p.add_argument("--two-object-until", type=float, default=0.35,
                    help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)")
     p.add_argument("--knockout", type=float, default=0.5,

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO
+from config import DEMO_RANGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt install chromium)")
@@ -82,12 +83,17 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(served_default)
         expect(page.locator("#model-status")).to_contain_text("demo_model", timeout=60_000)
-        expect(page.locator("#layer-range-lo input[type=number]")).to_have_value("1", timeout=10_000)
+        expect(page.locator("#layer-range-lo input[type=number]")).to_have_value(str(DEMO_RANGES[0][0]),
+                                                                                 timeout=10_000)
         page.get_by_text("What color is the circle?").first.click()           # an example row
         expect(page.locator("#prompt textarea")).to_have_value("What color is the circle?", timeout=10_000)
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
-        expect(page.locator("#caption")).to_contain_text("layers 1–3 · heads 0–1")
+        (layer_lo, layer_hi), (head_lo, head_hi) = DEMO_RANGES
+        expect(page.locator("#caption")).to_contain_text(f"layers {layer_lo}–{layer_hi} · heads {head_lo}–{head_hi}")
+        expect(page.locator("#overlay img")).to_be_visible(timeout=20_000)
+        expect(page.locator("#share-plot canvas, #share-plot svg").first).to_be_visible(timeout=20_000)
+        page.wait_for_timeout(500)
         (REPO / "outputs").mkdir(exist_ok=True)
         page.screenshot(path=str(REPO / "outputs" / "browser-test-demo.png"), full_page=True)
         browser.close()
