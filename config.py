@@ -34,7 +34,6 @@ class AppConfig:
     device: str = "auto"                      # auto | cuda | cpu
     dtype: str = "auto"                       # auto | bfloat16 | float16 | float32
     max_new_tokens: int = 64
-    capture_method: str = "sdpa"              # sdpa (fast, default) | eager (reference)
     colormap: str = "jet"
     alpha: float = 0.5
     aggregation: str = "mean"                 # mean | max | min
@@ -53,4 +52,3 @@ class AppConfig:
     trust_remote_code: bool = False           # run a checkpoint's own Python code (off unless asked for)
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)
     outputs_dir: Path = REPO_DIR / "outputs"
-    cache_dir: Path = REPO_DIR / "cache"
