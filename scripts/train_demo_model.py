@@ -10,6 +10,7 @@ held-out data and saves everything with `save_pretrained` into `demo_model/`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -161,24 +162,34 @@ def ShapeAt(obj):  # noqa: N802 - the object moved to the origin of its own box
     return demo_data.ShapeObject(obj.shape, obj.color, (0, 0, x1 - x0, y1 - y0))
 
 
-def token_labels(sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per vision token (row-major, 28x28 px cells): shape class and colour class of the object
-    covering most of the cell (>= 25% of it), 0 = background. Targets of the auxiliary loss."""
+def object_cover(sample) -> np.ndarray:
+    """Pixels of each object per vision token (row-major, 28x28 px cells): (n_objects, gh*gw)."""
     width, height = sample.image.size
     gh, gw = height // 28, width // 28
-    cover = np.zeros((len(sample.objects) + 1, gh * gw))  # pixels of each object per cell
+    cover = np.zeros((len(sample.objects), gh * gw))
     for i, obj in enumerate(sample.objects):
         x0, y0, x1, y1 = obj.box_xyxy
         mask = np.zeros((height, width), np.float32)
         box = demo_data.render([ShapeAt(obj)], (x1 - x0, y1 - y0), (0, 0, 0))
         mask[y0:y1, x0:x1] = np.asarray(box).max(-1) > 0  # (H, W) object pixels
-        cover[i + 1] = mask.reshape(gh, 28, gw, 28).sum((1, 3)).reshape(-1)  # (gh*gw,)
-    cover[0] = 0.25 * 28 * 28 - 1e-3  # background unless an object covers >= 25% of the cell
-    owner = cover.argmax(0)  # (gh*gw,)
+        cover[i] = mask.reshape(gh, 28, gw, 28).sum((1, 3)).reshape(-1)  # (gh*gw,)
+    return cover
+
+
+def token_labels(sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per vision token (row-major): shape class and colour class of the object covering most of
+    the cell (>= 25% of it, 0 = background) and the image side of the cell centre (0 left,
+    1 right, -100 = on the middle line). Targets of the training-only probes."""
+    width, height = sample.image.size
+    gh, gw = height // 28, width // 28
+    cover = object_cover(sample)
+    owner = np.concatenate([np.full((1, gh * gw), 0.25 * 28 * 28 - 1e-3), cover]).argmax(0)  # (gh*gw,)
     shape_lut = [0] + [1 + demo_data.SHAPES.index(o.shape) for o in sample.objects]
     color_lut = [0] + [1 + list(demo_data.COLORS).index(o.color) for o in sample.objects]
     shape_ids, color_ids = np.take(shape_lut, owner), np.take(color_lut, owner)
-    return torch.tensor(shape_ids), torch.tensor(color_ids)
+    centre = (np.arange(gw) + 0.5) / gw  # (gw,) cell centres as a share of the width
+    side = np.where(centre < 0.5, 0, np.where(centre > 0.5, 1, -100))
+    return torch.tensor(shape_ids), torch.tensor(color_ids), torch.tensor(np.tile(side, gh))
 
 
 def check_against_processor(batcher: Batcher, seed: int = 123) -> None:
@@ -232,6 +243,24 @@ class TokenProbe(torch.nn.Module):
         return F.cross_entropy(logits[:, :4], shape_ids) + F.cross_entropy(logits[:, 4:], color_ids)
 
 
+class PositionProbe(torch.nn.Module):
+    """Training-only linear probe on the decoder's vision-token states after one layer: is the
+    token left or right of the image middle? Nothing in a vision token carries absolute position
+    (the vision tower's rotary embedding is relative); the decoder can work it out from the M-RoPE
+    phase against the tokens before the image, and this dense loss teaches it to do so early,
+    which "where" questions need. Not saved; it reads the states and never touches the attention."""
+
+    def __init__(self, model, layer: int):
+        super().__init__()
+        self.head = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
+        self.states = None
+        model.model.language_model.layers[layer].register_forward_hook(
+            lambda mod, inp, out: setattr(self, "states", out[0] if isinstance(out, tuple) else out))
+
+    def loss(self, is_image: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.states[is_image]), side_ids, ignore_index=-100)
+
+
 def vision_batch(seed: int, step: int, vision_steps: int) -> list:
     """Stage-1 data: small single-object images first (cheap, ~4x fewer patches), then full scenes."""
     rng = random.Random(f"vision-{seed}-{step}")
@@ -243,7 +272,7 @@ def vision_batch(seed: int, step: int, vision_steps: int) -> list:
 def probe_step(model, probe, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: train only the vision tower (+ probe) on per-token shape/colour labels."""
     pixel_values, grids = zip(*[pixel_values_of(s.image) for s in samples])
-    shape_ids, color_ids = map(torch.cat, zip(*map(token_labels, samples)))  # (n_tokens,) each
+    shape_ids, color_ids = map(torch.cat, list(zip(*map(token_labels, samples)))[:2])  # (n_tokens,) each
     model.model.visual(torch.cat(pixel_values), grid_thw=torch.tensor(grids))
     loss = probe.loss(shape_ids, color_ids)
     on_object = shape_ids > 0
@@ -276,28 +305,34 @@ def knockout_mask(model, inputs: dict, p_knockout: float, step: int = 0) -> dict
     return {**inputs, "attention_mask": mask4d, "position_ids": position_ids}
 
 
-def answer_loss(model, probe, batch, aux_weight: float, p_knockout: float = 0.0,
-                step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the answer word (last prompt position) and of <|im_end|> after it,
-    plus the vision-token probe loss."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shape_ids", "color_ids")}
-    if p_knockout > 0:
-        inputs = knockout_mask(model, inputs, p_knockout, step)
+def answer_loss(model, probes, batch, args, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answer word (last prompt position) and of <|im_end|> after it, plus
+    the training-only losses: vision-token probe and decoder position probe."""
+    probe, position_probe = probes
+    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if args.knockout > 0:
+        inputs = knockout_mask(model, inputs, args.knockout, step)
     logits = model(**inputs, logits_to_keep=2).logits  # (B, 2, V): predictions for [answer, <|im_end|>]
     loss_answer = F.cross_entropy(logits[:, 0], batch["labels"][:, 0])
     loss_end = F.cross_entropy(logits[:, 1], batch["labels"][:, 1])
     loss = loss_answer + 0.1 * loss_end
-    if aux_weight > 0:
-        loss = loss + aux_weight * probe.loss(batch["shape_ids"], batch["color_ids"])
+    is_image = batch["mm_token_type_ids"].bool()  # (B, S)
+    if args.aux_weight > 0:
+        loss = loss + args.aux_weight * probe.loss(batch["shape_ids"], batch["color_ids"])
+    if args.position_weight > 0:
+        loss = loss + args.position_weight * position_probe.loss(is_image, batch["side_ids"])
     return loss, (logits[:, 0].argmax(-1) == batch["labels"][:, 0]).float().mean()
+
+
+LABEL_KEYS = ("labels", "shape_ids", "color_ids", "side_ids")
 
 
 def with_labels(batcher: Batcher, samples) -> dict[str, torch.Tensor]:
     batch = batcher(samples)
     answers = torch.tensor([batcher.answer_ids[s.answer] for s in samples])
     batch["labels"] = torch.stack([answers, torch.full_like(answers, batcher.end_id)], 1)  # (B, 2)
-    shape_ids, color_ids = zip(*map(token_labels, samples))
-    batch["shape_ids"], batch["color_ids"] = torch.cat(shape_ids), torch.cat(color_ids)  # (n_tokens,)
+    per_token = [torch.cat(t) for t in zip(*map(token_labels, samples))]  # each (n_tokens,)
+    batch["shape_ids"], batch["color_ids"], batch["side_ids"] = per_token
     return batch
 
 
@@ -336,13 +371,15 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
     probe = TokenProbe(model)
-    params = list(model.parameters()) + list(probe.parameters())
+    position_probe = PositionProbe(model, args.position_layer)
+    params = list(model.parameters()) + list(probe.parameters()) + list(position_probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step = 0
     if args.resume and os.path.exists(args.ckpt):
         state = torch.load(args.ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
+        position_probe.load_state_dict(state["position_probe"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log.info("resumed from %s at step %d", args.ckpt, step)
@@ -360,7 +397,7 @@ def train(args) -> None:
                 group["lr"] = lr_at(stage2_step, args.steps, args.answer_lr or args.lr)
             batch = with_labels(batcher, batch_samples(args.seed, stage2_step, args.batch, args.steps,
                                                      args.two_object_until))
-            loss, acc = answer_loss(model, probe, batch, args.aux_weight, args.knockout, step)
+            loss, acc = answer_loss(model, (probe, position_probe), batch, args, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -376,14 +413,16 @@ def train(args) -> None:
             log.info("eval step %d: single %s | scenes %s", step, evaluate(model, batcher, 999, 150, n_objects=1),
                      evaluate(model, batcher, 998, 300))
             torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
-                        "step": step}, args.ckpt)
-    save_and_verify(model, processor, args.out)
+                        "position_probe": position_probe.state_dict(), "step": step}, args.ckpt)
+    save_and_verify(model, processor, args.out, vars(args))
 
 
-def save_and_verify(model, processor, out: str) -> None:
-    """Save, reload through the Auto classes as the app does, and check held-out generate() answers."""
+def save_and_verify(model, processor, out: str, settings: dict) -> None:
+    """Save, reload through the Auto classes as the app does, and check held-out generate() answers.
+    The training settings go next to the weights (`training_args.json`) as a record of the run."""
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    Path(out, "training_args.json").write_text(json.dumps(settings, indent=1) + "\n")
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(out)
     hits: dict[str, list[int]] = {}
@@ -413,12 +452,16 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--answer-lr", type=float, default=5e-4,
                    help="stage 2 peak learning rate; 2e-3 (the stage-1 rate) left the object look-up unlearned")
-    p.add_argument("--threads", type=int, default=2, help="torch threads; 1 is faster when the cores are shared")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; the committed weights were trained with 1, which reproduces them bit for bit")
     p.add_argument("--two-object-until", type=float, default=0.35,
                    help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)")
     p.add_argument("--knockout", type=float, default=0.5,
                    help="share of samples whose question words may not attend to the image (see knockout_mask)")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the vision-token probe loss")
+    p.add_argument("--position-weight", type=float, default=0.5,
+                   help="weight of the decoder position probe (left/right of each vision token)")
+    p.add_argument("--position-layer", type=int, default=1, help="decoder layer whose output the position probe reads")
     p.add_argument("--vision-depth", type=int, default=3)
     p.add_argument("--vision-dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=192)
