@@ -134,12 +134,15 @@ def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None,
 
 
 _PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>Logit lens over image patches</title><style>
 body{{font-family:sans-serif;margin:12px}} #wrap{{position:relative;width:{width}px;height:{height}px}}
-#wrap img{{position:absolute;left:0;top:0}} .c{{position:absolute;box-sizing:border-box;border:1px solid rgba(255,255,255,.35);
+#wrap img{{position:absolute;left:0;top:0}}
+.c{{position:absolute;box-sizing:border-box;border:1px solid rgba(255,255,255,.35);
 display:flex;align-items:center;justify-content:center;overflow:hidden;font:11px monospace;color:#fff;
-text-shadow:0 0 2px #000,0 0 2px #000}} .c.m{{color:transparent;text-shadow:none}} #tip{{margin-top:8px;white-space:pre;font:13px monospace}}
+text-shadow:0 0 2px #000,0 0 2px #000}} .c.m{{color:transparent;text-shadow:none}}
+#tip{{margin-top:8px;white-space:pre;font:13px monospace}}
 </style></head><body>
 <label>Layer <input id="layer" type="range" min="0" max="{last}" value="{start}"> <span id="ln"></span></label>
 <label><input id="mask" type="checkbox"> hide blank tokens</label>

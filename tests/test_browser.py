@@ -90,7 +90,8 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
         (layer_lo, layer_hi), (head_lo, head_hi) = DEMO_RANGES
-        expect(page.locator("#caption")).to_contain_text(f"layers {layer_lo}–{layer_hi} · heads {head_lo}–{head_hi}")
+        expect(page.locator("#caption")).to_contain_text(
+            f"layers {layer_lo}–{layer_hi} · heads {head_lo}–{head_hi}")
         expect(page.locator("#overlay img")).to_be_visible(timeout=20_000)
         expect(page.locator("#share-plot canvas, #share-plot svg").first).to_be_visible(timeout=20_000)
         page.wait_for_timeout(500)
