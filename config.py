@@ -22,7 +22,7 @@ GPU_DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 DEMO_MODEL_DIR = REPO_DIR / "demo_model"
 # The demo model's recommended (layers, heads), 0-based inclusive, chosen by bench/bench_localization.py
 # on its validation seed: the ranges whose mean map points at the asked-about object most often.
-DEMO_RANGES: tuple[tuple[int, int], tuple[int, int]] = ((1, 2), (0, 3))
+DEMO_RANGES: tuple[tuple[int, int], tuple[int, int]] = ((1, 3), (0, 3))
 EXAMPLES_DIR = REPO_DIR / "examples"
 
 

@@ -414,7 +414,8 @@ def train(args) -> None:
                      evaluate(model, batcher, 998, 300))
             torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
                         "position_probe": position_probe.state_dict(), "step": step}, args.ckpt)
-    save_and_verify(model, processor, args.out, vars(args))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "ckpt", "resume")}
+    save_and_verify(model, processor, args.out, settings)
 
 
 def save_and_verify(model, processor, out: str, settings: dict) -> None:
@@ -452,8 +453,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--answer-lr", type=float, default=5e-4,
                    help="stage 2 peak learning rate; 2e-3 (the stage-1 rate) left the object look-up unlearned")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; the committed weights were trained with 1, which reproduces them bit for bit")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (the committed weights used 2); another count changes the float summation "
+                        "order and so the run")
     p.add_argument("--two-object-until", type=float, default=0.35,
                    help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)")
     p.add_argument("--knockout", type=float, default=0.5,
