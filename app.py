@@ -35,7 +35,7 @@ from model_holder import ModelLoadError
 from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
 from utils import load_image, load_video
 from views import (DISPLAY_NORMALIZATIONS, METHODS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture,
-                   method_key, raw_heatmap, render, share_table)
+                   method_key, raw_heatmap, render, share_table, step_labels)
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
@@ -359,7 +359,7 @@ class Handlers:
         mask = np.zeros(stored.run.vision.grid_hw, dtype=bool)
         mask[tuple(np.array(sorted(cells)).T)] = True
         summary = region_to_text(stored.run, mask)
-        table = pd.DataFrame({"step": list(range(stored.run.num_steps)), "share": summary["per_step"],
+        table = pd.DataFrame({"step": step_labels(stored.run.num_steps), "share": summary["per_step"],
                               "token": [_token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)]})
         per_head = summary["per_head"]                                    # (L, H)
         order = np.argsort(per_head, axis=None)[::-1][:5]
@@ -477,7 +477,8 @@ def build_analysis() -> dict[str, gr.components.Component]:
         gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
                     "(click again to remove a cell).")
         with gr.Row():
-            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=200,
+            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=200, sort="x",
+                                     x_label_angle=-90,
                                      title="Attention share on the region per generated token",
                                      elem_id="region-plot")
             with gr.Column():
@@ -555,7 +556,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
                                    elem_id="overlay")
                 caption = gr.Markdown("", elem_id="caption")
-                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"],
+                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
+                                  x_label_angle=-90,
                                   title="Attention share on the image per generated token", y_lim=[0, 1],
                                   elem_id="share-plot", height=220)
                 with gr.Row():

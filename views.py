@@ -265,12 +265,19 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     return text
 
 
+def step_labels(num_steps: int) -> list[str]:
+    """Step numbers as zero-padded strings ("00", "01", ... "11"), so a bar plot shows one even bar
+    per token on a categorical axis that sorts in step order."""
+    width = len(str(max(num_steps - 1, 0)))
+    return [str(t).zfill(width) for t in range(num_steps)]
+
+
 def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int,
                 exclude_system: bool = False) -> dict:
     """Columns for a plot of the attention share on the image, per generated token."""
     run = stored.run
     shares = stored.image_share(layers, heads, exclude_system)
-    return {"step": list(range(run.num_steps)), "share": [float(v) for v in shares],
+    return {"step": step_labels(run.num_steps), "share": [float(v) for v in shares],
             "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
             "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}
 
