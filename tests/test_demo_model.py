@@ -1,5 +1,6 @@
 """The committed demo model answers fresh synthetic images and looks at the object it answers about."""
 
+import random
 import sys
 from pathlib import Path
 
@@ -80,3 +81,30 @@ def test_shuffled_grid_control_falls_to_chance(runs):
             heat = rng.permutation(heat.reshape(-1)).reshape(heat.shape)
             hits.append(cell_hits_box(heat, run.vision.image_box_xyxy, s.box_xyxy))
     assert np.mean(hits) <= 0.3 < MIN_POINTING, f"shuffled control {np.mean(hits):.3f}; chance is about 0.08"
+
+
+def test_training_labels_follow_the_token_grid():
+    """The training-only probes' per-token labels: row-major over the 28 px token grid, the side of
+    each cell centre (middle column of an odd grid ignored), and each object's shape and colour on
+    cells inside its box."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train_demo_model import token_labels
+
+    rng = random.Random(3)
+    for size in [(224, 224), (196, 308), (308, 224)]:
+        sample = demo_data.make_sample(rng, size=size)
+        width, height = size
+        gh, gw = height // 28, width // 28
+        shape_ids, color_ids, side_ids = token_labels(sample)
+        assert shape_ids.shape == color_ids.shape == side_ids.shape == (gh * gw,)
+        sides = side_ids.reshape(gh, gw)
+        assert (sides[:, : gw // 2] == 0).all() and (sides[:, (gw + 1) // 2:] == 1).all()
+        assert (sides[:, gw // 2] == -100).all() == (gw % 2 == 1)
+        colors = list(demo_data.COLORS)
+        for obj in sample.objects:  # each object owns cells, and only cells that overlap its box
+            x0, y0, x1, y1 = obj.box_xyxy
+            owned = np.flatnonzero(color_ids.numpy() == 1 + colors.index(obj.color))
+            assert owned.size > 0, f"{obj} owns no token"
+            assert (shape_ids[owned] == 1 + demo_data.SHAPES.index(obj.shape)).all()
+            rows, cols = np.divmod(owned, gw)
+            assert ((cols * 28 < x1) & (x0 < cols * 28 + 28) & (rows * 28 < y1) & (y0 < rows * 28 + 28)).all()
