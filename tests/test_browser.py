@@ -97,6 +97,12 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         page.wait_for_timeout(500)
         (REPO / "outputs").mkdir(exist_ok=True)
         page.screenshot(path=str(REPO / "outputs" / "browser-test-demo.png"), full_page=True)
+
+        page.locator("#analysis").get_by_text("Analysis:").click()          # verify the trained model's map
+        page.locator("#verify-btn").click()
+        expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
+        page.wait_for_timeout(500)
+        page.locator("#verify-plot").screenshot(path=str(REPO / "outputs" / "browser-test-demo-verify.png"))
         browser.close()
 
 
