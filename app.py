@@ -219,11 +219,7 @@ class Handlers:
         return picture, caption, pd.DataFrame(table)
 
     def render(self, run_id, *view_values):
-        try:
-            stored = self.store.get(run_id)
-        except LookupError as err:
-            raise gr.Error(str(err)) from err
-        return self._render(stored, *view_values)
+        return self._render(self._stored(run_id), *view_values)
 
     def render_clamped(self, moved: str, run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest):
         """For the range sliders: the handle being moved pushes the other one along."""
@@ -246,10 +242,7 @@ class Handlers:
         """Compute the generic-prompt baseline for this image once (a model call), then render."""
         stored, settings = self._stored(run_id), self._settings(*view_values)
         if settings.relative and stored.baseline is None:
-            holder = self.slot.holder
-            if holder is None or holder.model_id != stored.run.model_id:
-                raise gr.Error(f"The baseline must come from the model that made this result "
-                               f"({stored.run.model_id}). Load it again, or generate with the current model.")
+            holder = self._model_of(stored, "The generic-prompt baseline")
             if not stored.is_single_image:
                 raise gr.Error("'Relative to a generic prompt' works with a single image; generate with one image.")
             budget = {key: stored.run.settings.get(key) for key in ("min_pixels", "max_pixels")}
@@ -265,10 +258,7 @@ class Handlers:
         """Compute the rollout or gradient maps of every generated token once (model passes), then render."""
         stored, settings = self._stored(run_id), self._settings(*view_values)
         if settings.method != "attention" and method_key(settings) not in stored.method_maps:
-            holder = self.slot.holder
-            if holder is None or holder.model_id != stored.run.model_id:
-                raise gr.Error(f"The {settings.method} maps need the model that made this result "
-                               f"({stored.run.model_id}). Load it again.")
+            holder = self._model_of(stored, f"The {settings.method} map")
             if not stored.is_single_image:
                 raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
             compute = {"rollout": rollout_map,
@@ -295,6 +285,14 @@ class Handlers:
         except LookupError as err:
             raise gr.Error(str(err)) from err
 
+    def _model_of(self, stored: StoredRun, what: str):
+        """The loaded model, if it is the one that made `stored`; views that run the model need it."""
+        holder = self.slot.holder
+        if holder is None or holder.model_id != stored.run.model_id:
+            raise gr.Error(f"{what} needs the model that made this result ({stored.run.model_id}). "
+                           "Load it again, or generate with the current model first.")
+        return holder
+
     def _single(self, run_id) -> StoredRun:
         stored = self._stored(run_id)
         if not stored.is_single_image:
@@ -305,7 +303,7 @@ class Handlers:
     def analysis(self, run_id, metric, *view_values):
         """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
         stored, s = self._single(run_id), self._settings(*view_values)
-        n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+        n_maps = s.num_maps
         try:
             matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
             pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
@@ -369,10 +367,8 @@ class Handlers:
 
     def lens(self, run_id, progress=gr.Progress()) -> tuple[str, str]:
         """Logit lens over the image's patches (a model pass), shown in a sandboxed frame and saved as HTML."""
-        stored, holder = self._single(run_id), self.slot.holder
-        if holder is None or holder.model_id != stored.run.model_id:
-            raise gr.Error(f"The logit lens needs the model that made this result ({stored.run.model_id}). "
-                           "Load it again, or generate with the current model first.")
+        stored = self._single(run_id)
+        holder = self._model_of(stored, "The logit lens")
         progress(0, desc="Decoding every layer at every image patch")
         try:
             with self.slot.lock:
@@ -388,9 +384,7 @@ class Handlers:
     def verify(self, run_id, *view_values, progress=gr.Progress()):
         """Deletion and insertion curves of the current map against a random order (model passes)."""
         stored, s = self._single(run_id), self._settings(*view_values)
-        holder = self.slot.holder
-        if holder is None or holder.model_id != stored.run.model_id:
-            raise gr.Error(f"Verifying needs the model that made this result ({stored.run.model_id}). Load it again.")
+        holder = self._model_of(stored, "Verifying")
         if s.prompt_pos is not None:
             raise gr.Error("Verify works on generated tokens; pick one from the token list.")
         progress(0, desc="Blurring cells in map order and in a random order")
@@ -411,7 +405,7 @@ class Handlers:
 
     def gallery_download(self, run_id, *view_values) -> str:
         stored, s = self._single(run_id), self._settings(*view_values)
-        n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
+        n_maps = s.num_maps
         if n_maps > self.cfg.max_gallery_maps:
             raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps (now {n_maps}); "
                            "narrow the layer or head range.")
@@ -520,9 +514,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                            label="More images, after the first one, in this order")
                     video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                if example_rows():
-                    gr.Examples(example_rows(), [image, prompt], label="Examples for the demo model",
-                                examples_per_page=6)
+                examples = example_rows()
+                if examples:
+                    gr.Examples(examples, [image, prompt], label="Examples for the demo model", examples_per_page=6)
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
             with gr.Column(scale=3):
                 token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",

@@ -27,6 +27,8 @@ METHOD_CAPTIONS = {"rollout": "attention rollout through all layers (heads avera
 def method_key(s: "ViewSettings"):
     """Cache key of a method's maps: the ViT-combined map also depends on the raw map's settings."""
     return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if s.method == "vit" else s.method
+
+
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
 
 
@@ -112,6 +114,11 @@ class ViewSettings:
     prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
 
+    @property
+    def num_maps(self) -> int:
+        """How many (layer, head) maps the ranges select."""
+        return (self.layers[1] - self.layers[0] + 1) * (self.heads[1] - self.heads[0] + 1)
+
 
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
@@ -127,6 +134,11 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
                               "Tick 'Relative to a generic prompt' again to compute it.")
         heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce,
                                                     s.renormalize))
+    return _masked_sinks(stored, s, heat)
+
+
+def _masked_sinks(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> np.ndarray:
+    """With `mask_sinks`, the sink cells of these ranges set to the floor of the other cells."""
     if s.mask_sinks:
         sinks = stored.sinks(s.layers, s.heads)
         if sinks.any() and not sinks.all():
@@ -148,11 +160,7 @@ def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     heat = maps[s.step_idx]
     if s.mask_sinks and s.method == "vit":
         raise ValueError("Sink cells are token cells; untick 'Mask sink cells' for the patch-level ViT map.")
-    if s.mask_sinks:
-        sinks = stored.sinks(s.layers, s.heads)
-        if sinks.any() and not sinks.all():
-            heat = np.where(sinks, heat[~sinks].min(), heat).astype(np.float32)
-    return heat
+    return _masked_sinks(stored, s, heat)
 
 
 def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]:
@@ -235,7 +243,6 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     run = stored.run
     norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
             "shared": "one scale shared by all tokens"}[s.normalization]
-    n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
     layer_sel = range_slice(s.layers, run.layer_indices, "layer")
     if s.prompt_pos is None:
         share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
@@ -246,7 +253,7 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
         who = f"Prompt token {s.prompt_pos} {piece!r}"
     grid_h, grid_w = run.vision.grid_hw
-    what = (f"layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} of {n_maps} maps"
+    what = (f"layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} of {s.num_maps} maps"
             if s.method == "attention" else METHOD_CAPTIONS[s.method])
     text = (f"{who} · {what} · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
