@@ -35,9 +35,7 @@ def file_stem(step_idx: int, layer_idx: int | None = None, head_idx: int | None 
 
 def vision_maps(run: AttentionRun, step_idx: int, layers, heads, renormalize: bool = False) -> np.ndarray:
     """(l, h, grid_h, grid_w) float32: every selected head's raw map; optionally each sums to 1."""
-    values = vision_attention(run, step_idx, layers, heads)              # (l, h, n_cells)
-    if renormalize:
-        values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    values = vision_attention(run, step_idx, layers, heads, renormalize=renormalize)  # (l, h, n_cells)
     grid_h, grid_w = run.vision.grid_hw
     return values.reshape(*values.shape[:2], grid_h, grid_w).numpy()
 

@@ -46,18 +46,33 @@ def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                     heads: tuple[int, int] | None = None, image_idx: int = 0) -> torch.Tensor:
-    """(n_layers_sel, n_heads_sel, n_tokens) float32: attention on each token of image `image_idx`."""
-    rows = step_rows(run, step_idx, layers, heads)                      # (l, h, S_t), a view
-    return rows[:, :, _positions_index(_layout(run, image_idx))].float()  # (l, h, n_tokens)
+                     heads: tuple[int, int] | None = None, image_idx: int = 0,
+                     renormalize: bool = False) -> torch.Tensor:
+    """(n_layers_sel, n_heads_sel, n_tokens) float32: attention on each token of image `image_idx`;
+    with renormalize, each head's attention on the image rescaled to sum to 1."""
+    return _on_image(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), renormalize)
+
+
+def _on_image(layout: VisionLayout, rows: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """rows (l, h, S) → (l, h, n_tokens) float32 at the layout's tokens, optionally summing to 1 per head."""
+    values = rows[:, :, _positions_index(layout)].float()
+    if renormalize:
+        values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return values
+
+
+def _selected(run: AttentionRun, rows: torch.Tensor, layers: tuple[int, int] | None,
+              heads: tuple[int, int] | None) -> torch.Tensor:
+    """The layer and head ranges of rows laid out (num_layers, num_heads, ...), as a view."""
+    layer_sel = range_slice(layers, run.layer_indices, "layer")
+    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
+    return rows[layer_sel, head_sel]
 
 
 def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
               heads: tuple[int, int] | None = None) -> torch.Tensor:
     """(n_layers_sel, n_heads_sel, len(prompt_ids) + step_idx) float16 view of the selected rows."""
-    layer_sel = range_slice(layers, run.layer_indices, "layer")
-    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
-    return run.step_attention(step_idx)[layer_sel, head_sel]
+    return _selected(run, run.step_attention(step_idx), layers, heads)
 
 
 def _layout(run: AttentionRun, image_idx: int) -> VisionLayout:
@@ -94,21 +109,17 @@ def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, i
                          renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
     """Like `token_heatmap`, for a prompt token at sequence position `token_pos` (one of
     `run.prompt_positions`): what that prompt word attends to in the image."""
-    layer_sel = range_slice(layers, run.layer_indices, "layer")
-    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
     layout = _layout(run, image_idx)
     if layout.token_positions[0] > token_pos:
         raise ValueError(f"Prompt token {token_pos} comes before image {image_idx}, so it cannot attend to it.")
-    return _heatmap(layout, run.prompt_attention(token_pos)[layer_sel, head_sel], reduce, renormalize)
+    return _heatmap(layout, _selected(run, run.prompt_attention(token_pos), layers, heads), reduce, renormalize)
 
 
 def _heatmap(layout: VisionLayout, rows: torch.Tensor, reduce: str, renormalize: bool) -> np.ndarray:
     """rows (l, h, S) → (grid_h, grid_w), or (frames, grid_h, grid_w) for a video, float32."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
-    values = rows[:, :, _positions_index(layout)].float()               # (l, h, n_tokens)
-    if renormalize:
-        values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    values = _on_image(layout, rows, renormalize)                       # (l, h, n_tokens)
     shape = (layout.num_frames, *layout.grid_hw) if layout.num_frames > 1 else layout.grid_hw
     return _reduce(values, reduce).reshape(shape).numpy().astype(np.float32)
 

@@ -243,13 +243,11 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     run = stored.run
     norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
             "shared": "one scale shared by all tokens"}[s.normalization]
-    layer_sel = range_slice(s.layers, run.layer_indices, "layer")
     if s.prompt_pos is None:
         share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
         who = f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r}"
     else:
-        rows = run.prompt_attention(s.prompt_pos)[layer_sel, s.heads[0]:s.heads[1] + 1]   # (l, h, pos + 1)
-        share = rows[:, :, [p for p in run.vision.token_positions if p <= s.prompt_pos]].float().sum(-1).mean()
+        share = float(prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, "mean").sum())  # mean over heads
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
         who = f"Prompt token {s.prompt_pos} {piece!r}"
     grid_h, grid_w = run.vision.grid_hw
