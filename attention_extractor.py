@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from families import VisionLayout, decoder_layers
+from families import VisionLayout, attention_implementation, decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -221,12 +221,6 @@ AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_sdpa)
 AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
-def _attn_implementations(model) -> dict[str, str]:
-    config = model.config
-    return {"text_config": config.get_text_config()._attn_implementation,
-            "vision_config": config.vision_config._attn_implementation}
-
-
 def _eager_hook(recorder: _Recorder, layer_idx: int):
     def hook(module, args, output):
         weights = output[1]                                             # (B, H, q, kv)
@@ -257,16 +251,13 @@ def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] |
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
         raise ValueError(f"layers must be indices in 0..{num_layers - 1}, got {layers}.")
     recorder = _Recorder(layer_indices, prompt_positions)
-    saved = _attn_implementations(model)
     handles = []
-    with _active_lock:
+    implementation = CAPTURE_IMPLEMENTATION if method == "sdpa" else "eager"
+    with _active_lock, attention_implementation(model, text=implementation):
         try:
             if method == "sdpa":
-                model.set_attn_implementation({"text_config": CAPTURE_IMPLEMENTATION,
-                                               "vision_config": saved["vision_config"]})
                 _active = recorder
             else:
-                model.set_attn_implementation({"text_config": "eager", "vision_config": saved["vision_config"]})
                 for idx in layer_indices:
                     attn = decoder_layers(model)[idx].self_attn
                     handles.append(attn.register_forward_hook(_eager_hook(recorder, idx)))
@@ -275,4 +266,3 @@ def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] |
             _active = None
             for handle in handles:
                 handle.remove()
-            model.set_attn_implementation(saved)

@@ -14,8 +14,6 @@ selected one, and return a map over the image's token grid like `token_heatmap`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from transformers import AttentionInterface
@@ -23,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attention_extractor import AttentionRun
-from families import decoder_layers
+from families import attention_implementation, decoder_layers
 
 QK_IMPLEMENTATION = "vlm_explorer_qk"
 _recorded: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
@@ -40,18 +38,6 @@ def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
 
 AttentionInterface.register(QK_IMPLEMENTATION, _recording_sdpa)
 AttentionMaskInterface.register(QK_IMPLEMENTATION, sdpa_mask)
-
-
-@contextmanager
-def _decoder_attention(model, implementation: str):
-    """Switch only the decoder's attention implementation for the block; always restore it."""
-    saved = {"text_config": model.config.get_text_config()._attn_implementation,
-             "vision_config": model.config.vision_config._attn_implementation}
-    model.set_attn_implementation({"text_config": implementation, "vision_config": saved["vision_config"]})
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(saved)
 
 
 def _teacher_forced(holder, run: AttentionRun, image, step_idx: int):
@@ -83,7 +69,7 @@ def rollout_map(holder, run: AttentionRun, image, step_idx: int, chunk: int = 25
     inputs = _teacher_forced(holder, run, image, step_idx)
     _recorded = {}
     try:
-        with torch.inference_mode(), _decoder_attention(holder.model, QK_IMPLEMENTATION):
+        with torch.inference_mode(), attention_implementation(holder.model, text=QK_IMPLEMENTATION):
             holder.model(**inputs)
         recorded, _recorded = _recorded, None
     finally:
@@ -122,7 +108,7 @@ def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float 
         weights.append(output[1])
     handles = [layer.self_attn.register_forward_hook(keep) for layer in decoder_layers(holder.model)]
     try:
-        with torch.enable_grad(), _decoder_attention(holder.model, "eager"):
+        with torch.enable_grad(), attention_implementation(holder.model, text="eager"):
             logits = holder.model(**inputs).logits                        # (1, S, vocab)
             logits[0, -1, run.generated_ids[step_idx]].backward()
     finally:
@@ -165,14 +151,10 @@ def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, t
     global _vision_calls
     blocks = vision_encoder_blocks(holder.model)
     block_of = {id(getattr(block, "attn", None) or block.self_attn): idx for idx, block in enumerate(blocks)}
-    saved = {"text_config": holder.model.config.get_text_config()._attn_implementation,
-             "vision_config": holder.model.config.vision_config._attn_implementation}
     _vision_calls = []
     try:
-        holder.model.set_attn_implementation({"text_config": saved["text_config"],
-                                              "vision_config": VISION_QK_IMPLEMENTATION})
         on_model = holder.on_model(inputs)
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_implementation(holder.model, vision=VISION_QK_IMPLEMENTATION):
             if hasattr(holder.model.model, "visual"):
                 holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
             else:
@@ -180,7 +162,6 @@ def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, t
         calls = _vision_calls
     finally:
         _vision_calls = None
-        holder.model.set_attn_implementation(saved)
     per_block: dict[int, list] = {}
     for module_id, query, key, scale in calls:
         per_block.setdefault(block_of[module_id], []).append((query, key, scale))

@@ -7,6 +7,8 @@ how they are laid out as a grid, and which region of the ORIGINAL image that gri
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +71,21 @@ def detect_family(config) -> str:
             f"Model type {model_type!r} is not supported. Supported families: {names}. "
             "Pick a checkpoint of one of these families.")
     return model_type
+
+
+@contextmanager
+def attention_implementation(model, text: str | None = None, vision: str | None = None) -> Iterator[None]:
+    """Switch the decoder's (`text`) and/or the vision tower's (`vision`) attention implementation for
+    the block, leaving the other as it is; both are restored on exit, also after an exception."""
+    config = model.config
+    saved = {"text_config": config.get_text_config()._attn_implementation,
+             "vision_config": config.vision_config._attn_implementation}
+    model.set_attn_implementation({"text_config": text or saved["text_config"],
+                                   "vision_config": vision or saved["vision_config"]})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
