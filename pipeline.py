@@ -22,6 +22,8 @@ from model_holder import ModelHolder, check_loadable
 from views import StoredRun
 
 logger = logging.getLogger(__name__)
+
+
 class EvictedError(LookupError):
     """A session's result was dropped to keep memory bounded."""
 
@@ -119,25 +121,29 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
     return tensors_path, meta_path
 
 
+def _fresh_path(out_dir: Path, stem: str, suffix: str) -> Path:
+    """A new, uniquely named file path in `out_dir` (created if needed), so no one's file is overwritten."""
+    path = Path(out_dir) / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
     """The current picture as a PNG in a fresh, uniquely named file."""
-    path = Path(out_dir) / f"attention-token{step_idx}-{uuid.uuid4().hex[:8]}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _fresh_path(out_dir, f"attention-token{step_idx}", ".png")
     picture.save(path, format="PNG")
     return path
 
 
 def save_gallery_zip(tiles: list[tuple[str, Image.Image]], out_dir: Path, step_idx: int) -> Path:
     """The per-head gallery as a ZIP of `S{step}_L{layer}_H{head}.png` in a fresh, uniquely named file."""
-    path = Path(out_dir) / f"heads-token{step_idx}-{uuid.uuid4().hex[:8]}.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _fresh_path(out_dir, f"heads-token{step_idx}", ".zip")
     path.write_bytes(gallery_zip(tiles))
     return path
 
 
 def save_page(page: str, out_dir: Path, stem: str) -> Path:
     """A self-contained HTML page in a fresh, uniquely named file."""
-    path = Path(out_dir) / f"{stem}-{uuid.uuid4().hex[:8]}.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _fresh_path(out_dir, stem, ".html")
     path.write_text(page, encoding="utf-8")
     return path

@@ -44,25 +44,28 @@ class Item:
     correct: bool
 
 
-def cell_hits_box(heat: np.ndarray, image_box_xyxy, target_box_xyxy) -> bool:
-    """True if the centre of heat's argmax cell (heat: (grid_h, grid_w)) lies in the target box."""
+def argmax_cell_xyxy(heat: np.ndarray, image_box_xyxy) -> tuple[float, float, float, float]:
+    """The rectangle, in image pixels, of heat's argmax cell (heat: (grid_h, grid_w))."""
     grid_h, grid_w = heat.shape
     row, col = divmod(int(np.argmax(heat)), grid_w)
     x0, y0, x1, y1 = image_box_xyxy
-    cx = x0 + (col + 0.5) * (x1 - x0) / grid_w
-    cy = y0 + (row + 0.5) * (y1 - y0) / grid_h
+    cw, ch = (x1 - x0) / grid_w, (y1 - y0) / grid_h
+    return x0 + col * cw, y0 + row * ch, x0 + (col + 1) * cw, y0 + (row + 1) * ch
+
+
+def cell_hits_box(heat: np.ndarray, image_box_xyxy, target_box_xyxy) -> bool:
+    """True if the centre of heat's argmax cell (heat: (grid_h, grid_w)) lies in the target box."""
+    cx0, cy0, cx1, cy1 = argmax_cell_xyxy(heat, image_box_xyxy)
+    cx, cy = (cx0 + cx1) / 2, (cy0 + cy1) / 2
     tx0, ty0, tx1, ty1 = target_box_xyxy
     return tx0 <= cx < tx1 and ty0 <= cy < ty1
 
 
 def cell_touches_box(heat: np.ndarray, image_box_xyxy, target_box_xyxy) -> bool:
     """Looser diagnostic: the argmax cell's rectangle overlaps the target box at all."""
-    grid_h, grid_w = heat.shape
-    row, col = divmod(int(np.argmax(heat)), grid_w)
-    x0, y0, x1, y1 = image_box_xyxy
-    cw, ch = (x1 - x0) / grid_w, (y1 - y0) / grid_h
+    cx0, cy0, cx1, cy1 = argmax_cell_xyxy(heat, image_box_xyxy)
     tx0, ty0, tx1, ty1 = target_box_xyxy
-    return x0 + col * cw < tx1 and tx0 < x0 + (col + 1) * cw and y0 + row * ch < ty1 and ty0 < y0 + (row + 1) * ch
+    return cx0 < tx1 and tx0 < cx1 and cy0 < ty1 and ty0 < cy1
 
 
 def chance(grid_hw, image_box_xyxy, target_box_xyxy) -> float:
