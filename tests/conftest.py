@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints of every family, saved and reloaded for real."""
 
+import socket
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def load_holder(tiny_model_dirs):
             _holders[family] = ModelHolder.load(tiny_model_dirs[family], device="cpu", dtype="float32")
         return _holders[family]
     return load
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a test server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

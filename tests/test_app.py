@@ -1,6 +1,5 @@
 """The app's handlers as plain functions, and the whole flow through gradio_client."""
 
-import socket
 
 import gradio as gr
 import numpy as np
@@ -9,6 +8,7 @@ from PIL import Image
 
 import app
 from config import AppConfig
+from conftest import free_port
 from pipeline import ModelSlot, RunStore
 
 VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
@@ -108,18 +108,12 @@ def test_evicted_result_asks_to_generate_again(tiny_model_dirs, image_file, tmp_
     assert h.render(second, *_view())[0] is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
     from gradio_client import Client, handle_file
     cfg = AppConfig(outputs_dir=tmp_path / "outputs")
     demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
     demo.queue()
-    port = _free_port()
+    port = free_port()
     demo.launch(server_port=port, prevent_thread_lock=True, allowed_paths=[str(cfg.outputs_dir)],
                 ssr_mode=False, quiet=True)
     try:

@@ -1,7 +1,6 @@
 """The bad-input matrix: awkward files, prompts, models and views, through the Python API and the app's API."""
 
 import io
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from PIL import Image
 
 import app
 from config import AppConfig
+from conftest import free_port
 from pipeline import ModelSlot, RunStore
 from utils import ImageLoadError
 from visualization import overlay
@@ -110,12 +110,6 @@ def test_very_long_prompt_runs_or_is_refused_clearly(load_holder, dummy_image):
         holder.model.config.get_text_config().max_position_embeddings = saved
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
 
 
@@ -124,7 +118,7 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
     cfg = AppConfig(outputs_dir=tmp_path / "outputs", max_prompt_chars=8000)
     demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
     demo.queue()
-    port = _free_port()
+    port = free_port()
     demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)

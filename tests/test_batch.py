@@ -59,7 +59,7 @@ def test_per_head_files_composites_and_counts(per_head_batch):
     out, code = per_head_batch
     folders = sorted(path.name for path in out.iterdir())
     assert folders == ["001_first__prompt01", "001_first__prompt02", "003_third__prompt01", "003_third__prompt02"]
-    expected = {f"S{s}_L{l}_H{h}.png" for s in (1, 3) for l in (2, 3) for h in (1, 2)}      # 1-based names
+    expected = {f"S{s}_L{layer}_H{h}.png" for s in (1, 3) for layer in (2, 3) for h in (1, 2)}      # 1-based names
     expected |= {"composite_S1.png", "composite_S3.png", "run.json"}
     for name in folders:
         assert {path.name for path in (out / name).iterdir()} == expected

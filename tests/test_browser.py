@@ -8,7 +8,6 @@ outputs/browser-test.png (the README's docs/screenshot.png is a copy of one).
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import REPO
+from conftest import REPO, free_port
 from config import DEMO_RANGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt install chromium)")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _scene(path, flip: bool = False) -> str:
@@ -43,7 +36,7 @@ def _scene(path, flip: bool = False) -> str:
 
 
 def _serve(tmp_path, model_args: list[str]):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *model_args, "--port", str(port),
                              "--device", "cpu"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)

@@ -1,6 +1,5 @@
 """Many users at once, bounded memory over many sessions, and recovery from out-of-memory."""
 
-import socket
 import threading
 import time
 
@@ -12,16 +11,11 @@ from PIL import Image
 
 import app
 from config import AppConfig
+from conftest import free_port
 from model_holder import GenerationOutOfMemoryError
 from pipeline import ModelSlot, RunStore
 
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _ConcurrencyMeter:
@@ -51,7 +45,7 @@ def served(tiny_model_dirs, tmp_path):
     slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
     demo = app.build_ui(cfg, slot, RunStore(cfg.session_cache_mb))
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
     yield f"http://127.0.0.1:{port}/", slot
     demo.close()

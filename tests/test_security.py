@@ -1,6 +1,5 @@
 """What the server exposes: auth on every route, only its own files, capped uploads, safe defaults."""
 
-import socket
 from dataclasses import replace
 
 import httpx
@@ -8,19 +7,14 @@ import pytest
 
 import app
 from config import AppConfig
+from conftest import free_port
 from pipeline import ModelSlot, RunStore
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def launched(tmp_path, request):
     auth = getattr(request, "param", None)
-    cfg = replace(AppConfig(outputs_dir=tmp_path / "outputs", max_upload="1mb"), port=_free_port(), auth=auth)
+    cfg = replace(AppConfig(outputs_dir=tmp_path / "outputs", max_upload="1mb"), port=free_port(), auth=auth)
     cfg.outputs_dir.mkdir()
     (cfg.outputs_dir / "result.png").write_bytes(b"\x89PNG fake")
     demo = app.build_ui(cfg, ModelSlot(), RunStore(10))
