@@ -40,12 +40,6 @@ AttentionInterface.register(QK_IMPLEMENTATION, _recording_sdpa)
 AttentionMaskInterface.register(QK_IMPLEMENTATION, sdpa_mask)
 
 
-def _teacher_forced(holder, run: AttentionRun, image, step_idx: int):
-    settings = run.settings
-    return holder.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
-                                        settings.get("min_pixels"), settings.get("max_pixels"))
-
-
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
     """(S,) relevance of every position → (grid_h, grid_w) float32 at the first image's cells."""
     positions = torch.from_numpy(run.vision.token_positions)
@@ -66,7 +60,7 @@ def _mean_attention_rows(query, key, scale, rows: slice) -> torch.Tensor:
 def rollout_map(holder, run: AttentionRun, image, step_idx: int, chunk: int = 256) -> np.ndarray:
     """Attention rollout of generated token `step_idx` onto the image grid: (grid_h, grid_w) float32."""
     global _recorded
-    inputs = _teacher_forced(holder, run, image, step_idx)
+    inputs = holder.replay_inputs(run, image, step_idx)
     _recorded = {}
     try:
         with torch.inference_mode(), attention_implementation(holder.model, text=QK_IMPLEMENTATION):
@@ -95,7 +89,7 @@ def gradient_bytes_estimate(holder, seq_len: int) -> int:
 
 def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float | None = None) -> np.ndarray:
     """Gradient-weighted attention relevance (Chefer et al.) of token `step_idx` on the image grid."""
-    inputs = _teacher_forced(holder, run, image, step_idx)
+    inputs = holder.replay_inputs(run, image, step_idx)
     seq = inputs["input_ids"].shape[1]
     if max_mb is not None and gradient_bytes_estimate(holder, seq) > max_mb * 2**20:
         raise MemoryError(f"Gradient-weighted attention over {seq} tokens needs about "

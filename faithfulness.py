@@ -58,9 +58,7 @@ def _cell_slices(run: AttentionRun, size_wh: tuple[int, int]) -> list[tuple[slic
 
 def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Image) -> float:
     """p(generated token step_idx | image, prompt, earlier tokens), one teacher-forced forward."""
-    settings = run.settings
-    inputs = holder.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
-                                          settings.get("min_pixels"), settings.get("max_pixels"))
+    inputs = holder.replay_inputs(run, image, step_idx)
     with torch.inference_mode():
         logits = holder.model(**inputs).logits[0, -1].float()            # (vocab,)
     return float(torch.softmax(logits, dim=-1)[run.generated_ids[step_idx]])

@@ -177,6 +177,13 @@ class ModelHolder:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
         return self.on_model(inputs)
 
+    def replay_inputs(self, run: AttentionRun, image, step_idx: int):
+        """Teacher-forced inputs that replay `run` up to generated token `step_idx`: its prompt and
+        image-token budget, then the tokens generated before it; the last position's logits chose it."""
+        settings = run.settings
+        return self.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
+                                          settings.get("min_pixels"), settings.get("max_pixels"))
+
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
                       max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
         """Refuse up front what would overflow the model's context or the capture's memory."""
