@@ -1,10 +1,13 @@
 """Capture the decoder attention that produced each generated token, during generation.
 
-The default method ("sdpa") registers an attention function with transformers: it computes the
-layer output with SDPA, exactly as plain generation does, and additionally recomputes the softmax
-row of only the last query position (the one that predicts the next token), stored in float16 on
-the CPU. The reference method ("eager") runs eager attention and reads the same rows through
-forward hooks; it is slower and exists for tests and comparison.
+One registered attention function (`RECORD_IMPLEMENTATION`) computes every layer's output with
+SDPA, exactly as plain generation does, and hands the layer's queries and keys to whichever
+recorder is active. The generation recorder does only bookkeeping inside the decode loop: it
+keeps a reference to each step's query and to the layer's keys, with no extra tensor operation,
+no host-device synchronisation and no copy. After `generate` returns, `finish` rebuilds every
+step's softmax row per layer in one batched pass (`attention_store`). The explanation passes
+(rollout, the vision tower) use the same function and the same `recording` context manager.
+The reference method ("eager") reads eager attention weights through forward hooks instead.
 """
 
 from __future__ import annotations
@@ -15,22 +18,33 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from attention_store import (LayerRecord, QueryKeyStore, RowStore, StoreKind, build_store, choose_store,
+                             store_bytes)
 from families import VisionLayout, attention_implementation, decoder_layers
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_IMPLEMENTATION = "vlm_explorer_capture"
+RECORD_IMPLEMENTATION = "vlm_explorer_record"
+CAPTURE_IMPLEMENTATION = RECORD_IMPLEMENTATION          # the decoder's implementation during a capture
 CaptureMethod = Literal["sdpa", "eager"]
 CAPTURE_METHODS: tuple[str, ...] = ("sdpa", "eager")
 
 
 class CaptureError(RuntimeError):
     """Capture did not produce one attention row per generated token."""
+
+
+def segment_positions(visions: list[VisionLayout]) -> dict[str, np.ndarray]:
+    """Key positions whose per-step attention mass a run keeps: 'vision' (every image token) and
+    'system' (everything before the first image: BOS, system prompt, chat header). int64 arrays."""
+    vision = np.concatenate([layout.token_positions for layout in visions]).astype(np.int64)
+    return {"vision": vision, "system": np.arange(int(visions[0].token_positions.min()), dtype=np.int64)}
 
 
 @dataclass
@@ -43,18 +57,15 @@ class AttentionRun:
     generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
     generated_tokens: one decoded piece per generated id.
     vision: where the image's tokens sit in the sequence and on the picture (the first image).
-    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
     layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
     num_heads: query heads per layer; axis 1 of `step_attention`.
-    rows: per step t, a float16 tensor (num_layers, num_heads, prompt_len + t): the softmax
-        attention of the query at position prompt_len - 1 + t, i.e. the one that produced
-        generated token t (t = 0 is the last prompt row). Use `step_attention`.
-    prompt_tokens: one decoded piece per prompt id (empty when not provided).
-    prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
-    prompt_rows: (num_layers, num_heads, len(prompt_positions), prompt_len) float16 or None: row i is
-        the softmax attention of the query at prompt_positions[i] (zero after that position).
-        Use `prompt_attention`.
+    attention: the captured attention, a `RowStore` or `QueryKeyStore` (see `attention_store`);
+        a list of per-step float16 rows (num_layers, num_heads, prompt_len + t) is wrapped in a
+        RowStore. Read it through `step_attention`, `prompt_attention` and `segment_shares`.
     model_id, family, settings: provenance for exports and captions.
+    prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
+    prompt_tokens: one decoded piece per prompt id (empty when not provided).
+    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
     """
 
     prompt_ids: list[int]
@@ -63,18 +74,19 @@ class AttentionRun:
     vision: VisionLayout
     layer_indices: list[int]
     num_heads: int
-    rows: list[torch.Tensor] = field(repr=False)
+    attention: RowStore | QueryKeyStore | list = field(repr=False)
     model_id: str = ""
     family: str = ""
     settings: dict = field(default_factory=dict)
     prompt_positions: list[int] = field(default_factory=list)
-    prompt_rows: torch.Tensor | None = field(default=None, repr=False)
     prompt_tokens: list[str] = field(default_factory=list, repr=False)
     visions: list[VisionLayout] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if not self.visions:
             self.visions = [self.vision]
+        if isinstance(self.attention, list):
+            self.attention = RowStore(self.attention, None)
 
     @property
     def num_steps(self) -> int:
@@ -86,183 +98,244 @@ class AttentionRun:
 
     @property
     def nbytes(self) -> int:
-        prompt = 0 if self.prompt_rows is None else self.prompt_rows.numel() * self.prompt_rows.element_size()
-        return prompt + sum(row.numel() * row.element_size() for row in self.rows)
+        """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
+        return self.attention.nbytes
+
+    def segment_shares(self, name: str) -> np.ndarray:
+        """(num_steps, num_layers, num_heads) float32: each step's attention mass on a segment, 0..1."""
+        shares = self.attention.shares
+        if name not in shares:
+            index = torch.from_numpy(segment_positions(self.visions)[name])
+            shares[name] = torch.stack([self.step_attention(t)[:, :, index].float().sum(-1)
+                                        for t in range(self.num_steps)])       # (T, L, H)
+        return shares[name].numpy().astype(np.float32)
 
     def prompt_attention(self, token_pos: int) -> torch.Tensor:
         """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
         if token_pos not in self.prompt_positions:
             raise IndexError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
                              f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
-        return self.prompt_rows[:, :, self.prompt_positions.index(token_pos), : token_pos + 1]
+        return self.attention.prompt(self.prompt_positions.index(token_pos))[:, :, : token_pos + 1]
+
+    @property
+    def prompt_rows(self) -> torch.Tensor | None:
+        """(num_layers, num_heads, len(prompt_positions), prompt_len) float16, or None when none were kept."""
+        if not self.prompt_positions:
+            return None
+        return torch.stack([self.attention.prompt(i) for i in range(len(self.prompt_positions))], dim=2)
 
     def step_attention(self, step_idx: int) -> torch.Tensor:
-        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU."""
+        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
+        of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
         if not 0 <= step_idx < self.num_steps:
             raise IndexError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
                              f"tokens, so pick 0..{self.num_steps - 1}.")
-        return self.rows[step_idx]
+        return self.attention.step(step_idx)
 
 
-def estimate_capture_bytes(num_layers: int, num_heads: int, prompt_len: int, max_new_tokens: int,
-                           num_prompt_rows: int = 0) -> int:
-    """Upper bound of what a capture stores: float16 rows of prompt_len + t keys for t < max_new_tokens,
-    plus `num_prompt_rows` prompt rows of prompt_len keys."""
-    keys = max_new_tokens * prompt_len + max_new_tokens * (max_new_tokens - 1) // 2 + num_prompt_rows * prompt_len
-    return 2 * num_layers * num_heads * keys
+def attention_dims(model) -> dict[str, int]:
+    """num_heads, num_kv_heads and head_dim of the decoder, read from its attention module."""
+    attn = decoder_layers(model)[0].self_attn
+    num_heads = int(model.config.get_text_config().num_attention_heads)
+    return {"num_heads": num_heads, "num_kv_heads": num_heads // int(attn.num_key_value_groups),
+            "head_dim": int(attn.head_dim)}
+
+
+def estimate_capture_bytes(model, num_layers: int, prompt_len: int, max_new_tokens: int,
+                           num_prompt_rows: int = 0, store: StoreKind = "auto") -> int:
+    """What a capture of up to `max_new_tokens` tokens keeps, in the store it would choose (an upper bound)."""
+    dims = dict(attention_dims(model), num_layers=num_layers, prompt_len=prompt_len, num_steps=max_new_tokens,
+                num_prompt_rows=num_prompt_rows, itemsize=model.get_input_embeddings().weight.element_size())
+    return store_bytes(choose_store(store, **dims), **dims)
 
 
 class CaptureTooLargeError(MemoryError):
     """A capture that would exceed the memory allowed for it; refused before generating."""
 
 
-def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy; from a GPU it goes into pinned memory without waiting (see `_Recorder.steps`)."""
-    if not tensor.is_cuda:
-        return tensor.clone() if tensor.device.type == "cpu" else tensor.cpu()
-    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    return pinned.copy_(tensor, non_blocking=True)
+_active = None                                    # the recorder that receives attention calls, if any
+_active_lock = threading.Lock()
 
 
-class _Recorder:
-    """Rows captured during one generation, per layer, one per forward call."""
+def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA output, exactly as plain generation; the active recorder also sees the layer's q and k."""
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                       dropout=dropout, scaling=scaling, **kwargs)  # (B, q, H, D)
+    recorder = _active
+    if recorder is not None:
+        recorder.on_attention(module, query, key, attention_mask,
+                              scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs)
+    return output, None
+
+
+AttentionInterface.register(RECORD_IMPLEMENTATION, _recording_sdpa)
+# Without a mask function under the same name the decoder gets no mask and ignores padding.
+AttentionMaskInterface.register(RECORD_IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def recording(model, recorder=None, text: str | None = RECORD_IMPLEMENTATION, vision: str | None = None,
+              hooks=()) -> Iterator:
+    """The one way to watch attention: for the block, set the decoder's (`text`) and/or the vision
+    tower's (`vision`) attention implementation (None leaves it), route the recording function's
+    calls to `recorder`, and add `hooks`, (module, forward hook) pairs. One recording at a time;
+    implementations and hooks are restored on exit, also after an exception."""
+    global _active
+    with _active_lock, attention_implementation(model, text=text, vision=vision):
+        handles = []
+        try:
+            handles = [module.register_forward_hook(hook) for module, hook in hooks]
+            _active = recorder
+            yield recorder
+        finally:
+            _active = None
+            for handle in handles:
+                handle.remove()
+
+
+class _LayerCalls:
+    """One decoder layer's calls during generation: references only, no tensor work."""
+
+    def __init__(self):
+        self.queries: list[torch.Tensor] = []                           # prefill (B,H,n_p+1,D), then (B,H,1,D) each
+        self.masks: list[torch.Tensor | None] = []                      # the mask each call used, same order
+        self.keys: torch.Tensor | None = None                           # (B, KV, K, D) of the latest call
+        self.scaling, self.softcap, self.batch, self.multi_query = 1.0, None, 1, False
+
+
+class GenerationRecorder:
+    """Records, per wanted decoder layer, what rebuilds the row of every query that made a token.
+
+    prompt_positions: prompt positions whose rows to keep too (taken from the prefill call).
+    Call `finish` after generation to get the store.
+    """
+
+    def __init__(self, model, layer_indices: list[int], prompt_positions: list[int] | None = None):
+        self.layer_indices = layer_indices
+        self.prompt_positions = sorted(set(prompt_positions or []))
+        self.calls = {idx: _LayerCalls() for idx in layer_indices}
+        # Index tensors for the prefill call, made before generation (making them then would block the host).
+        devices = {next(decoder_layers(model)[idx].self_attn.parameters()).device for idx in layer_indices}
+        self._picks = {device: torch.tensor(self.prompt_positions, dtype=torch.long).to(device) for device in devices}
+
+    def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
+        calls = self.calls.get(getattr(module, "layer_idx", None))
+        if calls is None:
+            return
+        if not calls.queries:                                           # prefill: keep the wanted rows only
+            calls.scaling, calls.softcap, calls.batch = scaling, kwargs.get("softcap"), query.shape[0]
+            pick = self._picks[query.device]
+            last = query[:, :, -1:]                                     # (B, H, 1, D): made token 0
+            calls.queries.append(torch.cat([query.index_select(2, pick), last], dim=2) if len(pick) else last)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.index_select(2, pick), attention_mask[:, :, -1:]], 2) \
+                    if len(pick) else attention_mask[:, :, -1:]
+        else:                                                           # decode step: references only
+            calls.multi_query |= query.shape[2] != 1
+            calls.queries.append(query)                                 # (B, H, 1, D)
+        calls.masks.append(attention_mask)
+        calls.keys = key                                                # (B, KV, K, D)
+
+    def _record(self, layer_idx: int, calls: _LayerCalls, prompt_len: int, num_steps: int) -> LayerRecord:
+        """One layer's calls as a LayerRecord; checks they are what the rows' positions assume."""
+        kv_len = prompt_len + num_steps - 1
+        if len(calls.queries) != num_steps or calls.batch != 1 or calls.multi_query:
+            raise CaptureError(f"Layer {layer_idx} saw {len(calls.queries)} attention calls (batch {calls.batch}) "
+                               f"for {num_steps} generated tokens. Capture needs a batch of one and a standard "
+                               "decoding loop: one prompt, no beam search, one new token per step.")
+        if calls.keys.shape[2] < kv_len:
+            raise CaptureError(f"Layer {layer_idx} holds {calls.keys.shape[2]} keys, expected {kv_len} "
+                               f"(prompt {prompt_len} + {num_steps - 1} fed-back tokens). Caches that drop keys "
+                               "(sliding windows, quantised or offloaded caches) are not supported.")
+        queries = torch.cat(calls.queries, dim=2)[0]                    # (H, n_q, D)
+        keys = calls.keys[0, :, :kv_len]                                # (KV, K, D); a static cache is longer
+        return LayerRecord(queries, keys, calls.scaling, _allowed(calls.masks, kv_len), calls.softcap)
+
+    def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
+        """The store of this generation's attention, after `generate` returned `num_steps` tokens."""
+        if num_steps < 1:
+            raise CaptureError("No token was generated, so there is no attention to show.")
+        records = [self._record(idx, self.calls[idx], prompt_len, num_steps) for idx in self.layer_indices]
+        self.calls = {}                                                 # drop the references as soon as used
+        first = records[0]
+        dims = dict(num_layers=len(records), num_heads=first.queries.shape[0], num_kv_heads=first.keys.shape[0],
+                    head_dim=first.queries.shape[2], prompt_len=prompt_len, num_steps=num_steps,
+                    num_prompt_rows=len(self.prompt_positions), itemsize=first.keys.element_size())
+        query_pos = torch.tensor(self.prompt_positions + [prompt_len - 1 + t for t in range(num_steps)])  # (n_q,)
+        return build_store(records, query_pos, len(self.prompt_positions), prompt_len,
+                           {name: torch.from_numpy(index) for name, index in segments.items()},
+                           choose_store(store, **dims))
+
+
+def _allowed(masks: list, kv_len: int) -> torch.Tensor | None:
+    """(n_q, kv_len) bool: where the model's own masks let each recorded query see a key; None when the
+    model used none (SDPA's causal rule, which `softmax_rows` applies by position)."""
+    if all(mask is None for mask in masks):
+        return None
+    device = next(mask.device for mask in masks if mask is not None)
+    rows = []
+    for mask in masks:
+        n = 1 if mask is None or mask.shape[2] == 1 else mask.shape[2]
+        allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device)           # (n, kv_len)
+        if mask is not None:
+            mask = mask[0, 0]                                                       # (n, k_call): same for all heads
+            seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed[:, : seen.shape[1]] = seen[:, :kv_len]
+        rows.append(allowed)
+    return torch.cat(rows)                                                          # (n_q, kv_len)
+
+
+class EagerRecorder:
+    """The reference: rows read from eager attention weights by forward hooks, kept as float16 rows."""
 
     def __init__(self, layer_indices: list[int], prompt_positions: list[int] | None = None):
         self.layer_indices = layer_indices
-        self.wanted = set(layer_indices)
-        self.rows: dict[int, list[torch.Tensor]] = {idx: [] for idx in layer_indices}
         self.prompt_positions = sorted(set(prompt_positions or []))
-        self.prompt_rows: dict[int, torch.Tensor] = {}                   # layer -> (H, n, prompt_len)
+        self.rows: dict[int, list[torch.Tensor]] = {idx: [] for idx in layer_indices}
+        self.prompt_rows: dict[int, torch.Tensor] = {}                   # layer -> (H, n_p, prompt_len)
 
-    def wants_prompt_rows(self, layer_idx: int, q_len: int) -> bool:
-        """At prefill (many queries), once per layer, when prompt rows were asked for."""
-        return bool(self.prompt_positions) and q_len > 1 and layer_idx in self.wanted \
-            and layer_idx not in self.prompt_rows
+    def hook(self, layer_idx: int):
+        def keep(module, args, output):
+            weights = output[1]                                         # (B, H, q, kv)
+            if weights is None:
+                raise CaptureError("Eager attention returned no weights; cannot use the eager reference.")
+            self.rows[layer_idx].append(weights[0, :, -1, :].to(torch.float16).cpu())  # (H, kv)
+            if self.prompt_positions and layer_idx not in self.prompt_rows:
+                self.prompt_rows[layer_idx] = weights[0][:, self.prompt_positions, :].to(torch.float16).cpu()
+        return keep
 
-    def record_prompt(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """probs: (B=1, H, n, kv) softmax rows of the prompt positions."""
-        rows = probs[0].to(torch.float16)                               # (H, n, kv)
-        self.prompt_rows[layer_idx] = _to_cpu(rows)
-
-    def stacked_prompt_rows(self) -> torch.Tensor | None:
-        """(num_layers, H, n, prompt_len) float16, or None when no prompt rows were asked for."""
-        if not self.prompt_positions:
-            return None
-        if set(self.prompt_rows) != self.wanted:
-            raise CaptureError("Prompt rows were asked for but not captured at prefill for every layer.")
-        return torch.stack([self.prompt_rows[idx] for idx in self.layer_indices])
-
-    def record(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """probs: (B=1, H, kv) softmax row of the last query position, any device and dtype."""
-        if layer_idx in self.wanted:
-            row = probs[0].to(torch.float16)                            # (H, kv)
-            self.rows[layer_idx].append(_to_cpu(row))
-
-    def steps(self, num_steps: int) -> list[torch.Tensor]:
-        """Stack per step: list over t of (num_layers, H, prompt_len + t)."""
+    def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
         counts = {idx: len(rows) for idx, rows in self.rows.items()}
         if any(count != num_steps for count in counts.values()):
             raise CaptureError(f"Captured {counts} rows per layer for {num_steps} generated tokens. "
                                "Was the model run with a batch of one and a standard decoding loop?")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()                                    # the non-blocking copies have landed
-        return [torch.stack([self.rows[idx][t] for idx in self.layer_indices]) for t in range(num_steps)]
-
-
-_active: _Recorder | None = None
-_active_lock = threading.Lock()
-
-
-def _query_probs(query, key, attention_mask, scaling, rows: list[int]) -> torch.Tensor:
-    """Softmax attention of the given query rows only: (B, H, n, kv), computed in float32.
-
-    rows index the query's own axis. Grouped-query attention is handled by grouping the query
-    heads instead of repeating keys. Causality comes from the mask, or, when the model relies on
-    SDPA's is_causal (no mask), from the rows' positions: query row r sits at kv_len - q_len + r.
-    """
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = num_heads // num_kv_heads
-    picked = query[:, :, rows, :].float()                               # (B, H, n, D)
-    picked = picked.view(batch, num_kv_heads, groups * len(rows), head_dim)  # (B, KV, G*n, D)
-    scores = torch.matmul(picked, key.float().transpose(2, 3)) * scaling  # (B, KV, G*n, kv)
-    scores = scores.view(batch, num_heads, len(rows), kv_len)           # (B, H, n, kv)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, rows, :kv_len]                       # (B, 1 or H, n, kv)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
-    else:
-        positions = torch.tensor(rows, device=key.device) + (kv_len - q_len)    # (n,)
-        future = torch.arange(kv_len, device=key.device)[None, :] > positions[:, None]  # (n, kv)
-        scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)                                # (B, H, n, kv)
-
-
-def _capturing_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA output, plus the last query's softmax row for the active recorder."""
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                       dropout=dropout, scaling=scaling, **kwargs)  # (B, q, H, D)
-    recorder = _active
-    layer_idx = getattr(module, "layer_idx", None)
-    if recorder is not None and layer_idx is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        q_len = query.shape[2]
-        recorder.record(layer_idx, _query_probs(query, key, attention_mask, scale, [q_len - 1])[:, :, 0])
-        if recorder.wants_prompt_rows(layer_idx, q_len):
-            recorder.record_prompt(layer_idx, _query_probs(query, key, attention_mask, scale,
-                                                           recorder.prompt_positions))
-    return output, None
-
-
-AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_sdpa)
-# Without a mask function under the same name the decoder gets no mask and ignores padding.
-AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
-
-
-def _eager_hook(recorder: _Recorder, layer_idx: int):
-    def hook(module, args, output):
-        weights = output[1]                                             # (B, H, q, kv)
-        if weights is None:
-            raise CaptureError("Eager attention returned no weights; cannot use the eager reference.")
-        recorder.record(layer_idx, weights[:, :, -1, :])
-        if recorder.wants_prompt_rows(layer_idx, weights.shape[2]):
-            recorder.record_prompt(layer_idx, weights[:, :, recorder.prompt_positions, :])
-    return hook
+        steps = [torch.stack([self.rows[idx][t] for idx in self.layer_indices]) for t in range(num_steps)]
+        prompt = torch.stack([self.prompt_rows[idx] for idx in self.layer_indices]) if self.prompt_positions else None
+        return RowStore(steps, prompt)
 
 
 @contextmanager
 def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] | None = None,
-                      prompt_positions: list[int] | None = None) -> Iterator[_Recorder]:
+                      prompt_positions: list[int] | None = None) -> Iterator[GenerationRecorder | EagerRecorder]:
     """Install attention capture on the decoder for the duration of the block.
 
     Yields a recorder; after `model.generate(...)` inside the block, call
-    `recorder.steps(num_generated)` (and `recorder.stacked_prompt_rows()` when `prompt_positions`,
-    positions of the prompt whose rows to keep from prefill, were given). The model's attention
-    implementation and hooks are restored on exit, also when generation raises. Only one capture
-    runs at a time.
+    `recorder.finish(prompt_len, num_generated, segment_positions(layouts))` for the store.
+    `prompt_positions`: positions of the prompt whose rows to keep from prefill as well.
+    The model's attention implementation and hooks are restored on exit, also when generation
+    raises. Only one recording runs at a time.
     """
-    global _active
     if method not in CAPTURE_METHODS:
         raise ValueError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
     num_layers = len(decoder_layers(model))
     layer_indices = sorted(set(range(num_layers) if layers is None else layers))
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
         raise ValueError(f"layers must be indices in 0..{num_layers - 1}, got {layers}.")
-    recorder = _Recorder(layer_indices, prompt_positions)
-    handles = []
-    implementation = CAPTURE_IMPLEMENTATION if method == "sdpa" else "eager"
-    with _active_lock, attention_implementation(model, text=implementation):
-        try:
-            if method == "sdpa":
-                _active = recorder
-            else:
-                for idx in layer_indices:
-                    attn = decoder_layers(model)[idx].self_attn
-                    handles.append(attn.register_forward_hook(_eager_hook(recorder, idx)))
+    if method == "sdpa":
+        with recording(model, GenerationRecorder(model, layer_indices, prompt_positions)) as recorder:
             yield recorder
-        finally:
-            _active = None
-            for handle in handles:
-                handle.remove()
+        return
+    recorder = EagerRecorder(layer_indices, prompt_positions)
+    hooks = [(decoder_layers(model)[idx].self_attn, recorder.hook(idx)) for idx in layer_indices]
+    with recording(model, recorder, text="eager", hooks=hooks):
+        yield recorder

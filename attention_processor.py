@@ -126,9 +126,7 @@ def _heatmap(layout: VisionLayout, rows: torch.Tensor, reduce: str, renormalize:
 
 def vision_share(run: AttentionRun) -> np.ndarray:
     """(num_steps, num_layers, num_heads) float32: attention mass on all vision tokens, 0..1."""
-    index = [_positions_index(layout) for layout in run.visions]
-    shares = [sum(rows[:, :, i].float().sum(dim=-1) for i in index) for rows in run.rows]  # each (L, H)
-    return torch.stack(shares).numpy().astype(np.float32)               # (T, L, H)
+    return run.segment_shares("vision")
 
 
 def image_shares(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,

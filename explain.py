@@ -16,28 +16,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from attention_extractor import RECORD_IMPLEMENTATION, AttentionRun, recording
+from families import decoder_layers
 
-from attention_extractor import AttentionRun
-from families import attention_implementation, decoder_layers
+class _DecoderQK:
+    """Keeps each decoder layer's post-RoPE queries and keys (KV heads) on the CPU, in the model's dtype."""
 
-QK_IMPLEMENTATION = "vlm_explorer_qk"
-_recorded: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
-
-def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA output; also keeps this layer's post-RoPE queries and keys (KV heads), in the model's dtype."""
-    if _recorded is not None and getattr(module, "layer_idx", None) is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _recorded[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scale)  # (H,S,D), (KV,S,D)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-AttentionInterface.register(QK_IMPLEMENTATION, _recording_sdpa)
-AttentionMaskInterface.register(QK_IMPLEMENTATION, sdpa_mask)
+    def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
+        if getattr(module, "layer_idx", None) is not None:
+            self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling)  # (H,S,D), (KV,S,D)
 
 
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
@@ -59,15 +49,10 @@ def _mean_attention_rows(query, key, scale, rows: slice) -> torch.Tensor:
 
 def rollout_map(holder, run: AttentionRun, image, step_idx: int, chunk: int = 256) -> np.ndarray:
     """Attention rollout of generated token `step_idx` onto the image grid: (grid_h, grid_w) float32."""
-    global _recorded
     inputs = holder.replay_inputs(run, image, step_idx)
-    _recorded = {}
-    try:
-        with torch.inference_mode(), attention_implementation(holder.model, text=QK_IMPLEMENTATION):
-            holder.model(**inputs)
-        recorded, _recorded = _recorded, None
-    finally:
-        _recorded = None
+    with torch.inference_mode(), recording(holder.model, _DecoderQK()) as recorder:
+        holder.model(**inputs)
+    recorded = recorder.layers
     seq = inputs["input_ids"].shape[1]
     relevance = torch.zeros(seq)
     relevance[seq - 1] = 1.0                                             # the row that produced the token
@@ -100,14 +85,12 @@ def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float 
     def keep(module, args, output):
         output[1].retain_grad()
         weights.append(output[1])
-    handles = [layer.self_attn.register_forward_hook(keep) for layer in decoder_layers(holder.model)]
+    hooks = [(layer.self_attn, keep) for layer in decoder_layers(holder.model)]
     try:
-        with torch.enable_grad(), attention_implementation(holder.model, text="eager"):
+        with torch.enable_grad(), recording(holder.model, text="eager", hooks=hooks):
             logits = holder.model(**inputs).logits                        # (1, S, vocab)
             logits[0, -1, run.generated_ids[step_idx]].backward()
     finally:
-        for handle in handles:
-            handle.remove()
         holder.model.zero_grad(set_to_none=True)
     relevance = torch.eye(seq)                                           # R = I
     for attn in weights:                                                 # in layer order
@@ -116,21 +99,14 @@ def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float 
     return _grid(run, relevance[seq - 1])
 
 
-VISION_QK_IMPLEMENTATION = "vlm_explorer_vision_qk"
-_vision_calls: list | None = None
+class _VisionQK:
+    """Keeps every vision-tower attention call's (module id, queries, keys, scale), in call order."""
 
+    def __init__(self):
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
 
-def _recording_vision_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The vision tower's SDPA; also keeps each call's queries and keys (one call per block or window chunk)."""
-    if _vision_calls is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _vision_calls.append((id(module), query[0].detach().cpu(), key[0].detach().cpu(), scale))  # (H, n, D)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-AttentionInterface.register(VISION_QK_IMPLEMENTATION, _recording_vision_sdpa)
-AttentionMaskInterface.register(VISION_QK_IMPLEMENTATION, sdpa_mask)
+    def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
+        self.calls.append((id(module), query[0].detach().cpu(), key[0].detach().cpu(), scaling))  # (H, n, D)
 
 
 def _vision_attention_rows(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -142,22 +118,16 @@ def _vision_attention_rows(query: torch.Tensor, key: torch.Tensor, scale: float)
 def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]]:
     """Run the vision tower once; per block index, its calls' (query, key, scale) in order."""
     from families import vision_encoder_blocks
-    global _vision_calls
     blocks = vision_encoder_blocks(holder.model)
     block_of = {id(getattr(block, "attn", None) or block.self_attn): idx for idx, block in enumerate(blocks)}
-    _vision_calls = []
-    try:
-        on_model = holder.on_model(inputs)
-        with torch.inference_mode(), attention_implementation(holder.model, vision=VISION_QK_IMPLEMENTATION):
-            if hasattr(holder.model.model, "visual"):
-                holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
-            else:
-                holder.model.model.vision_tower(on_model["pixel_values"])
-        calls = _vision_calls
-    finally:
-        _vision_calls = None
+    on_model = holder.on_model(inputs)
+    with torch.inference_mode(), recording(holder.model, _VisionQK(), text=None, vision=RECORD_IMPLEMENTATION) as recorder:
+        if hasattr(holder.model.model, "visual"):
+            holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
+        else:
+            holder.model.model.vision_tower(on_model["pixel_values"])
     per_block: dict[int, list] = {}
-    for module_id, query, key, scale in calls:
+    for module_id, query, key, scale in recorder.calls:
         per_block.setdefault(block_of[module_id], []).append((query, key, scale))
     return per_block
 

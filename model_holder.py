@@ -7,6 +7,7 @@ holder whose `generate` gives one `AttentionRun` per call: tokens, vision layout
 from __future__ import annotations
 
 import gc
+import numbers
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
-                                 estimate_capture_bytes)
+                                 estimate_capture_bytes, segment_positions)
+from attention_store import StoreKind
 from families import (QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family,
                       vision_layouts)
 from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
@@ -185,30 +187,33 @@ class ModelHolder:
                                           settings.get("min_pixels"), settings.get("max_pixels"))
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
-                      max_capture_mb: float | None, num_prompt_rows: int = 0) -> None:
+                      max_capture_mb: float | None, num_prompt_rows: int = 0, store: StoreKind = "auto") -> None:
         """Refuse up front what would overflow the model's context or the capture's memory."""
         context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if context and prompt_len + max_new_tokens > context:
             raise ValueError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
                              f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
                              "image-token budget (max pixels) or generate fewer tokens.")
-        estimate = estimate_capture_bytes(num_layers, self.num_heads, prompt_len, max_new_tokens, num_prompt_rows)
+        estimate = estimate_capture_bytes(self.model, num_layers, prompt_len, max_new_tokens, num_prompt_rows, store)
         if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
             raise CaptureTooLargeError(
                 f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
                 f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
                 "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
 
-    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
-                               layers: list[int] | None, prompt_positions: list[int], generate_kwargs: dict):
-        """(generated ids, per-step rows, recorder) after generation; out-of-memory frees what it took."""
+    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod, layers: list[int] | None,
+                               prompt_positions: list[int], layouts: list[VisionLayout], store: StoreKind,
+                               generate_kwargs: dict):
+        """(generated ids, attention store, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
         try:
             with torch.inference_mode(), capture_attention(self.model, method, layers,
                                                            prompt_positions) as recorder:
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-                generated = output[0, prompt_len:].tolist()             # (num_steps,)
-                return generated, recorder.steps(len(generated)), recorder
+            generated = output[0, prompt_len:].tolist()                 # (num_steps,)
+            with torch.inference_mode():
+                attention = recorder.finish(prompt_len, len(generated), segment_positions(layouts), store)
+            return generated, attention, recorder
         except torch.OutOfMemoryError:
             recorder = output = None                                    # drop references before freeing
             gc.collect()
@@ -236,7 +241,8 @@ class ModelHolder:
                  method: CaptureMethod = "sdpa", layers: list[int] | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  max_capture_mb: float | None = None, prompt_rows: PromptRows = "question",
-                 video: str | Path | list | None = None, **generate_kwargs) -> AttentionRun:
+                 video: str | Path | list | None = None, store: StoreKind = "auto",
+                 **generate_kwargs) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
 
         image: a PIL image or a file path (EXIF orientation applied, converted to RGB), or a list of
@@ -249,24 +255,31 @@ class ModelHolder:
         max_capture_mb: refuse up front (CaptureTooLargeError) when the capture could exceed this.
         prompt_rows: which prompt tokens' own attention to keep from prefill, so their maps can be
             shown too: 'question' (the text after the image), 'all' (every text token) or 'none'.
+        store: how the attention is kept (see `attention_store`): 'auto' (whichever is smaller for
+            this model and length), 'rows' (float16 rows) or 'qk' (queries and keys; rows on demand).
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
+            One sequence only: beam search and several return sequences are refused.
         """
         images, frames = self._media(image, video)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty. Type a question or instruction about the image.")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
+        for option in ("num_beams", "num_return_sequences"):
+            if generate_kwargs.get(option, 1) != 1:
+                raise ValueError(f"{option}={generate_kwargs[option]} is not supported: the attention is captured "
+                                 "for one sequence. Use greedy decoding or sampling with one sequence.")
         inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
         sizes = [im.size for im in images] or [frames[0].size]
         layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
         num_layers = len(set(layers)) if layers is not None else self.num_layers
         positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
-                           len(positions))
+                           len(positions), store)
         inputs = self.on_model(inputs)
         generate_kwargs.setdefault("do_sample", False)
-        generated, rows, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers, positions,
-                                                          generate_kwargs)
+        generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers,
+                                                                     positions, layouts, store, generate_kwargs)
         settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
                     "min_pixels": min_pixels, "max_pixels": max_pixels,
                     **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
@@ -275,6 +288,5 @@ class ModelHolder:
             prompt_ids=prompt_ids, generated_ids=generated,
             generated_tokens=_token_pieces(self.processor.tokenizer, generated),
             vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
-            rows=rows, model_id=self.model_id, family=self.family, settings=settings,
-            prompt_positions=recorder.prompt_positions, prompt_rows=recorder.stacked_prompt_rows(),
-            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))
+            attention=attention, model_id=self.model_id, family=self.family, settings=settings,
+            prompt_positions=recorder.prompt_positions, prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))

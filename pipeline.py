@@ -104,9 +104,10 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
     folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True, exist_ok=False)                          # never overwrite anyone's files
     tensors_path, meta_path = folder / "attention.safetensors", folder / "attention.json"
-    tensors = {f"step_{t}": rows.contiguous() for t, rows in enumerate(run.rows)}
-    if run.prompt_rows is not None:
-        tensors["prompt_rows"] = run.prompt_rows.contiguous()
+    tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in range(run.num_steps)}
+    prompt_rows = run.prompt_rows
+    if prompt_rows is not None:
+        tensors["prompt_rows"] = prompt_rows.contiguous()
     save_file(tensors, str(tensors_path))
     meta = {"model_id": run.model_id, "family": run.family, "prompt_ids": run.prompt_ids,
             "prompt_tokens": run.prompt_tokens, "prompt_positions": run.prompt_positions,

@@ -50,9 +50,7 @@ class StoredRun:
             self.images = [self.image]
         if self.shares is None:
             self.shares = vision_share(self.run)
-        first_vision = int(self.run.vision.token_positions[0])          # BOS, system prompt, chat header
-        self.system_shares = np.stack([rows[:, :, :first_vision].float().sum(-1).numpy()
-                                       for rows in self.run.rows])      # (T, L, H)
+        self.system_shares = self.run.segment_shares("system")          # (T, L, H): BOS, system prompt, header
 
     def image_share(self, layers, heads, exclude_system: bool = False) -> np.ndarray:
         """(T,) mean share of each token's attention on the image(s), over the selected layers and heads;

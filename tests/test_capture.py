@@ -159,4 +159,5 @@ def test_capture_fails_loudly_when_nothing_was_captured(load_holder):
     holder = load_holder("qwen2_vl")
     with pytest.raises(CaptureError, match="generated tokens"):
         with capture_attention(holder.model) as recorder:
-            recorder.steps(3)                                                 # no forward ran
+            pass                                                              # no forward ran
+        recorder.finish(prompt_len=10, num_steps=3, segments={})

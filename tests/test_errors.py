@@ -77,7 +77,9 @@ def test_capture_too_large_is_refused_up_front_with_a_suggestion(load_holder, du
     holder = load_holder("qwen2_vl")
     with pytest.raises(CaptureTooLargeError, match="fewer layers, generate fewer tokens, or lower the image"):
         holder.generate(dummy_image, "Hi", max_new_tokens=50, max_capture_mb=0.001)
-    run = holder.generate(dummy_image, "Hi", max_new_tokens=4, min_new_tokens=4, max_capture_mb=1)
     from attention_extractor import estimate_capture_bytes
-    assert run.nbytes == estimate_capture_bytes(holder.num_layers, holder.num_heads, len(run.prompt_ids), 4,
-                                                len(run.prompt_positions))
+    for store in ("rows", "qk"):                      # the estimate is exactly what each store keeps
+        run = holder.generate(dummy_image, "Hi", max_new_tokens=4, min_new_tokens=4, max_capture_mb=1, store=store)
+        assert run.attention.kind == store
+        assert run.nbytes == estimate_capture_bytes(holder.model, holder.num_layers, len(run.prompt_ids), 4,
+                                                    len(run.prompt_positions), store)
