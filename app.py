@@ -245,7 +245,7 @@ class Handlers:
             holder = self._model_of(stored, "The generic-prompt baseline")
             if not stored.is_single_image:
                 raise gr.Error("'Relative to a generic prompt' works with a single image; generate with one image.")
-            budget = {key: stored.run.settings.get(key) for key in ("min_pixels", "max_pixels")}
+            budget = {"min_pixels": stored.run.settings.min_pixels, "max_pixels": stored.run.settings.max_pixels}
             try:
                 with self.slot.lock:
                     stored.baseline = holder.generate(stored.image, GENERIC_PROMPT, max_new_tokens=1,
@@ -372,7 +372,9 @@ class Handlers:
         progress(0, desc="Decoding every layer at every image patch")
         try:
             with self.slot.lock:
-                lens = logit_lens(holder, stored.image, stored.run.settings.get("prompt", ""))
+                made = stored.run.settings
+                lens = logit_lens(holder, stored.image, made.prompt, min_pixels=made.min_pixels,
+                                  max_pixels=made.max_pixels)
         except USER_ERRORS as err:
             raise gr.Error(str(err)) from err
         page = lens_html(lens, stored.image)

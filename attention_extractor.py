@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
@@ -24,9 +23,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from attention_store import (LayerRecord, QueryKeyStore, RowStore, StoreKind, build_store, choose_store,
-                             store_bytes)
-from families import VisionLayout, attention_implementation, decoder_layers
+from attention_store import LayerRecord, RowStore, StoreKind, build_store, choose_store, store_bytes
+from families import attention_implementation, decoder_layers
+from records import AttentionRun, segment_positions  # noqa: F401  (re-exported: the capture's result)
 
 logger = logging.getLogger(__name__)
 
@@ -38,99 +37,6 @@ CAPTURE_METHODS: tuple[str, ...] = ("sdpa", "eager")
 
 class CaptureError(RuntimeError):
     """Capture did not produce one attention row per generated token."""
-
-
-def segment_positions(visions: list[VisionLayout]) -> dict[str, np.ndarray]:
-    """Key positions whose per-step attention mass a run keeps: 'vision' (every image token) and
-    'system' (everything before the first image: BOS, system prompt, chat header). int64 arrays."""
-    vision = np.concatenate([layout.token_positions for layout in visions]).astype(np.int64)
-    return {"vision": vision, "system": np.arange(int(visions[0].token_positions.min()), dtype=np.int64)}
-
-
-@dataclass
-class AttentionRun:
-    """One generation: its tokens, the image's vision layout and the captured attention.
-
-    All indices are 0-based. Everything is detached and on the CPU.
-
-    prompt_ids: the prompt's token ids, vision placeholders expanded (len = prompt_len).
-    generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
-    generated_tokens: one decoded piece per generated id.
-    vision: where the image's tokens sit in the sequence and on the picture (the first image).
-    layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
-    num_heads: query heads per layer; axis 1 of `step_attention`.
-    attention: the captured attention, a `RowStore` or `QueryKeyStore` (see `attention_store`);
-        a list of per-step float16 rows (num_layers, num_heads, prompt_len + t) is wrapped in a
-        RowStore. Read it through `step_attention`, `prompt_attention` and `segment_shares`.
-    model_id, family, settings: provenance for exports and captions.
-    prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
-    prompt_tokens: one decoded piece per prompt id (empty when not provided).
-    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
-    """
-
-    prompt_ids: list[int]
-    generated_ids: list[int]
-    generated_tokens: list[str]
-    vision: VisionLayout
-    layer_indices: list[int]
-    num_heads: int
-    attention: RowStore | QueryKeyStore | list = field(repr=False)
-    model_id: str = ""
-    family: str = ""
-    settings: dict = field(default_factory=dict)
-    prompt_positions: list[int] = field(default_factory=list)
-    prompt_tokens: list[str] = field(default_factory=list, repr=False)
-    visions: list[VisionLayout] = field(default_factory=list, repr=False)
-
-    def __post_init__(self):
-        if not self.visions:
-            self.visions = [self.vision]
-        if isinstance(self.attention, list):
-            self.attention = RowStore(self.attention, None)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.generated_ids)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_indices)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
-        return self.attention.nbytes
-
-    def segment_shares(self, name: str) -> np.ndarray:
-        """(num_steps, num_layers, num_heads) float32: each step's attention mass on a segment, 0..1."""
-        shares = self.attention.shares
-        if name not in shares:
-            index = torch.from_numpy(segment_positions(self.visions)[name])
-            shares[name] = torch.stack([self.step_attention(t)[:, :, index].float().sum(-1)
-                                        for t in range(self.num_steps)])       # (T, L, H)
-        return shares[name].numpy().astype(np.float32)
-
-    def prompt_attention(self, token_pos: int) -> torch.Tensor:
-        """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
-        if token_pos not in self.prompt_positions:
-            raise IndexError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
-                             f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
-        return self.attention.prompt(self.prompt_positions.index(token_pos))[:, :, : token_pos + 1]
-
-    @property
-    def prompt_rows(self) -> torch.Tensor | None:
-        """(num_layers, num_heads, len(prompt_positions), prompt_len) float16, or None when none were kept."""
-        if not self.prompt_positions:
-            return None
-        return torch.stack([self.attention.prompt(i) for i in range(len(self.prompt_positions))], dim=2)
-
-    def step_attention(self, step_idx: int) -> torch.Tensor:
-        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
-        of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
-        if not 0 <= step_idx < self.num_steps:
-            raise IndexError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
-                             f"tokens, so pick 0..{self.num_steps - 1}.")
-        return self.attention.step(step_idx)
 
 
 def attention_dims(model) -> dict[str, int]:

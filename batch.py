@@ -168,7 +168,7 @@ def _log(holder: ModelHolder, run: AttentionRun, image_path: str, prompt: str, l
               for t, (token_id, token) in enumerate(zip(run.generated_ids, run.generated_tokens))]
     parameters = {**asdict(settings), "layers": list(layers), "heads": list(heads), "steps": steps,
                   "steps_skipped": skipped, "normalization": "minmax per map", "device": holder.device,
-                  "dtype": str(holder.dtype).replace("torch.", ""), "capture_method": run.settings.get("method")}
+                  "dtype": str(holder.dtype).replace("torch.", ""), "capture_method": run.settings.method}
     return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_id": run.model_id,
             "family": run.family, "parameters": parameters, "image_path": image_path, "prompt": prompt,
             "output_text": holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True),

@@ -158,8 +158,7 @@ def vit_combined_map(holder, run: AttentionRun, image, heat: np.ndarray) -> np.n
 def vit_combined_maps(holder, run: AttentionRun, image, heats: list[np.ndarray]) -> list[np.ndarray]:
     """`vit_combined_map` for several decoder maps of the same image, with one vision-tower pass."""
     settings = run.settings
-    inputs = holder.build_inputs(image, settings.get("prompt", ""), settings.get("min_pixels"),
-                                 settings.get("max_pixels"))
+    inputs = holder.build_inputs(image, settings.prompt, settings.min_pixels, settings.max_pixels)
     per_block = _record_vision_tower(holder, inputs)
     return [_through_vision(holder, run, inputs, per_block, heat) for heat in heats]
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from records import VisionLayout
 
 # model_type -> display name. Qwen families share one geometry; LLaVA-1.5 has its own.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -26,40 +27,6 @@ QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's model_type is not one this tool knows how to map to image pixels."""
-
-
-@dataclass(frozen=True)
-class VisionLayout:
-    """Where the image's tokens sit in the sequence and on the picture.
-
-    token_positions: (n_cells,) int64, 0-based positions in the full sequence (prompt + generated)
-        of the vision tokens, in grid order: entry j is grid cell (j // grid_w, j % grid_w).
-    grid_hw: (grid_h, grid_w), the vision-token grid, row-major as the model sees it.
-    image_size: (W, H) of the original (upright) image, in pixels.
-    image_box_xyxy: (x0, y0, x1, y1) in pixels of the ORIGINAL image: the region the grid covers.
-        The whole image for Qwen (resize without crop); the centre crop for LLaVA-1.5. It may
-        extend past the image when the processor pads (LLaVA with do_pad).
-    processed_hw: (H, W) of the pixel tensor the vision encoder received.
-    num_frames: 1 for an image; for a video, the temporal grid size t. Then token_positions holds
-        num_frames * grid_h * grid_w entries, frame-major: entry j is frame j // (grid_h * grid_w).
-    """
-
-    token_positions: np.ndarray
-    grid_hw: tuple[int, int]
-    image_size: tuple[int, int]
-    image_box_xyxy: tuple[float, float, float, float]
-    processed_hw: tuple[int, int]
-    num_frames: int = 1
-
-    @property
-    def num_cells(self) -> int:
-        """Cells per frame: grid_h * grid_w."""
-        return self.grid_hw[0] * self.grid_hw[1]
-
-    def to_dict(self) -> dict:
-        return {"token_positions": self.token_positions.tolist(), "grid_hw": list(self.grid_hw),
-                "image_size": list(self.image_size), "image_box_xyxy": list(self.image_box_xyxy),
-                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames}
 
 
 def detect_family(config) -> str:

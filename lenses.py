@@ -54,14 +54,16 @@ def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output           # (B, S, hidden)
 
 
-def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256,
-               track_ids: list[int] | None = None) -> LogitLens:
+def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256, track_ids: list[int] | None = None,
+               min_pixels: int | None = None, max_pixels: int | None = None) -> LogitLens:
     """Decode every decoder layer's hidden state at the image's vision tokens (first image).
 
     track_ids: token ids whose probability to keep at every layer and cell (`LogitLens.tracked`).
+    min_pixels / max_pixels: the image-token budget; pass a run's own (`run.settings`) so the lens
+        covers the same token grid as the run's maps.
     """
     image = load_image(image)
-    inputs = holder.build_inputs(image, prompt)
+    inputs = holder.build_inputs(image, prompt, min_pixels, max_pixels)
     layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
     positions = torch.from_numpy(layout.token_positions)                # (n_cells,)
     layers = decoder_layers(holder.model)

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
                                  estimate_capture_bytes, segment_positions)
 from attention_store import StoreKind
+from records import GenerationSettings
 from families import (QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family,
                       vision_layouts)
 from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
@@ -183,8 +184,8 @@ class ModelHolder:
         """Teacher-forced inputs that replay `run` up to generated token `step_idx`: its prompt and
         image-token budget, then the tokens generated before it; the last position's logits chose it."""
         settings = run.settings
-        return self.teacher_forced_inputs(image, settings.get("prompt", ""), run.generated_ids[:step_idx],
-                                          settings.get("min_pixels"), settings.get("max_pixels"))
+        return self.teacher_forced_inputs(image, settings.prompt, run.generated_ids[:step_idx],
+                                          settings.min_pixels, settings.max_pixels)
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
                       max_capture_mb: float | None, num_prompt_rows: int = 0, store: StoreKind = "auto") -> None:
@@ -280,9 +281,8 @@ class ModelHolder:
         generate_kwargs.setdefault("do_sample", False)
         generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers,
                                                                      positions, layouts, store, generate_kwargs)
-        settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "method": method,
-                    "min_pixels": min_pixels, "max_pixels": max_pixels,
-                    **{k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store,
+                                      {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))})
         prompt_ids = inputs["input_ids"][0].tolist()
         return AttentionRun(
             prompt_ids=prompt_ids, generated_ids=generated,

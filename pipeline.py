@@ -113,7 +113,7 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
             "prompt_tokens": run.prompt_tokens, "prompt_positions": run.prompt_positions,
             "generated_ids": run.generated_ids, "generated_tokens": run.generated_tokens,
             "layer_indices": run.layer_indices, "num_heads": run.num_heads,
-            "visions": [layout.to_dict() for layout in run.visions], "settings": run.settings,
+            "visions": [layout.to_dict() for layout in run.visions], "settings": run.settings.to_dict(),
             "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
                        "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
                        "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "

@@ -161,7 +161,7 @@ def _settings(run: AttentionRun, s: ViewSettings, image_size: tuple[int, int]) -
     norm = {"minmax": "min–max of each map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
             "shared": "one scale shared by all tokens"}[s.normalization]
     n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
-    rows = [("Model", run.model_id), ("Family", run.family), ("Prompt", str(run.settings.get("prompt", ""))),
+    rows = [("Model", run.model_id), ("Family", run.family), ("Prompt", run.settings.prompt),
             ("Answer", "".join(run.generated_tokens)),
             ("Layers", f"{s.layers[0]}–{s.layers[1]} (0-based, inclusive)"),
             ("Heads", f"{s.heads[0]}–{s.heads[1]} of {run.num_heads} (0-based, inclusive)"),
@@ -203,11 +203,11 @@ def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | Non
 def _page(stored: StoredRun, base: ViewSettings, uris: list[str], captions: list[str]) -> str:
     run = stored.run
     shares = share_table(stored, base.layers, base.heads, 0)["share"]
-    data = {"model_id": run.model_id, "family": run.family, "prompt": run.settings.get("prompt", ""),
+    data = {"model_id": run.model_id, "family": run.family, "prompt": run.settings.prompt,
             "tokens": run.generated_tokens, "ids": run.generated_ids, "shares": shares,
             "layers": list(base.layers), "heads": list(base.heads), "reduce": base.reduce,
             "normalization": base.normalization, "vision": run.vision.to_dict()}
-    title = f"Attention report · {run.model_id} · {str(run.settings.get('prompt', ''))[:80]}"
+    title = f"Attention report · {run.model_id} · {run.settings.prompt[:80]}"
     return _PAGE.substitute(title=html.escape(title), csp=_CSP, css=_CSS, js=_JS,
                             settings=_settings(run, base, stored.image.size),
                             chips=_chips(run.generated_tokens, run.generated_ids), frames=_frames(uris, captions),

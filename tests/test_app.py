@@ -234,6 +234,20 @@ def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
         handlers.lens(run_id)
 
 
+def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, image_file, monkeypatch):
+    import lenses
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    default = handlers.store.get(_generate(handlers, image_file)[0]).run
+    *_, last = handlers.generate(image_file, "What is this?", 2, False, 0.7, 0.9, 0, 112 * 112, *_view(), None, None)
+    small = handlers.store.get(last[0]).run
+    assert small.vision.grid_hw != default.vision.grid_hw                  # the budget changed the grid
+    made = []
+    monkeypatch.setattr(app, "logit_lens", lambda *args, **kwargs: made.append(lenses.logit_lens(*args, **kwargs))
+                        or made[-1])
+    handlers.lens(last[0])
+    assert made[0].grid_hw == small.vision.grid_hw
+
+
 def test_qwen3_video_keeps_the_frames_it_was_given(handlers, tiny_model_dirs):
     from PIL import Image as PILImage
     handlers.load_model(str(tiny_model_dirs["qwen3_vl"]))

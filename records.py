@@ -1,0 +1,201 @@
+"""The records that cross module boundaries: where an image's tokens sit (`VisionLayout`, with its
+grid geometry), how a run was made (`GenerationSettings`) and what it captured (`AttentionRun`).
+
+The ground floor: drawing, reports and analysis read these. Importing it has no side effects; it
+imports no capture, model, pipeline or UI module, only the pure store math of `attention_store`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from attention_store import QueryKeyStore, RowStore
+
+
+def cell_edges(grid_hw: tuple[int, int], box_xyxy) -> tuple[np.ndarray, np.ndarray]:
+    """Borders of a (grid_h, grid_w) grid spread evenly over a box: xs (grid_w + 1,), ys (grid_h + 1,), float64."""
+    grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    return x0 + (x1 - x0) * np.arange(grid_w + 1) / grid_w, y0 + (y1 - y0) * np.arange(grid_h + 1) / grid_h
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """Where the image's tokens sit in the sequence and on the picture.
+
+    token_positions: (n_cells,) int64, 0-based positions in the full sequence (prompt + generated)
+        of the vision tokens, in grid order: entry j is grid cell (j // grid_w, j % grid_w).
+    grid_hw: (grid_h, grid_w), the vision-token grid, row-major as the model sees it.
+    image_size: (W, H) of the original (upright) image, in pixels.
+    image_box_xyxy: (x0, y0, x1, y1) in pixels of the ORIGINAL image: the region the grid covers.
+        The whole image for Qwen (resize without crop); the centre crop for LLaVA-1.5. It may
+        extend past the image when the processor pads (LLaVA with do_pad).
+    processed_hw: (H, W) of the pixel tensor the vision encoder received.
+    num_frames: 1 for an image; for a video, the temporal grid size t. Then token_positions holds
+        num_frames * grid_h * grid_w entries, frame-major: entry j is frame j // (grid_h * grid_w).
+
+    Cell ↔ pixel geometry lives in the methods below and nowhere else: the grid spreads evenly
+    over `image_box_xyxy`, cell (row, col) spans [xs[col], xs[col + 1]) × [ys[row], ys[row + 1]).
+    """
+
+    token_positions: np.ndarray
+    grid_hw: tuple[int, int]
+    image_size: tuple[int, int]
+    image_box_xyxy: tuple[float, float, float, float]
+    processed_hw: tuple[int, int]
+    num_frames: int = 1
+
+    @property
+    def num_cells(self) -> int:
+        """Cells per frame: grid_h * grid_w."""
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    def cell_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """xs (grid_w + 1,), ys (grid_h + 1,): the cell borders in original-image pixels."""
+        return cell_edges(self.grid_hw, self.image_box_xyxy)
+
+    def cell_box_xyxy(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """The rectangle of cell (row, col) in original-image pixels."""
+        xs, ys = self.cell_edges()
+        return float(xs[col]), float(ys[row]), float(xs[col + 1]), float(ys[row + 1])
+
+    def cell_at(self, x: float, y: float) -> tuple[int, int] | None:
+        """(row, col) of the cell under original-image pixel (x, y), or None outside the grid's box."""
+        xs, ys = self.cell_edges()
+        if not (xs[0] <= x < xs[-1] and ys[0] <= y < ys[-1]):
+            return None
+        return int(np.searchsorted(ys, y, side="right") - 1), int(np.searchsorted(xs, x, side="right") - 1)
+
+    def cells_in_box(self, box_xyxy) -> np.ndarray:
+        """(grid_h, grid_w) bool: the cells whose centres fall inside a box in original-image pixels."""
+        xs, ys = self.cell_edges()
+        cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2           # (grid_w,), (grid_h,) centres
+        bx0, by0, bx1, by1 = box_xyxy
+        return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
+
+    def cell_slices(self) -> list[tuple[slice, slice]]:
+        """Pixel rows and columns of the original image under each cell (row-major), rounded and
+        clipped to the image; a cell wholly outside it gets empty slices."""
+        xs, ys = self.cell_edges()
+        xs = np.clip(np.round(xs), 0, self.image_size[0]).astype(int)
+        ys = np.clip(np.round(ys), 0, self.image_size[1]).astype(int)
+        grid_h, grid_w = self.grid_hw
+        return [(slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(grid_h) for c in range(grid_w)]
+
+    def to_dict(self) -> dict:
+        return {"token_positions": self.token_positions.tolist(), "grid_hw": list(self.grid_hw),
+                "image_size": list(self.image_size), "image_box_xyxy": list(self.image_box_xyxy),
+                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a run was made, enough to rebuild its inputs: the prompt, the image-token budget
+    (Qwen's min/max pixels; None = the processor's default) and the decoding options."""
+
+    prompt: str = ""
+    max_new_tokens: int = 0
+    method: str = "sdpa"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    store: str = "auto"
+    decoding: dict = field(default_factory=dict)                        # scalar generate() options
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def segment_positions(visions: list[VisionLayout]) -> dict[str, np.ndarray]:
+    """Key positions whose per-step attention mass a run keeps: 'vision' (every image token) and
+    'system' (everything before the first image: BOS, system prompt, chat header). int64 arrays."""
+    vision = np.concatenate([layout.token_positions for layout in visions]).astype(np.int64)
+    return {"vision": vision, "system": np.arange(int(visions[0].token_positions.min()), dtype=np.int64)}
+
+
+@dataclass
+class AttentionRun:
+    """One generation: its tokens, the image's vision layout and the captured attention.
+
+    All indices are 0-based. Everything is detached and on the CPU.
+
+    prompt_ids: the prompt's token ids, vision placeholders expanded (len = prompt_len).
+    generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
+    generated_tokens: one decoded piece per generated id.
+    vision: where the image's tokens sit in the sequence and on the picture (the first image).
+    layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
+    num_heads: query heads per layer; axis 1 of `step_attention`.
+    attention: the captured attention, a `RowStore` or `QueryKeyStore` (see `attention_store`);
+        a list of per-step float16 rows (num_layers, num_heads, prompt_len + t) is wrapped in a
+        RowStore. Read it through `step_attention`, `prompt_attention` and `segment_shares`.
+    model_id, family, settings: provenance for exports, captions and replays.
+    prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
+    prompt_tokens: one decoded piece per prompt id (empty when not provided).
+    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
+    """
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    generated_tokens: list[str]
+    vision: VisionLayout
+    layer_indices: list[int]
+    num_heads: int
+    attention: RowStore | QueryKeyStore | list = field(repr=False)
+    model_id: str = ""
+    family: str = ""
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    prompt_positions: list[int] = field(default_factory=list)
+    prompt_tokens: list[str] = field(default_factory=list, repr=False)
+    visions: list[VisionLayout] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.visions:
+            self.visions = [self.vision]
+        if isinstance(self.attention, list):
+            self.attention = RowStore(self.attention, None)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_indices)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
+        return self.attention.nbytes
+
+    def segment_shares(self, name: str) -> np.ndarray:
+        """(num_steps, num_layers, num_heads) float32: each step's attention mass on a segment, 0..1."""
+        shares = self.attention.shares
+        if name not in shares:
+            index = torch.from_numpy(segment_positions(self.visions)[name])
+            shares[name] = torch.stack([self.step_attention(t)[:, :, index].float().sum(-1)
+                                        for t in range(self.num_steps)])       # (T, L, H)
+        return shares[name].numpy().astype(np.float32)
+
+    def prompt_attention(self, token_pos: int) -> torch.Tensor:
+        """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
+        if token_pos not in self.prompt_positions:
+            raise IndexError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
+                             f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
+        return self.attention.prompt(self.prompt_positions.index(token_pos))[:, :, : token_pos + 1]
+
+    @property
+    def prompt_rows(self) -> torch.Tensor | None:
+        """(num_layers, num_heads, len(prompt_positions), prompt_len) float16, or None when none were kept."""
+        if not self.prompt_positions:
+            return None
+        return torch.stack([self.attention.prompt(i) for i in range(len(self.prompt_positions))], dim=2)
+
+    def step_attention(self, step_idx: int) -> torch.Tensor:
+        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
+        of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
+        if not 0 <= step_idx < self.num_steps:
+            raise IndexError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
+                             f"tokens, so pick 0..{self.num_steps - 1}.")
+        return self.attention.step(step_idx)
