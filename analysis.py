@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from attention_extractor import AttentionRun
 from attention_processor import normalize_heatmap, step_rows, vision_attention
+from records import AttentionRun
 from visualization import labelled, overlay
 
 GENERIC_PROMPT = "Write a general description of the image."
@@ -61,21 +61,12 @@ def region_share(run: AttentionRun, step_idx: int, region: np.ndarray, layers=No
 
 def box_to_cells(run: AttentionRun, box_xyxy) -> np.ndarray:
     """(grid_h, grid_w) bool: the cells whose centres fall inside a box given in original-image pixels."""
-    grid_h, grid_w = run.vision.grid_hw
-    x0, y0, x1, y1 = run.vision.image_box_xyxy
-    cx = x0 + (np.arange(grid_w) + 0.5) * (x1 - x0) / grid_w             # (grid_w,) cell centres
-    cy = y0 + (np.arange(grid_h) + 0.5) * (y1 - y0) / grid_h             # (grid_h,)
-    bx0, by0, bx1, by1 = box_xyxy
-    return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
+    return run.vision.cells_in_box(box_xyxy)
 
 
 def cell_at(run: AttentionRun, x: float, y: float) -> tuple[int, int] | None:
     """(row, col) of the grid cell under original-image pixel (x, y), or None outside the grid's box."""
-    x0, y0, x1, y1 = run.vision.image_box_xyxy
-    if not (x0 <= x < x1 and y0 <= y < y1):
-        return None
-    grid_h, grid_w = run.vision.grid_hw
-    return int((y - y0) * grid_h // (y1 - y0)), int((x - x0) * grid_w // (x1 - x0))
+    return run.vision.cell_at(x, y)
 
 
 def region_to_text(run: AttentionRun, region: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,9 +10,9 @@ The work happens in `pipeline.py`, `views.py` and the modules below them.
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
-import functools
 import logging
 import threading
 from dataclasses import replace
@@ -24,8 +24,15 @@ import pandas as pd
 import torch
 from transformers import TextIteratorStreamer
 
-from analysis import (GENERIC_PROMPT, cell_at, head_gallery, head_matrix, region_to_text, system_positions,
-                      text_attention)
+from analysis import (
+    GENERIC_PROMPT,
+    cell_at,
+    head_gallery,
+    head_matrix,
+    region_to_text,
+    system_positions,
+    text_attention,
+)
 from attention_processor import REDUCTIONS
 from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from explain import gradient_map, rollout_map, vit_combined_maps
@@ -34,8 +41,20 @@ from lenses import lens_html, logit_lens
 from model_holder import ModelLoadError
 from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
 from utils import load_image, load_video
-from views import (DISPLAY_NORMALIZATIONS, METHODS, VIEWS, StoredRun, ViewSettings, matrix_cell, matrix_picture,
-                   method_key, raw_heatmap, render, share_table, step_labels)
+from views import (
+    DISPLAY_NORMALIZATIONS,
+    METHODS,
+    VIEWS,
+    StoredRun,
+    ViewSettings,
+    matrix_cell,
+    matrix_picture,
+    method_key,
+    raw_heatmap,
+    render,
+    share_table,
+    step_labels,
+)
 from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
 
 logger = logging.getLogger("app")
@@ -398,7 +417,7 @@ class Handlers:
         curves = {"deletion (map order)": result.deletion, "deletion (random order)": result.random_deletion,
                   "insertion (map order)": result.insertion, "insertion (random order)": result.random_insertion}
         table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
-                              for name, curve in curves.items() for f, p in zip(result.fractions, curve)])
+                              for name, curve in curves.items() for f, p in zip(result.fractions, curve, strict=True)])
         auc = result.summary()
         verdict = (f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
                    f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
@@ -587,7 +606,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
                     **render_events)
-        for name, slider in zip(("layer_lo", "layer_hi", "head_lo", "head_hi"), sliders):
+        for name, slider in zip(("layer_lo", "layer_hi", "head_lo", "head_hi"), sliders, strict=True):
             slider.input(functools.partial(h.render_clamped, name), [run_id, *view_inputs],
                          [*view_outputs, *sliders], api_name=False, trigger_mode="always_last", **render_events)
         chips.input(h.pick_chip, [chips], [token, prompt_token], api_name=False, queue=False).then(

@@ -11,8 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from attention_extractor import AttentionRun
-from families import VisionLayout
+from records import AttentionRun, VisionLayout
 
 Reduce = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "min")

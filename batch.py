@@ -20,9 +20,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from analysis import file_stem
-from attention_extractor import AttentionRun
 from attention_processor import normalize_heatmap, token_heatmap, vision_share
 from model_holder import ModelHolder
+from records import AttentionRun
 from report import write_report
 from utils import load_image
 from visualization import COLORMAPS, labelled, overlay
@@ -165,7 +165,7 @@ def _log(holder: ModelHolder, run: AttentionRun, image_path: str, prompt: str, l
     shares = vision_share(run)[:, layers[0] - first:layers[1] - first + 1, heads[0]:heads[1] + 1]  # (T, l, h)
     tokens = [{"step_idx": t, "file_label": file_stem(t), "id": token_id, "token": token,
                "image_share": float(shares[t].mean())}
-              for t, (token_id, token) in enumerate(zip(run.generated_ids, run.generated_tokens))]
+              for t, (token_id, token) in enumerate(zip(run.generated_ids, run.generated_tokens, strict=True))]
     parameters = {**asdict(settings), "layers": list(layers), "heads": list(heads), "steps": steps,
                   "steps_skipped": skipped, "normalization": "minmax per map", "device": holder.device,
                   "dtype": str(holder.dtype).replace("torch.", ""), "capture_method": run.settings.method}

@@ -93,7 +93,7 @@ def _place_objects(rng: random.Random, width: int, height: int, n: int) -> list[
         box = (x0, y0, x0 + side, y0 + side)
         if all(box[2] + 6 <= b[0] or b[2] + 6 <= box[0] or box[3] + 6 <= b[1] or b[3] + 6 <= box[1] for b in boxes):
             boxes.append(box)
-    return [ShapeObject(rng.choice(SHAPES), c, b) for c, b in zip(colors, boxes)]
+    return [ShapeObject(rng.choice(SHAPES), c, b) for c, b in zip(colors, boxes, strict=False)]
 
 
 def render(objects: list[ShapeObject], size: tuple[int, int], background: tuple[int, int, int]) -> Image.Image:

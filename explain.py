@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from attention_extractor import RECORD_IMPLEMENTATION, AttentionRun, recording
+
+from attention_extractor import RECORD_IMPLEMENTATION, recording
 from families import decoder_layers
+from records import AttentionRun
+
 
 class _DecoderQK:
     """Keeps each decoder layer's post-RoPE queries and keys (KV heads) on the CPU, in the model's dtype."""
@@ -27,7 +30,8 @@ class _DecoderQK:
 
     def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
         if getattr(module, "layer_idx", None) is not None:
-            self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling)  # (H,S,D), (KV,S,D)
+            # (H, S, D) queries, (KV, S, D) keys
+            self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling)
 
 
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
@@ -121,7 +125,8 @@ def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, t
     blocks = vision_encoder_blocks(holder.model)
     block_of = {id(getattr(block, "attn", None) or block.self_attn): idx for idx, block in enumerate(blocks)}
     on_model = holder.on_model(inputs)
-    with torch.inference_mode(), recording(holder.model, _VisionQK(), text=None, vision=RECORD_IMPLEMENTATION) as recorder:
+    with torch.inference_mode(), recording(holder.model, _VisionQK(), text=None,
+                                           vision=RECORD_IMPLEMENTATION) as recorder:
         if hasattr(holder.model.model, "visual"):
             holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
         else:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attention_extractor import AttentionRun
+from records import AttentionRun
 
 
 @dataclass
@@ -47,15 +47,6 @@ def blurred(image: Image.Image, cell_px: float) -> np.ndarray:
     return cv2.GaussianBlur(np.asarray(image.convert("RGB")), (0, 0), sigmaX=sigma, sigmaY=sigma)
 
 
-def _cell_slices(run: AttentionRun, size_wh: tuple[int, int]) -> list[tuple[slice, slice]]:
-    """Pixel rows and columns of the original image under each grid cell (row-major), clipped to it."""
-    grid_h, grid_w = run.vision.grid_hw
-    x0, y0, x1, y1 = run.vision.image_box_xyxy
-    xs = np.clip(np.round(x0 + (x1 - x0) * np.arange(grid_w + 1) / grid_w), 0, size_wh[0]).astype(int)
-    ys = np.clip(np.round(y0 + (y1 - y0) * np.arange(grid_h + 1) / grid_h), 0, size_wh[1]).astype(int)
-    return [(slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(grid_h) for c in range(grid_w)]
-
-
 def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Image) -> float:
     """p(generated token step_idx | image, prompt, earlier tokens), one teacher-forced forward."""
     inputs = holder.replay_inputs(run, image, step_idx)
@@ -73,7 +64,7 @@ def faithfulness(holder, run: AttentionRun, image: Image.Image, step_idx: int, h
     if heat.shape != tuple(run.vision.grid_hw):
         raise ValueError(f"The map has shape {heat.shape}, but the token grid is {run.vision.grid_hw}.")
     original = np.asarray(image.convert("RGB"))
-    cells = _cell_slices(run, image.size)
+    cells = run.vision.cell_slices()
     cell_px = (run.vision.image_box_xyxy[2] - run.vision.image_box_xyxy[0]) / run.vision.grid_hw[1]
     base = original.copy()                          # outside the grid's box the model sees the original
     blur = blurred(image, cell_px)

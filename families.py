@@ -96,7 +96,7 @@ def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tup
             f"but their grids need {' + '.join(map(str, needed)) or 0}. Give one {what} entry in the prompt "
             "per input and use the processor that belongs to this checkpoint.")
     layouts, start = [], 0
-    for (frames, grid_hw, processed_hw), size, box, count in zip(grids, image_sizes, boxes, needed):
+    for (frames, grid_hw, processed_hw), size, box, count in zip(grids, image_sizes, boxes, needed, strict=True):
         own = positions[start + extra:start + count].astype(np.int64)  # (frames * grid_h * grid_w,)
         layouts.append(VisionLayout(own, grid_hw, tuple(size), box, processed_hw, frames))
         start += count

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from families import decoder_layers, vision_layout
+from records import cell_edges
 from utils import load_image
 
 
@@ -120,7 +121,7 @@ def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None,
     buffer = io.BytesIO()
     shown.convert("RGB").save(buffer, format="JPEG", quality=85)
     data_uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-    x0, y0, x1, y1 = (v * scale for v in lens.image_box_xyxy)
+    xs, ys = cell_edges(lens.grid_hw, [v * scale for v in lens.image_box_xyxy])  # shown-image pixels
     grid_h, grid_w = lens.grid_hw
     confident = lens.most_confident_layer()
     payload = {"tokens": lens.top_tokens, "probs": np.round(lens.top_probs, 4).tolist(),
@@ -128,9 +129,9 @@ def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None,
     data = json.dumps(payload).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     start = len(lens.layer_indices) - 1 if layer_idx is None else lens.layer_indices.index(layer_idx)
     cells = "".join(
-        f'<div class="c" data-j="{r * grid_w + c}" style="left:{x0 + (x1 - x0) * c / grid_w:.1f}px;'
-        f'top:{y0 + (y1 - y0) * r / grid_h:.1f}px;width:{(x1 - x0) / grid_w:.1f}px;'
-        f'height:{(y1 - y0) / grid_h:.1f}px"></div>' for r in range(grid_h) for c in range(grid_w))
+        f'<div class="c" data-j="{r * grid_w + c}" style="left:{xs[c]:.1f}px;top:{ys[r]:.1f}px;'
+        f'width:{xs[c + 1] - xs[c]:.1f}px;height:{ys[r + 1] - ys[r]:.1f}px"></div>'
+        for r in range(grid_h) for c in range(grid_w))
     return _PAGE.format(width=shown.size[0], height=shown.size[1], src=html.escape(data_uri, quote=True),
                         cells=cells, data=data, last=len(lens.layer_indices) - 1, start=start)
 

@@ -7,8 +7,8 @@ holder whose `generate` gives one `AttentionRun` per call: tokens, vision layout
 from __future__ import annotations
 
 import gc
-import numbers
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,12 +17,17 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from attention_extractor import (AttentionRun, CaptureMethod, CaptureTooLargeError, capture_attention,
-                                 estimate_capture_bytes, segment_positions)
+from attention_extractor import (
+    AttentionRun,
+    CaptureMethod,
+    CaptureTooLargeError,
+    capture_attention,
+    estimate_capture_bytes,
+    segment_positions,
+)
 from attention_store import StoreKind
+from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family, vision_layouts
 from records import GenerationSettings
-from families import (QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family,
-                      vision_layouts)
 from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -95,7 +100,7 @@ class ModelHolder:
 
     @classmethod
     def load(cls, model_id: str | Path, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False) -> "ModelHolder":
+             trust_remote_code: bool = False) -> ModelHolder:
         """Load a checkpoint of a supported family (see `families.SUPPORTED_FAMILIES`).
 
         device: 'auto' (CUDA when available, else CPU), 'cuda' or 'cpu'.
@@ -281,12 +286,13 @@ class ModelHolder:
         generate_kwargs.setdefault("do_sample", False)
         generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers,
                                                                      positions, layouts, store, generate_kwargs)
-        settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store,
-                                      {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))})
+        decoding = {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}
+        settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store, decoding)
         prompt_ids = inputs["input_ids"][0].tolist()
         return AttentionRun(
             prompt_ids=prompt_ids, generated_ids=generated,
             generated_tokens=_token_pieces(self.processor.tokenizer, generated),
             vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
             attention=attention, model_id=self.model_id, family=self.family, settings=settings,
-            prompt_positions=recorder.prompt_positions, prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))
+            prompt_positions=recorder.prompt_positions,
+            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))

@@ -17,7 +17,7 @@ from string import Template
 
 from PIL import Image
 
-from attention_extractor import AttentionRun
+from records import AttentionRun
 from views import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings, render, share_table
 
 logger = logging.getLogger(__name__)
@@ -124,14 +124,14 @@ def _chips(tokens: list[str], ids: list[int]) -> str:
     return "".join(
         f'<button type="button" class="chip" data-step="{t}" aria-pressed="{"true" if t == 0 else "false"}" '
         f'title="step {t}, id {token_id}"><span class="n">{t}</span>{html.escape(visible_token(token))}</button>'
-        for t, (token, token_id) in enumerate(zip(tokens, ids)))
+        for t, (token, token_id) in enumerate(zip(tokens, ids, strict=True)))
 
 
 def _frames(uris: list[str], captions: list[str]) -> str:
     return "".join(
         f'<figure data-step="{t}"{"" if t == 0 else " hidden"}><img src="{uri}" alt="attention map for token {t}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for t, (uri, caption) in enumerate(zip(uris, captions)))
+        for t, (uri, caption) in enumerate(zip(uris, captions, strict=True)))
 
 
 def share_svg(shares: list[float], tokens: list[str], selected: int = 0) -> str:
@@ -145,7 +145,7 @@ def share_svg(shares: list[float], tokens: list[str], selected: int = 0) -> str:
         parts.append(f'<line class="axis" x1="{_PAD_L - 4}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}"/>'
                      f'<text x="{_PAD_L - 6}" y="{y + 3:.1f}" text-anchor="end">{frac:.0%}</text>')
     label_every = 1 if len(shares) <= 40 else 5
-    for t, (share, token) in enumerate(zip(shares, tokens)):
+    for t, (share, token) in enumerate(zip(shares, tokens, strict=True)):
         x, bar_h = _PAD_L + _BAR_GAP + t * step_w, _PLOT_H * min(max(share, 0.0), 1.0)
         title = html.escape(f"{t}: {token!r} · {share:.1%} on the image")
         label = f'<text x="{x + _BAR_W / 2}" y="{height - 6}" text-anchor="middle">{t}</text>' \

@@ -86,7 +86,7 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
                  vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None):
     """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
     intermediate = intermediate or 2 * hidden
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, LlavaConfig
+    from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
@@ -113,8 +113,15 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
 
 def build_processor(family: str, tok, max_pixels: int = 224 * 224):
     """The family's real processor classes, configured for small images."""
-    from transformers import (CLIPImageProcessor, LlavaProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
     if family == "llava":
         image_proc = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
         return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=14,

@@ -12,9 +12,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from analysis import relative_heatmap, sink_cells
-from attention_extractor import AttentionRun
-from attention_processor import (heatmap_range, image_shares, normalize_heatmap, prompt_token_heatmap,
-                                 range_slice, token_heatmap, vision_share)
+from attention_processor import (
+    heatmap_range,
+    image_shares,
+    normalize_heatmap,
+    prompt_token_heatmap,
+    range_slice,
+    token_heatmap,
+    vision_share,
+)
+from records import AttentionRun
 from visualization import colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
@@ -24,7 +31,7 @@ METHOD_CAPTIONS = {"rollout": "attention rollout through all layers (heads avera
                    "vit": "the raw-attention map pushed back through the vision encoder's attention (patch grid)"}
 
 
-def method_key(s: "ViewSettings"):
+def method_key(s: ViewSettings):
     """Cache key of a method's maps: the ViT-combined map also depends on the raw map's settings."""
     return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if s.method == "vit" else s.method
 
@@ -73,7 +80,7 @@ class StoredRun:
         methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
         return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
 
-    def shared_range(self, settings: "ViewSettings") -> tuple[float, float]:
+    def shared_range(self, settings: ViewSettings) -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
         key = replace(settings, step_idx=0, prompt_pos=None, normalization="", colormap="", alpha=0.0, view="",
                       grid=False)                                       # over the generated tokens

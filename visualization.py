@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from records import cell_edges
+
 COLORMAPS: dict[str, int] = {
     "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
     "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA, "plasma": cv2.COLORMAP_PLASMA,
@@ -136,14 +138,11 @@ def draw_grid(image: Image.Image, grid_hw: tuple[int, int], box_xyxy,
               color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Thin lines on the borders of the token cells inside the box."""
     canvas = np.array(image.convert("RGB"))                             # (H, W, 3) uint8, writable
-    grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
-    x0, y0, x1, y1 = box_xyxy
-    for i in range(grid_h + 1):
-        y = int(round(y0 + (y1 - y0) * i / grid_h))
-        cv2.line(canvas, (int(round(x0)), y), (int(round(x1)), y), color, 1)
-    for j in range(grid_w + 1):
-        x = int(round(x0 + (x1 - x0) * j / grid_w))
-        cv2.line(canvas, (x, int(round(y0))), (x, int(round(y1))), color, 1)
+    xs, ys = (np.round(edges).astype(int) for edges in cell_edges(grid_hw, box_xyxy))  # (grid_w + 1,), (grid_h + 1,)
+    for y in ys:
+        cv2.line(canvas, (int(xs[0]), int(y)), (int(xs[-1]), int(y)), color, 1)
+    for x in xs:
+        cv2.line(canvas, (int(x), int(ys[0])), (int(x), int(ys[-1])), color, 1)
     return Image.fromarray(canvas)
 
 

@@ -123,6 +123,7 @@ def public_holder(dims_name: str, device: str, max_side: int):
     """A ModelHolder over random bf16 weights at a public Qwen2.5-VL config's dimensions, built on `device`."""
     import torch
     from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
     from model_holder import ModelHolder
     from tiny_models import _qwen_ids, _qwen_tokenizer, build_processor
     dims, tok = PUBLIC_DIMS[dims_name], _qwen_tokenizer()
@@ -188,6 +189,7 @@ def decode_loop_ops() -> float:
     """Extra aten operations the capture adds per decoder layer per decode step, on a tiny model."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
     from attention_extractor import capture_attention
     from model_holder import ModelHolder
     from tiny_models import make_tiny_model
@@ -209,7 +211,8 @@ def decode_loop_ops() -> float:
 def print_store_sizes(prompt_len: int = 1315, steps: tuple[int, ...] = (64, 256)) -> None:
     """Bytes each store keeps at the public 7B and 32B shapes (bf16), from the dimensions."""
     from attention_store import store_bytes
-    print(f"\n# Attention kept per run at public shapes, {prompt_len} prompt tokens (1008²), bf16, from the dimensions:")
+    print(f"\n# Attention kept per run at public shapes, {prompt_len} prompt tokens (1008²), bf16, "
+          "from the dimensions:")
     print("| dims | new tokens | float16 rows | queries + keys | kept (auto) |")
     print("|---|---|---|---|---|")
     for name in ("7b", "32b"):

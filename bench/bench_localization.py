@@ -29,6 +29,7 @@ from explain import gradient_map, rollout_map, vit_combined_map  # noqa: E402
 from faithfulness import faithfulness  # noqa: E402
 from lenses import logit_lens  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
+from records import cell_edges  # noqa: E402
 
 log = logging.getLogger("bench_localization")
 REDUCES = ("mean", "max", "min")
@@ -46,11 +47,9 @@ class Item:
 
 def argmax_cell_xyxy(heat: np.ndarray, image_box_xyxy) -> tuple[float, float, float, float]:
     """The rectangle, in image pixels, of heat's argmax cell (heat: (grid_h, grid_w))."""
-    grid_h, grid_w = heat.shape
-    row, col = divmod(int(np.argmax(heat)), grid_w)
-    x0, y0, x1, y1 = image_box_xyxy
-    cw, ch = (x1 - x0) / grid_w, (y1 - y0) / grid_h
-    return x0 + col * cw, y0 + row * ch, x0 + (col + 1) * cw, y0 + (row + 1) * ch
+    row, col = divmod(int(np.argmax(heat)), heat.shape[1])
+    xs, ys = cell_edges(heat.shape, image_box_xyxy)                      # (grid_w + 1,), (grid_h + 1,)
+    return float(xs[col]), float(ys[row]), float(xs[col + 1]), float(ys[row + 1])
 
 
 def cell_hits_box(heat: np.ndarray, image_box_xyxy, target_box_xyxy) -> bool:
@@ -201,9 +200,9 @@ def methods_report(holder, items: list[Item], layers, heads, n_faith: int) -> st
              "| seconds per map |", "|---|---|---|---|---|"]
     for name, (maps, seconds) in method_maps(holder, items, layers, heads).items():
         hits = [cell_hits_box(heat, it.run.vision.image_box_xyxy, it.sample.box_xyxy)
-                for heat, it in zip(maps, items)]
+                for heat, it in zip(maps, items, strict=True)]
         sums = [faithfulness(holder, it.run, it.sample.image, 0, to_token_grid(heat, it.run), seed=k).summary()
-                for k, (heat, it) in enumerate(zip(maps[:n_faith], items[:n_faith]))]
+                for k, (heat, it) in enumerate(zip(maps[:n_faith], items[:n_faith], strict=True))]
         auc = {key: float(np.mean([s[key] for s in sums])) for key in sums[0]}
         lines.append(f"| {name} | {np.mean(hits):.3f} | {auc['deletion']:.3f} / {auc['random_deletion']:.3f} "
                      f"| {auc['insertion']:.3f} / {auc['random_insertion']:.3f} | {seconds * 1000:.0f} ms |")

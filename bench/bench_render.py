@@ -25,8 +25,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attention_extractor import AttentionRun  # noqa: E402
-from families import VisionLayout  # noqa: E402
+from records import (
+    AttentionRun,  # noqa: E402
+    VisionLayout,  # noqa: E402
+)
 from views import StoredRun, ViewSettings, render, share_table  # noqa: E402
 
 LAYERS, HEADS, GRID_HW, PROMPT_TEXT, STEPS = 28, 28, (27, 37), 40, 64
@@ -86,8 +88,8 @@ def main() -> None:
     print("| view | render ms | + JPEG encode ms | total ms |")
     print("|---|---|---|---|")
     for name, settings in cases.items():
-        render_ms = _median_ms(lambda: (render(stored, settings),
-                                        share_table(stored, settings.layers, settings.heads, settings.step_idx)),
+        render_ms = _median_ms(lambda s=settings: (render(stored, s),
+                                                   share_table(stored, s.layers, s.heads, s.step_idx)),
                                args.repeats)
         print(f"| {name} | {render_ms:.1f} | {jpeg_ms:.1f} | {render_ms + jpeg_ms:.1f} |")
     print(f"\nEncoding the picture: JPEG {jpeg_ms:.1f} ms vs PNG {png_ms:.1f} ms → PNG is {png_ms / jpeg_ms:.1f}× "

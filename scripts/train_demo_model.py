@@ -271,8 +271,8 @@ def vision_batch(seed: int, step: int, vision_steps: int) -> list:
 
 def probe_step(model, probe, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: train only the vision tower (+ probe) on per-token shape/colour labels."""
-    pixel_values, grids = zip(*[pixel_values_of(s.image) for s in samples])
-    shape_ids, color_ids = map(torch.cat, list(zip(*map(token_labels, samples)))[:2])  # (n_tokens,) each
+    pixel_values, grids = zip(*[pixel_values_of(s.image) for s in samples], strict=True)
+    shape_ids, color_ids = map(torch.cat, list(zip(*map(token_labels, samples), strict=True))[:2])  # (n_tokens,) each
     model.model.visual(torch.cat(pixel_values), grid_thw=torch.tensor(grids))
     loss = probe.loss(shape_ids, color_ids)
     on_object = shape_ids > 0
@@ -331,7 +331,7 @@ def with_labels(batcher: Batcher, samples) -> dict[str, torch.Tensor]:
     batch = batcher(samples)
     answers = torch.tensor([batcher.answer_ids[s.answer] for s in samples])
     batch["labels"] = torch.stack([answers, torch.full_like(answers, batcher.end_id)], 1)  # (B, 2)
-    per_token = [torch.cat(t) for t in zip(*map(token_labels, samples))]  # each (n_tokens,)
+    per_token = [torch.cat(t) for t in zip(*map(token_labels, samples), strict=True)]  # each (n_tokens,)
     batch["shape_ids"], batch["color_ids"], batch["side_ids"] = per_token
     return batch
 
@@ -347,7 +347,7 @@ def evaluate(model, batcher: Batcher, seed: int, n: int, **kwargs) -> dict[str, 
         samples = [demo_data.make_sample(rng, size=size, **kwargs) for _ in range(50)]
         logits = model(**batcher(samples, with_answer=False), logits_to_keep=1).logits[:, -1]  # (B, V)
         pred = logits.argmax(-1).tolist()
-        for s, p in zip(samples, pred):
+        for s, p in zip(samples, pred, strict=True):
             hits.setdefault(s.question_type, []).append(int(p == batcher.answer_ids[s.answer]))
     model.train()
     res = {k: float(np.mean(v)) for k, v in sorted(hits.items())}

@@ -1,18 +1,16 @@
 """Shared fixtures: tiny random-weight checkpoints of every family, saved and reloaded for real."""
 
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from model_holder import ModelHolder
+from tiny_models import FAMILIES, make_tiny_model
 
-from model_holder import ModelHolder  # noqa: E402
-from tiny_models import FAMILIES, make_tiny_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 _holders: dict[str, ModelHolder] = {}
 

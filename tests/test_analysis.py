@@ -8,10 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis import (box_to_cells, gallery_sheet, gallery_zip, head_gallery, head_matrix, region_share,
-                      region_to_text, relative_heatmap, sink_cells, system_positions, text_attention)
-from attention_extractor import AttentionRun
-from families import VisionLayout
+from analysis import (
+    box_to_cells,
+    gallery_sheet,
+    gallery_zip,
+    head_gallery,
+    head_matrix,
+    region_share,
+    region_to_text,
+    relative_heatmap,
+    sink_cells,
+    system_positions,
+    text_attention,
+)
+from records import AttentionRun, VisionLayout
 
 GRID_HW, LAYERS, HEADS, PROMPT_LEN = (2, 3), 2, 2, 12
 VISION = np.arange(3, 9)                                                 # six cells at positions 3..8

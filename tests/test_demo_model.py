@@ -1,19 +1,17 @@
 """The committed demo model answers fresh synthetic images and looks at the object it answers about."""
 
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import demo_data
+from attention_processor import token_heatmap
+from bench.bench_localization import cell_hits_box
 
-import demo_data  # noqa: E402
-from attention_processor import token_heatmap  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 from config import DEMO_RANGES  # noqa: E402
-from bench.bench_localization import cell_hits_box  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
 DEMO_DIR = REPO / "demo_model"
@@ -87,7 +85,6 @@ def test_training_labels_follow_the_token_grid():
     """The training-only probes' per-token labels: row-major over the 28 px token grid, the side of
     each cell centre (middle column of an odd grid ignored), and each object's shape and colour on
     cells inside its box."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from train_demo_model import token_labels
 
     rng = random.Random(3)

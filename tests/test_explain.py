@@ -50,7 +50,7 @@ def test_gradient_map_follows_chefers_rule(load_holder, family):
     grads = torch.autograd.grad(out.logits[0, -1, run.generated_ids[1]], out.attentions)
     seq = out.attentions[0].shape[-1]
     relevance = torch.eye(seq)
-    for attn, grad in zip(out.attentions, grads):
+    for attn, grad in zip(out.attentions, grads, strict=True):
         relevance = relevance + (grad[0] * attn[0]).clamp(min=0).mean(0).detach() @ relevance
     positions = torch.from_numpy(run.vision.token_positions)
     expected = relevance[-1][positions].reshape(run.vision.grid_hw).numpy()

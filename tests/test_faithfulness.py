@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import noise_image
-from faithfulness import Faithfulness, _cell_slices, faithfulness, token_probability
+from faithfulness import Faithfulness, faithfulness, token_probability
 
 
 def test_auc_is_the_trapezoid_mean():
@@ -36,7 +36,7 @@ def test_cells_tile_the_grid_box_inside_the_image(load_holder):
     holder = load_holder("llava")
     image = noise_image(150, 100)
     run = holder.generate(image, "Hi", max_new_tokens=1)
-    cells = _cell_slices(run, image.size)
+    cells = run.vision.cell_slices()
     covered = np.zeros((100, 150), dtype=int)
     for rows, cols in cells:
         covered[rows, cols] += 1

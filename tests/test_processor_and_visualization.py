@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attention_extractor import AttentionRun
 from attention_processor import heatmap_range, normalize_heatmap, token_heatmap, vision_share
-from families import VisionLayout
+from records import AttentionRun, VisionLayout
 from visualization import COLORMAPS, draw_grid, heatmap_image, overlay, side_by_side
 
 PROMPT_LEN, GRID_HW, LAYERS, HEADS = 20, (3, 4), 4, 2
