@@ -8,7 +8,8 @@ Three methods run side by side at each image size:
 
 On the CPU (default) the model is a random-weight Qwen2.5-VL with real proportions, sized for a
 small machine (every dimension is a flag), saved once and loaded in fresh worker processes: one
-per method and size for peak memory (the growth of the worker's peak RSS during one generation),
+per method and size for peak memory (the growth of the worker's peak RSS during one generation,
+median over --peak-runs workers),
 and one per size that times all three methods in turns (the order rotating each round), so
 drifting load on a shared machine and one method's freed memory hit them alike.
 
@@ -103,12 +104,14 @@ def cpu_worker(model_dir: str, method: str, side: int, new_tokens: int, repeats:
 
 
 def cpu_rows(model_dir: str, side: int, args) -> dict[str, dict]:
-    """Peak memory of each method in its own fresh process, then their times side by side in one more."""
+    """Peak memory of each method (median over --peak-runs fresh processes), and their times side by side
+    in one more process."""
     timing = _run_cpu_worker(model_dir, "time", side, args)
     rows = {}
     for method in METHODS:
-        row = _run_cpu_worker(model_dir, method, side, args)
-        rows[method] = dict(row, side=side, prompt_tokens=timing["prompt_tokens"], seconds=timing["seconds"][method])
+        peaks = [_run_cpu_worker(model_dir, method, side, args) for _ in range(args.peak_runs)]
+        rows[method] = dict(peaks[0], peak_mb=statistics.median(p["peak_mb"] for p in peaks), side=side,
+                            prompt_tokens=timing["prompt_tokens"], seconds=timing["seconds"][method])
     return rows
 
 
@@ -235,6 +238,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 32 on the CPU, 64 on cuda")
     parser.add_argument("--long", type=int, default=256, help="cuda: new tokens of the long-answer row at 1008²")
     parser.add_argument("--repeats", type=int, default=None, help="default 2 on the CPU, 3 on cuda")
+    parser.add_argument("--peak-runs", type=int, default=3, help="CPU: fresh processes per method for the peak")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
