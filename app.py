@@ -11,54 +11,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import html
 import json
 import logging
 import threading
-from dataclasses import replace
-from pathlib import Path
 
 import gradio as gr
-import numpy as np
-import pandas as pd
 import torch
-from transformers import TextIteratorStreamer
 
-from analysis import (
-    GENERIC_PROMPT,
-    cell_at,
-    head_gallery,
-    head_matrix,
-    region_to_text,
-    system_positions,
-    text_attention,
-)
 from attention_processor import REDUCTIONS
-from config import DEMO_MODEL_DIR, DEMO_RANGES, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
-from explain import gradient_map, rollout_map, vit_combined_maps
-from faithfulness import faithfulness
-from lenses import lens_html, logit_lens
-from model_holder import ModelLoadError
-from pipeline import ModelSlot, RunStore, export_run, save_gallery_zip, save_page, save_picture
-from utils import load_image, load_video
-from views import (
-    DISPLAY_NORMALIZATIONS,
-    METHODS,
-    VIEWS,
-    StoredRun,
-    ViewSettings,
-    matrix_cell,
-    matrix_picture,
-    method_key,
-    raw_heatmap,
-    render,
-    share_table,
-    step_labels,
-)
-from visualization import COLORMAPS, SIDE_BY_SIDE_GAP
+from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
+from handlers import Handlers, named_api
+from pipeline import ModelSlot, RunStore
+from views import DISPLAY_NORMALIZATIONS, METHODS, VIEWS
+from visualization import COLORMAPS
 
 logger = logging.getLogger("app")
-USER_ERRORS = (ValueError, LookupError, IndexError, MemoryError, OSError, ModelLoadError)
 CSS = """
 #token-chips .wrap { gap: 4px !important; max-height: 9em; overflow-y: auto; }
 #token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
@@ -90,13 +57,6 @@ def default_model(cfg: AppConfig) -> str | None:
     return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
 
 
-def recommended_ranges(model_id: str, layer_max: int, head_max: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Start-up slider ranges: the demo model's measured best, otherwise everything."""
-    if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
-        return DEMO_RANGES
-    return (0, layer_max), (0, head_max)
-
-
 def example_rows() -> list[list[str]]:
     """[image path, question] pairs shipped in examples/ (empty when the folder is missing)."""
     listing = EXAMPLES_DIR / "examples.json"
@@ -108,345 +68,6 @@ def example_rows() -> list[list[str]]:
 def model_choices(cfg: AppConfig) -> list[str]:
     demo = [str(DEMO_MODEL_DIR)] if (DEMO_MODEL_DIR / "config.json").exists() else []
     return demo + list(cfg.presets)
-
-
-def _token_label(step_idx: int, token: str) -> str:
-    return f"{step_idx}: {token!r}"
-
-
-class Handlers:
-    """Event handlers; each validates input, calls the pipeline and turns user errors into gr.Error."""
-
-    def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore):
-        self.cfg, self.slot, self.store = cfg, slot, store
-
-    # -- model ------------------------------------------------------------------------------------
-    def model_status(self) -> tuple:
-        holder = self.slot.holder
-        if holder is None:
-            return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
-        layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
-        (layer_lo, layer_hi), (head_lo, head_hi) = recommended_ranges(holder.model_id, layer_max, head_max)
-        return (f"**Loaded:** {holder.describe()}",
-                gr.Slider(maximum=layer_max, value=layer_lo), gr.Slider(maximum=layer_max, value=layer_hi),
-                gr.Slider(maximum=head_max, value=head_lo), gr.Slider(maximum=head_max, value=head_hi))
-
-    def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
-        if not model_id or not str(model_id).strip():
-            raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
-        progress(0, desc=f"Loading {model_id}")
-        try:
-            self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        return self.model_status()
-
-    def page_load(self) -> tuple:
-        self.slot.ready.wait()                                          # a start-up load finishes first
-        return self.model_status()
-
-    # -- generation -------------------------------------------------------------------------------
-    def _media(self, holder, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
-        """(images, video frames or None, one picture per map panel) from the uploads."""
-        if video_path:
-            if image_path or extra_paths:
-                raise gr.Error("Give either images or a video, not both: clear one of them.")
-            frames = load_video(video_path)
-            step = int(getattr(holder.model.config.vision_config, "temporal_patch_size", 1) or 1)
-            return [], frames, frames[::step]
-        if not image_path:
-            raise gr.Error("No image. Upload an image first.")
-        images = [load_image(path) for path in [image_path, *(extra_paths or [])]]
-        return images, None, images
-
-    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
-                 max_pixels, *values, progress=gr.Progress()):
-        """values: the view settings, then the extra images and the video (both optional)."""
-        view_values, (extra_paths, video_path) = values[:-2], values[-2:]
-        if not prompt or not prompt.strip():
-            raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
-        if len(prompt) > self.cfg.max_prompt_chars:
-            raise gr.Error(f"The prompt has {len(prompt)} characters; this server accepts up to "
-                           f"{self.cfg.max_prompt_chars}. Shorten it and try again.")
-        try:
-            holder = self.slot.get()
-            images, frames, panels = self._media(holder, image_path, extra_paths, video_path)
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
-        budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
-        streamer = TextIteratorStreamer(holder.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outcome: dict = {}
-
-        def work():
-            try:
-                with self.slot.lock:
-                    outcome["run"] = holder.generate(images or None, prompt, max_new_tokens=int(max_new_tokens),
-                                                     video=frames,
-                                                     streamer=streamer, max_capture_mb=self.cfg.session_cache_mb,
-                                                     **sample, **budget)
-            except Exception as err:                                    # reported to the user below
-                outcome["error"] = err
-                streamer.end()
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        text = ""
-        for count, piece in enumerate(streamer, start=1):
-            text += piece
-            progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-            yield (gr.skip(), text) + (gr.skip(),) * 10
-        worker.join()                                                   # the streamer ends before the run is built
-        if "error" in outcome:
-            err = outcome["error"]
-            raise gr.Error(str(err) if isinstance(err, USER_ERRORS) else f"Generation failed: {err}") from err
-        stored = StoredRun(outcome["run"], panels[0], images=panels)
-        try:
-            run_id = self.store.put(stored)
-        except MemoryError as err:
-            raise gr.Error(str(err)) from err
-        run = stored.run
-        choices = [(_token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
-        prompt_choices = [(_token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
-        # A new result starts without the options that need extra work (baseline) or one image (sinks).
-        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None,
-                        method="attention")
-        picture, caption, plot = self._render_with(stored, fresh)
-        yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
-               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
-               False, False, [], "attention")
-
-    # -- views ------------------------------------------------------------------------------------
-    def _settings(self, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce, normalization, colormap,
-                  alpha, view, grid, renormalize=False, mask_sinks=False, relative=False,
-                  prompt_token=None, exclude_system=False, method="attention") -> ViewSettings:
-        return ViewSettings(step_idx=int(step_idx or 0), layers=(int(layer_lo), int(layer_hi)),
-                            heads=(int(head_lo), int(head_hi)), reduce=reduce, normalization=normalization,
-                            percentile=self.cfg.percentile, colormap=colormap, alpha=float(alpha), view=view,
-                            grid=bool(grid), renormalize=bool(renormalize), mask_sinks=bool(mask_sinks),
-                            relative=bool(relative), prompt_pos=None if prompt_token in (None, "") else
-                            int(prompt_token), exclude_system=bool(exclude_system), method=method or "attention")
-
-    def _render(self, stored: StoredRun, *view_values):
-        return self._render_with(stored, self._settings(*view_values))
-
-    def _render_with(self, stored: StoredRun, settings: ViewSettings):
-        try:
-            picture, caption = render(stored, settings)
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
-        return picture, caption, pd.DataFrame(table)
-
-    def render(self, run_id, *view_values):
-        return self._render(self._stored(run_id), *view_values)
-
-    def render_clamped(self, moved: str, run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest):
-        """For the range sliders: the handle being moved pushes the other one along."""
-        if moved == "layer_lo":
-            layer_hi = max(layer_hi, layer_lo)
-        elif moved == "layer_hi":
-            layer_lo = min(layer_lo, layer_hi)
-        elif moved == "head_lo":
-            head_hi = max(head_hi, head_lo)
-        else:
-            head_lo = min(head_lo, head_hi)
-        view = self.render(run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest)
-        return (*view, layer_lo, layer_hi, head_lo, head_hi)
-
-    def pick_chip(self, step_idx):
-        """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
-        return step_idx, ""
-
-    def relative_toggle(self, run_id, *view_values):
-        """Compute the generic-prompt baseline for this image once (a model call), then render."""
-        stored, settings = self._stored(run_id), self._settings(*view_values)
-        if settings.relative and stored.baseline is None:
-            holder = self._model_of(stored, "The generic-prompt baseline")
-            if not stored.is_single_image:
-                raise gr.Error("'Relative to a generic prompt' works with a single image; generate with one image.")
-            budget = {"min_pixels": stored.run.settings.min_pixels, "max_pixels": stored.run.settings.max_pixels}
-            try:
-                with self.slot.lock:
-                    stored.baseline = holder.generate(stored.image, GENERIC_PROMPT, max_new_tokens=1,
-                                                      prompt_rows="none", **budget)
-            except USER_ERRORS as err:
-                raise gr.Error(str(err)) from err
-        return self._render(stored, *view_values)
-
-    def method_select(self, run_id, *view_values, progress=gr.Progress()):
-        """Compute the rollout or gradient maps of every generated token once (model passes), then render."""
-        stored, settings = self._stored(run_id), self._settings(*view_values)
-        if settings.method != "attention" and method_key(settings) not in stored.method_maps:
-            holder = self._model_of(stored, f"The {settings.method} map")
-            if not stored.is_single_image:
-                raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
-            compute = {"rollout": rollout_map,
-                       "gradient": functools.partial(gradient_map, max_mb=self.cfg.max_gradient_mb)}
-            steps = range(stored.run.num_steps)
-            try:
-                with self.slot.lock:
-                    if settings.method == "vit":
-                        heats = [raw_heatmap(stored, replace(settings, method="attention", step_idx=t, relative=False,
-                                                             mask_sinks=False)) for t in steps]
-                        maps = vit_combined_maps(holder, stored.run, stored.image, heats)
-                    else:
-                        maps = [compute[settings.method](holder, stored.run, stored.image, t)
-                                for t in progress.tqdm(steps, desc=f"{settings.method} maps")]
-                    stored.method_maps[method_key(settings)] = maps
-            except USER_ERRORS as err:
-                raise gr.Error(str(err)) from err
-        return self._render(stored, *view_values)
-
-    # -- analysis ---------------------------------------------------------------------------------
-    def _stored(self, run_id) -> StoredRun:
-        try:
-            return self.store.get(run_id)
-        except LookupError as err:
-            raise gr.Error(str(err)) from err
-
-    def _model_of(self, stored: StoredRun, what: str):
-        """The loaded model, if it is the one that made `stored`; views that run the model need it."""
-        holder = self.slot.holder
-        if holder is None or holder.model_id != stored.run.model_id:
-            raise gr.Error(f"{what} needs the model that made this result ({stored.run.model_id}). "
-                           "Load it again, or generate with the current model first.")
-        return holder
-
-    def _single(self, run_id) -> StoredRun:
-        stored = self._stored(run_id)
-        if not stored.is_single_image:
-            raise gr.Error("This view works on a single image. Generate with one image (no extra images or video) "
-                           "to use it; the main picture and its caption cover several images and videos.")
-        return stored
-
-    def analysis(self, run_id, metric, *view_values):
-        """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
-        stored, s = self._single(run_id), self._settings(*view_values)
-        n_maps = s.num_maps
-        try:
-            matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
-            pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
-                                    exclude_positions=system_positions(stored.run) if s.exclude_system else ())
-            tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) \
-                if n_maps <= self.cfg.max_gallery_maps else []
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
-        highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
-        sinks = stored.sinks(s.layers, s.heads)
-        note = (f"Sink cells (high attention from almost every generated token): {int(sinks.sum())} "
-                f"{[list(map(int, cell)) for cell in np.argwhere(sinks)][:8]}; tick 'Mask sink cells' to hide them.")
-        if not tiles:
-            note += (f" Gallery: narrow the ranges to at most {self.cfg.max_gallery_maps} layer × head maps "
-                     f"(now {n_maps}).")
-        return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
-                [(tile, name) for name, tile in tiles], note, [list(s.layers), list(s.heads)])
-
-    def matrix_click(self, run_id, matrix_ranges, step_idx, layer_lo, layer_hi, head_lo, head_hi, reduce,
-                     normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
-                     exclude_system=False, method="attention", evt: gr.SelectData = None):
-        """A click on the layer × head matrix selects that single layer and head."""
-        if not matrix_ranges:
-            raise gr.Error("Press 'Show analysis' first.")
-        layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
-        rendered = self.render(run_id, step_idx, layer, layer, head, head, reduce, normalization, colormap, alpha,
-                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system,
-                               method)
-        return (*rendered, layer, layer, head, head)
-
-    def region_click(self, run_id, region, view, evt: gr.SelectData):
-        """A click on the picture adds or removes that token cell; shows who attends to the region."""
-        stored = self._single(run_id)
-        x, y = evt.index
-        width = stored.image.size[0]
-        if view == "side_by_side" and x >= width:
-            x -= width + SIDE_BY_SIDE_GAP                                 # the overlay is the right half
-        cell = cell_at(stored.run, x, y)
-        cells = {tuple(c) for c in region or []}
-        if cell is not None:
-            cells ^= {cell}
-        return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
-
-    def region_clear(self):
-        return [], pd.DataFrame({"step": [], "share": [], "token": []}), "Click the picture to pick token cells."
-
-    def _region_views(self, stored: StoredRun, cells: set):
-        if not cells:
-            return self.region_clear()[1:]
-        mask = np.zeros(stored.run.vision.grid_hw, dtype=bool)
-        mask[tuple(np.array(sorted(cells)).T)] = True
-        summary = region_to_text(stored.run, mask)
-        table = pd.DataFrame({"step": step_labels(stored.run.num_steps), "share": summary["per_step"],
-                              "token": [_token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)]})
-        per_head = summary["per_head"]                                    # (L, H)
-        order = np.argsort(per_head, axis=None)[::-1][:5]
-        top = ", ".join(f"layer {stored.run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} "
-                        f"({per_head.flat[i]:.1%})" for i in order)
-        return table, f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
-
-    def lens(self, run_id, progress=gr.Progress()) -> tuple[str, str]:
-        """Logit lens over the image's patches (a model pass), shown in a sandboxed frame and saved as HTML."""
-        stored = self._single(run_id)
-        holder = self._model_of(stored, "The logit lens")
-        progress(0, desc="Decoding every layer at every image patch")
-        try:
-            with self.slot.lock:
-                made = stored.run.settings
-                lens = logit_lens(holder, stored.image, made.prompt, min_pixels=made.min_pixels,
-                                  max_pixels=made.max_pixels)
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        page = lens_html(lens, stored.image)
-        path = save_page(page, self.cfg.outputs_dir, "logit-lens")
-        frame = (f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
-                 f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
-        return frame, str(path)
-
-    def verify(self, run_id, *view_values, progress=gr.Progress()):
-        """Deletion and insertion curves of the current map against a random order (model passes)."""
-        stored, s = self._single(run_id), self._settings(*view_values)
-        holder = self._model_of(stored, "Verifying")
-        if s.prompt_pos is not None:
-            raise gr.Error("Verify works on generated tokens; pick one from the token list.")
-        progress(0, desc="Blurring cells in map order and in a random order")
-        try:
-            with self.slot.lock:
-                result = faithfulness(holder, stored.run, stored.image, s.step_idx, raw_heatmap(stored, s))
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        curves = {"deletion (map order)": result.deletion, "deletion (random order)": result.random_deletion,
-                  "insertion (map order)": result.insertion, "insertion (random order)": result.random_insertion}
-        table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
-                              for name, curve in curves.items() for f, p in zip(result.fractions, curve, strict=True)])
-        auc = result.summary()
-        verdict = (f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
-                   f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
-                   f"vs random {auc['random_insertion']:.3f}. Cells are blurred at about one token's size.")
-        return table, verdict
-
-    def gallery_download(self, run_id, *view_values) -> str:
-        stored, s = self._single(run_id), self._settings(*view_values)
-        n_maps = s.num_maps
-        if n_maps > self.cfg.max_gallery_maps:
-            raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps (now {n_maps}); "
-                           "narrow the layer or head range.")
-        try:
-            tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
-        return str(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx))
-
-    # -- downloads --------------------------------------------------------------------------------
-    def download_png(self, run_id, *view_values) -> str:
-        picture, _, _ = self._render(self._stored(run_id), *view_values)
-        return str(save_picture(picture, self.cfg.outputs_dir, int(view_values[0] or 0)))
-
-    def export_attention(self, run_id) -> list[str]:
-        try:
-            stored = self.store.get(run_id)
-        except LookupError as err:
-            raise gr.Error(str(err)) from err
-        return [str(path) for path in export_run(stored, self.cfg.outputs_dir)]
 
 
 # Sliders start with a generous bound so API clients of a model loaded at start-up are not capped;
@@ -592,17 +213,22 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         extra_state, video_state, region = gr.State([]), gr.State(None), gr.State([])
         extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
-        load_btn.click(h.load_model, [model_box], [status, *sliders], api_name="load_model", **model_events)
+        load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
+                       [status, *sliders], api_name="load_model", **model_events)
         demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
                   concurrency_limit=None)
-        generate_btn.click(h.generate, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
+        generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
+                                              "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
+                                 progress=True)
+        generate_btn.click(generate_api, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
                                         *view_inputs, extra_state, video_state],
                            [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region,
                             method],
                            api_name="generate", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
-              h.render, [run_id, *view_inputs], view_outputs, api_name="render", trigger_mode="always_last",
+              named_api(h.render, ("run_id",)), [run_id, *view_inputs], view_outputs, api_name="render",
+              trigger_mode="always_last",
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
                     **render_events)
@@ -614,12 +240,13 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
-        method.input(h.method_select, [run_id, *view_inputs], view_outputs, api_name="method", **model_events)
+        method.input(named_api(h.method_select, ("run_id",), progress=True), [run_id, *view_inputs], view_outputs,
+                     api_name="method", **model_events)
         analysis_inputs = [run_id, analysis["metric"], *view_inputs]
         matrix_ranges = gr.State([])
         analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"], matrix_ranges]
-        gr.on([analysis["show"].click, analysis["metric"].input], h.analysis, analysis_inputs, analysis_outputs,
-              api_name="analysis", **render_events)
+        gr.on([analysis["show"].click, analysis["metric"].input], named_api(h.analysis, ("run_id", "metric")),
+              analysis_inputs, analysis_outputs, api_name="analysis", **render_events)
         analysis["matrix"].select(h.matrix_click, [run_id, matrix_ranges, *view_inputs], [*view_outputs, *sliders],
                                   api_name=False, **render_events)
         picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
@@ -627,14 +254,16 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                        api_name=False, **render_events)
         analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
                                                             analysis["region_note"]], api_name=False)
-        analysis["lens_btn"].click(h.lens, [run_id], [analysis["lens_view"], analysis["lens_file"]],
-                                   api_name="logit_lens", **model_events)
-        analysis["verify_btn"].click(h.verify, [run_id, *view_inputs],
+        analysis["lens_btn"].click(named_api(h.lens, ("run_id",), view=False, progress=True), [run_id],
+                                   [analysis["lens_view"], analysis["lens_file"]], api_name="logit_lens",
+                                   **model_events)
+        analysis["verify_btn"].click(named_api(h.verify, ("run_id",), progress=True), [run_id, *view_inputs],
                                      [analysis["verify_plot"], analysis["verify_note"]], api_name="verify",
                                      **model_events)
-        analysis["zip"].click(h.gallery_download, [run_id, *view_inputs], [files], api_name="gallery_zip",
-                              **render_events)
-        png_btn.click(h.download_png, [run_id, *view_inputs], [files], api_name="download_png", **render_events)
+        analysis["zip"].click(named_api(h.gallery_download, ("run_id",)), [run_id, *view_inputs], [files],
+                              api_name="gallery_zip", **render_events)
+        png_btn.click(named_api(h.download_png, ("run_id",)), [run_id, *view_inputs], [files], api_name="download_png",
+                      **render_events)
         export_btn.click(h.export_attention, [run_id], [files], api_name="export_attention", **render_events)
     return demo
 

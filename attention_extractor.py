@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attention_store import LayerRecord, RowStore, StoreKind, build_store, choose_store, store_bytes
 from families import attention_implementation, decoder_layers
-from records import AttentionRun, segment_positions  # noqa: F401  (re-exported: the capture's result)
+from records import AttentionRun, UserError, segment_positions  # noqa: F401  (AttentionRun re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def estimate_capture_bytes(model, num_layers: int, prompt_len: int, max_new_toke
     return store_bytes(choose_store(store, **dims), **dims)
 
 
-class CaptureTooLargeError(MemoryError):
+class CaptureTooLargeError(UserError, MemoryError):
     """A capture that would exceed the memory allowed for it; refused before generating."""
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from records import VisionLayout
+from records import UserError, VisionLayout
 
 # model_type -> display name. Qwen families share one geometry; LLaVA-1.5 has its own.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -25,7 +25,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's model_type is not one this tool knows how to map to image pixels."""
 
 

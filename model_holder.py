@@ -27,17 +27,17 @@ from attention_extractor import (
 )
 from attention_store import StoreKind
 from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family, vision_layouts
-from records import GenerationSettings
+from records import GenerationSettings, UserError
 from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A checkpoint that could not be found or loaded; the message says what to check."""
 
 
-class GenerationOutOfMemoryError(MemoryError):
+class GenerationOutOfMemoryError(UserError, MemoryError):
     """Generation ran out of memory; what it took has been freed and the model is usable."""
 
 

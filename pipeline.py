@@ -1,31 +1,47 @@
-"""What the app does, without the app: the shared model slot, the bounded store of results, exports.
+"""The one door from the UI to the model: the shared model slot and its lock, streaming generation,
+every on-demand model pass, the bounded store of results, and exports.
 
-`app.py` validates input and calls one function here (or in `views.py`) per event. Nothing here
-imports gradio, so scripts and tests use the same code paths as the browser.
+`handlers.py` turns component values into typed settings and calls one function here (or in
+`views.py`) per event. Nothing here imports gradio, so scripts and tests use the same code paths
+as the browser. Every pass that runs the model takes the slot's lock here, and only here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from safetensors.torch import save_file
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from analysis import gallery_zip
+from analysis import GENERIC_PROMPT, gallery_zip
+from explain import gradient_map, rollout_map, vit_combined_maps
+from faithfulness import Faithfulness, faithfulness
+from lenses import lens_html, logit_lens
 from model_holder import ModelHolder, check_loadable
-from views import StoredRun
+from records import AttentionRun, UserError
+from views import METHODS, StoredRun, ViewSettings, method_key, raw_heatmap
 
 logger = logging.getLogger(__name__)
 
 
-class EvictedError(LookupError):
+class EvictedError(UserError, LookupError):
     """A session's result was dropped to keep memory bounded."""
+
+
+class ModelMismatchError(UserError, LookupError):
+    """A pass needs the model that made a result, and another one (or none) is loaded."""
 
 
 class ModelSlot:
@@ -48,12 +64,121 @@ class ModelSlot:
                                            trust_remote_code=trust_remote_code)
             return self.holder
 
+    def made(self, run: AttentionRun, what: str) -> ModelHolder:
+        """The loaded model, if it is the one that made `run`; passes that replay a run need it."""
+        holder = self.holder
+        if holder is None or holder.model_id != run.model_id:
+            raise ModelMismatchError(f"{what} needs the model that made this result ({run.model_id}). "
+                                     "Load it again, or generate with the current model first.")
+        return holder
+
     def get(self) -> ModelHolder:
         if self.holder is None and not self.ready.is_set():
             raise LookupError("The start-up model is still loading; try again in a moment.")
         if self.holder is None:
             raise LookupError("No model is loaded. Pick a model and press Load first.")
         return self.holder
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation at the next token once `event` is set (the client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_generation(slot: ModelSlot, images: list, prompt: str, max_new_tokens: int, video: list | None = None,
+                      max_capture_mb: float | None = None, **options) -> Iterator[str | AttentionRun]:
+    """Generate under the slot's lock on a worker thread: yields the answer's text each time it grows,
+    then the finished `AttentionRun`. Errors of the generation are raised here, in the caller's thread.
+
+    Closing the iterator early (a client that cancelled or went away) stops the generation at its
+    next token and frees the model for everyone else.
+    """
+    holder = slot.get()
+    streamer = TextIteratorStreamer(holder.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancelled, outcome = threading.Event(), {}
+
+    def work():
+        try:
+            with slot.lock:
+                outcome["run"] = holder.generate(images or None, prompt, max_new_tokens=max_new_tokens, video=video,
+                                                 streamer=streamer, max_capture_mb=max_capture_mb,
+                                                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                                                 **options)
+        except Exception as err:                                        # raised in the caller's thread below
+            outcome["error"] = err
+            streamer.end()
+    worker = threading.Thread(target=work, daemon=True, name="generate")
+    worker.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        cancelled.set()                                                 # only matters when closed early
+    worker.join()                                                       # the streamer ends before the run is built
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["run"]
+
+
+def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
+    """The same image with a generic prompt and the run's own pixel budget (one token), kept on `stored`."""
+    if stored.baseline is None:
+        holder = slot.made(stored.run, "The generic-prompt baseline")
+        made = stored.run.settings
+        with slot.lock:
+            stored.baseline = holder.generate(stored.image, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
+                                              min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+    return stored.baseline
+
+
+def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_gradient_mb: float | None = None,
+                track=lambda steps, desc: steps) -> list[np.ndarray]:
+    """Every generated token's rollout, gradient or ViT-combined map (model passes), kept on `stored`.
+
+    track: wraps the loop over steps, e.g. a progress bar."""
+    key = method_key(settings)
+    if key not in stored.method_maps:
+        holder = slot.made(stored.run, f"The {settings.method} map")
+        steps = range(stored.run.num_steps)
+        with slot.lock:
+            if settings.method == "vit":
+                heats = [raw_heatmap(stored, replace(settings, method="attention", step_idx=t, relative=False,
+                                                     mask_sinks=False)) for t in steps]
+                maps = vit_combined_maps(holder, stored.run, stored.image, heats)
+            elif settings.method in ("rollout", "gradient"):
+                compute = rollout_map if settings.method == "rollout" else \
+                    functools.partial(gradient_map, max_mb=max_gradient_mb)
+                maps = [compute(holder, stored.run, stored.image, t)
+                        for t in track(steps, f"{settings.method} maps")]
+            else:
+                raise ValueError(f"Unknown map method {settings.method!r}; choose one of {METHODS}.")
+        stored.method_maps[key] = maps
+    return stored.method_maps[key]
+
+
+def lens_page(slot: ModelSlot, stored: StoredRun) -> str:
+    """The logit-lens page of a run's image over the run's own token grid (a model pass)."""
+    holder = slot.made(stored.run, "The logit lens")
+    made = stored.run.settings
+    with slot.lock:
+        lens = logit_lens(holder, stored.image, made.prompt, min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+    return lens_html(lens, stored.image)
+
+
+def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Faithfulness:
+    """Deletion and insertion curves of the map these settings draw, against a random order (model passes)."""
+    holder = slot.made(stored.run, "Verifying")
+    if settings.prompt_pos is not None:
+        raise ValueError("Verify works on generated tokens; pick one from the token list.")
+    with slot.lock:
+        return faithfulness(holder, stored.run, stored.image, settings.step_idx, raw_heatmap(stored, settings))
 
 
 class RunStore:

@@ -15,6 +15,11 @@ import torch
 from attention_store import QueryKeyStore, RowStore
 
 
+class UserError(Exception):
+    """A problem the user can fix: bad input, a missing model, a budget exceeded. The message says
+    what to do. Every such error of the project derives from it; the UI shows it and keeps serving."""
+
+
 def cell_edges(grid_hw: tuple[int, int], box_xyxy) -> tuple[np.ndarray, np.ndarray]:
     """Borders of a (grid_h, grid_w) grid spread evenly over a box: xs (grid_w + 1,), ys (grid_h + 1,), float64."""
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from records import UserError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """A file or object that cannot be used as an image; the message says what to do."""
 
 

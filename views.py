@@ -317,3 +317,37 @@ def matrix_cell(index_xy, layers: tuple[int, int], heads: tuple[int, int]) -> tu
     row = min(max((y - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), layers[1] - layers[0])
     col = min(max((x - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), heads[1] - heads[0])
     return layers[0] + row, heads[0] + col
+
+
+def token_label(position: int, token: str) -> str:
+    """How a token is listed in pickers and tables: its 0-based index and its text, quoted."""
+    return f"{position}: {token!r}"
+
+
+def analysis_note(sinks: np.ndarray, gallery_over: tuple[int, int] | None) -> str:
+    """The analysis view's note: the sink cells found, and why the gallery is empty when the ranges select
+    more maps than allowed (gallery_over = (maps selected, maps allowed))."""
+    cells = [list(map(int, cell)) for cell in np.argwhere(sinks)][:8]
+    note = (f"Sink cells (high attention from almost every generated token): {int(sinks.sum())} {cells}; "
+            "tick 'Mask sink cells' to hide them.")
+    if gallery_over is not None:
+        note += f" Gallery: narrow the ranges to at most {gallery_over[1]} layer × head maps (now {gallery_over[0]})."
+    return note
+
+
+def region_note(run: AttentionRun | None, cells: set, per_head: np.ndarray | None) -> str:
+    """What the image → text view says about a region: the five heads that attend to it most
+    (per_head: (L, H) mean share over tokens), or how to pick cells when there are none."""
+    if not cells:
+        return "Click the picture to pick token cells."
+    order = np.argsort(per_head, axis=None)[::-1][:5]
+    top = ", ".join(f"layer {run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} "
+                    f"({per_head.flat[i]:.1%})" for i in order)
+    return f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
+
+
+def verify_note(auc: dict[str, float]) -> str:
+    """The faithfulness verdict: deletion and insertion AUCs of the map against a random order."""
+    return (f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
+            f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
+            f"vs random {auc['random_insertion']:.3f}. Cells are blurred at about one token's size.")

@@ -132,6 +132,13 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
             client.predict(0, 0, 9, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False, api_name="/render")
         again = client.predict(0, 0, 2, 0, 3, "mean", "percentile", "jet", 0.5, "overlay", False, api_name="/render")
         assert "percentile" in again[1]                                # still serving after the error
+        api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in api.items()}
+        assert names["/render"][:5] == ["token", "layer_lo", "layer_hi", "head_lo", "head_hi"]
+        assert names["/generate"][:3] == ["image", "prompt", "max_new_tokens"] and "video" not in names["/generate"]
+        assert not [name for params in names.values() for name in params if name.startswith("param_")]
+        by_name = client.predict(token=1, layer_lo=1, layer_hi=1, head_lo=0, head_hi=0, api_name="/render")
+        assert "Token 1 " in by_name[1] and "layers 1 · heads 0 · mean of 1 maps" in by_name[1]  # rest: defaults
     finally:
         demo.close()
 
@@ -236,13 +243,14 @@ def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
 
 def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, image_file, monkeypatch):
     import lenses
+    import pipeline
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     default = handlers.store.get(_generate(handlers, image_file)[0]).run
     *_, last = handlers.generate(image_file, "What is this?", 2, False, 0.7, 0.9, 0, 112 * 112, *_view(), None, None)
     small = handlers.store.get(last[0]).run
     assert small.vision.grid_hw != default.vision.grid_hw                  # the budget changed the grid
     made = []
-    monkeypatch.setattr(app, "logit_lens", lambda *args, **kwargs: made.append(lenses.logit_lens(*args, **kwargs))
+    monkeypatch.setattr(pipeline, "logit_lens", lambda *args, **kwargs: made.append(lenses.logit_lens(*args, **kwargs))
                         or made[-1])
     handlers.lens(last[0])
     assert made[0].grid_hw == small.vision.grid_hw

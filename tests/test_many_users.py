@@ -151,3 +151,28 @@ def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder,
         list(h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW, None, None))
     *_, last = h.generate(str(_image_file(tmp_path, 3)), "Hi", 2, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
     assert last[0] in [key for key in h.store._runs]
+
+
+def test_a_generation_its_client_abandons_stops_and_frees_the_model(load_holder, dummy_image, monkeypatch):
+    """Closing the stream (Gradio does when a client cancels or leaves) stops generating at the next token."""
+    from pipeline import ModelSlot, stream_generation
+    slot, holder = ModelSlot(), load_holder("qwen2_vl")
+    slot.holder = holder
+    finished_runs, generate = [], holder.generate
+
+    def spy(*args, **kwargs):
+        finished_runs.append(generate(*args, **kwargs))
+        return finished_runs[-1]
+    monkeypatch.setattr(holder, "generate", spy)
+    threads_before = threading.active_count()
+    stream = stream_generation(slot, [dummy_image], "Describe it.", 1000, min_new_tokens=1000)
+    assert isinstance(next(stream), str)                                   # generating, lock held
+    stream.close()                                                         # the client went away
+    with slot.lock:                                                        # the worker let go of the model
+        assert len(finished_runs) == 1 and finished_runs[0].num_steps < 100  # not the 1000 asked for
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads_before                       # no worker left behind
+    finished = list(stream_generation(slot, [dummy_image], "Hi", 3, min_new_tokens=3))
+    assert finished[-1].num_steps == 3                                      # the next user is served

@@ -1,0 +1,368 @@
+"""The Gradio adapters: component values in, typed settings by name, one pipeline or view call out.
+
+Each handler validates its input, builds a `ViewSettings` from the view controls by name
+(`VIEW_CONTROLS`), calls one function of `pipeline.py` or `views.py`, and lets `user_errors` turn
+the project's user errors into `gr.Error` messages. Threads and the model lock live in the
+pipeline; the words shown to users live in the views.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from analysis import cell_at, head_gallery, head_matrix, region_to_text, system_positions, text_attention
+from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig
+from pipeline import (
+    ModelSlot,
+    RunStore,
+    export_run,
+    lens_page,
+    method_maps,
+    relative_baseline,
+    save_gallery_zip,
+    save_page,
+    save_picture,
+    stream_generation,
+    verify_map,
+)
+from records import UserError
+from utils import load_image, load_video
+from views import (
+    StoredRun,
+    ViewSettings,
+    analysis_note,
+    matrix_cell,
+    matrix_picture,
+    region_note,
+    render,
+    share_table,
+    step_labels,
+    token_label,
+    verify_note,
+)
+from visualization import SIDE_BY_SIDE_GAP
+
+# The view controls, by their API names, in the order they are wired, with their defaults.
+VIEW_CONTROLS: dict[str, object] = {
+    "token": 0, "layer_lo": 0, "layer_hi": 0, "head_lo": 0, "head_hi": 0, "aggregation": "mean",
+    "normalization": "minmax", "colormap": "jet", "alpha": 0.5, "view": "overlay", "grid": False,
+    "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
+    "method": "attention",
+}
+# Errors a user can act on; anything else is a bug and reaches the log with its traceback.
+USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
+
+
+def user_errors(handler):
+    """Show the project's user errors as `gr.Error` messages (the app keeps serving); works for
+    plain and streaming (generator) handlers alike."""
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except USER_ERRORS as err:
+                raise gr.Error(str(err)) from err
+        return stream
+
+    @functools.wraps(handler)
+    def call(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from err
+    return call
+
+
+def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tuple[str, ...] = (),
+              progress: bool = False):
+    """`handler` (which takes its values positionally) under a signature that names every value, so API
+    clients see `run_id, token, layer_lo, …` instead of `param_0, param_1, …`: the `leading` inputs, the
+    view controls, then `trailing` inputs (session state, which API clients do not send). With
+    `progress`, Gradio passes its progress tracker last; it reaches the handler as the `progress` keyword."""
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
+    if view:
+        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+                   for name, default in VIEW_CONTROLS.items()]
+    params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in trailing]
+    if progress:
+        params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+
+    def split(args: tuple) -> tuple[tuple, dict]:
+        return (args[:-1], {"progress": args[-1]}) if progress else (args, {})
+
+    if inspect.isgeneratorfunction(handler):
+        def forward(*args):
+            positional, keywords = split(args)
+            yield from handler(*positional, **keywords)
+    else:
+        def forward(*args):
+            positional, keywords = split(args)
+            return handler(*positional, **keywords)
+    forward.__signature__ = inspect.Signature(params)
+    forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
+    return forward
+
+
+def recommended_ranges(model_id: str, layer_max: int, head_max: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Start-up slider ranges: the demo model's measured best, otherwise everything."""
+    if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
+        return DEMO_RANGES
+    return (0, layer_max), (0, head_max)
+
+
+class Handlers:
+    """Event handlers. View values arrive positionally in `VIEW_CONTROLS` order."""
+
+    def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore):
+        self.cfg, self.slot, self.store = cfg, slot, store
+
+    # -- model ------------------------------------------------------------------------------------
+    def model_status(self) -> tuple:
+        holder = self.slot.holder
+        if holder is None:
+            return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
+        layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
+        (layer_lo, layer_hi), (head_lo, head_hi) = recommended_ranges(holder.model_id, layer_max, head_max)
+        return (f"**Loaded:** {holder.describe()}",
+                gr.Slider(maximum=layer_max, value=layer_lo), gr.Slider(maximum=layer_max, value=layer_hi),
+                gr.Slider(maximum=head_max, value=head_lo), gr.Slider(maximum=head_max, value=head_hi))
+
+    @user_errors
+    def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        if not model_id or not str(model_id).strip():
+            raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
+        progress(0, desc=f"Loading {model_id}")
+        self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
+        return self.model_status()
+
+    def page_load(self) -> tuple:
+        self.slot.ready.wait()                                          # a start-up load finishes first
+        return self.model_status()
+
+    # -- generation -------------------------------------------------------------------------------
+    def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
+        """(images, video frames or None, one picture per map panel) from the uploads."""
+        if video_path:
+            if image_path or extra_paths:
+                raise gr.Error("Give either images or a video, not both: clear one of them.")
+            frames = load_video(video_path)
+            config = self.slot.get().model.config.vision_config
+            return [], frames, frames[::int(getattr(config, "temporal_patch_size", 1) or 1)]
+        if not image_path:
+            raise gr.Error("No image. Upload an image first.")
+        images = [load_image(path) for path in [image_path, *(extra_paths or [])]]
+        return images, None, images
+
+    @user_errors
+    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
+                 max_pixels, *values, progress=gr.Progress()):
+        """values: the view controls, then the extra images and the video (both optional)."""
+        view_values, (extra_paths, video_path) = values[:-2], values[-2:]
+        if not prompt or not prompt.strip():
+            raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
+        if len(prompt) > self.cfg.max_prompt_chars:
+            raise gr.Error(f"The prompt has {len(prompt)} characters; this server accepts up to "
+                           f"{self.cfg.max_prompt_chars}. Shorten it and try again.")
+        self.slot.get()                                                 # a clear message when none is loaded
+        images, frames, panels = self._media(image_path, extra_paths, video_path)
+        sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
+        budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
+        text, run = "", None
+        for count, item in enumerate(stream_generation(self.slot, images, prompt, int(max_new_tokens), video=frames,
+                                                       max_capture_mb=self.cfg.session_cache_mb, **sample,
+                                                       **budget), start=1):
+            if isinstance(item, str):
+                text = item
+                progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
+                yield (gr.skip(), text) + (gr.skip(),) * 10
+            else:
+                run = item
+        stored = StoredRun(run, panels[0], images=panels)
+        run_id, run = self.store.put(stored), stored.run
+        choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
+        prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
+        # A new result starts without the options that need extra work (baseline) or one image (sinks).
+        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None,
+                        method="attention")
+        picture, caption, plot = self._render_with(stored, fresh)
+        yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
+               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
+               False, False, [], "attention")
+
+    # -- views ------------------------------------------------------------------------------------
+    def _settings(self, *view_values) -> ViewSettings:
+        """The view controls' values (positionally, in `VIEW_CONTROLS` order; trailing ones may be left
+        out) as one ViewSettings, by name."""
+        if len(view_values) > len(VIEW_CONTROLS):
+            raise ValueError(f"Got {len(view_values)} view values; the view has {len(VIEW_CONTROLS)} controls.")
+        v = {**VIEW_CONTROLS, **dict(zip(VIEW_CONTROLS, view_values, strict=False))}  # a prefix
+        return ViewSettings(step_idx=int(v["token"] or 0), layers=(int(v["layer_lo"]), int(v["layer_hi"])),
+                            heads=(int(v["head_lo"]), int(v["head_hi"])), reduce=v["aggregation"],
+                            normalization=v["normalization"], percentile=self.cfg.percentile,
+                            colormap=v["colormap"], alpha=float(v["alpha"]), view=v["view"], grid=bool(v["grid"]),
+                            renormalize=bool(v["renormalize"]), mask_sinks=bool(v["mask_sinks"]),
+                            relative=bool(v["relative"]),
+                            prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
+                            exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention")
+
+    def _render_with(self, stored: StoredRun, settings: ViewSettings):
+        picture, caption = render(stored, settings)
+        table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
+        return picture, caption, pd.DataFrame(table)
+
+    @user_errors
+    def render(self, run_id, *view_values):
+        return self._render_with(self.store.get(run_id), self._settings(*view_values))
+
+    def render_clamped(self, moved: str, run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest):
+        """For the range sliders: the handle being moved pushes the other one along."""
+        if moved == "layer_lo":
+            layer_hi = max(layer_hi, layer_lo)
+        elif moved == "layer_hi":
+            layer_lo = min(layer_lo, layer_hi)
+        elif moved == "head_lo":
+            head_hi = max(head_hi, head_lo)
+        else:
+            head_lo = min(head_lo, head_hi)
+        view = self.render(run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest)
+        return (*view, layer_lo, layer_hi, head_lo, head_hi)
+
+    def pick_chip(self, step_idx):
+        """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
+        return step_idx, ""
+
+    @user_errors
+    def relative_toggle(self, run_id, *view_values):
+        """Compute the generic-prompt baseline for this image once (a model call), then render."""
+        stored, settings = self.store.get(run_id), self._settings(*view_values)
+        if settings.relative:
+            if not stored.is_single_image:
+                raise gr.Error("'Relative to a generic prompt' works with a single image; generate with one image.")
+            relative_baseline(self.slot, stored)
+        return self._render_with(stored, settings)
+
+    @user_errors
+    def method_select(self, run_id, *view_values, progress=gr.Progress()):
+        """Compute the rollout, gradient or ViT maps of every generated token once (model passes), then render."""
+        stored, settings = self.store.get(run_id), self._settings(*view_values)
+        if settings.method != "attention":
+            if not stored.is_single_image:
+                raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
+            method_maps(self.slot, stored, settings, self.cfg.max_gradient_mb,
+                        track=lambda steps, desc: progress.tqdm(steps, desc=desc))
+        return self._render_with(stored, settings)
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _single(self, run_id) -> StoredRun:
+        stored = self.store.get(run_id)
+        if not stored.is_single_image:
+            raise gr.Error("This view works on a single image. Generate with one image (no extra images or video) "
+                           "to use it; the main picture and its caption cover several images and videos.")
+        return stored
+
+    @user_errors
+    def analysis(self, run_id, metric, *view_values):
+        """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
+        stored, s = self._single(run_id), self._settings(*view_values)
+        matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
+        pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
+                                exclude_positions=system_positions(stored.run) if s.exclude_system else ())
+        fits = s.num_maps <= self.cfg.max_gallery_maps
+        tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) if fits else []
+        top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
+        highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
+        note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps))
+        return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
+                [(tile, name) for name, tile in tiles], note, [list(s.layers), list(s.heads)])
+
+    @user_errors
+    def matrix_click(self, run_id, matrix_ranges, token, layer_lo, layer_hi, head_lo, head_hi, aggregation,
+                     normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
+                     exclude_system=False, method="attention", evt: gr.SelectData = None):
+        """A click on the layer × head matrix selects that single layer and head (Gradio passes the click
+        as `evt`, so the view controls are spelled out here)."""
+        if not matrix_ranges:
+            raise gr.Error("Press 'Show analysis' first.")
+        layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
+        rendered = self.render(run_id, token, layer, layer, head, head, aggregation, normalization, colormap, alpha,
+                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method)
+        return (*rendered, layer, layer, head, head)
+
+    @user_errors
+    def region_click(self, run_id, region, view, evt: gr.SelectData):
+        """A click on the picture adds or removes that token cell; shows who attends to the region."""
+        stored = self._single(run_id)
+        x, y = evt.index
+        width = stored.image.size[0]
+        if view == "side_by_side" and x >= width:
+            x -= width + SIDE_BY_SIDE_GAP                                 # the overlay is the right half
+        cell = cell_at(stored.run, x, y)
+        cells = {tuple(c) for c in region or []}
+        if cell is not None:
+            cells ^= {cell}
+        return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
+
+    def region_clear(self):
+        return [], pd.DataFrame({"step": [], "share": [], "token": []}), region_note(None, set(), None)
+
+    def _region_views(self, stored: StoredRun, cells: set):
+        if not cells:
+            return self.region_clear()[1:]
+        mask = np.zeros(stored.run.vision.grid_hw, dtype=bool)
+        mask[tuple(np.array(sorted(cells)).T)] = True
+        summary = region_to_text(stored.run, mask)
+        table = pd.DataFrame({"step": step_labels(stored.run.num_steps), "share": summary["per_step"],
+                              "token": [token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)]})
+        return table, region_note(stored.run, cells, summary["per_head"])
+
+    @user_errors
+    def lens(self, run_id, progress=gr.Progress()) -> tuple[str, str]:
+        """Logit lens over the image's patches (a model pass), shown in a sandboxed frame and saved as HTML."""
+        stored = self._single(run_id)
+        progress(0, desc="Decoding every layer at every image patch")
+        page = lens_page(self.slot, stored)
+        path = save_page(page, self.cfg.outputs_dir, "logit-lens")
+        frame = (f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
+                 f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+        return frame, str(path)
+
+    @user_errors
+    def verify(self, run_id, *view_values, progress=gr.Progress()):
+        """Deletion and insertion curves of the current map against a random order (model passes)."""
+        stored, s = self._single(run_id), self._settings(*view_values)
+        progress(0, desc="Blurring cells in map order and in a random order")
+        result = verify_map(self.slot, stored, s)
+        curves = {"deletion (map order)": result.deletion, "deletion (random order)": result.random_deletion,
+                  "insertion (map order)": result.insertion, "insertion (random order)": result.random_insertion}
+        table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
+                              for name, curve in curves.items() for f, p in zip(result.fractions, curve, strict=True)])
+        return table, verify_note(result.summary())
+
+    @user_errors
+    def gallery_download(self, run_id, *view_values) -> str:
+        stored, s = self._single(run_id), self._settings(*view_values)
+        if s.num_maps > self.cfg.max_gallery_maps:
+            raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
+                           f"(now {s.num_maps}); narrow the layer or head range.")
+        tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
+        return str(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx))
+
+    # -- downloads --------------------------------------------------------------------------------
+    @user_errors
+    def download_png(self, run_id, *view_values) -> str:
+        settings = self._settings(*view_values)
+        picture, _, _ = self._render_with(self.store.get(run_id), settings)
+        return str(save_picture(picture, self.cfg.outputs_dir, settings.step_idx))
+
+    @user_errors
+    def export_attention(self, run_id) -> list[str]:
+        return [str(path) for path in export_run(self.store.get(run_id), self.cfg.outputs_dir)]
