@@ -222,7 +222,7 @@ class EagerRecorder:
 
 
 @contextmanager
-def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] | None = None,
+def capture_attention(model, method: CaptureMethod = "sdpa", capture_layers: list[int] | None = None,
                       prompt_positions: list[int] | None = None) -> Iterator[GenerationRecorder | EagerRecorder]:
     """Install attention capture on the decoder for the duration of the block.
 
@@ -235,9 +235,9 @@ def capture_attention(model, method: CaptureMethod = "sdpa", layers: list[int] |
     if method not in CAPTURE_METHODS:
         raise ValueError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
     num_layers = len(decoder_layers(model))
-    layer_indices = sorted(set(range(num_layers) if layers is None else layers))
+    layer_indices = sorted(set(range(num_layers) if capture_layers is None else capture_layers))
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
-        raise ValueError(f"layers must be indices in 0..{num_layers - 1}, got {layers}.")
+        raise ValueError(f"capture_layers must be indices in 0..{num_layers - 1}, got {capture_layers}.")
     if method == "sdpa":
         with recording(model, GenerationRecorder(model, layer_indices, prompt_positions)) as recorder:
             yield recorder

@@ -207,13 +207,14 @@ class ModelHolder:
                 f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
                 "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
 
-    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod, layers: list[int] | None,
+    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
+                               capture_layers: list[int] | None,
                                prompt_positions: list[int], layouts: list[VisionLayout], store: StoreKind,
                                generate_kwargs: dict):
         """(generated ids, attention store, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
         try:
-            with torch.inference_mode(), capture_attention(self.model, method, layers,
+            with torch.inference_mode(), capture_attention(self.model, method, capture_layers,
                                                            prompt_positions) as recorder:
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             generated = output[0, prompt_len:].tolist()                 # (num_steps,)
@@ -244,7 +245,7 @@ class ModelHolder:
         return [load_image(im) for im in images], None
 
     def generate(self, image: Image.Image | str | Path | list | None, prompt: str, max_new_tokens: int = 64,
-                 method: CaptureMethod = "sdpa", layers: list[int] | None = None,
+                 method: CaptureMethod = "sdpa", capture_layers: list[int] | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  max_capture_mb: float | None = None, prompt_rows: PromptRows = "question",
                  video: str | Path | list | None = None, store: StoreKind = "auto",
@@ -256,7 +257,7 @@ class ModelHolder:
         video: instead of images, a video file or a list of frames (Qwen families); run.vision then
             has num_frames > 1 and token_heatmap returns one map per frame.
         method: 'sdpa' (fast capture, default) or 'eager' (reference).
-        layers: decoder layer indices to capture; all by default.
+        capture_layers: decoder layer indices to capture; all by default.
         min_pixels / max_pixels: Qwen's image-token budget, in pixels of the resized image.
         max_capture_mb: refuse up front (CaptureTooLargeError) when the capture could exceed this.
         prompt_rows: which prompt tokens' own attention to keep from prefill, so their maps can be
@@ -278,13 +279,13 @@ class ModelHolder:
         inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
         sizes = [im.size for im in images] or [frames[0].size]
         layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
-        num_layers = len(set(layers)) if layers is not None else self.num_layers
+        num_layers = len(set(capture_layers)) if capture_layers is not None else self.num_layers
         positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
                            len(positions), store)
         inputs = self.on_model(inputs)
         generate_kwargs.setdefault("do_sample", False)
-        generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, layers,
+        generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, capture_layers,
                                                                      positions, layouts, store, generate_kwargs)
         decoding = {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}
         settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store, decoding)

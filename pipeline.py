@@ -28,9 +28,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from analysis import GENERIC_PROMPT, gallery_zip
 from explain import gradient_map, rollout_map, vit_combined_maps
 from faithfulness import Faithfulness, faithfulness
-from lenses import lens_html, logit_lens
+from lenses import logit_lens
 from model_holder import ModelHolder, check_loadable
 from records import AttentionRun, UserError
+from report import lens_html
 from views import METHODS, StoredRun, ViewSettings, method_key, raw_heatmap
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from attention_processor import normalize_heatmap
 from records import cell_edges
 
 COLORMAPS: dict[str, int] = {
@@ -39,10 +40,7 @@ def _scaled(heatmap: np.ndarray, value_range: tuple[float, float] | None) -> np.
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.ndim != 2 or heatmap.size == 0:
         raise ValueError(f"heatmap must be a non-empty 2-D array (grid_h, grid_w), got shape {heatmap.shape}.")
-    lo, hi = value_range if value_range is not None else (float(heatmap.min()), float(heatmap.max()))
-    if hi <= lo:
-        return np.zeros_like(heatmap)
-    return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0)
+    return normalize_heatmap(heatmap, "minmax" if value_range is None else "fixed", value_range=value_range)
 
 
 def colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,

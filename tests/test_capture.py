@@ -120,7 +120,7 @@ def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_imag
 def test_layers_option_narrows_capture(load_holder, dummy_image):
     holder = load_holder("qwen2_vl")
     full = holder.generate(dummy_image, "Hi", max_new_tokens=3, **_generate_kwargs(holder, 3))
-    part = holder.generate(dummy_image, "Hi", max_new_tokens=3, layers=[2, 0], **_generate_kwargs(holder, 3))
+    part = holder.generate(dummy_image, "Hi", max_new_tokens=3, capture_layers=[2, 0], **_generate_kwargs(holder, 3))
     assert part.layer_indices == [0, 2]
     assert part.step_attention(1).shape == (2, holder.num_heads, len(part.prompt_ids) + 1)
     torch.testing.assert_close(part.step_attention(1), full.step_attention(1)[[0, 2]])

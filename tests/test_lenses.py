@@ -9,7 +9,8 @@ import torch
 
 from conftest import noise_image
 from families import vision_layout
-from lenses import LogitLens, lens_html, logit_lens
+from lenses import LogitLens, logit_lens
+from report import lens_html
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl"])
