@@ -128,14 +128,17 @@ def build_analysis() -> dict[str, gr.components.Component]:
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
     h = Handlers(cfg, slot, store)
-    with gr.Blocks(title="VLM Attention Explorer") as demo:
+    # Gradio's cache of uploads and served pictures is cleaned every cache_max_age_s of files that old.
+    with gr.Blocks(title="VLM Attention Explorer", delete_cache=(cfg.cache_max_age_s, cfg.cache_max_age_s)) as demo:
         run_id = gr.State(None)
         gr.Markdown("## VLM Attention Explorer\nWhere in the image did the model look when it generated each "
                     "token? Maps show the decoder's attention on the image tokens; indices are 0-based.")
         with gr.Row():
             model_box = gr.Dropdown(model_choices(cfg), value=default_model(cfg), allow_custom_value=True,
-                                    label="Model (preset, hub id or local folder)", elem_id="model-id", scale=4)
-            load_btn = gr.Button("Load", elem_id="load-btn", scale=1)
+                                    label="Model (preset, hub id or local folder)" if cfg.allow_model_loading else
+                                    "Model (this server's operator turned loading other models off)",
+                                    interactive=cfg.allow_model_loading, elem_id="model-id", scale=4)
+            load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading)
         status = gr.Markdown("Starting…", elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=2):
@@ -215,8 +218,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
         load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
                        [status, *sliders], api_name="load_model", **model_events)
-        demo.load(h.page_load, None, [status, *sliders], api_name=False, concurrency_id="page",
-                  concurrency_limit=None)
+        status_timer = gr.Timer(2.0, active=False)
+        gr.on([demo.load, status_timer.tick], h.page_load, None, [status, *sliders, status_timer], api_name=False,
+              concurrency_id="page", concurrency_limit=None, show_progress="hidden")
         generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
                                               "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
                                  progress=True)
@@ -281,7 +285,18 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
                         help="memory for all sessions' results; least recently used are evicted")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow checkpoints that ship their own Python code (runs that code)")
+    parser.add_argument("--allow-model-loading", action=argparse.BooleanOptionalAction, default=None,
+                        help="let users load other models from the page (default: on when serving only on "
+                             "127.0.0.1 without --share, off otherwise)")
+    parser.add_argument("--max-pixels-cap", type=int, default=AppConfig.max_pixels_cap,
+                        help="largest image-token budget (max pixels) a request may ask for")
     args = parser.parse_args(argv)
+    if args.session_cache_mb <= 0:
+        parser.error("--session-cache-mb must be a positive number of megabytes, e.g. 2048")
+    if args.max_pixels_cap <= 0:
+        parser.error("--max-pixels-cap must be a positive number of pixels, e.g. 16777216")
+    local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    allow_loading = local_only if args.allow_model_loading is None else args.allow_model_loading
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
@@ -290,7 +305,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         auth = (user, password)
     return AppConfig(model=args.model, host=args.host, port=args.port, share=args.share, auth=auth,
                      device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, allow_model_loading=allow_loading,
+                     max_pixels_cap=args.max_pixels_cap)
 
 
 def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
@@ -302,7 +318,7 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
 
     def load():
         try:
-            slot.load(model_id, cfg.device, cfg.dtype, cfg.trust_remote_code)
+            slot.load(model_id, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.max_pixels_cap)
         except Exception as err:                                        # the page shows "no model loaded"
             logger.error("could not load %s: %s", model_id, err)
         finally:
@@ -323,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.share and cfg.auth is None:
         logger.warning("--share without --auth: anyone holding the public link can use this machine and its GPU. "
                        "Add --auth user:password to protect it.")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth is None:
+        logger.warning("--host %s without --auth: anyone who can reach this machine on port %d can use it. "
+                       "Add --auth user:password to protect it.", cfg.host, cfg.port)
     cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
     slot, store = ModelSlot(), RunStore(cfg.session_cache_mb)
     start_loading(cfg, slot)

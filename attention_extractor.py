@@ -62,6 +62,7 @@ class CaptureTooLargeError(UserError, MemoryError):
 
 _active = None                                    # the recorder that receives attention calls, if any
 _active_lock = threading.Lock()
+_active_thread: int | None = None                 # the thread inside `recording`, to refuse nesting
 
 
 def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -87,15 +88,19 @@ def recording(model, recorder=None, text: str | None = RECORD_IMPLEMENTATION, vi
     tower's (`vision`) attention implementation (None leaves it), route the recording function's
     calls to `recorder`, and add `hooks`, (module, forward hook) pairs. One recording at a time;
     implementations and hooks are restored on exit, also after an exception."""
-    global _active
+    global _active, _active_thread
+    if _active_thread == threading.get_ident():
+        raise CaptureError("A recording is already active in this thread; recordings do not nest. Finish the "
+                           "first `capture_attention` / `recording` block before starting another.")
     with _active_lock, attention_implementation(model, text=text, vision=vision):
         handles = []
         try:
+            _active_thread = threading.get_ident()
             handles = [module.register_forward_hook(hook) for module, hook in hooks]
             _active = recorder
             yield recorder
         finally:
-            _active = None
+            _active, _active_thread = None, None
             for handle in handles:
                 handle.remove()
 

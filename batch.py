@@ -184,7 +184,7 @@ def run_pair(holder: ModelHolder, image: Image.Image, image_path: str, prompt: s
     heads = settings.heads or (0, holder.num_heads - 1)
     extra = {"min_new_tokens": settings.min_new_tokens} if settings.min_new_tokens else {}
     run = holder.generate(image, prompt, max_new_tokens=settings.max_new_tokens,
-                          layers=list(range(layers[0], layers[1] + 1)), **extra)
+                          capture_layers=list(range(layers[0], layers[1] + 1)), **extra)
     wanted = list(range(run.num_steps)) if settings.steps is None else list(settings.steps)
     steps, skipped = [t for t in wanted if t < run.num_steps], [t for t in wanted if t >= run.num_steps]
     if skipped:

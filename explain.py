@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from attention_extractor import RECORD_IMPLEMENTATION, recording
-from families import decoder_layers
+from families import (
+    decoder_layers,
+    feature_block,
+    run_vision_tower,
+    vision_encoder_blocks,
+    vision_merge_size,
+    vision_prefix_tokens,
+    vision_window_order,
+)
 from records import AttentionRun
 
 
@@ -121,16 +129,12 @@ def _vision_attention_rows(query: torch.Tensor, key: torch.Tensor, scale: float)
 
 def _record_vision_tower(holder, inputs) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]]:
     """Run the vision tower once; per block index, its calls' (query, key, scale) in order."""
-    from families import vision_encoder_blocks
     blocks = vision_encoder_blocks(holder.model)
     block_of = {id(getattr(block, "attn", None) or block.self_attn): idx for idx, block in enumerate(blocks)}
     on_model = holder.on_model(inputs)
     with torch.inference_mode(), recording(holder.model, _VisionQK(), text=None,
                                            vision=RECORD_IMPLEMENTATION) as recorder:
-        if hasattr(holder.model.model, "visual"):
-            holder.model.model.visual(on_model["pixel_values"], grid_thw=on_model["image_grid_thw"])
-        else:
-            holder.model.model.vision_tower(on_model["pixel_values"])
+        run_vision_tower(holder.model, on_model)
     per_block: dict[int, list] = {}
     for module_id, query, key, scale in recorder.calls:
         per_block.setdefault(block_of[module_id], []).append((query, key, scale))
@@ -155,7 +159,8 @@ def vit_combined_map(holder, run: AttentionRun, image, heat: np.ndarray) -> np.n
     heat: (grid_h, grid_w) decoder attention on the image's tokens. Returns a map over the encoder's
     patches: (2 * grid_h, 2 * grid_w) for Qwen (each merged token splits into its 2×2 patches, with
     Qwen2.5-VL's window order undone), (grid_h, grid_w) for LLaVA (rollout up to the feature layer).
-    Qwen3-VL's deepstack shortcuts from inner blocks to the decoder are not followed.
+    Qwen3-VL's deepstack shortcuts from inner blocks to the decoder are not followed. The family's
+    merge size, prefix tokens, window order and feature block come from `families`.
     """
     return vit_combined_maps(holder, run, image, [heat])[0]
 
@@ -170,31 +175,15 @@ def vit_combined_maps(holder, run: AttentionRun, image, heats: list[np.ndarray])
 
 def _through_vision(holder, run: AttentionRun, inputs, per_block: dict, heat: np.ndarray) -> np.ndarray:
     weights = torch.from_numpy(np.asarray(heat, dtype=np.float32)).flatten()   # (n_cells,)
-    if holder.family == "llava":
-        num_layers = len(per_block)
-        last = num_layers + holder.model.config.vision_feature_layer if holder.model.config.vision_feature_layer < 0 \
-            else holder.model.config.vision_feature_layer - 1              # the block whose output is the feature
-        relevance = torch.cat([torch.zeros(1), weights])                  # CLS first, no decoder weight
-        relevance = _propagate(relevance, per_block, list(range(last + 1)))
-        return relevance[1:].reshape(run.vision.grid_hw).numpy()
-    merge = int(holder.model.config.vision_config.spatial_merge_size)
+    merge, prefix = vision_merge_size(holder.model), vision_prefix_tokens(holder.model)
     unit = merge * merge
-    window_index = _window_order(holder, inputs, len(weights))            # block position k holds unit window_index[k]
-    relevance = (weights[window_index] / unit).repeat_interleave(unit)    # (n_patches,) in block order
-    relevance = _propagate(relevance, per_block, sorted(per_block))
+    window_index = vision_window_order(holder.model, inputs, len(weights))  # block position k holds unit k's
+    relevance = torch.cat([torch.zeros(prefix),                           # e.g. CLIP's CLS: no decoder weight
+                           (weights[window_index] / unit).repeat_interleave(unit)])  # (prefix + n_patches,)
+    last = feature_block(holder.model, len(per_block))                    # the block whose output is the feature
+    relevance = _propagate(relevance, per_block, list(range(last + 1)))[prefix:]  # (n_patches,) block order
     patches = torch.empty_like(relevance)
     patches.view(-1, unit)[window_index] = relevance.view(-1, unit)       # back to the original unit order
     grid_h, grid_w = run.vision.grid_hw
     cells = patches.view(grid_h, grid_w, merge, merge)                     # unit (R, C), sub-patch (r, c)
     return cells.permute(0, 2, 1, 3).reshape(grid_h * merge, grid_w * merge).numpy()
-
-
-def _window_order(holder, inputs, num_units: int) -> torch.Tensor:
-    """Qwen2.5-VL regroups merge units into attention windows; other models keep the natural order."""
-    vision = holder.model.model.visual
-    if not hasattr(vision, "window_size"):
-        return torch.arange(num_units)
-    from transformers.vision_utils import get_vision_window_index
-    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=vision.spatial_merge_size,
-                                              window_size=vision.window_size, patch_size=vision.patch_size)
-    return window_index.cpu()

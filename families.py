@@ -7,6 +7,7 @@ how they are laid out as a grid, and which region of the ORIGINAL image that gri
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,6 +54,30 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
         yield
     finally:
         model.set_attn_implementation(saved)
+
+
+def supports_video(family: str) -> bool:
+    """Whether the family's processor takes a video (the Qwen families)."""
+    return family in QWEN_FAMILIES
+
+
+def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixels: int | None,
+                 cap: int | None = None) -> dict | None:
+    """The image processor's `size` for a requested image-token budget (Qwen's min/max pixels of the
+    resized image), clamped into the processor's own [shortest_edge, longest_edge] and under `cap`;
+    None when the family has no such budget or none was asked for (the processor's default)."""
+    if family not in QWEN_FAMILIES or not (min_pixels or max_pixels):
+        return None
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (not isinstance(value, numbers.Integral) or value < 0):
+            raise ValueError(f"{name} must be a whole number of pixels (0 or none for the model's default), "
+                             f"got {value!r}.")
+    size = dict(image_processor.size)
+    floor, ceiling = int(size["shortest_edge"]), int(size["longest_edge"])
+    ceiling = max(floor, min(ceiling, cap)) if cap else ceiling
+    size["longest_edge"] = min(max(int(max_pixels or ceiling), floor), ceiling)
+    size["shortest_edge"] = min(max(int(min_pixels or floor), floor), size["longest_edge"])
+    return size
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -156,3 +181,52 @@ def vision_encoder_blocks(model) -> torch.nn.ModuleList:
     if hasattr(model.model, "visual"):
         return model.model.visual.blocks
     return model.model.vision_tower.encoder.layers
+
+
+def run_vision_tower(model, inputs) -> None:
+    """One forward of the vision encoder alone over processed inputs on the model's device (images)."""
+    if hasattr(model.model, "visual"):                                   # Qwen families
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    else:                                                                # LLaVA's CLIP tower
+        model.model.vision_tower(inputs["pixel_values"])
+
+
+def feature_block(model, num_blocks: int) -> int:
+    """The index of the vision block whose output the decoder receives (LLaVA's `vision_feature_layer`
+    counts hidden states, embeddings first); the last block for the Qwen families."""
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if layer is None:
+        return num_blocks - 1
+    return num_blocks + layer if layer < 0 else layer - 1
+
+
+def vision_window_order(model, inputs, num_units: int) -> torch.Tensor:
+    """(num_units,) int64: which merge unit sits at each position of the vision encoder's sequence.
+    Qwen2.5-VL regroups units into attention windows; the other families keep the natural order."""
+    vision = getattr(model.model, "visual", None)
+    if vision is None or not hasattr(vision, "window_size"):
+        return torch.arange(num_units)
+    from transformers.vision_utils import get_vision_window_index
+    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=vision.spatial_merge_size,
+                                              window_size=vision.window_size, patch_size=vision.patch_size)
+    return window_index.cpu()
+
+
+def vision_merge_size(model) -> int:
+    """Patches per side that the vision encoder merges into one decoder token (Qwen 2; 1 without merging)."""
+    return int(getattr(model.config.vision_config, "spatial_merge_size", 1) or 1)
+
+
+def vision_prefix_tokens(model) -> int:
+    """Tokens the vision encoder's sequence holds before its patches: CLIP's CLS (LLaVA), none for Qwen."""
+    return 1 if model.config.model_type == "llava" else 0
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The norm the decoder applies after its last layer, before the output head."""
+    return model.model.language_model.norm
+
+
+def frames_per_panel(config) -> int:
+    """Video frames that make one temporal token step (Qwen's temporal patch size); 1 for images."""
+    return int(getattr(config.vision_config, "temporal_patch_size", 1) or 1)

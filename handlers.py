@@ -20,12 +20,14 @@ import pandas as pd
 
 from analysis import cell_at, head_gallery, head_matrix, region_to_text, system_positions, text_attention
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig
+from families import frames_per_panel
 from pipeline import (
     ModelSlot,
     RunStore,
     export_run,
     lens_page,
     method_maps,
+    prune_outputs,
     relative_baseline,
     save_gallery_zip,
     save_page,
@@ -39,6 +41,7 @@ from views import (
     StoredRun,
     ViewSettings,
     analysis_note,
+    as_text,
     matrix_cell,
     matrix_picture,
     region_note,
@@ -70,7 +73,7 @@ def user_errors(handler):
             try:
                 yield from handler(*args, **kwargs)
             except USER_ERRORS as err:
-                raise gr.Error(str(err)) from err
+                raise gr.Error(html.escape(str(err), quote=False)) from err
         return stream
 
     @functools.wraps(handler)
@@ -78,7 +81,7 @@ def user_errors(handler):
         try:
             return handler(*args, **kwargs)
         except USER_ERRORS as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(html.escape(str(err), quote=False)) from err
     return call
 
 
@@ -132,21 +135,29 @@ class Handlers:
             return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         (layer_lo, layer_hi), (head_lo, head_hi) = recommended_ranges(holder.model_id, layer_max, head_max)
-        return (f"**Loaded:** {holder.describe()}",
+        return (f"**Loaded:** {as_text(holder.describe())}",
                 gr.Slider(maximum=layer_max, value=layer_lo), gr.Slider(maximum=layer_max, value=layer_hi),
                 gr.Slider(maximum=head_max, value=head_lo), gr.Slider(maximum=head_max, value=head_hi))
 
     @user_errors
     def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        if not self.cfg.allow_model_loading:
+            raise gr.Error("Loading other models is turned off on this server; its operator chose the model. "
+                           "Start the app with --allow-model-loading to change that.")
         if not model_id or not str(model_id).strip():
             raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
         progress(0, desc=f"Loading {model_id}")
-        self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
+        self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code,
+                       self.cfg.max_pixels_cap)
         return self.model_status()
 
     def page_load(self) -> tuple:
-        self.slot.ready.wait()                                          # a start-up load finishes first
-        return self.model_status()
+        """A new page's model status, at once. While the start-up model loads, a note and an active timer
+        that asks again (a page load never waits for the load, so it never holds a worker)."""
+        if not self.slot.ready.is_set():
+            return (("**Loading the start-up model…** This page updates when it is ready.",) + (gr.skip(),) * 4
+                    + (gr.Timer(active=True),))
+        return self.model_status() + (gr.Timer(active=False),)
 
     # -- generation -------------------------------------------------------------------------------
     def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
@@ -155,11 +166,10 @@ class Handlers:
             if image_path or extra_paths:
                 raise gr.Error("Give either images or a video, not both: clear one of them.")
             frames = load_video(video_path)
-            config = self.slot.get().model.config.vision_config
-            return [], frames, frames[::int(getattr(config, "temporal_patch_size", 1) or 1)]
+            return [], frames, frames[::frames_per_panel(self.slot.get().model.config)]
         if not image_path:
             raise gr.Error("No image. Upload an image first.")
-        images = [load_image(path) for path in [image_path, *(extra_paths or [])]]
+        images = [load_image(path, self.cfg.max_image_pixels) for path in [image_path, *(extra_paths or [])]]
         return images, None, images
 
     @user_errors
@@ -330,7 +340,7 @@ class Handlers:
         stored = self._single(run_id)
         progress(0, desc="Decoding every layer at every image patch")
         page = lens_page(self.slot, stored)
-        path = save_page(page, self.cfg.outputs_dir, "logit-lens")
+        path = self._kept(save_page(page, self.cfg.outputs_dir, "logit-lens"))
         frame = (f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
                  f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
         return frame, str(path)
@@ -354,15 +364,22 @@ class Handlers:
             raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
                            f"(now {s.num_maps}); narrow the layer or head range.")
         tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
-        return str(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx))
+        return str(self._kept(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx)))
 
     # -- downloads --------------------------------------------------------------------------------
     @user_errors
     def download_png(self, run_id, *view_values) -> str:
         settings = self._settings(*view_values)
         picture, _, _ = self._render_with(self.store.get(run_id), settings)
-        return str(save_picture(picture, self.cfg.outputs_dir, settings.step_idx))
+        return str(self._kept(save_picture(picture, self.cfg.outputs_dir, settings.step_idx)))
 
     @user_errors
     def export_attention(self, run_id) -> list[str]:
-        return [str(path) for path in export_run(self.store.get(run_id), self.cfg.outputs_dir)]
+        paths = export_run(self.store.get(run_id), self.cfg.outputs_dir)
+        self._kept(*paths)
+        return [str(path) for path in paths]
+
+    def _kept(self, *paths: Path) -> Path:
+        """Keep outputs/ under its size budget, oldest files first, never the ones just written."""
+        prune_outputs(self.cfg.outputs_dir, self.cfg.outputs_max_mb, keep=list(paths))
+        return paths[0]

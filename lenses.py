@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from families import decoder_layers, vision_layout
+from families import decoder_layers, final_norm, vision_layout
 from utils import load_image
 
 
@@ -75,7 +75,7 @@ def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256, tra
     finally:
         for handle in handles:
             handle.remove()
-    norm, head = holder.model.model.language_model.norm, holder.model.get_output_embeddings()
+    norm, head = final_norm(holder.model), holder.model.get_output_embeddings()
     top_ids, top_probs, tracked = [], [], []
     with torch.inference_mode():
         for idx in range(len(layers)):

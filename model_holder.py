@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from attention_extractor import (
@@ -26,7 +28,15 @@ from attention_extractor import (
     segment_positions,
 )
 from attention_store import StoreKind
-from families import QWEN_FAMILIES, SUPPORTED_FAMILIES, VisionLayout, decoder_layers, detect_family, vision_layouts
+from families import (
+    SUPPORTED_FAMILIES,
+    VisionLayout,
+    decoder_layers,
+    detect_family,
+    pixel_budget,
+    supports_video,
+    vision_layouts,
+)
 from records import GenerationSettings, UserError
 from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
 
@@ -41,9 +51,28 @@ class GenerationOutOfMemoryError(UserError, MemoryError):
     """Generation ran out of memory; what it took has been freed and the model is usable."""
 
 
-def check_loadable(model_id: str, trust_remote_code: bool = False) -> str:
-    """The family of a checkpoint, from its config alone; raises ModelLoadError / UnsupportedModelError."""
-    return detect_family(_read_config(model_id, trust_remote_code))
+def check_weights_cover_config(folder: Path, config) -> None:
+    """Refuse, before allocating anything, a folder whose safetensors files are missing, unreadable or
+    hold fewer parameters than its config declares (counted on the meta device)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [path.name for path in folder.glob("*.bin")] + [path.name for path in folder.glob("*.pt")]
+        raise ModelLoadError(f"No .safetensors weights in {str(folder)!r}" + (
+            f" (only {', '.join(pickled[:3])}: pickle files are refused because loading them can run code)"
+            if pickled else "") + ". Convert the weights to safetensors or download them again.")
+    stored = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+        except Exception as err:                                        # safetensors raises its own error types
+            raise ModelLoadError(f"The weights file {path.name} is unreadable or truncated ({err}). "
+                                 "Download it again.") from err
+    with torch.device("meta"):
+        declared = AutoModelForImageTextToText.from_config(config).num_parameters()
+    if stored < 0.95 * declared:
+        raise ModelLoadError(f"{str(folder)!r} holds {stored:,} weights but its config declares {declared:,}. "
+                             "The download is incomplete or the weights belong to another config.")
 
 
 def _read_config(model_id: str, trust_remote_code: bool):
@@ -53,7 +82,7 @@ def _read_config(model_id: str, trust_remote_code: bool):
                              "Qwen/Qwen2.5-VL-3B-Instruct.")
     try:
         return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except Exception as err:                                            # missing, unreadable or invalid
         where = "local folder" if looks_local else "hub id"
         raise ModelLoadError(
             f"Could not load {model_id!r} as a {where}: {err}. Check the spelling; for a hub id, check the "
@@ -97,29 +126,48 @@ class ModelHolder:
     model_id: str
     device: str
     dtype: torch.dtype
+    max_pixels_cap: int | None = None        # largest image-token budget (pixels) a request may ask for
 
     @classmethod
     def load(cls, model_id: str | Path, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False) -> ModelHolder:
+             trust_remote_code: bool = False, max_pixels_cap: int | None = None) -> ModelHolder:
         """Load a checkpoint of a supported family (see `families.SUPPORTED_FAMILIES`).
 
         device: 'auto' (CUDA when available, else CPU), 'cuda' or 'cpu'.
         dtype: 'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'.
+        A checkpoint whose processor is missing or whose weights do not cover its config is refused
+        with ModelLoadError before any weights are allocated (for a local folder) or after loading.
         """
         model_id = str(model_id)
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        family = detect_family(_read_config(model_id, trust_remote_code))
+        config = _read_config(model_id, trust_remote_code)
+        family = detect_family(config)
+        try:
+            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelLoadError(f"{model_id!r} has no usable processor ({err}). A checkpoint folder needs its "
+                                 "preprocessor, tokenizer and chat template files beside the weights.") from err
+        if Path(model_id).expanduser().is_dir():
+            check_weights_cover_config(Path(model_id).expanduser(), config)
         placement = {"device_map": "auto"} if device == "cuda" else {}
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_id, dtype=torch_dtype, attn_implementation="sdpa", use_safetensors=True,
-            trust_remote_code=trust_remote_code, **placement)
+        try:
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                model_id, dtype=torch_dtype, attn_implementation="sdpa", use_safetensors=True,
+                trust_remote_code=trust_remote_code, output_loading_info=True, **placement)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"Could not load the weights of {model_id!r}: {err}. Check that the download "
+                                 "finished and that the weights belong to this config.") from err
+        missing = list(info.get("missing_keys", [])) + [key for key, *_ in info.get("mismatched_keys", [])]
+        if missing:
+            raise ModelLoadError(f"The weights of {model_id!r} do not match its config: {len(missing)} tensors are "
+                                 f"missing or of the wrong shape (e.g. {missing[0]}). Use the weights that belong "
+                                 "to this checkpoint.")
         if not placement:
             model.to(device)
         model.eval()
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         logger.info("loaded %s (%s) on %s as %s", model_id, SUPPORTED_FAMILIES[family], device, torch_dtype)
-        return cls(model, processor, family, model_id, device, torch_dtype)
+        return cls(model, processor, family, model_id, device, torch_dtype, max_pixels_cap)
 
     @property
     def num_layers(self) -> int:
@@ -148,9 +196,8 @@ class ModelHolder:
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         kwargs = {}
-        if self.family in QWEN_FAMILIES and (min_pixels or max_pixels):
-            size = dict(self.processor.image_processor.size)
-            size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
+        size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
+        if size is not None:
             kwargs["size"] = size
         media = {"images": images} if images else {}
         if video:
@@ -160,8 +207,10 @@ class ModelHolder:
             return self.processor(text=[text], return_tensors="pt", **media, **kwargs)
         except ValueError as err:
             sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
-            raise ValueError(f"The processor could not prepare the input ({sizes}): {err} Crop it to a less "
-                             "extreme aspect ratio or resize it, then try again.") from err
+            hint = ("Crop it to a less extreme aspect ratio or resize it" if "aspect ratio" in str(err) else
+                    "Check that this checkpoint's processor takes this kind of input (images, video)")
+            raise ValueError(f"The processor could not prepare the input ({sizes}): {err} {hint}, then try "
+                             "again.") from err
 
     def on_model(self, inputs):
         """Processor outputs moved to the model's input device, pixels in the model's dtype."""
@@ -236,7 +285,7 @@ class ModelHolder:
         if video is not None:
             if image is not None:
                 raise ValueError("Give either images or a video, not both.")
-            if self.family not in QWEN_FAMILIES:
+            if not supports_video(self.family):
                 raise ValueError(f"Video input needs a Qwen model; {SUPPORTED_FAMILIES[self.family]} takes images.")
             return [], load_video(video)
         images = list(image) if isinstance(image, (list, tuple)) else [image]

@@ -29,7 +29,7 @@ from analysis import GENERIC_PROMPT, gallery_zip
 from explain import gradient_map, rollout_map, vit_combined_maps
 from faithfulness import Faithfulness, faithfulness
 from lenses import logit_lens
-from model_holder import ModelHolder, check_loadable
+from model_holder import ModelHolder
 from records import AttentionRun, UserError
 from report import lens_html
 from views import METHODS, StoredRun, ViewSettings, method_key, raw_heatmap
@@ -54,16 +54,16 @@ class ModelSlot:
         self.ready = threading.Event()                                  # cleared while a start-up load runs
         self.ready.set()
 
-    def load(self, model_id: str, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False) -> ModelHolder:
+    def load(self, model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+             max_pixels_cap: int | None = None) -> ModelHolder:
+        """Load a model for everyone; atomic: the current model stays until the new one has loaded."""
         with self.lock:
             if self.holder is not None and self.holder.model_id == str(model_id):
                 return self.holder
-            check_loadable(str(model_id), trust_remote_code)            # a typo keeps the current model
-            self.holder = None                                          # free the old weights first
-            self.holder = ModelHolder.load(model_id, device=device, dtype=dtype,
-                                           trust_remote_code=trust_remote_code)
-            return self.holder
+            holder = ModelHolder.load(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      max_pixels_cap=max_pixels_cap)
+            self.holder = holder
+            return holder
 
     def made(self, run: AttentionRun, what: str) -> ModelHolder:
         """The loaded model, if it is the one that made `run`; passes that replay a run need it."""
@@ -246,6 +246,28 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
                        "indices 0-based"}
     meta_path.write_text(json.dumps(meta, indent=1))
     return tensors_path, meta_path
+
+
+def prune_outputs(out_dir: Path, max_mb: float, keep: list[Path] = ()) -> int:
+    """Delete the oldest files under `out_dir` (and folders left empty) until it holds at most `max_mb`;
+    files in `keep` (just written for a user) stay. Returns how many files were deleted."""
+    keep = {Path(path).resolve() for path in keep}
+    files = sorted((path for path in Path(out_dir).rglob("*") if path.is_file() and not path.name.startswith(".")),
+                   key=lambda path: path.stat().st_mtime)
+    total, deleted = sum(path.stat().st_size for path in files), 0
+    for path in files:
+        if total <= max_mb * 2**20:
+            break
+        if path.resolve() in keep:
+            continue
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        deleted += 1
+        if path.parent != Path(out_dir) and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+    if deleted:
+        logger.info("removed %d old files from %s to stay under %d MB", deleted, out_dir, max_mb)
+    return deleted
 
 
 def _fresh_path(out_dir: Path, stem: str, suffix: str) -> Path:

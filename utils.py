@@ -34,29 +34,45 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
+MAX_IMAGE_PIXELS = 150_000_000     # decoded size accepted by default: a 12000x9000 photo, not a 30000² bomb
+
+
+def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An upright 8-bit RGB PIL image from a path or a PIL image.
 
     EXIF orientation is applied once here, so the model and the overlay see the same picture.
-    Animated images use their first frame.
+    Animated images use their first frame. Images over `max_pixels` (width × height) are refused
+    before they are decoded.
     """
     if source is None:
         raise ImageLoadError("No image given. Upload or pass an image (a file path or a PIL.Image).")
     try:
         image = source if isinstance(source, Image.Image) else Image.open(Path(source))
+        if image.size[0] * image.size[1] > max_pixels:
+            raise _too_large(image.size, max_pixels)
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()                                                    # truncated files fail here, not at open
         image = ImageOps.exif_transpose(image)
         image = _to_8bit_rgb(image)
+    except ImageLoadError:
+        raise
     except FileNotFoundError as err:
         raise ImageLoadError(f"Image file not found: {source}. Check the path.") from err
+    except Image.DecompressionBombError as err:                          # Pillow's own limit, hit at open
+        raise ImageLoadError(f"The image is too large to decode safely ({err}). Resize it below "
+                             f"{max_pixels / 1e6:.0f} megapixels and try again.") from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageLoadError(f"Could not read the image ({err}). Use a PNG, JPEG, WebP, GIF or BMP file "
                              "that opens in an image viewer.") from err
     if min(image.size) < 1:
         raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
     return image
+
+
+def _too_large(size: tuple[int, int], max_pixels: int) -> ImageLoadError:
+    return ImageLoadError(f"The image is {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} megapixels); this "
+                          f"server decodes at most {max_pixels / 1e6:.0f} megapixels. Resize it and try again.")
 
 
 def load_video(source, max_frames: int = 16) -> list[Image.Image]:

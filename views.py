@@ -6,6 +6,8 @@ A `StoredRun` is a generation with its images and the caches that make re-render
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -250,11 +252,11 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
             "shared": "one scale shared by all tokens"}[s.normalization]
     if s.prompt_pos is None:
         share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
-        who = f"Token {s.step_idx} {run.generated_tokens[s.step_idx]!r}"
+        who = f"Token {s.step_idx} {as_text(repr(run.generated_tokens[s.step_idx]))}"
     else:
         share = float(prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, "mean").sum())  # mean over heads
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
-        who = f"Prompt token {s.prompt_pos} {piece!r}"
+        who = f"Prompt token {s.prompt_pos} {as_text(repr(piece))}"
     grid_h, grid_w = run.vision.grid_hw
     what = (f"layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} of {s.num_maps} maps"
             if s.method == "attention" else METHOD_CAPTIONS[s.method])
@@ -317,6 +319,15 @@ def matrix_cell(index_xy, layers: tuple[int, int], heads: tuple[int, int]) -> tu
     row = min(max((y - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), layers[1] - layers[0])
     col = min(max((x - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), heads[1] - heads[0])
     return layers[0] + row, heads[0] + col
+
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")
+
+
+def as_text(value: str) -> str:
+    """A string from a tokenizer, a model id or a user, made to show literally inside Markdown or HTML:
+    no tag, entity, link or emphasis in it takes effect."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
 
 
 def token_label(position: int, token: str) -> str:

@@ -14,6 +14,7 @@ from config import AppConfig
 from conftest import free_port
 from model_holder import GenerationOutOfMemoryError
 from pipeline import ModelSlot, RunStore
+from views import as_text
 
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
 
@@ -78,7 +79,7 @@ def test_eight_users_three_rounds_each(served, tmp_path):
                 timings.append(time.perf_counter() - start)
                 # The render sees this session's own last token, not another user's.
                 assert rendered[1].startswith(f"Token {len(tokens) - 1} "), rendered[1]
-                assert tokens[-1].split(": ", 1)[1] in rendered[1]
+                assert as_text(tokens[-1].split(": ", 1)[1]) in rendered[1]    # shown literally
         except Exception as err:                                            # collected and asserted below
             failures.append(f"user {idx}: {err!r}")
     threads = [threading.Thread(target=user, args=(idx,)) for idx in range(8)]

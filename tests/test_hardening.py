@@ -1,0 +1,180 @@
+"""One user cannot slow down, starve or break the server for others, and nothing they send renders as markup."""
+
+import json
+import shutil
+import threading
+import time
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from attention_extractor import CaptureError, capture_attention
+from config import AppConfig
+from conftest import noise_image
+from handlers import Handlers
+from model_holder import ModelHolder, ModelLoadError
+from pipeline import ModelSlot, RunStore, prune_outputs
+from utils import ImageLoadError, load_image
+from views import as_text
+
+
+def test_the_pixel_budget_is_clamped_to_the_processor_and_the_cap(load_holder):
+    holder = load_holder("qwen2_vl")
+    image = noise_image(320, 240)
+    default = holder.build_inputs(image, "Hi")["image_grid_thw"][0].prod()
+    huge = holder.build_inputs(image, "Hi", min_pixels=60_000_000)["image_grid_thw"][0]
+    longest = holder.processor.image_processor.size["longest_edge"]
+    assert int(huge.prod()) * 14 * 14 <= longest                          # not 60 megapixels
+    capped = ModelHolder(**{**holder.__dict__, "max_pixels_cap": 56 * 56})
+    small = capped.build_inputs(image, "Hi", max_pixels=10**9)["image_grid_thw"][0]
+    assert int(small.prod()) * 14 * 14 <= 56 * 56 < int(default) * 14 * 14
+    for bad in (float("nan"), -5, 2.5):
+        with pytest.raises(ValueError, match="whole number of pixels"):
+            holder.build_inputs(image, "Hi", max_pixels=bad)
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(bomb)                              # ~100 KB on disk, 900 megapixels
+    with pytest.raises(ImageLoadError, match="megapixels"):
+        load_image(bomb)
+    wide = tmp_path / "wide.png"
+    Image.new("1", (400, 300)).save(wide)
+    with pytest.raises(ImageLoadError, match="at most 0 megapixels|decodes at most"):
+        load_image(wide, max_pixels=100_000)
+    assert load_image(wide).size == (400, 300)
+
+
+def _broken_copy(src, dst, how: str):
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "no weights":
+        weights.unlink()
+    elif how == "pickle only":
+        weights.rename(dst / "pytorch_model.bin")
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "no processor":
+        for name in ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "chat_template.jinja", "chat_template.json", "video_preprocessor_config.json"):
+            (dst / name).unlink(missing_ok=True)
+    elif how in ("other config", "huge config"):
+        config = json.loads((dst / "config.json").read_text())
+        text = config["text_config"]
+        if how == "other config":
+            text["intermediate_size"] = text["intermediate_size"] * 2    # shapes no longer match
+        else:
+            text.update(hidden_size=8192, num_hidden_layers=80, intermediate_size=29568, num_attention_heads=64,
+                        layer_types=["full_attention"] * 80)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("how", ["no weights", "pickle only", "truncated", "no processor", "other config",
+                                 "huge config"])
+def test_a_failed_load_keeps_the_current_model(tiny_model_dirs, load_holder, tmp_path, how):
+    slot = ModelSlot()
+    slot.holder = current = load_holder("qwen2_vl")
+    broken = _broken_copy(tiny_model_dirs["qwen2_vl"], tmp_path / "broken", how)
+    with pytest.raises(ModelLoadError) as caught:
+        slot.load(str(broken), device="cpu", dtype="float32")
+    assert slot.holder is current                                          # everyone still has a model
+    message = str(caught.value)
+    assert "Traceback" not in message and len(message) < 600
+    if how == "pickle only":
+        assert "pickle" in message
+    if how == "huge config":
+        assert "declares" in message                                       # refused before allocating
+
+
+def test_recordings_do_not_nest(load_holder):
+    holder = load_holder("qwen2_vl")
+    with capture_attention(holder.model):
+        with pytest.raises(CaptureError, match="do not nest"):
+            with capture_attention(holder.model):
+                pass
+    with capture_attention(holder.model):                                 # and the first one was released
+        pass
+
+
+@pytest.mark.parametrize("argv,field,expected", [
+    ([], "allow_model_loading", True),
+    (["--share"], "allow_model_loading", False),
+    (["--host", "0.0.0.0"], "allow_model_loading", False),
+    (["--host", "0.0.0.0", "--allow-model-loading"], "allow_model_loading", True),
+    (["--max-pixels-cap", "1000000"], "max_pixels_cap", 1_000_000),
+])
+def test_the_operator_decides_who_may_load_models(argv, field, expected):
+    assert getattr(app.parse_args(argv), field) == expected
+
+
+@pytest.mark.parametrize("argv", [["--session-cache-mb", "0"], ["--session-cache-mb", "-5"],
+                                  ["--max-pixels-cap", "0"]])
+def test_nonsense_limits_are_refused_at_start(argv):
+    with pytest.raises(SystemExit):
+        app.parse_args(argv)
+
+
+def test_loading_when_turned_off_says_why(tiny_model_dirs, tmp_path):
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path, allow_model_loading=False), ModelSlot(), RunStore(64))
+    with pytest.raises(gr.Error, match="turned off on this server"):
+        handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    assert handlers.slot.holder is None
+
+
+def test_page_loads_never_wait_for_the_start_up_model(tmp_path):
+    slot = ModelSlot()
+    slot.ready.clear()                                                     # a start-up load is running
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(64))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(handlers.page_load())) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert len(answers) == 40 and all("Loading the start-up model" in a[0] for a in answers)
+    assert all(a[-1].active for a in answers)                              # each page asks again later
+    slot.ready.set()
+    assert not handlers.page_load()[-1].active
+
+
+def test_nothing_from_a_tokenizer_or_a_user_renders_as_markup(load_holder, tmp_path):
+    assert as_text("</s> <img src=x onerror=alert(1)> **b** [l](http://x)") == \
+        r"&lt;/s&gt; &lt;img src=x onerror=alert(1)&gt; \*\*b\*\* \[l\](http://x)"
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
+    with pytest.raises(gr.Error) as caught:
+        handlers.load_model("<img src=http://example.com/x.png>")
+    assert "<img" not in caught.value.message and "&lt;img" in caught.value.message
+    holder = load_holder("llava")
+    slot = ModelSlot()
+    slot.holder = holder
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(64))
+    *_, last = handlers.generate(str(_png(tmp_path)), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
+    run = handlers.store.get(last[0]).run
+    run.generated_tokens[0] = "<b>bold</b>"
+    caption = handlers.render(last[0])[1]
+    assert "<b>" not in caption and "&lt;b&gt;bold&lt;/b&gt;" in caption
+
+
+def _png(folder):
+    path = folder / "in.png"
+    noise_image(80, 60).save(path)
+    return path
+
+
+def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
+    for k in range(6):
+        path = tmp_path / f"run-{k}" / "attention.safetensors" if k % 2 else tmp_path / f"picture-{k}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 400_000)
+        stamp = time.time() - 100 + k
+        import os
+        os.utime(path, (stamp, stamp))
+    newest = tmp_path / "picture-4.png"
+    assert prune_outputs(tmp_path, max_mb=1.0, keep=[newest]) == 4
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["attention.safetensors", "picture-4.png"] and not (tmp_path / "run-1").exists()
+    assert np.isclose(sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()), 800_000)
