@@ -177,3 +177,36 @@ def test_a_generation_its_client_abandons_stops_and_frees_the_model(load_holder,
     assert threading.active_count() == threads_before                       # no worker left behind
     finished = list(stream_generation(slot, [dummy_image], "Hi", 3, min_new_tokens=3))
     assert finished[-1].num_steps == 3                                      # the next user is served
+
+
+def test_a_client_that_cancels_through_the_queue_stops_its_generation(tiny_model_dirs, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from pipeline import ModelSlot, RunStore
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    slot.holder.model.generation_config.min_new_tokens = 500               # uncancelled, it would run all 500
+    steps, generate = [], slot.holder.generate
+
+    def spy(*args, **kwargs):
+        run = generate(*args, **kwargs)
+        steps.append(run.num_steps)
+        return run
+    slot.holder.generate = spy
+    demo = app.build_ui(AppConfig(outputs_dir=tmp_path / "outputs"), slot, RunStore(512))
+    demo.queue()
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        image = tmp_path / "in.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image)
+        job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit(
+            handle_file(str(image)), "Describe it.", 500, False, 0.7, 0.9, 0, 0, 0, api_name="/generate")
+        deadline = time.monotonic() + 60
+        while not job.outputs() and time.monotonic() < deadline:      # the answer has started streaming
+            time.sleep(0.05)
+        job.cancel()
+        with slot.lock:                                                    # the worker let go of the model
+            assert len(steps) == 1 and steps[0] < 100                      # not the 500 tokens asked for
+    finally:
+        demo.close()
