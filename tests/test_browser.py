@@ -220,3 +220,26 @@ def test_video_and_baseline_views(served_app, tmp_path):
         expect(page.locator("#caption")).to_contain_text("time steps of the video on one scale", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-video.png"))
         browser.close()
+
+
+def test_markup_from_users_and_tokenizers_is_shown_literally(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    prompt = 'Is <img src="x" id="evil"> a <b id="bold">cat</b>?'
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), prompt)
+        page.locator("#prompt-token-dropdown input").click()                   # the prompt's own tokens
+        options = page.get_by_role("option")
+        expect(options.first).to_be_visible(timeout=10_000)
+        tagged = [k for k in range(options.count()) if "<" in options.nth(k).inner_text()]
+        assert tagged, [options.nth(k).inner_text() for k in range(options.count())]
+        options.nth(tagged[0]).click()
+        expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
+        expect(page.locator("#caption")).to_contain_text("<")                  # the text itself, literally
+        page.locator("#model-id input").fill('<img src="x" id="evil2"><a id="link" href="http://example.com">x</a>')
+        page.locator("#load-btn").click()
+        expect(page.get_by_text("Could not load").first).to_be_visible(timeout=20_000)
+        for selector in ("#evil", "#bold", "#evil2", "#link"):                   # nothing became markup
+            assert page.locator(selector).count() == 0, selector
+        expect(page.locator("#model-status")).to_contain_text("Loaded")         # the model is still there
+        browser.close()
