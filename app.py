@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hmac
 import json
 import logging
+import os
 import threading
+import time
 
 import gradio as gr
 import torch
@@ -35,17 +38,54 @@ CSS = """
 
 class ImageUpload(gr.Image):
     """gr.Image that passes the uploaded file through untouched (our loader handles EXIF, 16-bit,
-    alpha and frames) and turns an unreadable upload into a message instead of a stack trace."""
+    alpha and frames), turns an unreadable upload into a message instead of a stack trace, and
+    holds every image to the upload cap, also one sent inline as a `data:` URL (which does not go
+    through the upload route and its cap)."""
+
+    max_bytes: int | None = None                                          # set after construction (not a prop)
 
     def get_block_name(self) -> str:
         return "image"                                                  # render with gr.Image's frontend
 
     def preprocess(self, payload):
+        path = getattr(payload, "path", None)
+        if self.max_bytes and path and os.path.isfile(path) and os.path.getsize(path) > self.max_bytes:
+            raise gr.Error(f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
+                           f"{self.max_bytes / 2**20:.0f} MB. Upload a smaller file.")
         try:
             return super().preprocess(payload)
         except (OSError, ValueError, SyntaxError) as err:
             raise gr.Error(f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, "
                            "GIF or BMP file.") from err
+
+
+def upload_bytes(size: str) -> int:
+    """'50mb' → bytes (kb, mb, gb; 1024-based, as Gradio reads `max_file_size`)."""
+    number, unit = size.strip().lower()[:-2], size.strip().lower()[-2:]
+    return int(float(number) * {"kb": 2**10, "mb": 2**20, "gb": 2**30}[unit])
+
+
+class LoginGuard:
+    """The `--auth` check with a back-off: after 5 wrong attempts in a row, every attempt is refused
+    for a window that doubles with each further wrong one (1 s, 2 s, … up to 5 minutes); the right
+    user and password reset it. Nothing sleeps, so guessing never ties up the server."""
+
+    def __init__(self, user: str, password: str, clock=time.monotonic):
+        self.user, self.password, self.clock = user, password, clock
+        self.failures, self.locked_until = 0, 0.0
+
+    def __call__(self, user: str, password: str) -> bool:
+        now = self.clock()
+        if now < self.locked_until:
+            return False
+        if hmac.compare_digest(str(user).encode(), self.user.encode()) & \
+                hmac.compare_digest(str(password).encode(), self.password.encode()):
+            self.failures = 0
+            return True
+        self.failures += 1
+        if self.failures >= 5:
+            self.locked_until = now + min(300.0, 2.0 ** (self.failures - 5))
+        return False
 
 
 def default_model(cfg: AppConfig) -> str | None:
@@ -144,6 +184,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
             with gr.Column(scale=2):
                 image = ImageUpload(type="filepath", image_mode=None, label="Image", elem_id="image-input",
                                     height=320)
+                image.max_bytes = upload_bytes(cfg.max_upload)
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     placeholder="e.g. What color is the circle?")
                 with gr.Accordion("Generation settings", open=False):
@@ -219,8 +260,9 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
                        [status, *sliders], api_name="load_model", **model_events)
         status_timer = gr.Timer(2.0, active=False)
-        gr.on([demo.load, status_timer.tick], h.page_load, None, [status, *sliders, status_timer], api_name=False,
-              concurrency_id="page", concurrency_limit=None, show_progress="hidden")
+        page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
+        demo.load(h.page_load, None, [status, *sliders, status_timer], **page_events)
+        status_timer.tick(h.page_load, None, [status, *sliders, status_timer], **page_events)
         generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
                                               "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
                                  progress=True)
@@ -328,7 +370,8 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
 
 def launch_options(cfg: AppConfig) -> dict:
     """How the server is exposed: only the app's own output folder is served, uploads are capped."""
-    return dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
+    return dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
+                auth=LoginGuard(*cfg.auth) if cfg.auth else None,
                 allowed_paths=[str(cfg.outputs_dir)], max_file_size=cfg.max_upload, ssr_mode=False, css=CSS,
                 theme=gr.themes.Soft())
 

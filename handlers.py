@@ -311,11 +311,11 @@ class Handlers:
     def region_click(self, run_id, region, view, evt: gr.SelectData):
         """A click on the picture adds or removes that token cell; shows who attends to the region."""
         stored = self._single(run_id)
-        x, y = evt.index
-        width = stored.image.size[0]
-        if view == "side_by_side" and x >= width:
-            x -= width + SIDE_BY_SIDE_GAP                                 # the overlay is the right half
-        cell = cell_at(stored.run, x, y)
+        x, y = evt.index                                                  # in the drawn picture's pixels
+        shown, (sx, sy) = stored.display(0)
+        if view == "side_by_side" and x >= shown.size[0]:
+            x -= shown.size[0] + SIDE_BY_SIDE_GAP                         # the overlay is the right half
+        cell = cell_at(stored.run, x / sx, y / sy)                        # in the original image's pixels
         cells = {tuple(c) for c in region or []}
         if cell is not None:
             cells ^= {cell}

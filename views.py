@@ -43,7 +43,11 @@ DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
 
 @dataclass
 class StoredRun:
-    """A run with the upright image it was made from, and caches for fast re-rendering."""
+    """A run with the upright image it was made from, and caches for fast re-rendering.
+
+    `image` / `images` are the originals (model passes replay them); pictures are drawn on bounded
+    display copies (`display`), at most `display_max_side` px on the longer side.
+    """
 
     run: AttentionRun
     image: Image.Image
@@ -51,8 +55,10 @@ class StoredRun:
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
     method_maps: dict = field(default_factory=dict)                     # method -> [(grid_h, grid_w)] per step
+    display_max_side: int = 2048
     _ranges: dict = field(default_factory=dict)
     _sinks: dict = field(default_factory=dict)
+    _displays: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.images:
@@ -60,6 +66,23 @@ class StoredRun:
         if self.shares is None:
             self.shares = vision_share(self.run)
         self.system_shares = self.run.segment_shares("system")          # (T, L, H): BOS, system prompt, header
+
+    def display(self, index: int = 0) -> tuple[Image.Image, tuple[float, float]]:
+        """Image `index` as drawn: a copy at most `display_max_side` px on its longer side, and its
+        scale (display px per original px, x and y). Original-pixel boxes are multiplied by it."""
+        if index not in self._displays:
+            image = self.images[index]
+            factor = min(1.0, self.display_max_side / max(image.size))
+            shown = image if factor == 1.0 else image.resize(
+                (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor))), Image.BILINEAR)
+            self._displays[index] = (shown, (shown.size[0] / image.size[0], shown.size[1] / image.size[1]))
+        return self._displays[index]
+
+    def display_box(self, index: int, box_xyxy) -> tuple[float, float, float, float]:
+        """A box in original pixels of image `index`, in the pixels of its display copy."""
+        _, (sx, sy) = self.display(index)
+        x0, y0, x1, y1 = box_xyxy
+        return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
     def image_share(self, layers, heads, exclude_system: bool = False) -> np.ndarray:
         """(T,) mean share of each token's attention on the image(s), over the selected layers and heads;
@@ -77,7 +100,8 @@ class StoredRun:
 
     @property
     def nbytes(self) -> int:
-        pixels = sum(image.size[0] * image.size[1] * 3 for image in self.images)
+        shown = [image for image, _ in self._displays.values() if not any(image is full for full in self.images)]
+        pixels = sum(image.size[0] * image.size[1] * 3 for image in [*self.images, *shown])
         baseline = self.baseline.nbytes if self.baseline is not None else 0
         methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
         return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
@@ -184,14 +208,15 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         unit = normalize_heatmap(heat, s.normalization, s.percentile)
     else:
         raise ValueError(f"Unknown normalisation {s.normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
-    box = run.vision.image_box_xyxy
+    shown, _ = stored.display(0)
+    box = stored.display_box(0, run.vision.image_box_xyxy)
     draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
     if s.view == "heatmap":
-        picture = heatmap_image(stored.image, unit, box, **draw)
+        picture = heatmap_image(shown, unit, box, **draw)
     else:
-        picture = overlay(stored.image, unit, box, alpha=s.alpha, **draw)
+        picture = overlay(shown, unit, box, alpha=s.alpha, **draw)
         if s.view == "side_by_side":
-            picture = side_by_side(stored.image, picture)
+            picture = side_by_side(shown, picture)
     return picture, caption(stored, settings, heat)
 
 
@@ -206,10 +231,11 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
             heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, i)
         share = "" if shares is None else f" · {shares[i]:.0%} of the attention"
         if layout.num_frames == 1:
-            panels.append((stored.images[i], heat, layout.image_box_xyxy, f"image {i}{share}"))
+            panels.append((stored.display(i)[0], heat, stored.display_box(i, layout.image_box_xyxy),
+                           f"image {i}{share}"))
         else:
-            panels += [(stored.images[f], heat[f], layout.image_box_xyxy, f"time step {f}{share if f == 0 else ''}")
-                       for f in range(layout.num_frames)]
+            panels += [(stored.display(f)[0], heat[f], stored.display_box(f, layout.image_box_xyxy),
+                        f"time step {f}{share if f == 0 else ''}") for f in range(layout.num_frames)]
     return panels
 
 
@@ -234,7 +260,7 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     for tile in tiles[1:]:
         strip = side_by_side(strip, tile)
     kind = "time steps of the video" if stored.run.vision.num_frames > 1 else "images"
-    who = (f"Token {s.step_idx} {stored.run.generated_tokens[s.step_idx]!r}" if s.prompt_pos is None
+    who = (f"Token {s.step_idx} {as_text(repr(stored.run.generated_tokens[s.step_idx]))}" if s.prompt_pos is None
            else f"Prompt token {s.prompt_pos}")
     text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
             f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "

@@ -178,3 +178,66 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
     left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["attention.safetensors", "picture-4.png"] and not (tmp_path / "run-1").exists()
     assert np.isclose(sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()), 800_000)
+
+
+def test_login_backs_off_after_wrong_passwords():
+    from app import LoginGuard
+    now = [0.0]
+    guard = LoginGuard("ada", "secret", clock=lambda: now[0])
+    assert guard("ada", "secret")
+    results = [guard("ada", f"guess{k}") for k in range(200)]               # 200 guesses at once
+    assert not any(results)
+    assert guard.failures == 5                                              # only 5 were even checked
+    assert not guard("ada", "secret")                                       # locked, even for the right one
+    now[0] += 1.5
+    assert guard("ada", "secret") and guard.failures == 0                   # the window passed; reset
+
+
+def test_inline_images_obey_the_upload_cap(tmp_path):
+    from gradio.data_classes import FileData
+
+    from app import ImageUpload, upload_bytes
+    assert upload_bytes("50mb") == 50 * 2**20 and upload_bytes("1kb") == 1024
+    big = tmp_path / "big.png"
+    noise_image(600, 600).save(big)                                         # ~1 MB of noise
+    upload = ImageUpload(type="filepath")
+    upload.max_bytes = 100_000
+    with pytest.raises(gr.Error, match="accepts up to"):
+        upload.preprocess(FileData(path=str(big)))
+    small = tmp_path / "small.png"
+    noise_image(20, 20).save(small)
+    assert upload.preprocess(FileData(path=str(small)))
+
+
+def test_pictures_are_drawn_from_a_bounded_display_copy(load_holder, tmp_path):
+    holder = load_holder("qwen2_vl")
+    slot = ModelSlot()
+    slot.holder = holder
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(512))
+    path = tmp_path / "large.png"
+    noise_image(4000, 3000).save(path)
+    *_, last = handlers.generate(str(path), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
+    stored = handlers.store.get(last[0])
+    assert last[4].size == (2048, 1536)                                     # the picture, not 4000x3000
+    assert stored.image.size == (4000, 3000)                                # model passes keep the original
+    grid_h, grid_w = stored.run.vision.grid_hw
+
+    class Click:                                                            # the last cell, clicked on the picture
+        index = (2047, 1535)
+    region, *_ = handlers.region_click(last[0], [], "overlay", Click())
+    assert region == [[grid_h - 1, grid_w - 1]]
+
+
+def test_the_recorder_refuses_batches(load_holder, dummy_image):
+    holder = load_holder("qwen2_vl")
+    inputs = holder.on_model(holder.build_inputs(dummy_image, "Hi"))
+    doubled = {key: value.repeat(2, *[1] * (value.dim() - 1)) if key in ("input_ids", "attention_mask",
+                                                                         "mm_token_type_ids") else value
+               for key, value in inputs.items()}
+    doubled["pixel_values"] = inputs["pixel_values"].repeat(2, 1)
+    doubled["image_grid_thw"] = inputs["image_grid_thw"].repeat(2, 1)
+    import torch
+    with torch.inference_mode(), capture_attention(holder.model) as recorder:
+        out = holder.model.generate(**doubled, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    with pytest.raises(CaptureError, match="batch of one"):
+        recorder.finish(inputs["input_ids"].shape[1], out.shape[1] - inputs["input_ids"].shape[1], {})
