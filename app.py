@@ -376,15 +376,23 @@ def launch_options(cfg: AppConfig) -> dict:
                 theme=gr.themes.Soft())
 
 
+def exposure_warnings(cfg: AppConfig) -> list[str]:
+    """What the operator should hear about who can reach this server."""
+    warnings = []
+    if cfg.share and cfg.auth is None:
+        warnings.append("--share without --auth: anyone holding the public link can use this machine and its GPU. "
+                        "Add --auth user:password to protect it.")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth is None:
+        warnings.append(f"--host {cfg.host} without --auth: anyone who can reach this machine on port {cfg.port} "
+                        "can use it. Add --auth user:password to protect it.")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
-    if cfg.share and cfg.auth is None:
-        logger.warning("--share without --auth: anyone holding the public link can use this machine and its GPU. "
-                       "Add --auth user:password to protect it.")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth is None:
-        logger.warning("--host %s without --auth: anyone who can reach this machine on port %d can use it. "
-                       "Add --auth user:password to protect it.", cfg.host, cfg.port)
+    for warning in exposure_warnings(cfg):
+        logger.warning(warning)
     cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
     slot, store = ModelSlot(), RunStore(cfg.session_cache_mb)
     start_loading(cfg, slot)

@@ -241,3 +241,10 @@ def test_the_recorder_refuses_batches(load_holder, dummy_image):
         out = holder.model.generate(**doubled, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     with pytest.raises(CaptureError, match="batch of one"):
         recorder.finish(inputs["input_ids"].shape[1], out.shape[1] - inputs["input_ids"].shape[1], {})
+
+
+@pytest.mark.parametrize("argv,warned", [([], []), (["--host", "0.0.0.0"], ["--host 0.0.0.0"]),
+                                         (["--share"], ["--share"]), (["--host", "0.0.0.0", "--auth", "a:b"], [])])
+def test_an_exposed_server_without_auth_is_warned_about(argv, warned):
+    warnings = app.exposure_warnings(app.parse_args(argv))
+    assert [w.split(" without")[0] for w in warnings] == warned
