@@ -19,8 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from analysis import file_stem
 from attention_processor import normalize_heatmap, token_heatmap, vision_share
+from gallery import file_stem
 from model_holder import ModelHolder
 from records import AttentionRun
 from report import write_report

@@ -18,9 +18,10 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from analysis import cell_at, head_gallery, head_matrix, region_to_text, system_positions, text_attention
+from analysis import cell_at, head_matrix, region_to_text, system_positions, text_attention
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig
 from families import frames_per_panel
+from gallery import head_gallery
 from pipeline import (
     ModelSlot,
     RunStore,

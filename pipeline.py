@@ -25,9 +25,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from analysis import GENERIC_PROMPT, gallery_zip
+from analysis import GENERIC_PROMPT
 from explain import gradient_map, rollout_map, vit_combined_maps
 from faithfulness import Faithfulness, faithfulness
+from gallery import gallery_zip
 from lenses import logit_lens
 from model_holder import ModelHolder
 from records import AttentionRun, UserError

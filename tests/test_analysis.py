@@ -10,9 +10,6 @@ from PIL import Image
 
 from analysis import (
     box_to_cells,
-    gallery_sheet,
-    gallery_zip,
-    head_gallery,
     head_matrix,
     region_share,
     region_to_text,
@@ -21,6 +18,7 @@ from analysis import (
     system_positions,
     text_attention,
 )
+from gallery import gallery_sheet, gallery_zip, head_gallery
 from records import AttentionRun, VisionLayout
 
 GRID_HW, LAYERS, HEADS, PROMPT_LEN = (2, 3), 2, 2, 12

@@ -8,7 +8,7 @@ from conftest import REPO
 
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
 UI_MODULES = {"app", "handlers"}
-DRAWING_AND_NUMBERS = {"views", "report", "analysis", "attention_processor", "visualization"}
+DRAWING_AND_NUMBERS = {"views", "report", "analysis", "attention_processor", "visualization", "gallery"}
 
 
 def _imports(name: str) -> set[str]:
@@ -38,6 +38,10 @@ def test_only_the_ui_imports_gradio():
 def test_records_stand_on_nothing_but_the_store_math():
     assert _project_imports("records") <= {"attention_store"}
     assert _project_imports("attention_store") == set()
+
+
+def test_analysis_computes_and_never_draws():
+    assert not _imports("analysis") & {"PIL", "cv2", "visualization", "views", "gallery", "report"}
 
 
 def test_drawing_and_numbers_never_reach_for_the_model():
