@@ -136,7 +136,10 @@ class GenerationRecorder:
             return
         if not calls.queries:                                           # prefill: keep the wanted rows only
             calls.scaling, calls.softcap, calls.batch = scaling, kwargs.get("softcap"), query.shape[0]
-            pick = self._picks[query.device]
+            pick = self._picks.get(query.device)
+            if pick is None:                                            # a device the parameters did not name
+                pick = self._picks[query.device] = torch.tensor(self.prompt_positions, dtype=torch.long,
+                                                                device=query.device)
             last = query[:, :, -1:]                                     # (B, H, 1, D): made token 0
             calls.queries.append(torch.cat([query.index_select(2, pick), last], dim=2) if len(pick) else last)
             if attention_mask is not None:

@@ -160,3 +160,19 @@ def test_segment_positions_name_the_image_and_the_prefix(load_holder, dummy_imag
     assert np.array_equal(segments["vision"], run.vision.token_positions)
     assert np.array_equal(segments["system"], np.arange(run.vision.token_positions[0]))
     assert len(decoder_layers(holder.model)) == run.num_layers
+
+
+def test_prompt_rows_survive_a_layer_on_an_unannounced_device(load_holder, dummy_image):
+    """Offloaded layers can run on a device their parameters do not name; the prefill pick adapts."""
+    holder = load_holder("qwen2_vl")
+    inputs = holder.on_model(holder.build_inputs(dummy_image, "Where is it?"))
+    prompt_len = inputs["input_ids"].shape[1]
+    stores = []
+    for forget in (False, True):
+        with torch.inference_mode(), capture_attention(holder.model, prompt_positions=[1, 2]) as recorder:
+            if forget:
+                recorder._picks.clear()
+            holder.model.generate(**inputs, max_new_tokens=2, do_sample=False, **_kwargs(holder, 2))
+        stores.append(recorder.finish(prompt_len, 2, {}, "rows"))
+    torch.testing.assert_close(stores[0].prompt(0), stores[1].prompt(0))
+    assert stores[1].prompt(1).float().sum(-1).allclose(torch.ones(holder.num_layers, holder.num_heads), atol=2e-3)
