@@ -140,11 +140,13 @@ class GenerationRecorder:
             if pick is None:                                            # a device the parameters did not name
                 pick = self._picks[query.device] = torch.tensor(self.prompt_positions, dtype=torch.long,
                                                                 device=query.device)
-            last = query[:, :, -1:]                                     # (B, H, 1, D): made token 0
-            calls.queries.append(torch.cat([query.index_select(2, pick), last], dim=2) if len(pick) else last)
+            # Copies, not views: a view would keep the whole prefill query (and mask) alive until the end.
+            rows = torch.cat([pick, torch.full_like(pick[:1], query.shape[2] - 1)]) if len(pick) else None
+            calls.queries.append(query.index_select(2, rows) if rows is not None
+                                 else query[:, :, -1:].clone())         # (B, H, n_p + 1, D): last made token 0
             if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask.index_select(2, pick), attention_mask[:, :, -1:]], 2) \
-                    if len(pick) else attention_mask[:, :, -1:]
+                attention_mask = attention_mask.index_select(2, rows) if rows is not None \
+                    else attention_mask[:, :, -1:].clone()              # (B, 1 or H, n_p + 1, kv)
         else:                                                           # decode step: references only
             calls.multi_query |= query.shape[2] != 1
             calls.queries.append(query)                                 # (B, H, 1, D)
@@ -164,7 +166,8 @@ class GenerationRecorder:
                                "(sliding windows, quantised or offloaded caches) are not supported.")
         queries = torch.cat(calls.queries, dim=2)[0]                    # (H, n_q, D)
         keys = calls.keys[0, :, :kv_len]                                # (KV, K, D); a static cache is longer
-        return LayerRecord(queries, keys, calls.scaling, _allowed(calls.masks, kv_len), calls.softcap)
+        rows_per_call = [query.shape[2] for query in calls.queries]
+        return LayerRecord(queries, keys, calls.scaling, _allowed(calls.masks, rows_per_call, kv_len), calls.softcap)
 
     def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
         """The store of this generation's attention, after `generate` returned `num_steps` tokens."""
@@ -182,20 +185,19 @@ class GenerationRecorder:
                            choose_store(store, **dims))
 
 
-def _allowed(masks: list, kv_len: int) -> torch.Tensor | None:
+def _allowed(masks: list, rows_per_call: list[int], kv_len: int) -> torch.Tensor | None:
     """(n_q, kv_len) bool: where the model's own masks let each recorded query see a key; None when the
-    model used none (SDPA's causal rule, which `softmax_rows` applies by position)."""
+    model used none (SDPA's causal rule, which `softmax_rows` applies by position).
+    masks: per call, its mask rows (B, 1 or H, n, k_call) or None; rows_per_call: n of each call."""
     if all(mask is None for mask in masks):
         return None
     device = next(mask.device for mask in masks if mask is not None)
     rows = []
-    for mask in masks:
-        n = 1 if mask is None or mask.shape[2] == 1 else mask.shape[2]
+    for mask, n in zip(masks, rows_per_call, strict=True):
         allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device)           # (n, kv_len)
         if mask is not None:
-            mask = mask[0, 0]                                                       # (n, k_call): same for all heads
-            seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            allowed[:, : seen.shape[1]] = seen[:, :kv_len]
+            mask = mask[0, 0, :, :kv_len]                                           # (n, k): same for all heads
+            allowed[:, : mask.shape[1]] = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         rows.append(allowed)
     return torch.cat(rows)                                                          # (n_q, kv_len)
 

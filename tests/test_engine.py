@@ -176,3 +176,16 @@ def test_prompt_rows_survive_a_layer_on_an_unannounced_device(load_holder, dummy
         stores.append(recorder.finish(prompt_len, 2, {}, "rows"))
     torch.testing.assert_close(stores[0].prompt(0), stores[1].prompt(0))
     assert stores[1].prompt(1).float().sum(-1).allclose(torch.ones(holder.num_layers, holder.num_heads), atol=2e-3)
+
+
+@pytest.mark.parametrize("prompt_positions", [None, [1, 2]])
+def test_the_recorder_keeps_only_the_rows_it_needs(load_holder, dummy_image, prompt_positions):
+    """A kept prefill row must be a copy: a view would hold the whole prefill query alive during generation."""
+    holder = load_holder("qwen2_5_vl")
+    inputs = holder.on_model(holder.build_inputs(dummy_image, "Where is it?"))
+    with torch.inference_mode(), capture_attention(holder.model, prompt_positions=prompt_positions) as recorder:
+        holder.model.generate(**inputs, max_new_tokens=3, do_sample=False, **_kwargs(holder, 3))
+    for calls in recorder.calls.values():
+        prefill = calls.queries[0]                                            # (1, H, n_p + 1, D)
+        assert prefill.shape[2] == len(prompt_positions or []) + 1
+        assert prefill.untyped_storage().nbytes() == prefill.numel() * prefill.element_size()
