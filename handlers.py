@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +55,8 @@ from views import (
 )
 from visualization import SIDE_BY_SIDE_GAP
 
+logger = logging.getLogger(__name__)
+
 # The view controls, by their API names, in the order they are wired, with their defaults.
 VIEW_CONTROLS: dict[str, object] = {
     "token": 0, "layer_lo": 0, "layer_hi": 0, "head_lo": 0, "head_hi": 0, "aggregation": "mean",
@@ -73,6 +76,8 @@ def user_errors(handler):
         def stream(*args, **kwargs):
             try:
                 yield from handler(*args, **kwargs)
+            except gr.Error:                                            # already a message for the user
+                raise
             except USER_ERRORS as err:
                 raise gr.Error(html.escape(str(err), quote=False)) from err
         return stream
@@ -81,6 +86,8 @@ def user_errors(handler):
     def call(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
+        except gr.Error:                                                # already a message for the user
+            raise
         except USER_ERRORS as err:
             raise gr.Error(html.escape(str(err), quote=False)) from err
     return call
@@ -188,15 +195,22 @@ class Handlers:
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
         budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
         text, run = "", None
-        for count, item in enumerate(stream_generation(self.slot, images, prompt, int(max_new_tokens), video=frames,
-                                                       max_capture_mb=self.cfg.session_cache_mb, **sample,
-                                                       **budget), start=1):
-            if isinstance(item, str):
-                text = item
-                progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-                yield (gr.skip(), text) + (gr.skip(),) * 10
-            else:
-                run = item
+        stream = stream_generation(self.slot, images, prompt, int(max_new_tokens), video=frames,
+                                   max_capture_mb=self.cfg.session_cache_mb, **sample, **budget)
+        try:
+            for count, item in enumerate(stream, start=1):
+                if isinstance(item, str):
+                    text = item
+                    progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
+                    yield (gr.skip(), text) + (gr.skip(),) * 10
+                else:
+                    run = item
+        except (gr.Error, *USER_ERRORS):
+            raise
+        except Exception as err:                                        # a bug: logged, and said plainly
+            logger.exception("generation failed")
+            raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. The server keeps running; "
+                           "try again, and report this if it repeats.") from err
         stored = StoredRun(run, panels[0], images=panels)
         run_id, run = self.store.put(stored), stored.run
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]

@@ -248,3 +248,26 @@ def test_the_recorder_refuses_batches(load_holder, dummy_image):
 def test_an_exposed_server_without_auth_is_warned_about(argv, warned):
     warnings = app.exposure_warnings(app.parse_args(argv))
     assert [w.split(" without")[0] for w in warnings] == warned
+
+
+def test_an_unexpected_failure_in_generation_is_said_plainly(load_holder, tmp_path, monkeypatch):
+    holder = load_holder("qwen2_vl")
+    slot = ModelSlot()
+    slot.holder = holder
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(64))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("<kernel> exploded")
+    monkeypatch.setattr(holder, "generate", broken)
+    with pytest.raises(gr.Error, match="Generation failed: &lt;kernel&gt; exploded"):
+        list(handlers.generate(str(_png(tmp_path)), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None))
+    monkeypatch.undo()
+    *_, last = handlers.generate(str(_png(tmp_path)), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
+    assert handlers.store.get(last[0]).run.num_steps >= 1                   # the next request works
+
+
+def test_a_handlers_own_message_reaches_the_user_unchanged(tmp_path):
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
+    with pytest.raises(gr.Error) as caught:
+        list(handlers.generate(None, "  ", 2, False, 0.7, 0.9, 0, 0, None, None))
+    assert caught.value.message == "The prompt is empty. Type a question or instruction about the image."
