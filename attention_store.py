@@ -161,9 +161,10 @@ class QueryKeyStore:
         return _storage_bytes([*kept, *self._cache.values(), *self.shares.values()])
 
 
-def _segment_masses(record: LayerRecord, query_pos: torch.Tensor, first: int,
-                    segments: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Rows from query row `first` on, in chunks: ({segment: (H, n) mass}, [(H, chunk, K) float16 rows])."""
+def _segment_masses(record: LayerRecord, query_pos: torch.Tensor, first: int, segments: dict[str, torch.Tensor],
+                    keep_rows: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Rows from query row `first` on, in chunks: ({segment: (H, n) mass}, [(H, chunk, K) float16 rows],
+    the rows only when `keep_rows`)."""
     num_heads, n_q, _ = record.queries.shape
     kv_len = record.keys.shape[1]
     chunk = max(1, _CHUNK_ELEMENTS // (num_heads * kv_len))
@@ -173,7 +174,8 @@ def _segment_masses(record: LayerRecord, query_pos: torch.Tensor, first: int,
         probs = record.rows(query_pos, slice(start, min(start + chunk, n_q)))          # (H, c, K)
         for name, index in segments.items():
             masses[name].append(probs[:, :, index].sum(-1))                              # (H, c)
-        halves.append(probs.to(torch.float16))
+        if keep_rows:
+            halves.append(probs.to(torch.float16))
     return {name: torch.cat(parts, dim=1) for name, parts in masses.items()}, halves
 
 
@@ -185,14 +187,18 @@ def build_store(records: list[LayerRecord], query_pos: torch.Tensor, num_prompt_
     mass to keep, e.g. the image tokens. Work runs on each layer's own device, every layer queued
     before the first copy back; the copies to the host wait for their own device only.
     """
+    keep_rows = kind == "rows"
+    first = 0 if keep_rows else num_prompt_rows                            # 'qk' reduces only the steps
+    on_device: dict[torch.device, tuple] = {}                              # indices copied once per device
     masses, halves = [], []
     for record in records:
         device = record.keys.device
-        on_device = {name: index.to(device) for name, index in segments.items()}
-        first = 0 if kind == "rows" else num_prompt_rows                 # 'qk' reduces only the steps
-        mass, half = _segment_masses(record, query_pos.to(device), first, on_device)
+        if device not in on_device:
+            on_device[device] = (query_pos.to(device), {name: index.to(device) for name, index in segments.items()})
+        positions, indices = on_device[device]
+        mass, half = _segment_masses(record, positions, first, indices, keep_rows)
         masses.append(mass)
-        halves.append(torch.cat(half, dim=1) if kind == "rows" else None)  # (H, n_q, K) float16
+        halves.append(torch.cat(half, dim=1) if keep_rows else None)      # (H, n_q, K) float16
     shares = {name: torch.stack([m[name][:, -(len(query_pos) - num_prompt_rows):].cpu() for m in masses])
               .permute(2, 0, 1).contiguous() for name in segments}          # (T, L, H) float32
     if kind == "qk":
