@@ -56,3 +56,36 @@ def test_rows_equal_eager_with_layers_on_two_gpus(tiny_model_dirs, family):
     devices = {next(layer.parameters()).device for layer in decoder_layers(model)}
     assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}
     _assert_exact(ModelHolder(model, holder.processor, holder.family, holder.model_id, "cuda", torch.float32))
+
+
+def _decode_syncs(holder, capture: bool, new_tokens: int) -> int:
+    """Host-GPU synchronisations reported by torch during one generate call."""
+    import warnings
+    from contextlib import nullcontext
+
+    from attention_extractor import capture_attention
+    inputs = holder.on_model(holder.build_inputs(noise_image(150, 100, seed=5), "Describe the picture."))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.inference_mode(), capture_attention(holder.model) if capture else nullcontext():
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                holder.model.generate(**inputs, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_capture_adds_no_host_sync_per_decode_step(tiny_model_dirs, family):
+    """Whatever generate itself syncs per step, the capture adds no sync that grows with the answer.
+
+    One sync per layer per step would add 12 x layers here; a stray one-off sync (a lazy
+    initialisation in either mode) is tolerated, one per step is not.
+    """
+    holder = ModelHolder.load(tiny_model_dirs[family], device="cuda", dtype="float32")
+    _decode_syncs(holder, True, 2), _decode_syncs(holder, False, 2)         # warm both modes
+    extra = [_decode_syncs(holder, True, n) - _decode_syncs(holder, False, n) for n in (4, 16)]
+    assert extra[1] - extra[0] < 12, f"the capture adds {(extra[1] - extra[0]) / 12:.2f} syncs per decode step"
