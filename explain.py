@@ -59,9 +59,9 @@ def _mean_attention_rows(query, key, scale, rows: slice) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).mean(dim=0)                     # (n, S)
 
 
-def rollout_map(holder, run: AttentionRun, image, step_idx: int, chunk: int = 256) -> np.ndarray:
+def rollout_map(holder, run: AttentionRun, step_idx: int, chunk: int = 256) -> np.ndarray:
     """Attention rollout of generated token `step_idx` onto the image grid: (grid_h, grid_w) float32."""
-    inputs = holder.replay_inputs(run, image, step_idx)
+    inputs = holder.replay_inputs(run, step_idx)
     with torch.inference_mode(), recording(holder.model, _DecoderQK()) as recorder:
         holder.model(**inputs)
     recorded = recorder.layers
@@ -84,9 +84,9 @@ def gradient_bytes_estimate(holder, seq_len: int) -> int:
     return 3 * holder.num_layers * int(config.num_attention_heads) * seq_len * seq_len * 4
 
 
-def gradient_map(holder, run: AttentionRun, image, step_idx: int, max_mb: float | None = None) -> np.ndarray:
+def gradient_map(holder, run: AttentionRun, step_idx: int, max_mb: float | None = None) -> np.ndarray:
     """Gradient-weighted attention relevance (Chefer et al.) of token `step_idx` on the image grid."""
-    inputs = holder.replay_inputs(run, image, step_idx)
+    inputs = holder.replay_inputs(run, step_idx)
     seq = inputs["input_ids"].shape[1]
     if max_mb is not None and gradient_bytes_estimate(holder, seq) > max_mb * 2**20:
         raise MemoryError(f"Gradient-weighted attention over {seq} tokens needs about "
@@ -153,7 +153,7 @@ def _propagate(relevance: torch.Tensor, per_block: dict, blocks: list[int]) -> t
     return relevance
 
 
-def vit_combined_map(holder, run: AttentionRun, image, heat: np.ndarray) -> np.ndarray:
+def vit_combined_map(holder, run: AttentionRun, heat: np.ndarray) -> np.ndarray:
     """A decoder map pushed back through the vision encoder's own attention (rollout over its blocks).
 
     heat: (grid_h, grid_w) decoder attention on the image's tokens. Returns a map over the encoder's
@@ -162,13 +162,12 @@ def vit_combined_map(holder, run: AttentionRun, image, heat: np.ndarray) -> np.n
     Qwen3-VL's deepstack shortcuts from inner blocks to the decoder are not followed. The family's
     merge size, prefix tokens, window order and feature block come from `families`.
     """
-    return vit_combined_maps(holder, run, image, [heat])[0]
+    return vit_combined_maps(holder, run, [heat])[0]
 
 
-def vit_combined_maps(holder, run: AttentionRun, image, heats: list[np.ndarray]) -> list[np.ndarray]:
+def vit_combined_maps(holder, run: AttentionRun, heats: list[np.ndarray]) -> list[np.ndarray]:
     """`vit_combined_map` for several decoder maps of the same image, with one vision-tower pass."""
-    settings = run.settings
-    inputs = holder.build_inputs(image, settings.prompt, settings.min_pixels, settings.max_pixels)
+    inputs = holder.replay_inputs(run, 0)
     per_block = _record_vision_tower(holder, inputs)
     return [_through_vision(holder, run, inputs, per_block, heat) for heat in heats]
 

@@ -47,23 +47,29 @@ def blurred(image: Image.Image, cell_px: float) -> np.ndarray:
     return cv2.GaussianBlur(np.asarray(image.convert("RGB")), (0, 0), sigmaX=sigma, sigmaY=sigma)
 
 
-def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Image) -> float:
-    """p(generated token step_idx | image, prompt, earlier tokens), one teacher-forced forward."""
-    inputs = holder.replay_inputs(run, image, step_idx)
+def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Image | None = None) -> float:
+    """p(generated token step_idx | image, prompt, earlier tokens), one teacher-forced forward.
+
+    image: in place of the run's first image (same size); the run's own by default."""
+    images = None if image is None else [image, *run.images[1:]]
+    inputs = holder.replay_inputs(run, step_idx, images)
     with torch.inference_mode():
         logits = holder.model(**inputs).logits[0, -1].float()            # (vocab,)
     return float(torch.softmax(logits, dim=-1)[run.generated_ids[step_idx]])
 
 
-def faithfulness(holder, run: AttentionRun, image: Image.Image, step_idx: int, heat: np.ndarray,
+def faithfulness(holder, run: AttentionRun, step_idx: int, heat: np.ndarray,
                  steps: int = 8, seed: int = 0) -> Faithfulness:
-    """Deletion and insertion curves for `heat` (grid_h, grid_w), against one seeded random order.
-
-    Costs 4 * (steps + 1) forward passes. The image is the upright original the run was made from.
+    """Deletion and insertion curves for `heat` (grid_h, grid_w) over the run's first image, against
+    one seeded random order. Costs 4 * (steps + 1) forward passes.
     """
     if heat.shape != tuple(run.vision.grid_hw):
         raise ValueError(f"The map has shape {heat.shape}, but the token grid is {run.vision.grid_hw}.")
-    original = np.asarray(image.convert("RGB"))
+    if not run.images:
+        raise ValueError("Verifying blurs the run's image, and this run has none (a video). Generate from an "
+                         "image first.")
+    image = run.images[0]
+    original = np.asarray(image)
     cells = run.vision.cell_slices()
     cell_px = (run.vision.image_box_xyxy[2] - run.vision.image_box_xyxy[0]) / run.vision.grid_hw[1]
     base = original.copy()                          # outside the grid's box the model sees the original

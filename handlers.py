@@ -211,7 +211,7 @@ class Handlers:
             logger.exception("generation failed")
             raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. The server keeps running; "
                            "try again, and report this if it repeats.") from err
-        stored = StoredRun(run, panels[0], images=panels)
+        stored = StoredRun(run, images=panels)
         run_id, run = self.store.put(stored), stored.run
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]

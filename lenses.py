@@ -60,6 +60,16 @@ def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256, tra
     image = load_image(image)
     inputs = holder.build_inputs(image, prompt, min_pixels, max_pixels)
     layout = vision_layout(holder.family, holder.model.config, holder.processor, inputs, image.size)
+    return _lens(holder, holder.on_model(inputs), layout, top_k, chunk, track_ids)
+
+
+def run_logit_lens(holder, run, top_k: int = 5, chunk: int = 256, track_ids: list[int] | None = None) -> LogitLens:
+    """`logit_lens` of a run's first image and prompt, replayed with the run's own pixel budget, so
+    the lens covers exactly the token grid of the run's maps."""
+    return _lens(holder, holder.replay_inputs(run, 0), run.vision, top_k, chunk, track_ids)
+
+
+def _lens(holder, inputs, layout, top_k: int, chunk: int, track_ids: list[int] | None) -> LogitLens:
     positions = torch.from_numpy(layout.token_positions)                # (n_cells,)
     layers = decoder_layers(holder.model)
     states: dict[int, torch.Tensor] = {}
@@ -71,7 +81,7 @@ def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256, tra
     handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
     try:
         with torch.inference_mode():
-            holder.model(**holder.on_model(inputs))
+            holder.model(**inputs)
     finally:
         for handle in handles:
             handle.remove()

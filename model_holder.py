@@ -234,11 +234,21 @@ class ModelHolder:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
         return self.on_model(inputs)
 
-    def replay_inputs(self, run: AttentionRun, image, step_idx: int):
-        """Teacher-forced inputs that replay `run` up to generated token `step_idx`: its prompt and
-        image-token budget, then the tokens generated before it; the last position's logits chose it."""
+    def replay_inputs(self, run: AttentionRun, step_idx: int, images: list[Image.Image] | None = None):
+        """Teacher-forced inputs that replay `run` up to generated token `step_idx`: its images, prompt
+        and image-token budget, then the tokens generated before it; the last position's logits chose it.
+
+        images: other pictures in place of the run's own (same sizes; e.g. with regions blurred).
+        Every pass that replays a run builds its inputs here.
+        """
+        if not run.images:
+            raise ValueError("This pass replays the run's image, and this run has none (a video, or a run "
+                             "made elsewhere). Generate from an image first.")
+        images = run.images if images is None else images
+        if [im.size for im in images] != [im.size for im in run.images]:
+            raise ValueError("Replacement images must have the sizes of the run's own images.")
         settings = run.settings
-        return self.teacher_forced_inputs(image, settings.prompt, run.generated_ids[:step_idx],
+        return self.teacher_forced_inputs(images, settings.prompt, run.generated_ids[:step_idx],
                                           settings.min_pixels, settings.max_pixels)
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
@@ -345,4 +355,4 @@ class ModelHolder:
             vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
             attention=attention, model_id=self.model_id, family=self.family, settings=settings,
             prompt_positions=recorder.prompt_positions,
-            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids))
+            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids), images=images, frames=frames or [])

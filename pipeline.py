@@ -29,7 +29,7 @@ from analysis import GENERIC_PROMPT
 from explain import gradient_map, rollout_map, vit_combined_maps
 from faithfulness import Faithfulness, faithfulness
 from gallery import gallery_zip
-from lenses import logit_lens
+from lenses import run_logit_lens
 from model_holder import ModelHolder
 from records import AttentionRun, UserError
 from report import lens_html
@@ -135,7 +135,7 @@ def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
         holder = slot.made(stored.run, "The generic-prompt baseline")
         made = stored.run.settings
         with slot.lock:
-            stored.baseline = holder.generate(stored.image, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
+            stored.baseline = holder.generate(stored.run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
                                               min_pixels=made.min_pixels, max_pixels=made.max_pixels)
     return stored.baseline
 
@@ -153,11 +153,11 @@ def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_
             if settings.method == "vit":
                 heats = [raw_heatmap(stored, replace(settings, method="attention", step_idx=t, relative=False,
                                                      mask_sinks=False)) for t in steps]
-                maps = vit_combined_maps(holder, stored.run, stored.image, heats)
+                maps = vit_combined_maps(holder, stored.run, heats)
             elif settings.method in ("rollout", "gradient"):
                 compute = rollout_map if settings.method == "rollout" else \
                     functools.partial(gradient_map, max_mb=max_gradient_mb)
-                maps = [compute(holder, stored.run, stored.image, t)
+                maps = [compute(holder, stored.run, t)
                         for t in track(steps, f"{settings.method} maps")]
             else:
                 raise ValueError(f"Unknown map method {settings.method!r}; choose one of {METHODS}.")
@@ -168,9 +168,8 @@ def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_
 def lens_page(slot: ModelSlot, stored: StoredRun) -> str:
     """The logit-lens page of a run's image over the run's own token grid (a model pass)."""
     holder = slot.made(stored.run, "The logit lens")
-    made = stored.run.settings
     with slot.lock:
-        lens = logit_lens(holder, stored.image, made.prompt, min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+        lens = run_logit_lens(holder, stored.run)
     return lens_html(lens, stored.image)
 
 
@@ -180,7 +179,7 @@ def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Fa
     if settings.prompt_pos is not None:
         raise ValueError("Verify works on generated tokens; pick one from the token list.")
     with slot.lock:
-        return faithfulness(holder, stored.run, stored.image, settings.step_idx, raw_heatmap(stored, settings))
+        return faithfulness(holder, stored.run, settings.step_idx, raw_heatmap(stored, settings))
 
 
 class RunStore:

@@ -139,6 +139,9 @@ class AttentionRun:
     prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
     prompt_tokens: one decoded piece per prompt id (empty when not provided).
     visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
+    images: the upright RGB images the model saw, in prompt order (empty for a video): replays of
+        the run (`ModelHolder.replay_inputs`) and the pictures use these, so nothing reloads them.
+    frames: the video frames the model saw (empty for images).
     """
 
     prompt_ids: list[int]
@@ -154,6 +157,8 @@ class AttentionRun:
     prompt_positions: list[int] = field(default_factory=list)
     prompt_tokens: list[str] = field(default_factory=list, repr=False)
     visions: list[VisionLayout] = field(default_factory=list, repr=False)
+    images: list = field(default_factory=list, repr=False)
+    frames: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if not self.visions:

@@ -194,11 +194,11 @@ def _view_settings(run: AttentionRun, layers, heads, reduce, normalization, perc
 def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None) -> StoredRun:
     """A StoredRun with the image to draw on, checked against the run."""
     if isinstance(stored_or_run, StoredRun):
-        stored = stored_or_run if image is None else replace(stored_or_run, image=image, images=[image])
-    elif image is None:
+        stored = stored_or_run if image is None else replace(stored_or_run, images=[image])
+    elif image is None and not stored_or_run.images:
         raise ValueError("write_report needs the image the run was generated from when given an AttentionRun.")
     else:
-        stored = StoredRun(stored_or_run, image)
+        stored = StoredRun(stored_or_run, images=[image] if image is not None else [])
     if stored.run.num_steps == 0:
         raise ValueError("This run generated no tokens, so there is nothing to report. Generate again.")
     if tuple(stored.image.size) != tuple(stored.run.vision.image_size):

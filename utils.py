@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from records import UserError
 
@@ -46,6 +46,10 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
     """
     if source is None:
         raise ImageLoadError("No image given. Upload or pass an image (a file path or a PIL.Image).")
+    if type(source) is Image.Image and source.mode == "RGB" and _upright(source):       # in memory, decoded
+        if source.size[0] * source.size[1] > max_pixels:
+            raise _too_large(source.size, max_pixels)
+        return source                                                   # already prepared: no copy
     try:
         image = source if isinstance(source, Image.Image) else Image.open(Path(source))
         if image.size[0] * image.size[1] > max_pixels:
@@ -68,6 +72,11 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
     if min(image.size) < 1:
         raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
     return image
+
+
+def _upright(image: Image.Image) -> bool:
+    """Whether an image has no EXIF rotation left to apply."""
+    return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
 
 
 def _too_large(size: tuple[int, int], max_pixels: int) -> ImageLoadError:

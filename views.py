@@ -43,15 +43,15 @@ DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
 
 @dataclass
 class StoredRun:
-    """A run with the upright image it was made from, and caches for fast re-rendering.
+    """A run with the pictures its maps are drawn on, and caches for fast re-rendering.
 
-    `image` / `images` are the originals (model passes replay them); pictures are drawn on bounded
-    display copies (`display`), at most `display_max_side` px on the longer side.
+    `images` are the originals, one per layout (a video: one per time step); by default the run's
+    own images. Pictures are drawn on bounded display copies (`display`), at most
+    `display_max_side` px on the longer side.
     """
 
     run: AttentionRun
-    image: Image.Image
-    images: list[Image.Image] = field(default_factory=list)           # per layout; video: per time step
+    images: list[Image.Image] = field(default_factory=list)
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
     method_maps: dict = field(default_factory=dict)                     # method -> [(grid_h, grid_w)] per step
@@ -61,8 +61,11 @@ class StoredRun:
     _displays: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.images, Image.Image):
+            raise TypeError("StoredRun takes a list of images (StoredRun(run, images=[image])).")
+        self.images = list(self.images) or list(self.run.images)
         if not self.images:
-            self.images = [self.image]
+            raise ValueError("A stored run needs the pictures its maps are drawn on; this run has none.")
         if self.shares is None:
             self.shares = vision_share(self.run)
         self.system_shares = self.run.segment_shares("system")          # (T, L, H): BOS, system prompt, header
@@ -95,13 +98,19 @@ class StoredRun:
         return shares.mean(axis=(1, 2))
 
     @property
+    def image(self) -> Image.Image:
+        """The first picture (the one most views draw on)."""
+        return self.images[0]
+
+    @property
     def is_single_image(self) -> bool:
         return len(self.run.visions) == 1 and self.run.vision.num_frames == 1
 
     @property
     def nbytes(self) -> int:
-        shown = [image for image, _ in self._displays.values() if not any(image is full for full in self.images)]
-        pixels = sum(image.size[0] * image.size[1] * 3 for image in [*self.images, *shown])
+        kept = {id(image): image for image in [*self.images, *self.run.images, *self.run.frames]}
+        kept.update((id(image), image) for image, _ in self._displays.values())
+        pixels = sum(image.size[0] * image.size[1] * 3 for image in kept.values())
         baseline = self.baseline.nbytes if self.baseline is not None else 0
         methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
         return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods

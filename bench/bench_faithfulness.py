@@ -39,7 +39,7 @@ def main() -> None:
     for seed_offset, sample in enumerate(demo_data.make_samples(TEST_SEED, args.n)):
         run = holder.generate(sample.image, sample.question, max_new_tokens=1)
         heat = token_heatmap(run, 0, layers, heads, "mean")
-        result = faithfulness(holder, run, sample.image, 0, heat, steps=args.steps, seed=seed_offset)
+        result = faithfulness(holder, run, 0, heat, steps=args.steps, seed=seed_offset)
         for name, value in result.summary().items():
             totals.setdefault(name, []).append(value)
     mean = {name: float(np.mean(values)) for name, values in totals.items()}

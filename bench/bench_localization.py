@@ -170,10 +170,10 @@ def method_maps(holder, items: list[Item], layers, heads) -> dict[str, tuple[lis
     def raw(it):
         return token_heatmap(it.run, 0, layers, heads, "mean")
     makers = {"raw attention (recommended ranges)": raw,
-              "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, it.sample.image, 0),
-              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, it.sample.image, 0),
+              "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, 0),
+              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, 0),
               "ViT-combined (raw map through the vision encoder, patch grid)":
-                  lambda it: vit_combined_map(holder, it.run, it.sample.image, raw(it)),
+                  lambda it: vit_combined_map(holder, it.run, raw(it)),
               "logit lens (each patch's p(answer), mean over layers)":
                   lambda it: logit_lens(holder, it.sample.image, it.sample.question, top_k=1,
                                         track_ids=[it.run.generated_ids[0]]).token_map()}
@@ -201,7 +201,7 @@ def methods_report(holder, items: list[Item], layers, heads, n_faith: int) -> st
     for name, (maps, seconds) in method_maps(holder, items, layers, heads).items():
         hits = [cell_hits_box(heat, it.run.vision.image_box_xyxy, it.sample.box_xyxy)
                 for heat, it in zip(maps, items, strict=True)]
-        sums = [faithfulness(holder, it.run, it.sample.image, 0, to_token_grid(heat, it.run), seed=k).summary()
+        sums = [faithfulness(holder, it.run, 0, to_token_grid(heat, it.run), seed=k).summary()
                 for k, (heat, it) in enumerate(zip(maps[:n_faith], items[:n_faith], strict=True))]
         auc = {key: float(np.mean([s[key] for s in sums])) for key in sums[0]}
         lines.append(f"| {name} | {np.mean(hits):.3f} | {auc['deletion']:.3f} / {auc['random_deletion']:.3f} "

@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
-    stored = StoredRun(synthetic_run(), image)
+    stored = StoredRun(synthetic_run(), images=[image])
     base = ViewSettings(step_idx=5, layers=(10, 20), heads=(0, 27))
     cases = {
         "overlay, layers 10-20, all heads, minmax": base,

@@ -250,10 +250,13 @@ def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, im
     small = handlers.store.get(last[0]).run
     assert small.vision.grid_hw != default.vision.grid_hw                  # the budget changed the grid
     made = []
-    monkeypatch.setattr(pipeline, "logit_lens", lambda *args, **kwargs: made.append(lenses.logit_lens(*args, **kwargs))
-                        or made[-1])
+    monkeypatch.setattr(pipeline, "run_logit_lens", lambda *args, **kwargs: made.append(
+        lenses.run_logit_lens(*args, **kwargs)) or made[-1])
     handlers.lens(last[0])
     assert made[0].grid_hw == small.vision.grid_hw
+    # The lens of the run equals the lens of its image and prompt at the run's own budget.
+    direct = lenses.logit_lens(handlers.slot.holder, small.images[0], "What is this?", max_pixels=112 * 112)
+    np.testing.assert_array_equal(made[0].top_ids, direct.top_ids)
 
 
 def test_qwen3_video_keeps_the_frames_it_was_given(handlers, tiny_model_dirs):

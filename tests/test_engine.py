@@ -134,10 +134,10 @@ def test_every_recording_restores_the_model(load_holder, dummy_image):
     run = holder.generate(dummy_image, "Hi", max_new_tokens=2, **_kwargs(holder, 2))
     assert _state(holder) == before
     for method in (rollout_map, gradient_map):
-        assert method(holder, run, dummy_image, 1).shape == run.vision.grid_hw
+        assert method(holder, run, 1).shape == run.vision.grid_hw
         assert _state(holder) == before
     heat = np.ones(run.vision.grid_hw, dtype=np.float32)
-    assert vit_combined_map(holder, run, dummy_image, heat).shape == tuple(2 * v for v in run.vision.grid_hw)
+    assert vit_combined_map(holder, run, heat).shape == tuple(2 * v for v in run.vision.grid_hw)
     assert _state(holder) == before
     holder.generate(dummy_image, "Hi", max_new_tokens=2, method="eager", **_kwargs(holder, 2))
     assert _state(holder) == before

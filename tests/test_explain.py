@@ -36,7 +36,7 @@ def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     for attn in reversed(out.attentions):                                    # (1, H, S, S) each
         row = row @ (0.5 * attn[0].mean(0) + 0.5 * torch.eye(seq))
     expected = row[torch.from_numpy(run.vision.token_positions)].reshape(run.vision.grid_hw).numpy()
-    got = rollout_map(holder, run, image, 2)
+    got = rollout_map(holder, run, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert holder.model.config.get_text_config()._attn_implementation == "sdpa"
 
@@ -54,10 +54,10 @@ def test_gradient_map_follows_chefers_rule(load_holder, family):
         relevance = relevance + (grad[0] * attn[0]).clamp(min=0).mean(0).detach() @ relevance
     positions = torch.from_numpy(run.vision.token_positions)
     expected = relevance[-1][positions].reshape(run.vision.grid_hw).numpy()
-    np.testing.assert_allclose(gradient_map(holder, run, image, 1), expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(gradient_map(holder, run, 1), expected, rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in holder.model.parameters())
     with pytest.raises(MemoryError, match="max pixels"):
-        gradient_map(holder, run, image, 1, max_mb=0.001)
+        gradient_map(holder, run, 1, max_mb=0.001)
 
 
 def _upsampled(heat: np.ndarray, merge: int = 2) -> np.ndarray:
@@ -74,11 +74,11 @@ def test_vit_combined_map_places_patches_and_windows_right(load_holder, family, 
     heat = np.random.default_rng(0).random(run.vision.grid_hw).astype(np.float32)
     # Self-attention only: the map is the decoder map split over each token's 2×2 patches, in place.
     monkeypatch.setattr(explain, "_vision_attention_rows", lambda q, k, s: torch.eye(q.shape[1]))
-    np.testing.assert_allclose(explain.vit_combined_map(holder, run, image, heat), _upsampled(heat), rtol=1e-6)
+    np.testing.assert_allclose(explain.vit_combined_map(holder, run, heat), _upsampled(heat), rtol=1e-6)
     # Uniform attention inside each chunk: full blocks spread to the mean, window blocks to the window mean.
     monkeypatch.setattr(explain, "_vision_attention_rows",
                         lambda q, k, s: torch.full((q.shape[1],) * 2, 1 / q.shape[1]))
-    got = explain.vit_combined_map(holder, run, image, heat)
+    got = explain.vit_combined_map(holder, run, heat)
     expected = _upsampled(heat)
     vision = holder.model.model.visual
     full_blocks = set(getattr(vision, "fullatt_block_indexes", range(len(vision.blocks))))
@@ -116,4 +116,20 @@ def test_vit_combined_map_equals_clip_rollout(load_holder):
         n = attn.shape[-1]
         relevance = relevance @ (0.5 * attn[0].mean(0) + 0.5 * torch.eye(n))
     expected = relevance[1:].reshape(run.vision.grid_hw).numpy()
-    np.testing.assert_allclose(vit_combined_map(holder, run, image, heat), expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(vit_combined_map(holder, run, heat), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_replays_use_the_runs_own_images(load_holder):
+    holder = load_holder("qwen2_vl")
+    image = noise_image(150, 100)
+    run = holder.generate(image, "What?", max_new_tokens=2, min_new_tokens=2, max_pixels=112 * 112)
+    assert run.images == [image] and run.images[0] is image          # prepared once, kept, not reloaded
+    replay = holder.replay_inputs(run, 1)
+    direct = holder.teacher_forced_inputs(image, "What?", run.generated_ids[:1], max_pixels=112 * 112)
+    assert torch.equal(replay["pixel_values"], direct["pixel_values"])
+    assert torch.equal(replay["input_ids"], direct["input_ids"])
+    with pytest.raises(ValueError, match="sizes"):
+        holder.replay_inputs(run, 1, [noise_image(100, 100)])
+    run.images = []
+    with pytest.raises(ValueError, match="Generate from an image"):
+        rollout_map(holder, run, 1)

@@ -19,7 +19,7 @@ def test_curves_start_and_end_where_they_must(load_holder, family):
     run = holder.generate(image, "What is this?", max_new_tokens=2, min_new_tokens=2,
                           suppress_tokens=[holder.model.config.image_token_id])
     heat = np.random.default_rng(0).random(run.vision.grid_hw).astype(np.float32)
-    result = faithfulness(holder, run, image, 1, heat, steps=4)
+    result = faithfulness(holder, run, 1, heat, steps=4)
     original = token_probability(holder, run, 1, image)
     # Nothing deleted = everything inserted = the original image; the reverse ends meet at the blur.
     for curve_start, curve_end in ((result.deletion[0], result.insertion[-1]),
@@ -29,7 +29,7 @@ def test_curves_start_and_end_where_they_must(load_holder, family):
     assert result.deletion[-1] == pytest.approx(result.random_deletion[-1], rel=1e-4)
     assert set(result.summary()) == {"deletion", "random_deletion", "insertion", "random_insertion"}
     with pytest.raises(ValueError, match="token grid"):
-        faithfulness(holder, run, image, 1, np.ones((2, 2)))
+        faithfulness(holder, run, 1, np.ones((2, 2)))
 
 
 def test_cells_tile_the_grid_box_inside_the_image(load_holder):

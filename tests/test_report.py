@@ -120,15 +120,16 @@ def test_share_svg_bars():
 
 def test_stored_run_png_shared_scale_and_bad_arguments(nasty_run, tmp_path):
     run, image = nasty_run
-    path = write_report(StoredRun(run, image), None, tmp_path / "r.html", normalization="shared",
+    path = write_report(StoredRun(run, images=[image]), None, tmp_path / "r.html", normalization="shared",
                         image_format="png", reduce="max", max_side=None)
     page = _Page()
     page.feed(path.read_text(encoding="utf-8"))
     assert all(attrs["src"].startswith("data:image/png;base64,") for attrs in page.imgs)
     with pytest.raises(ValueError, match="pass the image the run was generated from"):
         write_report(run, noise_image(20, 20), tmp_path / "x.html")
+    assert run.images and write_report(run, None, tmp_path / "own.html").exists()    # the run's own image
     with pytest.raises(ValueError, match="needs the image"):
-        write_report(run, None, tmp_path / "x.html")
+        write_report(replace(run, images=[]), None, tmp_path / "x.html")
     with pytest.raises(ValueError, match="image_format"):
         write_report(run, image, tmp_path / "x.html", image_format="gif")
     with pytest.raises(ValueError, match="normalisation"):
