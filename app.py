@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hmac
 import json
 import logging
-import os
 import threading
-import time
 
 import gradio as gr
 import torch
 
 from attention_processor import REDUCTIONS
+from components import LoginGuard, image_upload, upload_bytes
 from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from handlers import Handlers, named_api
 from pipeline import ModelSlot, RunStore
@@ -34,58 +32,6 @@ CSS = """
 #token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
 .range-row { gap: 6px !important; }
 """
-
-
-class ImageUpload(gr.Image):
-    """gr.Image that passes the uploaded file through untouched (our loader handles EXIF, 16-bit,
-    alpha and frames), turns an unreadable upload into a message instead of a stack trace, and
-    holds every image to the upload cap, also one sent inline as a `data:` URL (which does not go
-    through the upload route and its cap)."""
-
-    max_bytes: int | None = None                                          # set after construction (not a prop)
-
-    def get_block_name(self) -> str:
-        return "image"                                                  # render with gr.Image's frontend
-
-    def preprocess(self, payload):
-        path = getattr(payload, "path", None)
-        if self.max_bytes and path and os.path.isfile(path) and os.path.getsize(path) > self.max_bytes:
-            raise gr.Error(f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
-                           f"{self.max_bytes / 2**20:.0f} MB. Upload a smaller file.")
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise gr.Error(f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, "
-                           "GIF or BMP file.") from err
-
-
-def upload_bytes(size: str) -> int:
-    """'50mb' → bytes (kb, mb, gb; 1024-based, as Gradio reads `max_file_size`)."""
-    number, unit = size.strip().lower()[:-2], size.strip().lower()[-2:]
-    return int(float(number) * {"kb": 2**10, "mb": 2**20, "gb": 2**30}[unit])
-
-
-class LoginGuard:
-    """The `--auth` check with a back-off: after 5 wrong attempts in a row, every attempt is refused
-    for a window that doubles with each further wrong one (1 s, 2 s, … up to 5 minutes); the right
-    user and password reset it. Nothing sleeps, so guessing never ties up the server."""
-
-    def __init__(self, user: str, password: str, clock=time.monotonic):
-        self.user, self.password, self.clock = user, password, clock
-        self.failures, self.locked_until = 0, 0.0
-
-    def __call__(self, user: str, password: str) -> bool:
-        now = self.clock()
-        if now < self.locked_until:
-            return False
-        if hmac.compare_digest(str(user).encode(), self.user.encode()) & \
-                hmac.compare_digest(str(password).encode(), self.password.encode()):
-            self.failures = 0
-            return True
-        self.failures += 1
-        if self.failures >= 5:
-            self.locked_until = now + min(300.0, 2.0 ** (self.failures - 5))
-        return False
 
 
 def default_model(cfg: AppConfig) -> str | None:
@@ -182,9 +128,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         status = gr.Markdown("Starting…", elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=2):
-                image = ImageUpload(type="filepath", image_mode=None, label="Image", elem_id="image-input",
-                                    height=320)
-                image.max_bytes = upload_bytes(cfg.max_upload)
+                image = image_upload(upload_bytes(cfg.max_upload), image_mode=None, label="Image",
+                                     elem_id="image-input", height=320)
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     placeholder="e.g. What color is the circle?")
                 with gr.Accordion("Generation settings", open=False):

@@ -7,7 +7,7 @@ import sys
 from conftest import REPO
 
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
-UI_MODULES = {"app", "handlers"}
+UI_MODULES = {"app", "handlers", "components"}
 DRAWING_AND_NUMBERS = {"views", "report", "analysis", "attention_processor", "visualization", "gallery"}
 
 

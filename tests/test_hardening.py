@@ -181,7 +181,7 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
 
 
 def test_login_backs_off_after_wrong_passwords():
-    from app import LoginGuard
+    from components import LoginGuard
     now = [0.0]
     guard = LoginGuard("ada", "secret", clock=lambda: now[0])
     assert guard("ada", "secret")
@@ -196,12 +196,12 @@ def test_login_backs_off_after_wrong_passwords():
 def test_inline_images_obey_the_upload_cap(tmp_path):
     from gradio.data_classes import FileData
 
-    from app import ImageUpload, upload_bytes
+    from components import image_upload, upload_bytes
     assert upload_bytes("50mb") == 50 * 2**20 and upload_bytes("1kb") == 1024
     big = tmp_path / "big.png"
     noise_image(600, 600).save(big)                                         # ~1 MB of noise
-    upload = ImageUpload(type="filepath")
-    upload.max_bytes = 100_000
+    upload = image_upload(100_000)
+    assert type(upload) is gr.Image                                         # a plain component: no stub file
     with pytest.raises(gr.Error, match="accepts up to"):
         upload.preprocess(FileData(path=str(big)))
     small = tmp_path / "small.png"
