@@ -210,12 +210,13 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         status_timer.tick(h.page_load, None, [status, *sliders, status_timer], **page_events)
         generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
                                               "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
-                                 progress=True)
+                                 progress=True, request=True)
+        generate_btn.click(h.stop_generation, None, None, queue=False, api_name=False, show_progress="hidden")
         generate_btn.click(generate_api, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
                                         *view_inputs, extra_state, video_state],
                            [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region,
                             method],
-                           api_name="generate", **model_events)
+                           api_name="generate", trigger_mode="always_last", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
               named_api(h.render, ("run_id",)), [run_id, *view_inputs], view_outputs, api_name="render",

@@ -94,11 +94,12 @@ def user_errors(handler):
 
 
 def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tuple[str, ...] = (),
-              progress: bool = False):
+              progress: bool = False, request: bool = False):
     """`handler` (which takes its values positionally) under a signature that names every value, so API
     clients see `run_id, token, layer_lo, …` instead of `param_0, param_1, …`: the `leading` inputs, the
     view controls, then `trailing` inputs (session state, which API clients do not send). With
-    `progress`, Gradio passes its progress tracker last; it reaches the handler as the `progress` keyword."""
+    `progress`, Gradio passes its progress tracker last; it reaches the handler as the `progress` keyword,
+    and with `request` the request (for its session) after it, as the `request` keyword."""
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
     if view:
         params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
@@ -106,9 +107,15 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in trailing]
     if progress:
         params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+    if request:
+        params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                        annotation=gr.Request))
+    special = [name for name, wanted in (("progress", progress), ("request", request)) if wanted]
 
     def split(args: tuple) -> tuple[tuple, dict]:
-        return (args[:-1], {"progress": args[-1]}) if progress else (args, {})
+        if not special:
+            return args, {}
+        return args[:-len(special)], dict(zip(special, args[-len(special):], strict=True))
 
     if inspect.isgeneratorfunction(handler):
         def forward(*args):
@@ -119,6 +126,7 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
             positional, keywords = split(args)
             return handler(*positional, **keywords)
     forward.__signature__ = inspect.Signature(params)
+    forward.__annotations__ = {"request": gr.Request} if request else {}
     forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
     return forward
 
@@ -182,8 +190,9 @@ class Handlers:
 
     @user_errors
     def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
-                 max_pixels, *values, progress=gr.Progress()):
-        """values: the view controls, then the extra images and the video (both optional)."""
+                 max_pixels, *values, progress=gr.Progress(), request: gr.Request | None = None):
+        """values: the view controls, then the extra images and the video (both optional).
+        A session's new generation stops the one it still runs (see `stop_generation`)."""
         view_values, (extra_paths, video_path) = values[:-2], values[-2:]
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
@@ -195,8 +204,10 @@ class Handlers:
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
         budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
         text, run = "", None
+        session = getattr(request, "session_hash", None)
+        cancel = self.slot.begin(session)
         stream = stream_generation(self.slot, images, prompt, int(max_new_tokens), video=frames,
-                                   max_capture_mb=self.cfg.session_cache_mb, **sample, **budget)
+                                   max_capture_mb=self.cfg.session_cache_mb, cancel=cancel, **sample, **budget)
         try:
             for count, item in enumerate(stream, start=1):
                 if isinstance(item, str):
@@ -211,6 +222,8 @@ class Handlers:
             logger.exception("generation failed")
             raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. The server keeps running; "
                            "try again, and report this if it repeats.") from err
+        finally:
+            self.slot.end(session, cancel)
         stored = StoredRun(run, images=panels)
         run_id, run = self.store.put(stored), stored.run
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
@@ -222,6 +235,11 @@ class Handlers:
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
                picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
                False, False, [], "attention")
+
+    def stop_generation(self, request: gr.Request | None = None) -> None:
+        """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
+        asking again never waits behind one's own old answer)."""
+        self.slot.stop(getattr(request, "session_hash", None))
 
     # -- views ------------------------------------------------------------------------------------
     def _settings(self, *view_values) -> ViewSettings:

@@ -54,6 +54,29 @@ class ModelSlot:
         self.holder: ModelHolder | None = None
         self.ready = threading.Event()                                  # cleared while a start-up load runs
         self.ready.set()
+        self._generations: dict[str, threading.Event] = {}              # session -> its running generation's stop
+
+    def begin(self, session: str | None) -> threading.Event:
+        """The stop signal of a new generation for `session`; a generation the session still runs is
+        told to stop (a user who asks again no longer wants the old answer)."""
+        event = threading.Event()
+        if session is not None:
+            previous = self._generations.get(session)
+            self._generations[session] = event
+            if previous is not None:
+                previous.set()
+        return event
+
+    def stop(self, session: str | None) -> bool:
+        """Tell `session`'s running generation, if any, to stop at its next token."""
+        event = self._generations.get(session) if session is not None else None
+        if event is not None:
+            event.set()
+        return event is not None
+
+    def end(self, session: str | None, event: threading.Event) -> None:
+        if session is not None and self._generations.get(session) is event:
+            del self._generations[session]
 
     def load(self, model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
              max_pixels_cap: int | None = None) -> ModelHolder:
@@ -93,16 +116,17 @@ class _Cancelled(StoppingCriteria):
 
 
 def stream_generation(slot: ModelSlot, images: list, prompt: str, max_new_tokens: int, video: list | None = None,
-                      max_capture_mb: float | None = None, **options) -> Iterator[str | AttentionRun]:
+                      max_capture_mb: float | None = None, cancel: threading.Event | None = None,
+                      **options) -> Iterator[str | AttentionRun]:
     """Generate under the slot's lock on a worker thread: yields the answer's text each time it grows,
     then the finished `AttentionRun`. Errors of the generation are raised here, in the caller's thread.
 
     Closing the iterator early (a client that cancelled or went away) stops the generation at its
-    next token and frees the model for everyone else.
+    next token and frees the model for everyone else, and so does setting `cancel`.
     """
     holder = slot.get()
     streamer = TextIteratorStreamer(holder.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cancelled, outcome = threading.Event(), {}
+    cancelled, outcome = cancel or threading.Event(), {}
 
     def work():
         try:

@@ -200,13 +200,48 @@ def test_a_client_that_cancels_through_the_queue_stops_its_generation(tiny_model
     try:
         image = tmp_path / "in.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image)
-        job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit(
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(
             handle_file(str(image)), "Describe it.", 500, False, 0.7, 0.9, 0, 0, 0, api_name="/generate")
         deadline = time.monotonic() + 60
         while not job.outputs() and time.monotonic() < deadline:      # the answer has started streaming
             time.sleep(0.05)
+        sessions = list(slot._generations)                                 # the request reached the handler
         job.cancel()
         with slot.lock:                                                    # the worker let go of the model
             assert len(steps) == 1 and steps[0] < 100                      # not the 500 tokens asked for
+        assert sessions == [client.session_hash]
     finally:
         demo.close()
+
+
+def test_asking_again_stops_the_sessions_own_running_generation_only(tiny_model_dirs, tmp_path):
+    """A session's Generate click stops its old generation (unqueued), never another session's."""
+    from types import SimpleNamespace
+
+    from handlers import Handlers
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    slot.holder.model.generation_config.min_new_tokens = 2000              # unstopped, it would run all 2000
+    h = Handlers(AppConfig(outputs_dir=tmp_path / "outputs"), slot, RunStore(512))
+    image = _image_file(tmp_path, 1)
+    mine, other = SimpleNamespace(session_hash="mine"), SimpleNamespace(session_hash="other")
+    results = {}
+
+    def run(name, request):
+        *_, last = h.generate(image, "Describe it.", 2000, False, 0.7, 0.9, 0, 0, *VIEW, None, None, request=request)
+        results[name] = h.store.get(last[0]).run.num_steps
+    worker = threading.Thread(target=run, args=("old", mine))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while "mine" not in slot._generations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h.stop_generation(other)                                               # someone else's click: no effect
+    time.sleep(0.3)
+    assert not slot._generations["mine"].is_set()
+    h.stop_generation(mine)                                                # this session asks again
+    worker.join(60)
+    assert not worker.is_alive() and results["old"] < 2000                 # stopped early, not 2000 tokens
+    assert slot._generations == {}                                         # nothing left registered
+    first, second = slot.begin("s"), slot.begin("s")                       # a new generation of the session
+    assert first.is_set() and not second.is_set()                          # stops the one before it
