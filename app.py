@@ -28,7 +28,8 @@ from visualization import COLORMAPS
 
 logger = logging.getLogger("app")
 CSS = """
-#token-chips .wrap { gap: 4px !important; max-height: 9em; overflow-y: auto; }
+#token-chips .wrap { gap: 4px !important; max-height: 5.4em; overflow-y: auto; }
+#title p { margin: 0 !important; }
 #token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
 .range-row { gap: 6px !important; }
 """
@@ -70,46 +71,55 @@ def _range_sliders(label: str, elem_id: str) -> tuple[gr.Slider, gr.Slider]:
 
 def build_analysis() -> dict[str, gr.components.Component]:
     """The analysis views for the selected token and ranges, refreshed on demand."""
-    with gr.Accordion("Analysis: layers × heads, text attention, per-head gallery", open=False,
-                      elem_id="analysis"):
-        with gr.Row():
-            metric = gr.Radio(["share", "entropy"], value="share", elem_id="matrix-metric",
-                              label="Matrix: attention share on the image, or spatial entropy of each head's map")
-            show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
-        with gr.Row():
-            matrix = gr.Image(type="pil", format="png", interactive=False, elem_id="head-matrix",
-                              label="Layer × head (click a cell to show that head's map)")
-            text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
-                                      "system prompt', those are shown unhighlighted)", elem_id="text-attention")
-        gallery = gr.Gallery(label="Per-head maps (S step, L layer, H head; 1-based)", columns=8, height=420,
-                             elem_id="head-gallery")
-        with gr.Row():
-            note = gr.Markdown("")
-            zip_btn = gr.Button("Download the gallery (ZIP)", elem_id="gallery-zip")
-        with gr.Row():
-            lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
-            lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
-        lens_view = gr.HTML("", elem_id="logit-lens")
-        with gr.Row():
-            verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
-                                   elem_id="verify-btn")
-            verify_note = gr.Markdown("", elem_id="verify-note")
-        verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=240, elem_id="verify-plot",
-                                  title="Probability of the token as cells are deleted or inserted")
-        gr.Markdown("**Image → text.** Click token cells on the attention picture to build a region "
-                    "(click again to remove a cell).")
-        with gr.Row():
-            region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=200, sort="x",
-                                     x_label_angle=-90,
-                                     title="Attention share on the region per generated token",
-                                     elem_id="region-plot")
-            with gr.Column():
-                region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
-                region_clear = gr.Button("Clear region", elem_id="region-clear")
+    with gr.Tabs(elem_id="analysis"):
+        with gr.Tab("Layers × heads", elem_id="tab-matrix"):
+            with gr.Row():
+                metric = gr.Radio(["share", "entropy"], value="share", elem_id="matrix-metric",
+                                  label="Matrix: attention share on the image, or spatial entropy of each head's map")
+                show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
+            with gr.Row():
+                matrix = gr.Image(type="pil", format="png", interactive=False, elem_id="head-matrix",
+                                  label="Layer × head, 0-based (click a cell to show that head's map)")
+                text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
+                                          "system prompt', those are shown unhighlighted)", elem_id="text-attention")
+            note = gr.Markdown("", elem_id="analysis-note")
+        with gr.Tab("Per-head gallery", elem_id="tab-gallery"):
+            gallery = gr.Gallery(label="Per-head maps (layer and head 0-based)", columns=8, height=420,
+                                 elem_id="head-gallery")
+            zip_btn = gr.Button("Download the gallery (ZIP; files named S{step}_L{layer}_H{head}, 1-based)",
+                                elem_id="gallery-zip")
+        with gr.Tab("Region → text", elem_id="tab-region"):
+            gr.Markdown("Click token cells on the attention picture to build a region (click again to remove "
+                        "a cell); the picked cells are outlined on the picture.")
+            with gr.Row():
+                region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=220, sort="x",
+                                         title="Attention share on the region per generated token", y_lim=[0, 1],
+                                         elem_id="region-plot")
+                with gr.Column():
+                    region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
+                    region_clear = gr.Button("Clear region", elem_id="region-clear")
+        with gr.Tab("Verify", elem_id="tab-verify"):
+            with gr.Row():
+                verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
+                                       elem_id="verify-btn")
+                verify_note = gr.Markdown("", elem_id="verify-note")
+            verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
+                                      elem_id="verify-plot", y_lim=[0, 1],
+                                      title="Probability of the token as cells are deleted or inserted")
+        with gr.Tab("Logit lens", elem_id="tab-lens"):
+            with gr.Row():
+                lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
+                lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
+            lens_view = gr.HTML("", elem_id="logit-lens")
     return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
             "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
             "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file, "verify_btn": verify_btn,
             "verify_plot": verify_plot, "verify_note": verify_note}
+
+
+# Views computed from one result; a new result clears them (handlers.Handlers.generate).
+DERIVED_VIEWS = ("matrix", "text", "gallery", "note", "lens_view", "lens_file", "verify_plot", "verify_note",
+                 "region_plot", "region_note")
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
@@ -117,21 +127,26 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
     # Gradio's cache of uploads and served pictures is cleaned every cache_max_age_s of files that old.
     with gr.Blocks(title="VLM Attention Explorer", delete_cache=(cfg.cache_max_age_s, cfg.cache_max_age_s)) as demo:
         run_id = gr.State(None)
-        gr.Markdown("## VLM Attention Explorer\nWhere in the image did the model look when it generated each "
-                    "token? Maps show the decoder's attention on the image tokens; indices are 0-based.")
-        with gr.Row():
+        gr.Markdown("**VLM Attention Explorer** · where in the image did the model look when it generated each "
+                    "token? Maps show the decoder's attention on the image tokens; every index is 0-based.",
+                    elem_id="title")
+        with gr.Row(equal_height=False, elem_id="model-row"):
             model_box = gr.Dropdown(model_choices(cfg), value=default_model(cfg), allow_custom_value=True,
                                     label="Model (preset, hub id or local folder)" if cfg.allow_model_loading else
                                     "Model (this server's operator turned loading other models off)",
-                                    interactive=cfg.allow_model_loading, elem_id="model-id", scale=4)
-            load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading)
-        status = gr.Markdown("Starting…", elem_id="model-status")
-        with gr.Row():
-            with gr.Column(scale=2):
+                                    interactive=cfg.allow_model_loading, elem_id="model-id", scale=4,
+                                    show_label=False, container=False)
+            load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading,
+                                 size="md")
+            status = gr.Markdown("Starting…", elem_id="model-status", scale=5)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=260):
                 image = image_upload(upload_bytes(cfg.max_upload), image_mode=None, label="Image",
-                                     elem_id="image-input", height=320)
+                                     elem_id="image-input", height=240)
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     placeholder="e.g. What color is the circle?")
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                answer = gr.Textbox(label="Answer", lines=2, interactive=False, elem_id="answer")
                 with gr.Accordion("Generation settings", open=False):
                     max_new = gr.Slider(1, 512, value=cfg.max_new_tokens, step=1, label="Max new tokens")
                     sampling = gr.Checkbox(False, label="Sample (off = greedy)")
@@ -144,51 +159,51 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
                                            label="More images, after the first one, in this order")
                     video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 examples = example_rows()
                 if examples:
                     gr.Examples(examples, [image, prompt], label="Examples for the demo model", examples_per_page=6)
-                answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
-            with gr.Column(scale=3):
-                token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
-                                    allow_custom_value=True)
+            with gr.Column(scale=4, min_width=360):
                 chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
-                prompt_token = gr.Dropdown([], value="", label="…or a prompt token (what that word looks at)",
-                                           elem_id="prompt-token-dropdown", allow_custom_value=True)
+                picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
+                                   elem_id="overlay", height=400)
+                caption = gr.Markdown("", elem_id="caption")
+                with gr.Row():
+                    token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
+                                        allow_custom_value=True)
+                    prompt_token = gr.Dropdown([], value="", label="…or a prompt token (what that word looks at)",
+                                               elem_id="prompt-token-dropdown", allow_custom_value=True)
+                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
+                                  title="Attention share on the image per generated token", y_lim=[0, 1],
+                                  elem_id="share-plot", height=220)
+            with gr.Column(scale=2, min_width=260):
                 layer_lo, layer_hi = _range_sliders("Layers", "layer-range")
                 head_lo, head_hi = _range_sliders("Heads", "head-range")
+                method = gr.Radio(list(METHODS), value="attention", elem_id="method",
+                                  label="Map: raw attention (the ranges apply), rollout, gradient-weighted, or "
+                                        "pushed through the vision encoder (vit); the last three on demand")
                 with gr.Row():
                     aggregation = gr.Dropdown(list(REDUCTIONS), value=cfg.aggregation, label="Aggregation",
-                                              elem_id="aggregation")
+                                              elem_id="aggregation", min_width=100)
                     normalization = gr.Dropdown(list(DISPLAY_NORMALIZATIONS), value=cfg.normalization,
-                                                label="Normalisation", elem_id="normalization")
+                                                label="Normalisation", elem_id="normalization", min_width=100)
+                with gr.Row():
                     colormap = gr.Dropdown(list(COLORMAPS), value=cfg.colormap, label="Colormap",
-                                           elem_id="colormap")
-                with gr.Row():
-                    alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha")
-                    view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
+                                           elem_id="colormap", min_width=100)
+                    alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha",
+                                      min_width=100)
+                view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
+                with gr.Accordion("More display options", open=False):
                     grid = gr.Checkbox(False, label="Show token grid", elem_id="grid")
-                with gr.Row():
                     renormalize = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
                     mask_sinks = gr.Checkbox(False, label="Mask sink cells", elem_id="mask-sinks")
                     relative = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
                     exclude_system = gr.Checkbox(False, label="Exclude BOS and system prompt",
                                                  elem_id="exclude-system")
-                method = gr.Radio(list(METHODS), value="attention", elem_id="method",
-                                  label="Map: raw attention (layer and head ranges apply), rollout through all "
-                                        "layers, gradient-weighted attention, or the raw map pushed through the "
-                                        "vision encoder (vit); the last three are computed on demand")
-                picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
-                                   elem_id="overlay")
-                caption = gr.Markdown("", elem_id="caption")
-                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
-                                  x_label_angle=-90,
-                                  title="Attention share on the image per generated token", y_lim=[0, 1],
-                                  elem_id="share-plot", height=220)
                 with gr.Row():
-                    png_btn = gr.Button("Download picture (PNG)")
-                    export_btn = gr.Button("Export attention (safetensors + JSON)")
-                files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=90)
+                    png_btn = gr.Button("Picture (PNG)", elem_id="png-btn", min_width=80)
+                    gif_btn = gr.Button("Animation (GIF)", elem_id="gif-btn", min_width=80)
+                    export_btn = gr.Button("Attention (safetensors)", elem_id="export-btn", min_width=80)
+                files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
         analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
@@ -215,7 +230,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         generate_btn.click(generate_api, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
                                         *view_inputs, extra_state, video_state],
                            [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region,
-                            method],
+                            method, *[analysis[name] for name in DERIVED_VIEWS], files],
                            api_name="generate", trigger_mode="always_last", **model_events)
         gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
                renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
@@ -243,9 +258,11 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                   api_name=False, **render_events)
         picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
                                                                 analysis["region_note"]],
-                       api_name=False, **render_events)
+                       api_name=False, **render_events).then(
+            h.render_region, [run_id, region, *view_inputs], [picture], api_name=False, **render_events)
         analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
-                                                            analysis["region_note"]], api_name=False)
+                                                            analysis["region_note"]], api_name=False).then(
+            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         analysis["lens_btn"].click(named_api(h.lens, ("run_id",), view=False, progress=True), [run_id],
                                    [analysis["lens_view"], analysis["lens_file"]], api_name="logit_lens",
                                    **model_events)
@@ -256,6 +273,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                               api_name="gallery_zip", **render_events)
         png_btn.click(named_api(h.download_png, ("run_id",)), [run_id, *view_inputs], [files], api_name="download_png",
                       **render_events)
+        gif_btn.click(named_api(h.download_animation, ("run_id",)), [run_id, *view_inputs], [files],
+                      api_name="download_animation", **render_events)
         export_btn.click(h.export_attention, [run_id], [files], api_name="export_attention", **render_events)
     return demo
 

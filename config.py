@@ -53,6 +53,7 @@ class AppConfig:
     max_image_pixels: int = 200_000_000       # largest decoded image accepted (a 12000x9000 photo is 108 M)
     trust_remote_code: bool = False           # run a checkpoint's own Python code (off unless asked for)
     allow_model_loading: bool = True          # users may load other models from the page
+    animation_max_side: int = 512            # px, longer side of the animation's frames
     outputs_max_mb: int = 2048                # exports, pictures and pages kept in outputs/, oldest removed first
     cache_max_age_s: int = 3600               # Gradio's cache of uploads and pictures, cleaned hourly
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)

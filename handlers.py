@@ -31,6 +31,7 @@ from pipeline import (
     method_maps,
     prune_outputs,
     relative_baseline,
+    save_animation,
     save_gallery_zip,
     save_page,
     save_picture,
@@ -43,11 +44,15 @@ from views import (
     StoredRun,
     ViewSettings,
     analysis_note,
+    animation_frames,
     as_text,
     matrix_cell,
     matrix_picture,
+    on_screen,
+    outline_cells,
     region_note,
     render,
+    screen_zoom,
     share_table,
     step_labels,
     token_label,
@@ -64,6 +69,9 @@ VIEW_CONTROLS: dict[str, object] = {
     "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
     "method": "attention",
 }
+# What a new result shows in the views derived from the previous one (the analysis tabs, in the order
+# of app.DERIVED_VIEWS), so nothing on the page belongs to an older run; then the downloads are emptied.
+CLEARED_VIEWS = (None, None, [], "", "", None, None, "", None, "Click the picture to pick token cells.")
 # Errors a user can act on; anything else is a bug and reaches the log with its traceback.
 USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
 
@@ -213,7 +221,7 @@ class Handlers:
                 if isinstance(item, str):
                     text = item
                     progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-                    yield (gr.skip(), text) + (gr.skip(),) * 10
+                    yield (gr.skip(), text) + (gr.skip(),) * (10 + len(CLEARED_VIEWS) + 1)
                 else:
                     run = item
         except (gr.Error, *USER_ERRORS):
@@ -234,7 +242,7 @@ class Handlers:
         picture, caption, plot = self._render_with(stored, fresh)
         yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
                picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
-               False, False, [], "attention")
+               False, False, [], "attention", *CLEARED_VIEWS, [])
 
     def stop_generation(self, request: gr.Request | None = None) -> None:
         """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
@@ -257,8 +265,10 @@ class Handlers:
                             prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
                             exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention")
 
-    def _render_with(self, stored: StoredRun, settings: ViewSettings):
+    def _render_with(self, stored: StoredRun, settings: ViewSettings, screen: bool = True):
+        """(picture, caption, share table); `screen`: the picture enlarged for display (small images)."""
         picture, caption = render(stored, settings)
+        picture = on_screen(stored, picture) if screen else picture
         table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
         return picture, caption, pd.DataFrame(table)
 
@@ -344,7 +354,8 @@ class Handlers:
     def region_click(self, run_id, region, view, evt: gr.SelectData):
         """A click on the picture adds or removes that token cell; shows who attends to the region."""
         stored = self._single(run_id)
-        x, y = evt.index                                                  # in the drawn picture's pixels
+        zoom = screen_zoom(stored)
+        x, y = evt.index[0] / zoom, evt.index[1] / zoom                   # in the drawn picture's pixels
         shown, (sx, sy) = stored.display(0)
         if view == "side_by_side" and x >= shown.size[0]:
             x -= shown.size[0] + SIDE_BY_SIDE_GAP                         # the overlay is the right half
@@ -353,6 +364,15 @@ class Handlers:
         if cell is not None:
             cells ^= {cell}
         return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
+
+    @user_errors
+    def render_region(self, run_id, region, *view_values):
+        """The picture with the picked region's cells outlined (after a click on it)."""
+        stored, settings = self.store.get(run_id), self._settings(*view_values)
+        picture, _ = render(stored, settings)
+        if stored.is_single_image:
+            picture = outline_cells(stored, picture, [tuple(cell) for cell in region or []], settings.view)
+        return on_screen(stored, picture)
 
     def region_clear(self):
         return [], pd.DataFrame({"step": [], "share": [], "token": []}), region_note(None, set(), None)
@@ -403,8 +423,14 @@ class Handlers:
     @user_errors
     def download_png(self, run_id, *view_values) -> str:
         settings = self._settings(*view_values)
-        picture, _, _ = self._render_with(self.store.get(run_id), settings)
+        picture, _, _ = self._render_with(self.store.get(run_id), settings, screen=False)
         return str(self._kept(save_picture(picture, self.cfg.outputs_dir, settings.step_idx)))
+
+    @user_errors
+    def download_animation(self, run_id, *view_values) -> str:
+        """An animated GIF of the map through the whole answer, with these view settings."""
+        frames = animation_frames(self._single(run_id), self._settings(*view_values), self.cfg.animation_max_side)
+        return str(self._kept(save_animation(frames, self.cfg.outputs_dir)))
 
     @user_errors
     def export_attention(self, run_id) -> list[str]:

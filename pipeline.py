@@ -253,7 +253,8 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
     run = stored.run
     folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True, exist_ok=False)                          # never overwrite anyone's files
-    tensors_path, meta_path = folder / "attention.safetensors", folder / "attention.json"
+    tensors_path = folder / f"{folder.name}-attention.safetensors"     # names that say what and which run
+    meta_path = folder / f"{folder.name}-metadata.json"
     tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in range(run.num_steps)}
     prompt_rows = run.prompt_rows
     if prompt_rows is not None:
@@ -305,6 +306,19 @@ def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
     """The current picture as a PNG in a fresh, uniquely named file."""
     path = _fresh_path(out_dir, f"attention-token{step_idx}", ".png")
     picture.save(path, format="PNG")
+    return path
+
+
+def save_animation(frames, out_dir: Path, seconds_per_frame: float = 0.6) -> Path:
+    """An animated GIF of `frames` (PIL images, e.g. `views.animation_frames`), looping, in a fresh file.
+    The frames are written as they come, so a long answer is never held as pictures all at once."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("There is nothing to animate: this run generated no tokens.")
+    path = _fresh_path(out_dir, "attention-animation", ".gif")
+    first.save(path, format="GIF", save_all=True, append_images=frames, duration=int(seconds_per_frame * 1000),
+               loop=0, optimize=False)
     return path
 
 

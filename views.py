@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from analysis import relative_heatmap, sink_cells
 from attention_processor import (
@@ -24,7 +25,7 @@ from attention_processor import (
     vision_share,
 )
 from records import AttentionRun
-from visualization import colorize, heatmap_image, labelled, overlay, side_by_side
+from visualization import SIDE_BY_SIDE_GAP, colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
 METHODS: tuple[str, ...] = ("attention", "rollout", "gradient", "vit")
@@ -227,6 +228,64 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         if s.view == "side_by_side":
             picture = side_by_side(shown, picture)
     return picture, caption(stored, settings, heat)
+
+
+def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 512) -> Iterator[Image.Image]:
+    """The map moving through the answer: one picture per generated token, in order, with the same
+    settings for every frame (choose 'shared' normalisation to compare strengths across tokens), each
+    with the token's index and text under it. Frames are at most `max_side` px on the longer side and
+    all of one size; they are made one at a time."""
+    if not stored.is_single_image:
+        raise ValueError("The animation follows the map over one image; this result has several images or "
+                         "a video. Generate from one image to animate it.")
+    size = font = None
+    for step_idx, token in enumerate(stored.run.generated_tokens):
+        picture, _ = render(stored, replace(settings, step_idx=step_idx, prompt_pos=None))
+        if size is None:
+            factor = min(1.0, max_side / max(picture.size))
+            size = (max(1, round(picture.size[0] * factor)), max(1, round(picture.size[1] * factor)))
+            font = ImageFont.load_default(size=max(12, size[0] // 28))
+        strip = int(font.size * 1.8)
+        frame = Image.new("RGB", (size[0], size[1] + strip), (255, 255, 255))
+        frame.paste(picture.resize(size, Image.BILINEAR) if picture.size != size else picture, (0, 0))
+        ImageDraw.Draw(frame).text((6, size[1] + strip // 2), token_label(step_idx, token), fill=(0, 0, 0),
+                                   font=font, anchor="lm")
+        yield frame
+
+
+def outline_cells(stored: StoredRun, picture: Image.Image, cells, view: str) -> Image.Image:
+    """A copy of a single image's picture (as `render` drew it) with token cells (row, col) outlined:
+    the region picked by clicks. In the side-by-side view the map is the right half."""
+    if not cells:
+        return picture
+    shown, _ = stored.display(0)
+    offset = shown.size[0] + SIDE_BY_SIDE_GAP if view == "side_by_side" else 0
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    for row, col in cells:
+        x0, y0, x1, y1 = stored.display_box(0, stored.run.vision.cell_box_xyxy(row, col))
+        draw.rectangle((x0 + offset, y0, x1 + offset - 1, y1 - 1), outline=(255, 255, 255), width=2)
+        draw.rectangle((x0 + offset + 2, y0 + 2, x1 + offset - 3, y1 - 3), outline=(0, 0, 0), width=1)
+    return picture
+
+
+SCREEN_MIN_SIDE = 640          # px: pictures of smaller images are enlarged to about this on screen
+
+
+def screen_zoom(stored: StoredRun) -> int:
+    """Whole-number factor by which a single image's pictures are enlarged on screen, so a small image
+    is not shown postage-stamp size; 1 for large images and for several images or a video."""
+    if not stored.is_single_image:
+        return 1
+    shown, _ = stored.display(0)
+    return max(1, SCREEN_MIN_SIDE // max(shown.size))
+
+
+def on_screen(stored: StoredRun, picture: Image.Image) -> Image.Image:
+    """The picture enlarged by `screen_zoom` with nearest-neighbour, so token cells keep sharp edges.
+    A click at (x, y) on it is at (x, y) / screen_zoom on the picture itself."""
+    zoom = screen_zoom(stored)
+    return picture if zoom == 1 else picture.resize((picture.size[0] * zoom, picture.size[1] * zoom), Image.NEAREST)
 
 
 def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.ndarray, tuple, str]]:

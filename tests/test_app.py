@@ -8,7 +8,7 @@ from PIL import Image
 
 import app
 from config import AppConfig
-from conftest import free_port
+from conftest import free_port, noise_image
 from pipeline import ModelSlot, RunStore
 
 VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
@@ -183,7 +183,7 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     # A new generation starts with the baseline and sink options unticked, whatever the boxes said.
     *_, last = handlers.generate(image_file, "Again", 2, False, 0.7, 0.9, 0, 0, *_view(), False, True, True, "",
                                  None, None)
-    assert last[-4:] == (False, False, [], "attention") and "Options" not in last[5]
+    assert last[8:12] == (False, False, [], "attention") and "Options" not in last[5]
 
 
 def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs, image_file):
@@ -322,3 +322,59 @@ def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_f
     assert caption1.startswith("Token 1")                                   # every token computed at once
     with pytest.raises(gr.Error, match="generated tokens"):
         handlers.render(run_id, *_view(), False, False, True, "", False, method)
+
+
+def test_a_new_result_clears_every_view_of_the_previous_one(handlers, tiny_model_dirs, image_file):
+    """Every value generate yields lands on a wired output, and the derived views are emptied."""
+    from pipeline import ModelSlot, RunStore
+    demo = app.build_ui(AppConfig(), ModelSlot(), RunStore(100))
+    wired = next(dep for dep in demo.config["dependencies"] if dep.get("api_name") == "generate")["outputs"]
+    components = {c["id"]: c.get("props", {}).get("elem_id") for c in demo.config["components"]}
+    names = [components[i] for i in wired]
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    *streamed, last = handlers.generate(image_file, "What is this?", 3, False, 0.7, 0.9, 0, 0, *_view(), None, None)
+    assert all(len(item) == len(wired) for item in [*streamed, last])
+    shown = dict(zip(names, last, strict=True))
+    for view in ("head-matrix", "text-attention", "logit-lens", "verify-plot", "verify-note", "region-plot",
+                 "analysis-note", "downloads"):
+        assert shown[view] in (None, "", []), view
+    assert shown["region-note"].startswith("Click the picture")
+
+
+def test_the_animation_has_one_labelled_frame_per_generated_token(handlers, tiny_model_dirs, image_file):
+    from PIL import Image as PILImage
+    from PIL import ImageChops
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file, max_new=5)[0]
+    run = handlers.store.get(run_id).run
+    path = handlers.download_animation(run_id, *_view())
+    with PILImage.open(path) as gif:
+        assert gif.n_frames == run.num_steps and max(gif.size) <= 512 + 64
+        frames = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            frames.append(gif.convert("RGB"))
+    assert len({frame.size for frame in frames}) == 1
+    # Consecutive tokens attend differently, so the pictures (maps and labels) differ frame to frame.
+    assert all(ImageChops.difference(a, b).getbbox() is not None for a, b in zip(frames, frames[1:], strict=False))
+
+
+def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(handlers, tiny_model_dirs, tmp_path):
+    from PIL import ImageChops
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    small = tmp_path / "small.png"
+    noise_image(160, 120, seed=2).save(small)
+    run_id = _generate(handlers, str(small))[0]
+    stored = handlers.store.get(run_id)
+    picture, _, _ = handlers.render(run_id, *_view())
+    assert picture.size == (640, 480)                                             # 4× with whole pixels
+    assert Image.open(handlers.download_png(run_id, *_view())).size == (160, 120)  # the file keeps true size
+    click = gr.SelectData(None, {"index": [4 * 155, 4 * 115], "value": None})      # bottom-right, on screen
+    region, _, _ = handlers.region_click(run_id, [], "overlay", evt=click)
+    grid_h, grid_w = stored.run.vision.grid_hw
+    assert region == [[grid_h - 1, grid_w - 1]]
+    outlined = handlers.render_region(run_id, region, *_view())
+    changed = ImageChops.difference(outlined.convert("RGB"), picture.convert("RGB")).getbbox()
+    x0, y0, x1, y1 = (4 * v for v in stored.run.vision.cell_box_xyxy(grid_h - 1, grid_w - 1))
+    assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4   # only that cell's outline (±1 px)
+    assert changed[2] <= x1 + 4 and changed[3] <= y1 + 4

@@ -91,7 +91,7 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         (REPO / "outputs").mkdir(exist_ok=True)
         page.screenshot(path=str(REPO / "outputs" / "browser-test-demo.png"), full_page=True)
 
-        page.locator("#analysis").get_by_text("Analysis:").click()          # verify the trained model's map
+        page.get_by_role("tab", name="Verify").click()                      # verify the trained model's map
         page.locator("#verify-btn").click()
         expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
         page.wait_for_timeout(500)
@@ -143,9 +143,7 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         (REPO / "outputs").mkdir(exist_ok=True)                           # docs/screenshot.png is a copy
         page.screenshot(path=str(REPO / "outputs" / "browser-test.png"), full_page=True)
 
-        page.locator("#analysis").get_by_text("Analysis:").click()          # open the analysis views
-        page.locator("#analysis-btn").click()
-        expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
+        page.locator("#analysis-btn").click()                                 # the first analysis tab
         expect(page.locator("#text-attention")).to_contain_text("[image:", timeout=20_000)
         matrix = page.locator("#head-matrix img")
         expect(matrix).to_be_visible(timeout=20_000)
@@ -154,7 +152,10 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         matrix.click(position={"x": box["width"] - 5, "y": box["height"] - 5})   # the last layer and head
         expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
         page.locator("#analysis").screenshot(path=str(REPO / "outputs" / "browser-test-analysis.png"))
+        page.get_by_role("tab", name="Per-head gallery").click()
+        expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
 
+        page.get_by_role("tab", name="Verify").click()
         page.locator("#verify-btn").click()                                   # faithfulness check
         expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
         page.wait_for_timeout(500)
@@ -165,10 +166,12 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-rollout.png"))
         page.get_by_test_id("attention-radio-label").click()
 
+        page.get_by_role("tab", name="Region → text").click()
         page.locator("#overlay img").click(position={"x": 20, "y": 20})        # image → text: pick a cell
         expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
         page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
 
+        page.get_by_text("More display options").click()
         page.locator("#mask-sinks input").check()                              # sinks and baselines
         expect(page.locator("#caption")).to_contain_text("sink cells masked", timeout=20_000)
         page.locator("#mask-sinks input").uncheck()
@@ -184,6 +187,28 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("2 images on one scale", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-images.png"))
+        # The new result cleared the views of the old one: no stale verify curve, region or matrix.
+        expect(page.locator("#region-note")).to_contain_text("Click the picture", timeout=10_000)
+        page.get_by_role("tab", name="Verify").click()
+        expect(page.locator("#verify-note")).not_to_contain_text("Deletion AUC", timeout=10_000)
+        browser.close()
+
+
+def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
+    """At 1280×720 the map, the token strip and both range controls are on screen together."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
+        page.set_viewport_size({"width": 1280, "height": 720})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(REPO / "outputs" / "browser-test-1280x720.png"))
+        for selector in ("#overlay img", "#token-chips", "#layer-range", "#head-range"):
+            box = page.locator(selector).first.bounding_box()
+            assert box is not None, selector
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 720, (selector, box)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (selector, box)
         browser.close()
 
 
@@ -203,6 +228,7 @@ def test_video_and_baseline_views(served_app, tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the ball?")
+        page.get_by_text("More display options").click()
         page.locator("#relative input").check()                              # a generic-prompt pass, cached
         expect(page.locator("#caption")).to_contain_text("divided by the generic-prompt map", timeout=60_000)
         page.locator("#exclude-system input").check()
