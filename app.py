@@ -10,7 +10,6 @@ The work happens in `pipeline.py`, `views.py` and the modules below them.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import threading
@@ -19,7 +18,7 @@ import gradio as gr
 import torch
 
 from attention_processor import REDUCTIONS
-from components import LoginGuard, image_upload, upload_bytes
+from components import LoginGuard, image_upload, range_slider, upload_bytes
 from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from handlers import Handlers, named_api
 from pipeline import ModelSlot, RunStore
@@ -62,11 +61,15 @@ def model_choices(cfg: AppConfig) -> list[str]:
 UNLOADED_SLIDER_MAX = 1023
 
 
-def _range_sliders(label: str, elem_id: str) -> tuple[gr.Slider, gr.Slider]:
-    with gr.Row(elem_id=elem_id, elem_classes="range-row"):
-        lo = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo")
-        hi = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi")
-    return lo, hi
+def _range(label: str, elem_id: str) -> tuple[gr.HTML, gr.Slider, gr.Slider]:
+    """A two-handle range (what the user moves) and the two plain values it keeps in step, hidden: the
+    API's `{layers,heads}_{lo,hi}` parameters and every handler read those."""
+    shown = range_slider(label, elem_id, maximum=0)
+    lo = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo",
+                   visible="hidden")
+    hi = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi",
+                   visible="hidden")
+    return shown, lo, hi
 
 
 def build_analysis() -> dict[str, gr.components.Component]:
@@ -135,10 +138,11 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                     label="Model (preset, hub id or local folder)" if cfg.allow_model_loading else
                                     "Model (this server's operator turned loading other models off)",
                                     interactive=cfg.allow_model_loading, elem_id="model-id", scale=4,
-                                    show_label=False, container=False)
+                                    show_label=not cfg.allow_model_loading, container=not cfg.allow_model_loading)
             load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading,
                                  size="md")
-            status = gr.Markdown("Starting…", elem_id="model-status", scale=5)
+        status = gr.Markdown("Starting…", elem_id="model-status")
+
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=260):
                 image = image_upload(upload_bytes(cfg.max_upload), image_mode=None, label="Image",
@@ -176,8 +180,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                   title="Attention share on the image per generated token", y_lim=[0, 1],
                                   elem_id="share-plot", height=220)
             with gr.Column(scale=2, min_width=260):
-                layer_lo, layer_hi = _range_sliders("Layers", "layer-range")
-                head_lo, head_hi = _range_sliders("Heads", "head-range")
+                layer_range, layer_lo, layer_hi = _range("Layers", "layer-range")
+                head_range, head_lo, head_hi = _range("Heads", "head-range")
                 method = gr.Radio(list(METHODS), value="attention", elem_id="method",
                                   label="Map: raw attention (the ranges apply), rollout, gradient-weighted, or "
                                         "pushed through the vision encoder (vit); the last three on demand")
@@ -208,7 +212,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
                        view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method]
-        sliders = [layer_lo, layer_hi, head_lo, head_hi]
+        ranges = [layer_range, head_range]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
         render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
@@ -218,11 +222,11 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
         load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
-                       [status, *sliders], api_name="load_model", **model_events)
+                       [status, *ranges], api_name="load_model", **model_events)
         status_timer = gr.Timer(2.0, active=False)
         page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
-        demo.load(h.page_load, None, [status, *sliders, status_timer], **page_events)
-        status_timer.tick(h.page_load, None, [status, *sliders, status_timer], **page_events)
+        demo.load(h.page_load, None, [status, *ranges, status_timer], **page_events)
+        status_timer.tick(h.page_load, None, [status, *ranges, status_timer], **page_events)
         generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
                                               "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
                                  progress=True, request=True)
@@ -239,9 +243,12 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
               **render_events)
         alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
                     **render_events)
-        for name, slider in zip(("layer_lo", "layer_hi", "head_lo", "head_hi"), sliders, strict=True):
-            slider.input(functools.partial(h.render_clamped, name), [run_id, *view_inputs],
-                         [*view_outputs, *sliders], api_name=False, trigger_mode="always_last", **render_events)
+        for shown, lo, hi in ((layer_range, layer_lo, layer_hi), (head_range, head_lo, head_hi)):
+            # In the browser: the range's [lo, hi] into the two values, then one redraw (the newest wins).
+            shown.change(None, [shown], [lo, hi], js="(range) => [range[0], range[1]]", api_name=False,
+                         trigger_mode="always_last", queue=False).then(
+                h.refresh, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
+                **render_events)
         chips.input(h.pick_chip, [chips], [token, prompt_token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(
@@ -254,7 +261,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"], matrix_ranges]
         gr.on([analysis["show"].click, analysis["metric"].input], named_api(h.analysis, ("run_id", "metric")),
               analysis_inputs, analysis_outputs, api_name="analysis", **render_events)
-        analysis["matrix"].select(h.matrix_click, [run_id, matrix_ranges, *view_inputs], [*view_outputs, *sliders],
+        analysis["matrix"].select(h.matrix_click, [matrix_ranges], ranges,
                                   api_name=False, **render_events)
         picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
                                                                 analysis["region_note"]],

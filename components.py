@@ -1,4 +1,5 @@
-"""Gradio pieces the layout in `app.py` uses: a bounded image upload and the login back-off."""
+"""Gradio pieces the layout in `app.py` uses: a two-handle range slider, a bounded image upload and the
+login back-off."""
 
 from __future__ import annotations
 
@@ -8,6 +9,101 @@ import time
 import types
 
 import gradio as gr
+
+_RANGE_HTML = """
+<div class="rs" aria-label="${label}">
+  <div class="rs-head"><span class="rs-label">${label}</span>
+    <span class="rs-text">${value[0] === value[1] ? value[0] : value[0] + '–' + value[1]}</span>
+    <span class="rs-of">of 0–${maximum}</span></div>
+  <div class="rs-track">
+    <div class="rs-fill" style="left:${100 * value[0] / Math.max(maximum, 1)}%;
+         width:${100 * (value[1] - value[0]) / Math.max(maximum, 1)}%"></div>
+    <div class="rs-handle" role="slider" tabindex="0" data-which="0" id="${handle}-lo"
+         aria-label="${label} from" aria-valuemin="0" aria-valuemax="${maximum}" aria-valuenow="${value[0]}"
+         style="left:${100 * value[0] / Math.max(maximum, 1)}%"></div>
+    <div class="rs-handle" role="slider" tabindex="0" data-which="1" id="${handle}-hi"
+         aria-label="${label} to" aria-valuemin="0" aria-valuemax="${maximum}" aria-valuenow="${value[1]}"
+         style="left:${100 * value[1] / Math.max(maximum, 1)}%"></div>
+  </div>
+</div>
+"""
+
+_RANGE_CSS = """
+.rs { padding: 6px 10px 10px; user-select: none; }
+.rs-head { display: flex; gap: 8px; align-items: baseline; font-size: 0.9em; margin-bottom: 10px; }
+.rs-label { font-weight: 600; }
+.rs-text { font-variant-numeric: tabular-nums; }
+.rs-of { color: var(--body-text-color-subdued); margin-left: auto; }
+.rs-track { position: relative; height: 6px; margin: 0 9px; border-radius: 3px; cursor: pointer;
+            background: var(--neutral-200); }
+.rs-fill { position: absolute; top: 0; height: 100%; border-radius: 3px; background: var(--color-accent); }
+.rs-handle { position: absolute; top: 50%; width: 18px; height: 18px; margin: -9px 0 0 -9px; border-radius: 50%;
+             background: white; border: 2px solid var(--color-accent); box-sizing: border-box; cursor: grab;
+             touch-action: none; }
+.rs-handle:focus-visible { outline: 3px solid var(--color-accent-soft); outline-offset: 1px; }
+"""
+
+# Dragging moves the handle at once and commits the value as it changes; keys: arrows ±1, Page ±10%,
+# Home / End. A handle pushed past the other takes it along. Setting props.value fires `.change`.
+_RANGE_JS = """
+const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
+let focusWhich = null;
+function commit(which, v) {
+  const max = Number(props.maximum);
+  let [lo, hi] = props.value.map(Number);
+  v = clamp(Math.round(v), 0, max);
+  if (which === 0) { lo = v; hi = Math.max(hi, lo); } else { hi = v; lo = Math.min(lo, hi); }
+  if (lo !== Number(props.value[0]) || hi !== Number(props.value[1])) {
+    focusWhich = which;
+    props.value = [lo, hi];
+    requestAnimationFrame(() => {
+      const handle = element.querySelector('.rs-handle[data-which="' + focusWhich + '"]');
+      if (handle && document.activeElement !== handle && focusWhich !== null) handle.focus();
+    });
+  }
+}
+function valueAt(clientX) {
+  const rect = element.querySelector('.rs-track').getBoundingClientRect();
+  return (clientX - rect.left) / Math.max(rect.width, 1) * Number(props.maximum);
+}
+let dragging = null;
+element.addEventListener('pointerdown', (e) => {
+  const track = e.target.closest('.rs-track');
+  if (!track) return;
+  const handle = e.target.closest('.rs-handle');
+  const v = valueAt(e.clientX);
+  const [lo, hi] = props.value.map(Number);
+  dragging = handle ? Number(handle.dataset.which) : (Math.abs(v - lo) <= Math.abs(v - hi) ? 0 : 1);
+  element.setPointerCapture && element.setPointerCapture(e.pointerId);
+  commit(dragging, v);
+  e.preventDefault();
+});
+element.addEventListener('pointermove', (e) => { if (dragging !== null) commit(dragging, valueAt(e.clientX)); });
+const stop = () => { dragging = null; };
+element.addEventListener('pointerup', stop);
+element.addEventListener('pointercancel', stop);
+element.addEventListener('keydown', (e) => {
+  const handle = e.target.closest('.rs-handle');
+  if (!handle) return;
+  const which = Number(handle.dataset.which), max = Number(props.maximum);
+  const now = Number(props.value[which]), page = Math.max(1, Math.round(max / 10));
+  const moves = {ArrowLeft: now - 1, ArrowDown: now - 1, ArrowRight: now + 1, ArrowUp: now + 1,
+                 PageDown: now - page, PageUp: now + page, Home: 0, End: max};
+  if (!(e.key in moves)) return;
+  e.preventDefault();
+  commit(which, moves[e.key]);
+});
+"""
+
+
+def range_slider(label: str, elem_id: str, maximum: int, value: tuple[int, int] = (0, 0)) -> gr.HTML:
+    """One inclusive integer range [lo, hi] in 0..maximum with two handles (`role="slider"`, ids
+    `{elem_id}-handle-lo` and `{elem_id}-handle-hi`): drag them, click the track, or focus one and use
+    the arrow keys, Page Up / Down, Home and End. Its value is `[lo, hi]`; it fires `.change` as it moves.
+    Update it with `gr.HTML(value=[lo, hi], maximum=m)`."""
+    return gr.HTML(value=list(value), html_template=_RANGE_HTML, css_template=_RANGE_CSS, js_on_load=_RANGE_JS,
+                   elem_id=elem_id, label=label, maximum=int(maximum), handle=f"{elem_id}-handle",
+                   apply_default_css=False)
 
 
 def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:

@@ -154,14 +154,14 @@ class Handlers:
 
     # -- model ------------------------------------------------------------------------------------
     def model_status(self) -> tuple:
+        """(status line, layer range, head range): the ranges span the loaded model, set to its defaults."""
         holder = self.slot.holder
         if holder is None:
-            return ("**No model loaded.** Pick one and press Load.",) + (gr.Slider(maximum=1, value=0),) * 4
+            return ("**No model loaded.** Pick one and press Load.",) + (gr.HTML(value=[0, 0], maximum=0),) * 2
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
-        (layer_lo, layer_hi), (head_lo, head_hi) = recommended_ranges(holder.model_id, layer_max, head_max)
+        layers, heads = recommended_ranges(holder.model_id, layer_max, head_max)
         return (f"**Loaded:** {as_text(holder.describe())}",
-                gr.Slider(maximum=layer_max, value=layer_lo), gr.Slider(maximum=layer_max, value=layer_hi),
-                gr.Slider(maximum=head_max, value=head_lo), gr.Slider(maximum=head_max, value=head_hi))
+                gr.HTML(value=list(layers), maximum=layer_max), gr.HTML(value=list(heads), maximum=head_max))
 
     @user_errors
     def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
@@ -276,18 +276,17 @@ class Handlers:
     def render(self, run_id, *view_values):
         return self._render_with(self.store.get(run_id), self._settings(*view_values))
 
-    def render_clamped(self, moved: str, run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest):
-        """For the range sliders: the handle being moved pushes the other one along."""
-        if moved == "layer_lo":
-            layer_hi = max(layer_hi, layer_lo)
-        elif moved == "layer_hi":
-            layer_lo = min(layer_lo, layer_hi)
-        elif moved == "head_lo":
-            head_hi = max(head_hi, head_lo)
-        else:
-            head_lo = min(head_lo, head_hi)
-        view = self.render(run_id, step_idx, layer_lo, layer_hi, head_lo, head_hi, *rest)
-        return (*view, layer_lo, layer_hi, head_lo, head_hi)
+    @user_errors
+    def refresh(self, run_id, *view_values):
+        """`render` after the ranges moved; nothing to draw (no result yet) leaves the views as they are."""
+        if run_id is None:
+            return (gr.skip(),) * 3
+        try:
+            return self.render(run_id, *view_values)
+        except gr.Error:                        # ranges of a newly loaded model over an older model's result
+            if self.slot.holder is not None and self.store.get(run_id).run.model_id != self.slot.holder.model_id:
+                return (gr.skip(),) * 3
+            raise
 
     def pick_chip(self, step_idx):
         """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
@@ -338,17 +337,13 @@ class Handlers:
                 [(tile, name) for name, tile in tiles], note, [list(s.layers), list(s.heads)])
 
     @user_errors
-    def matrix_click(self, run_id, matrix_ranges, token, layer_lo, layer_hi, head_lo, head_hi, aggregation,
-                     normalization, colormap, alpha, view, grid, renormalize, mask_sinks, relative, prompt_token,
-                     exclude_system=False, method="attention", evt: gr.SelectData = None):
-        """A click on the layer × head matrix selects that single layer and head (Gradio passes the click
-        as `evt`, so the view controls are spelled out here)."""
+    def matrix_click(self, matrix_ranges, evt: gr.SelectData = None):
+        """A click on the layer × head matrix selects that single layer and head: the new (layer range,
+        head range)."""
         if not matrix_ranges:
             raise gr.Error("Press 'Show analysis' first.")
         layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
-        rendered = self.render(run_id, token, layer, layer, head, head, aggregation, normalization, colormap, alpha,
-                               view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method)
-        return (*rendered, layer, layer, head, head)
+        return [layer, layer], [head, head]                              # the ranges' change redraws the map
 
     @user_errors
     def region_click(self, run_id, region, view, evt: gr.SelectData):

@@ -38,9 +38,10 @@ def _generate(h, image_file, prompt="What is this?", max_new=4):
 
 
 def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
-    status, lo, hi, head_lo, head_hi = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    status, layers, heads = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
-    assert hi.maximum == 2 and head_hi.maximum == 3
+    assert (layers.props["maximum"], heads.props["maximum"]) == (2, 3)
+    assert (layers.value, heads.value) == ([0, 2], [0, 3])
     run_id, answer, dropdown, chips, picture, caption, plot, prompt_dropdown, *_ = _generate(handlers, image_file)
     assert len(dropdown.choices) == handlers.store.get(run_id).run.num_steps
     assert picture.size == (400, 300) and caption.startswith("Token 0 ")
@@ -53,9 +54,6 @@ def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     assert "layers 1 ·" in caption2 and np.asarray(other).tolist() != np.asarray(picture).tolist()
     side, _, _ = handlers.render(run_id, *_view(view="side_by_side"))
     assert side.size[0] > 800
-    # Moving the lower handle past the upper one pushes the upper one along.
-    *_, layer_lo, layer_hi, _, _ = handlers.render_clamped("layer_lo", run_id, *_view(layer_lo=2, layer_hi=1))
-    assert (layer_lo, layer_hi) == (2, 2)
     png = handlers.download_png(run_id, *_view())
     assert Image.open(png).format == "PNG"
     tensors, meta = handlers.export_attention(run_id)
@@ -162,15 +160,10 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert np.asarray(entropy_matrix).tolist() != np.asarray(matrix).tolist()
     # A click on the matrix cell of layer 1, head 2 selects exactly that head.
     event = gr.SelectData(None, {"index": [36 + 2 * 22 + 5, 36 + 1 * 22 + 5], "value": None})
-    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, ranges, *_view(), False, False, False, None,
-                                                         evt=event)
-    assert (lo, hi, head_lo, head_hi) == (1, 1, 2, 2)
+    assert handlers.matrix_click(ranges, evt=event) == ([1, 1], [2, 2])
     # A second click uses the ranges the matrix was drawn with, not the single head now selected.
     event = gr.SelectData(None, {"index": [36 + 0 * 22 + 5, 36 + 2 * 22 + 5], "value": None})
-    *_, lo, hi, head_lo, head_hi = handlers.matrix_click(run_id, ranges, *_view(layer_lo=1, layer_hi=1, head_lo=2,
-                                                                                head_hi=2), False, False, False,
-                                                         None, evt=event)
-    assert (lo, hi, head_lo, head_hi) == (2, 2, 0, 0)
+    assert handlers.matrix_click(ranges, evt=event) == ([2, 2], [0, 0])
     archive = zipfile.ZipFile(handlers.gallery_download(run_id, *_view(layer_lo=2, layer_hi=2)))
     assert sorted(archive.namelist()) == [f"S1_L3_H{h}.png" for h in range(1, 5)]
     for option in ("renormalize", "mask_sinks"):

@@ -76,8 +76,8 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(served_default)
         expect(page.locator("#model-status")).to_contain_text("demo_model", timeout=60_000)
-        expect(page.locator("#layer-range-lo input[type=number]")).to_have_value(str(DEMO_RANGES[0][0]),
-                                                                                 timeout=10_000)
+        expect(page.locator("#layer-range-handle-lo")).to_have_attribute("aria-valuenow", str(DEMO_RANGES[0][0]),
+                                                                        timeout=10_000)
         page.get_by_text("What color is the circle?").first.click()           # an example row
         expect(page.locator("#prompt textarea")).to_have_value("What color is the circle?", timeout=10_000)
         page.locator("#generate-btn").click()
@@ -129,17 +129,25 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         expect(page.locator("#token-dropdown input")).to_have_value(re.compile(r"^1: "), timeout=5_000)
         token1 = _picture_src(page)
 
-        slider = page.locator("#layer-range-hi input[type=range]")
-        slider.focus()
-        slider.press("Home")                                               # layers 0..0
+        assert page.locator("#layer-range [role=slider], #head-range [role=slider]").count() == 4
+        upper = page.locator("#layer-range-handle-hi")
+        upper.focus()
+        upper.press("Home")                                                # pushes the lower one: layers 0..0
         expect(page.locator("#caption")).to_contain_text("layers 0 ·", timeout=20_000)
         expect(page.locator("#caption")).to_contain_text("Token 1")
         page.wait_for_function("(old) => document.querySelector('#overlay img').src !== old", arg=token1,
                                timeout=20_000)
         assert _picture_src(page) not in (first, token1)
 
-        page.locator("#layer-range-hi input[type=range]").press("End")      # back to all layers
+        upper.press("End")                                                  # back to all layers
         expect(page.locator("#caption")).to_contain_text("layers 0–", timeout=20_000)
+        lower = page.locator("#head-range-handle-lo")                       # arrow keys move one head
+        lower.focus()
+        lower.press("ArrowRight")
+        expect(page.locator("#caption")).to_contain_text("heads 1–3", timeout=20_000)
+        expect(lower).to_be_focused()                                       # keeps focus for the next key
+        lower.press("ArrowLeft")
+        expect(page.locator("#caption")).to_contain_text("heads 0–3", timeout=20_000)
         (REPO / "outputs").mkdir(exist_ok=True)                           # docs/screenshot.png is a copy
         page.screenshot(path=str(REPO / "outputs" / "browser-test.png"), full_page=True)
 
