@@ -106,9 +106,13 @@ def build_analysis() -> dict[str, gr.components.Component]:
                 verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
                                        elem_id="verify-btn")
                 verify_note = gr.Markdown("", elem_id="verify-note")
-            verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
-                                      elem_id="verify-plot", y_lim=[0, 1],
-                                      title="Probability of the token as cells are deleted or inserted")
+            with gr.Row():
+                verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
+                                          elem_id="verify-plot", y_lim=[0, 1],
+                                          title="Deleting cells: the token's probability (lower AUC = better map)")
+                verify_insertion = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
+                                               elem_id="verify-plot-insertion", y_lim=[0, 1],
+                                               title="Inserting cells: the token's probability (higher AUC = better)")
         with gr.Tab("Logit lens", elem_id="tab-lens"):
             with gr.Row():
                 lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
@@ -117,11 +121,12 @@ def build_analysis() -> dict[str, gr.components.Component]:
     return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
             "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
             "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file, "verify_btn": verify_btn,
-            "verify_plot": verify_plot, "verify_note": verify_note}
+            "verify_plot": verify_plot, "verify_insertion": verify_insertion, "verify_note": verify_note}
 
 
 # Views computed from one result; a new result clears them (handlers.Handlers.generate).
-DERIVED_VIEWS = ("matrix", "text", "gallery", "note", "lens_view", "lens_file", "verify_plot", "verify_note",
+DERIVED_VIEWS = ("matrix", "text", "gallery", "note", "lens_view", "lens_file", "verify_plot", "verify_insertion",
+                 "verify_note",
                  "region_plot", "region_note")
 
 
@@ -178,7 +183,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                                elem_id="prompt-token-dropdown", allow_custom_value=True)
                 plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
                                   title="Attention share on the image per generated token", y_lim=[0, 1],
-                                  elem_id="share-plot", height=220)
+                                  elem_id="share-plot", height=220,
+                                  color_map={"selected": "#d62728", "other": "#b8c4d6"})
             with gr.Column(scale=2, min_width=260):
                 layer_range, layer_lo, layer_hi = _range("Layers", "layer-range")
                 head_range, head_lo, head_hi = _range("Heads", "head-range")
@@ -221,12 +227,17 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         extra_state, video_state, region = gr.State([]), gr.State(None), gr.State([])
         extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
-        load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
-                       [status, *ranges], api_name="load_model", **model_events)
+        # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
+        # says why, the picker goes back to the loaded model, and the status and ranges stay.
+        load_result = gr.Textbox(visible="hidden", elem_id="load-result")       # the API's answer
+        loading = load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
+                                 [load_result], api_name="load_model", **model_events)
+        loading.success(h.model_status, None, [status, *ranges, video], api_name=False, queue=False)
+        loading.failure(h.loaded_model_id, None, [model_box], api_name=False, queue=False)
         status_timer = gr.Timer(2.0, active=False)
         page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
-        demo.load(h.page_load, None, [status, *ranges, status_timer], **page_events)
-        status_timer.tick(h.page_load, None, [status, *ranges, status_timer], **page_events)
+        demo.load(h.page_load, None, [status, *ranges, video, status_timer], **page_events)
+        status_timer.tick(h.page_load, None, [status, *ranges, video, status_timer], **page_events)
         generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
                                               "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
                                  progress=True, request=True)
@@ -274,7 +285,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                                    [analysis["lens_view"], analysis["lens_file"]], api_name="logit_lens",
                                    **model_events)
         analysis["verify_btn"].click(named_api(h.verify, ("run_id",), progress=True), [run_id, *view_inputs],
-                                     [analysis["verify_plot"], analysis["verify_note"]], api_name="verify",
+                                     [analysis["verify_plot"], analysis["verify_insertion"], analysis["verify_note"]],
+                                     api_name="verify",
                                      **model_events)
         analysis["zip"].click(named_api(h.gallery_download, ("run_id",)), [run_id, *view_inputs], [files],
                               api_name="gallery_zip", **render_events)

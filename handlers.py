@@ -69,9 +69,11 @@ VIEW_CONTROLS: dict[str, object] = {
     "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
     "method": "attention",
 }
+# The map's order in a strong colour, the random order in grey, in both verify plots.
+VERIFY_COLORS = ("#d62728", "#7f7f7f")
 # What a new result shows in the views derived from the previous one (the analysis tabs, in the order
 # of app.DERIVED_VIEWS), so nothing on the page belongs to an older run; then the downloads are emptied.
-CLEARED_VIEWS = (None, None, [], "", "", None, None, "", None, "Click the picture to pick token cells.")
+CLEARED_VIEWS = (None, None, [], "", "", None, None, None, "", None, "Click the picture to pick token cells.")
 # Errors a user can act on; anything else is a bug and reaches the log with its traceback.
 USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
 
@@ -154,17 +156,22 @@ class Handlers:
 
     # -- model ------------------------------------------------------------------------------------
     def model_status(self) -> tuple:
-        """(status line, layer range, head range): the ranges span the loaded model, set to its defaults."""
+        """(status line, layer range, head range, video input): the ranges span the loaded model, set to
+        its defaults; the video input shows only for a model that takes video."""
         holder = self.slot.holder
         if holder is None:
-            return ("**No model loaded.** Pick one and press Load.",) + (gr.HTML(value=[0, 0], maximum=0),) * 2
+            return (("**No model loaded.** Pick one and press Load.",) + (gr.HTML(value=[0, 0], maximum=0),) * 2
+                    + (gr.Video(visible=False),))
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         layers, heads = recommended_ranges(holder.model_id, layer_max, head_max)
         return (f"**Loaded:** {as_text(holder.describe())}",
-                gr.HTML(value=list(layers), maximum=layer_max), gr.HTML(value=list(heads), maximum=head_max))
+                gr.HTML(value=list(layers), maximum=layer_max), gr.HTML(value=list(heads), maximum=head_max),
+                gr.Video(visible=holder.takes_video))
 
     @user_errors
-    def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> tuple:
+    def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> str:
+        """Load a model for everyone; returns the status line. A failure changes nothing (the message
+        says why); the page then puts the picker back on the loaded model (`loaded_model_id`)."""
         if not self.cfg.allow_model_loading:
             raise gr.Error("Loading other models is turned off on this server; its operator chose the model. "
                            "Start the app with --allow-model-loading to change that.")
@@ -173,13 +180,18 @@ class Handlers:
         progress(0, desc=f"Loading {model_id}")
         self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code,
                        self.cfg.max_pixels_cap)
-        return self.model_status()
+        return self.model_status()[0]
+
+    def loaded_model_id(self):
+        """The picker's value after a failed load: the model still loaded (the typed id is dropped)."""
+        holder = self.slot.holder
+        return gr.Dropdown(value=holder.model_id) if holder is not None else gr.skip()
 
     def page_load(self) -> tuple:
         """A new page's model status, at once. While the start-up model loads, a note and an active timer
         that asks again (a page load never waits for the load, so it never holds a worker)."""
         if not self.slot.ready.is_set():
-            return (("**Loading the start-up model…** This page updates when it is ready.",) + (gr.skip(),) * 4
+            return (("**Loading the start-up model…** This page updates when it is ready.",) + (gr.skip(),) * 3
                     + (gr.Timer(active=True),))
         return self.model_status() + (gr.Timer(active=False),)
 
@@ -399,11 +411,16 @@ class Handlers:
         stored, s = self._single(run_id), self._settings(*view_values)
         progress(0, desc="Blurring cells in map order and in a random order")
         result = verify_map(self.slot, stored, s)
-        curves = {"deletion (map order)": result.deletion, "deletion (random order)": result.random_deletion,
-                  "insertion (map order)": result.insertion, "insertion (random order)": result.random_insertion}
-        table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
-                              for name, curve in curves.items() for f, p in zip(result.fractions, curve, strict=True)])
-        return table, verify_note(result.summary())
+        auc = result.summary()
+
+        def plot(kind: str) -> gr.LinePlot:                             # map vs random order, AUCs in the legend
+            names = {kind: f"map order (AUC {auc[kind]:.3f})",
+                     f"random_{kind}": f"random order (AUC {auc[f'random_{kind}']:.3f})"}
+            table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
+                                  for key, name in names.items()
+                                  for f, p in zip(result.fractions, getattr(result, key), strict=True)])
+            return gr.LinePlot(value=table, color_map=dict(zip(names.values(), VERIFY_COLORS, strict=True)))
+        return plot("deletion"), plot("insertion"), verify_note(auc)
 
     @user_errors
     def gallery_download(self, run_id, *view_values) -> str:

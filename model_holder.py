@@ -181,6 +181,11 @@ class ModelHolder:
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def takes_video(self) -> bool:
+        """Whether this checkpoint takes a video: a Qwen family whose chat template has a video part."""
+        return supports_video(self.family) and "video" in str(getattr(self.processor, "chat_template", "") or "")
+
     def describe(self) -> str:
         """One line for status bars: family, sizes, device and dtype."""
         dtype = str(self.dtype).replace("torch.", "")
@@ -297,6 +302,9 @@ class ModelHolder:
                 raise ValueError("Give either images or a video, not both.")
             if not supports_video(self.family):
                 raise ValueError(f"Video input needs a Qwen model; {SUPPORTED_FAMILIES[self.family]} takes images.")
+            if not self.takes_video:
+                raise ValueError("This checkpoint's chat template has no video part, so it cannot be given a "
+                                 "video. Use images, or load a checkpoint whose template takes video.")
             return [], load_video(video)
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:

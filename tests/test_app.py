@@ -3,6 +3,7 @@
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -38,7 +39,9 @@ def _generate(h, image_file, prompt="What is this?", max_new=4):
 
 
 def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
-    status, layers, heads = handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    assert handlers.load_model(str(tiny_model_dirs["qwen2_vl"])) == handlers.model_status()[0]
+    status, layers, heads, video = handlers.model_status()
+    assert video.visible is True                                            # this template takes video
     assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
     assert (layers.props["maximum"], heads.props["maximum"]) == (2, 3)
     assert (layers.value, heads.value) == ([0, 2], [0, 3])
@@ -116,7 +119,7 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
                 ssr_mode=False, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        status, *_ = client.predict(str(tiny_model_dirs["llava"]), api_name="/load_model")
+        status = client.predict(str(tiny_model_dirs["llava"]), api_name="/load_model")
         assert "LLaVA-1.5" in status
         result = client.predict(handle_file(image_file), "What is this?", 3, False, 0.7, 0.9, 0, 0,
                                 *_view()[:1], 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", True,
@@ -289,10 +292,14 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
 def test_verify_this_map(handlers, tiny_model_dirs, image_file):
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
-    table, verdict = handlers.verify(run_id, *_view())
-    assert set(table["curve"]) == {"deletion (map order)", "deletion (random order)", "insertion (map order)",
-                                   "insertion (random order)"}
-    assert len(table) == 4 * 9 and table["probability"].between(0, 1).all()
+    deletion, insertion, verdict = handlers.verify(run_id, *_view())
+    for plot in (deletion, insertion):
+        value = plot.value
+        table = value if isinstance(value, pd.DataFrame) else pd.DataFrame(value["data"], columns=value["columns"])
+        names = sorted(set(table["curve"]))                                   # the AUCs are in the legend
+        assert [name.split(" (AUC ")[0] for name in names] == ["map order", "random order"]
+        assert len(table) == 2 * 9 and table["probability"].between(0, 1).all()
+        assert set(plot.color_map) == set(names)                             # one strong colour, one grey
     assert "Deletion AUC" in verdict and "Insertion AUC" in verdict
     with pytest.raises(gr.Error, match="generated tokens"):
         handlers.verify(run_id, *_view(), False, False, False, 5)
@@ -371,3 +378,16 @@ def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(hand
     x0, y0, x1, y1 = (4 * v for v in stored.run.vision.cell_box_xyxy(grid_h - 1, grid_w - 1))
     assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4   # only that cell's outline (±1 px)
     assert changed[2] <= x1 + 4 and changed[3] <= y1 + 4
+
+
+def test_page_load_and_model_status_fill_exactly_the_wired_outputs(handlers, tiny_model_dirs):
+    from pipeline import ModelSlot, RunStore
+    demo = app.build_ui(AppConfig(), ModelSlot(), RunStore(100))
+    components = {c["id"]: c.get("props", {}).get("elem_id") for c in demo.config["components"]}
+    wired = [[components[i] for i in dep["outputs"]] for dep in demo.config["dependencies"]
+             if dep["outputs"] and components[dep["outputs"][0]] == "model-status"]
+    assert wired and all(names[:4] == ["model-status", "layer-range", "head-range", "video-input"] for names in wired)
+    assert len(handlers.model_status()) == 4
+    assert len(handlers.page_load()) == max(len(names) for names in wired)
+    handlers.load_model(str(tiny_model_dirs["llava"]))
+    assert handlers.model_status()[3].visible is False                      # LLaVA takes no video

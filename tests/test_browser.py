@@ -203,8 +203,9 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
 
 
 def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
-    """At 1280×720 the map, the token strip and both range controls are on screen together."""
-    from playwright.sync_api import sync_playwright
+    """At 1280×720 the map, the token strip and both range controls are on screen together; exports are
+    listed by name; a failed load changes nothing on the page."""
+    from playwright.sync_api import expect, sync_playwright
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
@@ -217,6 +218,20 @@ def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
             assert box is not None, selector
             assert box["y"] >= 0 and box["y"] + box["height"] <= 720, (selector, box)
             assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (selector, box)
+
+        page.locator("#export-btn").click()                                   # every file, named for what it is
+        expect(page.locator("#downloads")).to_contain_text("-attention .safetensors", timeout=20_000)
+        expect(page.locator("#downloads")).to_contain_text("-metadata .json")
+        page.locator("#gif-btn").click()
+        expect(page.locator("#downloads")).to_contain_text("attention-animation", timeout=30_000)
+
+        page.locator("#model-id input").fill("/no/such/model-folder")        # a failed load changes nothing
+        page.locator("#load-btn").click()
+        expect(page.locator(".toast-body").first).to_contain_text("local folder", timeout=20_000)
+        expect(page.locator("#model-id input")).not_to_have_value("/no/such/model-folder", timeout=10_000)
+        expect(page.locator("#model-status")).to_contain_text("Loaded")
+        assert page.locator("#model-status .error, #layer-range .error, #head-range .error").count() == 0
+        page.screenshot(path=str(REPO / "outputs" / "browser-test-failed-load.png"))
         browser.close()
 
 
