@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import threading
 
 import gradio as gr
 import torch
 
 from attention_processor import REDUCTIONS
-from components import LoginGuard, image_upload, range_slider, upload_bytes
+from components import LoginGuard, image_upload, matrix_heatmap, range_slider, upload_bytes
 from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
+from demo_data import guide as demo_guide
 from handlers import Handlers, named_api
 from pipeline import ModelSlot, RunStore
 from views import DISPLAY_NORMALIZATIONS, METHODS, VIEWS
@@ -81,8 +83,8 @@ def build_analysis() -> dict[str, gr.components.Component]:
                                   label="Matrix: attention share on the image, or spatial entropy of each head's map")
                 show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
             with gr.Row():
-                matrix = gr.Image(type="pil", format="png", interactive=False, elem_id="head-matrix",
-                                  label="Layer × head, 0-based (click a cell to show that head's map)")
+                matrix = matrix_heatmap("Layer × head, 0-based (click a cell to show that head's map)",
+                                        "head-matrix")
                 text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
                                           "system prompt', those are shown unhighlighted)", elem_id="text-attention")
             note = gr.Markdown("", elem_id="analysis-note")
@@ -171,6 +173,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                 examples = example_rows()
                 if examples:
                     gr.Examples(examples, [image, prompt], label="Examples for the demo model", examples_per_page=6)
+                    gr.Markdown(demo_guide(), elem_id="demo-guide")
             with gr.Column(scale=4, min_width=360):
                 chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
                 picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
@@ -268,12 +271,10 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         method.input(named_api(h.method_select, ("run_id",), progress=True), [run_id, *view_inputs], view_outputs,
                      api_name="method", **model_events)
         analysis_inputs = [run_id, analysis["metric"], *view_inputs]
-        matrix_ranges = gr.State([])
-        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"], matrix_ranges]
+        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"]]
         gr.on([analysis["show"].click, analysis["metric"].input], named_api(h.analysis, ("run_id", "metric")),
               analysis_inputs, analysis_outputs, api_name="analysis", **render_events)
-        analysis["matrix"].select(h.matrix_click, [matrix_ranges], ranges,
-                                  api_name=False, **render_events)
+        analysis["matrix"].change(h.matrix_pick, [analysis["matrix"]], ranges, api_name=False, queue=False)
         picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
                                                                 analysis["region_note"]],
                        api_name=False, **render_events).then(
@@ -345,8 +346,9 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
     def load():
         try:
             slot.load(model_id, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.max_pixels_cap)
-        except Exception as err:                                        # the page shows "no model loaded"
+        except Exception as err:                                        # the page says why, and what to do
             logger.error("could not load %s: %s", model_id, err)
+            slot.startup_failure = f"{model_id}: {err}"
         finally:
             slot.ready.set()
     threading.Thread(target=load, daemon=True).start()
@@ -372,9 +374,22 @@ def exposure_warnings(cfg: AppConfig) -> list[str]:
     return warnings
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another program already listens on (host, port)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    if port_in_use(cfg.host, cfg.port):
+        raise SystemExit(f"Port {cfg.port} on {cfg.host} is already in use (another copy of the app?). Stop that "
+                         f"program, or start this one on another port: python app.py --port {cfg.port + 1}")
     for warning in exposure_warnings(cfg):
         logger.warning(warning)
     cfg.outputs_dir.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,54 @@ element.addEventListener('keydown', (e) => {
 """
 
 
+_MATRIX_HTML = """
+${value && value.cells ? `
+<div class="mx">
+  <div class="mx-title">${value.title}</div>
+  <div class="mx-grid" style="grid-template-columns: 2.6em repeat(${value.heads.length}, minmax(6px, 1fr));">
+    <div class="mx-corner">L \\ H</div>
+    ${value.heads.map((h) => `<div class="mx-col">${h}</div>`).join('')}
+    ${value.cells.map((row, i) => `<div class="mx-row">${value.layers[i]}</div>` + row.map((cell, j) =>
+      `<div class="mx-cell" role="button" tabindex="-1" style="background:${cell[1]}"
+            title="layer ${value.layers[i]} · head ${value.heads[j]} · ${value.metric} ${cell[0]}"
+            data-layer="${value.layers[i]}" data-head="${value.heads[j]}"></div>`).join('')).join('')}
+  </div>
+  <div class="mx-scale"><span>${value.lo}</span>
+    <div class="mx-bar" style="background: linear-gradient(to right, ${value.bar.join(', ')});"></div>
+    <span>${value.hi}</span></div>
+</div>` : `<div class="mx-empty">Press "Show analysis" to see every selected layer and head.</div>`}
+"""
+
+_MATRIX_CSS = """
+.mx { padding: 6px; font-size: 0.8em; }
+.mx-title { font-weight: 600; margin-bottom: 6px; }
+.mx-grid { display: grid; gap: 1px; align-items: center; }
+.mx-col, .mx-row, .mx-corner { color: var(--body-text-color-subdued); text-align: center; font-size: 0.85em; }
+.mx-cell { aspect-ratio: 1; min-height: 6px; cursor: pointer; }
+.mx-cell:hover { outline: 2px solid var(--body-text-color); outline-offset: -1px; }
+.mx-scale { display: flex; gap: 6px; align-items: center; margin-top: 8px; }
+.mx-bar { flex: 1; height: 10px; border-radius: 2px; }
+.mx-empty { color: var(--body-text-color-subdued); padding: 12px; }
+"""
+
+# A click on a cell records it as `picked`; the `.change` that follows selects that layer and head.
+_MATRIX_JS = """
+element.addEventListener('click', (e) => {
+  const cell = e.target.closest('.mx-cell');
+  if (!cell || !props.value) return;
+  props.value = {...props.value, picked: [Number(cell.dataset.layer), Number(cell.dataset.head)]};
+});
+"""
+
+
+def matrix_heatmap(label: str, elem_id: str) -> gr.HTML:
+    """An interactive layer × head heatmap: rows are layers, columns heads (0-based labels), a colour
+    scale, each cell's value on hover, and a click that records `{"picked": [layer, head]}` in its
+    value (then `.change` fires). Its value is `views.matrix_view(...)`, or None for empty."""
+    return gr.HTML(value=None, html_template=_MATRIX_HTML, css_template=_MATRIX_CSS, js_on_load=_MATRIX_JS,
+                   elem_id=elem_id, label=label, apply_default_css=False)
+
+
 def range_slider(label: str, elem_id: str, maximum: int, value: tuple[int, int] = (0, 0)) -> gr.HTML:
     """One inclusive integer range [lo, hi] in 0..maximum with two handles (`role="slider"`, ids
     `{elem_id}-handle-lo` and `{elem_id}-handle-hi`): drag them, click the track, or focus one and use

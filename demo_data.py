@@ -168,6 +168,17 @@ def vocabulary() -> list[str]:
     return sorted(words | set(COLORS) | set(SHAPES) | set(POSITIONS))
 
 
+QUESTION_FORMS: tuple[str, ...] = ("What color is the <shape>?", "What shape is <color>?",
+                                   "Where is the <color> <shape>?")
+
+
+def guide() -> str:
+    """What the demo model understands, in Markdown: its question forms and every word it knows."""
+    return (f"**The demo model** answers three question forms: {', '.join(f'`{q}`' for q in QUESTION_FORMS)} "
+            f"with one word. Shapes: {', '.join(SHAPES)}; colours: {', '.join(COLORS)}; answers for where: "
+            f"{', '.join(POSITIONS)}. Any other word is unknown to it.")
+
+
 def box_area_fraction(box_xyxy: tuple[int, int, int, int], width: int, height: int) -> float:
     """Share of the image covered by a box, in [0, 1]."""
     x0, y0, x1, y1 = box_xyxy

@@ -30,7 +30,8 @@ def file_stem(step_idx: int, layer_idx: int | None = None, head_idx: int | None 
 
 def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, heads, colormap: str = "jet",
                  thumb: int = 160) -> list[tuple[str, Image.Image]]:
-    """Small overlays of every (layer, head) in the ranges, each labelled; names are 1-based
+    """Small overlays of every (layer, head) in the ranges, in row-major order, each labelled with its
+    0-based layer and head as the app numbers them; the names (for files) are 1-based
     `S{step}_L{layer}_H{head}` like the reference LLaVA toolkit."""
     maps = vision_maps(run, step_idx, layers, heads)                       # (l, h, gh, gw)
     scale = thumb / max(image.size)
@@ -41,7 +42,7 @@ def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, h
         for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
             name = file_stem(step_idx, layer_idx, head_idx)
             tile = overlay(small, normalize_heatmap(maps[i, j]), box, colormap=colormap, value_range=(0, 1))
-            tiles.append((name, labelled(tile, name)))
+            tiles.append((name, labelled(tile, f"layer {layer_idx} · head {head_idx}")))
     return tiles
 
 

@@ -46,8 +46,7 @@ from views import (
     analysis_note,
     animation_frames,
     as_text,
-    matrix_cell,
-    matrix_picture,
+    matrix_view,
     on_screen,
     outline_cells,
     region_note,
@@ -64,8 +63,9 @@ logger = logging.getLogger(__name__)
 
 # The view controls, by their API names, in the order they are wired, with their defaults.
 VIEW_CONTROLS: dict[str, object] = {
-    "token": 0, "layer_lo": 0, "layer_hi": 0, "head_lo": 0, "head_hi": 0, "aggregation": "mean",
-    "normalization": "minmax", "colormap": "jet", "alpha": 0.5, "view": "overlay", "grid": False,
+    "token": 0, "layer_lo": None, "layer_hi": None, "head_lo": None, "head_hi": None,
+    "aggregation": AppConfig.aggregation, "normalization": AppConfig.normalization, "colormap": AppConfig.colormap,
+    "alpha": AppConfig.alpha, "view": AppConfig.view, "grid": False,
     "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
     "method": "attention",
 }
@@ -78,28 +78,36 @@ CLEARED_VIEWS = (None, None, [], "", "", None, None, None, "", None, "Click the 
 USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
 
 
+def _as_message(err: Exception) -> gr.Error:
+    """A user error as the message the page shows, logged as one line (no traceback: nothing broke)."""
+    message = err if isinstance(err, gr.Error) else gr.Error(html.escape(str(err), quote=False))
+    message.print_exception = False
+    logger.info("user error: %s", message.message if isinstance(message, gr.Error) else message)
+    return message
+
+
 def user_errors(handler):
-    """Show the project's user errors as `gr.Error` messages (the app keeps serving); works for
-    plain and streaming (generator) handlers alike."""
+    """Show the project's user errors as `gr.Error` messages (the app keeps serving), each logged as one
+    line; works for plain and streaming (generator) handlers alike."""
     if inspect.isgeneratorfunction(handler):
         @functools.wraps(handler)
         def stream(*args, **kwargs):
             try:
                 yield from handler(*args, **kwargs)
-            except gr.Error:                                            # already a message for the user
-                raise
+            except gr.Error as err:                                     # already a message for the user
+                raise _as_message(err) from err.__cause__
             except USER_ERRORS as err:
-                raise gr.Error(html.escape(str(err), quote=False)) from err
+                raise _as_message(err) from err
         return stream
 
     @functools.wraps(handler)
     def call(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
-        except gr.Error:                                                # already a message for the user
-            raise
+        except gr.Error as err:                                         # already a message for the user
+            raise _as_message(err) from err.__cause__
         except USER_ERRORS as err:
-            raise gr.Error(html.escape(str(err), quote=False)) from err
+            raise _as_message(err) from err
     return call
 
 
@@ -160,7 +168,11 @@ class Handlers:
         its defaults; the video input shows only for a model that takes video."""
         holder = self.slot.holder
         if holder is None:
-            return (("**No model loaded.** Pick one and press Load.",) + (gr.HTML(value=[0, 0], maximum=0),) * 2
+            failed = self.slot.startup_failure
+            status = ("**No model loaded.** Pick one and press Load." if not failed else
+                      f"**The start-up model did not load.** {as_text(failed)} Pick a model and press Load, or "
+                      "restart the app with another `--model` (or `--device cpu` on a machine without a GPU).")
+            return ((status,) + (gr.HTML(value=[0, 0], maximum=0),) * 2
                     + (gr.Video(visible=False),))
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         layers, heads = recommended_ranges(holder.model_id, layer_max, head_max)
@@ -246,6 +258,10 @@ class Handlers:
             self.slot.end(session, cancel)
         stored = StoredRun(run, images=panels)
         run_id, run = self.store.put(stored), stored.run
+        unknown = self.slot.get().unknown_words(prompt)
+        if unknown:
+            text += (f"\n\n⚠ Unknown to this model (it read them as <unk>): {', '.join(unknown)}. The answer may "
+                     "not follow the question; see the words it knows below the examples.")
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
         # A new result starts without the options that need extra work (baseline) or one image (sinks).
@@ -268,14 +284,25 @@ class Handlers:
         if len(view_values) > len(VIEW_CONTROLS):
             raise ValueError(f"Got {len(view_values)} view values; the view has {len(VIEW_CONTROLS)} controls.")
         v = {**VIEW_CONTROLS, **dict(zip(VIEW_CONTROLS, view_values, strict=False))}  # a prefix
-        return ViewSettings(step_idx=int(v["token"] or 0), layers=(int(v["layer_lo"]), int(v["layer_hi"])),
-                            heads=(int(v["head_lo"]), int(v["head_hi"])), reduce=v["aggregation"],
+        layers, heads = self._default_ranges()                          # what the page starts with
+        layers = tuple(int(given) if given is not None else default
+                       for given, default in zip((v["layer_lo"], v["layer_hi"]), layers, strict=True))
+        heads = tuple(int(given) if given is not None else default
+                      for given, default in zip((v["head_lo"], v["head_hi"]), heads, strict=True))
+        return ViewSettings(step_idx=int(v["token"] or 0), layers=layers, heads=heads, reduce=v["aggregation"],
                             normalization=v["normalization"], percentile=self.cfg.percentile,
                             colormap=v["colormap"], alpha=float(v["alpha"]), view=v["view"], grid=bool(v["grid"]),
                             renormalize=bool(v["renormalize"]), mask_sinks=bool(v["mask_sinks"]),
                             relative=bool(v["relative"]),
                             prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
                             exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention")
+
+    def _default_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The ranges the page starts with for the loaded model (API calls that leave them out get these)."""
+        holder = self.slot.holder
+        if holder is None:
+            return (0, 0), (0, 0)
+        return recommended_ranges(holder.model_id, holder.num_layers - 1, holder.num_heads - 1)
 
     def _render_with(self, stored: StoredRun, settings: ViewSettings, screen: bool = True):
         """(picture, caption, share table); `screen`: the picture enlarged for display (small images)."""
@@ -345,17 +372,19 @@ class Handlers:
         top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
         highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
         note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps))
-        return (matrix_picture(matrix[metric], s.layers, s.heads, metric), highlighted,
-                [(tile, name) for name, tile in tiles], note, [list(s.layers), list(s.heads)])
+        captions = [f"layer {layer} · head {head}" for layer in range(s.layers[0], s.layers[1] + 1)
+                    for head in range(s.heads[0], s.heads[1] + 1)]                  # 0-based, as on the page
+        return (matrix_view(matrix[metric], s.layers, s.heads, metric), highlighted,
+                [(tile, caption) for (_, tile), caption in zip(tiles, captions, strict=False)], note)
 
-    @user_errors
-    def matrix_click(self, matrix_ranges, evt: gr.SelectData = None):
-        """A click on the layer × head matrix selects that single layer and head: the new (layer range,
-        head range)."""
-        if not matrix_ranges:
-            raise gr.Error("Press 'Show analysis' first.")
-        layer, head = matrix_cell(evt.index, tuple(matrix_ranges[0]), tuple(matrix_ranges[1]))
-        return [layer, layer], [head, head]                              # the ranges' change redraws the map
+    def matrix_pick(self, matrix: dict | None):
+        """A click on a matrix cell: (layer range, head range) of that one layer and head; the ranges'
+        change redraws the map. A matrix drawn anew (nothing picked yet) changes nothing."""
+        picked = (matrix or {}).get("picked")
+        if not picked:
+            return gr.skip(), gr.skip()
+        layer, head = int(picked[0]), int(picked[1])
+        return [layer, layer], [head, head]
 
     @user_errors
     def region_click(self, run_id, region, view, evt: gr.SelectData):

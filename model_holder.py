@@ -146,7 +146,8 @@ class ModelHolder:
         try:
             processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ModelLoadError(f"{model_id!r} has no usable processor ({err}). A checkpoint folder needs its "
+            cause = str(err).split(". ")[0][:160]                     # the library's first sentence, bounded
+            raise ModelLoadError(f"{model_id!r} has no usable processor ({cause}). A checkpoint folder needs its "
                                  "preprocessor, tokenizer and chat template files beside the weights.") from err
         if Path(model_id).expanduser().is_dir():
             check_weights_cover_config(Path(model_id).expanduser(), config)
@@ -185,6 +186,20 @@ class ModelHolder:
     def takes_video(self) -> bool:
         """Whether this checkpoint takes a video: a Qwen family whose chat template has a video part."""
         return supports_video(self.family) and "video" in str(getattr(self.processor, "chat_template", "") or "")
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` the tokenizer can only read as its unknown token (word-level vocabularies,
+        such as the demo model's); empty for byte-level tokenizers, which know every string."""
+        tokenizer = self.processor.tokenizer
+        unk = tokenizer.unk_token_id
+        if unk is None:
+            return []
+        words = []
+        for word in prompt.split():
+            shown = word.strip(".,;:!?\"'") or word
+            if unk in tokenizer(word, add_special_tokens=False)["input_ids"] and shown not in words:
+                words.append(shown)
+        return words
 
     def describe(self) -> str:
         """One line for status bars: family, sizes, device and dtype."""

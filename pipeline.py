@@ -55,6 +55,7 @@ class ModelSlot:
         self.ready = threading.Event()                                  # cleared while a start-up load runs
         self.ready.set()
         self._generations: dict[str, threading.Event] = {}              # session -> its running generation's stop
+        self.startup_failure: str | None = None                         # why the start-up model did not load
 
     def begin(self, session: str | None) -> threading.Event:
         """The stop signal of a new generation for `session`; a generation the session still runs is

@@ -388,31 +388,24 @@ def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, in
             "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}
 
 
-MATRIX_CELL_PX, MATRIX_MARGIN_PX = 22, 36
 
 
-def matrix_picture(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, int], metric: str) -> Image.Image:
-    """(l, h) values as a picture: one row per layer, one column per head, labelled 0-based."""
-    cell, margin = MATRIX_CELL_PX, MATRIX_MARGIN_PX
-    unit = normalize_heatmap(values, "fixed", value_range=(0.0, max(float(values.max()), 1e-6)))  # (l, h)
-    colored = colorize(unit, (unit.shape[1] * cell, unit.shape[0] * cell), "viridis", "nearest")  # RGB
-    canvas = Image.new("RGB", (colored.shape[1] + margin, colored.shape[0] + margin), "white")
-    canvas.paste(Image.fromarray(colored), (margin, margin))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 2), f"{metric}: rows = layers, columns = heads", fill=(0, 0, 0))
-    for i, layer_idx in enumerate(range(layers[0], layers[1] + 1)):
-        draw.text((2, margin + i * cell + 5), f"L{layer_idx}", fill=(0, 0, 0))
-    for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
-        draw.text((margin + j * cell + 3, margin - 12), f"{head_idx}", fill=(0, 0, 0))
-    return canvas
+def matrix_view(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, int], metric: str) -> dict:
+    """The (l, h) values as the interactive heatmap draws them: one row per layer, one column per head,
+    0-based labels, each cell's value and viridis colour on a scale from 0 to the largest value."""
+    top = max(float(values.max()), 1e-6)
+    unit = normalize_heatmap(values, "fixed", value_range=(0.0, top))                  # (l, h) in 0..1
+    colored = colorize(unit, (unit.shape[1], unit.shape[0]), "viridis", "nearest")     # (l, h, 3) RGB
+    scale = colorize(np.linspace(0.0, 1.0, 11)[None, :], (11, 1), "viridis", "nearest")[0]  # (11, 3)
 
-
-def matrix_cell(index_xy, layers: tuple[int, int], heads: tuple[int, int]) -> tuple[int, int]:
-    """(layer_idx, head_idx) under a click at pixel (x, y) of `matrix_picture`, clamped to the ranges."""
-    x, y = int(index_xy[0]), int(index_xy[1])
-    row = min(max((y - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), layers[1] - layers[0])
-    col = min(max((x - MATRIX_MARGIN_PX) // MATRIX_CELL_PX, 0), heads[1] - heads[0])
-    return layers[0] + row, heads[0] + col
+    def hex_of(rgb) -> str:
+        return "#" + "".join(f"{int(c):02x}" for c in rgb)
+    what = "attention share on the image" if metric == "share" else "spatial entropy of each head's map"
+    return {"metric": metric, "title": f"{what}: rows = layers, columns = heads (0-based; click a cell)",
+            "layers": list(range(layers[0], layers[1] + 1)), "heads": list(range(heads[0], heads[1] + 1)),
+            "cells": [[[f"{float(v):.3g}", hex_of(rgb)] for v, rgb in zip(row, rgb_row, strict=True)]
+                      for row, rgb_row in zip(values, colored, strict=True)],
+            "lo": "0", "hi": f"{top:.3g}", "bar": [hex_of(rgb) for rgb in scale]}
 
 
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")

@@ -148,9 +148,15 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     import zipfile
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
-    matrix, highlighted, gallery, note, ranges = handlers.analysis(run_id, "share", *_view())
-    assert matrix.size[0] > 4 * 20 and matrix.size[1] > 3 * 20          # 3 layers x 4 heads of cells
-    assert len(gallery) == 12 and gallery[0][1] == "S1_L1_H1" and note.startswith("Sink cells")
+    matrix, highlighted, gallery, note = handlers.analysis(run_id, "share", *_view())
+    assert matrix["layers"] == [0, 1, 2] and matrix["heads"] == [0, 1, 2, 3]     # 0-based axis labels
+    values = np.array([[float(v) for v, _ in row] for row in matrix["cells"]])   # (3 layers, 4 heads)
+    share = handlers.store.get(run_id).run.segment_shares("vision")[0]            # step 0: (L, H)
+    np.testing.assert_allclose(values, share, rtol=1e-2, atol=1e-3)               # each cell's own value
+    assert matrix["hi"] == f"{share.max():.3g}" and len(matrix["bar"]) == 11       # a scale from 0 to the top
+    assert len({colour for row in matrix["cells"] for _, colour in row}) > 1
+    assert len(gallery) == 12 and gallery[0][1] == "layer 0 · head 0" and note.startswith("Sink cells")
+    assert gallery[-1][1] == "layer 2 · head 3"                                  # 0-based, as on the page
     _, unexcluded, *_ = handlers.analysis(run_id, "share", *_view(), False, False, False, "", True)
     assert any(score is None for _, score in unexcluded)                    # BOS and system prompt unhighlighted
     _, caption, table = handlers.render(run_id, *_view(), False, False, False, "", True)
@@ -160,13 +166,10 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert any(text.startswith("[image:") for text, _ in highlighted)
     assert max(score for _, score in highlighted if score is not None) == 1.0
     entropy_matrix, *_ = handlers.analysis(run_id, "entropy", *_view())
-    assert np.asarray(entropy_matrix).tolist() != np.asarray(matrix).tolist()
-    # A click on the matrix cell of layer 1, head 2 selects exactly that head.
-    event = gr.SelectData(None, {"index": [36 + 2 * 22 + 5, 36 + 1 * 22 + 5], "value": None})
-    assert handlers.matrix_click(ranges, evt=event) == ([1, 1], [2, 2])
-    # A second click uses the ranges the matrix was drawn with, not the single head now selected.
-    event = gr.SelectData(None, {"index": [36 + 0 * 22 + 5, 36 + 2 * 22 + 5], "value": None})
-    assert handlers.matrix_click(ranges, evt=event) == ([2, 2], [0, 0])
+    assert entropy_matrix["cells"] != matrix["cells"] and entropy_matrix["metric"] == "entropy"
+    # A click on the cell of layer 1, head 2 selects exactly that head; a matrix drawn anew changes nothing.
+    assert handlers.matrix_pick({**matrix, "picked": [1, 2]}) == ([1, 1], [2, 2])
+    assert handlers.matrix_pick(matrix) == (gr.skip(), gr.skip())
     archive = zipfile.ZipFile(handlers.gallery_download(run_id, *_view(layer_lo=2, layer_hi=2)))
     assert sorted(archive.namelist()) == [f"S1_L3_H{h}.png" for h in range(1, 5)]
     for option in ("renormalize", "mask_sinks"):
@@ -391,3 +394,35 @@ def test_page_load_and_model_status_fill_exactly_the_wired_outputs(handlers, tin
     assert len(handlers.page_load()) == max(len(names) for names in wired)
     handlers.load_model(str(tiny_model_dirs["llava"]))
     assert handlers.model_status()[3].visible is False                      # LLaVA takes no video
+
+
+def test_user_errors_are_one_log_line_not_a_traceback(handlers, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="handlers")
+    with pytest.raises(gr.Error) as raised:
+        handlers.load_model("  ")                                              # a gr.Error of the handler's own
+    assert raised.value.print_exception is False
+    with pytest.raises(gr.Error) as raised:
+        handlers.render("no-such-run", *_view())                               # a project error, converted
+    assert raised.value.print_exception is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "handlers"]
+    assert len(lines) == 2 and all(line.startswith("user error: ") and "\n" not in line for line in lines)
+
+
+def test_a_start_up_failure_is_said_on_the_page(handlers, tmp_path):
+    app.start_loading(AppConfig(model=str(tmp_path / "no-such-model"), outputs_dir=tmp_path), handlers.slot)
+    assert handlers.slot.ready.wait(30)
+    status = handlers.model_status()[0]
+    assert "did not load" in status and "no-such-model" in status and "press Load" in status
+
+
+def test_view_values_left_out_take_the_pages_own_defaults(handlers, tiny_model_dirs, image_file):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    picture, caption, _ = handlers.render(run_id, 0)                             # only the token, as an API call may
+    _, layers, heads, _ = handlers.model_status()                                # what the page starts with
+    assert f"layers {layers.value[0]}–{layers.value[1]} · heads {heads.value[0]}–{heads.value[1]}" in caption
+    page_picture, page_caption, _ = handlers.render(run_id, 0, *layers.value, *heads.value, AppConfig.aggregation,
+                                                    AppConfig.normalization, AppConfig.colormap, AppConfig.alpha,
+                                                    AppConfig.view)
+    assert caption == page_caption and np.array_equal(np.asarray(picture), np.asarray(page_picture))

@@ -153,12 +153,15 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
 
         page.locator("#analysis-btn").click()                                 # the first analysis tab
         expect(page.locator("#text-attention")).to_contain_text("[image:", timeout=20_000)
-        matrix = page.locator("#head-matrix img")
-        expect(matrix).to_be_visible(timeout=20_000)
-        matrix.scroll_into_view_if_needed()
-        box = matrix.bounding_box()
-        matrix.click(position={"x": box["width"] - 5, "y": box["height"] - 5})   # the last layer and head
+        cells = page.locator("#head-matrix .mx-cell")
+        expect(cells.first).to_be_visible(timeout=20_000)
+        assert cells.count() == 3 * 4                                         # 3 layers × 4 heads
+        assert "layer 0 · head 0 · share" in cells.first.get_attribute("title")  # the value on hover
+        cells.last.scroll_into_view_if_needed()
+        cells.last.click()                                                    # the last layer and head
         expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
+        expect(page.locator("#caption")).to_contain_text("layers 2 ·")
+        expect(page.locator("#head-range-handle-lo")).to_have_attribute("aria-valuenow", "3")
         page.locator("#analysis").screenshot(path=str(REPO / "outputs" / "browser-test-analysis.png"))
         page.get_by_role("tab", name="Per-head gallery").click()
         expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)

@@ -105,3 +105,20 @@ def test_training_labels_follow_the_token_grid():
             assert (shape_ids[owned] == 1 + demo_data.SHAPES.index(obj.shape)).all()
             rows, cols = np.divmod(owned, gw)
             assert ((cols * 28 < x1) & (x0 < cols * 28 + 28) & (rows * 28 < y1) & (y0 < rows * 28 + 28)).all()
+
+
+def test_words_the_demo_model_does_not_know_are_named(holder, tmp_path):
+    from config import AppConfig
+    from handlers import Handlers
+    from pipeline import ModelSlot, RunStore
+    assert holder.unknown_words("What colour is the circle?") == ["colour"]
+    assert holder.unknown_words("What color is the circle?") == []
+    assert all(word in demo_data.guide() for word in ("circle", "red", "left", "What shape is <color>?"))
+    slot = ModelSlot()
+    slot.holder = holder
+    h = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(256))
+    image = tmp_path / "shapes.png"
+    demo_data.make_sample(random.Random(0)).image.save(image)
+    view = [0, *LAYERS, *HEADS, "mean", "minmax", "jet", 0.5, "overlay", False]
+    *_, last = h.generate(str(image), "What colour is the circle?", 2, False, 0.7, 0.9, 0, 0, *view, None, None)
+    assert "Unknown to this model" in last[1] and "colour" in last[1]

@@ -271,3 +271,15 @@ def test_a_handlers_own_message_reaches_the_user_unchanged(tmp_path):
     with pytest.raises(gr.Error) as caught:
         list(handlers.generate(None, "  ", 2, False, 0.7, 0.9, 0, 0, None, None))
     assert caught.value.message == "The prompt is empty. Type a question or instruction about the image."
+
+
+def test_a_busy_port_names_the_port_option():
+    import socket
+
+    import app
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"--port {port + 1}"):
+            app.main(["--port", str(port), "--model", "unused"])
