@@ -263,6 +263,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                          trigger_mode="always_last", queue=False).then(
                 h.refresh, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
                 **render_events)
+        prompt_token.input(h.pick_prompt_token, [prompt_token], [chips], api_name=False, queue=False)
         chips.input(h.pick_chip, [chips], [token, prompt_token], api_name=False, queue=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
         token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(

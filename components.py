@@ -100,7 +100,7 @@ _MATRIX_HTML = """
 ${value && value.cells ? `
 <div class="mx">
   <div class="mx-title">${value.title}</div>
-  <div class="mx-grid" style="grid-template-columns: 2.6em repeat(${value.heads.length}, minmax(6px, 1fr));">
+  <div class="mx-grid" style="grid-template-columns: 2.6em repeat(${value.heads.length}, minmax(6px, 44px));">
     <div class="mx-corner">L \\ H</div>
     ${value.heads.map((h) => `<div class="mx-col">${h}</div>`).join('')}
     ${value.cells.map((row, i) => `<div class="mx-row">${value.layers[i]}</div>` + row.map((cell, j) =>

@@ -331,6 +331,10 @@ class Handlers:
         """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
         return step_idx, ""
 
+    def pick_prompt_token(self, prompt_pos):
+        """A picked prompt token unselects the chips, so any chip, the last one too, brings its map back."""
+        return gr.skip() if prompt_pos in (None, "") else gr.Radio(value=None)
+
     @user_errors
     def relative_toggle(self, run_id, *view_values):
         """Compute the generic-prompt baseline for this image once (a model call), then render."""

@@ -65,6 +65,14 @@ def main() -> None:
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(DOCS / "screenshot.png"))
 
+                page.locator("#prompt-token-dropdown input").click()
+                page.get_by_role("option").first.click()
+                expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=30_000)
+                page.wait_for_timeout(1000)
+                page.locator("#overlay").screenshot(path=str(DOCS / "view-prompt-token.png"))
+                page.locator("#token-chips label").first.click()                 # back to the answer's token
+                expect(page.locator("#caption")).to_contain_text("Token 0", timeout=30_000)
+
                 page.locator("#analysis-btn").click()
                 expect(page.locator("#head-matrix .mx-cell").first).to_be_visible(timeout=30_000)
                 page.wait_for_timeout(800)
@@ -89,11 +97,6 @@ def main() -> None:
                 page.wait_for_timeout(2000)
                 page.locator("#analysis").screenshot(path=str(DOCS / "view-lens.png"))
 
-                page.locator("#prompt-token-dropdown input").click()
-                page.get_by_role("option").last.click()
-                expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=30_000)
-                page.wait_for_timeout(1000)
-                page.locator("#overlay").screenshot(path=str(DOCS / "view-prompt-token.png"))
                 browser.close()
         finally:
             proc.terminate()

@@ -2,7 +2,7 @@
 
 Starts `python app.py` on a tiny model in a subprocess, uploads an image, generates, picks a
 token, moves the layer range and checks that the picture changes. Saves a screenshot to
-outputs/browser-test.png (the README's docs/screenshot.png is a copy of one).
+outputs/browser-test*.png; the README's pictures come from scripts/screenshots.py.
 """
 
 import os
@@ -191,6 +191,8 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.get_by_role("option").first.click()
         expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-prompt-token.png"))
+        page.locator("#token-chips label").nth(1).click()                   # the chip picked before it
+        expect(page.locator("#caption")).to_contain_text("Token 1", timeout=20_000)
 
         page.get_by_text("More images, or a video (Qwen)").click()            # several images in one prompt
         page.locator("#extra-images input[type=file]").set_input_files(_scene(tmp_path / "second.png", flip=True))
