@@ -375,7 +375,11 @@ class Handlers:
         tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) if fits else []
         top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
         highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
-        note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps))
+        token = as_text(token_label(s.step_idx, stored.run.generated_tokens[s.step_idx]))
+        shown = (f"**Token {token}** · layers {s.layers[0]}–{s.layers[1]} · heads {s.heads[0]}–{s.heads[1]} · "
+                 f"{as_text(stored.run.model_id)}. ")                   # which result and token these views show
+        note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps),
+                             shown)
         captions = [f"layer {layer} · head {head}" for layer in range(s.layers[0], s.layers[1] + 1)
                     for head in range(s.heads[0], s.heads[1] + 1)]                  # 0-based, as on the page
         return (matrix_view(matrix[metric], s.layers, s.heads, metric), highlighted,
@@ -453,7 +457,8 @@ class Handlers:
                                   for key, name in names.items()
                                   for f, p in zip(result.fractions, getattr(result, key), strict=True)])
             return gr.LinePlot(value=table, color_map=dict(zip(names.values(), VERIFY_COLORS, strict=True)))
-        return plot("deletion"), plot("insertion"), verify_note(auc)
+        token = as_text(token_label(s.step_idx, stored.run.generated_tokens[s.step_idx]))
+        return plot("deletion"), plot("insertion"), f"Token {token}: " + verify_note(auc)
 
     @user_errors
     def gallery_download(self, run_id, *view_values) -> str:

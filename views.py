@@ -422,12 +422,14 @@ def token_label(position: int, token: str) -> str:
     return f"{position}: {token!r}"
 
 
-def analysis_note(sinks: np.ndarray, gallery_over: tuple[int, int] | None) -> str:
-    """The analysis view's note: the sink cells found, and why the gallery is empty when the ranges select
-    more maps than allowed (gallery_over = (maps selected, maps allowed))."""
+def analysis_note(sinks: np.ndarray, gallery_over: tuple[int, int] | None, shown: str = "") -> str:
+    """The analysis view's note: what it was made for (`shown`: the token and ranges), the sink cells
+    found, and why the gallery is empty when the ranges select more maps than allowed
+    (gallery_over = (maps selected, maps allowed))."""
     cells = [list(map(int, cell)) for cell in np.argwhere(sinks)][:8]
-    note = (f"Sink cells (high attention from almost every generated token): {int(sinks.sum())} {cells}; "
-            "tick 'Mask sink cells' to hide them.")
+    where = ", ".join(f"({row}, {col})" for row, col in cells) if cells else "none"
+    note = (f"{shown}Sink cells (high attention from almost every generated token): {int(sinks.sum())} "
+            f"(row, column: {where}); tick 'Mask sink cells' to hide them.")
     if gallery_over is not None:
         note += f" Gallery: narrow the ranges to at most {gallery_over[1]} layer × head maps (now {gallery_over[0]})."
     return note

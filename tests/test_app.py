@@ -155,7 +155,8 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     np.testing.assert_allclose(values, share, rtol=1e-2, atol=1e-3)               # each cell's own value
     assert matrix["hi"] == f"{share.max():.3g}" and len(matrix["bar"]) == 11       # a scale from 0 to the top
     assert len({colour for row in matrix["cells"] for _, colour in row}) > 1
-    assert len(gallery) == 12 and gallery[0][1] == "layer 0 · head 0" and note.startswith("Sink cells")
+    assert len(gallery) == 12 and gallery[0][1] == "layer 0 · head 0" and note.startswith("**Token 0: ")
+    assert "layers 0–2 · heads 0–3" in note and "Sink cells" in note             # names what it shows
     assert gallery[-1][1] == "layer 2 · head 3"                                  # 0-based, as on the page
     _, unexcluded, *_ = handlers.analysis(run_id, "share", *_view(), False, False, False, "", True)
     assert any(score is None for _, score in unexcluded)                    # BOS and system prompt unhighlighted
