@@ -16,14 +16,17 @@ import torch
 
 from records import UserError, VisionLayout
 
-# model_type -> display name. Qwen families share one geometry; LLaVA-1.5 has its own.
+# model_type -> display name. The Qwen families and GLM-4.1V share one geometry (`image_grid_thw`
+# and a merge size over the whole image); LLaVA-1.5 has its own (a centre crop of a fixed grid).
 SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
+    "glm4v": "GLM-4.1V",
     "llava": "LLaVA-1.5",
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -66,7 +69,7 @@ def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixel
     """The image processor's `size` for a requested image-token budget (Qwen's min/max pixels of the
     resized image), clamped into the processor's own [shortest_edge, longest_edge] and under `cap`;
     None when the family has no such budget or none was asked for (the processor's default)."""
-    if family not in QWEN_FAMILIES or not (min_pixels or max_pixels):
+    if family not in GRID_THW_FAMILIES or not (min_pixels or max_pixels):
         return None
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if value is not None and (not isinstance(value, numbers.Integral) or value < 0):
@@ -100,7 +103,7 @@ def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tup
     token_id = config.video_token_id if video else config.image_token_id
     input_ids = inputs["input_ids"][0]                                   # (S,)
     positions = torch.nonzero(input_ids == token_id).flatten().cpu().numpy()  # (n_vision,)
-    if family in QWEN_FAMILIES:
+    if family in GRID_THW_FAMILIES:
         grids = [_qwen_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
         boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized without crop or padding
         extra = 0

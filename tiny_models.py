@@ -20,6 +20,8 @@ from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -38,13 +40,21 @@ LLAVA_TEMPLATE = (
     "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|begin_of_image|><|image|><|end_of_image|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 CORPUS = [
     "What is in the picture? Describe the image in detail.",
     "A red circle, a blue square and a green triangle on a white background.",
     "Where is the cat? The cat sits on the left of the plate, near the top.",
     "USER: ASSISTANT: user assistant system answer question colour shape",
 ] * 20
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "llava")
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -60,6 +70,17 @@ def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> Pre
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     return _tokenizer(QWEN_SPECIALS, 400, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _glm_tokenizer() -> PreTrainedTokenizerFast:
+    return _tokenizer(GLM_SPECIALS, 400, eos_token="<|user|>", pad_token="<|endoftext|>")
+
+
+def _glm_ids(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
+                image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
+                video_start_token_id=ids("<|begin_of_video|>"), video_end_token_id=ids("<|end_of_video|>"))
 
 
 def _qwen_ids(tok) -> dict[str, int]:
@@ -86,7 +107,7 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
                  vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None):
     """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
     intermediate = intermediate or 2 * hidden
-    from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Glm4vConfig, LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
@@ -108,6 +129,13 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
                       intermediate_size=2 * vision_dim, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    if family == "glm4v":
+        text["rope_parameters"]["partial_rotary_factor"] = 0.5         # GLM rotates half of each head
+        half = hidden // heads // 4
+        text["rope_parameters"]["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, num_heads=2,
+                      intermediate_size=2 * vision_dim, image_size=56, patch_size=14, spatial_merge_size=2)
+        return Glm4vConfig(text_config=text, vision_config=vision, **_glm_ids(tok))
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
@@ -115,6 +143,9 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
     """The family's real processor classes, configured for small images."""
     from transformers import (
         CLIPImageProcessor,
+        Glm4vImageProcessor,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
         LlavaProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
@@ -129,6 +160,11 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
                               chat_template=LLAVA_TEMPLATE)
     patch = 16 if family == "qwen3_vl" else 14
     size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": max_pixels}
+    if family == "glm4v":
+        image_proc = Glm4vImageProcessor(size=size, patch_size=patch, merge_size=2)
+        video_proc = Glm4vVideoProcessor(size=size, patch_size=patch, merge_size=2)
+        return Glm4vProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
+                              chat_template=GLM_TEMPLATE)
     image_proc = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2)
     if family == "qwen3_vl":
         video_proc = Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2)
@@ -153,7 +189,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: fl
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tok = _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                     pad_token="<pad>") if family == "llava" else _qwen_tokenizer()
+                     pad_token="<pad>") if family == "llava" else _glm_tokenizer() if family == "glm4v" \
+        else _qwen_tokenizer()
     config = build_config(family, tok, **dims)
     model = AutoModelForImageTextToText.from_config(config)
     _sharpen_decoder_attention(model, sharpen)

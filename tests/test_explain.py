@@ -24,7 +24,7 @@ def _eager_attentions(holder, run, image, step_idx, grad: bool = False):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "llava"])
 def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
@@ -65,7 +65,7 @@ def _upsampled(heat: np.ndarray, merge: int = 2) -> np.ndarray:
     return np.kron(heat, np.ones((merge, merge))) / (merge * merge)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 def test_vit_combined_map_places_patches_and_windows_right(load_holder, family, monkeypatch):
     import explain
     holder = load_holder(family)

@@ -66,7 +66,7 @@ def test_one_block_of_pixels_changes_only_its_token(load_holder, family, cell):
     assert changed == [int(layout.token_positions[r * grid_w + c])]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 @pytest.mark.parametrize("size", [(1000, 667), (300, 900), (64, 64)])
 def test_qwen_grid_covers_whole_image(load_holder, family, size):
     holder = load_holder(family)
