@@ -22,6 +22,7 @@ from families import (
     decoder_layers,
     feature_block,
     run_vision_tower,
+    supports_vit_map,
     vision_encoder_blocks,
     vision_merge_size,
     vision_prefix_tokens,
@@ -167,6 +168,10 @@ def vit_combined_map(holder, run: AttentionRun, heat: np.ndarray) -> np.ndarray:
 
 def vit_combined_maps(holder, run: AttentionRun, heats: list[np.ndarray]) -> list[np.ndarray]:
     """`vit_combined_map` for several decoder maps of the same image, with one vision-tower pass."""
+    if not supports_vit_map(holder.family, holder.model.config):
+        raise ValueError(f"The ViT-combined map is not available for {holder.family} checkpoints (their vision "
+                         "tower merges patches in a way this map does not follow yet); use raw attention, "
+                         "rollout or the gradient map.")
     inputs = holder.replay_inputs(run, 0)
     per_block = _record_vision_tower(holder, inputs)
     return [_through_vision(holder, run, inputs, per_block, heat) for heat in heats]

@@ -23,10 +23,30 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "glm4v": "GLM-4.1V",
+    "mistral3": "Mistral 3",
     "llava": "LLaVA-1.5",
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
+
+
+def native_aspect(family: str, config) -> bool:
+    """Pixtral geometry: the image resized whole at its own aspect, one token per (merged) patch, rows
+    ended by [IMG_BREAK] (Mistral 3, and LLaVA checkpoints with a Pixtral vision tower)."""
+    return family == "mistral3" or (family == "llava" and config.vision_config.model_type == "pixtral")
+
+
+def token_cell_px(family: str, config) -> int:
+    """Side, in processed pixels, of the square one vision token covers: the patch times the merge
+    (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size; CLIP: none)."""
+    merge = 1 if family == "llava" and not native_aspect(family, config) else \
+        getattr(config.vision_config, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1) or 1
+    return int(config.vision_config.patch_size) * int(merge)
+
+
+def supports_vit_map(family: str, config) -> bool:
+    """Whether the ViT-combined map knows this vision tower (Qwen's and GLM's merge, CLIP's layers)."""
+    return family in GRID_THW_FAMILIES or (family == "llava" and not native_aspect(family, config))
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -107,6 +127,13 @@ def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tup
         grids = [_qwen_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
         boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized without crop or padding
         extra = 0
+    elif native_aspect(family, config):
+        if video:
+            raise ValueError("Video input is supported for the Qwen families only.")
+        unit = token_cell_px(family, config)
+        grids = [(1, (int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
+        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized whole; [IMG_BREAK]s skipped
+        extra = 0
     else:
         if video:
             raise ValueError("Video input is supported for the Qwen families only.")
@@ -183,7 +210,8 @@ def vision_encoder_blocks(model) -> torch.nn.ModuleList:
     """The vision encoder's transformer blocks (the ones that mix patches through attention)."""
     if hasattr(model.model, "visual"):
         return model.model.visual.blocks
-    return model.model.vision_tower.encoder.layers
+    tower = model.model.vision_tower
+    return tower.transformer.layers if hasattr(tower, "transformer") else tower.encoder.layers  # Pixtral; CLIP
 
 
 def run_vision_tower(model, inputs) -> None:

@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
                 "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
 
@@ -40,6 +41,13 @@ LLAVA_TEMPLATE = (
     "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+MISTRAL_TEMPLATE = (
+    "<s>{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% else %}</s>{% endif %}{% endfor %}"
+)
 GLM_TEMPLATE = (
     "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -54,7 +62,9 @@ CORPUS = [
     "Where is the cat? The cat sits on the left of the plate, near the top.",
     "USER: ASSISTANT: user assistant system answer question colour shape",
 ] * 20
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "llava")
+# Checkpoint kinds: one per family, and "pixtral", a LLaVA checkpoint with a Pixtral vision tower
+# (how Pixtral-12B ships: model_type "llava", Pixtral's geometry).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "mistral3", "pixtral", "llava")
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -107,13 +117,29 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
                  vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None):
     """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
     intermediate = intermediate or 2 * hidden
-    from transformers import Glm4vConfig, LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Glm4vConfig, LlavaConfig, Mistral3Config, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
         text = dict(model_type="llama", **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
         return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    if family == "pixtral":
+        text = dict(model_type="mistral", head_dim=hidden // heads,
+                    **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
+        vision = dict(model_type="pixtral", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
+                      num_hidden_layers=vision_depth, num_attention_heads=2, head_dim=vision_dim // 2,
+                      image_size=224, patch_size=16)
+        return LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("[IMG]"),
+                           vision_feature_layer=-1, vision_feature_select_strategy="full")
+    if family == "mistral3":
+        text = dict(model_type="mistral", head_dim=hidden // heads,
+                    **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
+        vision = dict(model_type="pixtral", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
+                      num_hidden_layers=vision_depth, num_attention_heads=2, head_dim=vision_dim // 2,
+                      image_size=224, patch_size=14)
+        return Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                              image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1)
     text = _text_dims(tok, hidden, layers, heads, kv_heads, intermediate, rope_parameters=_mrope(hidden, heads))
     if family == "qwen2_vl":
         vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2)
@@ -147,6 +173,8 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
         Glm4vProcessor,
         Glm4vVideoProcessor,
         LlavaProcessor,
+        PixtralImageProcessor,
+        PixtralProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
@@ -159,6 +187,12 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=LLAVA_TEMPLATE)
     patch = 16 if family == "qwen3_vl" else 14
+    if family in ("mistral3", "pixtral"):                               # longest side of the resized image
+        patch, merge = (14, 2) if family == "mistral3" else (16, 1)
+        image_proc = PixtralImageProcessor(size={"longest_edge": int(max_pixels ** 0.5)},
+                                           patch_size={"height": patch, "width": patch})
+        return PixtralProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch,
+                                spatial_merge_size=merge, chat_template=MISTRAL_TEMPLATE)
     size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": max_pixels}
     if family == "glm4v":
         image_proc = Glm4vImageProcessor(size=size, patch_size=patch, merge_size=2)
@@ -190,7 +224,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: fl
     torch.manual_seed(seed)
     tok = _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                      pad_token="<pad>") if family == "llava" else _glm_tokenizer() if family == "glm4v" \
-        else _qwen_tokenizer()
+        else _tokenizer(MISTRAL_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                        pad_token="<pad>") if family in ("mistral3", "pixtral") else _qwen_tokenizer()
     config = build_config(family, tok, **dims)
     model = AutoModelForImageTextToText.from_config(config)
     _sharpen_decoder_attention(model, sharpen)

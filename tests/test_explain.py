@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import explain
 from conftest import noise_image
 from explain import gradient_map, rollout_map
 
@@ -24,7 +25,7 @@ def _eager_attentions(holder, run, image, step_idx, grad: bool = False):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "mistral3", "llava"])
 def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
@@ -67,7 +68,6 @@ def _upsampled(heat: np.ndarray, merge: int = 2) -> np.ndarray:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 def test_vit_combined_map_places_patches_and_windows_right(load_holder, family, monkeypatch):
-    import explain
     holder = load_holder(family)
     image = noise_image(224, 168)
     run = holder.generate(image, "What?", max_new_tokens=1)
@@ -133,3 +133,12 @@ def test_replays_use_the_runs_own_images(load_holder):
     run.images = []
     with pytest.raises(ValueError, match="Generate from an image"):
         rollout_map(holder, run, 1)
+
+
+@pytest.mark.parametrize("family", ["mistral3", "pixtral"])
+def test_vit_map_is_refused_with_a_reason_for_pixtral_towers(load_holder, family):
+    holder = load_holder(family)
+    run = holder.generate(noise_image(150, 100), "What?", max_new_tokens=1)
+    with pytest.raises(ValueError, match="not available"):
+        explain.vit_combined_map(holder, run, np.ones(run.vision.grid_hw, dtype=np.float32))
+    assert rollout_map(holder, run, 0).shape == run.vision.grid_hw               # the other methods work

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from families import llava_box_xyxy, vision_encoder_blocks, vision_layout
+from families import llava_box_xyxy, token_cell_px, vision_encoder_blocks, vision_layout
 from tiny_models import FAMILIES
 
 
@@ -36,9 +36,7 @@ def _decoder_input_embeds(holder, image) -> tuple[torch.Tensor, object]:
 
 def _cell_px(holder) -> int:
     """Pixels per grid cell side when the processor does not resize (from the config)."""
-    vision = holder.model.config.vision_config
-    merge = getattr(vision, "spatial_merge_size", 1) if holder.family != "llava" else 1
-    return int(vision.patch_size) * merge
+    return token_cell_px(holder.family, holder.model.config)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
