@@ -32,15 +32,24 @@ from records import AttentionRun
 
 
 class _DecoderQK:
-    """Keeps each decoder layer's post-RoPE queries and keys (KV heads) on the CPU, in the model's dtype."""
+    """Keeps each decoder layer's post-RoPE queries and keys (KV heads) on the CPU, in the model's dtype,
+    and the mask it used (None: causal). Layers share mask tensors, so each distinct mask is kept once."""
 
     def __init__(self):
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
+        self._masks: dict[int, torch.Tensor] = {}
 
     def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
-        if getattr(module, "layer_idx", None) is not None:
-            # (H, S, D) queries, (KV, S, D) keys
-            self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling)
+        if getattr(module, "layer_idx", None) is None:
+            return
+        mask = None
+        if attention_mask is not None:                                   # (1, 1, S, S): bool, or additive
+            if id(attention_mask) not in self._masks:
+                allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+                self._masks[id(attention_mask)] = allowed[0, 0].detach().cpu()  # (S, S) True = may attend
+            mask = self._masks[id(attention_mask)]
+        # (H, S, D) queries, (KV, S, D) keys
+        self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling, mask)
 
 
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
@@ -49,14 +58,18 @@ def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
     return row[positions].reshape(run.vision.grid_hw).float().numpy()
 
 
-def _mean_attention_rows(query, key, scale, rows: slice) -> torch.Tensor:
-    """Head-averaged causal softmax attention of query rows `rows`: (n, S) float32."""
+def _mean_attention_rows(query, key, scale, rows: slice, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-averaged softmax attention of query rows `rows` under the model's mask (S, S; True = may
+    attend), or causal when there is none: (n, S) float32."""
     num_heads, seq, _ = query.shape
     groups = num_heads // key.shape[0]
     keys = key.float().repeat_interleave(groups, dim=0)                  # (H, S, D)
     scores = torch.matmul(query[:, rows].float(), keys.transpose(1, 2)) * scale  # (H, n, S)
-    positions = torch.arange(seq)[rows]                                  # (n,)
-    scores = scores.masked_fill(torch.arange(seq)[None, :] > positions[:, None], float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask[rows, :seq][None], float("-inf"))
+    else:
+        positions = torch.arange(seq)[rows]                              # (n,)
+        scores = scores.masked_fill(torch.arange(seq)[None, :] > positions[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=0)                     # (n, S)
 
 
@@ -70,11 +83,11 @@ def rollout_map(holder, run: AttentionRun, step_idx: int, chunk: int = 256) -> n
     relevance = torch.zeros(seq)
     relevance[seq - 1] = 1.0                                             # the row that produced the token
     for layer_idx in reversed(range(len(decoder_layers(holder.model)))):
-        query, key, scale = recorded.pop(layer_idx)                      # free each layer once used
+        query, key, scale, mask = recorded.pop(layer_idx)                # free each layer once used
         mixed = 0.5 * relevance.clone()                                  # the identity's half
         for start in range(0, seq, chunk):
             rows = slice(start, min(start + chunk, seq))
-            mixed += 0.5 * relevance[rows] @ _mean_attention_rows(query, key, scale, rows)  # (S,)
+            mixed += 0.5 * relevance[rows] @ _mean_attention_rows(query, key, scale, rows, mask)  # (S,)
         relevance = mixed
     return _grid(run, relevance)
 

@@ -23,6 +23,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "glm4v": "GLM-4.1V",
+    "gemma3": "Gemma 3",
     "mistral3": "Mistral 3",
     "llava": "LLaVA-1.5",
 }
@@ -38,7 +39,10 @@ def native_aspect(family: str, config) -> bool:
 
 def token_cell_px(family: str, config) -> int:
     """Side, in processed pixels, of the square one vision token covers: the patch times the merge
-    (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size; CLIP: none)."""
+    (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size; CLIP: none;
+    Gemma 3: the square input side over its pooled tokens per side)."""
+    if family == "gemma3":
+        return int(config.vision_config.image_size) // int(round(int(config.mm_tokens_per_image) ** 0.5))
     merge = 1 if family == "llava" and not native_aspect(family, config) else \
         getattr(config.vision_config, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1) or 1
     return int(config.vision_config.patch_size) * int(merge)
@@ -103,6 +107,16 @@ def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixel
     return size
 
 
+def attention_windows(config, layer_indices: list[int]) -> list[int | None]:
+    """Per decoder layer in `layer_indices`: its sliding-window length (Gemma 3's `sliding_attention`
+    layers), or None for full attention."""
+    text = config.get_text_config()
+    types = getattr(text, "layer_types", None) or []
+    window = getattr(text, "sliding_window", None)
+    return [int(window) if idx < len(types) and types[idx] == "sliding_attention" and window else None
+            for idx in layer_indices]
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The language model's decoder layers; the same path in every supported family."""
     return model.model.language_model.layers
@@ -126,6 +140,17 @@ def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tup
     if family in GRID_THW_FAMILIES:
         grids = [_qwen_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
         boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized without crop or padding
+        extra = 0
+    elif family == "gemma3":
+        if video:
+            raise ValueError("Video input is supported for the Qwen families only.")
+        if int(inputs.get("num_crops", torch.zeros(1)).sum()) > 0:
+            raise ValueError("Pan-and-scan crops are not mapped yet: turn do_pan_and_scan off in the processor "
+                             "(the default) so each image is one 896×896 view.")
+        side = int(round(int(config.mm_tokens_per_image) ** 0.5))       # pooled tokens per side
+        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
+        grids = [(1, (side, side), processed_hw)] * len(image_sizes)
+        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # squashed to a square, no crop
         extra = 0
     elif native_aspect(family, config):
         if video:

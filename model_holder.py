@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
 from attention_extractor import (
     AttentionRun,
@@ -31,6 +31,7 @@ from attention_store import StoreKind
 from families import (
     SUPPORTED_FAMILIES,
     VisionLayout,
+    attention_windows,
     decoder_layers,
     detect_family,
     pixel_budget,
@@ -292,6 +293,10 @@ class ModelHolder:
                                generate_kwargs: dict):
         """(generated ids, attention store, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
+        if any(attention_windows(self.model.config, list(range(self.num_layers)))):
+            # A sliding-window cache drops old keys, which the rows need; a full cache keeps them, and the
+            # model's own sliding mask still limits what each layer sees (the rows apply that mask).
+            generate_kwargs.setdefault("past_key_values", DynamicCache())
         try:
             with torch.inference_mode(), capture_attention(self.model, method, capture_layers,
                                                            prompt_positions) as recorder:
@@ -378,4 +383,5 @@ class ModelHolder:
             vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
             attention=attention, model_id=self.model_id, family=self.family, settings=settings,
             prompt_positions=recorder.prompt_positions,
-            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids), images=images, frames=frames or [])
+            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids), images=images, frames=frames or [],
+            windows=attention_windows(self.model.config, recorder.layer_indices))

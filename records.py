@@ -142,6 +142,8 @@ class AttentionRun:
     images: the upright RGB images the model saw, in prompt order (empty for a video): replays of
         the run (`ModelHolder.replay_inputs`) and the pictures use these, so nothing reloads them.
     frames: the video frames the model saw (empty for images).
+    windows: per captured layer (as `layer_indices`), the sliding-window length of its attention, or
+        None for full attention; a query then sees only the last `window` keys, itself included.
     """
 
     prompt_ids: list[int]
@@ -159,6 +161,7 @@ class AttentionRun:
     visions: list[VisionLayout] = field(default_factory=list, repr=False)
     images: list = field(default_factory=list, repr=False)
     frames: list = field(default_factory=list, repr=False)
+    windows: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if not self.visions:
@@ -178,6 +181,15 @@ class AttentionRun:
     def nbytes(self) -> int:
         """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
         return self.attention.nbytes
+
+    def out_of_window(self, layers, query_pos: int) -> list[int]:
+        """The layers in the inclusive range `layers` whose sliding window, seen from sequence position
+        `query_pos`, no longer reaches any vision token: their rows hold no image attention at all."""
+        if not self.windows:
+            return []
+        last_vision = int(max(int(layout.token_positions.max()) for layout in self.visions))
+        return [idx for idx, window in zip(self.layer_indices, self.windows, strict=True)
+                if layers[0] <= idx <= layers[1] and window is not None and query_pos - window + 1 > last_vision]
 
     def segment_shares(self, name: str) -> np.ndarray:
         """(num_steps, num_layers, num_heads) float32: each step's attention mass on a segment, 0..1."""

@@ -20,6 +20,8 @@ from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                  "<end_of_image>", "<image_soft_token>"]
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
                 "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
@@ -40,6 +42,14 @@ LLAVA_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 MISTRAL_TEMPLATE = (
     "<s>{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
@@ -64,7 +74,7 @@ CORPUS = [
 ] * 20
 # Checkpoint kinds: one per family, and "pixtral", a LLaVA checkpoint with a Pixtral vision tower
 # (how Pixtral-12B ships: model_type "llava", Pixtral's geometry).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "mistral3", "pixtral", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "gemma3", "mistral3", "pixtral", "llava")
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -114,16 +124,36 @@ def _mrope(hidden: int, heads: int) -> dict:
 
 
 def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
-                 vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None):
-    """A config of the real architecture with small dimensions (GQA when kv_heads < heads)."""
+                 vision_dim: int = 32, vision_depth: int = 2, intermediate: int | None = None,
+                 sliding_window: int = 512):
+    """A config of the real architecture with small dimensions (GQA when kv_heads < heads). Gemma 3's
+    layers slide over `sliding_window` keys, except the last one (full attention)."""
     intermediate = intermediate or 2 * hidden
-    from transformers import Glm4vConfig, LlavaConfig, Mistral3Config, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import (
+        Gemma3Config,
+        Glm4vConfig,
+        LlavaConfig,
+        Mistral3Config,
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen3VLConfig,
+    )
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
         text = dict(model_type="llama", **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
         return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    if family == "gemma3":
+        ids = tok.convert_tokens_to_ids
+        text = dict(head_dim=hidden // heads, sliding_window=sliding_window,
+                    layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                    **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
+        vision = dict(hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_hidden_layers=vision_depth,
+                      num_attention_heads=2, image_size=112, patch_size=14)   # 8×8 patches pooled to 4×4
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                            boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                            image_token_index=ids("<image_soft_token>"))
     if family == "pixtral":
         text = dict(model_type="mistral", head_dim=hidden // heads,
                     **_text_dims(tok, hidden, layers, heads, kv_heads, intermediate))
@@ -169,6 +199,8 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
     """The family's real processor classes, configured for small images."""
     from transformers import (
         CLIPImageProcessor,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
         Glm4vImageProcessor,
         Glm4vProcessor,
         Glm4vVideoProcessor,
@@ -187,6 +219,9 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=LLAVA_TEMPLATE)
     patch = 16 if family == "qwen3_vl" else 14
+    if family == "gemma3":                                              # every image squashed to 112×112
+        return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 112, "width": 112}),
+                               tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=16)
     if family in ("mistral3", "pixtral"):                               # longest side of the resized image
         patch, merge = (14, 2) if family == "mistral3" else (16, 1)
         image_proc = PixtralImageProcessor(size={"longest_edge": int(max_pixels ** 0.5)},
@@ -213,8 +248,12 @@ def _sharpen_decoder_attention(model, factor: float) -> None:
     """Random attention is nearly uniform; scaling q/k makes rows peaked, so a wrong row or layer shows."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(factor)
-            layer.self_attn.k_proj.weight.mul_(factor)
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(factor)
+            attn.k_proj.weight.mul_(factor)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None and "Gemma" in type(norm).__name__:    # Gemma scales by (1 + weight)
+                    norm.weight.copy_((1.0 + norm.weight) * factor - 1.0)
 
 
 def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: float = 6.0,
@@ -225,9 +264,18 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: fl
     tok = _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                      pad_token="<pad>") if family == "llava" else _glm_tokenizer() if family == "glm4v" \
         else _tokenizer(MISTRAL_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                        pad_token="<pad>") if family in ("mistral3", "pixtral") else _qwen_tokenizer()
+                        pad_token="<pad>") if family in ("mistral3", "pixtral") \
+        else _tokenizer(GEMMA_SPECIALS, 400, pad_token="<pad>", eos_token="<end_of_turn>", bos_token="<bos>",
+                        unk_token="<unk>", extra_special_tokens={"boi_token": "<start_of_image>",
+                                                                 "eoi_token": "<end_of_image>",
+                                                                 "image_token": "<image_soft_token>"}) \
+        if family == "gemma3" else _qwen_tokenizer()
     config = build_config(family, tok, **dims)
     model = AutoModelForImageTextToText.from_config(config)
+    projector = getattr(model.model, "multi_modal_projector", None)
+    if hasattr(projector, "mm_input_projection_weight"):               # Gemma 3 starts it at zero
+        with torch.no_grad():
+            projector.mm_input_projection_weight.normal_(std=projector.mm_input_projection_weight.shape[0] ** -0.5)
     _sharpen_decoder_attention(model, sharpen)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

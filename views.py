@@ -364,6 +364,10 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
                                        (s.exclude_system, "shares without BOS and the system prompt")) if flag]
     if options:
         text += " Options: " + ", ".join(options) + "."
+    query_pos = s.prompt_pos if s.prompt_pos is not None else len(run.prompt_ids) - 1 + s.step_idx
+    if s.method == "attention" and (blind := run.out_of_window(s.layers, query_pos)):
+        text += (f" Layers {', '.join(map(str, blind))} attend through a sliding window that no longer reaches "
+                 "the image from this token: their maps are truly zero, not hidden.")
     width, height = run.vision.image_size
     x0, y0, x1, y1 = run.vision.image_box_xyxy
     if x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:

@@ -275,7 +275,7 @@ def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, imag
     assert path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "mistral3", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "gemma3", "mistral3", "llava"])
 def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, family):
     portrait = tmp_path / "portrait.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (333, 201, 3), dtype=np.uint8)).save(portrait)

@@ -161,3 +161,26 @@ def test_capture_fails_loudly_when_nothing_was_captured(load_holder):
         with capture_attention(holder.model) as recorder:
             pass                                                              # no forward ran
         recorder.finish(prompt_len=10, num_steps=3, segments={})
+
+
+def test_sliding_window_layers_show_exactly_what_they_saw(tmp_path):
+    """Gemma 3: a token whose 8-key window no longer reaches the image has no image attention in the
+    sliding layers (the rows apply the model's own sliding mask), while the full layer still has."""
+    from model_holder import ModelHolder
+    from tiny_models import make_tiny_model
+    from views import StoredRun, ViewSettings, caption, raw_heatmap
+    holder = ModelHolder.load(make_tiny_model("gemma3", tmp_path, sliding_window=8), device="cpu", dtype="float32")
+    image = noise_image(150, 100, seed=5)
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, suppress_tokens=[holder.model.config.image_token_index])
+    eager = holder.generate(image, "Describe the picture please.", method="eager", **kwargs)
+    run = holder.generate(image, "Describe the picture please.", **kwargs)
+    assert run.generated_ids == eager.generated_ids and run.windows == [8, 8, None]
+    for t in range(run.num_steps):
+        torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3,
+                                   atol=2e-6)
+    image_mass = run.step_attention(run.num_steps - 1)[:, :, run.vision.token_positions].float().sum(-1)  # (L, H)
+    assert (image_mass[:2] == 0).all() and (image_mass[2] > 0).all()
+    assert run.out_of_window((0, 2), len(run.prompt_ids) - 1 + run.num_steps - 1) == [0, 1]
+    stored = StoredRun(run)
+    settings = ViewSettings(step_idx=run.num_steps - 1, layers=(0, 2), heads=(0, 3))
+    assert "Layers 0, 1 attend through a sliding window" in caption(stored, settings, raw_heatmap(stored, settings))

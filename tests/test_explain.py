@@ -25,7 +25,7 @@ def _eager_attentions(holder, run, image, step_idx, grad: bool = False):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "mistral3", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "gemma3", "mistral3", "llava"])
 def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
@@ -135,7 +135,7 @@ def test_replays_use_the_runs_own_images(load_holder):
         rollout_map(holder, run, 1)
 
 
-@pytest.mark.parametrize("family", ["mistral3", "pixtral"])
+@pytest.mark.parametrize("family", ["gemma3", "mistral3", "pixtral"])
 def test_vit_map_is_refused_with_a_reason_for_pixtral_towers(load_holder, family):
     holder = load_holder(family)
     run = holder.generate(noise_image(150, 100), "What?", max_new_tokens=1)

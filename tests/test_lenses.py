@@ -13,7 +13,7 @@ from lenses import LogitLens, logit_lens
 from report import lens_html
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "glm4v", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "glm4v", "gemma3", "mistral3"])
 def test_lens_layers_match_the_model(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
