@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attention_store import LayerRecord, RowStore, StoreKind, build_store, choose_store, store_bytes
-from families import attention_implementation, decoder_layers
+from families import attention_implementation, decoder_layers, softmax_layers
 from records import AttentionRun, UserError, segment_positions  # noqa: F401  (AttentionRun re-exported)
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class CaptureError(RuntimeError):
 
 def attention_dims(model) -> dict[str, int]:
     """num_heads, num_kv_heads and head_dim of the decoder, read from its attention module."""
-    attn = decoder_layers(model)[0].self_attn
+    attn = next(layer.self_attn for layer in decoder_layers(model) if hasattr(layer, "self_attn"))
     num_heads = int(model.config.get_text_config().num_attention_heads)
     return {"num_heads": num_heads, "num_kv_heads": num_heads // int(attn.num_key_value_groups),
             "head_dim": int(attn.head_dim)}
@@ -244,10 +244,13 @@ def capture_attention(model, method: CaptureMethod = "sdpa", capture_layers: lis
     """
     if method not in CAPTURE_METHODS:
         raise ValueError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
-    num_layers = len(decoder_layers(model))
-    layer_indices = sorted(set(range(num_layers) if capture_layers is None else capture_layers))
+    num_layers, attending = len(decoder_layers(model)), softmax_layers(model)
+    layer_indices = sorted(set(attending if capture_layers is None else capture_layers))
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
         raise ValueError(f"capture_layers must be indices in 0..{num_layers - 1}, got {capture_layers}.")
+    if set(layer_indices) - set(attending):
+        raise ValueError(f"Layers {sorted(set(layer_indices) - set(attending))} have no softmax attention (linear "
+                         f"attention), so they have no attention map; capture some of {attending}.")
     if method == "sdpa":
         with recording(model, GenerationRecorder(model, layer_indices, prompt_positions)) as recorder:
             yield recorder

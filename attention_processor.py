@@ -26,6 +26,13 @@ def range_slice(bounds: tuple[int, int] | None, available: list[int], what: str)
     lo, hi = int(bounds[0]), int(bounds[1])
     if lo > hi:
         raise ValueError(f"The {what} range {lo}..{hi} is inverted; the first number must not exceed the second.")
+    if available and available[-1] - available[0] + 1 != len(available):
+        # Sparse (Qwen3.5: only some layers have softmax attention): the captured ones inside the range.
+        inside = [i for i, idx in enumerate(available) if lo <= idx <= hi]
+        if lo < 0 or hi > available[-1] or not inside:
+            raise ValueError(f"The {what} range {lo}..{hi} holds no {what} with softmax attention; those are "
+                             f"{', '.join(map(str, available))}. Pick a range that includes one.")
+        return slice(inside[0], inside[-1] + 1)
     if lo not in available or hi not in available or available.index(hi) - available.index(lo) != hi - lo:
         raise ValueError(f"The {what} range {lo}..{hi} is outside what was captured "
                          f"({available[0]}..{available[-1]}); pick a range inside it.")

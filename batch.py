@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention_processor import normalize_heatmap, token_heatmap, vision_share
+from families import softmax_layers
 from gallery import file_stem
 from model_holder import ModelHolder
 from records import AttentionRun
@@ -147,7 +148,7 @@ def write_maps(run: AttentionRun, image: Image.Image, folder: Path, layers: tupl
     box, files = run.vision.image_box_xyxy, []
     for step_idx in steps:
         if settings.aggregate == "none":
-            for layer_idx in range(layers[0], layers[1] + 1):
+            for layer_idx in run.layers_in(layers):
                 for head_idx in range(heads[0], heads[1] + 1):
                     heat = token_heatmap(run, step_idx, (layer_idx, layer_idx), (head_idx, head_idx))  # (gh, gw)
                     picture = overlay(image, normalize_heatmap(heat), box, **draw)
@@ -183,8 +184,11 @@ def run_pair(holder: ModelHolder, image: Image.Image, image_path: str, prompt: s
     layers = settings.layers or (0, holder.num_layers - 1)
     heads = settings.heads or (0, holder.num_heads - 1)
     extra = {"min_new_tokens": settings.min_new_tokens} if settings.min_new_tokens else {}
-    run = holder.generate(image, prompt, max_new_tokens=settings.max_new_tokens,
-                          capture_layers=list(range(layers[0], layers[1] + 1)), **extra)
+    capture = [idx for idx in softmax_layers(holder.model) if layers[0] <= idx <= layers[1]]
+    if not capture:
+        raise ValueError(f"Layers {layers[0]}-{layers[1]} have no softmax attention (linear attention only); pick "
+                         f"a range with one of {softmax_layers(holder.model)}.")
+    run = holder.generate(image, prompt, max_new_tokens=settings.max_new_tokens, capture_layers=capture, **extra)
     wanted = list(range(run.num_steps)) if settings.steps is None else list(settings.steps)
     steps, skipped = [t for t in wanted if t < run.num_steps], [t for t in wanted if t >= run.num_steps]
     if skipped:

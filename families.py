@@ -24,10 +24,11 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL",
     "glm4v": "GLM-4.1V",
     "gemma3": "Gemma 3",
+    "qwen3_5": "Qwen3.5",
     "mistral3": "Mistral 3",
     "llava": "LLaVA-1.5",
 }
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
 
 
@@ -115,6 +116,12 @@ def attention_windows(config, layer_indices: list[int]) -> list[int | None]:
     window = getattr(text, "sliding_window", None)
     return [int(window) if idx < len(types) and types[idx] == "sliding_attention" and window else None
             for idx in layer_indices]
+
+
+def softmax_layers(model) -> list[int]:
+    """Decoder layers that attend with softmax attention (all of them, except Qwen3.5's linear-attention
+    layers, which have no attention map)."""
+    return [idx for idx, layer in enumerate(decoder_layers(model)) if hasattr(layer, "self_attn")]
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -38,7 +38,7 @@ def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, h
     small = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))))
     box = tuple(v * scale for v in run.vision.image_box_xyxy)
     tiles = []
-    for i, layer_idx in enumerate(range(layers[0], layers[1] + 1)):
+    for i, layer_idx in enumerate(run.layers_in(layers)):
         for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):
             name = file_stem(step_idx, layer_idx, head_idx)
             tile = overlay(small, normalize_heatmap(maps[i, j]), box, colormap=colormap, value_range=(0, 1))

@@ -380,9 +380,9 @@ class Handlers:
                  f"{as_text(stored.run.model_id)}. ")                   # which result and token these views show
         note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps),
                              shown)
-        captions = [f"layer {layer} · head {head}" for layer in range(s.layers[0], s.layers[1] + 1)
+        captions = [f"layer {layer} · head {head}" for layer in stored.run.layers_in(s.layers)
                     for head in range(s.heads[0], s.heads[1] + 1)]                  # 0-based, as on the page
-        return (matrix_view(matrix[metric], s.layers, s.heads, metric), highlighted,
+        return (matrix_view(matrix[metric], stored.run.layers_in(s.layers), s.heads, metric), highlighted,
                 [(tile, caption) for (_, tile), caption in zip(tiles, captions, strict=False)], note)
 
     def matrix_pick(self, matrix: dict | None):

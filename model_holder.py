@@ -35,6 +35,7 @@ from families import (
     decoder_layers,
     detect_family,
     pixel_budget,
+    softmax_layers,
     supports_video,
     vision_layouts,
 )
@@ -366,7 +367,7 @@ class ModelHolder:
         inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
         sizes = [im.size for im in images] or [frames[0].size]
         layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
-        num_layers = len(set(capture_layers)) if capture_layers is not None else self.num_layers
+        num_layers = len(set(capture_layers)) if capture_layers is not None else len(softmax_layers(self.model))
         positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
                            len(positions), store)

@@ -182,6 +182,11 @@ class AttentionRun:
         """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
         return self.attention.nbytes
 
+    def layers_in(self, layers) -> list[int]:
+        """The captured layers inside the inclusive range `layers` (all of them in it, except where some
+        layers have no softmax attention, as in Qwen3.5)."""
+        return [idx for idx in self.layer_indices if layers[0] <= idx <= layers[1]]
+
     def out_of_window(self, layers, query_pos: int) -> list[int]:
         """The layers in the inclusive range `layers` whose sliding window, seen from sequence position
         `query_pos`, no longer reaches any vision token: their rows hold no image attention at all."""

@@ -74,7 +74,7 @@ CORPUS = [
 ] * 20
 # Checkpoint kinds: one per family, and "pixtral", a LLaVA checkpoint with a Pixtral vision tower
 # (how Pixtral-12B ships: model_type "llava", Pixtral's geometry).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "gemma3", "mistral3", "pixtral", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "gemma3", "mistral3", "pixtral", "llava")
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -136,6 +136,7 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
         Mistral3Config,
         Qwen2_5_VLConfig,
         Qwen2VLConfig,
+        Qwen3_5Config,
         Qwen3VLConfig,
     )
     if family == "llava":
@@ -178,6 +179,16 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
         vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, num_heads=2,
                       intermediate_size=2 * vision_dim, window_size=56, fullatt_block_indexes=[vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    if family == "qwen3_5":                                             # linear attention, then full, in turn
+        text["rope_parameters"]["mrope_interleaved"] = True
+        pairs = max(2, (layers + 1) // 2)
+        text.update(head_dim=hidden // heads, layer_types=["linear_attention", "full_attention"] * pairs,
+                    num_hidden_layers=2 * pairs, linear_num_key_heads=2, linear_num_value_heads=heads,
+                    linear_key_head_dim=hidden // heads, linear_value_head_dim=hidden // heads,
+                    linear_conv_kernel_dim=4)
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, num_heads=2,
+                      intermediate_size=2 * vision_dim, num_position_embeddings=64, patch_size=16)
+        return Qwen3_5Config(text_config=text, vision_config=vision, **_qwen_ids(tok))
     if family == "qwen3_vl":
         text["rope_parameters"]["mrope_interleaved"] = True
         text["head_dim"] = hidden // heads
@@ -218,7 +229,7 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
         return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=14,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=LLAVA_TEMPLATE)
-    patch = 16 if family == "qwen3_vl" else 14
+    patch = 16 if family in ("qwen3_vl", "qwen3_5") else 14
     if family == "gemma3":                                              # every image squashed to 112×112
         return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 112, "width": 112}),
                                tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=16)
@@ -235,7 +246,7 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
         return Glm4vProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                               chat_template=GLM_TEMPLATE)
     image_proc = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):
         video_proc = Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2)
         return Qwen3VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                                 chat_template=QWEN_TEMPLATE)
@@ -248,7 +259,9 @@ def _sharpen_decoder_attention(model, factor: float) -> None:
     """Random attention is nearly uniform; scaling q/k makes rows peaked, so a wrong row or layer shows."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            attn = layer.self_attn
+            attn = getattr(layer, "self_attn", None)
+            if attn is None:                                            # a linear-attention layer
+                continue
             attn.q_proj.weight.mul_(factor)
             attn.k_proj.weight.mul_(factor)
             for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):

@@ -352,7 +352,11 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
         who = f"Prompt token {s.prompt_pos} {as_text(repr(piece))}"
     grid_h, grid_w = run.vision.grid_hw
-    what = (f"layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} of {s.num_maps} maps"
+    attending = run.layers_in(s.layers)                                  # Qwen3.5: only some layers have maps
+    sparse = "" if len(attending) == s.layers[1] - s.layers[0] + 1 else \
+        f" (softmax attention only in {', '.join(map(str, attending))}; the others are linear, with no map)"
+    maps = len(attending) * (s.heads[1] - s.heads[0] + 1)
+    what = (f"layers {_range_text(s.layers)}{sparse} · heads {_range_text(s.heads)} · {s.reduce} of {maps} maps"
             if s.method == "attention" else METHOD_CAPTIONS[s.method])
     text = (f"{who} · {what} · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
@@ -394,9 +398,10 @@ def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, in
 
 
 
-def matrix_view(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, int], metric: str) -> dict:
-    """The (l, h) values as the interactive heatmap draws them: one row per layer, one column per head,
-    0-based labels, each cell's value and viridis colour on a scale from 0 to the largest value."""
+def matrix_view(values: np.ndarray, layers: list[int], heads: tuple[int, int], metric: str) -> dict:
+    """The (l, h) values as the interactive heatmap draws them: one row per layer in `layers` (the
+    captured layer indices of the rows), one column per head, 0-based labels, each cell's value and
+    viridis colour on a scale from 0 to the largest value."""
     top = max(float(values.max()), 1e-6)
     unit = normalize_heatmap(values, "fixed", value_range=(0.0, top))                  # (l, h) in 0..1
     colored = colorize(unit, (unit.shape[1], unit.shape[0]), "viridis", "nearest")     # (l, h, 3) RGB
@@ -406,7 +411,7 @@ def matrix_view(values: np.ndarray, layers: tuple[int, int], heads: tuple[int, i
         return "#" + "".join(f"{int(c):02x}" for c in rgb)
     what = "attention share on the image" if metric == "share" else "spatial entropy of each head's map"
     return {"metric": metric, "title": f"{what}: rows = layers, columns = heads (0-based; click a cell)",
-            "layers": list(range(layers[0], layers[1] + 1)), "heads": list(range(heads[0], heads[1] + 1)),
+            "layers": list(layers), "heads": list(range(heads[0], heads[1] + 1)),
             "cells": [[[f"{float(v):.3g}", hex_of(rgb)] for v, rgb in zip(row, rgb_row, strict=True)]
                       for row, rgb_row in zip(values, colored, strict=True)],
             "lo": "0", "hi": f"{top:.3g}", "bar": [hex_of(rgb) for rgb in scale]}

@@ -11,6 +11,7 @@ import app
 from config import AppConfig
 from conftest import free_port, noise_image
 from pipeline import ModelSlot, RunStore
+from tiny_models import FAMILIES
 
 VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
             colormap="jet", alpha=0.5, view="overlay", grid=False)
@@ -275,7 +276,7 @@ def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, imag
     assert path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "gemma3", "mistral3", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, family):
     portrait = tmp_path / "portrait.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (333, 201, 3), dtype=np.uint8)).save(portrait)
@@ -427,3 +428,17 @@ def test_view_values_left_out_take_the_pages_own_defaults(handlers, tiny_model_d
                                                     AppConfig.normalization, AppConfig.colormap, AppConfig.alpha,
                                                     AppConfig.view)
     assert caption == page_caption and np.array_equal(np.asarray(picture), np.asarray(page_picture))
+
+
+def test_layers_without_softmax_attention_are_labelled_never_mapped(handlers, tiny_model_dirs, image_file):
+    """Qwen3.5: only its full-attention layers (1 and 3 here) are captured; every view says so."""
+    handlers.load_model(str(tiny_model_dirs["qwen3_5"]))
+    run_id = _generate(handlers, image_file)[0]
+    run = handlers.store.get(run_id).run
+    assert run.layer_indices == [1, 3] and handlers.slot.holder.num_layers == 4
+    _, caption, _ = handlers.render(run_id, *_view(layer_lo=0, layer_hi=3))
+    assert "softmax attention only in 1, 3" in caption and "of 8 maps" in caption
+    matrix, _, gallery, _ = handlers.analysis(run_id, "share", *_view(layer_lo=0, layer_hi=3))
+    assert matrix["layers"] == [1, 3] and [name for _, name in gallery][:2] == ["layer 1 · head 0", "layer 1 · head 1"]
+    with pytest.raises(gr.Error, match="no layer with softmax attention"):
+        handlers.render(run_id, *_view(layer_lo=2, layer_hi=2))

@@ -5,7 +5,7 @@ import torch
 
 from attention_extractor import CAPTURE_IMPLEMENTATION, capture_attention
 from conftest import noise_image
-from families import decoder_layers
+from families import decoder_layers, softmax_layers
 from tiny_models import FAMILIES
 
 SIZES = [(150, 100), (100, 150), (224, 224)]   # landscape, portrait, square (W, H)
@@ -46,7 +46,7 @@ def test_captured_rows_equal_eager_attention(load_holder, family, size):
     for t in range(run.num_steps):
         captured = run.step_attention(t)
         assert captured.dtype == torch.float16 and captured.device.type == "cpu"
-        assert captured.shape == (holder.num_layers, holder.num_heads, len(run.prompt_ids) + t)
+        assert captured.shape == (len(softmax_layers(holder.model)), holder.num_heads, len(run.prompt_ids) + t)
         # fp16 storage rounds each value by at most ~5e-4 of itself.
         torch.testing.assert_close(captured.float(), reference[t], rtol=2e-3, atol=2e-6)
         torch.testing.assert_close(captured.float().sum(-1), torch.ones(captured.shape[:2]), rtol=0, atol=2e-3)
@@ -109,7 +109,7 @@ def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_imag
         holder.model.set_attn_implementation({"text_config": "sdpa"})
     for pos in fast.prompt_positions:
         row = fast.prompt_attention(pos)
-        assert row.shape == (holder.num_layers, holder.num_heads, pos + 1)
+        assert row.shape == (len(softmax_layers(holder.model)), holder.num_heads, pos + 1)
         torch.testing.assert_close(row.float(), attn[:, :, pos, : pos + 1], rtol=2e-3, atol=2e-6)
         torch.testing.assert_close(row.float(), eager.prompt_attention(pos).float(), rtol=2e-3, atol=2e-6)
     question = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=1)
