@@ -1,14 +1,22 @@
-"""Gradio pieces the layout in `app.py` uses: a two-handle range slider, a bounded image upload and the
-login back-off."""
+"""Gradio pieces the app uses: a two-handle range slider, the layer × head heatmap, a bounded image
+upload, the login back-off, and `user_errors`, which turns the project's errors into messages."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+import html
+import inspect
+import logging
 import os
 import time
 import types
 
 import gradio as gr
+
+from records import UserError
+
+logger = logging.getLogger(__name__)
 
 _RANGE_HTML = """
 <div class="rs" aria-label="${label}">
@@ -206,3 +214,40 @@ class LoginGuard:
         if self.failures >= 5:
             self.locked_until = now + min(300.0, 2.0 ** (self.failures - 5))
         return False
+
+
+# Errors a user can act on; anything else is a bug and reaches the log with its traceback.
+USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
+
+
+def _as_message(err: Exception) -> gr.Error:
+    """A user error as the message the page shows, logged as one line (no traceback: nothing broke)."""
+    message = err if isinstance(err, gr.Error) else gr.Error(html.escape(str(err), quote=False))
+    message.print_exception = False
+    logger.info("user error: %s", message.message if isinstance(message, gr.Error) else message)
+    return message
+
+
+def user_errors(handler):
+    """Show the project's user errors as `gr.Error` messages (the app keeps serving), each logged as one
+    line; works for plain and streaming (generator) handlers alike."""
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except gr.Error as err:                                     # already a message for the user
+                raise _as_message(err) from err.__cause__
+            except USER_ERRORS as err:
+                raise _as_message(err) from err
+        return stream
+
+    @functools.wraps(handler)
+    def call(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error as err:                                         # already a message for the user
+            raise _as_message(err) from err.__cause__
+        except USER_ERRORS as err:
+            raise _as_message(err) from err
+    return call

@@ -400,14 +400,14 @@ def test_page_load_and_model_status_fill_exactly_the_wired_outputs(handlers, tin
 
 def test_user_errors_are_one_log_line_not_a_traceback(handlers, caplog):
     import logging
-    caplog.set_level(logging.INFO, logger="handlers")
+    caplog.set_level(logging.INFO, logger="components")
     with pytest.raises(gr.Error) as raised:
         handlers.load_model("  ")                                              # a gr.Error of the handler's own
     assert raised.value.print_exception is False
     with pytest.raises(gr.Error) as raised:
         handlers.render("no-such-run", *_view())                               # a project error, converted
     assert raised.value.print_exception is False
-    lines = [r.getMessage() for r in caplog.records if r.name == "handlers"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "components"]
     assert len(lines) == 2 and all(line.startswith("user error: ") and "\n" not in line for line in lines)
 
 

@@ -7,8 +7,8 @@ import sys
 from conftest import REPO
 
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
-UI_MODULES = {"app", "handlers", "components"}
-DRAWING_AND_NUMBERS = {"views", "report", "analysis", "attention_processor", "visualization", "gallery"}
+UI_MODULES = {"app", "handlers", "analysis_handlers", "components"}
+DRAWING_AND_NUMBERS = {"views", "stored_run", "report", "analysis", "attention_processor", "visualization", "gallery"}
 
 
 def _imports(name: str) -> set[str]:
