@@ -283,3 +283,11 @@ def test_a_busy_port_names_the_port_option():
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"--port {port + 1}"):
             app.main(["--port", str(port), "--model", "unused"])
+
+
+def test_gradios_cache_is_cleaned_on_the_configured_schedule(tmp_path):
+    import app
+    from pipeline import ModelSlot, RunStore
+    cfg = AppConfig(outputs_dir=tmp_path, cache_max_age_s=1234)
+    demo = app.build_ui(cfg, ModelSlot(), RunStore(64))
+    assert demo.delete_cache == (1234, 1234)                 # every 1234 s, files older than 1234 s
