@@ -58,19 +58,14 @@ def model_choices(cfg: AppConfig) -> list[str]:
     return demo + list(cfg.presets)
 
 
-# Sliders start with a generous bound so API clients of a model loaded at start-up are not capped;
-# each page load (and each Load) narrows them to the loaded model, and ranges are validated anyway.
-UNLOADED_SLIDER_MAX = 1023
 
-
-def _range(label: str, elem_id: str) -> tuple[gr.HTML, gr.Slider, gr.Slider]:
+def _range(label: str, elem_id: str) -> tuple[gr.HTML, gr.Number, gr.Number]:
     """A two-handle range (what the user moves) and the two plain values it keeps in step, hidden: the
     API's `{layers,heads}_{lo,hi}` parameters and every handler read those."""
     shown = range_slider(label, elem_id, maximum=0)
-    lo = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} from", elem_id=f"{elem_id}-lo",
-                   visible="hidden")
-    hi = gr.Slider(0, UNLOADED_SLIDER_MAX, value=0, step=1, label=f"{label} to", elem_id=f"{elem_id}-hi",
-                   visible="hidden")
+    # Empty until the range sets them, so an API call that leaves them out gets the page's own ranges.
+    lo = gr.Number(None, precision=0, label=f"{label} from", elem_id=f"{elem_id}-lo", visible="hidden")
+    hi = gr.Number(None, precision=0, label=f"{label} to", elem_id=f"{elem_id}-hi", visible="hidden")
     return shown, lo, hi
 
 

@@ -134,6 +134,10 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
             client.predict(0, 0, 9, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False, api_name="/render")
         again = client.predict(0, 0, 2, 0, 3, "mean", "percentile", "jet", 0.5, "overlay", False, api_name="/render")
         assert "percentile" in again[1]                                # still serving after the error
+        defaults = client.predict(token=1, api_name="/render")             # the page's own defaults
+        assert "layers 0–2 · heads 0–3 · mean of 12 maps" in defaults[1]
+        narrowed = client.predict(token=1, layer_lo=1, layer_hi=1, api_name="/render")
+        assert "layers 1 · heads 0–3" in narrowed[1]
         api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in api.items()}
         assert names["/render"][:5] == ["token", "layer_lo", "layer_hi", "head_lo", "head_hi"]
