@@ -3,6 +3,7 @@
     python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass]
                   [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
                   [--session-cache-mb 2048] [--trust-remote-code]
+                  [--allow-model-loading | --no-allow-model-loading] [--max-pixels-cap 16777216]
 
 The work happens in `pipeline.py`, `views.py` and the modules below them.
 """

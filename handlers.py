@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import inspect
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,6 +94,17 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
     forward.__annotations__ = {"request": gr.Request} if request else {}
     forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
     return forward
+
+
+def _whole(value, name: str, minimum: int = 0) -> int:
+    """A control's number as an int, refusing fractions, NaN, infinity and values under `minimum`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}.") from None
+    if not math.isfinite(number) or number != int(number) or number < minimum:
+        raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+    return int(number)
 
 
 def recommended_ranges(model_id: str, layer_max: int, head_max: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -180,7 +192,9 @@ class Handlers(AnalysisHandlers):
         self.slot.get()                                                 # a clear message when none is loaded
         images, frames, panels = self._media(image_path, extra_paths, video_path)
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
-        budget = dict(min_pixels=int(min_pixels) or None, max_pixels=int(max_pixels) or None)
+        max_new_tokens = _whole(max_new_tokens, "Max new tokens", minimum=1)
+        budget = dict(min_pixels=_whole(min_pixels or 0, "Min pixels") or None,
+                      max_pixels=_whole(max_pixels or 0, "Max pixels") or None)
         text, run = "", None
         session = getattr(request, "session_hash", None)
         cancel = self.slot.begin(session)

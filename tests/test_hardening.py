@@ -291,3 +291,19 @@ def test_gradios_cache_is_cleaned_on_the_configured_schedule(tmp_path):
     cfg = AppConfig(outputs_dir=tmp_path, cache_max_age_s=1234)
     demo = app.build_ui(cfg, ModelSlot(), RunStore(64))
     assert demo.delete_cache == (1234, 1234)                 # every 1234 s, files older than 1234 s
+
+
+@pytest.mark.parametrize("field, values", [("max_new_tokens", (2.5, float("nan"), 0)),
+                                           ("max_pixels", (1000.5, float("inf"), -5))])
+def test_the_apps_numbers_are_whole_or_refused(tiny_model_dirs, tmp_path, field, values):
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(64))
+    image = tmp_path / "in.png"
+    noise_image(60, 40).save(image)
+    view = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
+    for value in values:
+        args = dict(max_new_tokens=2, max_pixels=0) | {field: value}
+        with pytest.raises(gr.Error, match="whole number"):
+            list(handlers.generate(str(image), "Hi", args["max_new_tokens"], False, 0.7, 0.9, 0, args["max_pixels"],
+                                   *view, None, None))
