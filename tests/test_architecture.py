@@ -8,7 +8,8 @@ from conftest import REPO
 
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
 UI_MODULES = {"app", "handlers", "analysis_handlers", "components"}
-DRAWING_AND_NUMBERS = {"views", "stored_run", "report", "analysis", "attention_processor", "visualization", "gallery"}
+DRAWING_AND_NUMBERS = {"views", "stored_run", "metrics", "report", "analysis", "attention_processor", "visualization",
+                       "gallery"}
 
 
 def _imports(name: str) -> set[str]:

@@ -1,0 +1,110 @@
+"""Scores of one map against a ground-truth region, as the localisation literature defines them.
+
+Pure functions of a map over the token grid (`heat`, (grid_h, grid_w), non-negative), its
+`VisionLayout` (which region of the original image each cell covers) and the target, given in the
+ORIGINAL image's pixels: boxes `[x0, y0, x1, y1]` and/or a boolean mask (H, W). Cells outside the
+image the model saw never count as inside the target. No model, no drawing.
+
+- `pointing_hit`: the pointing game, whether the map's highest cell lies on the target.
+- `attention_ratio`: the share of the map's mass on the target divided by the target's share of
+  the area the grid covers ("MLLMs Know Where to Look", ICLR 2025); 1 is chance level.
+- `otsu_iou`: IoU of the map thresholded by Otsu's method with the target (TAM's Obj-IoU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from records import VisionLayout
+
+
+def target_mask(image_size: tuple[int, int], boxes: Sequence[Sequence[float]] = (),
+                mask: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) bool over the original image: the union of the boxes (pixel (x, y) is inside when
+    x0 <= x < x1 and y0 <= y < y1, clipped to the image) and the mask."""
+    width, height = image_size
+    region = np.zeros((height, width), dtype=bool)
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not x1 > x0 or not y1 > y0:
+            raise ValueError(f"A box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}.")
+        region[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = True
+    if mask is not None:
+        mask = np.asarray(mask).astype(bool)
+        if mask.shape != (height, width):
+            raise ValueError(f"The mask is {mask.shape[1]}x{mask.shape[0]} px but the image is {width}x{height}; "
+                             "give a mask of the image's own size.")
+        region |= mask
+    if not region.any():
+        raise ValueError("The target is empty: give at least one box or a mask with some pixels set.")
+    return region
+
+
+def cell_coverage(layout: VisionLayout, region: np.ndarray) -> np.ndarray:
+    """(grid_h, grid_w) float: the fraction of each cell's pixels (inside the image) on the region."""
+    cover = np.zeros(layout.num_cells, dtype=np.float64)
+    for j, (rows, cols) in enumerate(layout.cell_slices()):
+        pixels = region[rows, cols]
+        cover[j] = pixels.mean() if pixels.size else 0.0
+    return cover.reshape(layout.grid_hw)
+
+
+def _check(heat: np.ndarray, layout: VisionLayout) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float64)
+    if heat.shape != tuple(layout.grid_hw):
+        raise ValueError(f"The map has shape {heat.shape}, but the token grid is {tuple(layout.grid_hw)}.")
+    if (heat < 0).any() or not np.isfinite(heat).all():
+        raise ValueError("The map must be finite and non-negative (attention mass, not a relative map).")
+    return heat
+
+
+def pointing_hit(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> bool:
+    """Whether the map's highest cell (the first in row-major order on ties) covers any target pixel."""
+    heat = _check(heat, layout)
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return bool(cell_coverage(layout, region)[row, col] > 0)
+
+
+def attention_ratio(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> float:
+    """(mass on the target) / (target's share of the covered area); each cell's mass counts in
+    proportion to how much of the cell the target covers. 1.0 is what a uniform map scores."""
+    heat = _check(heat, layout)
+    cover = cell_coverage(layout, region)                                   # (grid_h, grid_w)
+    sizes = np.array([(r.stop - r.start) * (c.stop - c.start) for r, c in layout.cell_slices()],
+                     dtype=np.float64).reshape(layout.grid_hw)             # pixels per cell, inside the image
+    total = heat.sum()
+    area_share = (cover * sizes).sum() / max(sizes.sum(), 1.0)
+    if total <= 0 or area_share <= 0:
+        return 0.0
+    return float((heat * cover).sum() / total / area_share)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of `values`: the cut that maximises the between-class variance."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)                                          # (bins,)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * centres)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])                       # cells at or above it are "on"
+
+
+def otsu_iou(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> float:
+    """IoU, in original-image pixels, of the cells at or above Otsu's threshold with the target."""
+    heat = _check(heat, layout)
+    on = heat >= otsu_threshold(heat)                                       # (grid_h, grid_w) bool
+    predicted = np.zeros_like(region)
+    for j, (rows, cols) in enumerate(layout.cell_slices()):
+        if on.flat[j]:
+            predicted[rows, cols] = True
+    union = (predicted | region).sum()
+    return float((predicted & region).sum() / union) if union else 0.0

@@ -1,0 +1,69 @@
+"""The localisation scores on synthetic maps whose answers are known."""
+
+import numpy as np
+import pytest
+
+from metrics import attention_ratio, cell_coverage, otsu_iou, otsu_threshold, pointing_hit, target_mask
+from records import VisionLayout
+
+
+def _layout(image_size=(400, 400), box=None, grid=(4, 4)) -> VisionLayout:
+    box = box or (0.0, 0.0, float(image_size[0]), float(image_size[1]))
+    return VisionLayout(np.arange(grid[0] * grid[1]), grid, image_size, box, (56, 56))
+
+
+def _one_hot(row, col, grid=(4, 4)) -> np.ndarray:
+    heat = np.zeros(grid)
+    heat[row, col] = 1.0
+    return heat
+
+
+def test_a_map_on_the_target_scores_top_and_one_off_it_scores_nothing():
+    layout, region = _layout(), target_mask((400, 400), boxes=[[0, 0, 100, 100]])     # exactly cell (0, 0)
+    on, off = _one_hot(0, 0), _one_hot(3, 3)
+    assert pointing_hit(on, layout, region) and not pointing_hit(off, layout, region)
+    assert attention_ratio(on, layout, region) == pytest.approx(16.0)                 # all mass on 1/16 of the area
+    assert attention_ratio(off, layout, region) == 0.0
+    assert otsu_iou(on, layout, region) == pytest.approx(1.0) and otsu_iou(off, layout, region) == 0.0
+
+
+def test_a_uniform_map_is_at_chance_and_partial_cells_count_in_proportion():
+    layout = _layout()
+    region = target_mask((400, 400), boxes=[[0, 0, 50, 100]])                        # half of cell (0, 0)
+    assert attention_ratio(np.ones((4, 4)), layout, region) == pytest.approx(1.0)
+    assert cell_coverage(layout, region)[0, 0] == pytest.approx(0.5)
+    assert attention_ratio(_one_hot(0, 0), layout, region) == pytest.approx(0.5 / (5000 / 160000))
+    assert otsu_iou(_one_hot(0, 0), layout, region) == pytest.approx(0.5)              # 5000 px of a 10000 px cell
+
+
+def test_what_the_model_never_saw_is_never_on_target():
+    layout = _layout(image_size=(400, 300), box=(50.0, 0.0, 350.0, 300.0), grid=(4, 4))  # a centre crop
+    region = target_mask((400, 300), boxes=[[0, 0, 50, 300]])                         # left of the crop only
+    heat = np.random.default_rng(0).random((4, 4))
+    assert not pointing_hit(heat, layout, region) and attention_ratio(heat, layout, region) == 0.0
+    assert otsu_iou(heat, layout, region) == 0.0
+
+
+def test_masks_and_boxes_combine_and_bad_targets_are_refused():
+    mask = np.zeros((400, 400), dtype=bool)
+    mask[300:, 300:] = True                                                           # cell (3, 3)
+    region = target_mask((400, 400), boxes=[[0, 0, 100, 100]], mask=mask)
+    assert region.sum() == 2 * 100 * 100
+    assert pointing_hit(_one_hot(3, 3), _layout(), region)
+    with pytest.raises(ValueError, match="image's own size"):
+        target_mask((400, 400), mask=np.ones((10, 10), dtype=bool))
+    with pytest.raises(ValueError, match="empty"):
+        target_mask((400, 400))
+    with pytest.raises(ValueError, match="x1 > x0"):
+        target_mask((400, 400), boxes=[[10, 10, 5, 20]])
+    with pytest.raises(ValueError, match="token grid"):
+        pointing_hit(np.ones((2, 2)), _layout(), region)
+    with pytest.raises(ValueError, match="non-negative"):
+        attention_ratio(-np.ones((4, 4)), _layout(), region)
+
+
+def test_otsus_threshold_splits_two_clusters():
+    values = np.concatenate([np.full(30, 0.1), np.full(10, 0.9)])
+    threshold = otsu_threshold(values)
+    assert 0.1 < threshold <= 0.9 and (values >= threshold).sum() == 10
+    assert otsu_threshold(np.full(5, 0.3)) == pytest.approx(0.3)                       # flat: nothing stands out
