@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention maps for several images × several prompts. Layer, head and step arguments "
                     "are 0-based; output files are numbered from 1 (S1_L1_H1 = step 0, layer 0, head 0).")
     parser.add_argument("--model", required=True, help="hub id or local folder")
-    parser.add_argument("--images", nargs="+", required=True, metavar="IMAGE")
+    parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE")
+    parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
+                        "with target boxes or masks; scores go to --out (see study.py)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT")
     parser.add_argument("--prompts-file", type=Path, help="more prompts, one per non-empty line")
     parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per pair")
@@ -249,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                              aggregate=args.aggregate, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, colormap=args.colormap, alpha=args.alpha,
                              report=args.report)
+    if args.manifest is not None:
+        return _study(parser, args)
+    if not args.images:
+        parser.error("give --images (with --prompts), or --manifest for a dataset study")
     try:
         prompts = read_prompts(args.prompts, args.prompts_file)
         check_settings(settings)
@@ -266,6 +272,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"All {total} pairs written to {args.out}")
     return 0
+
+
+def _study(parser: argparse.ArgumentParser, args) -> int:
+    """`--manifest`: score every item's map against its target; 0 when every row was scored, else 1."""
+    from study import run_study
+    if not args.manifest.is_file():
+        parser.error(f"no manifest file {str(args.manifest)!r}")
+    try:
+        holder = ModelHolder.load(args.model, device=args.device, dtype=args.dtype)
+        check_settings(BatchSettings(layers=args.layers, heads=args.heads), holder.num_layers, holder.num_heads)
+    except (ValueError, RuntimeError, OSError) as err:
+        parser.error(str(err))
+    results, problems = run_study(holder, args.manifest, args.out, args.layers, args.heads, args.max_new_tokens)
+    for problem in problems:
+        logger.warning(problem)
+    print(f"{len(results)} items scored, {len(problems)} skipped; results in {args.out}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

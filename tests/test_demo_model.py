@@ -122,3 +122,41 @@ def test_words_the_demo_model_does_not_know_are_named(holder, tmp_path):
     view = [0, *LAYERS, *HEADS, "mean", "minmax", "jet", 0.5, "overlay", False]
     *_, last = h.generate(str(image), "What colour is the circle?", 2, False, 0.7, 0.9, 0, 0, *view, None, None)
     assert "Unknown to this model" in last[1] and "colour" in last[1]
+
+
+def test_a_manifest_study_scores_every_good_row_and_names_the_bad_ones(holder, tmp_path):
+    import json
+
+    import pandas as pd
+
+    import batch
+    samples = demo_data.make_samples(FRESH_SEED + 1, 6)
+    rows = []
+    for k, sample in enumerate(samples):
+        sample.image.save(tmp_path / f"img{k}.png")
+        rows.append(json.dumps({"id": f"s{k}", "image": f"img{k}.png", "prompt": sample.question,
+                                "answer": sample.answer, "boxes": [list(sample.box_xyxy)]}))
+    rows.insert(2, json.dumps({"id": "gone", "image": "missing.png", "prompt": "Hi", "boxes": [[0, 0, 5, 5]]}))
+    rows.insert(4, "{not json")
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    code = batch.main(["--model", str(DEMO_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+                       "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}",
+                       "--device", "cpu", "--max-new-tokens", "2"])
+    assert code == 1                                                             # two rows were skipped
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(results["item_id"]) == [f"s{k}" for k in range(6)]
+    parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")          # the same rows, typed
+    assert list(parquet.columns) == list(results.columns) and list(parquet["item_id"]) == list(results["item_id"])
+    assert parquet["pointing_hit"].dtype == bool
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "items.jsonl line 3" in summary and "items.jsonl line 5" in summary  # bad rows by line number
+    # The study's pointing game agrees with the benchmark's rule on the same maps.
+    expected = []
+    for sample in samples:
+        run = holder.generate(sample.image, sample.question, max_new_tokens=2)
+        heat = token_heatmap(run, 0, layers=LAYERS, heads=HEADS, reduce="mean")
+        expected.append(cell_hits_box(heat, run.vision.image_box_xyxy, sample.box_xyxy))
+    assert list(results["pointing_hit"]) == expected
+    assert results["attention_ratio"].between(0, 1e6).all() and results["iou"].between(0, 1).all()
+    assert results["correct"].mean() >= 0.5 and "| pointing game |" in summary

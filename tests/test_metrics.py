@@ -34,6 +34,7 @@ def test_a_uniform_map_is_at_chance_and_partial_cells_count_in_proportion():
     assert cell_coverage(layout, region)[0, 0] == pytest.approx(0.5)
     assert attention_ratio(_one_hot(0, 0), layout, region) == pytest.approx(0.5 / (5000 / 160000))
     assert otsu_iou(_one_hot(0, 0), layout, region) == pytest.approx(0.5)              # 5000 px of a 10000 px cell
+    assert not pointing_hit(_one_hot(0, 0), layout, region)                          # the cell's centre is off it
 
 
 def test_what_the_model_never_saw_is_never_on_target():

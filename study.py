@@ -1,0 +1,163 @@
+"""A dataset study: a manifest of image-question pairs with target regions in, scored maps out.
+
+    python batch.py --model M --manifest items.jsonl --out DIR [--layers 1-3] [--heads 0-3]
+
+The manifest is JSONL or CSV, one item per row, with `id`, `image` (relative to the manifest or
+absolute), `prompt`, and optionally `answer` (the expected answer), `boxes` (a JSON list of
+[x0, y0, x1, y1] in the original image's pixels), `mask` (a mask image, non-zero = target) and
+`target` (the generated word to score; by default the first generated token with a letter or
+digit in it). A bad row is reported with its line number and skipped; it never stops the study.
+
+For each item the scored token's raw-attention map over the chosen layer and head ranges is scored
+by `metrics` (pointing game, attention ratio, Otsu IoU). Written to DIR: `results.csv` (and
+`results.parquet` when pyarrow is installed), one row per item, and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from attention_processor import token_heatmap
+from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
+from model_holder import ModelHolder
+from utils import load_image
+
+logger = logging.getLogger(__name__)
+COLUMNS = ("item_id", "image", "prompt", "answer", "expected", "correct", "token", "method", "layers", "heads",
+           "pointing_hit", "attention_ratio", "iou")
+
+
+@dataclass
+class Item:
+    """One manifest row, checked: paths resolved, boxes parsed."""
+
+    line: int
+    id: str
+    image: Path
+    prompt: str
+    expected: str | None = None
+    boxes: list | None = None
+    mask: Path | None = None
+    target: str | None = None
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, raw row) of a JSONL or CSV manifest; a line that is not valid JSON becomes an error row."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        return [(number, row) for number, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((number, {"__error__": f"not valid JSON ({err.msg})"}))
+    return rows
+
+
+def read_manifest(path: str | Path) -> tuple[list[Item], list[str]]:
+    """(the usable items, one message per bad row naming its line)."""
+    path = Path(path)
+    items, problems = [], []
+    for number, row in _rows(path):
+        try:
+            if "__error__" in row:
+                raise ValueError(row["__error__"])
+            missing = [key for key in ("id", "image", "prompt") if not str(row.get(key) or "").strip()]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            image = Path(row["image"]) if Path(row["image"]).is_absolute() else path.parent / row["image"]
+            if not image.is_file():
+                raise ValueError(f"no image file {str(image)!r}")
+            boxes = row.get("boxes") or None
+            boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+            if boxes is not None and not all(isinstance(b, list) and len(b) == 4 for b in boxes):
+                raise ValueError("boxes must be a list of [x0, y0, x1, y1]")
+            mask = row.get("mask") or None
+            mask = (Path(mask) if Path(mask).is_absolute() else path.parent / mask) if mask else None
+            if not boxes and mask is None:
+                raise ValueError("no target: give boxes or a mask")
+            items.append(Item(number, str(row["id"]), image, str(row["prompt"]), row.get("answer") or None,
+                              boxes, mask, row.get("target") or None))
+        except (ValueError, TypeError, json.JSONDecodeError) as err:
+            problems.append(f"{path.name} line {number}: {err}; skipped")
+    return items, problems
+
+
+def scored_step(tokens: list[str], target: str | None) -> int:
+    """The generated token to score: the first whose text is `target` (case and spaces ignored), or by
+    default the first with a letter or digit in it."""
+    for step, token in enumerate(tokens):
+        text = token.strip().lower()
+        if (text == target.strip().lower()) if target else any(ch.isalnum() for ch in text):
+            return step
+    raise ValueError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
+
+
+def score_item(holder: ModelHolder, item: Item, layers: tuple[int, int], heads: tuple[int, int],
+               max_new_tokens: int = 16) -> dict:
+    """One row of results for one item."""
+    image = load_image(item.image)
+    run = holder.generate(image, item.prompt, max_new_tokens=max_new_tokens)
+    step = scored_step(run.generated_tokens, item.target)
+    mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
+    region = target_mask(image.size, item.boxes or (), mask)
+    heat = token_heatmap(run, step, layers, heads)                             # (grid_h, grid_w)
+    answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
+    expected = item.expected
+    return {"item_id": item.id, "image": str(item.image), "prompt": item.prompt, "answer": answer,
+            "expected": expected, "correct": None if expected is None else answer.lower() == str(expected).lower(),
+            "token": run.generated_tokens[step], "method": "attention", "layers": f"{layers[0]}-{layers[1]}",
+            "heads": f"{heads[0]}-{heads[1]}", "pointing_hit": pointing_hit(heat, run.vision, region),
+            "attention_ratio": attention_ratio(heat, run.vision, region), "iou": otsu_iou(heat, run.vision, region)}
+
+
+def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers: tuple[int, int] | None = None,
+              heads: tuple[int, int] | None = None, max_new_tokens: int = 16) -> tuple[pd.DataFrame, list[str]]:
+    """Score every usable item; write results and summary to `out`. Returns (results, problems)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = layers or (0, holder.num_layers - 1)
+    heads = heads or (0, holder.num_heads - 1)
+    items, problems = read_manifest(manifest)
+    rows = []
+    for item in items:
+        try:
+            rows.append(score_item(holder, item, layers, heads, max_new_tokens))
+        except (ValueError, OSError) as err:                              # a bad item never stops the study
+            problems.append(f"{Path(manifest).name} line {item.line} ({item.id}): {err}; skipped")
+    results = pd.DataFrame(rows, columns=list(COLUMNS))
+    results.to_csv(out / "results.csv", index=False)
+    try:
+        results.to_parquet(out / "results.parquet", index=False)
+    except ImportError:
+        logger.info("pyarrow is not installed: results.parquet skipped (results.csv has the same rows)")
+    (out / "summary.md").write_text(summary(results, problems, holder.model_id), encoding="utf-8")
+    return results, problems
+
+
+def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
+    """The headline numbers in Markdown."""
+    lines = [f"# Study of {model_id}", "", f"{len(results)} items scored, {len(problems)} skipped.", ""]
+    if len(results):
+        first = results.iloc[0]
+        lines += [f"Raw attention, layers {first['layers']}, heads {first['heads']}.", "",
+                  "| metric | mean |", "|---|---|",
+                  f"| pointing game | {results['pointing_hit'].mean():.3f} |",
+                  f"| attention ratio (1 = chance) | {results['attention_ratio'].mean():.3f} |",
+                  f"| Otsu IoU | {results['iou'].mean():.3f} |"]
+        known = results["correct"].dropna()
+        if len(known):
+            lines.append(f"| answer correct | {known.astype(float).mean():.3f} |")
+    if problems:
+        lines += ["", "## Skipped", *[f"- {problem}" for problem in problems]]
+    return "\n".join(lines) + "\n"
