@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "are 0-based; output files are numbered from 1 (S1_L1_H1 = step 0, layer 0, head 0).")
     parser.add_argument("--model", required=True, help="hub id or local folder")
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE")
+    parser.add_argument("--methods", default="attention", help="with --manifest: comma-separated map methods to "
+                        "score (attention, rollout, gradient; default attention)")
     parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
                         "with target boxes or masks; scores go to --out (see study.py)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT")
@@ -284,10 +286,16 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
         check_settings(BatchSettings(layers=args.layers, heads=args.heads), holder.num_layers, holder.num_heads)
     except (ValueError, RuntimeError, OSError) as err:
         parser.error(str(err))
-    results, problems = run_study(holder, args.manifest, args.out, args.layers, args.heads, args.max_new_tokens)
+    methods = tuple(method.strip() for method in args.methods.split(",") if method.strip())
+    try:
+        results, problems = run_study(holder, args.manifest, args.out, args.layers, args.heads, args.max_new_tokens,
+                                      methods)
+    except ValueError as err:
+        parser.error(str(err))
     for problem in problems:
         logger.warning(problem)
-    print(f"{len(results)} items scored, {len(problems)} skipped; results in {args.out}")
+    print(f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} skipped; "
+          f"results in {args.out}")
     return 1 if problems else 0
 
 

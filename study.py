@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from attention_processor import token_heatmap
+from explain import gradient_map, rollout_map
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
 from model_holder import ModelHolder
 from utils import load_image
@@ -103,27 +104,53 @@ def scored_step(tokens: list[str], target: str | None) -> int:
     raise ValueError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
 
 
+STUDY_METHODS = ("attention", "rollout", "gradient")        # maps over the token grid
+
+
+def method_map(holder: ModelHolder, run, step: int, method: str, layers, heads) -> np.ndarray:
+    """(grid_h, grid_w) map of generated token `step` by `method` (the ranges apply to raw attention)."""
+    if method == "attention":
+        return token_heatmap(run, step, layers, heads)
+    if method == "rollout":
+        return rollout_map(holder, run, step)
+    if method == "gradient":
+        return gradient_map(holder, run, step)
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(STUDY_METHODS)}.")
+
+
 def score_item(holder: ModelHolder, item: Item, layers: tuple[int, int], heads: tuple[int, int],
-               max_new_tokens: int = 16) -> dict:
-    """One row of results for one item."""
+               max_new_tokens: int = 16, methods: tuple[str, ...] = ("attention",)) -> list[dict]:
+    """The rows of results for one item, one per method."""
     image = load_image(item.image)
     run = holder.generate(image, item.prompt, max_new_tokens=max_new_tokens)
     step = scored_step(run.generated_tokens, item.target)
     mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
     region = target_mask(image.size, item.boxes or (), mask)
-    heat = token_heatmap(run, step, layers, heads)                             # (grid_h, grid_w)
     answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
     expected = item.expected
-    return {"item_id": item.id, "image": str(item.image), "prompt": item.prompt, "answer": answer,
-            "expected": expected, "correct": None if expected is None else answer.lower() == str(expected).lower(),
-            "token": run.generated_tokens[step], "method": "attention", "layers": f"{layers[0]}-{layers[1]}",
-            "heads": f"{heads[0]}-{heads[1]}", "pointing_hit": pointing_hit(heat, run.vision, region),
-            "attention_ratio": attention_ratio(heat, run.vision, region), "iou": otsu_iou(heat, run.vision, region)}
+    common = {"item_id": item.id, "image": str(item.image), "prompt": item.prompt, "answer": answer,
+              "expected": expected, "correct": None if expected is None else answer.lower() == str(expected).lower(),
+              "token": run.generated_tokens[step]}
+    rows = []
+    for method in methods:
+        heat = method_map(holder, run, step, method, layers, heads)                # (grid_h, grid_w)
+        ranged = method == "attention"                                         # the others use every layer
+        rows.append({**common, "method": method, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
+                     "heads": f"{heads[0]}-{heads[1]}" if ranged else "all",
+                     "pointing_hit": pointing_hit(heat, run.vision, region),
+                     "attention_ratio": attention_ratio(heat, run.vision, region),
+                     "iou": otsu_iou(heat, run.vision, region)})
+    return rows
 
 
 def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers: tuple[int, int] | None = None,
-              heads: tuple[int, int] | None = None, max_new_tokens: int = 16) -> tuple[pd.DataFrame, list[str]]:
-    """Score every usable item; write results and summary to `out`. Returns (results, problems)."""
+              heads: tuple[int, int] | None = None, max_new_tokens: int = 16,
+              methods: tuple[str, ...] = ("attention",)) -> tuple[pd.DataFrame, list[str]]:
+    """Score every usable item with each method; write results and summary to `out`.
+    Returns (results, problems)."""
+    unknown = [method for method in methods if method not in STUDY_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"Unknown map method(s) {unknown}; choose from {', '.join(STUDY_METHODS)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layers = layers or (0, holder.num_layers - 1)
@@ -132,7 +159,7 @@ def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers
     rows = []
     for item in items:
         try:
-            rows.append(score_item(holder, item, layers, heads, max_new_tokens))
+            rows.extend(score_item(holder, item, layers, heads, max_new_tokens, methods))
         except (ValueError, OSError) as err:                              # a bad item never stops the study
             problems.append(f"{Path(manifest).name} line {item.line} ({item.id}): {err}; skipped")
     results = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -147,17 +174,18 @@ def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers
 
 def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
     """The headline numbers in Markdown."""
-    lines = [f"# Study of {model_id}", "", f"{len(results)} items scored, {len(problems)} skipped.", ""]
+    scored = results["item_id"].nunique() if len(results) else 0
+    lines = [f"# Study of {model_id}", "", f"{scored} items scored, {len(problems)} skipped.", ""]
     if len(results):
-        first = results.iloc[0]
-        lines += [f"Raw attention, layers {first['layers']}, heads {first['heads']}.", "",
-                  "| metric | mean |", "|---|---|",
-                  f"| pointing game | {results['pointing_hit'].mean():.3f} |",
-                  f"| attention ratio (1 = chance) | {results['attention_ratio'].mean():.3f} |",
-                  f"| Otsu IoU | {results['iou'].mean():.3f} |"]
-        known = results["correct"].dropna()
+        lines += ["| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
+                  "|---|---|---|---|---|---|"]
+        for method, rows in results.groupby("method", sort=False):
+            lines.append(f"| {method} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
+                         f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
+                         f"{rows['iou'].mean():.3f} |")
+        known = results.drop_duplicates("item_id")["correct"].dropna()
         if len(known):
-            lines.append(f"| answer correct | {known.astype(float).mean():.3f} |")
+            lines += ["", f"Answers correct: {known.astype(float).mean():.3f} of {len(known)}."]
     if problems:
         lines += ["", "## Skipped", *[f"- {problem}" for problem in problems]]
     return "\n".join(lines) + "\n"

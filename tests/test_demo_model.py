@@ -142,12 +142,17 @@ def test_a_manifest_study_scores_every_good_row_and_names_the_bad_ones(holder, t
     manifest.write_text("\n".join(rows) + "\n")
     code = batch.main(["--model", str(DEMO_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
                        "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}",
-                       "--device", "cpu", "--max-new-tokens", "2"])
+                       "--device", "cpu", "--max-new-tokens", "2", "--methods", "attention,rollout"])
     assert code == 1                                                             # two rows were skipped
-    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    everything = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(everything["method"]) == ["attention", "rollout"] * 6           # one row per item and method
+    results = everything[everything["method"] == "attention"].reset_index(drop=True)
+    rollout = everything[everything["method"] == "rollout"]
+    assert (rollout["layers"] == "all").all() and rollout["iou"].between(0, 1).all()
     assert list(results["item_id"]) == [f"s{k}" for k in range(6)]
     parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")          # the same rows, typed
-    assert list(parquet.columns) == list(results.columns) and list(parquet["item_id"]) == list(results["item_id"])
+    assert list(parquet.columns) == list(everything.columns)
+    assert list(parquet["item_id"]) == list(everything["item_id"])
     assert parquet["pointing_hit"].dtype == bool
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "items.jsonl line 3" in summary and "items.jsonl line 5" in summary  # bad rows by line number
