@@ -203,7 +203,10 @@ def _allowed(masks: list, rows_per_call: list[int], kv_len: int) -> torch.Tensor
 
 
 class EagerRecorder:
-    """The reference: rows read from eager attention weights by forward hooks, kept as float16 rows."""
+    """The reference: rows read from eager attention weights by forward hooks, kept as float16 rows.
+
+    The hooks keep float16 copies on the layer's device (no host sync inside the decode loop, and no
+    view that would keep a whole prefill weight matrix alive); `finish` moves them to the host."""
 
     def __init__(self, layer_indices: list[int], prompt_positions: list[int] | None = None):
         self.layer_indices = layer_indices
@@ -216,9 +219,9 @@ class EagerRecorder:
             weights = output[1]                                         # (B, H, q, kv)
             if weights is None:
                 raise CaptureError("Eager attention returned no weights; cannot use the eager reference.")
-            self.rows[layer_idx].append(weights[0, :, -1, :].to(torch.float16).cpu())  # (H, kv)
+            self.rows[layer_idx].append(weights[0, :, -1, :].to(torch.float16, copy=True))  # (H, kv)
             if self.prompt_positions and layer_idx not in self.prompt_rows:
-                self.prompt_rows[layer_idx] = weights[0][:, self.prompt_positions, :].to(torch.float16).cpu()
+                self.prompt_rows[layer_idx] = weights[0][:, self.prompt_positions, :].to(torch.float16, copy=True)
         return keep
 
     def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
@@ -226,8 +229,9 @@ class EagerRecorder:
         if any(count != num_steps for count in counts.values()):
             raise CaptureError(f"Captured {counts} rows per layer for {num_steps} generated tokens. "
                                "Was the model run with a batch of one and a standard decoding loop?")
-        steps = [torch.stack([self.rows[idx][t] for idx in self.layer_indices]) for t in range(num_steps)]
-        prompt = torch.stack([self.prompt_rows[idx] for idx in self.layer_indices]) if self.prompt_positions else None
+        steps = [torch.stack([self.rows[idx][t].cpu() for idx in self.layer_indices]) for t in range(num_steps)]
+        prompt = torch.stack([self.prompt_rows[idx].cpu() for idx in self.layer_indices]) \
+            if self.prompt_positions else None
         return RowStore(steps, prompt)
 
 
