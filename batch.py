@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="hub id or local folder")
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE")
     parser.add_argument("--methods", default="attention", help="with --manifest: comma-separated map methods to "
-                        "score (attention, rollout, gradient; default attention)")
+                        "score (attention, rollout, gradient, vit; default attention)")
+    parser.add_argument("--relative", action="store_true", help="with --manifest: also score each attention map "
+                        "divided by the generic-prompt map of the same image (one more model pass per item)")
     parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
                         "with target boxes or masks; scores go to --out (see study.py)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT")
@@ -289,12 +291,12 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
     methods = tuple(method.strip() for method in args.methods.split(",") if method.strip())
     try:
         results, problems = run_study(holder, args.manifest, args.out, args.layers, args.heads, args.max_new_tokens,
-                                      methods)
+                                      methods, args.relative)
     except ValueError as err:
         parser.error(str(err))
     for problem in problems:
         logger.warning(problem)
-    print(f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} skipped; "
+    print(f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} problems; "
           f"results in {args.out}")
     return 1 if problems else 0
 

@@ -5,7 +5,8 @@ Pure functions of a map over the token grid (`heat`, (grid_h, grid_w), non-negat
 ORIGINAL image's pixels: boxes `[x0, y0, x1, y1]` and/or a boolean mask (H, W). Cells outside the
 image the model saw never count as inside the target. No model, no drawing.
 
-- `pointing_hit`: the pointing game, whether the centre of the map's highest cell is on the target.
+- `pointing_hit`: the pointing game, whether the centre of the map's highest cell is on the target
+  (`pointing_cells`: that answer for every cell at once, for scoring many maps of one item).
 - `attention_ratio`: the share of the map's mass on the target divided by the target's share of
   the area the grid covers ("MLLMs Know Where to Look", ICLR 2025); 1 is chance level.
 - `otsu_iou`: IoU of the map thresholded by Otsu's method with the target (TAM's Obj-IoU).
@@ -60,15 +61,24 @@ def _check(heat: np.ndarray, layout: VisionLayout) -> np.ndarray:
     return heat
 
 
+def pointing_cells(layout: VisionLayout, region: np.ndarray) -> np.ndarray:
+    """(grid_h * grid_w,) bool, row-major: whether each cell's centre pixel is a target pixel, so a map
+    whose highest cell is j wins the pointing game exactly when entry j is True. A centre outside the
+    image is never on target."""
+    height, width = region.shape
+    hits = np.zeros(layout.num_cells, dtype=bool)
+    for j in range(layout.num_cells):
+        x0, y0, x1, y1 = layout.cell_box_xyxy(*divmod(j, layout.grid_hw[1]))
+        x, y = int((x0 + x1) / 2), int((y0 + y1) / 2)                     # the cell's centre pixel
+        hits[j] = 0 <= x < width and 0 <= y < height and bool(region[y, x])
+    return hits
+
+
 def pointing_hit(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> bool:
     """The pointing game: whether the centre of the map's highest cell (the first in row-major order on
     ties) is a target pixel. A centre outside the image is a miss."""
     heat = _check(heat, layout)
-    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    x0, y0, x1, y1 = layout.cell_box_xyxy(int(row), int(col))
-    x, y = int((x0 + x1) / 2), int((y0 + y1) / 2)                         # the cell's centre pixel
-    height, width = region.shape
-    return bool(0 <= x < width and 0 <= y < height and region[y, x])
+    return bool(pointing_cells(layout, region)[int(np.argmax(heat))])
 
 
 def attention_ratio(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> float:
