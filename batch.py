@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--relative", action="store_true", help="with --manifest: also score each attention map "
                         "divided by the generic-prompt map of the same image (one more model pass per item)")
     parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
-                        "with target boxes or masks; scores go to --out (see study.py)")
+                        "with target boxes or masks, or a Hugging Face imagefolder (a folder with metadata.jsonl); "
+                        "scores go to --out (see study.py)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT")
     parser.add_argument("--prompts-file", type=Path, help="more prompts, one per non-empty line")
     parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per pair")
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 def _study(parser: argparse.ArgumentParser, args) -> int:
     """`--manifest`: score every item's map against its target; 0 when every row was scored, else 1."""
     from study import run_study
-    if not args.manifest.is_file():
-        parser.error(f"no manifest file {str(args.manifest)!r}")
+    if not args.manifest.exists():
+        parser.error(f"no manifest {str(args.manifest)!r}: give a JSONL or CSV file, or an imagefolder")
     try:
         holder = ModelHolder.load(args.model, device=args.device, dtype=args.dtype)
         check_settings(BatchSettings(layers=args.layers, heads=args.heads), holder.num_layers, holder.num_heads)

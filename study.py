@@ -2,11 +2,9 @@
 
     python batch.py --model M --manifest items.jsonl --out DIR [--layers 1-3] [--heads 0-3]
 
-The manifest is JSONL or CSV, one item per row, with `id`, `image` (relative to the manifest or
-absolute), `prompt`, and optionally `answer` (the expected answer), `boxes` (a JSON list of
-[x0, y0, x1, y1] in the original image's pixels), `mask` (a mask image, non-zero = target) and
-`target` (the generated word to score; by default the first generated token with a letter or
-digit in it). A bad row is reported with its line number and skipped; it never stops the study.
+The manifest (a JSONL or CSV file, or a Hugging Face imagefolder; see `manifest.py`) lists the items:
+an image, a prompt, the target region and optionally the expected answer. A bad row is reported with
+its line number and skipped; it never stops the study.
 
 For each item and map method (`attention`: raw attention over the chosen layer and head ranges;
 `rollout` and `gradient` over every layer; `vit`: the raw map pushed back through the vision encoder,
@@ -20,10 +18,8 @@ and map, and `summary.md`.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,71 +29,14 @@ from PIL import Image
 from analysis import GENERIC_PROMPT, relative_heatmap
 from attention_processor import token_heatmap
 from explain import gradient_map, rollout_map, vit_combined_map
+from manifest import Item, read_manifest
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
 from model_holder import ModelHolder
 from utils import load_image
 
 logger = logging.getLogger(__name__)
-COLUMNS = ("item_id", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative", "layers",
-           "heads", "pointing_hit", "attention_ratio", "iou")
-
-
-@dataclass
-class Item:
-    """One manifest row, checked: paths resolved, boxes parsed."""
-
-    line: int
-    id: str
-    image: Path
-    prompt: str
-    expected: str | None = None
-    boxes: list | None = None
-    mask: Path | None = None
-    target: str | None = None
-
-
-def _rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, raw row) of a JSONL or CSV manifest; a line that is not valid JSON becomes an error row."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".csv":
-        return [(number, row) for number, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                rows.append((number, {"__error__": f"not valid JSON ({err.msg})"}))
-    return rows
-
-
-def read_manifest(path: str | Path) -> tuple[list[Item], list[str]]:
-    """(the usable items, one message per bad row naming its line)."""
-    path = Path(path)
-    items, problems = [], []
-    for number, row in _rows(path):
-        try:
-            if "__error__" in row:
-                raise ValueError(row["__error__"])
-            missing = [key for key in ("id", "image", "prompt") if not str(row.get(key) or "").strip()]
-            if missing:
-                raise ValueError(f"missing {', '.join(missing)}")
-            image = Path(row["image"]) if Path(row["image"]).is_absolute() else path.parent / row["image"]
-            if not image.is_file():
-                raise ValueError(f"no image file {str(image)!r}")
-            boxes = row.get("boxes") or None
-            boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
-            if boxes is not None and not all(isinstance(b, list) and len(b) == 4 for b in boxes):
-                raise ValueError("boxes must be a list of [x0, y0, x1, y1]")
-            mask = row.get("mask") or None
-            mask = (Path(mask) if Path(mask).is_absolute() else path.parent / mask) if mask else None
-            if not boxes and mask is None:
-                raise ValueError("no target: give boxes or a mask")
-            items.append(Item(number, str(row["id"]), image, str(row["prompt"]), row.get("answer") or None,
-                              boxes, mask, row.get("target") or None))
-        except (ValueError, TypeError, json.JSONDecodeError) as err:
-            problems.append(f"{path.name} line {number}: {err}; skipped")
-    return items, problems
+COLUMNS = ("item_id", "split", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative",
+           "layers", "heads", "pointing_hit", "attention_ratio", "iou")
 
 
 def scored_step(tokens: list[str], target: str | None) -> int:
@@ -156,9 +95,9 @@ def score_item(holder: ModelHolder, item: Item, layers: tuple[int, int], heads: 
     region = target_mask(image.size, item.boxes or (), mask)
     answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
     expected = item.expected
-    common = {"item_id": item.id, "image": str(item.image), "prompt": item.prompt, "answer": answer,
-              "expected": expected, "correct": None if expected is None else answer.lower() == str(expected).lower(),
-              "token": run.generated_tokens[step]}
+    correct = None if expected is None else answer.lower() == str(expected).lower()
+    common = {"item_id": item.id, "split": item.split, "image": str(item.image), "prompt": item.prompt,
+              "answer": answer, "expected": expected, "correct": correct, "token": run.generated_tokens[step]}
     rows, failed = [], []
     for method in methods:
         ranged = method in ("attention", "vit")                              # the others use every layer
@@ -192,7 +131,7 @@ def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers
     items, problems = read_manifest(manifest)
     rows = []
     for item in items:
-        where = f"{Path(manifest).name} line {item.line} ({item.id})"
+        where = item.where
         try:
             scored, failed = score_item(holder, item, layers, heads, max_new_tokens, methods, relative)
         except (ValueError, OSError) as err:                              # a bad item never stops the study

@@ -64,3 +64,58 @@ def test_a_model_without_the_vit_map_says_so_per_item_and_keeps_the_other_method
     assert list(results["method"]) == ["attention", "attention"]
     assert len(problems) == 2 and all("vit: The ViT-combined map is not available" in p for p in problems)
     assert "items.csv line 2 (n0)" in problems[0] and "the others scored" in problems[0]
+
+
+def _imagefolder(root: Path, rows: dict[str, list[dict]]) -> Path:
+    """An imagefolder: per subfolder ('' = the top) its images and metadata.jsonl with file_name rows."""
+    for sub, entries in rows.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for k, entry in enumerate(entries):
+            if entry.get("file_name", "").endswith(".png"):
+                noise_image(56, 56, seed=k).save(root / sub / entry["file_name"])
+        (root / sub / "metadata.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return root
+
+
+def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_path):
+    from manifest import read_manifest
+    box = [[0, 0, 28, 28]]
+    root = _imagefolder(tmp_path / "flat", {"": [
+        {"file_name": "a.png", "prompt": "Where?", "boxes": box, "split": "validation"},
+        {"file_name": "b.png", "id": "second", "prompt": "What?", "boxes": box, "answer": "red"},
+        {"prompt": "No image?", "boxes": box},
+        {"file_name": "c.png", "id": "second", "prompt": "Again?", "boxes": box}]})
+    items, problems = read_manifest(root)
+    assert [(item.id, item.split, item.expected) for item in items] == [("a.png", "validation", None),
+                                                                        ("second", None, "red")]
+    assert items[0].image == root / "a.png" and items[1].where == "metadata.jsonl line 2 (second)"
+    assert problems == ["metadata.jsonl line 3: missing file_name; skipped",
+                        "metadata.jsonl line 4: the id 'second' is already used on metadata.jsonl line 2; skipped"]
+    root = _imagefolder(tmp_path / "splits", {"validation": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}],
+                                              "test": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}]})
+    items, problems = read_manifest(root)                                 # split subfolders, sorted by name
+    assert [(item.id, item.split) for item in items] == [("test/a.png", "test"), ("validation/a.png", "validation")]
+    assert problems == [] and items[1].image == root / "validation" / "a.png"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
+        read_manifest(tmp_path / "empty")
+
+
+def test_the_validation_share_is_stable_and_a_split_column_wins(tmp_path):
+    from manifest import Item, is_validation
+    items = [Item(k, f"item-{k}", tmp_path, "p") for k in range(2000)]
+    chosen = [is_validation(item, 0.25) for item in items]
+    assert 0.22 < np.mean(chosen) < 0.28 and chosen == [is_validation(item, 0.25) for item in reversed(items)][::-1]
+    assert not any(is_validation(item, 0.0) for item in items)
+    assert is_validation(Item(1, "x", tmp_path, "p", split="val"), 0.0)
+    assert not is_validation(Item(1, "x", tmp_path, "p", split="test"), 1.0)
+
+
+def test_an_imagefolder_study_scores_what_the_same_jsonl_manifest_scores(holder, tmp_path):
+    manifest = write_manifest(tmp_path / "data", 2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    metadata = [{"file_name": row.pop("image"), **row} for row in rows]
+    (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metadata))
+    from_jsonl, _ = run_study(holder, manifest, tmp_path / "a", LAYERS, HEADS, max_new_tokens=2)
+    from_folder, problems = run_study(holder, tmp_path / "data", tmp_path / "b", LAYERS, HEADS, max_new_tokens=2)
+    assert problems == [] and from_folder.equals(from_jsonl)

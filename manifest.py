@@ -1,0 +1,143 @@
+"""A study's items: image-question pairs with target regions, read and checked before any model work.
+
+Three layouts hold the same columns:
+- a JSONL file, one JSON object per line;
+- a CSV file with a header row (`boxes` as a JSON string);
+- a Hugging Face `imagefolder` folder: `metadata.jsonl` (or `metadata.csv`) whose `file_name` column
+  names the image, relative to the metadata file; either at the folder's top, or one per split
+  subfolder (`validation/metadata.jsonl`, `test/metadata.jsonl`), whose name becomes the item's split.
+  The folder is read directly, offline, with the `datasets` library's rules for these two columns; the
+  library itself is not needed.
+
+Columns: `id` (unique; for an imagefolder the image's path inside the folder by default), `image`
+(relative to the manifest or absolute), `prompt`, and optionally `answer`, `boxes` ([[x0, y0, x1, y1],
+...] in the original image's pixels), `mask` (a mask image, non-zero = target), `target` (the generated
+word to score) and `split` (`validation` or `val` marks an item for choosing ranges). A bad row is
+reported with its file and line number and skipped; it never stops the study.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+VALIDATION_SPLITS = ("validation", "val", "valid", "dev")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclass
+class Item:
+    """One manifest row, checked: paths resolved, boxes parsed. `line` is 1-based in `source`."""
+
+    line: int
+    id: str
+    image: Path
+    prompt: str
+    expected: str | None = None
+    boxes: list | None = None
+    mask: Path | None = None
+    target: str | None = None
+    split: str | None = None
+    source: str = ""
+
+    @property
+    def where(self) -> str:
+        """How messages name the item: its file, line and id."""
+        return f"{self.source} line {self.line} ({self.id})"
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, raw row) of a JSONL or CSV file; a line that is not valid JSON becomes an error row."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        return [(number, row) for number, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((number, {"__error__": f"not valid JSON ({err.msg})"}))
+    return rows
+
+
+def _metadata(folder: Path) -> Path | None:
+    return next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+
+
+def _sources(path: Path) -> list[tuple[Path, str, str | None]]:
+    """(rows file, its name in messages, the split its folder names) for a manifest file or imagefolder."""
+    if path.is_file():
+        return [(path, path.name, None)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"No manifest {str(path)!r}: give a JSONL or CSV file, or a folder with "
+                                "metadata.jsonl (a Hugging Face imagefolder).")
+    top = _metadata(path)
+    if top is not None:
+        return [(top, top.name, None)]
+    splits = [(meta, f"{sub.name}/{meta.name}", sub.name) for sub in sorted(path.iterdir())
+              if sub.is_dir() and (meta := _metadata(sub)) is not None]
+    if not splits:
+        raise FileNotFoundError(f"The folder {str(path)!r} has no metadata.jsonl or metadata.csv, at its top or in "
+                                "split subfolders; an imagefolder manifest needs one beside its images.")
+    return splits
+
+
+def _item(number: int, row: dict, base: Path, source: str, folder_split: str | None) -> Item:
+    """One raw row checked into an Item, or ValueError naming what is wrong."""
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    if source.endswith(METADATA_FILES):                            # imagefolder: the image is `file_name`
+        name = str(row.get("file_name") or "").strip()
+        if not name:
+            raise ValueError("missing file_name")
+        default_id = f"{folder_split}/{name}" if folder_split else name     # the image's path in the folder
+        row = {**row, "image": name, "id": row.get("id") or default_id}
+    missing = [key for key in ("id", "image", "prompt") if not str(row.get(key) or "").strip()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    image = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
+    if not image.is_file():
+        raise ValueError(f"no image file {str(image)!r}")
+    boxes = row.get("boxes") or None
+    boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+    if boxes is not None and not all(isinstance(b, list) and len(b) == 4 for b in boxes):
+        raise ValueError("boxes must be a list of [x0, y0, x1, y1]")
+    mask = row.get("mask") or None
+    mask = (Path(mask) if Path(mask).is_absolute() else base / mask) if mask else None
+    if not boxes and mask is None:
+        raise ValueError("no target: give boxes or a mask")
+    split = str(row.get("split") or "").strip() or folder_split
+    return Item(number, str(row["id"]), image, str(row["prompt"]), row.get("answer") or None, boxes, mask,
+                row.get("target") or None, split, source)
+
+
+def read_manifest(path: str | Path) -> tuple[list[Item], list[str]]:
+    """(the usable items, in file order; one message per bad row naming its file and line)."""
+    path = Path(path)
+    items, problems, seen = [], [], {}
+    for rows_file, source, folder_split in _sources(path):
+        for number, row in _rows(rows_file):
+            try:
+                item = _item(number, row, rows_file.parent, source, folder_split)
+                if item.id in seen:
+                    raise ValueError(f"the id {item.id!r} is already used on {seen[item.id]}")
+            except (ValueError, TypeError, json.JSONDecodeError) as err:
+                problems.append(f"{source} line {number}: {err}; skipped")
+                continue
+            seen[item.id] = f"{source} line {number}"
+            items.append(item)
+    return items, problems
+
+
+def is_validation(item: Item, val_fraction: float) -> bool:
+    """Whether an item is one of those that choose the ranges: its split says validation, or it has no
+    split and its id falls in a stable share `val_fraction` of ids (a hash of the id, so every process
+    and every rerun agrees, whatever the order of the items)."""
+    if item.split is not None:
+        return item.split.lower() in VALIDATION_SPLITS
+    draw = int.from_bytes(hashlib.sha256(item.id.encode("utf-8")).digest()[:8], "big") / 2**64   # in [0, 1)
+    return draw < val_fraction
