@@ -41,6 +41,11 @@ class VisionLayout:
     processed_hw: (H, W) of the pixel tensor the vision encoder received.
     num_frames: 1 for an image; for a video, the temporal grid size t. Then token_positions holds
         num_frames * grid_h * grid_w entries, frame-major: entry j is frame j // (grid_h * grid_w).
+    image_index: which image of the prompt this layout maps (0-based). One image may have several
+        views, each its own layout: the high-resolution tiles stitched over the image, and a global view
+        or thumbnail of the whole image (LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3).
+    view: the view's name ("" for a family with one view per image), e.g. "tiles" or "global view".
+        Separator and row-break tokens among an image's tokens (newlines, tile markers) are in no view.
 
     Cell ↔ pixel geometry lives in the methods below and nowhere else: the grid spreads evenly
     over `image_box_xyxy`, cell (row, col) spans [xs[col], xs[col + 1]) × [ys[row], ys[row + 1]).
@@ -52,6 +57,8 @@ class VisionLayout:
     image_box_xyxy: tuple[float, float, float, float]
     processed_hw: tuple[int, int]
     num_frames: int = 1
+    image_index: int = 0
+    view: str = ""
 
     @property
     def num_cells(self) -> int:
@@ -93,7 +100,8 @@ class VisionLayout:
     def to_dict(self) -> dict:
         return {"token_positions": self.token_positions.tolist(), "grid_hw": list(self.grid_hw),
                 "image_size": list(self.image_size), "image_box_xyxy": list(self.image_box_xyxy),
-                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames}
+                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames,
+                "image_index": self.image_index, "view": self.view}
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def segment_positions(visions: list[VisionLayout]) -> dict[str, np.ndarray]:
     """Key positions whose per-step attention mass a run keeps: 'vision' (every image token) and
     'system' (everything before the first image: BOS, system prompt, chat header). int64 arrays."""
     vision = np.concatenate([layout.token_positions for layout in visions]).astype(np.int64)
-    return {"vision": vision, "system": np.arange(int(visions[0].token_positions.min()), dtype=np.int64)}
+    return {"vision": vision, "system": np.arange(int(vision.min()), dtype=np.int64)}
 
 
 @dataclass
@@ -129,7 +137,8 @@ class AttentionRun:
     prompt_ids: the prompt's token ids, vision placeholders expanded (len = prompt_len).
     generated_ids: the ids the model generated, in order; step_idx t is generated_ids[t].
     generated_tokens: one decoded piece per generated id.
-    vision: where the image's tokens sit in the sequence and on the picture (the first image).
+    vision: where the image's tokens sit in the sequence and on the picture (the first image's main
+        view: its stitched high-resolution tiles where the family has several views).
     layer_indices: the decoder layers captured, in order; axis 0 of `step_attention`.
     num_heads: query heads per layer; axis 1 of `step_attention`.
     attention: the captured attention, a `RowStore` or `QueryKeyStore` (see `attention_store`);
@@ -138,7 +147,8 @@ class AttentionRun:
     model_id, family, settings: provenance for exports, captions and replays.
     prompt_positions: prompt positions (text, not vision) whose rows were also captured at prefill.
     prompt_tokens: one decoded piece per prompt id (empty when not provided).
-    visions: one layout per image (or the one video), in prompt order; visions[0] is `vision`.
+    visions: one layout per view of each image (or the one video), images in prompt order, each
+        image's main view first; visions[0] is `vision`. `layout.image_index` names its image.
     images: the upright RGB images the model saw, in prompt order (empty for a video): replays of
         the run (`ModelHolder.replay_inputs`) and the pictures use these, so nothing reloads them.
     frames: the video frames the model saw (empty for images).

@@ -88,7 +88,8 @@ class StoredRun:
 
     @property
     def is_single_image(self) -> bool:
-        return len(self.run.visions) == 1 and self.run.vision.num_frames == 1
+        """One still image (perhaps seen in several views, such as tiles and a global view)."""
+        return all(layout.image_index == 0 and layout.num_frames == 1 for layout in self.run.visions)
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
+import tiny_tiles
+from families import decoder_layers
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -74,7 +77,8 @@ CORPUS = [
 ] * 20
 # Checkpoint kinds: one per family, and "pixtral", a LLaVA checkpoint with a Pixtral vision tower
 # (how Pixtral-12B ships: model_type "llava", Pixtral's geometry).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "gemma3", "mistral3", "pixtral", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "gemma3", "mistral3", "pixtral", "llava",
+            *tiny_tiles.TILED_FAMILIES)
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -139,6 +143,9 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
         Qwen3_5Config,
         Qwen3VLConfig,
     )
+    if family in tiny_tiles.TILED_FAMILIES:
+        return tiny_tiles.build_config(family, tok, _text_dims(tok, hidden, layers, heads, kv_heads, intermediate),
+                                       vision_dim, vision_depth)
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=2 * vision_dim,
                       num_hidden_layers=vision_depth + 1, num_attention_heads=2, image_size=56, patch_size=14)
@@ -224,6 +231,8 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
+    if family in tiny_tiles.TILED_FAMILIES:
+        return tiny_tiles.build_processor(family, tok, LLAVA_TEMPLATE)
     if family == "llava":
         image_proc = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
         return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=14,
@@ -258,7 +267,7 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
 def _sharpen_decoder_attention(model, factor: float) -> None:
     """Random attention is nearly uniform; scaling q/k makes rows peaked, so a wrong row or layer shows."""
     with torch.no_grad():
-        for layer in model.model.language_model.layers:
+        for layer in decoder_layers(model):
             attn = getattr(layer, "self_attn", None)
             if attn is None:                                            # a linear-attention layer
                 continue
@@ -274,7 +283,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: fl
     """Write a random-weight checkpoint of `family` to `out_dir` and return the folder."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tok = _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    tok = tiny_tiles.tokenizer_for(family, _tokenizer) if family in tiny_tiles.TILED_FAMILIES \
+        else _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                      pad_token="<pad>") if family == "llava" else _glm_tokenizer() if family == "glm4v" \
         else _tokenizer(MISTRAL_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                         pad_token="<pad>") if family in ("mistral3", "pixtral") \

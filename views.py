@@ -61,7 +61,39 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         picture = overlay(shown, unit, box, alpha=s.alpha, **draw)
         if s.view == "side_by_side":
             picture = side_by_side(shown, picture)
-    return picture, caption(stored, settings, heat)
+    text = caption(stored, settings, heat)
+    if len(run.visions) > 1:                                                        # one image, several views
+        picture, text = _with_other_views(stored, s, picture, text)
+    return picture, text
+
+
+def _with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
+    """The main view's picture with the image's other views (a global view, a thumbnail) to its right,
+    each labelled and on its own scale. Clicks on the main picture keep their coordinates."""
+    run, main = stored.run, stored.run.vision
+    shown, _ = stored.display(0)
+    parts = [labelled(picture, f"{main.view} · {main.grid_hw[0]}x{main.grid_hw[1]}")]
+    shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
+    notes = []
+    for index, layout in enumerate(run.visions[1:], start=1):
+        if s.prompt_pos is not None:
+            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, index)
+        else:
+            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, index)
+        unit = normalize_heatmap(heat, "percentile" if s.normalization == "percentile" else "minmax", s.percentile)
+        box = stored.display_box(0, layout.image_box_xyxy)
+        draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
+        side = heatmap_image(shown, unit, box, **draw) if s.view == "heatmap" else \
+            overlay(shown, unit, box, alpha=s.alpha, **draw)
+        parts.append(labelled(side, f"{layout.view} · {layout.grid_hw[0]}x{layout.grid_hw[1]} · raw attention"))
+        share = "" if shares is None else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the " \
+            f"{main.view}"
+        notes.append(f"the {layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over the whole image{share})")
+    strip = parts[0]
+    for part in parts[1:]:
+        strip = side_by_side(strip, part)
+    return strip, (f"{text} Left: the {main.view}, the main map. Right: " + "; ".join(notes) +
+                   ", min–max on its own scale, always the raw attention.")
 
 
 def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 512) -> Iterator[Image.Image]:
@@ -133,12 +165,25 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
             heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, i)
         share = "" if shares is None else f" · {shares[i]:.0%} of the attention"
         if layout.num_frames == 1:
-            panels.append((stored.display(i)[0], heat, stored.display_box(i, layout.image_box_xyxy),
-                           f"image {i}{share}"))
+            image = layout.image_index
+            name = f"image {image}" + (f" · {layout.view}" if layout.view else "")
+            panels.append((stored.display(image)[0], heat, stored.display_box(image, layout.image_box_xyxy),
+                           f"{name}{share}"))
         else:
+            per = max(1, -(-len(run.frames) // layout.num_frames)) if run.frames else 1   # frames per token
             panels += [(stored.display(f)[0], heat[f], stored.display_box(f, layout.image_box_xyxy),
-                        f"time step {f}{share if f == 0 else ''}") for f in range(layout.num_frames)]
+                        _frames_label(f, per, len(run.frames)) + (share if f == 0 else ""))
+                       for f in range(layout.num_frames)]
     return panels
+
+
+def _frames_label(step: int, per: int, total: int) -> str:
+    """Which video frames one time step of tokens covers: with Qwen's temporal patch of 2, each token
+    sees a pair of frames (the panel shows the first of them)."""
+    if per == 1:
+        return f"frame {step}"
+    last = min(step * per + per - 1, total - 1) if total else step * per + per - 1
+    return f"frames {step * per}–{last} (one token step)" if last > step * per else f"frame {step * per}"
 
 
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
@@ -167,6 +212,11 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
             f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
             "over all of them), so their colours compare directly.")
+    video = stored.run.vision
+    if video.num_frames > 1 and len(stored.run.frames) > video.num_frames:
+        per = -(-len(stored.run.frames) // video.num_frames)
+        text += (f" Each time step's tokens cover {per} consecutive frames (the model's temporal patch), so a map "
+                 f"belongs to the pair, not to one frame; each panel shows the first frame of its {per}.")
     return strip, text
 
 

@@ -1,8 +1,19 @@
-"""Everything that differs between model families, in one place.
+"""Everything that differs between model families, in one place: a small adapter module per family.
 
-A family is detected from `config.model_type`. For each one this module knows how the processor
-turns an image into vision tokens, so it can say which sequence positions are vision tokens,
-how they are laid out as a grid, and which region of the ORIGINAL image that grid covers.
+A family is detected from `config.model_type`. For each one its adapter knows how the processor
+turns an image into vision tokens, so it can say which sequence positions are vision tokens, how
+they are laid out as one grid per view, and which region of the ORIGINAL image each grid covers.
+Adding a family means one adapter module here, its row below and its tests.
+
+| module | families |
+|---|---|
+| `qwen` | Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V (`image_grid_thw`) |
+| `llava` | LLaVA-1.5 (a centre crop of a fixed grid) |
+| `llava_next` | LLaVA-NeXT and LLaVA-OneVision (a global view and stitched, un-padded tiles) |
+| `internvl` | InternVL (aspect-matched tiles and a thumbnail) |
+| `idefics3` | Idefics3 and SmolVLM (tiles with row/column markers and a global image) |
+| `gemma3` | Gemma 3 (a pooled square grid) |
+| `pixtral` | Mistral 3 and Pixtral (native aspect, row breaks) |
 """
 
 from __future__ import annotations
@@ -11,25 +22,33 @@ import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
+from families import gemma3, idefics3, internvl, llava, llava_next, pixtral, qwen
+from families.llava import llava_box_xyxy
 from records import UserError, VisionLayout
 
-# model_type -> display name. The Qwen families and GLM-4.1V share one geometry (`image_grid_thw`
-# and a merge size over the whole image); LLaVA-1.5 has its own (a centre crop of a fixed grid).
+__all__ = ["llava_box_xyxy"]
+
+# model_type -> display name.
 SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
-    "glm4v": "GLM-4.1V",
-    "gemma3": "Gemma 3",
     "qwen3_5": "Qwen3.5",
-    "mistral3": "Mistral 3",
+    "glm4v": "GLM-4.1V",
     "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "internvl": "InternVL",
+    "gemma3": "Gemma 3",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+    "mistral3": "Mistral 3",
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
+TEXT_MODEL_FAMILIES = ("idefics3", "smolvlm")              # the decoder is model.model.text_model
 
 
 def native_aspect(family: str, config) -> bool:
@@ -39,14 +58,20 @@ def native_aspect(family: str, config) -> bool:
 
 
 def token_cell_px(family: str, config) -> int:
-    """Side, in processed pixels, of the square one vision token covers: the patch times the merge
-    (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size; CLIP: none;
-    Gemma 3: the square input side over its pooled tokens per side)."""
+    """Side, in processed pixels, of the square one vision token covers in the main view: the patch
+    times the merge (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size;
+    CLIP and LLaVA-NeXT's tiles: none; InternVL, Idefics3: the pixel-shuffle factor; Gemma 3: the
+    square input side over its pooled tokens per side)."""
     if family == "gemma3":
-        return int(config.vision_config.image_size) // int(round(int(config.mm_tokens_per_image) ** 0.5))
-    merge = 1 if family == "llava" and not native_aspect(family, config) else \
-        getattr(config.vision_config, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1) or 1
-    return int(config.vision_config.patch_size) * int(merge)
+        return gemma3.token_cell_px(config)
+    if native_aspect(family, config) or family in GRID_THW_FAMILIES:
+        return pixtral.token_cell_px(config)
+    patch = int(config.vision_config.patch_size)
+    if family == "internvl":
+        return int(round(patch / float(config.downsample_ratio)))
+    if family in TEXT_MODEL_FAMILIES:
+        return patch * int(config.scale_factor)
+    return patch
 
 
 def supports_vit_map(family: str, config) -> bool:
@@ -124,126 +149,51 @@ def softmax_layers(model) -> list[int]:
     return [idx for idx, layer in enumerate(decoder_layers(model)) if hasattr(layer, "self_attn")]
 
 
+def language_model(model) -> torch.nn.Module:
+    """The decoder stack: `model.model.language_model`, or `text_model` for Idefics3 and SmolVLM."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The language model's decoder layers; the same path in every supported family."""
-    return model.model.language_model.layers
+    """The language model's decoder layers."""
+    return language_model(model).layers
 
 
 def vision_layout(family: str, config, processor, inputs, image_size: tuple[int, int]) -> VisionLayout:
-    """The vision layout of the one image in the model inputs (batch of 1)."""
-    layouts = vision_layouts(family, config, processor, inputs, [image_size])
-    return layouts[0]
+    """The main view of the one image in the model inputs (batch of 1)."""
+    return vision_layouts(family, config, processor, inputs, [image_size])[0]
 
 
 def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tuple[int, int]],
                    video: bool = False) -> list[VisionLayout]:
-    """One layout per image (or the one video) in the model inputs (batch of 1), in prompt order.
+    """The layouts of the images (or the one video) in the model inputs (batch of 1): for each image
+    in prompt order its views, the main view first (`layout.image_index`, `layout.view`).
 
     image_sizes: (W, H) of each original image, or of the video's frames.
     """
-    token_id = config.video_token_id if video else config.image_token_id
-    input_ids = inputs["input_ids"][0]                                   # (S,)
-    positions = torch.nonzero(input_ids == token_id).flatten().cpu().numpy()  # (n_vision,)
+    return _adapter(family, config).layouts(family, config, processor, inputs, image_sizes, video)
+
+
+def _adapter(family: str, config):
+    """The module that knows this family's geometry."""
     if family in GRID_THW_FAMILIES:
-        grids = [_qwen_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
-        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized without crop or padding
-        extra = 0
-    elif family == "gemma3":
-        if video:
-            raise ValueError("Video input is supported for the Qwen families only.")
-        if int(inputs.get("num_crops", torch.zeros(1)).sum()) > 0:
-            raise ValueError("Pan-and-scan crops are not mapped yet: turn do_pan_and_scan off in the processor "
-                             "(the default) so each image is one 896×896 view.")
-        side = int(round(int(config.mm_tokens_per_image) ** 0.5))       # pooled tokens per side
-        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
-        grids = [(1, (side, side), processed_hw)] * len(image_sizes)
-        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # squashed to a square, no crop
-        extra = 0
-    elif native_aspect(family, config):
-        if video:
-            raise ValueError("Video input is supported for the Qwen families only.")
-        unit = token_cell_px(family, config)
-        grids = [(1, (int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
-        boxes = [(0.0, 0.0, float(w), float(h)) for w, h in image_sizes]  # resized whole; [IMG_BREAK]s skipped
-        extra = 0
-    else:
-        if video:
-            raise ValueError("Video input is supported for the Qwen families only.")
-        patch = int(config.vision_config.patch_size)
-        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
-        grids = [(1, (processed_hw[0] // patch, processed_hw[1] // patch), processed_hw)] * len(image_sizes)
-        boxes = [llava_box_xyxy(processor.image_processor, size) for size in image_sizes]
-        # "full" keeps CLIP's CLS embedding as the first image token; it has no cell on the grid.
-        extra = 1 if config.vision_feature_select_strategy == "full" else 0
-    needed = [frames * gh * gw + extra for frames, (gh, gw), _ in grids]
-    if len(grids) != len(image_sizes) or len(positions) != sum(needed):
-        what = "video" if video else "image"
-        raise ValueError(
-            f"Found {len(positions)} {what} tokens (id {token_id}) in the prompt for {len(image_sizes)} {what}(s), "
-            f"but their grids need {' + '.join(map(str, needed)) or 0}. Give one {what} entry in the prompt "
-            "per input and use the processor that belongs to this checkpoint.")
-    layouts, start = [], 0
-    for (frames, grid_hw, processed_hw), size, box, count in zip(grids, image_sizes, boxes, needed, strict=True):
-        own = positions[start + extra:start + count].astype(np.int64)  # (frames * grid_h * grid_w,)
-        layouts.append(VisionLayout(own, grid_hw, tuple(size), box, processed_hw, frames))
-        start += count
-    return layouts
-
-
-def _qwen_grid(config, thw, video: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
-    """(frames, (grid_h, grid_w), processed (H, W)) from one image_grid_thw / video_grid_thw row."""
-    t, h, w = (int(v) for v in thw)                                     # in patches
-    merge = int(config.vision_config.spatial_merge_size)
-    patch = int(config.vision_config.patch_size)
-    if t != 1 and not video:
-        raise ValueError(f"Expected a still image (t=1), got image_grid_thw t={t}.")
-    return t, (h // merge, w // merge), (h * patch, w * patch)
-
-
-def _size_value(size, key: str):
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def llava_box_xyxy(image_processor, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The region of the original image that LLaVA-1.5's processor keeps, in original pixels.
-
-    Mirrors the processor: optional pad to square, resize the shortest edge, centre crop.
-    """
-    width, height = image_size
-    pad_x = pad_y = 0
-    if getattr(image_processor, "do_pad", False):
-        side = max(width, height)
-        pad_x, pad_y = (side - width) // 2, (side - height) // 2
-        width = height = side
-    new_w, new_h = width, height
-    shortest = _size_value(image_processor.size, "shortest_edge")
-    if getattr(image_processor, "do_resize", True) and shortest:
-        if width <= height:
-            new_w, new_h = shortest, int(shortest * height / width)
-        else:
-            new_w, new_h = int(shortest * width / height), shortest
-    crop_w, crop_h = new_w, new_h
-    if getattr(image_processor, "do_center_crop", False):
-        crop_w = _size_value(image_processor.crop_size, "width")
-        crop_h = _size_value(image_processor.crop_size, "height")
-    # Same rounding as the processor's centre crop; negative when the crop pads.
-    left = int((new_w - crop_w) / 2.0) if crop_w <= new_w else -((crop_w - new_w) // 2)
-    top = int((new_h - crop_h) / 2.0) if crop_h <= new_h else -((crop_h - new_h) // 2)
-    def to_x(x):                                                        # resized px -> original px
-        return x * width / new_w - pad_x
-
-    def to_y(y):
-        return y * height / new_h - pad_y
-
-    return (to_x(left), to_y(top), to_x(left + crop_w), to_y(top + crop_h))
+        return qwen
+    if native_aspect(family, config):
+        return pixtral
+    return {"gemma3": gemma3, "llava": llava, "llava_next": llava_next, "llava_onevision": llava_next,
+            "internvl": internvl, "idefics3": idefics3, "smolvlm": idefics3}[family]
 
 
 def vision_encoder_blocks(model) -> torch.nn.ModuleList:
     """The vision encoder's transformer blocks (the ones that mix patches through attention)."""
     if hasattr(model.model, "visual"):
         return model.model.visual.blocks
-    tower = model.model.vision_tower
-    return tower.transformer.layers if hasattr(tower, "transformer") else tower.encoder.layers  # Pixtral; CLIP
+    tower = model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.vision_model
+    if hasattr(tower, "transformer"):                                    # Pixtral
+        return tower.transformer.layers
+    encoder = tower.encoder                                              # CLIP, SigLIP, Idefics3; InternVL
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer
 
 
 def run_vision_tower(model, inputs) -> None:
@@ -287,7 +237,7 @@ def vision_prefix_tokens(model) -> int:
 
 def final_norm(model) -> torch.nn.Module:
     """The norm the decoder applies after its last layer, before the output head."""
-    return model.model.language_model.norm
+    return language_model(model).norm
 
 
 def frames_per_panel(config) -> int:

@@ -230,6 +230,7 @@ def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dir
     run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
     assert run.vision.num_frames == 3 and "3 time steps of the video on one scale" in caption
+    assert len(run.frames) == 6 and "cover 2 consecutive frames" in caption     # temporal patch 2: frame pairs
     assert len(handlers.store.get(run_id).images) == 3                    # one picture per time step
     with pytest.raises(gr.Error, match="not both"):
         list(handlers.generate(image_file, "Hi", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip)))
@@ -286,11 +287,17 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (333, 201, 3), dtype=np.uint8)).save(portrait)
     handlers.load_model(str(tiny_model_dirs[family]))
     run_id, *_ = _generate(handlers, str(portrait))
+    views = handlers.store.get(run_id).run.visions
     for view in ("overlay", "side_by_side", "heatmap"):
         for normalization in ("minmax", "percentile", "shared"):
             picture, caption, _ = handlers.render(run_id, *_view(view=view, normalization=normalization, grid=True),
                                                   True, True, False, "", True)
-            assert picture.size[1] == 333 and caption.startswith("Token 0")
+            assert caption.startswith("Token 0")
+            if len(views) == 1:
+                assert picture.size[1] == 333
+            else:                                     # tiles, then the global view or thumbnail to their right
+                assert picture.size[1] > 333 and picture.size[0] > 2 * 201
+                assert f"Left: the {views[0].view}, the main map. Right: the {views[1].view}" in caption
     handlers.relative_toggle(run_id, *_view(), False, False, True, "", False)
     handlers.analysis(run_id, "entropy", *_view())
     handlers.region_click(run_id, [], "overlay", evt=gr.SelectData(None, {"index": [100, 160], "value": None}))

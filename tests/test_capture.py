@@ -98,7 +98,7 @@ def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_imag
     fast = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all")
     eager = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all",
                             method="eager")
-    vision = set(fast.vision.token_positions.tolist())
+    vision = {int(pos) for layout in fast.visions for pos in layout.token_positions}
     assert fast.prompt_positions == [p for p in range(len(fast.prompt_ids) - 1) if p not in vision]
     inputs = holder.build_inputs(dummy_image, "Where is the red circle?")
     holder.model.set_attn_implementation({"text_config": "eager"})

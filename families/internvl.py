@@ -1,0 +1,51 @@
+"""InternVL (the transformers-native checkpoints): the image squashed onto a canvas of square tiles
+whose rows × columns best match its aspect ratio (between `min_patches` and `max_patches` tiles),
+each tile's patches pixel-shuffled to side × side tokens; when there are several tiles a thumbnail
+of the whole image follows them. Tokens come tile by tile, each tile row-major.
+
+Two views: the tiles stitched into one grid over the whole image (the main view), and the thumbnail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+from families.base import check_count, no_video, token_positions, whole_box
+from records import VisionLayout
+
+
+def _canvas(image_processor, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image of `image_hw`, as the processor chooses them."""
+    if not getattr(image_processor, "crop_to_patches", False):
+        return 1, 1
+    size = image_processor.size
+    tile_hw = (int(size["height"]), int(size["width"]))
+    cols, rows = get_optimal_tiled_canvas(image_hw, tile_hw, int(image_processor.min_patches),
+                                          int(image_processor.max_patches))
+    return rows, cols
+
+
+def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
+    no_video(family, video)
+    token_id = config.image_token_id
+    positions = token_positions(inputs, token_id)
+    per_tile = int(processor.image_seq_length)                          # tokens per tile after pixel shuffle
+    side = int(round(per_tile ** 0.5))
+    tile_px = int(processor.image_processor.size["height"])
+    canvases = [_canvas(processor.image_processor, (height, width)) for width, height in image_sizes]
+    tiles = [rows * cols + (1 if rows * cols > 1 else 0) for rows, cols in canvases]   # + thumbnail
+    check_count(len(positions), [per_tile * n for n in tiles], token_id, len(image_sizes))
+    result, start = [], 0
+    for index, ((rows, cols), size, count) in enumerate(zip(canvases, image_sizes, tiles, strict=True)):
+        own = positions[start:start + per_tile * count]
+        grid = own[:rows * cols * per_tile].reshape(rows, cols, side, side)   # (tile row, tile col, y, x)
+        stitched = np.ascontiguousarray(grid.transpose(0, 2, 1, 3)).reshape(-1)  # (rows*side * cols*side,)
+        view = "tiles" if count > 1 else ""
+        result.append(VisionLayout(stitched, (rows * side, cols * side), tuple(size), whole_box(size),
+                                   (rows * tile_px, cols * tile_px), image_index=index, view=view))
+        if count > 1:
+            result.append(VisionLayout(own[rows * cols * per_tile:], (side, side), tuple(size), whole_box(size),
+                                       (tile_px, tile_px), image_index=index, view="thumbnail"))
+        start += per_tile * count
+    return result

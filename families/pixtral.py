@@ -1,0 +1,30 @@
+"""Pixtral geometry (Mistral 3, and LLaVA checkpoints with a Pixtral vision tower): the image resized
+whole at its own aspect, one token per (merged) patch, each row of tokens ended by an [IMG_BREAK]
+token that is not a cell."""
+
+from __future__ import annotations
+
+from families.base import check_count, no_video, token_positions, whole_box
+from records import VisionLayout
+
+
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: the patch times the merge (Mistral 3: config.spatial_merge_size)."""
+    merge = getattr(config.vision_config, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1) or 1
+    return int(config.vision_config.patch_size) * int(merge)
+
+
+def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
+    no_video(family, video)
+    token_id = config.image_token_id
+    positions = token_positions(inputs, token_id)
+    unit = token_cell_px(config)
+    grids = [((int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
+    needed = [gh * gw for (gh, gw), _ in grids]
+    check_count(len(positions), needed, token_id, len(image_sizes))
+    result, start = [], 0
+    for index, ((grid_hw, processed_hw), size, count) in enumerate(zip(grids, image_sizes, needed, strict=True)):
+        result.append(VisionLayout(positions[start:start + count], grid_hw, tuple(size), whole_box(size),
+                                   processed_hw, image_index=index))
+        start += count
+    return result

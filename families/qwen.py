@@ -1,0 +1,33 @@
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V: one grid per image from `image_grid_thw`
+and the merge size, spread over the whole image (resized to multiples of the merged patch, no crop
+and no padding). Image token j is the merged block (j // grid_w, j % grid_w)."""
+
+from __future__ import annotations
+
+from families.base import check_count, token_positions, whole_box
+from records import VisionLayout
+
+
+def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
+    token_id = config.video_token_id if video else config.image_token_id
+    positions = token_positions(inputs, token_id)
+    grids = [_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
+    needed = [frames * gh * gw for frames, (gh, gw), _ in grids]
+    check_count(len(positions), needed, token_id, len(image_sizes), "video" if video else "image")
+    result, start = [], 0
+    for index, ((frames, grid_hw, processed_hw), size, count) in enumerate(
+            zip(grids, image_sizes, needed, strict=True)):
+        result.append(VisionLayout(positions[start:start + count], grid_hw, tuple(size), whole_box(size),
+                                   processed_hw, frames, image_index=index))
+        start += count
+    return result
+
+
+def _grid(config, thw, video: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(frames, (grid_h, grid_w), processed (H, W)) from one image_grid_thw / video_grid_thw row."""
+    t, h, w = (int(v) for v in thw)                                     # in patches
+    merge = int(config.vision_config.spatial_merge_size)
+    patch = int(config.vision_config.patch_size)
+    if t != 1 and not video:
+        raise ValueError(f"Expected a still image (t=1), got image_grid_thw t={t}.")
+    return t, (h // merge, w // merge), (h * patch, w * patch)

@@ -1,0 +1,98 @@
+"""Tiled families (LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, SmolVLM): every view of an image
+maps its cells to the right tokens and pixels, proven by perturbing the pixels under one cell."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_geometry import _embeds_and_layouts
+
+from tiny_tiles import TILED_FAMILIES
+
+SIZES = [(200, 100), (90, 160), (112, 112)]                    # landscape, portrait, square
+MAIN_VIEW = {"llava_next": "tiles", "llava_onevision": "tiles", "internvl": "tiles", "idefics3": "tiles",
+             "smolvlm": "tiles"}
+SECOND_VIEW = {"llava_next": "global view", "llava_onevision": "global view", "internvl": "thumbnail",
+               "idefics3": "global view", "smolvlm": "global view"}
+
+
+def _noise(size, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def _invert(pixels: np.ndarray, box) -> np.ndarray:
+    """A copy with the pixels under `box` (original px, clipped to the image) inverted."""
+    out = pixels.copy()
+    height, width = pixels.shape[:2]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    out[max(0, y0):min(height, y1), max(0, x0):min(width, x1)] ^= 0xFF
+    return out
+
+
+def _change(before, after) -> torch.Tensor:
+    """(S,) how much each position's decoder input moved."""
+    return (after - before).abs().amax(dim=-1)
+
+
+def _cells(grid_hw):
+    grid_h, grid_w = grid_hw
+    return sorted({(0, 0), (grid_h - 1, grid_w - 1), (grid_h // 2, grid_w // 3), (grid_h - 1, 0)})
+
+
+@pytest.mark.parametrize("family", TILED_FAMILIES)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_view_maps_each_cell_to_its_pixels(load_holder, family, size):
+    holder = load_holder(family)
+    pixels = _noise(size)
+    before, layouts = _embeds_and_layouts(holder, [Image.fromarray(pixels)])
+    views = [layout.view for layout in layouts]
+    assert views in ([MAIN_VIEW[family], SECOND_VIEW[family]], [""])   # one view when the image is one tile
+    image_positions = np.concatenate([layout.token_positions for layout in layouts])
+    text = torch.ones(before.shape[0], dtype=torch.bool)
+    text[torch.from_numpy(image_positions)] = False
+    for layout in layouts:
+        assert layout.image_index == 0 and len(layout.token_positions) == layout.num_cells
+        own = torch.from_numpy(layout.token_positions)
+        for row, col in _cells(layout.grid_hw):
+            after, _ = _embeds_and_layouts(holder, [Image.fromarray(_invert(pixels, layout.cell_box_xyxy(row, col)))])
+            moved = _change(before, after)                                       # (S,)
+            assert float(moved[text].max()) == 0.0                              # no text or marker token moves
+            assert int(own[moved[own].argmax()]) == int(layout.token_positions[row * layout.grid_hw[1] + col]), \
+                (layout.view, row, col)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_pixels_outside_the_unpadded_tiles_reach_only_the_global_view(load_holder, family):
+    """LLaVA-NeXT's un-padding drops the tile columns that are mostly padding; for a 90×160 image they
+    take a few real pixel columns with them. Those pixels reach the global view and no tile cell."""
+    holder = load_holder(family)
+    pixels = _noise((90, 160), seed=3)
+    before, (tiles, global_view) = _embeds_and_layouts(holder, [Image.fromarray(pixels)])
+    x0 = tiles.image_box_xyxy[0]
+    assert tiles.view == "tiles" and 4 <= x0 < 10                    # the grid starts inside the image
+    assert global_view.image_box_xyxy == (0.0, 0.0, 90.0, 160.0)
+    edge = pixels.copy()
+    edge[:, :int(x0) - 3] ^= 0xFF                                    # clear of the resampling kernel
+    after, _ = _embeds_and_layouts(holder, [Image.fromarray(edge)])
+    moved = _change(before, after)
+    assert float(moved[torch.from_numpy(tiles.token_positions)].max()) == 0.0
+    assert float(moved[torch.from_numpy(global_view.token_positions)].max()) > 0.0
+
+
+@pytest.mark.parametrize("family", TILED_FAMILIES)
+def test_second_image_views_map_to_their_own_tokens(load_holder, family):
+    holder = load_holder(family)
+    arrays = [_noise((200, 100), seed=1), _noise((100, 150), seed=2)]
+    before, layouts = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
+    assert [layout.image_index for layout in layouts] == sorted(layout.image_index for layout in layouts)
+    second = [layout for layout in layouts if layout.image_index == 1]
+    first = np.concatenate([layout.token_positions for layout in layouts if layout.image_index == 0])
+    assert second and first.max() < min(int(layout.token_positions.min()) for layout in second)
+    main = second[0]
+    row, col = main.grid_hw[0] // 2, main.grid_hw[1] // 2
+    arrays[1] = _invert(arrays[1], main.cell_box_xyxy(row, col))
+    after, _ = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
+    moved = _change(before, after)
+    own = torch.from_numpy(main.token_positions)
+    assert float(moved[torch.from_numpy(first)].max()) == 0.0
+    assert int(own[moved[own].argmax()]) == int(main.token_positions[row * main.grid_hw[1] + col])
