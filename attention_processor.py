@@ -103,7 +103,8 @@ def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | No
     layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
     reduce: how layers and heads are combined (over both axes together).
     renormalize: first rescale each head's attention on this image to sum to 1 (attention within it).
-    image_idx: which image of the prompt (0 = the first, `run.vision`).
+    image_idx: which layout of `run.visions` (0 = the first image's main view, `run.vision`); one per
+        image, or per view of each image for the tiled families: `run.view_index(image, view)` finds it.
     Returns (grid_h, grid_w) float32 for an image, (num_frames, grid_h, grid_w) for a video;
     unnormalised: each value is a softmax probability (0..1).
     """

@@ -192,6 +192,15 @@ class AttentionRun:
         """Bytes the captured attention keeps now (a QueryKeyStore grows by the rows it caches)."""
         return self.attention.nbytes
 
+    def view_index(self, image: int = 0, view: str | None = None) -> int:
+        """The index in `visions` (the `image_idx` of the heatmap functions) of image `image`'s view named
+        `view` ("tiles", "global view", "thumbnail"), or of its main view when `view` is None."""
+        for index, layout in enumerate(self.visions):
+            if layout.image_index == image and (view is None or layout.view == view):
+                return index
+        names = sorted({f"image {layout.image_index}: {layout.view or 'its one view'}" for layout in self.visions})
+        raise ValueError(f"No view {view!r} of image {image} in this run; it has {', '.join(names)}.")
+
     def layers_in(self, layers) -> list[int]:
         """The captured layers inside the inclusive range `layers` (all of them in it, except where some
         layers have no softmax attention, as in Qwen3.5)."""

@@ -49,6 +49,8 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
 TEXT_MODEL_FAMILIES = ("idefics3", "smolvlm")              # the decoder is model.model.text_model
+# Refused with the reason: the image enters through cross-attention, never as tokens in self-attention.
+CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision", "idefics": "IDEFICS (v1)"}
 
 
 def native_aspect(family: str, config) -> bool:
@@ -86,10 +88,14 @@ class UnsupportedModelError(UserError, ValueError):
 def detect_family(config) -> str:
     """The family key for a loaded config, or an error naming the supported ones."""
     model_type = getattr(config, "model_type", None)
+    why = ""
+    if model_type in CROSS_ATTENTION_FAMILIES:
+        why = (f" {CROSS_ATTENTION_FAMILIES[model_type]} reads the image through cross-attention layers, so its "
+               "decoder's self-attention never sees image tokens and there is no per-token map of this kind.")
     if model_type not in SUPPORTED_FAMILIES:
         names = ", ".join(f"{name} ({key})" for key, name in SUPPORTED_FAMILIES.items())
         raise UnsupportedModelError(
-            f"Model type {model_type!r} is not supported. Supported families: {names}. "
+            f"Model type {model_type!r} is not supported.{why} Supported families: {names}. "
             "Pick a checkpoint of one of these families.")
     return model_type
 

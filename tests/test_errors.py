@@ -18,6 +18,14 @@ def test_unsupported_model_type_names_the_supported_families(tmp_path):
         ModelHolder.load(tmp_path, device="cpu")
 
 
+def test_cross_attention_models_are_refused_with_the_reason(tmp_path):
+    from transformers import MllamaConfig
+    MllamaConfig().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'mllama' is not supported\. Llama 3\.2 Vision reads the image "
+                                                    r"through cross-attention.*InternVL.*SmolVLM"):
+        ModelHolder.load(tmp_path, device="cpu")
+
+
 def test_missing_model_mentions_offline_mode_and_local_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*local folder"):

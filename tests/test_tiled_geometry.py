@@ -96,3 +96,15 @@ def test_second_image_views_map_to_their_own_tokens(load_holder, family):
     own = torch.from_numpy(main.token_positions)
     assert float(moved[torch.from_numpy(first)].max()) == 0.0
     assert int(own[moved[own].argmax()]) == int(main.token_positions[row * main.grid_hw[1] + col])
+
+
+def test_a_run_names_its_views_and_the_heatmaps_pick_them(load_holder):
+    from attention_processor import token_heatmap
+    holder = load_holder("internvl")
+    run = holder.generate(Image.fromarray(_noise((200, 100))), "Where?", max_new_tokens=2, min_new_tokens=2)
+    assert [(layout.image_index, layout.view) for layout in run.visions] == [(0, "tiles"), (0, "thumbnail")]
+    assert run.view_index() == 0 and run.view_index(0, "thumbnail") == 1
+    assert token_heatmap(run, 0, image_idx=run.view_index(0, "thumbnail")).shape == (4, 4)
+    assert token_heatmap(run, 0).shape == run.vision.grid_hw == (4, 8)
+    with pytest.raises(ValueError, match="image 0: thumbnail"):
+        run.view_index(0, "global view")
