@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "score (attention, rollout, gradient, vit; default attention)")
     parser.add_argument("--relative", action="store_true", help="with --manifest: also score each attention map "
                         "divided by the generic-prompt map of the same image (one more model pass per item)")
+    parser.add_argument("--per-head", action="store_true", help="with --manifest: also score every layer's and "
+                        "every (layer, head)'s map: heads.parquet/csv and the localisation plots")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="with --manifest: choose the best layer and "
+                        "head ranges on this share of the items (by id; items with a split column use it instead) "
+                        "and report them on the rest in ranges.json; implies --per-head")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's own, which "
+                        "under torchrun or accelerate launch is 1 per process unless OMP_NUM_THREADS says otherwise)")
     parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
                         "with target boxes or masks, or a Hugging Face imagefolder (a folder with metadata.jsonl); "
                         "scores go to --out (see study.py)")
@@ -252,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     settings = BatchSettings(layers=args.layers, heads=args.heads, steps=args.steps,
                              aggregate=args.aggregate, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, colormap=args.colormap, alpha=args.alpha,
@@ -279,22 +291,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _processes(device: str):
+    """The processes that `accelerate launch` or `torchrun` started, as accelerate sees them (this one alone
+    when run plainly). CPU processes talk over gloo."""
+    from accelerate import PartialState
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
 def _study(parser: argparse.ArgumentParser, args) -> int:
-    """`--manifest`: score every item's map against its target; 0 when every row was scored, else 1."""
+    """`--manifest`: score every item's maps against its target; 0 when every row was scored, else 1.
+    Under several processes each loads the model on its own device and scores its share of the items."""
     from study import run_study
+    from study_items import StudySettings
     if not args.manifest.exists():
         parser.error(f"no manifest {str(args.manifest)!r}: give a JSONL or CSV file, or an imagefolder")
+    methods = tuple(method.strip() for method in args.methods.split(",") if method.strip())
+    settings = StudySettings(layers=args.layers, heads=args.heads, max_new_tokens=args.max_new_tokens,
+                             methods=methods, relative=args.relative, per_head=args.per_head or args.val_fraction > 0,
+                             val_fraction=args.val_fraction)
+    state = _processes(args.device)
+    device = args.device                    # one process: 'auto' spreads a large model over the GPUs (device_map)
+    if state.num_processes > 1:
+        device = "cpu" if state.device.type == "cpu" else f"cuda:{state.local_process_index}"
     try:
-        holder = ModelHolder.load(args.model, device=args.device, dtype=args.dtype)
+        settings.check()
+        holder = ModelHolder.load(args.model, device=device, dtype=args.dtype)
         check_settings(BatchSettings(layers=args.layers, heads=args.heads), holder.num_layers, holder.num_heads)
+        logger.info("process %d of %d: %s, %d torch threads", state.process_index + 1, state.num_processes,
+                    device, torch.get_num_threads())
+        results, problems = run_study(holder, args.manifest, args.out, settings, state)
     except (ValueError, RuntimeError, OSError) as err:
         parser.error(str(err))
-    methods = tuple(method.strip() for method in args.methods.split(",") if method.strip())
-    try:
-        results, problems = run_study(holder, args.manifest, args.out, args.layers, args.heads, args.max_new_tokens,
-                                      methods, args.relative)
-    except ValueError as err:
-        parser.error(str(err))
+    if not state.is_main_process:
+        return 0
     for problem in problems:
         logger.warning(problem)
     print(f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} problems; "

@@ -6,10 +6,42 @@ and passes explicit values down.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class ModelRanges:
+    """A model's recommended layer and head ranges (0-based inclusive), from a `ranges.json` that a study
+    (`batch.py --manifest ... --val-fraction`) or `bench/bench_localization.py` wrote."""
+
+    model: str
+    layers: tuple[int, int]
+    heads: tuple[int, int]
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelRanges:
+        """The model and ranges of a ranges.json, or ValueError saying what is wrong with it."""
+        try:
+            record = json.loads(Path(path).read_text(encoding="utf-8"))
+            layers, heads = (tuple(int(v) for v in record[key]) for key in ("layers", "heads"))
+            if len(layers) != 2 or len(heads) != 2 or not 0 <= layers[0] <= layers[1] or not 0 <= heads[0] <= heads[1]:
+                raise ValueError("layers and heads must each be [lo, hi] with 0 <= lo <= hi")
+            return cls(str(record["model"]), layers, heads)
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
+                             "batch.py --manifest ... --val-fraction (it holds model, layers and heads).") from err
+
+    def fits(self, model_id: str) -> bool:
+        """Whether these ranges belong to `model_id`: the same id, or the same local folder."""
+        if self.model == model_id:
+            return True
+        mine, theirs = Path(self.model).expanduser(), Path(model_id).expanduser()
+        return mine.is_dir() and theirs.is_dir() and mine.resolve() == theirs.resolve()
+
 
 MODEL_PRESETS: tuple[str, ...] = (
     "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -20,9 +52,11 @@ MODEL_PRESETS: tuple[str, ...] = (
 )
 GPU_DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 DEMO_MODEL_DIR = REPO_DIR / "demo_model"
-# The demo model's recommended (layers, heads), 0-based inclusive, chosen by bench/bench_localization.py
-# on its validation seed: the ranges whose mean map points at the asked-about object most often.
-DEMO_RANGES: tuple[tuple[int, int], tuple[int, int]] = ((1, 3), (0, 3))
+# The demo model's recommended (layers, heads), 0-based inclusive: the ranges whose mean map points at the
+# asked-about object most often on the validation seed of bench/bench_localization.py, which wrote them with
+# `--write-ranges demo_model/ranges.json` (localization.choose_ranges, as a study chooses them).
+_DEMO = ModelRanges.read(DEMO_MODEL_DIR / "ranges.json")
+DEMO_RANGES: tuple[tuple[int, int], tuple[int, int]] = (_DEMO.layers, _DEMO.heads)
 EXAMPLES_DIR = REPO_DIR / "examples"
 
 

@@ -84,15 +84,20 @@ def pointing_hit(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> 
 def attention_ratio(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> float:
     """(mass on the target) / (target's share of the covered area); each cell's mass counts in
     proportion to how much of the cell the target covers. 1.0 is what a uniform map scores."""
-    heat = _check(heat, layout)
-    cover = cell_coverage(layout, region)                                   # (grid_h, grid_w)
+    return float(attention_ratios(_check(heat, layout)[None], layout, region)[0])
+
+
+def attention_ratios(heats: np.ndarray, layout: VisionLayout, region: np.ndarray) -> np.ndarray:
+    """`attention_ratio` of many maps over the same grid at once: heats (M, grid_h, grid_w) → (M,) float64."""
+    heats = np.asarray(heats, dtype=np.float64).reshape(len(heats), -1)   # (M, N)
+    cover = cell_coverage(layout, region).ravel()                           # (N,)
     sizes = np.array([(r.stop - r.start) * (c.stop - c.start) for r, c in layout.cell_slices()],
-                     dtype=np.float64).reshape(layout.grid_hw)             # pixels per cell, inside the image
-    total = heat.sum()
+                     dtype=np.float64)                                     # (N,) pixels per cell, inside the image
+    totals = heats.sum(axis=1)                                              # (M,)
     area_share = (cover * sizes).sum() / max(sizes.sum(), 1.0)
-    if total <= 0 or area_share <= 0:
-        return 0.0
-    return float((heat * cover).sum() / total / area_share)
+    if area_share <= 0:
+        return np.zeros(len(heats))
+    return np.where(totals > 0, (heats @ cover) / np.where(totals > 0, totals, 1.0) / area_share, 0.0)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

@@ -1,169 +1,147 @@
-"""A dataset study: a manifest of image-question pairs with target regions in, scored maps out.
+"""A dataset study: a manifest of image-question pairs with target regions in, scored maps out;
+resumable after a crash, and shared between processes.
 
-    python batch.py --model M --manifest items.jsonl --out DIR [--layers 1-3] [--heads 0-3]
+    python batch.py --model M --manifest items.jsonl --out DIR [--layers 1-3] [--heads 0-3] [--methods ...]
+    accelerate launch --num_processes N batch.py --model M --manifest items.jsonl --out DIR ...
 
-The manifest (a JSONL or CSV file, or a Hugging Face imagefolder; see `manifest.py`) lists the items:
-an image, a prompt, the target region and optionally the expected answer. A bad row is reported with
-its line number and skipped; it never stops the study.
-
-For each item and map method (`attention`: raw attention over the chosen layer and head ranges;
-`rollout` and `gradient` over every layer; `vit`: the raw map pushed back through the vision encoder,
-on its patch grid, where `families.supports_vit_map` allows) the scored token's map is scored by
-`metrics` (pointing game, attention ratio, Otsu IoU). With `relative`, each attention map is also
-scored divided by the map of a generic prompt on the same image, as the app's "Relative to a generic
-prompt" does. A method a model cannot give is reported per item; the item's other methods are kept.
-Written to DIR: `results.csv` (and `results.parquet` when pyarrow is installed), one row per item
-and map, and `summary.md`.
+The manifest (a JSONL or CSV file, or a Hugging Face imagefolder; see `manifest.py`) lists the items;
+`study_items.score_item` scores one. Each process scores its share of the items not finished yet
+(`accelerate.PartialState.split_between_processes`) and appends one JSON line per finished item to
+`DIR/parts/part-<rank>.jsonl`, flushed to disk before the next item starts, so a crash loses at most
+the items in hand: a rerun with the same settings skips every finished id. When all processes are
+done, the main process merges the parts into DIR's results (`study_outputs.write_outputs`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
+import os
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from analysis import GENERIC_PROMPT, relative_heatmap
-from attention_processor import token_heatmap
-from explain import gradient_map, rollout_map, vit_combined_map
 from manifest import Item, read_manifest
-from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
 from model_holder import ModelHolder
-from utils import load_image
+from study_items import COLUMNS, StudySettings, score_item
+from study_outputs import write_outputs
 
 logger = logging.getLogger(__name__)
-COLUMNS = ("item_id", "split", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative",
-           "layers", "heads", "pointing_hit", "attention_ratio", "iou")
+PARTS = "parts"                      # DIR/parts/: one part file per process, and the settings they share
+SETTINGS_FILE = "settings.json"
 
 
-def scored_step(tokens: list[str], target: str | None) -> int:
-    """The generated token to score: the first whose text is `target` (case and spaces ignored), or by
-    default the first with a letter or digit in it."""
-    for step, token in enumerate(tokens):
-        text = token.strip().lower()
-        if (text == target.strip().lower()) if target else any(ch.isalnum() for ch in text):
-            return step
-    raise ValueError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
+class OneProcess:
+    """What `run_study` uses of `accelerate.PartialState`, for a study in this process alone."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextmanager
+    def split_between_processes(self, items: list):
+        yield items
 
 
-STUDY_METHODS = ("attention", "rollout", "gradient", "vit")     # the app's names (stored_run.METHODS)
+def read_parts(parts: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(finished records by item id, the last failure by item id) from every part file. A line cut off
+    by a crash is ignored; an item found twice keeps its first record."""
+    finished, failed = {}, {}
+    for path in sorted(parts.glob("part-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue                                             # the half-written line of a crash
+            if "failed" in record:
+                failed[record["item_id"]] = record["failed"]
+            else:
+                finished.setdefault(record["item_id"], record)
+    return finished, {item_id: why for item_id, why in failed.items() if item_id not in finished}
 
 
-def method_map(holder: ModelHolder, run, step: int, method: str, layers, heads) -> np.ndarray:
-    """The map of generated token `step` by `method`: (grid_h, grid_w), or the ViT map's patch grid
-    (2 * grid_h, 2 * grid_w for Qwen). The ranges apply to raw attention and to the map ViT starts from."""
-    if method == "attention":
-        return token_heatmap(run, step, layers, heads)
-    if method == "rollout":
-        return rollout_map(holder, run, step)
-    if method == "gradient":
-        return gradient_map(holder, run, step)
-    if method == "vit":
-        return vit_combined_map(holder, run, token_heatmap(run, step, layers, heads))
-    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(STUDY_METHODS)}.")
+def _open_part(path: Path):
+    """The part file for appending, after cutting off a last line that a crash left unfinished."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as part:
+                part.truncate(data.rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
 
 
-def generic_baseline(holder: ModelHolder, run):
-    """The same image under the generic prompt, one token, with the run's own pixel budget (as the app's
-    `pipeline.relative_baseline`): what a relative map is divided by."""
-    made = run.settings
-    return holder.generate(run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
-                           min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+def _append(part, record: dict) -> None:
+    """One item's line, on disk before the next item starts."""
+    part.write(json.dumps(record, ensure_ascii=False) + "\n")
+    part.flush()
+    os.fsync(part.fileno())
 
 
-def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
-    """The three scores of one map. A map finer than the token grid (the ViT map's patches) covers the
-    same box, so its layout is the run's with the finer grid."""
-    layout = run.vision if heat.shape == tuple(run.vision.grid_hw) else replace(run.vision, grid_hw=heat.shape)
-    return {"pointing_hit": pointing_hit(heat, layout, region),
-            "attention_ratio": attention_ratio(heat, layout, region), "iou": otsu_iou(heat, layout, region)}
+def _check_settings(parts: Path, record: dict, state) -> None:
+    """The settings of this run, written by the main process on the first run and compared by every
+    process on a rerun: finished items are only skipped when they were scored the same way."""
+    path = parts / SETTINGS_FILE
+    if state.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    state.wait_for_everyone()
+    before = json.loads(path.read_text(encoding="utf-8"))
+    if before != record:
+        changed = ", ".join(key for key in record if before.get(key) != record[key])
+        raise ValueError(f"{parts.parent} holds a study made with other settings ({changed} differ). Rerun with "
+                         f"the same settings to resume it, or give another --out (or delete {parts}) to start anew.")
 
 
-def score_item(holder: ModelHolder, item: Item, layers: tuple[int, int], heads: tuple[int, int],
-               max_new_tokens: int = 16, methods: tuple[str, ...] = ("attention",),
-               relative: bool = False) -> tuple[list[dict], list[str]]:
-    """(the rows of results for one item, one per method and map; what could not be scored for it).
-    A method that fails for this model or item (the ViT map on a tower it does not follow, a gradient
-    pass over the memory cap) is named in the second list and the other methods are kept."""
-    image = load_image(item.image)
-    run = holder.generate(image, item.prompt, max_new_tokens=max_new_tokens)
-    step = scored_step(run.generated_tokens, item.target)
-    mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
-    region = target_mask(image.size, item.boxes or (), mask)
-    answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
-    expected = item.expected
-    correct = None if expected is None else answer.lower() == str(expected).lower()
-    common = {"item_id": item.id, "split": item.split, "image": str(item.image), "prompt": item.prompt,
-              "answer": answer, "expected": expected, "correct": correct, "token": run.generated_tokens[step]}
-    rows, failed = [], []
-    for method in methods:
-        ranged = method in ("attention", "vit")                              # the others use every layer
-        where = {"method": method, "relative": False, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
-                 "heads": f"{heads[0]}-{heads[1]}" if ranged else "all"}
-        try:
-            heat = method_map(holder, run, step, method, layers, heads)      # (grid_h, grid_w) or patches
-        except (ValueError, MemoryError) as err:
-            failed.append(f"{method}: {err}")
-            continue
-        rows.append({**common, **where, **_scores(heat, run, region)})
-        if relative and method == "attention":
-            generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)   # (grid_h, grid_w)
-            rows.append({**common, **where, "relative": True,
-                         **_scores(relative_heatmap(heat, generic), run, region)})
-    return rows, failed
+def _score_share(holder: ModelHolder, mine: list[Item], settings: StudySettings, part_path: Path,
+                 state) -> None:
+    """Score this process's items, appending each to its part file; the main process shows progress."""
+    desc = "items" if state.num_processes == 1 else f"items (process 0's share of {state.num_processes})"
+    with _open_part(part_path) as part, logging_redirect_tqdm(), \
+            tqdm(mine, desc=desc, unit="item", disable=not state.is_main_process) as bar:
+        for item in bar:
+            try:
+                scores = score_item(holder, item, settings)
+            except (ValueError, OSError) as err:                     # a bad item never stops the study
+                logger.warning("%s: %s; skipped", item.where, err)
+                _append(part, {"item_id": item.id, "failed": f"{item.where}: {err}; skipped"})
+                continue
+            _append(part, {"item_id": item.id, **asdict(scores)})
+            logger.debug("scored %s", item.where)
 
 
-def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, layers: tuple[int, int] | None = None,
-              heads: tuple[int, int] | None = None, max_new_tokens: int = 16,
-              methods: tuple[str, ...] = ("attention",), relative: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """Score every usable item with each method; write results and summary to `out`.
-    Returns (results, problems)."""
-    unknown = [method for method in methods if method not in STUDY_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"Unknown map method(s) {unknown}; choose from {', '.join(STUDY_METHODS)}.")
+def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, settings: StudySettings | None = None,
+              state=None) -> tuple[pd.DataFrame, list[str]]:
+    """Score every usable item that is not finished yet; then the main process writes the results to
+    `out`. state: an `accelerate.PartialState` to share the items between processes (None: this one).
+    Returns (results, problems) on the main process, and (no rows, []) on the others."""
+    settings = settings or StudySettings()
+    settings.check()
+    state = state or OneProcess()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = layers or (0, holder.num_layers - 1)
-    heads = heads or (0, holder.num_heads - 1)
+    parts = out / PARTS
     items, problems = read_manifest(manifest)
-    rows = []
-    for item in items:
-        where = item.where
-        try:
-            scored, failed = score_item(holder, item, layers, heads, max_new_tokens, methods, relative)
-        except (ValueError, OSError) as err:                              # a bad item never stops the study
-            problems.append(f"{where}: {err}; skipped")
-            continue
-        rows.extend(scored)
-        problems += [f"{where}: {failure}; that method skipped, the others scored" for failure in failed]
-    results = pd.DataFrame(rows, columns=list(COLUMNS))
-    results.to_csv(out / "results.csv", index=False)
-    try:
-        results.to_parquet(out / "results.parquet", index=False)
-    except ImportError:
-        logger.info("pyarrow is not installed: results.parquet skipped (results.csv has the same rows)")
-    (out / "summary.md").write_text(summary(results, problems, holder.model_id), encoding="utf-8")
-    return results, problems
-
-
-def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
-    """The headline numbers in Markdown."""
-    scored = results["item_id"].nunique() if len(results) else 0
-    lines = [f"# Study of {model_id}", "", f"{scored} items scored; {len(problems)} problems (listed below).", ""]
-    if len(results):
-        lines += ["| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
-                  "|---|---|---|---|---|---|"]
-        for (method, relative), rows in results.groupby(["method", "relative"], sort=False):
-            name = f"{method}, relative to a generic prompt" if relative else method
-            lines.append(f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
-                         f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
-                         f"{rows['iou'].mean():.3f} |")
-        known = results.drop_duplicates("item_id")["correct"].dropna()
-        if len(known):
-            lines += ["", f"Answers correct: {known.astype(float).mean():.3f} of {len(known)}."]
-    if problems:
-        lines += ["", "## Problems", *[f"- {problem}" for problem in problems]]
-    return "\n".join(lines) + "\n"
+    layers = settings.layers or (0, holder.num_layers - 1)
+    heads = settings.heads or (0, holder.num_heads - 1)
+    record = {"model": holder.model_id, "manifest": str(Path(manifest).resolve()),
+              **asdict(settings), "layers": list(layers), "heads": list(heads)}
+    _check_settings(parts, json.loads(json.dumps(record)), state)
+    finished, _ = read_parts(parts)
+    state.wait_for_everyone()                                        # all have read before anyone appends
+    todo = [item for item in items if item.id not in finished]
+    if finished and state.is_main_process:
+        logger.info("%d of %d items are already scored in %s; %d to go", len(items) - len(todo), len(items),
+                    out, len(todo))
+    with state.split_between_processes(todo) as mine:
+        _score_share(holder, list(mine), settings, parts / f"part-{state.process_index}.jsonl", state)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return pd.DataFrame(columns=list(COLUMNS)), []
+    finished, failed = read_parts(parts)
+    problems += [failed[item.id] for item in items if item.id in failed]
+    return write_outputs(out, items, finished, problems, holder.model_id, settings)

@@ -12,7 +12,6 @@ the share of cells whose centre lies in the box (chance).
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import random
 import sys
@@ -24,10 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo_data  # noqa: E402
-from attention_processor import token_heatmap  # noqa: E402
+import localization  # noqa: E402
+from attention_processor import token_heatmap, vision_attention  # noqa: E402
 from explain import gradient_map, rollout_map, vit_combined_map  # noqa: E402
 from faithfulness import faithfulness  # noqa: E402
 from lenses import logit_lens  # noqa: E402
+from localization import RangeChoice, contiguous_ranges, range_hits, ranges_json, ranges_record  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 from records import cell_edges  # noqa: E402
 
@@ -101,17 +102,20 @@ def pointing(items: list[Item], layers, heads, reduce: str, shuffle_seed: int | 
     return float(np.mean(hits))
 
 
-def ranges(n: int) -> list[tuple[int, int]]:
-    """All contiguous 0-based inclusive ranges (lo, hi) of n items."""
-    return [(lo, hi) for lo, hi in itertools.combinations_with_replacement(range(n), 2)]
+def item_range_hits(it: Item) -> np.ndarray:
+    """(n_layer_ranges, n_head_ranges) bool: whether each pair of ranges' mean map of the answer token
+    points into the target box (this benchmark's rule, `cell_hits_box`, for every cell)."""
+    grid_h, grid_w = it.run.vision.grid_hw
+    cell_hit = np.array([cell_hits_box(np.eye(grid_h * grid_w)[j].reshape(grid_h, grid_w),
+                                       it.run.vision.image_box_xyxy, it.sample.box_xyxy)
+                         for j in range(grid_h * grid_w)])                              # (N,)
+    return range_hits(vision_attention(it.run, 0).numpy(), cell_hit)                    # (L, H, N) in
 
 
-def choose_ranges(items: list[Item], n_layers: int, n_heads: int) -> tuple[tuple[int, int], tuple[int, int], float]:
-    """Best (layers, heads) by mean-pointing on the validation items; ties go to the wider range."""
-    scored = [(pointing(items, lr, hr, "mean"), (lr[1] - lr[0]) + (hr[1] - hr[0]), lr, hr)
-              for lr in ranges(n_layers) for hr in ranges(n_heads)]
-    score, _, layers, heads = max(scored)
-    return layers, heads, score
+def choose_ranges(items: list[Item], n_layers: int, n_heads: int) -> RangeChoice:
+    """Best (layers, heads) by mean-pointing on the validation items (`localization.choose_ranges`)."""
+    return localization.choose_ranges(np.stack([item_range_hits(it) for it in items]),
+                                      contiguous_ranges(range(n_layers)), contiguous_ranges(range(n_heads)))
 
 
 def accuracy(items: list[Item]) -> dict[str, float]:
@@ -215,16 +219,25 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="test images")
     p.add_argument("--n-val", type=int, default=200, help="validation images for choosing the ranges")
     p.add_argument("--n-faith", type=int, default=30, help="images for the method comparison's AUCs (0: skip)")
+    p.add_argument("--write-ranges", type=Path, help="also write the chosen ranges and their figures to this "
+                   "ranges.json (demo_model/ranges.json holds the demo model's, read by config.DEMO_RANGES)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     random.seed(0)
     holder = ModelHolder.load(args.model, device="cpu", dtype="float32")
     val = run_items(holder, VALIDATION_SEED, args.n_val)
     n_layers, n_heads = holder.num_layers, holder.num_heads
-    layers, heads, val_score = choose_ranges(val, n_layers, n_heads)
+    choice = choose_ranges(val, n_layers, n_heads)
+    layers, heads, val_score = choice.layers, choice.heads, choice.pointing
     log.info("validation: layers %s heads %s mean-pointing %.3f", layers, heads, val_score)
     test = run_items(holder, TEST_SEED, args.n)
     print(report(test, layers, heads, n_layers, n_heads, val_score))
+    if args.write_ranges:
+        test_figures = {"seed": TEST_SEED, "items": len(test), "pointing": pointing(test, layers, heads, "mean"),
+                        "answer_accuracy": accuracy(test)["all"]}
+        record = ranges_record(args.model, choice, {"seed": VALIDATION_SEED, "answer_accuracy": accuracy(val)["all"]},
+                               test_figures)
+        args.write_ranges.write_text(ranges_json(record), encoding="utf-8")
     if args.n_faith:
         print(methods_report(holder, test, layers, heads, args.n_faith))
 

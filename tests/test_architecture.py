@@ -11,7 +11,7 @@ PACKAGES = {path.parent.name: path.parent for path in REPO.glob("*/__init__.py")
 MODULES.update(PACKAGES)                                       # a package counts as one module: all its files
 UI_MODULES = {"app", "handlers", "analysis_handlers", "components"}
 DRAWING_AND_NUMBERS = {"views", "stored_run", "metrics", "report", "analysis", "attention_processor", "visualization",
-                       "gallery"}
+                       "gallery", "localization", "study_plots"}
 
 
 def _imports(name: str) -> set[str]:
@@ -42,6 +42,10 @@ def test_only_the_ui_imports_gradio():
 def test_records_stand_on_nothing_but_the_store_math():
     assert _project_imports("records") <= {"attention_store"}
     assert _project_imports("attention_store") == set()
+
+
+def test_a_studys_manifest_and_range_choice_stand_on_nothing_of_the_project():
+    assert _project_imports("manifest") == set() and _project_imports("localization") == set()
 
 
 def test_analysis_computes_and_never_draws():

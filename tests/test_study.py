@@ -4,13 +4,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import demo_data
 from config import DEMO_MODEL_DIR, DEMO_RANGES
 from conftest import noise_image
+from manifest import is_validation, read_manifest
 from model_holder import ModelHolder
 from study import run_study
+from study_items import StudySettings
 
 SEED = 626_262                      # neither training (string seeds) nor the benchmark's seeds
 LAYERS, HEADS = DEMO_RANGES
@@ -36,8 +39,8 @@ def write_manifest(folder: Path, n: int, seed: int = SEED, **extra) -> Path:
 
 def test_the_vit_and_relative_maps_are_scored_like_the_others(holder, tmp_path):
     manifest = write_manifest(tmp_path / "data", 3)
-    results, problems = run_study(holder, manifest, tmp_path / "out", LAYERS, HEADS, max_new_tokens=2,
-                                  methods=("attention", "vit"), relative=True)
+    settings = StudySettings(LAYERS, HEADS, max_new_tokens=2, methods=("attention", "vit"), relative=True)
+    results, problems = run_study(holder, manifest, tmp_path / "out", settings)
     assert problems == []
     kinds = list(zip(results["method"], results["relative"], strict=True))
     assert kinds == [("attention", False), ("attention", True), ("vit", False)] * 3
@@ -60,7 +63,8 @@ def test_a_model_without_the_vit_map_says_so_per_item_and_keeps_the_other_method
     manifest = tmp_path / "items.csv"
     manifest.write_text("id,image,prompt,boxes\n" + "".join(f'n{k},n{k}.png,What is this?,"[[0, 0, 60, 45]]"\n'
                                                             for k in range(2)))
-    results, problems = run_study(model, manifest, tmp_path / "out", max_new_tokens=4, methods=("attention", "vit"))
+    settings = StudySettings(max_new_tokens=4, methods=("attention", "vit"))
+    results, problems = run_study(model, manifest, tmp_path / "out", settings)
     assert list(results["method"]) == ["attention", "attention"]
     assert len(problems) == 2 and all("vit: The ViT-combined map is not available" in p for p in problems)
     assert "items.csv line 2 (n0)" in problems[0] and "the others scored" in problems[0]
@@ -78,7 +82,6 @@ def _imagefolder(root: Path, rows: dict[str, list[dict]]) -> Path:
 
 
 def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_path):
-    from manifest import read_manifest
     box = [[0, 0, 28, 28]]
     root = _imagefolder(tmp_path / "flat", {"": [
         {"file_name": "a.png", "prompt": "Where?", "boxes": box, "split": "validation"},
@@ -116,6 +119,95 @@ def test_an_imagefolder_study_scores_what_the_same_jsonl_manifest_scores(holder,
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     metadata = [{"file_name": row.pop("image"), **row} for row in rows]
     (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metadata))
-    from_jsonl, _ = run_study(holder, manifest, tmp_path / "a", LAYERS, HEADS, max_new_tokens=2)
-    from_folder, problems = run_study(holder, tmp_path / "data", tmp_path / "b", LAYERS, HEADS, max_new_tokens=2)
+    settings = StudySettings(LAYERS, HEADS, max_new_tokens=2)
+    from_jsonl, _ = run_study(holder, manifest, tmp_path / "a", settings)
+    from_folder, problems = run_study(holder, tmp_path / "data", tmp_path / "b", settings)
     assert problems == [] and from_folder.equals(from_jsonl)
+
+
+def test_localisation_heads_and_ranges_chosen_on_validation_items(holder, tmp_path):
+    from PIL import Image
+
+    from attention_processor import token_heatmap
+    from config import ModelRanges
+    from localization import choose_ranges, contiguous_ranges
+    from metrics import pointing_hit, target_mask
+    manifest = write_manifest(tmp_path / "data", 10)
+    settings = StudySettings(LAYERS, HEADS, max_new_tokens=2, per_head=True, val_fraction=0.5)
+    run_study(holder, manifest, tmp_path / "out", settings)
+    heads = pd.read_parquet(tmp_path / "out" / "heads.parquet")
+    assert len(heads) == 10 * 4 * (1 + 4)                     # per item: 4 layers x (their mean + 4 heads)
+    assert heads["head_idx"].isna().sum() == 40 and set(heads["layer_idx"]) == {0, 1, 2, 3}
+    assert heads["attention_ratio"].ge(0).all()
+    # The chosen ranges are localization's choice over the same maps, made here from token_heatmap.
+    items, _ = read_manifest(manifest)
+    record = json.loads((tmp_path / "out" / "ranges.json").read_text())
+    validation = [item for item in items if is_validation(item, 0.5)]
+    assert record["validation"]["items"] == len(validation) and record["test"]["items"] == 10 - len(validation)
+    pairs = contiguous_ranges(range(4))
+    hits = []
+    for item in validation:
+        image = Image.open(item.image)
+        run = holder.generate(image, item.prompt, max_new_tokens=2)
+        region = target_mask(image.size, item.boxes)
+        hits.append([[pointing_hit(token_heatmap(run, 0, lr, hr), run.vision, region) for hr in pairs]
+                     for lr in pairs])
+    choice = choose_ranges(np.array(hits), pairs, pairs)
+    assert (tuple(record["layers"]), tuple(record["heads"]), record["validation"]["pointing"]) == \
+        (choice.layers, choice.heads, choice.pointing)
+    assert ModelRanges.read(tmp_path / "out" / "ranges.json").model == str(DEMO_MODEL_DIR)
+    for name in ("localization_heads.png", "localization_layers.png"):
+        assert Image.open(tmp_path / "out" / name).size[0] >= 300
+    assert "localization_heads.png" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_crashed_study_resumes_without_redoing_or_losing_an_item(holder, tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "data", 5)
+    settings = StudySettings(LAYERS, HEADS, max_new_tokens=2, per_head=True)
+    first, _ = run_study(holder, manifest, tmp_path / "out", settings)
+    part = tmp_path / "out" / "parts" / "part-0.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:2]) + lines[2][:40])          # the crash: two items on disk, one half-written
+    for name in ("results.csv", "results.parquet", "heads.parquet"):
+        (tmp_path / "out" / name).unlink()
+    calls = []
+    generate = holder.generate
+    monkeypatch.setattr(holder, "generate", lambda *args, **kwargs: calls.append(args[1]) or generate(*args, **kwargs))
+    again, problems = run_study(holder, manifest, tmp_path / "out", settings)
+    assert len(calls) == 3 and problems == []                                 # only the three unfinished items
+    assert again.equals(first) and list(again["item_id"]) == [f"s{k}" for k in range(5)]
+    assert len(pd.read_parquet(tmp_path / "out" / "heads.parquet")) == 5 * 20
+    assert len(part.read_text().splitlines()) == 5                            # the half line was cut off
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(holder, manifest, tmp_path / "out", StudySettings(LAYERS, HEADS, max_new_tokens=3))
+
+
+def test_two_processes_share_the_items_and_merge_what_one_process_makes(holder, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import REPO
+    manifest = write_manifest(tmp_path / "data", 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                       # as each of the two processes below
+    try:
+        alone, _ = run_study(holder, manifest, tmp_path / "one", StudySettings(LAYERS, HEADS, max_new_tokens=2,
+                                                                               per_head=True, val_fraction=0.5))
+    finally:
+        torch.set_num_threads(threads)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "batch.py",
+               "--model", str(DEMO_MODEL_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "two"),
+               "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}", "--device", "cpu",
+               "--max-new-tokens", "2", "--threads", "1", "--val-fraction", "0.5"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 2 of 2: cpu, 1 torch threads" in done.stderr
+    parts = sorted((tmp_path / "two" / "parts").glob("part-*.jsonl"))
+    assert [len(part.read_text().splitlines()) for part in parts] == [3, 3]     # each process scored its share
+    merged = pd.read_parquet(tmp_path / "two" / "results.parquet")
+    assert list(merged["item_id"]) == list(alone["item_id"]) == [f"s{k}" for k in range(6)]
+    for column in ("answer", "correct", "token", "pointing_hit", "attention_ratio", "iou"):
+        assert list(merged[column]) == list(alone[column]), column
+    assert (tmp_path / "two" / "ranges.json").read_text() == (tmp_path / "one" / "ranges.json").read_text()

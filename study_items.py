@@ -1,0 +1,158 @@
+"""One study item scored: generate, pick the token, make each method's map, score it against the target.
+
+For each item and map method (`attention`: raw attention over the chosen layer and head ranges;
+`rollout` and `gradient` over every layer; `vit`: the raw map pushed back through the vision encoder,
+on its patch grid, where `families.supports_vit_map` allows) the scored token's map is scored by
+`metrics` (pointing game, attention ratio, Otsu IoU). With `relative`, each attention map is also
+scored divided by the map of a generic prompt on the same image, as the app's "Relative to a generic
+prompt" does. With `per_head`, every single layer's map (all its heads) and every (layer, head) map is
+scored too, and `localization.range_hits` records which pairs of ranges point at the target. A method
+a model cannot give is named in the item's problems; its other methods are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image
+
+from analysis import GENERIC_PROMPT, relative_heatmap
+from attention_processor import token_heatmap, vision_attention
+from explain import gradient_map, rollout_map, vit_combined_map
+from localization import pack_hits, range_hits
+from manifest import Item
+from metrics import attention_ratio, attention_ratios, otsu_iou, pointing_cells, pointing_hit, target_mask
+from model_holder import ModelHolder
+from utils import load_image
+
+STUDY_METHODS = ("attention", "rollout", "gradient", "vit")     # the app's names (stored_run.METHODS)
+COLUMNS = ("item_id", "split", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative",
+           "layers", "heads", "pointing_hit", "attention_ratio", "iou")
+HEAD_COLUMNS = ("item_id", "split", "correct", "layer_idx", "head_idx", "pointing_hit", "attention_ratio")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """How every item is scored. Ranges are 0-based inclusive; None means all."""
+
+    layers: tuple[int, int] | None = None
+    heads: tuple[int, int] | None = None
+    max_new_tokens: int = 16
+    methods: tuple[str, ...] = ("attention",)
+    relative: bool = False                    # also the attention map over the generic-prompt map
+    per_head: bool = False                    # also every layer's and every (layer, head)'s map
+    val_fraction: float = 0.0                 # share of ids (without a split) that choose the ranges
+
+    def check(self) -> None:
+        """Raise ValueError naming the fix."""
+        unknown = [method for method in self.methods if method not in STUDY_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"Unknown map method(s) {unknown}; choose from {', '.join(STUDY_METHODS)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}.")
+
+
+@dataclass
+class ItemScores:
+    """One item's scores: results rows (COLUMNS), per-head rows (HEAD_COLUMNS), the packed range hits
+    (`localization.pack_hits` of (n_layer_ranges, n_head_ranges); empty without per_head) and what
+    could not be scored."""
+
+    item_id: str
+    rows: list[dict] = field(default_factory=list)
+    head_rows: list[dict] = field(default_factory=list)
+    range_hits: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def scored_step(tokens: list[str], target: str | None) -> int:
+    """The generated token to score: the first whose text is `target` (case and spaces ignored), or by
+    default the first with a letter or digit in it."""
+    for step, token in enumerate(tokens):
+        text = token.strip().lower()
+        if (text == target.strip().lower()) if target else any(ch.isalnum() for ch in text):
+            return step
+    raise ValueError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
+
+
+def method_map(holder: ModelHolder, run, step: int, method: str, layers, heads) -> np.ndarray:
+    """The map of generated token `step` by `method`: (grid_h, grid_w), or the ViT map's patch grid
+    (2 * grid_h, 2 * grid_w for Qwen). The ranges apply to raw attention and to the map ViT starts from."""
+    if method == "attention":
+        return token_heatmap(run, step, layers, heads)
+    if method == "rollout":
+        return rollout_map(holder, run, step)
+    if method == "gradient":
+        return gradient_map(holder, run, step)
+    if method == "vit":
+        return vit_combined_map(holder, run, token_heatmap(run, step, layers, heads))
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(STUDY_METHODS)}.")
+
+
+def generic_baseline(holder: ModelHolder, run):
+    """The same image under the generic prompt, one token, with the run's own pixel budget (as the app's
+    `pipeline.relative_baseline`): what a relative map is divided by."""
+    made = run.settings
+    return holder.generate(run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
+                           min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+
+
+def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
+    """The three scores of one map. A map finer than the token grid (the ViT map's patches) covers the
+    same box, so its layout is the run's with the finer grid."""
+    layout = run.vision if heat.shape == tuple(run.vision.grid_hw) else replace(run.vision, grid_hw=heat.shape)
+    return {"pointing_hit": pointing_hit(heat, layout, region),
+            "attention_ratio": attention_ratio(heat, layout, region), "iou": otsu_iou(heat, layout, region)}
+
+
+def _per_head(run, step: int, region: np.ndarray, common: dict) -> tuple[list[dict], str]:
+    """Rows for every captured layer's mean map (head_idx None) and every (layer, head) map, and the
+    packed pointing hits of every pair of contiguous ranges."""
+    values = vision_attention(run, step).numpy()                            # (L, H, N) float32
+    num_layers, num_heads, _ = values.shape
+    cell_hit = pointing_cells(run.vision, region)                          # (N,)
+    maps = np.concatenate([values.mean(axis=1, keepdims=True), values], axis=1)  # (L, 1 + H, N): mean first
+    hits = cell_hit[np.argmax(maps, axis=2)]                               # (L, 1 + H)
+    ratios = attention_ratios(maps.reshape(-1, *run.vision.grid_hw), run.vision, region).reshape(hits.shape)
+    rows = [{**common, "layer_idx": run.layer_indices[i], "head_idx": None if k == 0 else k - 1,
+             "pointing_hit": bool(hits[i, k]), "attention_ratio": float(ratios[i, k])}
+            for i in range(num_layers) for k in range(num_heads + 1)]
+    return rows, pack_hits(range_hits(values, cell_hit))
+
+
+def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> ItemScores:
+    """Every map of one item scored. Raises ValueError or OSError when the item cannot be scored at all
+    (an unreadable image, no word to score); a single method that fails for this model or item (the ViT
+    map on a tower it does not follow, a gradient pass over the memory cap) is named in `problems`."""
+    layers = settings.layers or (0, holder.num_layers - 1)
+    heads = settings.heads or (0, holder.num_heads - 1)
+    image = load_image(item.image)
+    run = holder.generate(image, item.prompt, max_new_tokens=settings.max_new_tokens)
+    step = scored_step(run.generated_tokens, item.target)
+    mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
+    region = target_mask(image.size, item.boxes or (), mask)
+    answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
+    expected = item.expected
+    correct = None if expected is None else answer.lower() == str(expected).lower()
+    common = {"item_id": item.id, "split": item.split, "image": str(item.image), "prompt": item.prompt,
+              "answer": answer, "expected": expected, "correct": correct, "token": run.generated_tokens[step]}
+    scores = ItemScores(item.id)
+    for method in settings.methods:
+        ranged = method in ("attention", "vit")                              # the others use every layer
+        where = {"method": method, "relative": False, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
+                 "heads": f"{heads[0]}-{heads[1]}" if ranged else "all"}
+        try:
+            heat = method_map(holder, run, step, method, layers, heads)      # (grid_h, grid_w) or patches
+        except (ValueError, MemoryError) as err:
+            scores.problems.append(f"{method}: {err}")
+            continue
+        scores.rows.append({**common, **where, **_scores(heat, run, region)})
+        if settings.relative and method == "attention":
+            generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)   # (grid_h, grid_w)
+            scores.rows.append({**common, **where, "relative": True,
+                                **_scores(relative_heatmap(heat, generic), run, region)})
+    if settings.per_head:
+        head_common = {"item_id": item.id, "split": item.split, "correct": correct}
+        scores.head_rows, scores.range_hits = _per_head(run, step, region, head_common)
+    return scores

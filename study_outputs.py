@@ -1,0 +1,142 @@
+"""A study's files, written by the main process from the merged part files.
+
+    DIR/results.parquet, results.csv   one row per item and map (`study_items.COLUMNS`)
+    DIR/heads.parquet, heads.csv       with per_head: per item, one row per layer's mean map over all its
+                                       heads (head_idx empty) and one per (layer, head) map
+    DIR/ranges.json                    with per_head and validation items: the ranges chosen on them
+                                       (`localization.choose_ranges`) and their figures on the test items
+    DIR/localization_heads.png         with per_head: pointing accuracy per (layer, head)
+    DIR/localization_layers.png        with per_head: pointing accuracy per layer (all its heads)
+    DIR/summary.md                     the headline numbers and every problem
+
+The tables hold the items in manifest order; parquet keeps the types (pyarrow), csv is for everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from localization import choose_ranges, contiguous_ranges, pointing_at, ranges_json, ranges_record, unpack_hits
+from manifest import Item, is_validation
+from study_items import COLUMNS, HEAD_COLUMNS, StudySettings
+from study_plots import accuracy_by_layer_png, layer_head_matrix_png
+
+logger = logging.getLogger(__name__)
+
+
+def _write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
+    frame.to_csv(out / f"{name}.csv", index=False)
+    try:
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+    except ImportError:
+        logger.info("pyarrow is not installed: %s.parquet skipped (%s.csv has the same rows)", name, name)
+
+
+def head_accuracy(heads: pd.DataFrame) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(captured layer indices, (L, H) pointing accuracy per (layer, head), (L,) per layer over all heads)."""
+    single = heads.dropna(subset=["head_idx"]).pivot_table(index="layer_idx", columns="head_idx",
+                                                           values="pointing_hit", aggfunc="mean")
+    layer = heads[heads["head_idx"].isna()].groupby("layer_idx")["pointing_hit"].mean()
+    return [int(v) for v in single.index], single.to_numpy(dtype=np.float64), layer.to_numpy(dtype=np.float64)
+
+
+def _answer_accuracy(chosen: list[Item], finished: dict[str, dict]) -> float | None:
+    known = [row["correct"] for item in chosen for row in finished[item.id]["rows"][:1] if row["correct"] is not None]
+    return float(np.mean(known)) if known else None
+
+
+def choose_study_ranges(items: list[Item], finished: dict[str, dict], layer_indices: list[int], num_heads: int,
+                        model_id: str, val_fraction: float) -> dict | None:
+    """The ranges.json record: ranges chosen on the validation items, figures on both sets; None when no
+    finished item is a validation item."""
+    layer_ranges, head_ranges = contiguous_ranges(layer_indices), contiguous_ranges(range(num_heads))
+    shape = (len(layer_ranges), len(head_ranges))
+    scored = [item for item in items if item.id in finished and finished[item.id]["range_hits"]]
+    validation = [item for item in scored if is_validation(item, val_fraction)]
+    test = [item for item in scored if not is_validation(item, val_fraction)]
+    if not validation:
+        return None
+
+    def hits(chosen: list[Item]) -> np.ndarray:                       # (n_items, n_lr, n_hr) bool
+        return np.stack([unpack_hits(finished[item.id]["range_hits"], shape) for item in chosen]) if chosen \
+            else np.zeros((0, *shape), dtype=bool)
+    choice = choose_ranges(hits(validation), layer_ranges, head_ranges)
+    everything = ((layer_indices[0], layer_indices[-1]), (0, num_heads - 1))
+    figures = [{"items": len(chosen), "pointing": pointing_at(hits(chosen), layer_ranges, head_ranges,
+                                                             choice.layers, choice.heads),
+                "pointing_all_layers_and_heads": pointing_at(hits(chosen), layer_ranges, head_ranges, *everything),
+                "answer_accuracy": _answer_accuracy(chosen, finished)} for chosen in (validation, test)]
+    figures[0].pop("items")                                           # ranges_record counts them
+    return ranges_record(model_id, choice, *figures)
+
+
+def _localization(out: Path, heads: pd.DataFrame, record: dict | None) -> list[str]:
+    """The plots, and the summary's lines about the heads and the chosen ranges."""
+    layers, matrix, per_layer = head_accuracy(heads)
+    items = heads["item_id"].nunique()
+    layer_head_matrix_png(matrix, layers, out / "localization_heads.png",
+                          f"Pointing accuracy per (layer, head), {items} items")
+    accuracy_by_layer_png(per_layer, layers, out / "localization_layers.png",
+                          f"Pointing accuracy per layer (mean map over its heads), {items} items")
+    order = np.argsort(matrix, axis=None)[::-1][:5]
+    best = ", ".join(f"layer {layers[i // matrix.shape[1]]} head {i % matrix.shape[1]} ({matrix.flat[i]:.3f})"
+                     for i in order)
+    lines = ["", "## Localisation heads", "", f"Best single heads by pointing accuracy: {best}.",
+             "Per layer (all heads): " + ", ".join(f"{layer}: {v:.3f}" for layer, v in zip(layers, per_layer,
+                                                                                         strict=True)) + ".",
+             "", "![pointing accuracy per layer and head](localization_heads.png)",
+             "![pointing accuracy per layer](localization_layers.png)"]
+    if record is None:
+        return lines + ["", "No validation items, so no ranges were chosen: give --val-fraction or a split column."]
+    val, test = record["validation"], record["test"]
+    return lines + ["", f"**Chosen on {val['items']} validation items:** layers {record['layers'][0]}-"
+                    f"{record['layers'][1]}, heads {record['heads'][0]}-{record['heads'][1]} (ranges.json). "
+                    f"Pointing {val['pointing']:.3f} on them, {test['pointing']:.3f} on the {test['items']} "
+                    f"test items (all layers and heads: {test['pointing_all_layers_and_heads']:.3f})."]
+
+
+def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
+    """The headline numbers in Markdown."""
+    scored = results["item_id"].nunique() if len(results) else 0
+    lines = [f"# Study of {model_id}", "", f"{scored} items scored; {len(problems)} problems (listed below).", ""]
+    if len(results):
+        lines += ["| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
+                  "|---|---|---|---|---|---|"]
+        for (method, relative), rows in results.groupby(["method", "relative"], sort=False):
+            name = f"{method}, relative to a generic prompt" if relative else method
+            lines.append(f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
+                         f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
+                         f"{rows['iou'].mean():.3f} |")
+        known = results.drop_duplicates("item_id")["correct"].dropna()
+        if len(known):
+            lines += ["", f"Answers correct: {known.astype(float).mean():.3f} of {len(known)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, items: list[Item], finished: dict[str, dict], problems: list[str], model_id: str,
+                  settings: StudySettings) -> tuple[pd.DataFrame, list[str]]:
+    """Merge the finished items in manifest order and write every file; returns (results, problems)."""
+    done = [finished[item.id] for item in items if item.id in finished]
+    problems = problems + [f"{item.where}: {why}; that method skipped, the others scored"
+                           for item in items if item.id in finished for why in finished[item.id]["problems"]]
+    results = pd.DataFrame([row for record in done for row in record["rows"]], columns=list(COLUMNS))
+    _write_table(results, out, "results")
+    text = summary(results, problems, model_id)
+    if settings.per_head and done:
+        heads = pd.DataFrame([row for record in done for row in record["head_rows"]], columns=list(HEAD_COLUMNS))
+        heads["head_idx"] = heads["head_idx"].astype("Int64")               # empty: the layer's mean map
+        _write_table(heads, out, "heads")
+        layers = sorted(int(v) for v in heads["layer_idx"].unique())
+        record = choose_study_ranges(items, finished, layers, int(heads["head_idx"].max()) + 1, model_id,
+                                     settings.val_fraction)
+        if record is not None:
+            (out / "ranges.json").write_text(ranges_json(record), encoding="utf-8")
+        text += "\n".join(_localization(out, heads, record)) + "\n"
+    if problems:
+        text += "\n".join(["", "## Problems", *[f"- {problem}" for problem in problems]]) + "\n"
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    return results, problems
