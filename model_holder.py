@@ -32,6 +32,7 @@ from families import (
     attention_windows,
     decoder_layers,
     pixel_budget,
+    processor_options,
     softmax_layers,
     supports_video,
     vision_layouts,
@@ -147,7 +148,7 @@ class ModelHolder:
         parts = [{"type": "image"}] * len(images) + ([{"type": "video"}] if video else [])
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        kwargs = {}
+        kwargs = processor_options(self.family, self.processor)
         size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
         if size is not None:
             kwargs["size"] = size

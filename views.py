@@ -88,7 +88,10 @@ def _with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, 
         parts.append(labelled(side, f"{layout.view} · {layout.grid_hw[0]}x{layout.grid_hw[1]} · raw attention"))
         share = "" if shares is None else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the " \
             f"{main.view}"
-        notes.append(f"the {layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over the whole image{share})")
+        x0, y0, x1, y1 = layout.image_box_xyxy
+        whole = x0 <= 0.5 and y0 <= 0.5 and x1 >= layout.image_size[0] - 0.5 and y1 >= layout.image_size[1] - 0.5
+        notes.append(f"the {layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
+                     f"{'the whole image' if whole else 'its part of the image, the rest hatched'}{share})")
     strip = parts[0]
     for part in parts[1:]:
         strip = side_by_side(strip, part)

@@ -166,6 +166,12 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return language_model(model).layers
 
 
+def processor_options(family: str, processor) -> dict:
+    """Options every processor call of this family gets, so the geometry worked out here matches what
+    the processor did (Gemma 3: the image processor's pan-and-scan settings)."""
+    return gemma3.processor_options(processor) if family == "gemma3" else {}
+
+
 def vision_layout(family: str, config, processor, inputs, image_size: tuple[int, int]) -> VisionLayout:
     """The main view of the one image in the model inputs (batch of 1)."""
     return vision_layouts(family, config, processor, inputs, [image_size])[0]

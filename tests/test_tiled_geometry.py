@@ -1,12 +1,15 @@
 """Tiled families (LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, SmolVLM): every view of an image
 maps its cells to the right tokens and pixels, proven by perturbing the pixels under one cell."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from test_geometry import _embeds_and_layouts
 
+from families.gemma3 import PAN_AND_SCAN_KEYS
 from tiny_tiles import TILED_FAMILIES
 
 SIZES = [(200, 100), (90, 160), (112, 112)]                    # landscape, portrait, square
@@ -108,3 +111,50 @@ def test_a_run_names_its_views_and_the_heatmaps_pick_them(load_holder):
     assert token_heatmap(run, 0).shape == run.vision.grid_hw == (4, 8)
     with pytest.raises(ValueError, match="image 0: thumbnail"):
         run.view_index(0, "global view")
+
+
+@contextmanager
+def _pan_and_scan(holder):
+    """Gemma 3's pan-and-scan turned on through the image processor (as a saved config would), for the block."""
+    image_processor = holder.processor.image_processor
+    saved = {key: getattr(image_processor, key, None) for key in PAN_AND_SCAN_KEYS}
+    image_processor.do_pan_and_scan, image_processor.pan_and_scan_min_crop_size = True, 32
+    image_processor.pan_and_scan_max_num_crops, image_processor.pan_and_scan_min_ratio_to_activate = 4, 1.2
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(image_processor, key, value)
+
+
+@pytest.mark.parametrize("size", [(300, 100), (100, 260)], ids=["wide", "tall"])
+def test_gemma3_pan_and_scan_crops_map_to_their_own_region(load_holder, size):
+    """Pan-and-scan: the whole image first, then its crops along the longer side, each a view whose box
+    is the crop; inverting a cell's pixels moves that view's token for the cell most."""
+    holder = load_holder("gemma3")
+    with _pan_and_scan(holder):
+        pixels = _noise(size, seed=7)
+        before, layouts = _embeds_and_layouts(holder, [Image.fromarray(pixels)])
+        assert [layout.view for layout in layouts] == ["global view", "crop 1", "crop 2", "crop 3"]
+        long_axis = 0 if size[0] > size[1] else 1
+        edges = [layout.image_box_xyxy[long_axis] for layout in layouts[1:]]
+        assert edges == sorted(edges) and layouts[-1].image_box_xyxy[2 + long_axis] == size[long_axis]
+        for layout in layouts:
+            own = torch.from_numpy(layout.token_positions)
+            row, col = layout.grid_hw[0] // 2, layout.grid_hw[1] // 3
+            after, _ = _embeds_and_layouts(holder, [Image.fromarray(_invert(pixels, layout.cell_box_xyxy(row, col)))])
+            moved = _change(before, after)
+            assert int(own[moved[own].argmax()]) == int(layout.token_positions[row * layout.grid_hw[1] + col])
+
+
+def test_gemma3_pan_and_scan_rows_equal_eager(load_holder):
+    holder = load_holder("gemma3")
+    image = Image.fromarray(_noise((300, 100), seed=8))
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, suppress_tokens=[holder.model.config.image_token_id])
+    with _pan_and_scan(holder):
+        fast = holder.generate(image, "What is this?", **kwargs)
+        eager = holder.generate(image, "What is this?", method="eager", **kwargs)
+    assert len(fast.visions) == 4 and eager.generated_ids == fast.generated_ids
+    for t in range(fast.num_steps):
+        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
+                                   rtol=2e-3, atol=2e-6)
