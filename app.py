@@ -4,6 +4,7 @@
                   [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
                   [--session-cache-mb 2048] [--trust-remote-code]
                   [--allow-model-loading | --no-allow-model-loading] [--max-pixels-cap 16777216]
+                  [--ranges ranges.json]
 
 The work happens in `pipeline.py`, `views.py` and the modules below them.
 """
@@ -21,7 +22,7 @@ import torch
 
 from attention_processor import REDUCTIONS
 from components import LoginGuard, image_upload, matrix_heatmap, range_slider, upload_bytes
-from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
+from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig, ModelRanges
 from demo_data import guide as demo_guide
 from handlers import Handlers, named_api
 from pipeline import ModelSlot, RunStore
@@ -314,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
                              "127.0.0.1 without --share, off otherwise)")
     parser.add_argument("--max-pixels-cap", type=int, default=AppConfig.max_pixels_cap,
                         help="largest image-token budget (max pixels) a request may ask for")
+    parser.add_argument("--ranges", help="a ranges.json from a study (batch.py --manifest ... --val-fraction): "
+                        "its model starts with those layer and head ranges")
     args = parser.parse_args(argv)
     if args.session_cache_mb <= 0:
         parser.error("--session-cache-mb must be a positive number of megabytes, e.g. 2048")
@@ -321,6 +324,10 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         parser.error("--max-pixels-cap must be a positive number of pixels, e.g. 16777216")
     local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
     allow_loading = local_only if args.allow_model_loading is None else args.allow_model_loading
+    try:
+        ranges = ModelRanges.read(args.ranges) if args.ranges else None
+    except ValueError as err:
+        parser.error(str(err))
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
@@ -330,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     return AppConfig(model=args.model, host=args.host, port=args.port, share=args.share, auth=auth,
                      device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb,
                      trust_remote_code=args.trust_remote_code, allow_model_loading=allow_loading,
-                     max_pixels_cap=args.max_pixels_cap)
+                     max_pixels_cap=args.max_pixels_cap, ranges=ranges)
 
 
 def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:

@@ -90,5 +90,6 @@ class AppConfig:
     animation_max_side: int = 512            # px, longer side of the animation's frames
     outputs_max_mb: int = 2048                # exports, pictures and pages kept in outputs/, oldest removed first
     cache_max_age_s: int = 3600               # Gradio's cache of uploads and pictures, cleaned hourly
+    ranges: ModelRanges | None = None         # a ranges.json's model and its default layer and head ranges
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)
     outputs_dir: Path = REPO_DIR / "outputs"

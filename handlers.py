@@ -20,7 +20,7 @@ import pandas as pd
 
 from analysis_handlers import AnalysisHandlers
 from components import USER_ERRORS, user_errors
-from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig
+from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
 from families import frames_per_panel
 from pipeline import (
     ModelSlot,
@@ -107,8 +107,15 @@ def _whole(value, name: str, minimum: int = 0) -> int:
     return int(number)
 
 
-def recommended_ranges(model_id: str, layer_max: int, head_max: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Start-up slider ranges: the demo model's measured best, otherwise everything."""
+def recommended_ranges(model_id: str, layer_max: int, head_max: int,
+                       chosen: ModelRanges | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Start-up slider ranges: those of `--ranges` when they are this model's and fit it, the demo model's
+    measured best, otherwise everything."""
+    if chosen is not None and chosen.fits(model_id):
+        if chosen.layers[1] <= layer_max and chosen.heads[1] <= head_max:
+            return chosen.layers, chosen.heads
+        logger.warning("--ranges %s-%s × %s-%s do not fit %s (layers 0-%d, heads 0-%d); using all", *chosen.layers,
+                       *chosen.heads, model_id, layer_max, head_max)
     if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
         return DEMO_RANGES
     return (0, layer_max), (0, head_max)
@@ -133,7 +140,7 @@ class Handlers(AnalysisHandlers):
             return ((status,) + (gr.HTML(value=[0, 0], maximum=0),) * 2
                     + (gr.Video(visible=False),))
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
-        layers, heads = recommended_ranges(holder.model_id, layer_max, head_max)
+        layers, heads = recommended_ranges(holder.model_id, layer_max, head_max, self.cfg.ranges)
         return (f"**Loaded:** {as_text(holder.describe())}",
                 gr.HTML(value=list(layers), maximum=layer_max), gr.HTML(value=list(heads), maximum=head_max),
                 gr.Video(visible=holder.takes_video))
@@ -262,7 +269,7 @@ class Handlers(AnalysisHandlers):
         holder = self.slot.holder
         if holder is None:
             return (0, 0), (0, 0)
-        return recommended_ranges(holder.model_id, holder.num_layers - 1, holder.num_heads - 1)
+        return recommended_ranges(holder.model_id, holder.num_layers - 1, holder.num_heads - 1, self.cfg.ranges)
 
     def _render_with(self, stored: StoredRun, settings: ViewSettings, screen: bool = True):
         """(picture, caption, share table); `screen`: the picture enlarged for display (small images)."""

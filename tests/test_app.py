@@ -453,3 +453,29 @@ def test_layers_without_softmax_attention_are_labelled_never_mapped(handlers, ti
     assert matrix["layers"] == [1, 3] and [name for _, name in gallery][:2] == ["layer 1 · head 0", "layer 1 · head 1"]
     with pytest.raises(gr.Error, match="no layer with softmax attention"):
         handlers.render(run_id, *_view(layer_lo=2, layer_hi=2))
+
+
+def test_a_ranges_file_sets_its_models_starting_ranges(tmp_path):
+    from config import DEMO_MODEL_DIR, DEMO_RANGES
+    from localization import RangeChoice, ranges_json, ranges_record
+    from model_holder import ModelHolder
+
+    def ranges_file(model: str, layers, heads):
+        path = tmp_path / f"ranges-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(ranges_json(ranges_record(model, RangeChoice(layers, heads, 0.9, 10), {}, {})))
+        return str(path)
+    slot = ModelSlot()
+    slot.holder = ModelHolder.load(DEMO_MODEL_DIR, device="cpu", dtype="float32")
+
+    def starting_ranges(*argv) -> tuple:
+        h = app.Handlers(app.parse_args(list(argv)), slot, RunStore(100))
+        _, layers, heads, _ = h.model_status()
+        assert (tuple(layers.value), tuple(heads.value)) == h._default_ranges()       # the API's defaults too
+        return tuple(layers.value), tuple(heads.value)
+    assert starting_ranges("--ranges", ranges_file(str(DEMO_MODEL_DIR), (2, 3), (1, 2))) == ((2, 3), (1, 2))
+    assert starting_ranges() == DEMO_RANGES
+    assert starting_ranges("--ranges", ranges_file("other/model", (2, 3), (1, 2))) == DEMO_RANGES
+    assert starting_ranges("--ranges", ranges_file(str(DEMO_MODEL_DIR), (2, 9), (0, 1))) == DEMO_RANGES  # too deep
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--ranges", str(tmp_path / "broken.json")])
