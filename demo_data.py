@@ -202,10 +202,30 @@ def write_examples(out_dir: str, seed: int = 7, n: int = 6) -> None:
     (out / "examples.json").write_text("[\n" + ",\n".join(" " + json.dumps(r) for r in rows) + "\n]\n")
 
 
+def write_imagefolder(folder: str, seed: int, n: int) -> None:
+    """`n` samples of `seed` as one split of a Hugging Face imagefolder, a study's manifest: PNGs and
+    `metadata.jsonl` rows with `file_name`, `prompt`, `answer` and `boxes` (the target object's box)."""
+    import json
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, sample in enumerate(make_samples(seed, n)):
+        name = f"{seed}_{k:04d}.png"
+        sample.image.save(out / name)
+        rows.append({"file_name": name, "prompt": sample.question, "answer": sample.answer,
+                     "boxes": [list(sample.box_xyxy)], "question_type": sample.question_type})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 if __name__ == "__main__":
     import sys
 
     if len(sys.argv) == 3 and sys.argv[1] == "--examples":
         write_examples(sys.argv[2])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--imagefolder":      # --imagefolder DIR SEED N
+        write_imagefolder(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        sys.exit(0)
     for s in make_samples(0, 5):
         print(s.image.size, s.question, "->", s.answer, s.box_xyxy, len(s.objects))

@@ -102,6 +102,10 @@ def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
         read_manifest(tmp_path / "empty")
+    demo_data.write_imagefolder(str(tmp_path / "scenes" / "validation"), SEED, 2)   # the README's first study
+    items, problems = read_manifest(tmp_path / "scenes")
+    assert [item.id for item in items] == [f"validation/{SEED}_0000.png", f"validation/{SEED}_0001.png"]
+    assert problems == [] and all(item.split == "validation" and item.boxes for item in items)
 
 
 def test_the_validation_share_is_stable_and_a_split_column_wins(tmp_path):
