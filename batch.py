@@ -322,6 +322,9 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
         results, problems = run_study(holder, args.manifest, args.out, settings, state)
     except (ValueError, RuntimeError, OSError) as err:
         parser.error(str(err))
+    finally:
+        if torch.distributed.is_initialized():                 # no collective follows the merge
+            torch.distributed.destroy_process_group()
     if not state.is_main_process:
         return 0
     for problem in problems:
