@@ -65,10 +65,34 @@ _active_lock = threading.Lock()
 _active_thread: int | None = None                 # the thread inside `recording`, to refuse nesting
 
 
+def _softcapped_attention(module, query, key, value, attention_mask, scaling: float, softcap: float):
+    """(B, q, H, D) attention output with logit soft-capping (Gemma 2, PaliGemma 2), which SDPA cannot do:
+    the model's own eager formula (cap · tanh(score / cap), then the mask, softmax in float32), for the
+    boolean-or-None masks the recording implementation receives."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)                                   # (B, H, K, D)
+    value = value.repeat_interleave(groups, dim=1)                               # (B, H, K, D)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling                  # (B, H, q, K)
+    scores = softcap * torch.tanh(scores / softcap)
+    q_len, k_len = scores.shape[-2:]
+    if attention_mask is None and q_len > 1:                                     # None means "causal" to SDPA
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()             # (B, q, H, D)
+
+
 def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA output, exactly as plain generation; the active recorder also sees the layer's q and k."""
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                       dropout=dropout, scaling=scaling, **kwargs)  # (B, q, H, D)
+    """SDPA output, exactly as plain generation; the active recorder also sees the layer's q and k.
+    A soft-capped layer's output is computed with the model's eager formula instead (SDPA has no cap)."""
+    if kwargs.get("softcap") is not None:
+        output = _softcapped_attention(module, query, key, value, attention_mask,
+                                       scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs["softcap"])
+    else:
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                           dropout=dropout, scaling=scaling, **kwargs)  # (B, q, H, D)
     recorder = _active
     if recorder is not None:
         recorder.on_attention(module, query, key, attention_mask,

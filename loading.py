@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from families import detect_family
+from families import detect_family, load_attention
 from records import UserError
 
 
@@ -74,7 +74,7 @@ def load_checkpoint(model_id: str, device: str, torch_dtype: torch.dtype, trust_
     placement = {"device_map": "auto"} if device == "cuda" else {}
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            model_id, dtype=torch_dtype, attn_implementation="sdpa", use_safetensors=True,
+            model_id, dtype=torch_dtype, attn_implementation=load_attention(family), use_safetensors=True,
             trust_remote_code=trust_remote_code, output_loading_info=True, **placement)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"Could not load the weights of {model_id!r}: {err}. Check that the download "

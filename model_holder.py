@@ -32,6 +32,7 @@ from families import (
     attention_windows,
     decoder_layers,
     pixel_budget,
+    prefix_lm,
     processor_options,
     softmax_layers,
     supports_video,
@@ -147,7 +148,10 @@ class ModelHolder:
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         parts = [{"type": "image"}] * len(images) + ([{"type": "video"}] if video else [])
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if getattr(self.processor, "chat_template", None) or not prefix_lm(self.family):
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:                                   # PaliGemma: no chat template; the processor expands <image>, adds BOS
+            text = "<image>" * len(images) + prompt
         kwargs = processor_options(self.family, self.processor)
         size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
         if size is not None:
@@ -157,7 +161,9 @@ class ModelHolder:
             media["videos"] = [video]
             kwargs["do_sample_frames"] = False                          # load_video chose the frames already
         try:
-            return self.processor(text=[text], return_tensors="pt", **media, **kwargs)
+            inputs = self.processor(text=[text], return_tensors="pt", **media, **kwargs)
+            inputs.pop("labels", None)                  # PaliGemma's processor adds training labels; never wanted here
+            return inputs
         except ValueError as err:
             sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
             hint = ("Crop it to a less extreme aspect ratio or resize it" if "aspect ratio" in str(err) else
@@ -185,6 +191,8 @@ class ModelHolder:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         if "mm_token_type_ids" in inputs:                                       # text tokens are type 0
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+        if prefix_lm(self.family) and "token_type_ids" in inputs:               # generated tokens: the suffix
+            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(extra)], dim=1)
         return self.on_model(inputs)
 
     def replay_inputs(self, run: AttentionRun, step_idx: int, images: list[Image.Image] | None = None):
@@ -299,7 +307,9 @@ class ModelHolder:
         sizes = [im.size for im in images] or [frames[0].size]
         layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
         num_layers = len(set(capture_layers)) if capture_layers is not None else len(softmax_layers(self.model))
-        positions = prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
+        # A prefix-LM prompt (PaliGemma) attends both ways, so a prompt token's row is not a causal row: none kept.
+        positions = [] if prefix_lm(self.family) else \
+            prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
         self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
                            len(positions), store)
         inputs = self.on_model(inputs)

@@ -75,10 +75,11 @@ CORPUS = [
     "Where is the cat? The cat sits on the left of the plate, near the top.",
     "USER: ASSISTANT: user assistant system answer question colour shape",
 ] * 20
+TINY_TILES_KINDS = (*tiny_tiles.TILED_FAMILIES, *tiny_tiles.MORE_FAMILIES)     # built by tiny_tiles
 # Checkpoint kinds: one per family, and "pixtral", a LLaVA checkpoint with a Pixtral vision tower
 # (how Pixtral-12B ships: model_type "llava", Pixtral's geometry).
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "gemma3", "mistral3", "pixtral", "llava",
-            *tiny_tiles.TILED_FAMILIES)
+            *tiny_tiles.TILED_FAMILIES, *tiny_tiles.MORE_FAMILIES)
 
 
 def _tokenizer(specials: list[str], vocab_size: int, **named_tokens: str) -> PreTrainedTokenizerFast:
@@ -143,7 +144,7 @@ def build_config(family: str, tok, hidden: int = 64, layers: int = 3, heads: int
         Qwen3_5Config,
         Qwen3VLConfig,
     )
-    if family in tiny_tiles.TILED_FAMILIES:
+    if family in TINY_TILES_KINDS:
         return tiny_tiles.build_config(family, tok, _text_dims(tok, hidden, layers, heads, kv_heads, intermediate),
                                        vision_dim, vision_depth)
     if family == "llava":
@@ -231,7 +232,7 @@ def build_processor(family: str, tok, max_pixels: int = 224 * 224):
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
-    if family in tiny_tiles.TILED_FAMILIES:
+    if family in TINY_TILES_KINDS:
         return tiny_tiles.build_processor(family, tok, LLAVA_TEMPLATE)
     if family == "llava":
         image_proc = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
@@ -283,7 +284,7 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, sharpen: fl
     """Write a random-weight checkpoint of `family` to `out_dir` and return the folder."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tok = tiny_tiles.tokenizer_for(family, _tokenizer) if family in tiny_tiles.TILED_FAMILIES \
+    tok = tiny_tiles.tokenizer_for(family, _tokenizer) if family in TINY_TILES_KINDS \
         else _tokenizer(LLAVA_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                      pad_token="<pad>") if family == "llava" else _glm_tokenizer() if family == "glm4v" \
         else _tokenizer(MISTRAL_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>",

@@ -8,7 +8,10 @@ LLAVA_TILED_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 IDEFICS_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<fake_token_around_image>", "<global-img>",
                     "<end_of_utterance>", "<video>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+PALIGEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 TILED_FAMILIES = ("llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm")
+# Built here too (no chat template; a prefix-LM mask and soft-capped logits), with a single view.
+MORE_FAMILIES = ("paligemma",)
 
 QWEN_STYLE_TEMPLATE = (                                                # InternVL's chat format
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -33,6 +36,9 @@ def tokenizer_for(family: str, make):
     if family in ("llava_next", "llava_onevision"):
         return make(LLAVA_TILED_SPECIALS, 400, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                     extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    if family == "paligemma":
+        return make(PALIGEMMA_SPECIALS, 400, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                    extra_special_tokens={"image_token": "<image>"})
     if family == "internvl":
         return make(INTERNVL_SPECIALS, 400, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                     extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
@@ -43,9 +49,27 @@ def tokenizer_for(family: str, make):
 
 def build_config(family: str, tok, text: dict, vision_dim: int, vision_depth: int):
     """A small config of the real architecture; `text` holds the decoder's sizes and special ids."""
-    from transformers import Idefics3Config, InternVLConfig, LlavaNextConfig, LlavaOnevisionConfig, SmolVLMConfig
+    from transformers import (
+        Idefics3Config,
+        InternVLConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        PaliGemmaConfig,
+        SmolVLMConfig,
+    )
     ids = tok.convert_tokens_to_ids
     vision = dict(hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_attention_heads=2)
+    if family == "paligemma":                                          # PaliGemma 2: a Gemma 2 decoder
+        vision.update(model_type="siglip_vision_model", num_hidden_layers=vision_depth, image_size=TILE,
+                      patch_size=14)
+        layers = text["num_hidden_layers"]
+        gemma2 = dict(model_type="gemma2", head_dim=text["hidden_size"] // text["num_attention_heads"],
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=512,
+                      query_pre_attn_scalar=text["hidden_size"] // text["num_attention_heads"],
+                      layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] *
+                      (layers % 2), **text)
+        return PaliGemmaConfig(vision_config=vision, text_config=gemma2, image_token_index=ids("<image>"),
+                               projection_dim=text["hidden_size"])
     if family == "llava_next":
         vision.update(model_type="clip_vision_model", num_hidden_layers=vision_depth + 1, image_size=TILE,
                       patch_size=14)
@@ -82,11 +106,17 @@ def build_processor(family: str, tok, llava_template: str):
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
         LlavaOnevisionVideoProcessor,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
         SmolVLMImageProcessor,
         SmolVLMProcessor,
         SmolVLMVideoProcessor,
     )
     tile = dict(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+    if family == "paligemma":                                          # no chat template: prompt as it is
+        image_proc = SiglipImageProcessor(size={"height": TILE, "width": TILE})
+        image_proc.image_seq_length = (TILE // 14) ** 2
+        return PaliGemmaProcessor(image_processor=image_proc, tokenizer=tok)
     if family == "llava_next":
         return LlavaNextProcessor(image_processor=LlavaNextImageProcessor(**tile), tokenizer=tok, patch_size=14,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,

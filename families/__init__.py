@@ -12,7 +12,8 @@ Adding a family means one adapter module here, its row below and its tests.
 | `llava_next` | LLaVA-NeXT and LLaVA-OneVision (a global view and stitched, un-padded tiles) |
 | `internvl` | InternVL (aspect-matched tiles and a thumbnail) |
 | `idefics3` | Idefics3 and SmolVLM (tiles with row/column markers and a global image) |
-| `gemma3` | Gemma 3 (a pooled square grid) |
+| `gemma3` | Gemma 3 (a pooled square grid, optional pan-and-scan crops) |
+| `paligemma` | PaliGemma, PaliGemma 2 (a square grid before a bidirectional prefix) |
 | `pixtral` | Mistral 3 and Pixtral (native aspect, row breaks) |
 """
 
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from families import gemma3, idefics3, internvl, llava, llava_next, pixtral, qwen
+from families import gemma3, idefics3, internvl, llava, llava_next, paligemma, pixtral, qwen
 from families.llava import llava_box_xyxy
 from records import UserError, VisionLayout
 
@@ -45,6 +46,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",
     "mistral3": "Mistral 3",
+    "paligemma": "PaliGemma 2",
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
@@ -73,7 +75,7 @@ def token_cell_px(family: str, config) -> int:
         return int(round(patch / float(config.downsample_ratio)))
     if family in TEXT_MODEL_FAMILIES:
         return patch * int(config.scale_factor)
-    return patch
+    return patch                                                           # CLIP, SigLIP (LLaVA, PaliGemma)
 
 
 def supports_vit_map(family: str, config) -> bool:
@@ -166,6 +168,18 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return language_model(model).layers
 
 
+def load_attention(family: str) -> str | dict:
+    """The attention implementation to load with: SDPA, except PaliGemma's Gemma 2 decoder, whose logit
+    soft-capping SDPA cannot do (transformers refuses it there); the capture replaces it either way."""
+    return {"text_config": "eager", "vision_config": "sdpa"} if family == "paligemma" else "sdpa"
+
+
+def prefix_lm(family: str) -> bool:
+    """Whether the prompt (image and text) is one bidirectional prefix and generated tokens a causal
+    suffix, marked by `token_type_ids` 0 and 1 (PaliGemma)."""
+    return family == "paligemma"
+
+
 def processor_options(family: str, processor) -> dict:
     """Options every processor call of this family gets, so the geometry worked out here matches what
     the processor did (Gemma 3: the image processor's pan-and-scan settings)."""
@@ -194,7 +208,7 @@ def _adapter(family: str, config):
     if native_aspect(family, config):
         return pixtral
     return {"gemma3": gemma3, "llava": llava, "llava_next": llava_next, "llava_onevision": llava_next,
-            "internvl": internvl, "idefics3": idefics3, "smolvlm": idefics3}[family]
+            "internvl": internvl, "idefics3": idefics3, "smolvlm": idefics3, "paligemma": paligemma}[family]
 
 
 def vision_encoder_blocks(model) -> torch.nn.ModuleList:

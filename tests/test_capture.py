@@ -5,7 +5,7 @@ import torch
 
 from attention_extractor import CAPTURE_IMPLEMENTATION, capture_attention
 from conftest import noise_image
-from families import decoder_layers, softmax_layers
+from families import attention_implementation, decoder_layers, prefix_lm, softmax_layers
 from tiny_models import FAMILIES
 
 SIZES = [(150, 100), (100, 150), (224, 224)]   # landscape, portrait, square (W, H)
@@ -99,14 +99,13 @@ def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_imag
     eager = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all",
                             method="eager")
     vision = {int(pos) for layout in fast.visions for pos in layout.token_positions}
+    if prefix_lm(family):                         # the prompt is one bidirectional prefix: no causal prompt rows
+        assert fast.prompt_positions == eager.prompt_positions == []
+        return
     assert fast.prompt_positions == [p for p in range(len(fast.prompt_ids) - 1) if p not in vision]
     inputs = holder.build_inputs(dummy_image, "Where is the red circle?")
-    holder.model.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.no_grad():
-            attn = torch.stack(holder.model(**inputs, output_attentions=True).attentions)[:, 0]  # (L, H, S, S)
-    finally:
-        holder.model.set_attn_implementation({"text_config": "sdpa"})
+    with attention_implementation(holder.model, text="eager"), torch.no_grad():
+        attn = torch.stack(holder.model(**inputs, output_attentions=True).attentions)[:, 0]  # (L, H, S, S)
     for pos in fast.prompt_positions:
         row = fast.prompt_attention(pos)
         assert row.shape == (len(softmax_layers(holder.model)), holder.num_heads, pos + 1)
@@ -184,3 +183,26 @@ def test_sliding_window_layers_show_exactly_what_they_saw(tmp_path):
     stored = StoredRun(run)
     settings = ViewSettings(step_idx=run.num_steps - 1, layers=(0, 2), heads=(0, 3))
     assert "Layers 0, 1 attend through a sliding window" in caption(stored, settings, raw_heatmap(stored, settings))
+
+
+def test_soft_capped_logits_are_captured_as_the_model_computes_them(load_holder, dummy_image):
+    """PaliGemma 2 caps its attention logits (cap · tanh(score / cap)), which SDPA cannot do. With a cap
+    small enough to matter, the captured rows still equal eager's, and differ from uncapped rows."""
+    holder = load_holder("paligemma")
+    modules = [layer.self_attn for layer in decoder_layers(holder.model)]
+    saved = [module.attn_logit_softcapping for module in modules]
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, suppress_tokens=[holder.model.config.image_token_id])
+    try:
+        for module in modules:
+            module.attn_logit_softcapping = 1.5
+        fast = holder.generate(dummy_image, "Where is it?", **kwargs)
+        eager = holder.generate(dummy_image, "Where is it?", method="eager", **kwargs)
+        for module in modules:
+            module.attn_logit_softcapping = None
+        uncapped = holder.generate(dummy_image, "Where is it?", method="eager", **kwargs)
+    finally:
+        for module, cap in zip(modules, saved, strict=True):
+            module.attn_logit_softcapping = cap
+    assert fast.generated_ids == eager.generated_ids
+    torch.testing.assert_close(fast.step_attention(0).float(), eager.step_attention(0).float(), rtol=2e-3, atol=2e-6)
+    assert (fast.step_attention(0).float() - uncapped.step_attention(0).float()).abs().max() > 0.05

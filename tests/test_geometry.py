@@ -11,6 +11,7 @@ from families import language_model, llava_box_xyxy, token_cell_px, vision_encod
 from tiny_models import FAMILIES
 from tiny_tiles import TILED_FAMILIES
 
+SQUARE = ("gemma3", "paligemma")                                  # every image squashed to one square
 ONE_VIEW = [family for family in FAMILIES if family not in TILED_FAMILIES]   # tiled ones: test_tiled_geometry
 
 
@@ -47,7 +48,7 @@ def _cell_px(holder) -> int:
 def test_one_block_of_pixels_changes_only_its_token(load_holder, family, cell):
     holder = load_holder(family)
     side = _cell_px(holder)
-    rows, cols = (4, 4) if family == "gemma3" else (3, 4)         # Gemma 3 squashes every image to a square
+    rows, cols = (4, 4) if family in SQUARE else (3, 4)           # these squash every image to a square
     # Sizes that the processor keeps as they are: whole cells for Qwen, LLaVA's 56 px crop area plus a
     # margin on each side for LLaVA (so the crop offset is exercised too).
     margin = 0 if family != "llava" else side
@@ -154,7 +155,7 @@ def test_second_image_block_maps_to_its_own_token(load_holder, family):
     holder = load_holder(family)
     side = _cell_px(holder)
     rng = np.random.default_rng(5)
-    shapes = [(2 * side, 3 * side), (4 * side, 2 * side)] if family not in ("llava", "gemma3") else \
+    shapes = [(2 * side, 3 * side), (4 * side, 2 * side)] if family not in ("llava", *SQUARE) else \
         [(4 * side, 4 * side)] * 2                                  # these two see every image as one square
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in shapes]
     before, layouts = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
