@@ -72,11 +72,11 @@ def choose_ranges(hits: np.ndarray, layer_ranges: Sequence[tuple[int, int]],
 
 
 def pointing_at(hits: np.ndarray, layer_ranges: Sequence[tuple[int, int]], head_ranges: Sequence[tuple[int, int]],
-                layers: tuple[int, int], heads: tuple[int, int]) -> float:
-    """Pointing accuracy of one pair of ranges over the items of hits (n_items, n_lr, n_hr); NaN for none."""
+                layers: tuple[int, int], heads: tuple[int, int]) -> float | None:
+    """Pointing accuracy of one pair of ranges over the items of hits (n_items, n_lr, n_hr); None for none."""
     hits = np.asarray(hits, dtype=bool)
     if not len(hits):
-        return float("nan")
+        return None
     i = [tuple(r) for r in layer_ranges].index(tuple(layers))
     j = [tuple(r) for r in head_ranges].index(tuple(heads))
     return float(hits[:, i, j].mean())

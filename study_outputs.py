@@ -93,10 +93,11 @@ def _localization(out: Path, heads: pd.DataFrame, record: dict | None) -> list[s
     if record is None:
         return lines + ["", "No validation items, so no ranges were chosen: give --val-fraction or a split column."]
     val, test = record["validation"], record["test"]
+    on_test = (f"{test['pointing']:.3f} on the {test['items']} test items (all layers and heads: "
+               f"{test['pointing_all_layers_and_heads']:.3f})") if test["items"] else "no test items to report on"
     return lines + ["", f"**Chosen on {val['items']} validation items:** layers {record['layers'][0]}-"
                     f"{record['layers'][1]}, heads {record['heads'][0]}-{record['heads'][1]} (ranges.json). "
-                    f"Pointing {val['pointing']:.3f} on them, {test['pointing']:.3f} on the {test['items']} "
-                    f"test items (all layers and heads: {test['pointing_all_layers_and_heads']:.3f})."]
+                    f"Pointing {val['pointing']:.3f} on them; {on_test}."]
 
 
 def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:

@@ -45,6 +45,7 @@ def test_the_most_accurate_pair_wins_and_ties_go_to_the_wider_ranges():
     hits[:3, 1, 1] = True                                                   # layers 0-1, heads 0-1: a tie, wider
     assert choose_ranges(hits, layer_ranges, head_ranges).layers == (0, 1)
     assert pointing_at(hits, layer_ranges, head_ranges, (1, 1), (1, 1)) == 0.0
+    assert pointing_at(hits[:0], layer_ranges, head_ranges, (1, 1), (1, 1)) is None      # no test items: null
     with pytest.raises(ValueError, match="at least one validation item"):
         choose_ranges(hits[:0], layer_ranges, head_ranges)
 
