@@ -6,6 +6,7 @@ settings, store and model slot.
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 
 import gradio as gr
 import numpy as np
@@ -76,16 +77,41 @@ class AnalysisHandlers:
         layer, head = int(picked[0]), int(picked[1])
         return [layer, layer], [head, head]
 
-    @user_errors
-    def region_click(self, run_id, region, view, evt: gr.SelectData):
-        """A click on the picture adds or removes that token cell; shows who attends to the region."""
-        stored = self._single(run_id)
+    def _clicked_pixel(self, stored: StoredRun, view: str, evt: gr.SelectData) -> tuple[float, float]:
+        """Where a click on the picture landed, in the original image's pixels."""
         zoom = screen_zoom(stored)
         x, y = evt.index[0] / zoom, evt.index[1] / zoom                   # in the drawn picture's pixels
         shown, (sx, sy) = stored.display(0)
         if view == "side_by_side" and x >= shown.size[0]:
             x -= shown.size[0] + SIDE_BY_SIDE_GAP                         # the overlay is the right half
-        cell = cell_at(stored.run, x / sx, y / sy)                        # in the original image's pixels
+        return x / sx, y / sy
+
+    @user_errors
+    def box_click(self, run_id, box_mode, corner, *view_values, evt: gr.SelectData = None):
+        """With 'Clicks draw it' on, the first click on the picture sets one corner of the target box and
+        the second the opposite one, which redraws the map with the box and its scores:
+        (pending corner, box text, picture, caption, share table)."""
+        skip = (gr.skip(),) * 3
+        if not box_mode:
+            return (gr.skip(), gr.skip(), *skip)
+        stored, settings = self._single(run_id), self._settings(*view_values)
+        width, height = stored.run.vision.image_size
+        x, y = self._clicked_pixel(stored, settings.view, evt)
+        x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+        if not corner:
+            return [x, y], gr.skip(), *skip
+        box = (min(corner[0], x), min(corner[1], y), max(corner[0], x), max(corner[1], y))
+        box = tuple(float(round(v)) for v in box)
+        return None, ", ".join(str(int(v)) for v in box), *self._render_with(stored, replace(settings, target_box=box))
+
+    @user_errors
+    def region_click(self, run_id, region, view, box_mode=False, evt: gr.SelectData = None):
+        """A click on the picture adds or removes that token cell; shows who attends to the region.
+        While clicks draw the target box, it leaves the region alone."""
+        if box_mode:
+            return gr.skip(), gr.skip(), gr.skip()
+        stored = self._single(run_id)
+        cell = cell_at(stored.run, *self._clicked_pixel(stored, view, evt))  # in the original image's pixels
         cells = {tuple(c) for c in region or []}
         if cell is not None:
             cells ^= {cell}

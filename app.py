@@ -202,6 +202,12 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha",
                                       min_width=100)
                 view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
+                with gr.Row():
+                    target_box = gr.Textbox("", label="Target box: x0, y0, x1, y1 in image pixels",
+                                            placeholder="type it, or tick the box and click two corners",
+                                            elem_id="target-box", min_width=160, scale=3)
+                    box_mode = gr.Checkbox(False, label="Clicks draw it", elem_id="box-mode", min_width=80,
+                                           scale=1)
                 with gr.Accordion("More display options", open=False):
                     grid = gr.Checkbox(False, label="Show token grid", elem_id="grid")
                     renormalize = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
@@ -217,14 +223,15 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         analysis = build_analysis()
 
         view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method]
+                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method,
+                       target_box]
         ranges = [layer_range, head_range]
         view_outputs = [picture, caption, plot]
         model_events = dict(concurrency_id="model", concurrency_limit=1)
         render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
 
         # Extra media reach `generate` through session state, so the API keeps its one-image signature.
-        extra_state, video_state, region = gr.State([]), gr.State(None), gr.State([])
+        extra_state, video_state, region, corner = gr.State([]), gr.State(None), gr.State([]), gr.State(None)
         extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
         video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
         # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
@@ -273,8 +280,13 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         gr.on([analysis["show"].click, analysis["metric"].input], named_api(h.analysis, ("run_id", "metric")),
               analysis_inputs, analysis_outputs, api_name="analysis", **render_events)
         analysis["matrix"].change(h.matrix_pick, [analysis["matrix"]], ranges, api_name=False, queue=False)
-        picture.select(h.region_click, [run_id, region, view], [region, analysis["region_plot"],
-                                                                analysis["region_note"]],
+        picture.select(named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
+                       [run_id, box_mode, corner, *view_inputs], [corner, target_box, *view_outputs],
+                       api_name=False, **render_events)
+        gr.on([target_box.submit, target_box.blur], h.render, [run_id, *view_inputs], view_outputs,
+              api_name=False, **render_events)
+        picture.select(h.region_click, [run_id, region, view, box_mode], [region, analysis["region_plot"],
+                                                                          analysis["region_note"]],
                        api_name=False, **render_events).then(
             h.render_region, [run_id, region, *view_inputs], [picture], api_name=False, **render_events)
         analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],

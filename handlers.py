@@ -53,18 +53,19 @@ VIEW_CONTROLS: dict[str, object] = {
     "aggregation": AppConfig.aggregation, "normalization": AppConfig.normalization, "colormap": AppConfig.colormap,
     "alpha": AppConfig.alpha, "view": AppConfig.view, "grid": False,
     "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
-    "method": "attention",
+    "method": "attention", "target_box": "",
 }
 # What a new result shows in the views derived from the previous one (the analysis tabs, in the order
 # of app.DERIVED_VIEWS), so nothing on the page belongs to an older run; then the downloads are emptied.
 CLEARED_VIEWS = (None, None, [], "", "", None, None, None, "", None, "Click the picture to pick token cells.")
 def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tuple[str, ...] = (),
-              progress: bool = False, request: bool = False):
+              progress: bool = False, request: bool = False, select: bool = False):
     """`handler` (which takes its values positionally) under a signature that names every value, so API
     clients see `run_id, token, layer_lo, …` instead of `param_0, param_1, …`: the `leading` inputs, the
     view controls, then `trailing` inputs (session state, which API clients do not send). With
     `progress`, Gradio passes its progress tracker last; it reaches the handler as the `progress` keyword,
-    and with `request` the request (for its session) after it, as the `request` keyword."""
+    and with `request` the request (for its session) after it, as the `request` keyword; with `select`,
+    a click's event data, as the `evt` keyword."""
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
     if view:
         params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
@@ -75,7 +76,10 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
     if request:
         params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                         annotation=gr.Request))
-    special = [name for name, wanted in (("progress", progress), ("request", request)) if wanted]
+    if select:
+        params.append(inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                        annotation=gr.SelectData))
+    special = [name for name, wanted in (("progress", progress), ("request", request), ("evt", select)) if wanted]
 
     def split(args: tuple) -> tuple[tuple, dict]:
         if not special:
@@ -91,7 +95,8 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
             positional, keywords = split(args)
             return handler(*positional, **keywords)
     forward.__signature__ = inspect.Signature(params)
-    forward.__annotations__ = {"request": gr.Request} if request else {}
+    forward.__annotations__ = {**({"request": gr.Request} if request else {}),
+                               **({"evt": gr.SelectData} if select else {})}
     forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
     return forward
 
@@ -119,6 +124,21 @@ def recommended_ranges(model_id: str, layer_max: int, head_max: int,
     if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
         return DEMO_RANGES
     return (0, layer_max), (0, head_max)
+
+
+def parse_box(text) -> tuple[float, float, float, float] | None:
+    """A target box typed or drawn as "x0, y0, x1, y1" (image pixels; spaces or commas), or None if empty."""
+    if text is None or not str(text).strip():
+        return None
+    parts = str(text).replace(",", " ").replace("(", " ").replace(")", " ").split()
+    try:
+        x0, y0, x1, y1 = (float(part) for part in parts)
+    except ValueError:
+        raise gr.Error(f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
+                       "pixels (left, top, right, bottom), or click two corners on the picture.") from None
+    if not all(map(math.isfinite, (x0, y0, x1, y1))):
+        raise gr.Error("The target box needs finite numbers: x0, y0, x1, y1 in image pixels.")
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 class Handlers(AnalysisHandlers):
@@ -262,7 +282,8 @@ class Handlers(AnalysisHandlers):
                             renormalize=bool(v["renormalize"]), mask_sinks=bool(v["mask_sinks"]),
                             relative=bool(v["relative"]),
                             prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
-                            exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention")
+                            exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention",
+                            target_box=parse_box(v["target_box"]))
 
     def _default_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The ranges the page starts with for the loaded model (API calls that leave them out get these)."""

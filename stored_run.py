@@ -138,6 +138,7 @@ class ViewSettings:
     exclude_system: bool = False             # shares measured without BOS and the system prompt
     prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
+    target_box: tuple[float, float, float, float] | None = None   # ground truth (x0, y0, x1, y1), original px
 
     @property
     def num_maps(self) -> int:

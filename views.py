@@ -30,6 +30,7 @@ from stored_run import (  # noqa: F401  (re-exported: the views' callers read th
     method_key,
     raw_heatmap,
 )
+from view_parts import outline_cells, outline_target, target_scores, with_other_views  # noqa: F401  (re-exported)
 from visualization import SIDE_BY_SIDE_GAP, colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
@@ -62,41 +63,13 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         if s.view == "side_by_side":
             picture = side_by_side(shown, picture)
     text = caption(stored, settings, heat)
+    if s.target_box is not None:
+        offsets = (0, shown.size[0] + SIDE_BY_SIDE_GAP) if s.view == "side_by_side" else (0,)
+        picture = outline_target(picture, stored.display_box(0, s.target_box), offsets)
+        text += " " + target_scores(stored, s, heat)
     if len(run.visions) > 1:                                                        # one image, several views
-        picture, text = _with_other_views(stored, s, picture, text)
+        picture, text = with_other_views(stored, s, picture, text)
     return picture, text
-
-
-def _with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
-    """The main view's picture with the image's other views (a global view, a thumbnail) to its right,
-    each labelled and on its own scale. Clicks on the main picture keep their coordinates."""
-    run, main = stored.run, stored.run.vision
-    shown, _ = stored.display(0)
-    parts = [labelled(picture, f"{main.view} · {main.grid_hw[0]}x{main.grid_hw[1]}")]
-    shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
-    notes = []
-    for index, layout in enumerate(run.visions[1:], start=1):
-        if s.prompt_pos is not None:
-            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, index)
-        else:
-            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, index)
-        unit = normalize_heatmap(heat, "percentile" if s.normalization == "percentile" else "minmax", s.percentile)
-        box = stored.display_box(0, layout.image_box_xyxy)
-        draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
-        side = heatmap_image(shown, unit, box, **draw) if s.view == "heatmap" else \
-            overlay(shown, unit, box, alpha=s.alpha, **draw)
-        parts.append(labelled(side, f"{layout.view} · {layout.grid_hw[0]}x{layout.grid_hw[1]} · raw attention"))
-        share = "" if shares is None else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the " \
-            f"{main.view}"
-        x0, y0, x1, y1 = layout.image_box_xyxy
-        whole = x0 <= 0.5 and y0 <= 0.5 and x1 >= layout.image_size[0] - 0.5 and y1 >= layout.image_size[1] - 0.5
-        notes.append(f"the {layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
-                     f"{'the whole image' if whole else 'its part of the image, the rest hatched'}{share})")
-    strip = parts[0]
-    for part in parts[1:]:
-        strip = side_by_side(strip, part)
-    return strip, (f"{text} Left: the {main.view}, the main map. Right: " + "; ".join(notes) +
-                   ", min–max on its own scale, always the raw attention.")
 
 
 def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 512) -> Iterator[Image.Image]:
@@ -120,22 +93,6 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
         ImageDraw.Draw(frame).text((6, size[1] + strip // 2), token_label(step_idx, token), fill=(0, 0, 0),
                                    font=font, anchor="lm")
         yield frame
-
-
-def outline_cells(stored: StoredRun, picture: Image.Image, cells, view: str) -> Image.Image:
-    """A copy of a single image's picture (as `render` drew it) with token cells (row, col) outlined:
-    the region picked by clicks. In the side-by-side view the map is the right half."""
-    if not cells:
-        return picture
-    shown, _ = stored.display(0)
-    offset = shown.size[0] + SIDE_BY_SIDE_GAP if view == "side_by_side" else 0
-    picture = picture.copy()
-    draw = ImageDraw.Draw(picture)
-    for row, col in cells:
-        x0, y0, x1, y1 = stored.display_box(0, stored.run.vision.cell_box_xyxy(row, col))
-        draw.rectangle((x0 + offset, y0, x1 + offset - 1, y1 - 1), outline=(255, 255, 255), width=2)
-        draw.rectangle((x0 + offset + 2, y0 + 2, x1 + offset - 3, y1 - 3), outline=(0, 0, 0), width=1)
-    return picture
 
 
 SCREEN_MIN_SIDE = 640          # px: pictures of smaller images are enlarged to about this on screen

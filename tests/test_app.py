@@ -479,3 +479,40 @@ def test_a_ranges_file_sets_its_models_starting_ranges(tmp_path):
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit):
         app.parse_args(["--ranges", str(tmp_path / "broken.json")])
+
+
+def _with_box(box: str, **changes) -> list:
+    """The view values up to the target box: renormalize, sinks, relative, prompt token, system, method."""
+    return [*_view(**changes), False, False, False, "", False, "attention", box]
+
+
+def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, image_file):
+    from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
+    from stored_run import raw_heatmap
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    stored = handlers.store.get(run_id)
+    plain, _, _ = handlers.render(run_id, *_view())
+    picture, caption, _ = handlers.render(run_id, *_with_box("10, 20, 200, 150"))
+    layout, heat = stored.run.vision, raw_heatmap(stored, handlers._settings(*_view()))
+    region = target_mask(layout.image_size, [(10, 20, 200, 150)])
+    hit = "hit" if pointing_hit(heat, layout, region) else "miss"
+    assert f"Target box (10, 20)–(200, 150): pointing game {hit}" in caption
+    assert f"attention ratio {attention_ratio(heat, layout, region):.2f}" in caption
+    assert f"Otsu IoU {otsu_iou(heat, layout, region):.2f}" in caption
+    changed = np.abs(np.asarray(picture, dtype=int) - np.asarray(plain, dtype=int)).sum(-1) > 0   # (H, W)
+    zoom = picture.size[0] // 400
+    assert changed[20 * zoom + 40, 10 * zoom] and changed[150 * zoom - 1, 100 * zoom]          # on the outline
+    assert not changed[80 * zoom, 100 * zoom]                                                  # not inside it
+    # Two clicks with 'Clicks draw it' on: one corner, then the other; the picture is scored at once.
+    def click(x, y):
+        return gr.SelectData(None, {"index": [x * zoom, y * zoom], "value": None})
+    corner, text, *skipped = handlers.box_click(run_id, True, None, *_view(), evt=click(150, 100))
+    assert corner == [150.0, 100.0] and all(isinstance(value, type(gr.skip())) for value in [text, *skipped])
+    corner, text, picture, caption, _ = handlers.box_click(run_id, True, corner, *_view(), evt=click(50, 60))
+    assert corner is None and text == "50, 60, 150, 100" and "Target box (50, 60)–(150, 100)" in caption
+    assert handlers.region_click(run_id, [], "overlay", True, evt=click(5, 5))[0] == gr.skip()  # clicks draw now
+    with pytest.raises(gr.Error, match="not four numbers"):
+        handlers.render(run_id, *_with_box("left, top"))
+    _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))
+    assert "holds no pixel of the image" in caption

@@ -10,8 +10,8 @@ MODULES = {path.stem: path for path in REPO.glob("*.py")}
 PACKAGES = {path.parent.name: path.parent for path in REPO.glob("*/__init__.py") if path.parent.name != "tests"}
 MODULES.update(PACKAGES)                                       # a package counts as one module: all its files
 UI_MODULES = {"app", "handlers", "analysis_handlers", "components"}
-DRAWING_AND_NUMBERS = {"views", "stored_run", "metrics", "report", "analysis", "attention_processor", "visualization",
-                       "gallery", "localization", "study_plots"}
+DRAWING_AND_NUMBERS = {"views", "view_parts", "stored_run", "metrics", "report", "analysis", "attention_processor",
+                       "visualization", "gallery", "localization", "study_plots"}
 
 
 def _imports(name: str) -> set[str]:

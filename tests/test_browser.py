@@ -297,3 +297,27 @@ def test_markup_from_users_and_tokenizers_is_shown_literally(served_app, tmp_pat
             assert page.locator(selector).count() == 0, selector
         expect(page.locator("#model-status")).to_contain_text("Loaded")         # the model is still there
         browser.close()
+
+
+def test_a_target_box_typed_or_drawn_scores_the_map(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the circle?")
+        caption = page.locator("#caption")
+        box = page.locator("#target-box textarea, #target-box input").first
+        box.fill("380, 90, 560, 270")                                       # the red circle
+        box.press("Enter")
+        expect(caption).to_contain_text("Target box (380, 90)–(560, 270): pointing game", timeout=20_000)
+        expect(caption).to_contain_text("Otsu IoU")
+        page.locator("#box-mode input").check()                              # now clicks draw the box
+        image = page.locator("#overlay img")
+        bounds = image.bounding_box()
+        for fx, fy in ((0.125, 0.5), (0.375, 0.875)):                       # the blue square's corners
+            page.mouse.click(bounds["x"] + fx * bounds["width"], bounds["y"] + fy * bounds["height"])
+            page.wait_for_timeout(700)
+        expect(box).to_have_value(re.compile(r"^(7\d|8\d), (23\d|24\d), (23\d|24\d), (41\d|42\d)$"), timeout=20_000)
+        expect(caption).to_contain_text("Target box (", timeout=20_000)
+        assert "(380, 90)" not in caption.inner_text()
+        page.screenshot(path=str(REPO / "outputs" / "browser-test-target.png"), full_page=True)
+        browser.close()

@@ -1,0 +1,94 @@
+"""What is drawn on or beside a single image's main map: its other views (a global view, a thumbnail,
+pan-and-scan crops), a ground-truth target box with the map's scores against it, and picked cells."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from attention_processor import image_shares, normalize_heatmap, prompt_token_heatmap, token_heatmap
+from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
+from stored_run import StoredRun, ViewSettings
+from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
+
+
+def outline_cells(stored: StoredRun, picture: Image.Image, cells, view: str) -> Image.Image:
+    """A copy of a single image's picture (as `render` drew it) with token cells (row, col) outlined:
+    the region picked by clicks. In the side-by-side view the map is the right half."""
+    if not cells:
+        return picture
+    shown, _ = stored.display(0)
+    offset = shown.size[0] + SIDE_BY_SIDE_GAP if view == "side_by_side" else 0
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    for row, col in cells:
+        x0, y0, x1, y1 = stored.display_box(0, stored.run.vision.cell_box_xyxy(row, col))
+        draw.rectangle((x0 + offset, y0, x1 + offset - 1, y1 - 1), outline=(255, 255, 255), width=2)
+        draw.rectangle((x0 + offset + 2, y0 + 2, x1 + offset - 3, y1 - 3), outline=(0, 0, 0), width=1)
+    return picture
+
+
+def outline_target(picture: Image.Image, box_xyxy, x_offsets=(0,)) -> Image.Image:
+    """A copy with the ground-truth box (in the picture's pixels) outlined in green and black, at each
+    horizontal offset (both halves of the side-by-side view)."""
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    x0, y0, x1, y1 = box_xyxy
+    for dx in x_offsets:
+        draw.rectangle((x0 + dx - 1, y0 - 1, x1 + dx, y1), outline=(0, 0, 0), width=1)
+        draw.rectangle((x0 + dx, y0, x1 + dx - 1, y1 - 1), outline=(0, 230, 64), width=2)
+    return picture
+
+
+def target_scores(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
+    """The caption's scores of this map against the target box: the pointing game, the attention ratio
+    and the Otsu IoU (`metrics`), on the main view's token grid."""
+    x0, y0, x1, y1 = (round(v) for v in s.target_box)
+    head = f"Target box ({x0}, {y0})–({x1}, {y1}):"
+    layout = stored.run.vision
+    if heat.shape != tuple(layout.grid_hw) or s.relative:
+        return (f"{head} scores need a map of attention mass on the token grid; untick 'Relative to a generic "
+                "prompt' or pick the attention, rollout or gradient map to score it.")
+    try:
+        region = target_mask(layout.image_size, [s.target_box])
+    except ValueError:                                                   # empty: outside the image, or flat
+        return f"{head} it holds no pixel of the image; draw it inside the picture."
+    mass = np.clip(heat, 0.0, None)
+    hit = pointing_hit(mass, layout, region)
+    return (f"{head} pointing game {'hit' if hit else 'miss'} (the peak cell's centre is "
+            f"{'inside' if hit else 'outside'} the box) · attention ratio {attention_ratio(mass, layout, region):.2f} "
+            f"(1 = no more than the box's share of the area) · Otsu IoU {otsu_iou(mass, layout, region):.2f}.")
+
+
+def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
+    """The main view's picture with the image's other views (a global view, a thumbnail) to its right,
+    each labelled and on its own scale. Clicks on the main picture keep their coordinates."""
+    run, main = stored.run, stored.run.vision
+    shown, _ = stored.display(0)
+    parts = [labelled(picture, f"{main.view} · {main.grid_hw[0]}x{main.grid_hw[1]}")]
+    shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
+    notes = []
+    for index, layout in enumerate(run.visions[1:], start=1):
+        if s.prompt_pos is not None:
+            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, index)
+        else:
+            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, index)
+        unit = normalize_heatmap(heat, "percentile" if s.normalization == "percentile" else "minmax", s.percentile)
+        box = stored.display_box(0, layout.image_box_xyxy)
+        draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
+        side = heatmap_image(shown, unit, box, **draw) if s.view == "heatmap" else \
+            overlay(shown, unit, box, alpha=s.alpha, **draw)
+        if s.target_box is not None:
+            side = outline_target(side, stored.display_box(0, s.target_box))
+        parts.append(labelled(side, f"{layout.view} · {layout.grid_hw[0]}x{layout.grid_hw[1]} · raw attention"))
+        share = "" if shares is None else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the " \
+            f"{main.view}"
+        x0, y0, x1, y1 = layout.image_box_xyxy
+        whole = x0 <= 0.5 and y0 <= 0.5 and x1 >= layout.image_size[0] - 0.5 and y1 >= layout.image_size[1] - 0.5
+        notes.append(f"the {layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
+                     f"{'the whole image' if whole else 'its part of the image, the rest hatched'}{share})")
+    strip = parts[0]
+    for part in parts[1:]:
+        strip = side_by_side(strip, part)
+    return strip, (f"{text} Left: the {main.view}, the main map. Right: " + "; ".join(notes) +
+                   ", min–max on its own scale, always the raw attention.")
