@@ -36,7 +36,7 @@ class _DecoderQK:
     and the mask it used (None: causal). Layers share mask tensors, so each distinct mask is kept once."""
 
     def __init__(self):
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, float | None]] = {}
         self._masks: dict[int, torch.Tensor] = {}
 
     def on_attention(self, module, query, key, attention_mask, scaling, kwargs) -> None:
@@ -48,8 +48,9 @@ class _DecoderQK:
                 allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
                 self._masks[id(attention_mask)] = allowed[0, 0].detach().cpu()  # (S, S) True = may attend
             mask = self._masks[id(attention_mask)]
-        # (H, S, D) queries, (KV, S, D) keys
-        self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling, mask)
+        # (H, S, D) queries, (KV, S, D) keys; a soft-capping layer's cap (PaliGemma 2)
+        self.layers[module.layer_idx] = (query[0].detach().cpu(), key[0].detach().cpu(), scaling, mask,
+                                         kwargs.get("softcap"))
 
 
 def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
@@ -58,13 +59,16 @@ def _grid(run: AttentionRun, row: torch.Tensor) -> np.ndarray:
     return row[positions].reshape(run.vision.grid_hw).float().numpy()
 
 
-def _mean_attention_rows(query, key, scale, rows: slice, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _mean_attention_rows(query, key, scale, rows: slice, mask: torch.Tensor | None = None,
+                         softcap: float | None = None) -> torch.Tensor:
     """Head-averaged softmax attention of query rows `rows` under the model's mask (S, S; True = may
-    attend), or causal when there is none: (n, S) float32."""
+    attend), or causal when there is none, with the layer's logit soft-capping if any: (n, S) float32."""
     num_heads, seq, _ = query.shape
     groups = num_heads // key.shape[0]
     keys = key.float().repeat_interleave(groups, dim=0)                  # (H, S, D)
     scores = torch.matmul(query[:, rows].float(), keys.transpose(1, 2)) * scale  # (H, n, S)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask[rows, :seq][None], float("-inf"))
     else:
@@ -83,11 +87,11 @@ def rollout_map(holder, run: AttentionRun, step_idx: int, chunk: int = 256) -> n
     relevance = torch.zeros(seq)
     relevance[seq - 1] = 1.0                                             # the row that produced the token
     for layer_idx in reversed(range(len(decoder_layers(holder.model)))):
-        query, key, scale, mask = recorded.pop(layer_idx)                # free each layer once used
+        query, key, scale, mask, softcap = recorded.pop(layer_idx)       # free each layer once used
         mixed = 0.5 * relevance.clone()                                  # the identity's half
         for start in range(0, seq, chunk):
             rows = slice(start, min(start + chunk, seq))
-            mixed += 0.5 * relevance[rows] @ _mean_attention_rows(query, key, scale, rows, mask)  # (S,)
+            mixed += 0.5 * relevance[rows] @ _mean_attention_rows(query, key, scale, rows, mask, softcap)  # (S,)
         relevance = mixed
     return _grid(run, relevance)
 

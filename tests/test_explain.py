@@ -7,6 +7,7 @@ import torch
 import explain
 from conftest import noise_image
 from explain import gradient_map, rollout_map
+from families import attention_implementation, load_attention
 
 
 def _run(holder, image):
@@ -16,16 +17,12 @@ def _run(holder, image):
 
 def _eager_attentions(holder, run, image, step_idx, grad: bool = False):
     inputs = holder.teacher_forced_inputs(image, "What is this?", run.generated_ids[:step_idx])
-    holder.model.set_attn_implementation({"text_config": "eager"})
-    try:
-        with torch.set_grad_enabled(grad):
-            out = holder.model(**inputs, output_attentions=True)
-    finally:
-        holder.model.set_attn_implementation({"text_config": "sdpa"})
-    return out
+    with attention_implementation(holder.model, text="eager"), torch.set_grad_enabled(grad):
+        return holder.model(**inputs, output_attentions=True)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "gemma3", "mistral3", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "glm4v", "gemma3", "mistral3", "llava", "llava_next",
+                                    "internvl", "idefics3", "paligemma"])
 def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100)
@@ -39,7 +36,9 @@ def test_rollout_equals_the_product_of_mixed_attention(load_holder, family):
     expected = row[torch.from_numpy(run.vision.token_positions)].reshape(run.vision.grid_hw).numpy()
     got = rollout_map(holder, run, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
-    assert holder.model.config.get_text_config()._attn_implementation == "sdpa"
+    loaded = load_attention(family)                                          # restored after the pass
+    assert holder.model.config.get_text_config()._attn_implementation == \
+        (loaded["text_config"] if isinstance(loaded, dict) else loaded)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
