@@ -105,7 +105,7 @@ class AnalysisHandlers:
         return None, ", ".join(str(int(v)) for v in box), *self._render_with(stored, replace(settings, target_box=box))
 
     @user_errors
-    def region_click(self, run_id, region, view, box_mode=False, evt: gr.SelectData = None):
+    def region_click(self, run_id, region, view, evt: gr.SelectData, box_mode=False):
         """A click on the picture adds or removes that token cell; shows who attends to the region.
         While clicks draw the target box, it leaves the region alone."""
         if box_mode:

@@ -511,7 +511,7 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
     assert corner == [150.0, 100.0] and all(isinstance(value, type(gr.skip())) for value in [text, *skipped])
     corner, text, picture, caption, _ = handlers.box_click(run_id, True, corner, *_view(), evt=click(50, 60))
     assert corner is None and text == "50, 60, 150, 100" and "Target box (50, 60)–(150, 100)" in caption
-    assert handlers.region_click(run_id, [], "overlay", True, evt=click(5, 5))[0] == gr.skip()  # clicks draw now
+    assert handlers.region_click(run_id, [], "overlay", click(5, 5), True)[0] == gr.skip()   # clicks draw now
     with pytest.raises(gr.Error, match="not four numbers"):
         handlers.render(run_id, *_with_box("left, top"))
     _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))
