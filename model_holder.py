@@ -118,7 +118,8 @@ class ModelHolder:
 
     @property
     def takes_video(self) -> bool:
-        """Whether this checkpoint takes a video: a Qwen family whose chat template has a video part."""
+        """Whether this checkpoint takes a video: a family whose video this tool maps, with a chat template
+        that has a video part."""
         return supports_video(self.family) and "video" in str(getattr(self.processor, "chat_template", "") or "")
 
     def unknown_words(self, prompt: str) -> list[str]:
@@ -281,7 +282,7 @@ class ModelHolder:
 
         image: a PIL image or a file path (EXIF orientation applied, converted to RGB), or a list of
             them for several images in one prompt (run.visions has one layout per image).
-        video: instead of images, a video file or a list of frames (Qwen families); run.vision then
+        video: instead of images, a video file or a list of frames (`families.supports_video`); run.vision then
             has num_frames > 1 and token_heatmap returns one map per frame.
         method: 'sdpa' (fast capture, default) or 'eager' (reference).
         capture_layers: decoder layer indices to capture; all by default.

@@ -17,6 +17,7 @@ QWEN_STYLE_TEMPLATE = (                                                # InternV
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'video' %}<video>\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -24,8 +25,18 @@ IDEFICS_TEMPLATE = (
     "<s>{% for message in messages %}{{ message['role'] | capitalize }}:"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'video' %}<video>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+ONEVISION_TEMPLATE = (                                                 # LLaVA's, with a video part
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 TILE = 56                                                              # LLaVA tiles: 4×4 patches of 14 px
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
@@ -124,18 +135,22 @@ def build_processor(family: str, tok, llava_template: str):
     if family == "llava_onevision":
         image_proc = LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
         return LlavaOnevisionProcessor(image_processor=image_proc, tokenizer=tok,
-                                       video_processor=LlavaOnevisionVideoProcessor(),
+                                       video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE,
+                                                                                          "width": TILE}),
                                        num_image_tokens=(TILE // 14) ** 2,
                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
-                                       chat_template=llava_template)
+                                       chat_template=ONEVISION_TEMPLATE)
     if family == "internvl":
         image_proc = GotOcr2ImageProcessor(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
                                            max_patches=4)
-        return InternVLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=InternVLVideoProcessor(),
+        video_proc = InternVLVideoProcessor(size={"height": 112, "width": 112})
+        return InternVLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                                  image_seq_length=16, chat_template=QWEN_STYLE_TEMPLATE)
     size = dict(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
     if family == "idefics3":
         return Idefics3Processor(image_processor=Idefics3ImageProcessor(**size), tokenizer=tok, image_seq_len=16,
                                  chat_template=IDEFICS_TEMPLATE)
     return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**size), tokenizer=tok,
-                            video_processor=SmolVLMVideoProcessor(), image_seq_len=16, chat_template=IDEFICS_TEMPLATE)
+                            video_processor=SmolVLMVideoProcessor(size={"longest_edge": 64},
+                                                                  max_image_size={"longest_edge": 64}),
+                            image_seq_len=16, chat_template=IDEFICS_TEMPLATE)

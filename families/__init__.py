@@ -117,9 +117,13 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
         model.set_attn_implementation(saved)
 
 
+VIDEO_FAMILIES = (*QWEN_FAMILIES, "internvl", "llava_onevision", "smolvlm")
+
+
 def supports_video(family: str) -> bool:
-    """Whether the family's processor takes a video (the Qwen families)."""
-    return family in QWEN_FAMILIES
+    """Whether the family's processor takes a video and its adapter maps it (Qwen's families, InternVL,
+    LLaVA-OneVision, SmolVLM)."""
+    return family in VIDEO_FAMILIES
 
 
 def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixels: int | None,

@@ -28,7 +28,8 @@ def check_count(found: int, needed: list[int], token_id: int, num_inputs: int, w
 
 def no_video(family: str, video: bool) -> None:
     if video:
-        raise ValueError(f"Video input is supported for the Qwen families only, not {family}.")
+        raise ValueError(f"This tool maps video for the Qwen families, InternVL, LLaVA-OneVision and SmolVLM, "
+                         f"not {family}; give images instead.")
 
 
 def scale_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:

@@ -5,6 +5,7 @@ each tile's tokens follow a `<row_i_col_j>` marker and the global image's a `<gl
 the markers and the row breaks between them are not cells.
 
 Two views: the tiles stitched into one grid over the whole image (the main view), and the global image.
+SmolVLM also takes a video: each frame squashed to one global image, with its timestamp in the prompt.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ def _runs(positions: np.ndarray) -> list[np.ndarray]:
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
-    no_video(family, video)
+    if video and family != "smolvlm":
+        no_video(family, video)
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
     per_tile = int(processor.image_seq_len)
     side = int(round(per_tile ** 0.5))
+    if video:                                                           # SmolVLM: each frame one global image
+        frames = len(positions) // per_tile
+        check_count(len(positions), [frames * per_tile], token_id, 1, "video")
+        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
+        return [VisionLayout(positions, (side, side), tuple(image_sizes[0]), whole_box(image_sizes[0]), processed_hw,
+                             frames)]
     tile_px = int(processor.image_processor.max_image_size["longest_edge"])
     ids = inputs["input_ids"][0].tolist()
     images, tiles, end = [], {}, 0

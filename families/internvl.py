@@ -4,6 +4,7 @@ each tile's patches pixel-shuffled to side × side tokens; when there are severa
 of the whole image follows them. Tokens come tile by tile, each tile row-major.
 
 Two views: the tiles stitched into one grid over the whole image (the main view), and the thumbnail.
+A video's frames are each squashed to one tile (`<img>` per frame): one layout, one grid per frame.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-from families.base import check_count, no_video, token_positions, whole_box
+from families.base import check_count, token_positions, whole_box
 from records import VisionLayout
 
 
@@ -27,11 +28,16 @@ def _canvas(image_processor, image_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
-    no_video(family, video)
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
     per_tile = int(processor.image_seq_length)                          # tokens per tile after pixel shuffle
     side = int(round(per_tile ** 0.5))
+    if video:                                                           # each frame one tile, no thumbnail
+        frames = len(positions) // per_tile
+        check_count(len(positions), [frames * per_tile], token_id, len(image_sizes), "video")
+        processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
+        return [VisionLayout(positions, (side, side), tuple(image_sizes[0]), whole_box(image_sizes[0]), processed_hw,
+                             frames)]
     tile_px = int(processor.image_processor.size["height"])
     canvases = [_canvas(processor.image_processor, (height, width)) for width, height in image_sizes]
     tiles = [rows * cols + (1 if rows * cols > 1 else 0) for rows, cols in canvases]   # + thumbnail

@@ -9,6 +9,7 @@
   After each row of the stitched grid sits one learned `image_newline` token, which is not a cell.
 
 In the prompt the global view comes first, then the tiles row by row. The tiles are the main view.
+OneVision also takes a video: each frame squashed and pooled to half its patch grid (`video_layout`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,23 @@ from families.base import check_count, no_video, scale_box, token_positions, who
 from records import VisionLayout
 
 
+def video_layout(config, inputs, frame_size: tuple[int, int]) -> VisionLayout:
+    """LLaVA-OneVision's video: every frame squashed to the tower's square, its patch grid pooled
+    bilinearly to half (rounded up) per side, frames in order, then one `image_newline` (not a cell)."""
+    token_id = config.video_token_id
+    positions = token_positions(inputs, token_id)
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    pooled = math.ceil(side / 2)
+    frames = int(inputs["pixel_values_videos"].shape[1])
+    check_count(len(positions), [frames * pooled * pooled + 1], token_id, 1, "video")
+    processed_hw = tuple(int(v) for v in inputs["pixel_values_videos"].shape[-2:])
+    return VisionLayout(positions[:-1], (pooled, pooled), tuple(frame_size), whole_box(frame_size), processed_hw,
+                        frames)
+
+
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
+    if video and family == "llava_onevision":
+        return [video_layout(config, inputs, image_sizes[0])]
     no_video(family, video)
     if config.vision_feature_select_strategy != "default" and family == "llava_next":
         raise ValueError("This LLaVA-NeXT checkpoint keeps the vision tower's CLS token "

@@ -516,3 +516,21 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
         handlers.render(run_id, *_with_box("left, top"))
     _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))
     assert "holds no pixel of the image" in caption
+
+
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "smolvlm"])
+def test_video_in_the_app_for_the_families_beyond_qwen(handlers, tiny_model_dirs, tmp_path, family):
+    import cv2
+    handlers.load_model(str(tiny_model_dirs[family]))
+    assert handlers.model_status()[3].visible is True                      # the video upload is offered
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
+    for k in range(4):
+        writer.write(np.full((84, 112, 3), 50 * k, dtype=np.uint8))
+    writer.release()
+    *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
+    run_id, _, _, _, picture, caption, *_ = last
+    run = handlers.store.get(run_id).run
+    assert run.vision.num_frames == 4 and len(handlers.store.get(run_id).images) == 4   # one frame per step
+    assert "4 time steps of the video on one scale" in caption and "consecutive frames" not in caption
+    assert picture.size[0] > 4 * 100

@@ -158,3 +158,44 @@ def test_gemma3_pan_and_scan_rows_equal_eager(load_holder):
     for t in range(fast.num_steps):
         torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
                                    rtol=2e-3, atol=2e-6)
+
+
+VIDEO_FAMILIES = ["internvl", "llava_onevision", "smolvlm"]
+
+
+def _frames(seed: int = 10) -> list[np.ndarray]:
+    return [_noise((120, 90), seed=seed + i) for i in range(4)]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_frame_cell_maps_to_its_frame_and_token(load_holder, family):
+    """Each frame is squashed to one grid (LLaVA-OneVision's pooled to half a side): inverting a cell of
+    frame 2 moves that frame's token for the cell most, and no other frame's tokens."""
+    holder = load_holder(family)
+    frames = _frames()
+    before, (layout,) = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
+    assert layout.num_frames == 4 and layout.image_box_xyxy == (0.0, 0.0, 120.0, 90.0)
+    cells, grid_w = layout.num_cells, layout.grid_hw[1]
+    frame, row, col = 2, layout.grid_hw[0] // 2, grid_w - 1
+    frames[frame] = _invert(frames[frame], layout.cell_box_xyxy(row, col))
+    after, _ = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
+    moved = _change(before, after)
+    own = torch.from_numpy(layout.token_positions)
+    assert int(own[moved[own].argmax()]) == int(layout.token_positions[frame * cells + row * grid_w + col])
+    others = np.concatenate([layout.token_positions[f * cells:(f + 1) * cells] for f in range(4) if f != frame])
+    assert float(moved[torch.from_numpy(others)].max()) == 0.0
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_rows_equal_eager(load_holder, family):
+    holder = load_holder(family)
+    video = [Image.fromarray(f) for f in _frames(20)]
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, video=video)
+    fast = holder.generate(None, "What happens?", **kwargs)
+    eager = holder.generate(None, "What happens?", method="eager", **kwargs)
+    assert fast.generated_ids == eager.generated_ids and fast.vision.num_frames == 4
+    for t in range(fast.num_steps):
+        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
+                                   rtol=2e-3, atol=2e-6)
+    from attention_processor import token_heatmap
+    assert token_heatmap(fast, 0).shape == (4, *fast.vision.grid_hw)       # one map per frame
