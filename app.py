@@ -163,7 +163,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     with gr.Row():
                         min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
                         max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
-                with gr.Accordion("More images, or a video (Qwen, InternVL, LLaVA-OneVision, SmolVLM)", open=False):
+                with gr.Accordion("More images, or a video (Qwen, GLM, InternVL, OneVision, SmolVLM)", open=False):
                     extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
                                            label="More images, after the first one, in this order")
                     video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)

@@ -117,12 +117,12 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
         model.set_attn_implementation(saved)
 
 
-VIDEO_FAMILIES = (*QWEN_FAMILIES, "internvl", "llava_onevision", "smolvlm")
+VIDEO_FAMILIES = (*GRID_THW_FAMILIES, "internvl", "llava_onevision", "smolvlm")
 
 
 def supports_video(family: str) -> bool:
-    """Whether the family's processor takes a video and its adapter maps it (Qwen's families, InternVL,
-    LLaVA-OneVision, SmolVLM)."""
+    """Whether the family's processor takes a video and its adapter maps it (Qwen's families, GLM-4.1V,
+    InternVL, LLaVA-OneVision, SmolVLM)."""
     return family in VIDEO_FAMILIES
 
 

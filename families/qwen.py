@@ -1,6 +1,7 @@
 """Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V: one grid per image from `image_grid_thw`
 and the merge size, spread over the whole image (resized to multiples of the merged patch, no crop
-and no padding). Image token j is the merged block (j // grid_w, j % grid_w)."""
+and no padding). Image token j is the merged block (j // grid_w, j % grid_w). A video: one grid per
+time step of `temporal_patch_size` (2) frames, from `video_grid_thw`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from records import VisionLayout
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
-    token_id = config.video_token_id if video else config.image_token_id
+    # GLM-4.1V writes a video's time steps with image tokens, each between its own image markers.
+    token_id = config.video_token_id if video and family != "glm4v" else config.image_token_id
     positions = token_positions(inputs, token_id)
     grids = [_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
     needed = [frames * gh * gw for frames, (gh, gw), _ in grids]

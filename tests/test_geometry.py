@@ -166,7 +166,7 @@ def test_second_image_block_maps_to_its_own_token(load_holder, family):
     assert _changed_positions(before, after) == [int(layouts[1].token_positions[r * layouts[1].grid_hw[1] + c])]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 def test_video_frame_block_maps_to_its_frame_and_cell(load_holder, family):
     holder = load_holder(family)
     side = _cell_px(holder)
