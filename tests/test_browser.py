@@ -194,7 +194,7 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.locator("#token-chips label").nth(1).click()                   # the chip picked before it
         expect(page.locator("#caption")).to_contain_text("Token 1", timeout=20_000)
 
-        page.get_by_text("More images, or a video (Qwen)").click()            # several images in one prompt
+        page.get_by_text("More images, or a video").click()            # several images in one prompt
         page.locator("#extra-images input[type=file]").set_input_files(_scene(tmp_path / "second.png", flip=True))
         page.wait_for_timeout(1000)
         page.locator("#generate-btn").click()
@@ -267,7 +267,7 @@ def test_video_and_baseline_views(served_app, tmp_path):
         page.goto(served_app)                                                 # a fresh session, a video only
         expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
         page.locator("#prompt textarea").fill("Where does the ball go?")
-        page.get_by_text("More images, or a video (Qwen)").click()
+        page.get_by_text("More images, or a video").click()
         page.locator("#video-input input[type=file]").set_input_files(_clip(tmp_path / "ball.mp4"))
         page.wait_for_timeout(1500)
         page.locator("#generate-btn").click()
