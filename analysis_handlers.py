@@ -6,6 +6,7 @@ settings, store and model slot.
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import replace
 
 import gradio as gr
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import cell_at, head_matrix, region_to_text, system_positions, text_attention
-from components import user_errors
+from components import parse_box, user_errors
 from gallery import head_gallery
 from pipeline import lens_page, save_gallery_zip, save_page, verify_map
 from views import (
@@ -79,8 +80,12 @@ class AnalysisHandlers:
 
     def _clicked_pixel(self, stored: StoredRun, view: str, evt: gr.SelectData) -> tuple[float, float]:
         """Where a click on the picture landed, in the original image's pixels."""
+        index = getattr(evt, "index", None)
+        if not (isinstance(index, (list, tuple)) and len(index) == 2 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in index)):
+            raise gr.Error("The click carried no position on the picture; click on the picture itself.")
         zoom = screen_zoom(stored)
-        x, y = evt.index[0] / zoom, evt.index[1] / zoom                   # in the drawn picture's pixels
+        x, y = index[0] / zoom, index[1] / zoom                           # in the drawn picture's pixels
         shown, (sx, sy) = stored.display(0)
         if view == "side_by_side" and x >= shown.size[0]:
             x -= shown.size[0] + SIDE_BY_SIDE_GAP                         # the overlay is the right half
@@ -100,9 +105,10 @@ class AnalysisHandlers:
         x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
         if not corner:
             return [x, y], gr.skip(), *skip
-        box = (min(corner[0], x), min(corner[1], y), max(corner[0], x), max(corner[1], y))
-        box = tuple(float(round(v)) for v in box)
-        return None, ", ".join(str(int(v)) for v in box), *self._render_with(stored, replace(settings, target_box=box))
+        text = ", ".join(str(round(v)) for v in (min(corner[0], x), min(corner[1], y), max(corner[0], x),
+                                                 max(corner[1], y)))
+        box = parse_box(text)                                           # refuses two clicks on one spot
+        return None, text, *self._render_with(stored, replace(settings, target_box=box))
 
     @user_errors
     def region_click(self, run_id, region, view, evt: gr.SelectData, box_mode=False):
@@ -118,8 +124,11 @@ class AnalysisHandlers:
         return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
 
     @user_errors
-    def render_region(self, run_id, region, *view_values):
-        """The picture with the picked region's cells outlined (after a click on it)."""
+    def render_region(self, run_id, region, box_mode, *view_values):
+        """The picture with the picked region's cells outlined (after a click on it); nothing while
+        clicks draw the target box (that click's own handler redraws the picture)."""
+        if box_mode:
+            return gr.skip()
         stored, settings = self.store.get(run_id), self._settings(*view_values)
         picture, _ = render(stored, settings)
         if stored.is_single_image:

@@ -163,7 +163,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
                     with gr.Row():
                         min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
                         max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
-                with gr.Accordion("More images, or a video (Qwen, GLM, InternVL, OneVision, SmolVLM)", open=False):
+                with gr.Accordion("More images, or a video (video: Qwen, GLM, InternVL, OneVision, SmolVLM)",
+                                  open=False):
                     extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
                                            label="More images, after the first one, in this order")
                     video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
@@ -288,7 +289,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
         picture.select(h.region_click, [run_id, region, view, box_mode], [region, analysis["region_plot"],
                                                                           analysis["region_note"]],
                        api_name=False, **render_events).then(
-            h.render_region, [run_id, region, *view_inputs], [picture], api_name=False, **render_events)
+            h.render_region, [run_id, region, box_mode, *view_inputs], [picture], api_name=False, **render_events)
         analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
                                                             analysis["region_note"]], api_name=False).then(
             h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)

@@ -8,6 +8,7 @@ import hmac
 import html
 import inspect
 import logging
+import math
 import os
 import time
 import types
@@ -251,3 +252,22 @@ def user_errors(handler):
         except USER_ERRORS as err:
             raise _as_message(err) from err
     return call
+
+
+def parse_box(text) -> tuple[float, float, float, float] | None:
+    """A target box typed or drawn as "x0, y0, x1, y1" (image pixels; spaces or commas), or None if empty."""
+    if text is None or not str(text).strip():
+        return None
+    parts = str(text).replace(",", " ").replace("(", " ").replace(")", " ").split()
+    try:
+        x0, y0, x1, y1 = (float(part) for part in parts)
+    except ValueError:
+        raise gr.Error(f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
+                       "pixels (left, top, right, bottom), or click two corners on the picture.") from None
+    if not all(math.isfinite(v) and abs(v) <= 1e6 for v in (x0, y0, x1, y1)):
+        raise gr.Error("The target box needs numbers within the image: x0, y0, x1, y1 in image pixels.")
+    box = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        raise gr.Error(f"The target box {str(text)[:40]!r} is empty (under one pixel wide or tall); give two "
+                       "opposite corners, at least a pixel apart.")
+    return box

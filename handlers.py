@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from analysis_handlers import AnalysisHandlers
-from components import USER_ERRORS, user_errors
+from components import USER_ERRORS, parse_box, user_errors
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
 from families import frames_per_panel
 from pipeline import (
@@ -124,21 +124,6 @@ def recommended_ranges(model_id: str, layer_max: int, head_max: int,
     if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
         return DEMO_RANGES
     return (0, layer_max), (0, head_max)
-
-
-def parse_box(text) -> tuple[float, float, float, float] | None:
-    """A target box typed or drawn as "x0, y0, x1, y1" (image pixels; spaces or commas), or None if empty."""
-    if text is None or not str(text).strip():
-        return None
-    parts = str(text).replace(",", " ").replace("(", " ").replace(")", " ").split()
-    try:
-        x0, y0, x1, y1 = (float(part) for part in parts)
-    except ValueError:
-        raise gr.Error(f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
-                       "pixels (left, top, right, bottom), or click two corners on the picture.") from None
-    if not all(map(math.isfinite, (x0, y0, x1, y1))):
-        raise gr.Error("The target box needs finite numbers: x0, y0, x1, y1 in image pixels.")
-    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 class Handlers(AnalysisHandlers):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def _item(number: int, row: dict, base: Path, source: str, folder_split: str | N
         raise ValueError(f"no image file {str(image)!r}")
     boxes = row.get("boxes") or None
     boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
-    if boxes is not None and not all(isinstance(b, list) and len(b) == 4 for b in boxes):
-        raise ValueError("boxes must be a list of [x0, y0, x1, y1]")
+    if boxes is not None and not (isinstance(boxes, list) and all(_is_box(b) for b in boxes)):
+        raise ValueError("boxes must be a list of [x0, y0, x1, y1]: four finite numbers with x0 < x1 and y0 < y1")
     mask = row.get("mask") or None
     mask = (Path(mask) if Path(mask).is_absolute() else base / mask) if mask else None
     if not boxes and mask is None:
@@ -141,3 +142,12 @@ def is_validation(item: Item, val_fraction: float) -> bool:
         return item.split.lower() in VALIDATION_SPLITS
     draw = int.from_bytes(hashlib.sha256(item.id.encode("utf-8")).digest()[:8], "big") / 2**64   # in [0, 1)
     return draw < val_fraction
+
+
+def _is_box(box) -> bool:
+    """Four finite numbers (not booleans) with x0 < x1 and y0 < y1."""
+    if not (isinstance(box, list) and len(box) == 4):
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return False
+    return box[0] < box[2] and box[1] < box[3]

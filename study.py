@@ -107,7 +107,8 @@ def _score_share(holder: ModelHolder, mine: list[Item], settings: StudySettings,
         for item in bar:
             try:
                 scores = score_item(holder, item, settings)
-            except (ValueError, OSError) as err:                     # a bad item never stops the study
+            except (ValueError, OSError, TypeError, RuntimeError, LookupError, ArithmeticError) as err:
+                # a bad item never stops the study (out of memory does: it is a MemoryError)
                 logger.warning("%s: %s; skipped", item.where, err)
                 _append(part, {"item_id": item.id, "failed": f"{item.where}: {err}; skipped"})
                 continue

@@ -166,12 +166,16 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     strip = tiles[0]
     for tile in tiles[1:]:
         strip = side_by_side(strip, tile)
-    kind = "time steps of the video" if stored.run.vision.num_frames > 1 else "images"
+    images = len({layout.image_index for layout in stored.run.visions})
+    kind = "time steps of the video" if stored.run.vision.num_frames > 1 else \
+        "images" if len(panels) == images else f"views of {images} images"
     who = (f"Token {s.step_idx} {as_text(repr(stored.run.generated_tokens[s.step_idx]))}" if s.prompt_pos is None
            else f"Prompt token {s.prompt_pos}")
     text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
             f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
             "over all of them), so their colours compare directly.")
+    if s.target_box is not None:
+        text += " The target box is scored and drawn for a single image only."
     video = stored.run.vision
     if video.num_frames > 1 and len(stored.run.frames) > video.num_frames:
         per = -(-len(stored.run.frames) // video.num_frames)
@@ -218,7 +222,10 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
                  "the image from this token: their maps are truly zero, not hidden.")
     width, height = run.vision.image_size
     x0, y0, x1, y1 = run.vision.image_box_xyxy
-    if x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:
+    if (x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5) and len(run.visions) > 1:
+        text += (f" Hatched: parts of the image this {run.vision.view} map leaves out (its grid does not reach "
+                 "them); the other view beside it covers the whole image.")
+    elif x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:
         text += " Hatched: parts of the image the model never saw (outside its crop)."
     return text
 

@@ -28,8 +28,8 @@ def check_count(found: int, needed: list[int], token_id: int, num_inputs: int, w
 
 def no_video(family: str, video: bool) -> None:
     if video:
-        raise ValueError(f"This tool maps video for the Qwen families, InternVL, LLaVA-OneVision and SmolVLM, "
-                         f"not {family}; give images instead.")
+        raise ValueError("This tool maps video for the Qwen families, GLM-4.1V, InternVL, LLaVA-OneVision and "
+                         f"SmolVLM, not {family}; give images instead.")
 
 
 def scale_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:

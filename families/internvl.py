@@ -16,14 +16,25 @@ from families.base import check_count, token_positions, whole_box
 from records import VisionLayout
 
 
-def _canvas(image_processor, image_hw: tuple[int, int]) -> tuple[int, int]:
+def _tiling(processor) -> dict:
+    """The tiling options a processor call uses: the image processor's own, overridden (as transformers
+    merges them) by the processor class's defaults, which turn `crop_to_patches` on for InternVL."""
+    image_processor = processor.image_processor
+    options = {key: getattr(image_processor, key, None) for key in ("crop_to_patches", "min_patches", "max_patches")}
+    options.update({key: value for key, value in getattr(type(processor), "images_kwargs", {}).items()
+                    if key in options})
+    return options
+
+
+def _canvas(processor, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(rows, cols) of tiles for an image of `image_hw`, as the processor chooses them."""
-    if not getattr(image_processor, "crop_to_patches", False):
+    options = _tiling(processor)
+    if not options["crop_to_patches"]:
         return 1, 1
-    size = image_processor.size
+    size = processor.image_processor.size
     tile_hw = (int(size["height"]), int(size["width"]))
-    cols, rows = get_optimal_tiled_canvas(image_hw, tile_hw, int(image_processor.min_patches),
-                                          int(image_processor.max_patches))
+    cols, rows = get_optimal_tiled_canvas(image_hw, tile_hw, int(options["min_patches"] or 1),
+                                          int(options["max_patches"] or 12))
     return rows, cols
 
 
@@ -39,8 +50,11 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
         return [VisionLayout(positions, (side, side), tuple(image_sizes[0]), whole_box(image_sizes[0]), processed_hw,
                              frames)]
     tile_px = int(processor.image_processor.size["height"])
-    canvases = [_canvas(processor.image_processor, (height, width)) for width, height in image_sizes]
+    canvases = [_canvas(processor, (height, width)) for width, height in image_sizes]
     tiles = [rows * cols + (1 if rows * cols > 1 else 0) for rows, cols in canvases]   # + thumbnail
+    if sum(tiles) != int(inputs["pixel_values"].shape[0]):
+        raise ValueError(f"The processor made {int(inputs['pixel_values'].shape[0])} tiles for {len(image_sizes)} "
+                         f"image(s), but its tiling settings give {sum(tiles)}. Use the processor's own settings.")
     check_count(len(positions), [per_tile * n for n in tiles], token_id, len(image_sizes))
     result, start = [], 0
     for index, ((rows, cols), size, count) in enumerate(zip(canvases, image_sizes, tiles, strict=True)):

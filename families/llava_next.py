@@ -54,18 +54,19 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     tiled = [True] * len(image_sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
     plans = [_plan(config, side, (int(h), int(w)), tile)
              for (h, w), tile in zip(inputs["image_sizes"], tiled, strict=True)]
-    needed = [side * side + (gh * (gw + 1) if gh else 1) for gh, gw, _ in plans]
+    # A tiled image adds a newline per stitched row (none when un-padding left no row); an untiled one adds one.
+    needed = [side * side + (gh * (gw + 1) if tile else 1) for (gh, gw, _), tile in zip(plans, tiled, strict=True)]
     check_count(len(positions), needed, token_id, len(image_sizes))
     result, start = [], 0
     tower_px = int(config.vision_config.image_size)
     for index, ((grid_h, grid_w, box), size, count, (proc_h, proc_w)) in enumerate(
             zip(plans, image_sizes, needed, inputs["image_sizes"].tolist(), strict=True)):
         own = positions[start:start + count]                            # this image's tokens, prompt order
-        base_box = whole_box((proc_w, proc_h)) if grid_h else _square_box((proc_w, proc_h))
+        base_box = whole_box((proc_w, proc_h)) if tiled[index] else _square_box((proc_w, proc_h))
         global_view = VisionLayout(own[:side * side], (side, side), tuple(size),
                                    scale_box(base_box, (proc_w, proc_h), size), (tower_px, tower_px),
                                    image_index=index, view="global view")
-        if grid_h:
+        if grid_h and grid_w:                  # an extreme aspect ratio can leave no tile cell after un-padding
             rows = own[side * side:].reshape(grid_h, grid_w + 1)        # (grid_h, grid_w + 1): cells, newline
             tiles = VisionLayout(np.ascontiguousarray(rows[:, :grid_w]).ravel(), (grid_h, grid_w), tuple(size),
                                  scale_box(box, (proc_w, proc_h), size), _best(config, (proc_h, proc_w)),

@@ -296,8 +296,8 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
             if len(views) == 1:
                 assert picture.size[1] == 333
             else:                                     # tiles, then the global view or thumbnail to their right
-                assert picture.size[1] > 333 and picture.size[0] > 2 * 201
-                assert f"Left: the {views[0].view}, the main map. Right: the {views[1].view}" in caption
+                assert picture.size[1] > 333 and picture.size[0] > 201 * 3 // 2
+                assert f"Left: the {views[0].view}, the main map. Right, at half size: {views[1].view}" in caption
     handlers.relative_toggle(run_id, *_view(), False, False, True, "", False)
     handlers.analysis(run_id, "entropy", *_view())
     handlers.region_click(run_id, [], "overlay", evt=gr.SelectData(None, {"index": [100, 160], "value": None}))
@@ -389,7 +389,7 @@ def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(hand
     region, _, _ = handlers.region_click(run_id, [], "overlay", evt=click)
     grid_h, grid_w = stored.run.vision.grid_hw
     assert region == [[grid_h - 1, grid_w - 1]]
-    outlined = handlers.render_region(run_id, region, *_view())
+    outlined = handlers.render_region(run_id, region, False, *_view())
     changed = ImageChops.difference(outlined.convert("RGB"), picture.convert("RGB")).getbbox()
     x0, y0, x1, y1 = (4 * v for v in stored.run.vision.cell_box_xyxy(grid_h - 1, grid_w - 1))
     assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4   # only that cell's outline (±1 px)
@@ -516,6 +516,17 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
         handlers.render(run_id, *_with_box("left, top"))
     _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))
     assert "holds no pixel of the image" in caption
+    for empty in ("5, 5, 5, 5", "5, 5, 5.4, 9"):
+        with pytest.raises(gr.Error, match="is empty"):
+            handlers.render(run_id, *_with_box(empty))
+    for hostile in ("nan, 0, 5, 5", "0, 0, 1e308, 5"):
+        with pytest.raises(gr.Error, match="numbers within the image"):
+            handlers.render(run_id, *_with_box(hostile))
+    with pytest.raises(gr.Error, match="empty"):                  # two clicks on one spot
+        handlers.box_click(run_id, True, [50.0, 60.0], *_view(), evt=click(50, 60))
+    for index in (["a", 3], [float("nan"), 3], None):             # what a raw client could send
+        with pytest.raises(gr.Error, match="no position"):
+            handlers.region_click(run_id, [], "overlay", gr.SelectData(None, {"index": index, "value": None}))
 
 
 @pytest.mark.parametrize("family", ["internvl", "llava_onevision", "smolvlm"])

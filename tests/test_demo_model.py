@@ -138,12 +138,14 @@ def test_a_manifest_study_scores_every_good_row_and_names_the_bad_ones(holder, t
                                 "answer": sample.answer, "boxes": [list(sample.box_xyxy)]}))
     rows.insert(2, json.dumps({"id": "gone", "image": "missing.png", "prompt": "Hi", "boxes": [[0, 0, 5, 5]]}))
     rows.insert(4, "{not json")
+    rows.insert(5, '{"id": "nan", "image": "img0.png", "prompt": "Hi", '
+                   '"boxes": [[null, 0, 5, 5], [0, 0, Infinity, 5]]}')
     manifest = tmp_path / "items.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
     code = batch.main(["--model", str(DEMO_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
                        "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}",
                        "--device", "cpu", "--max-new-tokens", "2", "--methods", "attention,rollout"])
-    assert code == 1                                                             # two rows were skipped
+    assert code == 1                                                             # three rows were skipped
     everything = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(everything["method"]) == ["attention", "rollout"] * 6           # one row per item and method
     results = everything[everything["method"] == "attention"].reset_index(drop=True)
@@ -156,6 +158,7 @@ def test_a_manifest_study_scores_every_good_row_and_names_the_bad_ones(holder, t
     assert parquet["pointing_hit"].dtype == bool
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "items.jsonl line 3" in summary and "items.jsonl line 5" in summary  # bad rows by line number
+    assert "items.jsonl line 6" in summary and "four finite numbers" in summary
     # The study's pointing game agrees with the benchmark's rule on the same maps.
     expected = []
     for sample in samples:

@@ -201,3 +201,28 @@ def test_video_rows_equal_eager(load_holder, family):
                                    rtol=2e-3, atol=2e-6)
     from attention_processor import token_heatmap
     assert token_heatmap(fast, 0).shape == (fast.vision.num_frames, *fast.vision.grid_hw)  # one map per step
+
+
+def test_internvl_tiles_as_its_processor_does_whatever_the_saved_image_processor_says(load_holder):
+    """InternVLProcessor turns tiling on by default over the image processor's saved `crop_to_patches`
+    (false in the converted checkpoints); the layouts follow what the processor really does."""
+    holder = load_holder("internvl")
+    image_processor = holder.processor.image_processor
+    saved = image_processor.crop_to_patches
+    try:
+        image_processor.crop_to_patches = False
+        _, layouts = _embeds_and_layouts(holder, [Image.fromarray(_noise((333, 121)))])
+    finally:
+        image_processor.crop_to_patches = saved
+    assert [layout.view for layout in layouts] == ["tiles", "thumbnail"] and layouts[0].grid_hw[1] > 4
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("size", [(1000, 30), (30, 1000)], ids=["wide", "tall"])
+def test_an_aspect_that_unpads_every_tile_row_leaves_the_global_view(load_holder, family, size):
+    """Un-padding can leave no tile cell (here at about 33:1); the global view is then the one map."""
+    from attention_processor import token_heatmap
+    holder = load_holder(family)
+    run = holder.generate(Image.fromarray(_noise(size)), "Hi", max_new_tokens=1, min_new_tokens=1)
+    assert [layout.view for layout in run.visions] == ["global view"]
+    assert token_heatmap(run, 0).shape == run.vision.grid_hw == (4, 4)
