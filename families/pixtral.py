@@ -20,6 +20,9 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     positions = token_positions(inputs, token_id)
     unit = token_cell_px(config)
     grids = [((int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
+    if family == "mistral3" and any(grid_hw == (1, 1) for grid_hw, _ in grids):
+        raise ValueError(f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
+                         f"take; use an image at least {unit + 1} px wide or tall.")
     needed = [gh * gw for (gh, gw), _ in grids]
     check_count(len(positions), needed, token_id, len(image_sizes))
     result, start = [], 0

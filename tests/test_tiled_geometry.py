@@ -226,3 +226,10 @@ def test_an_aspect_that_unpads_every_tile_row_leaves_the_global_view(load_holder
     run = holder.generate(Image.fromarray(_noise(size)), "Hi", max_new_tokens=1, min_new_tokens=1)
     assert [layout.view for layout in run.visions] == ["global view"]
     assert token_heatmap(run, 0).shape == run.vision.grid_hw == (4, 4)
+
+
+def test_an_image_of_one_mistral3_token_is_refused_before_the_model(load_holder):
+    holder = load_holder("mistral3")
+    with pytest.raises(ValueError, match="single vision token for Mistral 3"):
+        holder.generate(Image.fromarray(_noise((20, 20))), "Hi", max_new_tokens=1)
+    assert holder.generate(Image.fromarray(_noise((40, 28))), "Hi", max_new_tokens=1).vision.grid_hw == (1, 2)
