@@ -50,6 +50,9 @@ PUBLIC_DIMS = {
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064),
     "32b": dict(hidden=5120, layers=64, heads=40, kv_heads=8, intermediate=27648, vocab=152064),
 }
+# InternVL3-8B: a Qwen2.5-7B decoder behind InternViT-300M, 448 px tiles of 256 tokens, up to 12 tiles + thumbnail.
+INTERNVL_DIMS = {"internvl-8b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                                     vocab=151674, vision_hidden=1024, vision_layers=24, vision_heads=16)}
 
 
 def _rss_kb() -> int:
@@ -145,6 +148,43 @@ def public_holder(dims_name: str, device: str, max_side: int):
     return ModelHolder(model, processor, "qwen2_5_vl", f"random Qwen2.5-VL {dims_name} dims", device, torch.bfloat16)
 
 
+def public_internvl_holder(dims_name: str, device: str, **shrink):
+    """A ModelHolder over random bf16 weights at InternVL3-8B's dimensions (`shrink` overrides them, for a
+    quick check on the CPU), with the real processor: 448 px tiles, pixel shuffle to 256 tokens, a thumbnail."""
+    import torch
+    from transformers import (
+        AutoModelForImageTextToText,
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    import tiny_tiles
+    from model_holder import ModelHolder
+    from tiny_models import _tokenizer
+    dims, tok = {**INTERNVL_DIMS[dims_name], **shrink}, tiny_tiles.tokenizer_for("internvl", _tokenizer)
+    text = dict(model_type="qwen2", vocab_size=dims["vocab"], hidden_size=dims["hidden"],
+                intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
+                num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+                max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=dims["vision_hidden"], intermediate_size=4 * dims["vision_hidden"],
+                  num_hidden_layers=dims["vision_layers"], num_attention_heads=dims["vision_heads"],
+                  image_size=[448, 448], patch_size=[14, 14])
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+    image_proc = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
+                                       max_patches=12)
+    processor = InternVLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=InternVLVideoProcessor(),
+                                  image_seq_length=256,
+                                  chat_template=tiny_tiles.QWEN_STYLE_TEMPLATE)
+    return ModelHolder(model, processor, "internvl", f"random InternVL {dims_name} dims", device, torch.bfloat16)
+
+
 def gpu_rows(holder, side: int, new_tokens: int, repeats: int) -> list[dict]:
     """All three methods at one size on the GPU, in this process."""
     import torch
@@ -232,7 +272,8 @@ def print_store_sizes(prompt_len: int = 1315, steps: tuple[int, ...] = (64, 256)
 def main() -> None:
     parser = argparse.ArgumentParser(description="Capture overhead against plain SDPA and eager attention.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dims", choices=sorted(PUBLIC_DIMS), default="7b", help="public dimensions (cuda only)")
+    parser.add_argument("--dims", choices=sorted(PUBLIC_DIMS) + sorted(INTERNVL_DIMS), default="7b",
+                        help="public dimensions (cuda only): Qwen2.5-VL 3b/7b/32b, or InternVL3-8B")
     parser.add_argument("--sizes", type=int, nargs="+", help="square image sides, px "
                         "(default 448 728 1008 on the CPU; 448 1008 2016 3024 on cuda)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 32 on the CPU, 64 on cuda")
@@ -262,8 +303,9 @@ def main() -> None:
     header = ("| image | prompt tokens | method | time s | time × plain | peak MB | peak × plain | kept MB |\n"
               "|---|---|---|---|---|---|---|---|")
     if cuda:
-        holder = public_holder(args.dims, "cuda", max(args.sizes + [1008]))
-        print(f"# {torch.cuda.get_device_name()}; Qwen2.5-VL {args.dims} dimensions, random bf16 weights; "
+        holder = public_internvl_holder(args.dims, "cuda") if args.dims in INTERNVL_DIMS else \
+            public_holder(args.dims, "cuda", max(args.sizes + [1008]))
+        print(f"# {torch.cuda.get_device_name()}; {holder.model_id}, random bf16 weights; "
               f"{args.new_tokens} new tokens; median of {args.repeats}")
         print(header)
         for side in args.sizes:
