@@ -26,6 +26,13 @@ def check_count(found: int, needed: list[int], token_id: int, num_inputs: int, w
             "use the processor that belongs to this checkpoint.")
 
 
+def split_per_input(positions: np.ndarray, needed: list[int], token_id: int, num_inputs: int,
+                    what: str = "image") -> list[np.ndarray]:
+    """The vision positions cut into each input's own run, in prompt order, after `check_count`."""
+    check_count(len(positions), needed, token_id, num_inputs, what)
+    return np.split(positions, np.cumsum(needed)[:-1])
+
+
 def no_video(family: str, video: bool) -> None:
     if video:
         raise ValueError("This tool maps video for the Qwen families, GLM-4.1V, InternVL, LLaVA-OneVision and "

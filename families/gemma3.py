@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from families.base import check_count, no_video, token_positions, whole_box
+from families.base import no_video, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 PAN_AND_SCAN_KEYS = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
@@ -67,15 +68,13 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
         raise ValueError(f"The processor made {blocks} image views for {len(image_sizes)} image(s), but the "
                          f"pan-and-scan settings give {sum(crops) + len(image_sizes)}. Use the processor's own "
                          "pan-and-scan settings, or turn do_pan_and_scan off.")
-    check_count(len(positions), [count * (1 + n) for n in crops], token_id, len(image_sizes))
-    result, start = [], 0
-    for index, (size, n) in enumerate(zip(image_sizes, crops, strict=True)):
+    owns = split_per_input(positions, [count * (1 + n) for n in crops], token_id, len(image_sizes))
+    result = []
+    for index, (size, n, own) in enumerate(zip(image_sizes, crops, owns, strict=True)):
         boxes = [whole_box(size), *crop_boxes(size, n)] if n else [whole_box(size)]
         names = ["global view", *(f"crop {k + 1}" for k in range(n))] if n else [""]
-        for box, name in zip(boxes, names, strict=True):
-            result.append(VisionLayout(positions[start:start + count], (side, side), tuple(size), box,
-                                       processed_hw, image_index=index, view=name))
-            start += count
+        result += [VisionLayout(block, (side, side), tuple(size), box, processed_hw, image_index=index, view=name)
+                   for block, box, name in zip(np.split(own, 1 + n), boxes, names, strict=True)]
     return result
 
 

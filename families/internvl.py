@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-from families.base import check_count, token_positions, whole_box
+from families.base import check_count, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 
@@ -55,10 +55,9 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     if sum(tiles) != int(inputs["pixel_values"].shape[0]):
         raise ValueError(f"The processor made {int(inputs['pixel_values'].shape[0])} tiles for {len(image_sizes)} "
                          f"image(s), but its tiling settings give {sum(tiles)}. Use the processor's own settings.")
-    check_count(len(positions), [per_tile * n for n in tiles], token_id, len(image_sizes))
-    result, start = [], 0
-    for index, ((rows, cols), size, count) in enumerate(zip(canvases, image_sizes, tiles, strict=True)):
-        own = positions[start:start + per_tile * count]
+    owns = split_per_input(positions, [per_tile * n for n in tiles], token_id, len(image_sizes))
+    result = []
+    for index, ((rows, cols), size, count, own) in enumerate(zip(canvases, image_sizes, tiles, owns, strict=True)):
         grid = own[:rows * cols * per_tile].reshape(rows, cols, side, side)   # (tile row, tile col, y, x)
         stitched = np.ascontiguousarray(grid.transpose(0, 2, 1, 3)).reshape(-1)  # (rows*side * cols*side,)
         view = "tiles" if count > 1 else ""
@@ -67,5 +66,4 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
         if count > 1:
             result.append(VisionLayout(own[rows * cols * per_tile:], (side, side), tuple(size), whole_box(size),
                                        (tile_px, tile_px), image_index=index, view="thumbnail"))
-        start += per_tile * count
     return result

@@ -20,7 +20,7 @@ import numpy as np
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
 
-from families.base import check_count, no_video, scale_box, token_positions, whole_box
+from families.base import check_count, no_video, scale_box, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 
@@ -56,12 +56,11 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
              for (h, w), tile in zip(inputs["image_sizes"], tiled, strict=True)]
     # A tiled image adds a newline per stitched row (none when un-padding left no row); an untiled one adds one.
     needed = [side * side + (gh * (gw + 1) if tile else 1) for (gh, gw, _), tile in zip(plans, tiled, strict=True)]
-    check_count(len(positions), needed, token_id, len(image_sizes))
-    result, start = [], 0
+    owns = split_per_input(positions, needed, token_id, len(image_sizes))   # each image's tokens, prompt order
+    result = []
     tower_px = int(config.vision_config.image_size)
-    for index, ((grid_h, grid_w, box), size, count, (proc_h, proc_w)) in enumerate(
-            zip(plans, image_sizes, needed, inputs["image_sizes"].tolist(), strict=True)):
-        own = positions[start:start + count]                            # this image's tokens, prompt order
+    for index, ((grid_h, grid_w, box), size, own, (proc_h, proc_w)) in enumerate(
+            zip(plans, image_sizes, owns, inputs["image_sizes"].tolist(), strict=True)):
         base_box = whole_box((proc_w, proc_h)) if tiled[index] else _square_box((proc_w, proc_h))
         global_view = VisionLayout(own[:side * side], (side, side), tuple(size),
                                    scale_box(base_box, (proc_w, proc_h), size), (tower_px, tower_px),
@@ -74,7 +73,6 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
             result += [tiles, global_view]
         else:
             result.append(global_view)
-        start += count
     return result
 
 

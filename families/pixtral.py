@@ -4,7 +4,7 @@ token that is not a cell."""
 
 from __future__ import annotations
 
-from families.base import check_count, no_video, token_positions, whole_box
+from families.base import no_video, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 
@@ -24,10 +24,6 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
         raise ValueError(f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
                          f"take; use an image at least {unit + 1} px wide or tall.")
     needed = [gh * gw for (gh, gw), _ in grids]
-    check_count(len(positions), needed, token_id, len(image_sizes))
-    result, start = [], 0
-    for index, ((grid_hw, processed_hw), size, count) in enumerate(zip(grids, image_sizes, needed, strict=True)):
-        result.append(VisionLayout(positions[start:start + count], grid_hw, tuple(size), whole_box(size),
-                                   processed_hw, image_index=index))
-        start += count
-    return result
+    owns = split_per_input(positions, needed, token_id, len(image_sizes))
+    return [VisionLayout(own, grid_hw, tuple(size), whole_box(size), processed_hw, image_index=index)
+            for index, ((grid_hw, processed_hw), size, own) in enumerate(zip(grids, image_sizes, owns, strict=True))]

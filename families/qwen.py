@@ -5,7 +5,7 @@ time step of `temporal_patch_size` (2) frames, from `video_grid_thw`."""
 
 from __future__ import annotations
 
-from families.base import check_count, token_positions, whole_box
+from families.base import split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 
@@ -15,14 +15,10 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     positions = token_positions(inputs, token_id)
     grids = [_grid(config, thw, video) for thw in inputs["video_grid_thw" if video else "image_grid_thw"]]
     needed = [frames * gh * gw for frames, (gh, gw), _ in grids]
-    check_count(len(positions), needed, token_id, len(image_sizes), "video" if video else "image")
-    result, start = [], 0
-    for index, ((frames, grid_hw, processed_hw), size, count) in enumerate(
-            zip(grids, image_sizes, needed, strict=True)):
-        result.append(VisionLayout(positions[start:start + count], grid_hw, tuple(size), whole_box(size),
-                                   processed_hw, frames, image_index=index))
-        start += count
-    return result
+    owns = split_per_input(positions, needed, token_id, len(image_sizes), "video" if video else "image")
+    return [VisionLayout(own, grid_hw, tuple(size), whole_box(size), processed_hw, frames, image_index=index)
+            for index, ((frames, grid_hw, processed_hw), size, own)
+            in enumerate(zip(grids, image_sizes, owns, strict=True))]
 
 
 def _grid(config, thw, video: bool) -> tuple[int, tuple[int, int], tuple[int, int]]:
