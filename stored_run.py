@@ -146,14 +146,19 @@ class ViewSettings:
         return (self.layers[1] - self.layers[0] + 1) * (self.heads[1] - self.heads[0] + 1)
 
 
+def layout_heatmap(run, s: ViewSettings, image_idx: int = 0) -> np.ndarray:
+    """The raw attention map of the selected token (generated, or the picked prompt token) on layout
+    `image_idx` of `run.visions`, over the settings' layer and head ranges."""
+    if s.prompt_pos is not None:
+        return prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
+    return token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
+
+
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
     if s.method != "attention":
         return method_heatmap(stored, s)
-    if s.prompt_pos is not None:
-        heat = prompt_token_heatmap(stored.run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize)
-    else:
-        heat = token_heatmap(stored.run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize)
+    heat = layout_heatmap(stored.run, s)
     if s.relative:
         if stored.baseline is None:
             raise LookupError("The generic-prompt baseline for this image is not computed yet. "

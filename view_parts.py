@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from attention_processor import image_shares, normalize_heatmap, prompt_token_heatmap, token_heatmap
+from attention_processor import image_shares, normalize_heatmap
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
-from stored_run import StoredRun, ViewSettings
+from stored_run import StoredRun, ViewSettings, layout_heatmap
 from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
 
 
@@ -82,10 +82,7 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
     shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
     notes = []
     for index, layout in enumerate(run.visions[1:], start=1):
-        if s.prompt_pos is not None:
-            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, index)
-        else:
-            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, index)
+        heat = layout_heatmap(run, s, index)
         unit = normalize_heatmap(heat, "percentile" if s.normalization == "percentile" else "minmax", s.percentile)
         box = on_small(layout.image_box_xyxy)
         draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)

@@ -18,7 +18,6 @@ from attention_processor import (
     image_shares,
     normalize_heatmap,
     prompt_token_heatmap,
-    token_heatmap,
 )
 from records import AttentionRun
 from stored_run import (  # noqa: F401  (re-exported: the views' callers read these from here)
@@ -26,6 +25,7 @@ from stored_run import (  # noqa: F401  (re-exported: the views' callers read th
     METHODS,
     StoredRun,
     ViewSettings,
+    layout_heatmap,
     method_heatmap,
     method_key,
     raw_heatmap,
@@ -119,10 +119,7 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
     run, panels = stored.run, []
     shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
     for i, layout in enumerate(run.visions):
-        if s.prompt_pos is not None:
-            heat = prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, i)
-        else:
-            heat = token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, i)
+        heat = layout_heatmap(run, s, i)
         share = "" if shares is None else f" · {shares[i]:.0%} of the attention"
         if layout.num_frames == 1:
             image = layout.image_index
