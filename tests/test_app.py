@@ -34,6 +34,16 @@ def handlers(tmp_path, tiny_model_dirs):
     return app.Handlers(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
 
 
+def _clip(path, frames: int, step: int):
+    """A 112x84 MJPG clip of `frames` flat grey frames, `step` grey levels apart."""
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
+    for k in range(frames):
+        writer.write(np.full((84, 112, 3), step * k, dtype=np.uint8))
+    writer.release()
+    return path
+
+
 def _generate(h, image_file, prompt="What is this?", max_new=4):
     *_, last = h.generate(image_file, prompt, max_new, False, 0.7, 0.9, 0, 0, *_view(), None, None)
     return last
@@ -209,7 +219,6 @@ def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs,
 
 
 def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dirs, image_file, tmp_path):
-    import cv2
     handlers.load_model(str(tiny_model_dirs["qwen2_5_vl"]))
     second = tmp_path / "second.png"
     Image.fromarray(np.random.default_rng(9).integers(0, 256, (200, 120, 3), dtype=np.uint8)).save(second)
@@ -221,11 +230,7 @@ def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dir
         handlers.render(run_id, *_view(), False, True, False)
     with pytest.raises(gr.Error, match="single image"):
         handlers.analysis(run_id, "share", *_view())
-    clip = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
-    for k in range(6):
-        writer.write(np.full((84, 112, 3), 40 * k, dtype=np.uint8))
-    writer.release()
+    clip = _clip(tmp_path / "clip.avi", 6, 40)
     *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
     run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
@@ -531,14 +536,9 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
 
 @pytest.mark.parametrize("family", ["internvl", "llava_onevision", "smolvlm"])
 def test_video_in_the_app_for_the_families_beyond_qwen(handlers, tiny_model_dirs, tmp_path, family):
-    import cv2
     handlers.load_model(str(tiny_model_dirs[family]))
     assert handlers.model_status()[3].visible is True                      # the video upload is offered
-    clip = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
-    for k in range(4):
-        writer.write(np.full((84, 112, 3), 50 * k, dtype=np.uint8))
-    writer.release()
+    clip = _clip(tmp_path / "clip.avi", 4, 50)
     *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
     run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
