@@ -6,308 +6,169 @@
                   [--allow-model-loading | --no-allow-model-loading] [--max-pixels-cap 16777216]
                   [--ranges ranges.json]
 
-The work happens in `pipeline.py`, `views.py` and the modules below them.
+The layout's parts are built in `ui/layout.py`, the handlers live in `ui/handlers.py`; this module puts
+the page together by name and wires its events. The work happens in `pipeline.py`, `pictures/` and
+the modules below them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
 import socket
 import threading
 
 import gradio as gr
-import torch
 
-from attention_processor import REDUCTIONS
-from components import LoginGuard, image_upload, matrix_heatmap, range_slider, upload_bytes
-from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig, ModelRanges
-from demo_data import guide as demo_guide
-from handlers import Handlers, named_api
+from config import AppConfig, ModelRanges
 from pipeline import ModelSlot, RunStore
-from views import DISPLAY_NORMALIZATIONS, METHODS, VIEWS
-from visualization import COLORMAPS
+from ui.components import LoginGuard
+from ui.controls import (
+    BOX_OUTPUTS,
+    MODEL_OUTPUTS,
+    PAGE_OUTPUTS,
+    REGION_OUTPUTS,
+    VIEW_OUTPUTS,
+    DerivedViews,
+    Page,
+    ViewControls,
+    names,
+    redraws,
+)
+from ui.handlers import Handlers
+from ui.handlers import named_api as named_view_api
+from ui.layout import CSS, analysis_tabs, default_model, inputs_column, map_column, model_row, settings_column
 
 logger = logging.getLogger("app")
-CSS = """
-#token-chips .wrap { gap: 4px !important; max-height: 5.4em; overflow-y: auto; }
-#title p { margin: 0 !important; }
-#token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
-.range-row { gap: 6px !important; }
-"""
 
 
-def default_model(cfg: AppConfig) -> str | None:
-    """--model if given; else a real model on a GPU and the bundled demo model on a CPU."""
-    if cfg.model:
-        return cfg.model
-    if torch.cuda.is_available():
-        return GPU_DEFAULT_MODEL
-    return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
-
-
-def example_rows() -> list[list[str]]:
-    """[image path, question] pairs shipped in examples/ (empty when the folder is missing)."""
-    listing = EXAMPLES_DIR / "examples.json"
-    if not listing.exists():
-        return []
-    return [[str(EXAMPLES_DIR / name), question] for name, question, _ in json.loads(listing.read_text())]
-
-
-def model_choices(cfg: AppConfig) -> list[str]:
-    demo = [str(DEMO_MODEL_DIR)] if (DEMO_MODEL_DIR / "config.json").exists() else []
-    return demo + list(cfg.presets)
-
-
-
-def _range(label: str, elem_id: str) -> tuple[gr.HTML, gr.Number, gr.Number]:
-    """A two-handle range (what the user moves) and the two plain values it keeps in step, hidden: the
-    API's `{layers,heads}_{lo,hi}` parameters and every handler read those."""
-    shown = range_slider(label, elem_id, maximum=0)
-    # Empty until the range sets them, so an API call that leaves them out gets the page's own ranges.
-    lo = gr.Number(None, precision=0, label=f"{label} from", elem_id=f"{elem_id}-lo", visible="hidden")
-    hi = gr.Number(None, precision=0, label=f"{label} to", elem_id=f"{elem_id}-hi", visible="hidden")
-    return shown, lo, hi
-
-
-def build_analysis() -> dict[str, gr.components.Component]:
-    """The analysis views for the selected token and ranges, refreshed on demand."""
-    with gr.Tabs(elem_id="analysis"):
-        with gr.Tab("Layers × heads", elem_id="tab-matrix"):
-            with gr.Row():
-                metric = gr.Radio(["share", "entropy"], value="share", elem_id="matrix-metric",
-                                  label="Matrix: attention share on the image, or spatial entropy of each head's map")
-                show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
-            with gr.Row():
-                matrix = matrix_heatmap("Layer × head, 0-based (click a cell to show that head's map)",
-                                        "head-matrix")
-                text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
-                                          "system prompt', those are shown unhighlighted)", elem_id="text-attention")
-            note = gr.Markdown("", elem_id="analysis-note")
-        with gr.Tab("Per-head gallery", elem_id="tab-gallery"):
-            gallery = gr.Gallery(label="Per-head maps (layer and head 0-based)", columns=8, height=420,
-                                 elem_id="head-gallery")
-            zip_btn = gr.Button("Download the gallery (ZIP; files named S{step}_L{layer}_H{head}, 1-based)",
-                                elem_id="gallery-zip")
-        with gr.Tab("Region → text", elem_id="tab-region"):
-            gr.Markdown("Click token cells on the attention picture to build a region (click again to remove "
-                        "a cell); the picked cells are outlined on the picture.")
-            with gr.Row():
-                region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=220, sort="x",
-                                         title="Attention share on the region per generated token", y_lim=[0, 1],
-                                         elem_id="region-plot")
-                with gr.Column():
-                    region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
-                    region_clear = gr.Button("Clear region", elem_id="region-clear")
-        with gr.Tab("Verify", elem_id="tab-verify"):
-            with gr.Row():
-                verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
-                                       elem_id="verify-btn")
-                verify_note = gr.Markdown("", elem_id="verify-note")
-            with gr.Row():
-                verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
-                                          elem_id="verify-plot", y_lim=[0, 1],
-                                          title="Deleting cells: the token's probability (lower AUC = better map)")
-                verify_insertion = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
-                                               elem_id="verify-plot-insertion", y_lim=[0, 1],
-                                               title="Inserting cells: the token's probability (higher AUC = better)")
-        with gr.Tab("Logit lens", elem_id="tab-lens"):
-            with gr.Row():
-                lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
-                lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
-            lens_view = gr.HTML("", elem_id="logit-lens")
-    return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
-            "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
-            "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file, "verify_btn": verify_btn,
-            "verify_plot": verify_plot, "verify_insertion": verify_insertion, "verify_note": verify_note}
-
-
-# Views computed from one result; a new result clears them (handlers.Handlers.generate).
-DERIVED_VIEWS = ("matrix", "text", "gallery", "note", "lens_view", "lens_file", "verify_plot", "verify_insertion",
-                 "verify_note",
-                 "region_plot", "region_note")
-
-
-def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore) -> gr.Blocks:
-    h = Handlers(cfg, slot, store)
+def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = ViewControls) -> gr.Blocks:
+    """The page: the layout's parts put into one `Page` by name, then wired (`wire`). `record`: the view
+    controls' record (a test may add a control to it; the layout, wiring and API follow)."""
     # Gradio's cache of uploads and served pictures is cleaned every cache_max_age_s of files that old.
     with gr.Blocks(title="VLM Attention Explorer", delete_cache=(cfg.cache_max_age_s, cfg.cache_max_age_s)) as demo:
-        run_id = gr.State(None)
+        parts = {"run_id": gr.State(None), "extra_state": gr.State([]), "video_state": gr.State(None),
+                 "region": gr.State([]), "corner": gr.State(None)}
         gr.Markdown("**VLM Attention Explorer** · where in the image did the model look when it generated each "
                     "token? Maps show the decoder's attention on the image tokens; every index is 0-based.",
                     elem_id="title")
-        with gr.Row(equal_height=False, elem_id="model-row"):
-            model_box = gr.Dropdown(model_choices(cfg), value=default_model(cfg), allow_custom_value=True,
-                                    label="Model (preset, hub id or local folder)" if cfg.allow_model_loading else
-                                    "Model (this server's operator turned loading other models off)",
-                                    interactive=cfg.allow_model_loading, elem_id="model-id", scale=4,
-                                    show_label=not cfg.allow_model_loading, container=not cfg.allow_model_loading)
-            load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading,
-                                 size="md")
-        status = gr.Markdown("Starting…", elem_id="model-status")
-
+        parts.update(model_row(cfg))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=260):
-                image = image_upload(upload_bytes(cfg.max_upload), image_mode=None, label="Image",
-                                     elem_id="image-input", height=240)
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="e.g. What color is the circle?")
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                answer = gr.Textbox(label="Answer", lines=2, interactive=False, elem_id="answer")
-                with gr.Accordion("Generation settings", open=False):
-                    max_new = gr.Slider(1, 512, value=cfg.max_new_tokens, step=1, label="Max new tokens")
-                    sampling = gr.Checkbox(False, label="Sample (off = greedy)")
-                    temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                    with gr.Row():
-                        min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
-                        max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
-                with gr.Accordion("More images, or a video (video: Qwen, GLM, InternVL, OneVision, SmolVLM)",
-                                  open=False):
-                    extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
-                                           label="More images, after the first one, in this order")
-                    video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
-                examples = example_rows()
-                if examples:
-                    gr.Examples(examples, [image, prompt], label="Examples for the demo model", examples_per_page=6)
-                    gr.Markdown(demo_guide(), elem_id="demo-guide")
+                parts.update(inputs_column(cfg))
             with gr.Column(scale=4, min_width=360):
-                chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
-                picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False,
-                                   elem_id="overlay", height=400)
-                caption = gr.Markdown("", elem_id="caption")
-                with gr.Row():
-                    token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
-                                        allow_custom_value=True)
-                    prompt_token = gr.Dropdown([], value="", label="…or a prompt token (what that word looks at)",
-                                               elem_id="prompt-token-dropdown", allow_custom_value=True)
-                plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
-                                  title="Attention share on the image per generated token", y_lim=[0, 1],
-                                  elem_id="share-plot", height=220,
-                                  color_map={"selected": "#d62728", "other": "#b8c4d6"})
+                parts.update(map_column())
             with gr.Column(scale=2, min_width=260):
-                layer_range, layer_lo, layer_hi = _range("Layers", "layer-range")
-                head_range, head_lo, head_hi = _range("Heads", "head-range")
-                method = gr.Radio(list(METHODS), value="attention", elem_id="method",
-                                  label="Map: raw attention (the ranges apply), rollout, gradient-weighted, or "
-                                        "pushed through the vision encoder (vit); the last three on demand")
-                with gr.Row():
-                    aggregation = gr.Dropdown(list(REDUCTIONS), value=cfg.aggregation, label="Aggregation",
-                                              elem_id="aggregation", min_width=100)
-                    normalization = gr.Dropdown(list(DISPLAY_NORMALIZATIONS), value=cfg.normalization,
-                                                label="Normalisation", elem_id="normalization", min_width=100)
-                with gr.Row():
-                    colormap = gr.Dropdown(list(COLORMAPS), value=cfg.colormap, label="Colormap",
-                                           elem_id="colormap", min_width=100)
-                    alpha = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha",
-                                      min_width=100)
-                view = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
-                with gr.Row():
-                    target_box = gr.Textbox("", label="Target box: x0, y0, x1, y1 in image pixels",
-                                            placeholder="type it, or tick the box and click two corners",
-                                            elem_id="target-box", min_width=160, scale=3)
-                    box_mode = gr.Checkbox(False, label="Clicks draw it", elem_id="box-mode", min_width=80,
-                                           scale=1)
-                with gr.Accordion("More display options", open=False):
-                    grid = gr.Checkbox(False, label="Show token grid", elem_id="grid")
-                    renormalize = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
-                    mask_sinks = gr.Checkbox(False, label="Mask sink cells", elem_id="mask-sinks")
-                    relative = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
-                    exclude_system = gr.Checkbox(False, label="Exclude BOS and system prompt",
-                                                 elem_id="exclude-system")
-                with gr.Row():
-                    png_btn = gr.Button("Picture (PNG)", elem_id="png-btn", min_width=80)
-                    gif_btn = gr.Button("Animation (GIF)", elem_id="gif-btn", min_width=80)
-                    export_btn = gr.Button("Attention (safetensors)", elem_id="export-btn", min_width=80)
-                files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
-        analysis = build_analysis()
-
-        view_inputs = [token, layer_lo, layer_hi, head_lo, head_hi, aggregation, normalization, colormap, alpha,
-                       view, grid, renormalize, mask_sinks, relative, prompt_token, exclude_system, method,
-                       target_box]
-        ranges = [layer_range, head_range]
-        view_outputs = [picture, caption, plot]
-        model_events = dict(concurrency_id="model", concurrency_limit=1)
-        render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
-
-        # Extra media reach `generate` through session state, so the API keeps its one-image signature.
-        extra_state, video_state, region, corner = gr.State([]), gr.State(None), gr.State([]), gr.State(None)
-        extra_images.change(lambda files: list(files or []), extra_images, extra_state, api_name=False, queue=False)
-        video.change(lambda path: path or None, video, video_state, api_name=False, queue=False)
-        # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
-        # says why, the picker goes back to the loaded model, and the status and ranges stay.
-        load_result = gr.Textbox(visible="hidden", elem_id="load-result")       # the API's answer
-        loading = load_btn.click(named_api(h.load_model, ("model_id",), view=False, progress=True), [model_box],
-                                 [load_result], api_name="load_model", **model_events)
-        loading.success(h.model_status, None, [status, *ranges, video], api_name=False, queue=False)
-        loading.failure(h.loaded_model_id, None, [model_box], api_name=False, queue=False)
-        status_timer = gr.Timer(2.0, active=False)
-        page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
-        demo.load(h.page_load, None, [status, *ranges, video, status_timer], **page_events)
-        status_timer.tick(h.page_load, None, [status, *ranges, video, status_timer], **page_events)
-        generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
-                                              "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
-                                 progress=True, request=True)
-        generate_btn.click(h.stop_generation, None, None, queue=False, api_name=False, show_progress="hidden")
-        generate_btn.click(generate_api, [image, prompt, max_new, sampling, temperature, top_p, min_px, max_px,
-                                        *view_inputs, extra_state, video_state],
-                           [run_id, answer, token, chips, *view_outputs, prompt_token, mask_sinks, relative, region,
-                            method, *[analysis[name] for name in DERIVED_VIEWS], files],
-                           api_name="generate", trigger_mode="always_last", **model_events)
-        gr.on([aggregation.input, normalization.input, colormap.input, view.input, grid.input,
-               renormalize.input, mask_sinks.input, prompt_token.input, exclude_system.input],
-              named_api(h.render, ("run_id",)), [run_id, *view_inputs], view_outputs, api_name="render",
-              trigger_mode="always_last",
-              **render_events)
-        alpha.input(h.render, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
-                    **render_events)
-        for shown, lo, hi in ((layer_range, layer_lo, layer_hi), (head_range, head_lo, head_hi)):
-            # In the browser: the range's [lo, hi] into the two values, then one redraw (the newest wins).
-            shown.change(None, [shown], [lo, hi], js="(range) => [range[0], range[1]]", api_name=False,
-                         trigger_mode="always_last", queue=False).then(
-                h.refresh, [run_id, *view_inputs], view_outputs, api_name=False, trigger_mode="always_last",
-                **render_events)
-        prompt_token.input(h.pick_prompt_token, [prompt_token], [chips], api_name=False, queue=False)
-        chips.input(h.pick_chip, [chips], [token, prompt_token], api_name=False, queue=False).then(
-            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
-        token.input(h.pick_chip, [token], [chips, prompt_token], api_name=False, queue=False).then(
-            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
-        relative.input(h.relative_toggle, [run_id, *view_inputs], view_outputs, api_name=False, **model_events)
-        method.input(named_api(h.method_select, ("run_id",), progress=True), [run_id, *view_inputs], view_outputs,
-                     api_name="method", **model_events)
-        analysis_inputs = [run_id, analysis["metric"], *view_inputs]
-        analysis_outputs = [analysis["matrix"], analysis["text"], analysis["gallery"], analysis["note"]]
-        gr.on([analysis["show"].click, analysis["metric"].input], named_api(h.analysis, ("run_id", "metric")),
-              analysis_inputs, analysis_outputs, api_name="analysis", **render_events)
-        analysis["matrix"].change(h.matrix_pick, [analysis["matrix"]], ranges, api_name=False, queue=False)
-        picture.select(named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
-                       [run_id, box_mode, corner, *view_inputs], [corner, target_box, *view_outputs],
-                       api_name=False, **render_events)
-        gr.on([target_box.submit, target_box.blur], h.render, [run_id, *view_inputs], view_outputs,
-              api_name=False, **render_events)
-        picture.select(h.region_click, [run_id, region, view, box_mode], [region, analysis["region_plot"],
-                                                                          analysis["region_note"]],
-                       api_name=False, **render_events).then(
-            h.render_region, [run_id, region, box_mode, *view_inputs], [picture], api_name=False, **render_events)
-        analysis["region_clear"].click(h.region_clear, None, [region, analysis["region_plot"],
-                                                            analysis["region_note"]], api_name=False).then(
-            h.render, [run_id, *view_inputs], view_outputs, api_name=False, **render_events)
-        analysis["lens_btn"].click(named_api(h.lens, ("run_id",), view=False, progress=True), [run_id],
-                                   [analysis["lens_view"], analysis["lens_file"]], api_name="logit_lens",
-                                   **model_events)
-        analysis["verify_btn"].click(named_api(h.verify, ("run_id",), progress=True), [run_id, *view_inputs],
-                                     [analysis["verify_plot"], analysis["verify_insertion"], analysis["verify_note"]],
-                                     api_name="verify",
-                                     **model_events)
-        analysis["zip"].click(named_api(h.gallery_download, ("run_id",)), [run_id, *view_inputs], [files],
-                              api_name="gallery_zip", **render_events)
-        png_btn.click(named_api(h.download_png, ("run_id",)), [run_id, *view_inputs], [files], api_name="download_png",
-                      **render_events)
-        gif_btn.click(named_api(h.download_animation, ("run_id",)), [run_id, *view_inputs], [files],
-                      api_name="download_animation", **render_events)
-        export_btn.click(h.export_attention, [run_id], [files], api_name="export_attention", **render_events)
+                parts.update(settings_column(cfg, record))
+        parts.update(analysis_tabs())
+        view = record(**{name: parts.pop(name) for name in names(record)})
+        derived = DerivedViews(**{name: parts.pop(name) for name in names(DerivedViews)})
+        wire(demo, Page(view, derived, parts), Handlers(cfg, slot, store, record))
     return demo
+
+
+def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
+    """Every event of the page, by component name. Events that run the model share one queue (limit 1);
+    renders have their own, so sliders stay live while someone generates."""
+    named_api = _named_api(page)
+    view_inputs, view_outputs = page.view_inputs, page.pick(VIEW_OUTPUTS)
+    with_run = [page["run_id"], *view_inputs]
+    ranges = [page["layer_range"], page["head_range"]]
+    model_events = dict(concurrency_id="model", concurrency_limit=1)
+    render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
+    page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
+
+    # Extra media reach `generate` through session state, so the API keeps its one-image signature.
+    page["extra_images"].change(lambda files: list(files or []), page["extra_images"], page["extra_state"],
+                                api_name=False, queue=False)
+    page["video"].change(lambda path: path or None, page["video"], page["video_state"], api_name=False, queue=False)
+    # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
+    # says why, the picker goes back to the loaded model, and the status and ranges stay.
+    loading = page["load_btn"].click(named_api(h.load_model, ("model_id",), view=False, progress=True),
+                                     [page["model_box"]], [page["load_result"]], api_name="load_model", **model_events)
+    loading.success(h.model_status, None, page.pick(MODEL_OUTPUTS), api_name=False, queue=False)
+    loading.failure(h.loaded_model_id, None, [page["model_box"]], api_name=False, queue=False)
+    demo.load(h.page_load, None, page.pick(PAGE_OUTPUTS), **page_events)
+    page["status_timer"].tick(h.page_load, None, page.pick(PAGE_OUTPUTS), **page_events)
+
+    generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
+                                          "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
+                             progress=True, request=True)
+    page["generate_btn"].click(h.stop_generation, None, None, queue=False, api_name=False, show_progress="hidden")
+    page["generate_btn"].click(
+        generate_api, [*page.pick(("image", "prompt", "max_new", "sampling", "temperature", "top_p", "min_px",
+                                   "max_px")), *view_inputs, page["extra_state"], page["video_state"]],
+        page.pick(h.generate_outputs), api_name="generate", trigger_mode="always_last", **model_events)
+
+    gr.on([page[name].input for name in redraws(page.view)], named_api(h.render, ("run_id",)), with_run,
+          view_outputs, api_name="render",
+          trigger_mode="always_last", **render_events)
+    page["alpha"].input(h.render, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
+    for shown, lo, hi in (("layer_range", "layer_lo", "layer_hi"), ("head_range", "head_lo", "head_hi")):
+        # In the browser: the range's [lo, hi] into the two values, then one redraw (the newest wins).
+        page[shown].change(None, [page[shown]], [page[lo], page[hi]], js="(range) => [range[0], range[1]]",
+                           api_name=False, trigger_mode="always_last", queue=False).then(
+            h.refresh, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
+    page["prompt_token"].input(h.pick_prompt_token, [page["prompt_token"]], [page["chips"]], api_name=False,
+                               queue=False)
+    page["chips"].input(h.pick_chip, [page["chips"]], [page["token"], page["prompt_token"]], api_name=False,
+                        queue=False).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+    page["token"].input(h.pick_chip, [page["token"]], [page["chips"], page["prompt_token"]], api_name=False,
+                        queue=False).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+    page["relative"].input(h.relative_toggle, with_run, view_outputs, api_name=False, **model_events)
+    page["method"].input(named_api(h.method_select, ("run_id",), progress=True), with_run, view_outputs,
+                         api_name="method", **model_events)
+    _wire_region_and_box(page, h, with_run, view_outputs, render_events)
+    _wire_analysis(page, h, with_run, ranges, model_events, render_events)
+    _wire_downloads(page, h, with_run, render_events)
+
+
+def _named_api(page: Page):
+    """`ui.handlers.named_api` for this page: the API names every view control of the page's record."""
+    return functools.partial(named_view_api, record=type(page.view))
+
+
+def _wire_region_and_box(page: Page, h: Handlers, with_run: list, view_outputs: list, render_events: dict) -> None:
+    named_api = _named_api(page)
+    page["picture"].select(named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
+                           [page["run_id"], page["box_mode"], page["corner"], *page.view_inputs],
+                           page.pick(BOX_OUTPUTS), api_name=False, **render_events)
+    gr.on([page["target_box"].submit, page["target_box"].blur], h.render, with_run, view_outputs, api_name=False,
+          **render_events)
+    page["picture"].select(h.region_click, page.pick(("run_id", "region", "view", "box_mode")),
+                           page.pick(REGION_OUTPUTS), api_name=False, **render_events).then(
+        h.render_region, [page["run_id"], page["region"], page["box_mode"], *page.view_inputs], [page["picture"]],
+        api_name=False, **render_events)
+    page["region_clear"].click(h.region_clear, None, page.pick(REGION_OUTPUTS), api_name=False).then(
+        h.render, with_run, view_outputs, api_name=False, **render_events)
+
+
+def _wire_analysis(page: Page, h: Handlers, with_run: list, ranges: list, model_events: dict,
+                   render_events: dict) -> None:
+    named_api = _named_api(page)
+    analysis_outputs = page.pick(("matrix", "text", "gallery", "note"))
+    gr.on([page["show"].click, page["metric"].input], named_api(h.analysis, ("run_id", "metric")),
+          [page["run_id"], page["metric"], *page.view_inputs], analysis_outputs, api_name="analysis",
+          **render_events)
+    page["matrix"].change(h.matrix_pick, [page["matrix"]], ranges, api_name=False, queue=False)
+    page["lens_btn"].click(named_api(h.lens, ("run_id",), view=False, progress=True), [page["run_id"]],
+                           page.pick(("lens_view", "lens_file")), api_name="logit_lens", **model_events)
+    page["verify_btn"].click(named_api(h.verify, ("run_id",), progress=True), with_run,
+                             page.pick(("verify_plot", "verify_insertion", "verify_note")), api_name="verify",
+                             **model_events)
+    page["zip"].click(named_api(h.gallery_download, ("run_id",)), with_run, [page["files"]],
+                      api_name="gallery_zip", **render_events)
+
+
+def _wire_downloads(page: Page, h: Handlers, with_run: list, render_events: dict) -> None:
+    named_api = _named_api(page)
+    page["png_btn"].click(named_api(h.download_png, ("run_id",)), with_run, [page["files"]], api_name="download_png",
+                          **render_events)
+    page["gif_btn"].click(named_api(h.download_animation, ("run_id",)), with_run, [page["files"]],
+                          api_name="download_animation", **render_events)
+    page["export_btn"].click(h.export_attention, [page["run_id"]], [page["files"]], api_name="export_attention",
+                             **render_events)
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:

@@ -25,8 +25,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attention_store import LayerRecord, RowStore, StoreKind, build_store, choose_store, store_bytes
+from errors import CaptureError, InputError
 from families import attention_implementation, decoder_layers, softmax_layers
-from records import AttentionRun, UserError, segment_positions  # noqa: F401  (AttentionRun re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,6 @@ CAPTURE_IMPLEMENTATION = RECORD_IMPLEMENTATION          # the decoder's implemen
 CaptureMethod = Literal["sdpa", "eager"]
 CAPTURE_METHODS: tuple[str, ...] = ("sdpa", "eager")
 
-
-class CaptureError(RuntimeError):
-    """Capture did not produce one attention row per generated token."""
 
 
 def attention_dims(model) -> dict[str, int]:
@@ -55,9 +52,6 @@ def estimate_capture_bytes(model, num_layers: int, prompt_len: int, max_new_toke
                 num_prompt_rows=num_prompt_rows, itemsize=model.get_input_embeddings().weight.element_size())
     return store_bytes(choose_store(store, **dims), **dims)
 
-
-class CaptureTooLargeError(UserError, MemoryError):
-    """A capture that would exceed the memory allowed for it; refused before generating."""
 
 
 _active = None                                    # the recorder that receives attention calls, if any
@@ -271,13 +265,13 @@ def capture_attention(model, method: CaptureMethod = "sdpa", capture_layers: lis
     raises. Only one recording runs at a time.
     """
     if method not in CAPTURE_METHODS:
-        raise ValueError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
+        raise InputError(f"Unknown capture method {method!r}; choose one of {CAPTURE_METHODS}.")
     num_layers, attending = len(decoder_layers(model)), softmax_layers(model)
     layer_indices = sorted(set(attending if capture_layers is None else capture_layers))
     if not layer_indices or not all(0 <= idx < num_layers for idx in layer_indices):
-        raise ValueError(f"capture_layers must be indices in 0..{num_layers - 1}, got {capture_layers}.")
+        raise InputError(f"capture_layers must be indices in 0..{num_layers - 1}, got {capture_layers}.")
     if set(layer_indices) - set(attending):
-        raise ValueError(f"Layers {sorted(set(layer_indices) - set(attending))} have no softmax attention (linear "
+        raise InputError(f"Layers {sorted(set(layer_indices) - set(attending))} have no softmax attention (linear "
                          f"attention), so they have no attention map; capture some of {attending}.")
     if method == "sdpa":
         with recording(model, GenerationRecorder(model, layer_indices, prompt_positions)) as recorder:

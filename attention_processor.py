@@ -11,10 +11,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from errors import InputError, OutOfRangeError
 from records import AttentionRun, VisionLayout
 
 Reduce = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "min")
+# The name of the map read straight from the captured rows (the registry's first method, methods.METHODS).
+RAW_ATTENTION = "attention"
 Normalization = Literal["minmax", "percentile", "fixed"]
 NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "fixed")
 
@@ -25,16 +28,16 @@ def range_slice(bounds: tuple[int, int] | None, available: list[int], what: str)
         return slice(0, len(available))
     lo, hi = int(bounds[0]), int(bounds[1])
     if lo > hi:
-        raise ValueError(f"The {what} range {lo}..{hi} is inverted; the first number must not exceed the second.")
+        raise InputError(f"The {what} range {lo}..{hi} is inverted; the first number must not exceed the second.")
     if available and available[-1] - available[0] + 1 != len(available):
         # Sparse (Qwen3.5: only some layers have softmax attention): the captured ones inside the range.
         inside = [i for i, idx in enumerate(available) if lo <= idx <= hi]
         if lo < 0 or hi > available[-1] or not inside:
-            raise ValueError(f"The {what} range {lo}..{hi} holds no {what} with softmax attention; those are "
+            raise InputError(f"The {what} range {lo}..{hi} holds no {what} with softmax attention; those are "
                              f"{', '.join(map(str, available))}. Pick a range that includes one.")
         return slice(inside[0], inside[-1] + 1)
     if lo not in available or hi not in available or available.index(hi) - available.index(lo) != hi - lo:
-        raise ValueError(f"The {what} range {lo}..{hi} is outside what was captured "
+        raise InputError(f"The {what} range {lo}..{hi} is outside what was captured "
                          f"({available[0]}..{available[-1]}); pick a range inside it.")
     return slice(available.index(lo), available.index(hi) + 1)
 
@@ -48,7 +51,7 @@ def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
         return flat.max(dim=0).values
     if reduce == "min":
         return flat.min(dim=0).values
-    raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
+    raise InputError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
 
 
 def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
@@ -83,7 +86,7 @@ def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None =
 
 def _layout(run: AttentionRun, image_idx: int) -> VisionLayout:
     if not 0 <= image_idx < len(run.visions):
-        raise IndexError(f"image_idx {image_idx} is out of range: this run has {len(run.visions)} image(s).")
+        raise OutOfRangeError(f"image_idx {image_idx} is out of range: this run has {len(run.visions)} image(s).")
     return run.visions[image_idx]
 
 
@@ -118,14 +121,14 @@ def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, i
     `run.prompt_positions`): what that prompt word attends to in the image."""
     layout = _layout(run, image_idx)
     if layout.token_positions[0] > token_pos:
-        raise ValueError(f"Prompt token {token_pos} comes before image {image_idx}, so it cannot attend to it.")
+        raise InputError(f"Prompt token {token_pos} comes before image {image_idx}, so it cannot attend to it.")
     return _heatmap(layout, _selected(run, run.prompt_attention(token_pos), layers, heads), reduce, renormalize)
 
 
 def _heatmap(layout: VisionLayout, rows: torch.Tensor, reduce: str, renormalize: bool) -> np.ndarray:
     """rows (l, h, S) → (grid_h, grid_w), or (frames, grid_h, grid_w) for a video, float32."""
     if reduce not in REDUCTIONS:
-        raise ValueError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
+        raise InputError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
     values = _on_image(layout, rows, renormalize)                       # (l, h, n_tokens)
     shape = (layout.num_frames, *layout.grid_hw) if layout.num_frames > 1 else layout.grid_hw
     return _reduce(values, reduce).reshape(shape).numpy().astype(np.float32)
@@ -163,14 +166,14 @@ def normalize_heatmap(heatmap: np.ndarray, mode: Normalization = "minmax", perce
         lo, hi = float(heatmap.min()), float(heatmap.max())
     elif mode == "percentile":
         if not 0.0 < percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}.")
+            raise InputError(f"percentile must be in (0, 100], got {percentile}.")
         lo, hi = float(heatmap.min()), float(np.percentile(heatmap, percentile))
     elif mode == "fixed":
         if value_range is None:
             raise ValueError("mode='fixed' needs value_range=(lo, hi).")
         lo, hi = float(value_range[0]), float(value_range[1])
     else:
-        raise ValueError(f"Unknown normalisation {mode!r}; choose one of {NORMALIZATIONS}.")
+        raise InputError(f"Unknown normalisation {mode!r}; choose one of {NORMALIZATIONS}.")
     if hi <= lo:
         return np.zeros_like(heatmap)
     return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

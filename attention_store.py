@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from errors import InputError
+
 StoreKind = Literal["auto", "rows", "qk"]
 STORE_KINDS: tuple[str, ...] = ("auto", "rows", "qk")
 _CHUNK_ELEMENTS = 2**25                     # float32 scores per chunk at the end of generation (128 MB)
@@ -86,7 +88,7 @@ def store_bytes(kind: str, num_layers: int, num_heads: int, num_kv_heads: int, h
 def choose_store(kind: StoreKind, **dims) -> str:
     """'rows' or 'qk': the one asked for, or for 'auto' the one that keeps fewer bytes."""
     if kind not in STORE_KINDS:
-        raise ValueError(f"Unknown store {kind!r}; choose one of {STORE_KINDS}.")
+        raise InputError(f"Unknown store {kind!r}; choose one of {STORE_KINDS}.")
     if kind != "auto":
         return kind
     return "rows" if store_bytes("rows", **dims) <= store_bytes("qk", **dims) else "qk"

@@ -20,12 +20,14 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from attention_processor import normalize_heatmap, token_heatmap, vision_share
+from attention_processor import RAW_ATTENTION, normalize_heatmap, token_heatmap, vision_share
+from errors import InputError
 from families import softmax_layers
-from gallery import file_stem
+from methods import METHODS
 from model_holder import ModelHolder
+from pictures.gallery import file_stem
+from pictures.report import write_report
 from records import AttentionRun
-from report import write_report
 from utils import load_image
 from visualization import COLORMAPS, labelled, overlay
 
@@ -88,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "are 0-based; output files are numbered from 1 (S1_L1_H1 = step 0, layer 0, head 0).")
     parser.add_argument("--model", required=True, help="hub id or local folder")
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE")
-    parser.add_argument("--methods", default="attention", help="with --manifest: comma-separated map methods to "
-                        "score (attention, rollout, gradient, vit; default attention)")
+    parser.add_argument("--methods", default=RAW_ATTENTION, help="with --manifest: comma-separated map methods to "
+                        f"score ({', '.join(METHODS)}, or all; default {RAW_ATTENTION})")
     parser.add_argument("--relative", action="store_true", help="with --manifest: also score each attention map "
                         "divided by the generic-prompt map of the same image (one more model pass per item)")
     parser.add_argument("--per-head", action="store_true", help="with --manifest: also score every layer's and "
@@ -128,26 +130,26 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
             lines = prompts_file.read_text(encoding="utf-8").splitlines()
             found += [line.strip() for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"Could not read --prompts-file {prompts_file}: {err}. "
+            raise InputError(f"Could not read --prompts-file {prompts_file}: {err}. "
                              "Give a UTF-8 text file with one prompt per line.") from err
     if not found:
-        raise ValueError("No prompts given. Pass --prompts \"question\" ... or --prompts-file with one per line.")
+        raise InputError("No prompts given. Pass --prompts \"question\" ... or --prompts-file with one per line.")
     return found
 
 
 def check_settings(settings: BatchSettings, num_layers: int | None = None, num_heads: int | None = None) -> None:
     """Raise ValueError naming the fix; model limits are checked when they are given."""
     if not 0.0 <= settings.alpha <= 1.0:
-        raise ValueError(f"--alpha must be between 0 and 1, got {settings.alpha}.")
+        raise InputError(f"--alpha must be between 0 and 1, got {settings.alpha}.")
     if settings.max_new_tokens < 1 or not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
-        raise ValueError(f"Need 1 <= --max-new-tokens and 0 <= --min-new-tokens <= --max-new-tokens, got "
+        raise InputError(f"Need 1 <= --max-new-tokens and 0 <= --min-new-tokens <= --max-new-tokens, got "
                          f"{settings.max_new_tokens} and {settings.min_new_tokens}.")
     if settings.steps and settings.steps[-1] >= settings.max_new_tokens:
-        raise ValueError(f"--steps asks for step {settings.steps[-1]}, but at most {settings.max_new_tokens} "
+        raise InputError(f"--steps asks for step {settings.steps[-1]}, but at most {settings.max_new_tokens} "
                          f"tokens are generated (steps 0-{settings.max_new_tokens - 1}); raise --max-new-tokens.")
     for what, bounds, count in (("layers", settings.layers, num_layers), ("heads", settings.heads, num_heads)):
         if bounds is not None and count is not None and bounds[1] >= count:
-            raise ValueError(f"--{what} {bounds[0]}-{bounds[1]} is outside the model, which has {count} {what} "
+            raise InputError(f"--{what} {bounds[0]}-{bounds[1]} is outside the model, which has {count} {what} "
                              f"(0-{count - 1}, 0-based); pick a range inside it.")
 
 
@@ -201,7 +203,7 @@ def run_pair(holder: ModelHolder, image: Image.Image, image_path: str, prompt: s
     extra = {"min_new_tokens": settings.min_new_tokens} if settings.min_new_tokens else {}
     capture = [idx for idx in softmax_layers(holder.model) if layers[0] <= idx <= layers[1]]
     if not capture:
-        raise ValueError(f"Layers {layers[0]}-{layers[1]} have no softmax attention (linear attention only); pick "
+        raise InputError(f"Layers {layers[0]}-{layers[1]} have no softmax attention (linear attention only); pick "
                          f"a range with one of {softmax_layers(holder.model)}.")
     run = holder.generate(image, prompt, max_new_tokens=settings.max_new_tokens, capture_layers=capture, **extra)
     wanted = list(range(run.num_steps)) if settings.steps is None else list(settings.steps)
@@ -301,11 +303,12 @@ def _processes(device: str):
 def _study(parser: argparse.ArgumentParser, args) -> int:
     """`--manifest`: score every item's maps against its target; 0 when every row was scored, else 1.
     Under several processes each loads the model on its own device and scores its share of the items."""
-    from study import run_study
-    from study_items import StudySettings
+    from study.items import StudySettings
+    from study.runner import run_study
     if not args.manifest.exists():
         parser.error(f"no manifest {str(args.manifest)!r}: give a JSONL or CSV file, or an imagefolder")
-    methods = tuple(method.strip() for method in args.methods.split(",") if method.strip())
+    methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
+    methods = tuple(METHODS) if methods == ("all",) else methods
     settings = StudySettings(layers=args.layers, heads=args.heads, max_new_tokens=args.max_new_tokens,
                              methods=methods, relative=args.relative, per_head=args.per_head or args.val_fraction > 0,
                              val_fraction=args.val_fraction)

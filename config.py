@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from errors import InputError
+
 REPO_DIR = Path(__file__).resolve().parent
 
 
@@ -29,10 +31,10 @@ class ModelRanges:
             record = json.loads(Path(path).read_text(encoding="utf-8"))
             layers, heads = (tuple(int(v) for v in record[key]) for key in ("layers", "heads"))
             if len(layers) != 2 or len(heads) != 2 or not 0 <= layers[0] <= layers[1] or not 0 <= heads[0] <= heads[1]:
-                raise ValueError("layers and heads must each be [lo, hi] with 0 <= lo <= hi")
+                raise InputError("layers and heads must each be [lo, hi] with 0 <= lo <= hi")
             return cls(str(record["model"]), layers, heads)
         except (OSError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
+            raise InputError(f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
                              "batch.py --manifest ... --val-fraction (it holds model, layers and heads).") from err
 
     def fits(self, model_id: str) -> bool:

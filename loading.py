@@ -11,13 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from errors import ModelLoadError
 from families import detect_family, load_attention
-from records import UserError
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A checkpoint that could not be found or loaded; the message says what to check."""
-
 
 
 def check_weights_cover_config(folder: Path, config) -> None:

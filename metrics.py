@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from errors import InputError
 from records import VisionLayout
 
 
@@ -30,16 +31,16 @@ def target_mask(image_size: tuple[int, int], boxes: Sequence[Sequence[float]] = 
     for box in boxes:
         x0, y0, x1, y1 = (float(v) for v in box)
         if not x1 > x0 or not y1 > y0:
-            raise ValueError(f"A box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}.")
+            raise InputError(f"A box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}.")
         region[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = True
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
         if mask.shape != (height, width):
-            raise ValueError(f"The mask is {mask.shape[1]}x{mask.shape[0]} px but the image is {width}x{height}; "
+            raise InputError(f"The mask is {mask.shape[1]}x{mask.shape[0]} px but the image is {width}x{height}; "
                              "give a mask of the image's own size.")
         region |= mask
     if not region.any():
-        raise ValueError("The target is empty: give at least one box or a mask with some pixels set.")
+        raise InputError("The target is empty: give at least one box or a mask with some pixels set.")
     return region
 
 

@@ -17,18 +17,11 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from attention_extractor import (
-    AttentionRun,
-    CaptureMethod,
-    CaptureTooLargeError,
-    capture_attention,
-    estimate_capture_bytes,
-    segment_positions,
-)
+from attention_extractor import CaptureMethod, capture_attention, estimate_capture_bytes
 from attention_store import StoreKind
+from errors import CaptureTooLargeError, GenerationOutOfMemoryError, ImageLoadError, InputError
 from families import (
     SUPPORTED_FAMILIES,
-    VisionLayout,
     attention_windows,
     decoder_layers,
     pixel_budget,
@@ -36,17 +29,15 @@ from families import (
     processor_options,
     softmax_layers,
     supports_video,
+    video_families,
     vision_layouts,
 )
-from loading import ModelLoadError, check_weights_cover_config, load_checkpoint  # noqa: F401  (re-exported)
-from records import GenerationSettings, UserError
-from utils import ImageLoadError, load_image, load_video, resolve_device, resolve_dtype
+from loading import load_checkpoint
+from records import AttentionRun, GenerationSettings, VisionLayout, segment_positions
+from utils import load_image, load_video, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-
-class GenerationOutOfMemoryError(UserError, MemoryError):
-    """Generation ran out of memory; what it took has been freed and the model is usable."""
 
 
 def _token_piece(tokenizer, token_id: int) -> str:
@@ -169,7 +160,7 @@ class ModelHolder:
             sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
             hint = ("Crop it to a less extreme aspect ratio or resize it" if "aspect ratio" in str(err) else
                     "Check that this checkpoint's processor takes this kind of input (images, video)")
-            raise ValueError(f"The processor could not prepare the input ({sizes}): {err} {hint}, then try "
+            raise InputError(f"The processor could not prepare the input ({sizes}): {err} {hint}, then try "
                              "again.") from err
 
     def on_model(self, inputs):
@@ -204,7 +195,7 @@ class ModelHolder:
         Every pass that replays a run builds its inputs here.
         """
         if not run.images:
-            raise ValueError("This pass replays the run's image, and this run has none (a video, or a run "
+            raise InputError("This pass replays the run's image, and this run has none (a video, or a run "
                              "made elsewhere). Generate from an image first.")
         images = run.images if images is None else images
         if [im.size for im in images] != [im.size for im in run.images]:
@@ -218,7 +209,7 @@ class ModelHolder:
         """Refuse up front what would overflow the model's context or the capture's memory."""
         context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if context and prompt_len + max_new_tokens > context:
-            raise ValueError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
+            raise InputError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
                              f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
                              "image-token budget (max pixels) or generate fewer tokens.")
         estimate = estimate_capture_bytes(self.model, num_layers, prompt_len, max_new_tokens, num_prompt_rows, store)
@@ -260,11 +251,12 @@ class ModelHolder:
         """Loaded images and video frames; exactly one of the two is given."""
         if video is not None:
             if image is not None:
-                raise ValueError("Give either images or a video, not both.")
+                raise InputError("Give either images or a video, not both.")
             if not supports_video(self.family):
-                raise ValueError(f"Video input needs a Qwen model; {SUPPORTED_FAMILIES[self.family]} takes images.")
+                raise InputError(f"{SUPPORTED_FAMILIES[self.family]} takes images, not video. Video works with "
+                                 f"{', '.join(video_families())}; give images, or load one of those.")
             if not self.takes_video:
-                raise ValueError("This checkpoint's chat template has no video part, so it cannot be given a "
+                raise InputError("This checkpoint's chat template has no video part, so it cannot be given a "
                                  "video. Use images, or load a checkpoint whose template takes video.")
             return [], load_video(video)
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -297,12 +289,12 @@ class ModelHolder:
         """
         images, frames = self._media(image, video)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("The prompt is empty. Type a question or instruction about the image.")
+            raise InputError("The prompt is empty. Type a question or instruction about the image.")
         if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
+            raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
         for option in ("num_beams", "num_return_sequences"):
             if generate_kwargs.get(option, 1) != 1:
-                raise ValueError(f"{option}={generate_kwargs[option]} is not supported: the attention is captured "
+                raise InputError(f"{option}={generate_kwargs[option]} is not supported: the attention is captured "
                                  "for one sequence. Use greedy decoding or sampling with one sequence.")
         inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
         sizes = [im.size for im in images] or [frames[0].size]

@@ -1,14 +1,13 @@
 """The one door from the UI to the model: the shared model slot and its lock, streaming generation,
 every on-demand model pass, the bounded store of results, and exports.
 
-`handlers.py` turns component values into typed settings and calls one function here (or in
-`views.py`) per event. Nothing here imports gradio, so scripts and tests use the same code paths
+`ui/handlers.py` turns component values into typed settings and calls one function here (or in
+`pictures/views.py`) per event. Nothing here imports gradio, so scripts and tests use the same code paths
 as the browser. Every pass that runs the model takes the slot's lock here, and only here.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -25,25 +24,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from analysis import GENERIC_PROMPT
-from explain import gradient_map, rollout_map, vit_combined_maps
-from faithfulness import Faithfulness, faithfulness
-from gallery import gallery_zip
-from lenses import run_logit_lens
+from attention_processor import RAW_ATTENTION
+from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
+from methods import MapRequest, compute_maps, generic_baseline, method
+from methods.faithfulness import Faithfulness, faithfulness
+from methods.lens import run_logit_lens
 from model_holder import ModelHolder
-from records import AttentionRun, UserError
-from report import lens_html
-from views import METHODS, StoredRun, ViewSettings, method_key, raw_heatmap
+from pictures.gallery import gallery_zip
+from pictures.report import lens_html
+from pictures.stored_run import StoredRun, ViewSettings, method_key, raw_heatmap
+from records import AttentionRun
 
 logger = logging.getLogger(__name__)
 
 
-class EvictedError(UserError, LookupError):
-    """A session's result was dropped to keep memory bounded."""
-
-
-class ModelMismatchError(UserError, LookupError):
-    """A pass needs the model that made a result, and another one (or none) is loaded."""
 
 
 class ModelSlot:
@@ -100,9 +94,9 @@ class ModelSlot:
 
     def get(self) -> ModelHolder:
         if self.holder is None and not self.ready.is_set():
-            raise LookupError("The start-up model is still loading; try again in a moment.")
+            raise NotReadyError("The start-up model is still loading; try again in a moment.")
         if self.holder is None:
-            raise LookupError("No model is loaded. Pick a model and press Load first.")
+            raise NotReadyError("No model is loaded. Pick a model and press Load first.")
         return self.holder
 
 
@@ -158,35 +152,28 @@ def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
     """The same image with a generic prompt and the run's own pixel budget (one token), kept on `stored`."""
     if stored.baseline is None:
         holder = slot.made(stored.run, "The generic-prompt baseline")
-        made = stored.run.settings
         with slot.lock:
-            stored.baseline = holder.generate(stored.run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
-                                              min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+            stored.baseline = generic_baseline(holder, stored.run)
     return stored.baseline
 
 
 def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_gradient_mb: float | None = None,
                 track=lambda steps, desc: steps) -> list[np.ndarray]:
-    """Every generated token's rollout, gradient or ViT-combined map (model passes), kept on `stored`.
+    """Every generated token's map by `settings.method` (model passes, from the registry), kept on `stored`.
 
     track: wraps the loop over steps, e.g. a progress bar."""
-    key = method_key(settings)
+    entry = method(settings.method)
+    key = method_key(settings, entry.uses_ranges)
     if key not in stored.method_maps:
-        holder = slot.made(stored.run, f"The {settings.method} map")
-        steps = range(stored.run.num_steps)
+        holder = slot.made(stored.run, f"The {entry.name} map") if entry.needs_model else None
+        raw = replace(settings, method=RAW_ATTENTION, relative=False, mask_sinks=False)
+        request = MapRequest(holder, stored.run, range(stored.run.num_steps), settings.layers, settings.heads,
+                             attention_map=lambda t: raw_heatmap(stored, replace(raw, step_idx=t)),
+                             max_gradient_mb=max_gradient_mb, track=track)
         with slot.lock:
-            if settings.method == "vit":
-                heats = [raw_heatmap(stored, replace(settings, method="attention", step_idx=t, relative=False,
-                                                     mask_sinks=False)) for t in steps]
-                maps = vit_combined_maps(holder, stored.run, heats)
-            elif settings.method in ("rollout", "gradient"):
-                compute = rollout_map if settings.method == "rollout" else \
-                    functools.partial(gradient_map, max_mb=max_gradient_mb)
-                maps = [compute(holder, stored.run, t)
-                        for t in track(steps, f"{settings.method} maps")]
-            else:
-                raise ValueError(f"Unknown map method {settings.method!r}; choose one of {METHODS}.")
+            maps = compute_maps(entry.name, request)
         stored.method_maps[key] = maps
+        stored.method_captions[entry.name] = entry.caption
     return stored.method_maps[key]
 
 
@@ -202,7 +189,7 @@ def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Fa
     """Deletion and insertion curves of the map these settings draw, against a random order (model passes)."""
     holder = slot.made(stored.run, "Verifying")
     if settings.prompt_pos is not None:
-        raise ValueError("Verify works on generated tokens; pick one from the token list.")
+        raise InputError("Verify works on generated tokens; pick one from the token list.")
     with slot.lock:
         return faithfulness(holder, stored.run, settings.step_idx, raw_heatmap(stored, settings))
 
@@ -231,7 +218,7 @@ class RunStore:
     def get(self, run_id: str | None) -> StoredRun:
         with self._lock:
             if not run_id:
-                raise LookupError("Nothing generated yet. Upload an image, type a prompt and press Generate.")
+                raise NotReadyError("Nothing generated yet. Upload an image, type a prompt and press Generate.")
             if run_id not in self._runs:
                 raise EvictedError("This result was removed to free memory for other sessions. "
                                    "Press Generate again to recompute it.")
@@ -316,7 +303,7 @@ def save_animation(frames, out_dir: Path, seconds_per_frame: float = 0.6) -> Pat
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
-        raise ValueError("There is nothing to animate: this run generated no tokens.")
+        raise InputError("There is nothing to animate: this run generated no tokens.")
     path = _fresh_path(out_dir, "attention-animation", ".gif")
     first.save(path, format="GIF", save_all=True, append_images=frames, duration=int(seconds_per_frame * 1000),
                loop=0, optimize=False)

@@ -13,11 +13,7 @@ import numpy as np
 import torch
 
 from attention_store import QueryKeyStore, RowStore
-
-
-class UserError(Exception):
-    """A problem the user can fix: bad input, a missing model, a budget exceeded. The message says
-    what to do. Every such error of the project derives from it; the UI shows it and keeps serving."""
+from errors import InputError, OutOfRangeError
 
 
 def cell_edges(grid_hw: tuple[int, int], box_xyxy) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +195,7 @@ class AttentionRun:
             if layout.image_index == image and (view is None or layout.view == view):
                 return index
         names = sorted({f"image {layout.image_index}: {layout.view or 'its one view'}" for layout in self.visions})
-        raise ValueError(f"No view {view!r} of image {image} in this run; it has {', '.join(names)}.")
+        raise InputError(f"No view {view!r} of image {image} in this run; it has {', '.join(names)}.")
 
     def layers_in(self, layers) -> list[int]:
         """The captured layers inside the inclusive range `layers` (all of them in it, except where some
@@ -227,7 +223,7 @@ class AttentionRun:
     def prompt_attention(self, token_pos: int) -> torch.Tensor:
         """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
         if token_pos not in self.prompt_positions:
-            raise IndexError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
+            raise OutOfRangeError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
                              f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
         return self.attention.prompt(self.prompt_positions.index(token_pos))[:, :, : token_pos + 1]
 
@@ -242,6 +238,34 @@ class AttentionRun:
         """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
         of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
         if not 0 <= step_idx < self.num_steps:
-            raise IndexError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
+            raise OutOfRangeError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
                              f"tokens, so pick 0..{self.num_steps - 1}.")
         return self.attention.step(step_idx)
+
+@dataclass
+class LogitLens:
+    """Top-k predictions per decoder layer and vision token of one image. Indices are 0-based.
+
+    layer_indices: the decoder layers, axis 0 (layer i means the output of decoder layer i; the
+        embedding output is not a layer).
+    top_ids: (num_layers, n_cells, k) int64; top_probs: (num_layers, n_cells, k) float32.
+    top_tokens: [layer][cell][k] decoded strings. Cell j is grid cell (j // grid_w, j % grid_w).
+    """
+
+    layer_indices: list[int]
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+    top_tokens: list[list[list[str]]]
+    grid_hw: tuple[int, int]
+    image_box_xyxy: tuple[float, float, float, float]
+    tracked: np.ndarray | None = None          # (num_layers, n_cells, n_tracked) probabilities of track_ids
+
+    def token_map(self, index: int = 0) -> np.ndarray:
+        """(grid_h, grid_w): each patch's probability of tracked token `index`, averaged over layers."""
+        if self.tracked is None:
+            raise ValueError("No token was tracked; pass track_ids to logit_lens.")
+        return self.tracked[:, :, index].mean(axis=0).reshape(self.grid_hw).astype(np.float32)
+
+    def most_confident_layer(self) -> np.ndarray:
+        """(n_cells,) the layer index where each cell's top-1 probability peaks."""
+        return np.asarray(self.layer_indices)[self.top_probs[:, :, 0].argmax(axis=0)]

@@ -9,15 +9,12 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from records import UserError
+from errors import ImageLoadError, InputError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-class ImageLoadError(UserError, ValueError):
-    """A file or object that cannot be used as an image; the message says what to do."""
 
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
@@ -113,10 +110,10 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no GPU is visible to PyTorch. Use device='cpu' (or 'auto'), "
+        raise InputError("CUDA was requested but no GPU is visible to PyTorch. Use device='cpu' (or 'auto'), "
                          "or check the CUDA driver and the torch build.")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cuda' or 'cpu'.")
+        raise InputError(f"Unknown device {device!r}; use 'auto', 'cuda' or 'cpu'.")
     return device
 
 
@@ -125,5 +122,5 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}.")
+        raise InputError(f"Unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}.")
     return DTYPES[dtype]

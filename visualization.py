@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from attention_processor import normalize_heatmap
+from errors import InputError
 from records import cell_edges
 
 COLORMAPS: dict[str, int] = {
@@ -47,9 +48,9 @@ def colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
               interpolation: Interpolation) -> np.ndarray:
     """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB uint8 at `size_wh`."""
     if colormap not in COLORMAPS:
-        raise ValueError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
+        raise InputError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATIONS)}.")
+        raise InputError(f"Unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATIONS)}.")
     resized = cv2.resize(unit, size_wh, interpolation=_INTERPOLATIONS[interpolation])  # (h, w) float32
     levels = cv2.convertScaleAbs(resized, alpha=255.0)                                 # (h, w) uint8, clipped
     bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])                               # (h, w, 3) BGR
@@ -106,7 +107,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "
     grid: draw the token grid's cell borders.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be between 0 and 1, got {alpha}.")
+        raise InputError(f"alpha must be between 0 and 1, got {alpha}.")
     canvas = _paint(_as_array(image), heatmap, box_xyxy, colormap, alpha, interpolation, value_range)
     return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
 

@@ -131,7 +131,7 @@ def public_holder(dims_name: str, device: str, max_side: int):
     from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
     from model_holder import ModelHolder
-    from tiny_models import _qwen_ids, _qwen_tokenizer, build_processor
+    from testing.tiny_models import _qwen_ids, _qwen_tokenizer, build_processor
     dims, tok = PUBLIC_DIMS[dims_name], _qwen_tokenizer()
     text = dict(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
                 num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
@@ -160,9 +160,9 @@ def public_internvl_holder(dims_name: str, device: str, **shrink):
         InternVLVideoProcessor,
     )
 
-    import tiny_tiles
     from model_holder import ModelHolder
-    from tiny_models import _tokenizer
+    from testing import tiny_tiles
+    from testing.tiny_models import _tokenizer
     dims, tok = {**INTERNVL_DIMS[dims_name], **shrink}, tiny_tiles.tokenizer_for("internvl", _tokenizer)
     text = dict(model_type="qwen2", vocab_size=dims["vocab"], hidden_size=dims["hidden"],
                 intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
@@ -235,7 +235,7 @@ def decode_loop_ops() -> float:
 
     from attention_extractor import capture_attention
     from model_holder import ModelHolder
-    from tiny_models import make_tiny_model
+    from testing.tiny_models import make_tiny_model
     with tempfile.TemporaryDirectory() as tmp:
         holder = ModelHolder.load(make_tiny_model("qwen2_5_vl", tmp), device="cpu", dtype="float32")
     inputs = holder.on_model(holder.build_inputs(_image(112), "Describe the image."))
@@ -314,7 +314,7 @@ def main() -> None:
             print(f"# long answer: {args.long} new tokens")
             print_table({r["method"]: r for r in gpu_rows(holder, 1008, args.long, args.repeats)})
     else:
-        from tiny_models import make_tiny_model
+        from testing.tiny_models import make_tiny_model
         with tempfile.TemporaryDirectory() as tmp:
             make_tiny_model("qwen2_5_vl", tmp, sharpen=1.0, max_pixels=max(args.sizes) ** 2 + 28 * 28,
                             hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,

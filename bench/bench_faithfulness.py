@@ -19,10 +19,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import demo_data  # noqa: E402
 from attention_processor import token_heatmap  # noqa: E402
 from config import DEMO_MODEL_DIR, DEMO_RANGES  # noqa: E402
-from faithfulness import faithfulness  # noqa: E402
+from demo import data as demo_data  # noqa: E402
+from methods.faithfulness import faithfulness  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
 TEST_SEED = 31_337                         # the localization benchmark's held-out test seed

@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import demo_data  # noqa: E402
-import localization  # noqa: E402
 from attention_processor import token_heatmap, vision_attention  # noqa: E402
-from explain import gradient_map, rollout_map, vit_combined_map  # noqa: E402
-from faithfulness import faithfulness  # noqa: E402
-from lenses import logit_lens  # noqa: E402
-from localization import RangeChoice, contiguous_ranges, range_hits, ranges_json, ranges_record  # noqa: E402
+from demo import data as demo_data  # noqa: E402
+from methods import METHODS, MapRequest, compute_maps  # noqa: E402
+from methods.faithfulness import faithfulness  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 from records import cell_edges  # noqa: E402
+from study import localization  # noqa: E402
+from study.localization import RangeChoice, contiguous_ranges, range_hits, ranges_json, ranges_record  # noqa: E402
 
 log = logging.getLogger("bench_localization")
 REDUCES = ("mean", "max", "min")
@@ -170,22 +169,12 @@ def report(items, layers, heads, n_layers, n_heads, val_score) -> str:
 
 
 def method_maps(holder, items: list[Item], layers, heads) -> dict[str, tuple[list[np.ndarray], float]]:
-    """The answer token's map per method for every item, with the mean seconds per map."""
-    def raw(it):
-        return token_heatmap(it.run, 0, layers, heads, "mean")
-    makers = {"raw attention (recommended ranges)": raw,
-              "attention rollout (all layers)": lambda it: rollout_map(holder, it.run, 0),
-              "gradient-weighted attention": lambda it: gradient_map(holder, it.run, 0),
-              "ViT-combined (raw map through the vision encoder, patch grid)":
-                  lambda it: vit_combined_map(holder, it.run, raw(it)),
-              "logit lens (each patch's p(answer), mean over layers)":
-                  lambda it: logit_lens(holder, it.sample.image, it.sample.question, top_k=1,
-                                        track_ids=[it.run.generated_ids[0]]).token_map()}
+    """The answer token's map by every registered method for every item, with the mean seconds per map."""
     out = {}
-    for name, make in makers.items():
+    for name, entry in METHODS.items():
         start = time.perf_counter()
-        maps = [make(it) for it in items]
-        out[name] = (maps, (time.perf_counter() - start) / len(items))
+        maps = [compute_maps(name, MapRequest(holder, it.run, [0], layers, heads))[0] for it in items]
+        out[f"{name}: {entry.description}"] = (maps, (time.perf_counter() - start) / len(items))
     return out
 
 

@@ -25,11 +25,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pictures.stored_run import StoredRun, ViewSettings
+from pictures.views import render, share_table
 from records import (
     AttentionRun,  # noqa: E402
     VisionLayout,  # noqa: E402
 )
-from views import StoredRun, ViewSettings, render, share_table  # noqa: E402
 
 LAYERS, HEADS, GRID_HW, PROMPT_TEXT, STEPS = 28, 28, (27, 37), 40, 64
 

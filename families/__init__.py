@@ -3,7 +3,9 @@
 A family is detected from `config.model_type`. For each one its adapter knows how the processor
 turns an image into vision tokens, so it can say which sequence positions are vision tokens, how
 they are laid out as one grid per view, and which region of the ORIGINAL image each grid covers.
-Adding a family means one adapter module here, its row below and its tests.
+Each adapter declares its model types' facts as data (`SPECS`, a `families.base.FamilySpec` each) beside
+its `layouts()` and `token_cell_px()`; everything here reads those. Adding a family means one adapter
+module, its spec, its entry in `ADAPTERS` and its tests.
 
 | module | families |
 |---|---|
@@ -25,34 +27,33 @@ from contextlib import contextmanager
 
 import torch
 
+from errors import InputError, UnsupportedModelError
 from families import gemma3, idefics3, internvl, llava, llava_next, paligemma, pixtral, qwen
+from families.base import FamilySpec
 from families.llava import llava_box_xyxy
-from records import UserError, VisionLayout
+from records import VisionLayout
 
 __all__ = ["llava_box_xyxy"]
 
-# model_type -> display name.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "qwen3_vl": "Qwen3-VL",
-    "qwen3_5": "Qwen3.5",
-    "glm4v": "GLM-4.1V",
-    "llava": "LLaVA-1.5",
-    "llava_next": "LLaVA-NeXT",
-    "llava_onevision": "LLaVA-OneVision",
-    "internvl": "InternVL",
-    "gemma3": "Gemma 3",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
-    "mistral3": "Mistral 3",
-    "paligemma": "PaliGemma 2",
-}
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
-GRID_THW_FAMILIES = (*QWEN_FAMILIES, "glm4v")             # geometry from image_grid_thw, whole image
-TEXT_MODEL_FAMILIES = ("idefics3", "smolvlm")              # the decoder is model.model.text_model
+# Every adapter module, each declaring its model types' facts in `SPECS` (families.base.FamilySpec).
+ADAPTERS = (qwen, llava, llava_next, internvl, idefics3, gemma3, paligemma, pixtral)
+SPECS: dict[str, FamilySpec] = {spec.model_type: spec for module in ADAPTERS for spec in module.SPECS}
+_ADAPTER_OF = {spec.model_type: module for module in ADAPTERS for spec in module.SPECS}
+SUPPORTED_FAMILIES: dict[str, str] = {model_type: spec.name for model_type, spec in SPECS.items()}
+GRID_THW_FAMILIES = tuple(model_type for model_type, spec in SPECS.items() if spec.grid_thw)
+VIDEO_FAMILIES = tuple(model_type for model_type, spec in SPECS.items() if spec.video)
 # Refused with the reason: the image enters through cross-attention, never as tokens in self-attention.
 CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision", "idefics": "IDEFICS (v1)"}
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The declared facts of a supported model type."""
+    return SPECS[family]
+
+
+def video_families() -> list[str]:
+    """The names of the families whose video this tool maps, for the page and messages."""
+    return [SPECS[model_type].name for model_type in VIDEO_FAMILIES]
 
 
 def native_aspect(family: str, config) -> bool:
@@ -62,29 +63,14 @@ def native_aspect(family: str, config) -> bool:
 
 
 def token_cell_px(family: str, config) -> int:
-    """Side, in processed pixels, of the square one vision token covers in the main view: the patch
-    times the merge (Qwen, GLM: vision_config.spatial_merge_size; Mistral 3: config.spatial_merge_size;
-    CLIP and LLaVA-NeXT's tiles: none; InternVL, Idefics3: the pixel-shuffle factor; Gemma 3: the
-    square input side over its pooled tokens per side)."""
-    if family == "gemma3":
-        return gemma3.token_cell_px(config)
-    if native_aspect(family, config) or family in GRID_THW_FAMILIES:
-        return pixtral.token_cell_px(config)
-    patch = int(config.vision_config.patch_size)
-    if family == "internvl":
-        return int(round(patch / float(config.downsample_ratio)))
-    if family in TEXT_MODEL_FAMILIES:
-        return patch * int(config.scale_factor)
-    return patch                                                           # CLIP, SigLIP (LLaVA, PaliGemma)
+    """Side, in processed pixels, of the square one vision token covers in the main view (the patch times
+    the family's merge, pixel shuffle or pooling; each adapter's `token_cell_px`)."""
+    return _adapter(family, config).token_cell_px(config)
 
 
 def supports_vit_map(family: str, config) -> bool:
     """Whether the ViT-combined map knows this vision tower (Qwen's and GLM's merge, CLIP's layers)."""
-    return family in GRID_THW_FAMILIES or (family == "llava" and not native_aspect(family, config))
-
-
-class UnsupportedModelError(UserError, ValueError):
-    """The checkpoint's model_type is not one this tool knows how to map to image pixels."""
+    return SPECS[family].vit_map and not native_aspect(family, config)
 
 
 def detect_family(config) -> str:
@@ -117,13 +103,10 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
         model.set_attn_implementation(saved)
 
 
-VIDEO_FAMILIES = (*GRID_THW_FAMILIES, "internvl", "llava_onevision", "smolvlm")
-
 
 def supports_video(family: str) -> bool:
-    """Whether the family's processor takes a video and its adapter maps it (Qwen's families, GLM-4.1V,
-    InternVL, LLaVA-OneVision, SmolVLM)."""
-    return family in VIDEO_FAMILIES
+    """Whether the family's processor takes a video and its adapter maps it (its spec's `video`)."""
+    return SPECS[family].video
 
 
 def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixels: int | None,
@@ -135,7 +118,7 @@ def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixel
         return None
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if value is not None and (not isinstance(value, numbers.Integral) or value < 0):
-            raise ValueError(f"{name} must be a whole number of pixels (0 or none for the model's default), "
+            raise InputError(f"{name} must be a whole number of pixels (0 or none for the model's default), "
                              f"got {value!r}.")
     size = dict(image_processor.size)
     floor, ceiling = int(size["shortest_edge"]), int(size["longest_edge"])
@@ -175,19 +158,20 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def load_attention(family: str) -> str | dict:
     """The attention implementation to load with: SDPA, except PaliGemma's Gemma 2 decoder, whose logit
     soft-capping SDPA cannot do (transformers refuses it there); the capture replaces it either way."""
-    return {"text_config": "eager", "vision_config": "sdpa"} if family == "paligemma" else "sdpa"
+    return {"text_config": "eager", "vision_config": "sdpa"} if SPECS[family].eager_text else "sdpa"
 
 
 def prefix_lm(family: str) -> bool:
     """Whether the prompt (image and text) is one bidirectional prefix and generated tokens a causal
     suffix, marked by `token_type_ids` 0 and 1 (PaliGemma)."""
-    return family == "paligemma"
+    return SPECS[family].prefix_lm
 
 
 def processor_options(family: str, processor) -> dict:
     """Options every processor call of this family gets, so the geometry worked out here matches what
     the processor did (Gemma 3: the image processor's pan-and-scan settings)."""
-    return gemma3.processor_options(processor) if family == "gemma3" else {}
+    options = getattr(_ADAPTER_OF[family], "processor_options", None)
+    return options(processor) if options else {}
 
 
 def vision_layout(family: str, config, processor, inputs, image_size: tuple[int, int]) -> VisionLayout:
@@ -207,12 +191,7 @@ def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tup
 
 def _adapter(family: str, config):
     """The module that knows this family's geometry."""
-    if family in GRID_THW_FAMILIES:
-        return qwen
-    if native_aspect(family, config):
-        return pixtral
-    return {"gemma3": gemma3, "llava": llava, "llava_next": llava_next, "llava_onevision": llava_next,
-            "internvl": internvl, "idefics3": idefics3, "smolvlm": idefics3, "paligemma": paligemma}[family]
+    return pixtral if native_aspect(family, config) else _ADAPTER_OF[family]
 
 
 def vision_encoder_blocks(model) -> torch.nn.ModuleList:
@@ -262,7 +241,7 @@ def vision_merge_size(model) -> int:
 
 def vision_prefix_tokens(model) -> int:
     """Tokens the vision encoder's sequence holds before its patches: CLIP's CLS (LLaVA), none for Qwen."""
-    return 1 if model.config.model_type == "llava" else 0
+    return SPECS[model.config.model_type].vision_prefix_tokens
 
 
 def final_norm(model) -> torch.nn.Module:

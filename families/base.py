@@ -1,9 +1,39 @@
-"""What every family adapter shares: finding the vision tokens and checking their count."""
+"""What every family adapter shares: the spec it declares its facts in, finding the vision tokens and
+checking their count."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from errors import InputError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model type's facts, declared as data by its adapter module (its `SPECS`).
+
+    model_type: `config.model_type`; name: what the app and messages call it.
+    video: its processor takes a video and the adapter maps it.
+    grid_thw: the geometry comes from `image_grid_thw` (Qwen, GLM), which also takes a min/max pixel budget.
+    tiled: an image may become several views (tiles, a global view, crops).
+    vit_map: the ViT-combined map knows its vision tower (its merge, prefix tokens and feature block).
+    vision_prefix_tokens: tokens the vision encoder's sequence holds before its patches (CLIP's CLS).
+    prefix_lm: the prompt is one bidirectional prefix (`token_type_ids` 0), generated tokens a causal suffix.
+    eager_text: its decoder loads with eager attention (soft-capping, which SDPA cannot do).
+    """
+
+    model_type: str
+    name: str
+    video: bool = False
+    grid_thw: bool = False
+    tiled: bool = False
+    vit_map: bool = False
+    vision_prefix_tokens: int = 0
+    prefix_lm: bool = False
+    eager_text: bool = False
 
 
 def token_positions(inputs, token_id: int) -> np.ndarray:
@@ -20,7 +50,7 @@ def check_count(found: int, needed: list[int], token_id: int, num_inputs: int, w
     """Refuse a prompt whose vision tokens do not match the grids worked out from the processor
     (`needed`: the token count of each input's grids; one entry per image, or per video)."""
     if len(needed) != num_inputs or found != sum(needed):
-        raise ValueError(
+        raise InputError(
             f"Found {found} {what} tokens (id {token_id}) in the prompt for {num_inputs} {what}(s), but their "
             f"grids need {' + '.join(map(str, needed)) or 0}. Give one {what} entry in the prompt per input and "
             "use the processor that belongs to this checkpoint.")
@@ -34,9 +64,11 @@ def split_per_input(positions: np.ndarray, needed: list[int], token_id: int, num
 
 
 def no_video(family: str, video: bool) -> None:
+    """Refuse a video for a family whose adapter maps images only (the families that take video say so in
+    their spec, and the app offers video only for those)."""
     if video:
-        raise ValueError("This tool maps video for the Qwen families, GLM-4.1V, InternVL, LLaVA-OneVision and "
-                         f"SmolVLM, not {family}; give images instead.")
+        raise InputError(f"This tool maps video only for families whose spec says so, not {family}; give images "
+                         "instead.")
 
 
 def scale_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:

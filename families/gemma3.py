@@ -15,8 +15,11 @@ import math
 import numpy as np
 import torch
 
-from families.base import no_video, split_per_input, token_positions, whole_box
+from errors import InputError
+from families.base import FamilySpec, no_video, split_per_input, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("gemma3", "Gemma 3", tiled=True),)
 
 PAN_AND_SCAN_KEYS = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
                      "pan_and_scan_min_ratio_to_activate")
@@ -65,7 +68,7 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     if len(image_sizes) == 1:
         crops = [blocks - 1]                                            # exact whatever the call's options
     if sum(crops) + len(image_sizes) != blocks:
-        raise ValueError(f"The processor made {blocks} image views for {len(image_sizes)} image(s), but the "
+        raise InputError(f"The processor made {blocks} image views for {len(image_sizes)} image(s), but the "
                          f"pan-and-scan settings give {sum(crops) + len(image_sizes)}. Use the processor's own "
                          "pan-and-scan settings, or turn do_pan_and_scan off.")
     owns = split_per_input(positions, [count * (1 + n) for n in crops], token_id, len(image_sizes))

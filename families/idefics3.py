@@ -14,8 +14,10 @@ import re
 
 import numpy as np
 
-from families.base import check_count, no_video, token_positions, whole_box
+from families.base import FamilySpec, check_count, no_video, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("idefics3", "Idefics3", tiled=True), FamilySpec("smolvlm", "SmolVLM", video=True, tiled=True))
 
 MARKER = re.compile(r"<row_(\d+)_col_(\d+)>")
 
@@ -24,6 +26,11 @@ def _runs(positions: np.ndarray) -> list[np.ndarray]:
     """The unbroken runs of consecutive positions (one per tile or global image)."""
     breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
     return np.split(positions, breaks) if len(positions) else []
+
+
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: the patch times the pixel-shuffle scale factor."""
+    return int(config.vision_config.patch_size) * int(config.scale_factor)
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:

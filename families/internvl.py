@@ -12,8 +12,11 @@ from __future__ import annotations
 import numpy as np
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-from families.base import check_count, split_per_input, token_positions, whole_box
+from errors import InputError
+from families.base import FamilySpec, check_count, split_per_input, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("internvl", "InternVL", video=True, tiled=True),)
 
 
 def _tiling(processor) -> dict:
@@ -38,6 +41,11 @@ def _canvas(processor, image_hw: tuple[int, int]) -> tuple[int, int]:
     return rows, cols
 
 
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: the patch over the pixel-shuffle's downsample ratio."""
+    return int(round(int(config.vision_config.patch_size) / float(config.downsample_ratio)))
+
+
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
@@ -53,7 +61,7 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     canvases = [_canvas(processor, (height, width)) for width, height in image_sizes]
     tiles = [rows * cols + (1 if rows * cols > 1 else 0) for rows, cols in canvases]   # + thumbnail
     if sum(tiles) != int(inputs["pixel_values"].shape[0]):
-        raise ValueError(f"The processor made {int(inputs['pixel_values'].shape[0])} tiles for {len(image_sizes)} "
+        raise InputError(f"The processor made {int(inputs['pixel_values'].shape[0])} tiles for {len(image_sizes)} "
                          f"image(s), but its tiling settings give {sum(tiles)}. Use the processor's own settings.")
     owns = split_per_input(positions, [per_tile * n for n in tiles], token_id, len(image_sizes))
     result = []

@@ -4,8 +4,15 @@ image outside the crop was never shown to the model."""
 
 from __future__ import annotations
 
-from families.base import check_count, no_video, token_positions
+from families.base import FamilySpec, check_count, no_video, token_positions
 from records import VisionLayout
+
+SPECS = (FamilySpec("llava", "LLaVA-1.5", vit_map=True, vision_prefix_tokens=1),)
+
+
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: CLIP's patch (no merge)."""
+    return int(config.vision_config.patch_size)
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:

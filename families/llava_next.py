@@ -20,8 +20,12 @@ import numpy as np
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
 
-from families.base import check_count, no_video, scale_box, split_per_input, token_positions, whole_box
+from errors import InputError
+from families.base import FamilySpec, check_count, no_video, scale_box, split_per_input, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("llava_next", "LLaVA-NeXT", tiled=True),
+         FamilySpec("llava_onevision", "LLaVA-OneVision", video=True, tiled=True))
 
 
 def video_layout(config, inputs, frame_size: tuple[int, int]) -> VisionLayout:
@@ -38,12 +42,17 @@ def video_layout(config, inputs, frame_size: tuple[int, int]) -> VisionLayout:
                         frames)
 
 
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: the vision tower's patch (no merge)."""
+    return int(config.vision_config.patch_size)
+
+
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
     if video and family == "llava_onevision":
         return [video_layout(config, inputs, image_sizes[0])]
     no_video(family, video)
     if config.vision_feature_select_strategy != "default" and family == "llava_next":
-        raise ValueError("This LLaVA-NeXT checkpoint keeps the vision tower's CLS token "
+        raise InputError("This LLaVA-NeXT checkpoint keeps the vision tower's CLS token "
                          "(vision_feature_select_strategy 'full'), which has no place on the image; "
                          "use a checkpoint with the 'default' strategy.")
     token_id = config.image_token_id

@@ -5,8 +5,15 @@ soft-caps its attention logits; the capture applies both exactly as the model do
 
 from __future__ import annotations
 
-from families.base import check_count, no_video, token_positions, whole_box
+from families.base import FamilySpec, check_count, no_video, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("paligemma", "PaliGemma 2", prefix_lm=True, eager_text=True),)
+
+
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: SigLIP's patch (no merge)."""
+    return int(config.vision_config.patch_size)
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:

@@ -4,8 +4,11 @@ token that is not a cell."""
 
 from __future__ import annotations
 
-from families.base import no_video, split_per_input, token_positions, whole_box
+from errors import InputError
+from families.base import FamilySpec, no_video, split_per_input, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("mistral3", "Mistral 3"),)
 
 
 def token_cell_px(config) -> int:
@@ -21,7 +24,7 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     unit = token_cell_px(config)
     grids = [((int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
     if family == "mistral3" and any(grid_hw == (1, 1) for grid_hw, _ in grids):
-        raise ValueError(f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
+        raise InputError(f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
                          f"take; use an image at least {unit + 1} px wide or tall.")
     needed = [gh * gw for (gh, gw), _ in grids]
     owns = split_per_input(positions, needed, token_id, len(image_sizes))

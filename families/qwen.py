@@ -5,8 +5,19 @@ time step of `temporal_patch_size` (2) frames, from `video_grid_thw`."""
 
 from __future__ import annotations
 
-from families.base import split_per_input, token_positions, whole_box
+from families.base import FamilySpec, split_per_input, token_positions, whole_box
 from records import VisionLayout
+
+SPECS = (FamilySpec("qwen2_vl", "Qwen2-VL", video=True, grid_thw=True, vit_map=True),
+         FamilySpec("qwen2_5_vl", "Qwen2.5-VL", video=True, grid_thw=True, vit_map=True),
+         FamilySpec("qwen3_vl", "Qwen3-VL", video=True, grid_thw=True, vit_map=True),
+         FamilySpec("qwen3_5", "Qwen3.5", video=True, grid_thw=True, vit_map=True),
+         FamilySpec("glm4v", "GLM-4.1V", video=True, grid_thw=True, vit_map=True))
+
+
+def token_cell_px(config) -> int:
+    """Processed pixels per token side: the patch times vision_config.spatial_merge_size."""
+    return int(config.vision_config.patch_size) * int(config.vision_config.spatial_merge_size)
 
 
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from model_holder import ModelHolder
-from tiny_models import FAMILIES, make_tiny_model
+from testing.tiny_models import FAMILIES, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from analysis import (
     system_positions,
     text_attention,
 )
-from gallery import gallery_sheet, gallery_zip, head_gallery
+from pictures.gallery import gallery_sheet, gallery_zip, head_gallery
 from records import AttentionRun, VisionLayout
 
 GRID_HW, LAYERS, HEADS, PROMPT_LEN = (2, 3), 2, 2, 12

@@ -11,7 +11,7 @@ import app
 from config import AppConfig
 from conftest import free_port, noise_image
 from pipeline import ModelSlot, RunStore
-from tiny_models import FAMILIES
+from testing.tiny_models import FAMILIES
 
 VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
             colormap="jet", alpha=0.5, view="overlay", grid=False)
@@ -253,8 +253,8 @@ def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
 
 
 def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, image_file, monkeypatch):
-    import lenses
     import pipeline
+    from methods import lens as lenses
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     default = handlers.store.get(_generate(handlers, image_file)[0]).run
     *_, last = handlers.generate(image_file, "What is this?", 2, False, 0.7, 0.9, 0, 112 * 112, *_view(), None, None)
@@ -279,7 +279,7 @@ def test_qwen3_video_keeps_the_frames_it_was_given(handlers, tiny_model_dirs):
 
 
 def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, image_file, tmp_path):
-    from report import write_report
+    from pictures.report import write_report
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     stored = handlers.store.get(_generate(handlers, image_file)[0])
     path = write_report(stored, Image.open(image_file), tmp_path / "report.html")
@@ -416,14 +416,14 @@ def test_page_load_and_model_status_fill_exactly_the_wired_outputs(handlers, tin
 
 def test_user_errors_are_one_log_line_not_a_traceback(handlers, caplog):
     import logging
-    caplog.set_level(logging.INFO, logger="components")
+    caplog.set_level(logging.INFO, logger="ui.components")
     with pytest.raises(gr.Error) as raised:
         handlers.load_model("  ")                                              # a gr.Error of the handler's own
     assert raised.value.print_exception is False
     with pytest.raises(gr.Error) as raised:
         handlers.render("no-such-run", *_view())                               # a project error, converted
     assert raised.value.print_exception is False
-    lines = [r.getMessage() for r in caplog.records if r.name == "components"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ui.components"]
     assert len(lines) == 2 and all(line.startswith("user error: ") and "\n" not in line for line in lines)
 
 
@@ -462,8 +462,8 @@ def test_layers_without_softmax_attention_are_labelled_never_mapped(handlers, ti
 
 def test_a_ranges_file_sets_its_models_starting_ranges(tmp_path):
     from config import DEMO_MODEL_DIR, DEMO_RANGES
-    from localization import RangeChoice, ranges_json, ranges_record
     from model_holder import ModelHolder
+    from study.localization import RangeChoice, ranges_json, ranges_record
 
     def ranges_file(model: str, layers, heads):
         path = tmp_path / f"ranges-{len(list(tmp_path.iterdir()))}.json"
@@ -493,7 +493,7 @@ def _with_box(box: str, **changes) -> list:
 
 def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, image_file):
     from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
-    from stored_run import raw_heatmap
+    from pictures.stored_run import raw_heatmap
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
     stored = handlers.store.get(run_id)

@@ -1,4 +1,5 @@
-"""The import rules of ARCHITECTURE.md, read from the modules' own source with ast."""
+"""The rules of ARCHITECTURE.md, read from the modules' own source with ast: the floor table, the package
+rules, no cycles, and records without side effects."""
 
 import ast
 import subprocess
@@ -6,61 +7,120 @@ import sys
 
 from conftest import REPO
 
-MODULES = {path.stem: path for path in REPO.glob("*.py")}
-PACKAGES = {path.parent.name: path.parent for path in REPO.glob("*/__init__.py") if path.parent.name != "tests"}
-MODULES.update(PACKAGES)                                       # a package counts as one module: all its files
-UI_MODULES = {"app", "handlers", "analysis_handlers", "components"}
-DRAWING_AND_NUMBERS = {"views", "view_parts", "stored_run", "metrics", "report", "analysis", "attention_processor",
-                       "visualization", "gallery", "localization", "study_plots"}
+# Floors, lowest first. A module imports project modules only from its own floor or the floors below it.
+# A name is a module's dotted path ("pictures.views") or a whole package ("families", "methods"): the
+# longest entry that a module's path starts with places it.
+FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("records", ("errors", "attention_store", "records", "config", "utils", "study.manifest", "demo.data")),
+    ("numbers", ("attention_processor", "analysis", "metrics", "visualization", "study.localization")),
+    ("capture", ("families", "attention_extractor")),
+    ("model", ("loading", "model_holder", "methods")),
+    ("pictures", ("pictures",)),
+    ("door", ("pipeline", "batch", "study")),
+    ("fixtures", ("testing", "demo")),
+    ("ui", ("ui", "app")),
+)
+PACKAGES = ("ui", "methods", "pictures", "study", "testing", "demo", "families")
+
+
+def _modules() -> dict[str, object]:
+    """Every production module by dotted name: the top-level files and every file in the packages."""
+    found = {path.stem: path for path in REPO.glob("*.py")}
+    for package in PACKAGES:
+        for path in (REPO / package).glob("*.py"):
+            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _floor(name: str) -> int:
+    matches = [(len(entry), index) for index, (_, entries) in enumerate(FLOORS) for entry in entries
+               if name == entry or name.startswith(entry + ".")]
+    assert matches, f"{name} sits on no floor: add it to FLOORS in tests/test_architecture.py and ARCHITECTURE.md"
+    return max(matches)[1]
 
 
 def _imports(name: str) -> set[str]:
-    """Top-level names of every module `name` imports, wherever in the file the import stands."""
-    found, path = set(), MODULES[name]
-    sources = sorted(path.glob("*.py")) if path.is_dir() else [path]
-    for node in (node for source in sources for node in ast.walk(ast.parse(source.read_text(encoding="utf-8")))):
+    """Dotted names of every module `name` imports, wherever in the file the import stands, resolved to the
+    project modules they are (`from pictures.views import render` → pictures.views; `from methods import
+    lens` → methods.lens)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if f"{node.module}.{alias.name}" in MODULES}
     return found
 
 
 def _project_imports(name: str) -> set[str]:
-    return _imports(name) & set(MODULES)
+    return {module for module in _imports(name) if module in MODULES} - {name}
+
+
+def _third_party(name: str) -> set[str]:
+    return {module.split(".")[0] for module in _imports(name)}
 
 
 def test_the_rules_see_the_project():
-    assert {"records", "attention_store", "app", "views", "model_holder", "families"} <= set(MODULES)
-    assert "gradio" in _imports("app") and "records" in _project_imports("views")
+    assert {"records", "attention_store", "app", "pictures.views", "model_holder", "families", "methods",
+            "ui.handlers", "study.runner", "testing.tiny_models"} <= set(MODULES)
+    assert "gradio" in _third_party("app") and "records" in _project_imports("pictures.views")
+    assert "methods.lens" in _project_imports("pipeline")                # `from methods import lens` resolves
+
+
+def test_every_module_sits_on_a_floor_and_imports_only_downwards():
+    upward = [f"{name} ({FLOORS[_floor(name)][0]}) imports {dep} ({FLOORS[_floor(dep)][0]})"
+              for name in MODULES for dep in _project_imports(name) if _floor(dep) > _floor(name)]
+    assert not upward, upward
+
+
+def test_the_top_level_holds_at_most_sixteen_modules():
+    assert len(list(REPO.glob("*.py"))) <= 16
 
 
 def test_only_the_ui_imports_gradio():
-    assert {name for name in MODULES if "gradio" in _imports(name)} <= UI_MODULES
+    assert {name for name in MODULES if "gradio" in _third_party(name)} <= {"app"} | {
+        name for name in MODULES if name == "ui" or name.startswith("ui.")}
 
 
-def test_records_stand_on_nothing_but_the_store_math():
-    assert _project_imports("records") <= {"attention_store"}
-    assert _project_imports("attention_store") == set()
+def test_pictures_never_reach_for_the_model():
+    forbidden = {"attention_extractor", "model_holder", "pipeline", "loading"}
+    for name in (name for name in MODULES if name.startswith("pictures")):
+        deps = _project_imports(name)
+        assert not deps & forbidden and not [dep for dep in deps if dep.split(".")[0] == "methods"], name
 
 
-def test_a_studys_manifest_and_range_choice_stand_on_nothing_of_the_project():
-    assert _project_imports("manifest") == set() and _project_imports("localization") == set()
+def test_studies_never_import_the_ui_and_nothing_production_imports_the_fixtures():
+    for name in MODULES:
+        roots = {dep.split(".")[0] for dep in _project_imports(name)}
+        if name.startswith("study"):
+            assert "ui" not in roots and "app" not in roots, name
+        if name.split(".")[0] not in ("testing", "demo"):
+            allowed = {"demo.data"} if name in ("app", "ui.layout") else set()  # the page shows the demo's questions
+            assert not {dep for dep in _project_imports(name) if dep.split(".")[0] in ("testing", "demo")} - allowed, \
+                name
+
+
+def test_records_stand_on_nothing_but_the_store_math_and_the_errors():
+    assert _project_imports("records") <= {"attention_store", "errors"}
+    assert _project_imports("attention_store") <= {"errors"} and _project_imports("errors") == set()
+
+
+def test_a_studys_manifest_and_range_choice_stand_on_nothing_but_the_errors():
+    assert _project_imports("study.manifest") <= {"errors"} and _project_imports("study.localization") <= {"errors"}
 
 
 def test_analysis_computes_and_never_draws():
-    assert not _imports("analysis") & {"PIL", "cv2", "visualization", "views", "gallery", "report"}
-
-
-def test_drawing_and_numbers_never_reach_for_the_model():
-    for name in DRAWING_AND_NUMBERS:
-        assert not _project_imports(name) & {"attention_extractor", "model_holder", "pipeline", "explain"}, name
+    assert not _third_party("analysis") & {"PIL", "cv2", "visualization", "pictures"}
 
 
 def test_nothing_imports_the_app_and_there_are_no_cycles():
-    graph = {name: _project_imports(name) - {name} for name in MODULES}
+    graph = {name: _project_imports(name) for name in MODULES}
     assert not [name for name, deps in graph.items() if "app" in deps]
-    assert not [name for name, deps in graph.items() if deps & UI_MODULES and name not in UI_MODULES]
     done: set[str] = set()
 
     def visit(name: str, path: tuple[str, ...]) -> None:
@@ -78,3 +138,28 @@ def test_importing_records_has_no_side_effects():
     code = f"import sys, records, attention_store; print(sorted(m for m in {watched} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _defined(name: str) -> set[str]:
+    """The names a module defines itself: functions, classes and assignments at its top level."""
+    tree, names = ast.parse(MODULES[name].read_text(encoding="utf-8")), set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+    return names
+
+
+def test_every_name_is_imported_from_its_home():
+    """No re-exports: `from X import name` finds `name` defined in X (or X.name is a module of the package)."""
+    sources = {**MODULES, **{f"tests.{path.stem}": path for path in (REPO / "tests").glob("*.py")},
+               **{f"bench.{path.stem}": path for path in (REPO / "bench").glob("*.py")}}
+    wrong = []
+    for name, path in sources.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in MODULES:
+                wrong += [f"{name}: from {node.module} import {alias.name}" for alias in node.names
+                          if alias.name not in _defined(node.module) and f"{node.module}.{alias.name}" not in MODULES]
+    assert not wrong, wrong

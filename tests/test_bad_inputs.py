@@ -9,8 +9,8 @@ from PIL import Image
 import app
 from config import AppConfig
 from conftest import free_port
+from errors import ImageLoadError
 from pipeline import ModelSlot, RunStore
-from utils import ImageLoadError
 from visualization import overlay
 
 

@@ -6,7 +6,7 @@ import torch
 from attention_extractor import CAPTURE_IMPLEMENTATION, capture_attention
 from conftest import noise_image
 from families import attention_implementation, decoder_layers, prefix_lm, softmax_layers
-from tiny_models import FAMILIES
+from testing.tiny_models import FAMILIES
 
 SIZES = [(150, 100), (100, 150), (224, 224)]   # landscape, portrait, square (W, H)
 NEW_TOKENS = 5
@@ -154,7 +154,7 @@ def test_model_is_restored_when_generation_raises(load_holder, dummy_image, meth
 
 
 def test_capture_fails_loudly_when_nothing_was_captured(load_holder):
-    from attention_extractor import CaptureError
+    from errors import CaptureError
     holder = load_holder("qwen2_vl")
     with pytest.raises(CaptureError, match="generated tokens"):
         with capture_attention(holder.model) as recorder:
@@ -166,8 +166,9 @@ def test_sliding_window_layers_show_exactly_what_they_saw(tmp_path):
     """Gemma 3: a token whose 8-key window no longer reaches the image has no image attention in the
     sliding layers (the rows apply the model's own sliding mask), while the full layer still has."""
     from model_holder import ModelHolder
-    from tiny_models import make_tiny_model
-    from views import StoredRun, ViewSettings, caption, raw_heatmap
+    from pictures.stored_run import StoredRun, ViewSettings, raw_heatmap
+    from pictures.views import caption
+    from testing.tiny_models import make_tiny_model
     holder = ModelHolder.load(make_tiny_model("gemma3", tmp_path, sliding_window=8), device="cpu", dtype="float32")
     image = noise_image(150, 100, seed=5)
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, suppress_tokens=[holder.model.config.image_token_index])

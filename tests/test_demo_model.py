@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import demo_data
 from attention_processor import token_heatmap
 from bench.bench_localization import cell_hits_box
+from demo import data as demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 from config import DEMO_RANGES  # noqa: E402
@@ -85,7 +85,7 @@ def test_training_labels_follow_the_token_grid():
     """The training-only probes' per-token labels: row-major over the 28 px token grid, the side of
     each cell centre (middle column of an odd grid ignored), and each object's shape and colour on
     cells inside its box."""
-    from train_demo_model import token_labels
+    from demo.train import token_labels
 
     rng = random.Random(3)
     for size in [(224, 224), (196, 308), (308, 224)]:
@@ -109,8 +109,8 @@ def test_training_labels_follow_the_token_grid():
 
 def test_words_the_demo_model_does_not_know_are_named(holder, tmp_path):
     from config import AppConfig
-    from handlers import Handlers
     from pipeline import ModelSlot, RunStore
+    from ui.handlers import Handlers
     assert holder.unknown_words("What colour is the circle?") == ["colour"]
     assert holder.unknown_words("What color is the circle?") == []
     assert all(word in demo_data.guide() for word in ("circle", "red", "left", "What shape is <color>?"))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attention_extractor import RECORD_IMPLEMENTATION, capture_attention, segment_positions
+from attention_extractor import RECORD_IMPLEMENTATION, capture_attention
 from conftest import noise_image
 from families import decoder_layers
-from tiny_models import FAMILIES
+from records import segment_positions
+from testing.tiny_models import FAMILIES
 
 TOLERANCE = dict(rtol=2e-3, atol=2e-6)             # float16 storage rounds by at most ~5e-4 of a value
 
@@ -127,7 +128,7 @@ def _state(holder):
 
 
 def test_every_recording_restores_the_model(load_holder, dummy_image):
-    from explain import gradient_map, rollout_map, vit_combined_map
+    from methods.explain import gradient_map, rollout_map, vit_combined_map
     holder = load_holder("qwen2_5_vl")
     before = _state(holder)
     assert before[0] != RECORD_IMPLEMENTATION and before[1] != RECORD_IMPLEMENTATION

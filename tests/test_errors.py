@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from families import UnsupportedModelError
-from model_holder import ModelHolder, ModelLoadError
-from utils import ImageLoadError, load_image
+from errors import ImageLoadError, ModelLoadError, UnsupportedModelError
+from model_holder import ModelHolder
+from utils import load_image
 
 
 def test_unsupported_model_type_names_the_supported_families(tmp_path):
@@ -81,7 +81,7 @@ def test_awkward_images_become_upright_8bit_rgb(tmp_path):
 
 
 def test_capture_too_large_is_refused_up_front_with_a_suggestion(load_holder, dummy_image):
-    from attention_extractor import CaptureTooLargeError
+    from errors import CaptureTooLargeError
     holder = load_holder("qwen2_vl")
     with pytest.raises(CaptureTooLargeError, match="fewer layers, generate fewer tokens, or lower the image"):
         holder.generate(dummy_image, "Hi", max_new_tokens=50, max_capture_mb=0.001)

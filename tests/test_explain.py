@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import explain
 from conftest import noise_image
-from explain import gradient_map, rollout_map
 from families import attention_implementation, load_attention
+from methods import explain
+from methods.explain import gradient_map, rollout_map
 
 
 def _run(holder, image):
@@ -96,7 +96,7 @@ def test_vit_combined_map_places_patches_and_windows_right(load_holder, family, 
 
 
 def test_vit_combined_map_equals_clip_rollout(load_holder):
-    from explain import vit_combined_map
+    from methods.explain import vit_combined_map
     holder = load_holder("llava")
     image = noise_image(150, 100)
     run = holder.generate(image, "What?", max_new_tokens=1)

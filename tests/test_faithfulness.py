@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import noise_image
-from faithfulness import Faithfulness, faithfulness, token_probability
+from methods.faithfulness import Faithfulness, faithfulness, token_probability
 
 
 def test_auc_is_the_trapezoid_mean():

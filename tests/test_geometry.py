@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from families import language_model, llava_box_xyxy, token_cell_px, vision_encoder_blocks, vision_layout
-from tiny_models import FAMILIES
-from tiny_tiles import TILED_FAMILIES
+from families import language_model, token_cell_px, vision_encoder_blocks, vision_layout
+from families.llava import llava_box_xyxy
+from testing.tiny_models import FAMILIES
+from testing.tiny_tiles import TILED_FAMILIES
 
 SQUARE = ("gemma3", "paligemma")                                  # every image squashed to one square
 ONE_VIEW = [family for family in FAMILIES if family not in TILED_FAMILIES]   # tiled ones: test_tiled_geometry

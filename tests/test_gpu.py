@@ -10,7 +10,7 @@ import torch
 from conftest import noise_image
 from families import decoder_layers
 from model_holder import ModelHolder
-from tiny_models import FAMILIES
+from testing.tiny_models import FAMILIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOLERANCE = dict(rtol=2e-3, atol=2e-6)

@@ -11,14 +11,15 @@ import pytest
 from PIL import Image
 
 import app
-from attention_extractor import CaptureError, capture_attention
+from attention_extractor import capture_attention
 from config import AppConfig
 from conftest import noise_image
-from handlers import Handlers
-from model_holder import ModelHolder, ModelLoadError
+from errors import CaptureError, ImageLoadError, ModelLoadError
+from model_holder import ModelHolder
+from pictures.views import as_text
 from pipeline import ModelSlot, RunStore, prune_outputs
-from utils import ImageLoadError, load_image
-from views import as_text
+from ui.handlers import Handlers
+from utils import load_image
 
 
 def test_the_pixel_budget_is_clamped_to_the_processor_and_the_cap(load_holder):
@@ -181,7 +182,7 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
 
 
 def test_login_backs_off_after_wrong_passwords():
-    from components import LoginGuard
+    from ui.components import LoginGuard
     now = [0.0]
     guard = LoginGuard("ada", "secret", clock=lambda: now[0])
     assert guard("ada", "secret")
@@ -196,7 +197,7 @@ def test_login_backs_off_after_wrong_passwords():
 def test_inline_images_obey_the_upload_cap(tmp_path):
     from gradio.data_classes import FileData
 
-    from components import image_upload, upload_bytes
+    from ui.components import image_upload, upload_bytes
     assert upload_bytes("50mb") == 50 * 2**20 and upload_bytes("1kb") == 1024
     big = tmp_path / "big.png"
     noise_image(600, 600).save(big)                                         # ~1 MB of noise

@@ -9,8 +9,9 @@ import torch
 
 from conftest import noise_image
 from families import vision_layout
-from lenses import LogitLens, logit_lens
-from report import lens_html
+from methods.lens import logit_lens
+from pictures.report import lens_html
+from records import LogitLens
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "glm4v", "gemma3", "mistral3"])

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import localization
 from config import DEMO_MODEL_DIR, DEMO_RANGES, ModelRanges
-from localization import (
+from study import localization
+from study.localization import (
     RangeChoice,
     choose_ranges,
     contiguous_ranges,

@@ -12,9 +12,9 @@ from PIL import Image
 import app
 from config import AppConfig
 from conftest import free_port
-from model_holder import GenerationOutOfMemoryError
+from errors import GenerationOutOfMemoryError
+from pictures.views import as_text
 from pipeline import ModelSlot, RunStore
-from views import as_text
 
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
 
@@ -219,7 +219,7 @@ def test_asking_again_stops_the_sessions_own_running_generation_only(tiny_model_
     """A session's Generate click stops its old generation (unqueued), never another session's."""
     from types import SimpleNamespace
 
-    from handlers import Handlers
+    from ui.handlers import Handlers
     slot = ModelSlot()
     slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
     slot.holder.model.generation_config.min_new_tokens = 2000              # unstopped, it would run all 2000

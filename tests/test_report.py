@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import noise_image
-from report import script_json, share_svg, visible_token, write_report
-from views import StoredRun
+from pictures.report import script_json, share_svg, visible_token, write_report
+from pictures.stored_run import StoredRun
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

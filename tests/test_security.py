@@ -76,7 +76,8 @@ def test_share_without_auth_warns_loudly(caplog, monkeypatch):
 def test_weights_load_as_safetensors_only(tiny_model_dirs, tmp_path):
     import shutil
 
-    from model_holder import ModelHolder, ModelLoadError
+    from errors import ModelLoadError
+    from model_holder import ModelHolder
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dirs["qwen2_vl"], pickled)
     holder = ModelHolder.load(pickled, device="cpu")

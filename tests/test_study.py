@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo_data
 from config import DEMO_MODEL_DIR, DEMO_RANGES
 from conftest import noise_image
-from manifest import is_validation, read_manifest
+from demo import data as demo_data
 from model_holder import ModelHolder
-from study import run_study
-from study_items import StudySettings
+from study.items import StudySettings
+from study.manifest import is_validation, read_manifest
+from study.runner import run_study
 
 SEED = 626_262                      # neither training (string seeds) nor the benchmark's seeds
 LAYERS, HEADS = DEMO_RANGES
@@ -56,7 +56,7 @@ def test_the_vit_and_relative_maps_are_scored_like_the_others(holder, tmp_path):
 
 
 def test_a_model_without_the_vit_map_says_so_per_item_and_keeps_the_other_methods(tmp_path):
-    from tiny_models import make_tiny_model
+    from testing.tiny_models import make_tiny_model
     model = ModelHolder.load(make_tiny_model("gemma3", tmp_path / "gemma3", seed=5), device="cpu", dtype="float32")
     for k in range(2):
         noise_image(120, 90, seed=k).save(tmp_path / f"n{k}.png")
@@ -109,7 +109,7 @@ def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_p
 
 
 def test_the_validation_share_is_stable_and_a_split_column_wins(tmp_path):
-    from manifest import Item, is_validation
+    from study.manifest import Item, is_validation
     items = [Item(k, f"item-{k}", tmp_path, "p") for k in range(2000)]
     chosen = [is_validation(item, 0.25) for item in items]
     assert 0.22 < np.mean(chosen) < 0.28 and chosen == [is_validation(item, 0.25) for item in reversed(items)][::-1]
@@ -134,8 +134,8 @@ def test_localisation_heads_and_ranges_chosen_on_validation_items(holder, tmp_pa
 
     from attention_processor import token_heatmap
     from config import ModelRanges
-    from localization import choose_ranges, contiguous_ranges
     from metrics import pointing_hit, target_mask
+    from study.localization import choose_ranges, contiguous_ranges
     manifest = write_manifest(tmp_path / "data", 10)
     settings = StudySettings(LAYERS, HEADS, max_new_tokens=2, per_head=True, val_fraction=0.5)
     run_study(holder, manifest, tmp_path / "out", settings)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_geometry import _embeds_and_layouts
 
 from families import frames_per_panel
 from families.gemma3 import PAN_AND_SCAN_KEYS
-from tiny_tiles import TILED_FAMILIES
+from test_geometry import _embeds_and_layouts
+from testing.tiny_tiles import TILED_FAMILIES
 
 SIZES = [(200, 100), (90, 160), (112, 112)]                    # landscape, portrait, square
 MAIN_VIEW = {"llava_next": "tiles", "llava_onevision": "tiles", "internvl": "tiles", "idefics3": "tiles",

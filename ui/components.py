@@ -15,7 +15,7 @@ import types
 
 import gradio as gr
 
-from records import UserError
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -217,40 +217,51 @@ class LoginGuard:
         return False
 
 
-# Errors a user can act on; anything else is a bug and reaches the log with its traceback.
-USER_ERRORS = (UserError, ValueError, LookupError, IndexError, MemoryError, OSError)
+INTERNAL_ERROR = ("An internal error stopped this action; the server keeps running. Try again, and report it "
+                  "(with the server's log) if it repeats.")
+OUT_OF_MEMORY = ("The server ran out of memory for this request; it keeps running. Ask for less: fewer or smaller "
+                 "images, a lower max pixels, fewer new tokens, or narrower layer and head ranges.")
 
 
-def _as_message(err: Exception) -> gr.Error:
-    """A user error as the message the page shows, logged as one line (no traceback: nothing broke)."""
-    message = err if isinstance(err, gr.Error) else gr.Error(html.escape(str(err), quote=False))
+def _as_message(err: BaseException) -> gr.Error:
+    """What the page shows for an error. A `UserError` (or a handler's own `gr.Error`) is its message, logged
+    as one line: nothing broke. Running out of memory says what to lower. Anything else is a bug: logged
+    with its traceback, and shown as an internal error, without its text."""
+    if isinstance(err, gr.Error):
+        message = err
+    elif isinstance(err, UserError):
+        message = gr.Error(html.escape(str(err), quote=False))
+    elif isinstance(err, MemoryError):
+        logger.warning("out of memory: %s", err)
+        message = gr.Error(OUT_OF_MEMORY)
+    else:
+        logger.error("internal error", exc_info=(type(err), err, err.__traceback__))
+        message = gr.Error(INTERNAL_ERROR)
     message.print_exception = False
-    logger.info("user error: %s", message.message if isinstance(message, gr.Error) else message)
+    if isinstance(err, (gr.Error, UserError)):
+        logger.info("user error: %s", message.message)
     return message
 
 
 def user_errors(handler):
-    """Show the project's user errors as `gr.Error` messages (the app keeps serving), each logged as one
-    line; works for plain and streaming (generator) handlers alike."""
+    """Turn every error of a handler into a message on the page (the app keeps serving): the project's
+    user errors as what they say, everything else as an internal error with its traceback in the log.
+    Works for plain and streaming (generator) handlers alike."""
     if inspect.isgeneratorfunction(handler):
         @functools.wraps(handler)
         def stream(*args, **kwargs):
             try:
                 yield from handler(*args, **kwargs)
-            except gr.Error as err:                                     # already a message for the user
-                raise _as_message(err) from err.__cause__
-            except USER_ERRORS as err:
-                raise _as_message(err) from err
+            except Exception as err:
+                raise _as_message(err) from (err.__cause__ if isinstance(err, gr.Error) else err)
         return stream
 
     @functools.wraps(handler)
     def call(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
-        except gr.Error as err:                                         # already a message for the user
-            raise _as_message(err) from err.__cause__
-        except USER_ERRORS as err:
-            raise _as_message(err) from err
+        except Exception as err:
+            raise _as_message(err) from (err.__cause__ if isinstance(err, gr.Error) else err)
     return call
 
 

@@ -4,7 +4,7 @@ Builds a word-level tokenizer, a Qwen2VLProcessor and a Qwen2VLForConditionalGen
 scratch, trains it on the CPU on `demo_data` samples (seeded, resumable), checks answer accuracy on
 held-out data and saves everything with `save_pretrained` into `demo_model/`.
 
-    nice -n 15 python scripts/train_demo_model.py --out demo_model
+    nice -n 15 python -m demo.train --out demo_model
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import demo_data  # noqa: E402
+from demo import data as demo_data
 
 log = logging.getLogger("train_demo_model")
 

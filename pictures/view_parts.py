@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from attention_processor import image_shares, normalize_heatmap
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
-from stored_run import StoredRun, ViewSettings, layout_heatmap
+from pictures.stored_run import StoredRun, ViewSettings, layout_heatmap
 from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attention_extractor import RECORD_IMPLEMENTATION, recording
+from errors import InputError
 from families import (
     decoder_layers,
     feature_block,
@@ -186,7 +187,7 @@ def vit_combined_map(holder, run: AttentionRun, heat: np.ndarray) -> np.ndarray:
 def vit_combined_maps(holder, run: AttentionRun, heats: list[np.ndarray]) -> list[np.ndarray]:
     """`vit_combined_map` for several decoder maps of the same image, with one vision-tower pass."""
     if not supports_vit_map(holder.family, holder.model.config):
-        raise ValueError(f"The ViT-combined map is not available for {holder.family} checkpoints (their vision "
+        raise InputError(f"The ViT-combined map is not available for {holder.family} checkpoints (their vision "
                          "tower merges patches in a way this map does not follow yet); use raw attention, "
                          "rollout or the gradient map.")
     inputs = holder.replay_inputs(run, 0)

@@ -25,10 +25,11 @@ import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from manifest import Item, read_manifest
+from errors import InputError
 from model_holder import ModelHolder
-from study_items import COLUMNS, StudySettings, score_item
-from study_outputs import write_outputs
+from study.items import COLUMNS, StudySettings, score_item
+from study.manifest import Item, read_manifest
+from study.outputs import write_outputs
 
 logger = logging.getLogger(__name__)
 PARTS = "parts"                      # DIR/parts/: one part file per process, and the settings they share
@@ -94,7 +95,7 @@ def _check_settings(parts: Path, record: dict, state) -> None:
     before = json.loads(path.read_text(encoding="utf-8"))
     if before != record:
         changed = ", ".join(key for key in record if before.get(key) != record[key])
-        raise ValueError(f"{parts.parent} holds a study made with other settings ({changed} differ). Rerun with "
+        raise InputError(f"{parts.parent} holds a study made with other settings ({changed} differ). Rerun with "
                          f"the same settings to resume it, or give another --out (or delete {parts}) to start anew.")
 
 

@@ -15,35 +15,31 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from attention_processor import (
+    RAW_ATTENTION,
     image_shares,
     normalize_heatmap,
     prompt_token_heatmap,
 )
-from records import AttentionRun
-from stored_run import (  # noqa: F401  (re-exported: the views' callers read these from here)
+from errors import InputError
+from pictures.stored_run import (
     DISPLAY_NORMALIZATIONS,
-    METHODS,
     StoredRun,
     ViewSettings,
     layout_heatmap,
-    method_heatmap,
-    method_key,
     raw_heatmap,
 )
-from view_parts import outline_cells, outline_target, target_scores, with_other_views  # noqa: F401  (re-exported)
+from pictures.view_parts import outline_target, target_scores, with_other_views
+from records import AttentionRun
 from visualization import SIDE_BY_SIDE_GAP, colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
-METHOD_CAPTIONS = {"rollout": "attention rollout through all layers (heads averaged, residual mixed in)",
-                   "gradient": "gradient-weighted attention, all layers (Chefer et al.)",
-                   "vit": "the raw-attention map pushed back through the vision encoder's attention (patch grid)"}
 
 
 def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]:
     """The picture for one token and its caption, stating exactly what is drawn."""
     run, s = stored.run, settings
     if s.view not in VIEWS:
-        raise ValueError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
+        raise InputError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
     if not stored.is_single_image:
         return render_strip(stored, settings)
     heat = raw_heatmap(stored, s)                                                   # (grid_h, grid_w)
@@ -52,7 +48,7 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
     elif s.normalization in ("minmax", "percentile"):
         unit = normalize_heatmap(heat, s.normalization, s.percentile)
     else:
-        raise ValueError(f"Unknown normalisation {s.normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
+        raise InputError(f"Unknown normalisation {s.normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
     shown, _ = stored.display(0)
     box = stored.display_box(0, run.vision.image_box_xyxy)
     draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
@@ -78,7 +74,7 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
     with the token's index and text under it. Frames are at most `max_side` px on the longer side and
     all of one size; they are made one at a time."""
     if not stored.is_single_image:
-        raise ValueError("The animation follows the map over one image; this result has several images or "
+        raise InputError("The animation follows the map over one image; this result has several images or "
                          "a video. Generate from one image to animate it.")
     size = font = None
     for step_idx, token in enumerate(stored.run.generated_tokens):
@@ -145,8 +141,8 @@ def _frames_label(step: int, per: int, total: int) -> str:
 
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
     """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
-    if s.relative or s.mask_sinks or s.method != "attention":
-        raise ValueError("'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
+    if s.relative or s.mask_sinks or s.method != RAW_ATTENTION:
+        raise InputError("'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
                          "with a single image; untick them (method: attention) to compare several images or frames.")
     panels = _panels(stored, s)
     heats = np.concatenate([heat.ravel() for _, heat, _, _ in panels])
@@ -202,7 +198,7 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         f" (softmax attention only in {', '.join(map(str, attending))}; the others are linear, with no map)"
     maps = len(attending) * (s.heads[1] - s.heads[0] + 1)
     what = (f"layers {_range_text(s.layers)}{sparse} · heads {_range_text(s.heads)} · {s.reduce} of {maps} maps"
-            if s.method == "attention" else METHOD_CAPTIONS[s.method])
+            if s.method == RAW_ATTENTION else stored.method_captions.get(s.method, f"the {s.method} map"))
     text = (f"{who} · {what} · normalised: {norm} · "
             f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
             f"(peak cell {heat.max():.3g}).")

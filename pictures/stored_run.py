@@ -11,15 +11,22 @@ import numpy as np
 from PIL import Image
 
 from analysis import relative_heatmap, sink_cells
-from attention_processor import heatmap_range, prompt_token_heatmap, range_slice, token_heatmap, vision_share
+from attention_processor import (
+    RAW_ATTENTION,
+    heatmap_range,
+    prompt_token_heatmap,
+    range_slice,
+    token_heatmap,
+    vision_share,
+)
+from errors import InputError, NotReadyError
 from records import AttentionRun
 
-METHODS: tuple[str, ...] = ("attention", "rollout", "gradient", "vit")
 
-
-def method_key(s: ViewSettings):
-    """Cache key of a method's maps: the ViT-combined map also depends on the raw map's settings."""
-    return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if s.method == "vit" else s.method
+def method_key(s: ViewSettings, uses_ranges: bool):
+    """Cache key of a method's maps: a method that starts from the raw map (the ViT map) also depends on
+    the raw map's settings."""
+    return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if uses_ranges else (s.method,)
 
 
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
@@ -38,7 +45,8 @@ class StoredRun:
     images: list[Image.Image] = field(default_factory=list)
     shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
     baseline: AttentionRun | None = None                                # same image, generic prompt
-    method_maps: dict = field(default_factory=dict)                     # method -> [(grid_h, grid_w)] per step
+    method_maps: dict = field(default_factory=dict)                     # method_key -> [(grid_h, grid_w)] per step
+    method_captions: dict = field(default_factory=dict)                 # method -> what its caption says it draws
     display_max_side: int = 2048
     _ranges: dict = field(default_factory=dict)
     _sinks: dict = field(default_factory=dict)
@@ -156,12 +164,12 @@ def layout_heatmap(run, s: ViewSettings, image_idx: int = 0) -> np.ndarray:
 
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
-    if s.method != "attention":
+    if s.method != RAW_ATTENTION:
         return method_heatmap(stored, s)
     heat = layout_heatmap(stored.run, s)
     if s.relative:
         if stored.baseline is None:
-            raise LookupError("The generic-prompt baseline for this image is not computed yet. "
+            raise NotReadyError("The generic-prompt baseline for this image is not computed yet. "
                               "Tick 'Relative to a generic prompt' again to compute it.")
         heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce,
                                                     s.renormalize))
@@ -178,19 +186,17 @@ def _masked_sinks(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> np.nd
 
 
 def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
-    """A rollout or gradient-weighted map, computed beforehand for every generated token."""
-    if s.method not in METHODS:
-        raise ValueError(f"Unknown method {s.method!r}; choose one of {METHODS}.")
+    """A map of another method (rollout, gradient, ViT, …), computed beforehand for every generated token."""
     if s.prompt_pos is not None or s.relative:
-        raise ValueError(f"The {s.method} map is for generated tokens, without the generic-prompt division; "
+        raise InputError(f"The {s.method} map is for generated tokens, without the generic-prompt division; "
                          "pick a generated token and untick 'Relative to a generic prompt'.")
-    maps = stored.method_maps.get(method_key(s))
+    maps = stored.method_maps.get(method_key(s, False), stored.method_maps.get(method_key(s, True)))
     if maps is None:
-        raise LookupError(f"The {s.method} maps for these settings are not computed yet; select the method "
+        raise NotReadyError(f"The {s.method} maps for these settings are not computed yet; select the method "
                           "again to compute them.")
     heat = maps[s.step_idx]
-    if s.mask_sinks and s.method == "vit":
-        raise ValueError("Sink cells are token cells; untick 'Mask sink cells' for the patch-level ViT map.")
+    if s.mask_sinks and heat.shape != tuple(stored.run.vision.grid_hw):
+        raise InputError(f"Sink cells are token cells; untick 'Mask sink cells' for the patch-level {s.method} map.")
     return _masked_sinks(stored, s, heat)
 
 

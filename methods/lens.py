@@ -1,48 +1,19 @@
 """Logit lens over image patches: what each vision token's hidden state would predict, layer by layer.
 
 A teacher-forced forward over the prompt records every decoder layer's output at the vision
-positions (forward hooks, pre-norm), then decodes each through the final norm and `lm_head` once.
-`report.lens_html` draws the result as a self-contained, interactive HTML page.
+positions (forward hooks, installed through `attention_extractor.recording`; pre-norm), then
+decodes each through the final norm and `lm_head` once.
+`pictures.report.lens_html` draws the result as a self-contained, interactive HTML page.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
+from attention_extractor import recording
 from families import decoder_layers, final_norm, vision_layout
+from records import LogitLens
 from utils import load_image
-
-
-@dataclass
-class LogitLens:
-    """Top-k predictions per decoder layer and vision token of one image. Indices are 0-based.
-
-    layer_indices: the decoder layers, axis 0 (layer i means the output of decoder layer i; the
-        embedding output is not a layer).
-    top_ids: (num_layers, n_cells, k) int64; top_probs: (num_layers, n_cells, k) float32.
-    top_tokens: [layer][cell][k] decoded strings. Cell j is grid cell (j // grid_w, j % grid_w).
-    """
-
-    layer_indices: list[int]
-    top_ids: np.ndarray
-    top_probs: np.ndarray
-    top_tokens: list[list[list[str]]]
-    grid_hw: tuple[int, int]
-    image_box_xyxy: tuple[float, float, float, float]
-    tracked: np.ndarray | None = None          # (num_layers, n_cells, n_tracked) probabilities of track_ids
-
-    def token_map(self, index: int = 0) -> np.ndarray:
-        """(grid_h, grid_w): each patch's probability of tracked token `index`, averaged over layers."""
-        if self.tracked is None:
-            raise ValueError("No token was tracked; pass track_ids to logit_lens.")
-        return self.tracked[:, :, index].mean(axis=0).reshape(self.grid_hw).astype(np.float32)
-
-    def most_confident_layer(self) -> np.ndarray:
-        """(n_cells,) the layer index where each cell's top-1 probability peaks."""
-        return np.asarray(self.layer_indices)[self.top_probs[:, :, 0].argmax(axis=0)]
 
 
 def _layer_output(output) -> torch.Tensor:
@@ -78,13 +49,9 @@ def _lens(holder, inputs, layout, top_k: int, chunk: int, track_ids: list[int] |
         def hook(module, args, output):
             states[idx] = _layer_output(output)[0, positions.to(_layer_output(output).device)].detach()
         return hook
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            holder.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(layer, keep(i)) for i, layer in enumerate(layers)]
+    with recording(holder.model, text=None, hooks=hooks), torch.inference_mode():  # hooks removed in finally
+        holder.model(**inputs)
     norm, head = final_norm(holder.model), holder.model.get_output_embeddings()
     top_ids, top_probs, tracked = [], [], []
     with torch.inference_mode():

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from localization import choose_ranges, contiguous_ranges, pointing_at, ranges_json, ranges_record, unpack_hits
-from manifest import Item, is_validation
-from study_items import COLUMNS, HEAD_COLUMNS, StudySettings
-from study_plots import accuracy_by_layer_png, layer_head_matrix_png
+from pictures.study_plots import accuracy_by_layer_png, layer_head_matrix_png
+from study.items import COLUMNS, HEAD_COLUMNS, StudySettings
+from study.localization import choose_ranges, contiguous_ranges, pointing_at, ranges_json, ranges_record, unpack_hits
+from study.manifest import Item, is_validation
 
 logger = logging.getLogger(__name__)
 

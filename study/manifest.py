@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import InputError
+
 VALIDATION_SPLITS = ("validation", "val", "valid", "dev")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
@@ -90,27 +92,27 @@ def _sources(path: Path) -> list[tuple[Path, str, str | None]]:
 def _item(number: int, row: dict, base: Path, source: str, folder_split: str | None) -> Item:
     """One raw row checked into an Item, or ValueError naming what is wrong."""
     if "__error__" in row:
-        raise ValueError(row["__error__"])
+        raise InputError(row["__error__"])
     if source.endswith(METADATA_FILES):                            # imagefolder: the image is `file_name`
         name = str(row.get("file_name") or "").strip()
         if not name:
-            raise ValueError("missing file_name")
+            raise InputError("missing file_name")
         default_id = f"{folder_split}/{name}" if folder_split else name     # the image's path in the folder
         row = {**row, "image": name, "id": row.get("id") or default_id}
     missing = [key for key in ("id", "image", "prompt") if not str(row.get(key) or "").strip()]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+        raise InputError(f"missing {', '.join(missing)}")
     image = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
     if not image.is_file():
-        raise ValueError(f"no image file {str(image)!r}")
+        raise InputError(f"no image file {str(image)!r}")
     boxes = row.get("boxes") or None
     boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
     if boxes is not None and not (isinstance(boxes, list) and all(_is_box(b) for b in boxes)):
-        raise ValueError("boxes must be a list of [x0, y0, x1, y1]: four finite numbers with x0 < x1 and y0 < y1")
+        raise InputError("boxes must be a list of [x0, y0, x1, y1]: four finite numbers with x0 < x1 and y0 < y1")
     mask = row.get("mask") or None
     mask = (Path(mask) if Path(mask).is_absolute() else base / mask) if mask else None
     if not boxes and mask is None:
-        raise ValueError("no target: give boxes or a mask")
+        raise InputError("no target: give boxes or a mask")
     split = str(row.get("split") or "").strip() or folder_split
     return Item(number, str(row["id"]), image, str(row["prompt"]), row.get("answer") or None, boxes, mask,
                 row.get("target") or None, split, source)
@@ -125,7 +127,7 @@ def read_manifest(path: str | Path) -> tuple[list[Item], list[str]]:
             try:
                 item = _item(number, row, rows_file.parent, source, folder_split)
                 if item.id in seen:
-                    raise ValueError(f"the id {item.id!r} is already used on {seen[item.id]}")
+                    raise InputError(f"the id {item.id!r} is already used on {seen[item.id]}")
             except (ValueError, TypeError, json.JSONDecodeError) as err:
                 problems.append(f"{source} line {number}: {err}; skipped")
                 continue

@@ -17,16 +17,14 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from records import AttentionRun, cell_edges
-from views import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings, render, share_table
-
-if TYPE_CHECKING:
-    from lenses import LogitLens
+from errors import InputError
+from pictures.stored_run import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings
+from pictures.views import render, share_table
+from records import AttentionRun, LogitLens, cell_edges
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
@@ -184,7 +182,7 @@ def _view_settings(run: AttentionRun, layers, heads, reduce, normalization, perc
                    grid) -> ViewSettings:
     """ViewSettings for every token; None ranges mean everything captured."""
     if normalization not in DISPLAY_NORMALIZATIONS:
-        raise ValueError(f"Unknown normalisation {normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
+        raise InputError(f"Unknown normalisation {normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
     layers = tuple(layers) if layers is not None else (run.layer_indices[0], run.layer_indices[-1])
     heads = tuple(heads) if heads is not None else (0, run.num_heads - 1)
     return ViewSettings(layers=layers, heads=heads, reduce=reduce, normalization=normalization,
@@ -200,10 +198,10 @@ def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | Non
     else:
         stored = StoredRun(stored_or_run, images=[image] if image is not None else [])
     if stored.run.num_steps == 0:
-        raise ValueError("This run generated no tokens, so there is nothing to report. Generate again.")
+        raise InputError("This run generated no tokens, so there is nothing to report. Generate again.")
     if tuple(stored.image.size) != tuple(stored.run.vision.image_size):
         width, height = stored.run.vision.image_size
-        raise ValueError(f"The image is {stored.image.size[0]}x{stored.image.size[1]} px but the run was made "
+        raise InputError(f"The image is {stored.image.size[0]}x{stored.image.size[1]} px but the run was made "
                          f"from a {width}x{height} px image; pass the image the run was generated from.")
     return stored
 
@@ -235,7 +233,7 @@ def write_report(stored_or_run: StoredRun | AttentionRun, image: Image.Image | N
     (image_format jpeg or png, longest side at most max_side px; None keeps the original size).
     """
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"Unknown image_format {image_format!r}; choose one of {IMAGE_FORMATS}.")
+        raise InputError(f"Unknown image_format {image_format!r}; choose one of {IMAGE_FORMATS}.")
     stored = _as_stored(stored_or_run, image)
     base = _view_settings(stored.run, layers, heads, reduce, normalization, percentile, colormap, alpha, grid)
     uris, captions = [], []

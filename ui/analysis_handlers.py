@@ -14,16 +14,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import cell_at, head_matrix, region_to_text, system_positions, text_attention
-from components import parse_box, user_errors
-from gallery import head_gallery
-from pipeline import lens_page, save_gallery_zip, save_page, verify_map
-from views import (
-    StoredRun,
+from pictures.gallery import head_gallery
+from pictures.stored_run import StoredRun
+from pictures.view_parts import outline_cells
+from pictures.views import (
     analysis_note,
     as_text,
     matrix_view,
     on_screen,
-    outline_cells,
     region_note,
     render,
     screen_zoom,
@@ -31,6 +29,9 @@ from views import (
     token_label,
     verify_note,
 )
+from pipeline import lens_page, save_gallery_zip, save_page, verify_map
+from ui.components import parse_box, user_errors
+from ui.controls import BOX_OUTPUTS, REGION_OUTPUTS, pack
 from visualization import SIDE_BY_SIDE_GAP
 
 # The map's order in a strong colour, the random order in grey, in both verify plots.
@@ -95,27 +96,27 @@ class AnalysisHandlers:
     def box_click(self, run_id, box_mode, corner, *view_values, evt: gr.SelectData = None):
         """With 'Clicks draw it' on, the first click on the picture sets one corner of the target box and
         the second the opposite one, which redraws the map with the box and its scores:
-        (pending corner, box text, picture, caption, share table)."""
-        skip = (gr.skip(),) * 3
+        BOX_OUTPUTS: the pending corner, the box text, and the picture, caption and share table."""
         if not box_mode:
-            return (gr.skip(), gr.skip(), *skip)
+            return pack(BOX_OUTPUTS)
         stored, settings = self._single(run_id), self._settings(*view_values)
         width, height = stored.run.vision.image_size
         x, y = self._clicked_pixel(stored, settings.view, evt)
         x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
         if not corner:
-            return [x, y], gr.skip(), *skip
+            return pack(BOX_OUTPUTS, corner=[x, y])
         text = ", ".join(str(round(v)) for v in (min(corner[0], x), min(corner[1], y), max(corner[0], x),
                                                  max(corner[1], y)))
         box = parse_box(text)                                           # refuses two clicks on one spot
-        return None, text, *self._render_with(stored, replace(settings, target_box=box))
+        picture, caption, plot = self._render_with(stored, replace(settings, target_box=box))
+        return pack(BOX_OUTPUTS, corner=None, target_box=text, picture=picture, caption=caption, plot=plot)
 
     @user_errors
     def region_click(self, run_id, region, view, evt: gr.SelectData, box_mode=False):
         """A click on the picture adds or removes that token cell; shows who attends to the region.
         While clicks draw the target box, it leaves the region alone."""
         if box_mode:
-            return gr.skip(), gr.skip(), gr.skip()
+            return pack(REGION_OUTPUTS)
         stored = self._single(run_id)
         cell = cell_at(stored.run, *self._clicked_pixel(stored, view, evt))  # in the original image's pixels
         cells = {tuple(c) for c in region or []}

@@ -1,8 +1,8 @@
 """The Gradio adapters: component values in, typed settings by name, one pipeline or view call out.
 
-Each handler validates its input, builds a `ViewSettings` from the view controls by name
-(`VIEW_CONTROLS`), calls one function of `pipeline.py` or `views.py`, and lets `user_errors` turn
-the project's user errors into `gr.Error` messages. Threads and the model lock live in the
+Each handler validates its input, builds a `ViewSettings` from the view controls by name (the
+fields of `ui.controls.ViewControls`), calls one function of `pipeline.py` or `pictures/views.py`,
+and lets `user_errors` turn the project's user errors into `gr.Error` messages. Threads and the model lock live in the
 pipeline; the words shown to users live in the views.
 """
 
@@ -12,16 +12,17 @@ import html
 import inspect
 import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from analysis_handlers import AnalysisHandlers
-from components import USER_ERRORS, parse_box, user_errors
+from attention_processor import RAW_ATTENTION
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
+from errors import UserError
 from families import frames_per_panel
+from pictures.stored_run import StoredRun, ViewSettings
+from pictures.views import animation_frames, as_text, on_screen, render, share_table, token_label
 from pipeline import (
     ModelSlot,
     RunStore,
@@ -33,33 +34,26 @@ from pipeline import (
     save_picture,
     stream_generation,
 )
-from utils import load_image, load_video
-from views import (
-    StoredRun,
-    ViewSettings,
-    animation_frames,
-    as_text,
-    on_screen,
-    render,
-    share_table,
-    token_label,
+from ui.analysis_handlers import AnalysisHandlers
+from ui.components import parse_box, user_errors
+from ui.controls import (
+    MODEL_OUTPUTS,
+    PAGE_OUTPUTS,
+    VIEW_OUTPUTS,
+    DerivedViews,
+    ViewControls,
+    by_name,
+    defaults,
+    generate_outputs,
+    pack,
+    resets,
 )
+from utils import load_image, load_video
 
 logger = logging.getLogger(__name__)
 
-# The view controls, by their API names, in the order they are wired, with their defaults.
-VIEW_CONTROLS: dict[str, object] = {
-    "token": 0, "layer_lo": None, "layer_hi": None, "head_lo": None, "head_hi": None,
-    "aggregation": AppConfig.aggregation, "normalization": AppConfig.normalization, "colormap": AppConfig.colormap,
-    "alpha": AppConfig.alpha, "view": AppConfig.view, "grid": False,
-    "renormalize": False, "mask_sinks": False, "relative": False, "prompt_token": None, "exclude_system": False,
-    "method": "attention", "target_box": "",
-}
-# What a new result shows in the views derived from the previous one (the analysis tabs, in the order
-# of app.DERIVED_VIEWS), so nothing on the page belongs to an older run; then the downloads are emptied.
-CLEARED_VIEWS = (None, None, [], "", "", None, None, None, "", None, "Click the picture to pick token cells.")
 def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tuple[str, ...] = (),
-              progress: bool = False, request: bool = False, select: bool = False):
+              progress: bool = False, request: bool = False, select: bool = False, record: type = ViewControls):
     """`handler` (which takes its values positionally) under a signature that names every value, so API
     clients see `run_id, token, layer_lo, …` instead of `param_0, param_1, …`: the `leading` inputs, the
     view controls, then `trailing` inputs (session state, which API clients do not send). With
@@ -69,7 +63,7 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
     if view:
         params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
-                   for name, default in VIEW_CONTROLS.items()]
+                   for name, default in defaults(record).items()]
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in trailing]
     if progress:
         params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
@@ -127,28 +121,30 @@ def recommended_ranges(model_id: str, layer_max: int, head_max: int,
 
 
 class Handlers(AnalysisHandlers):
-    """Event handlers. View values arrive positionally in `VIEW_CONTROLS` order."""
+    """Event handlers. View values arrive as wired, in `ViewControls` order, and are keyed by name at once;
+    several outputs go back by name through `controls.pack`."""
 
-    def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore):
+    def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = ViewControls):
         self.cfg, self.slot, self.store = cfg, slot, store
+        self.record, self.generate_outputs = record, generate_outputs(record)   # the view controls, as wired
 
     # -- model ------------------------------------------------------------------------------------
     def model_status(self) -> tuple:
-        """(status line, layer range, head range, video input): the ranges span the loaded model, set to
-        its defaults; the video input shows only for a model that takes video."""
+        """MODEL_OUTPUTS: the status line, the layer and head ranges spanning the loaded model, set to its
+        defaults, and the video input, shown only for a model that takes video."""
         holder = self.slot.holder
         if holder is None:
             failed = self.slot.startup_failure
             status = ("**No model loaded.** Pick one and press Load." if not failed else
                       f"**The start-up model did not load.** {as_text(failed)} Pick a model and press Load, or "
                       "restart the app with another `--model` (or `--device cpu` on a machine without a GPU).")
-            return ((status,) + (gr.HTML(value=[0, 0], maximum=0),) * 2
-                    + (gr.Video(visible=False),))
+            return pack(MODEL_OUTPUTS, status=status, layer_range=gr.HTML(value=[0, 0], maximum=0),
+                        head_range=gr.HTML(value=[0, 0], maximum=0), video=gr.Video(visible=False))
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         layers, heads = recommended_ranges(holder.model_id, layer_max, head_max, self.cfg.ranges)
-        return (f"**Loaded:** {as_text(holder.describe())}",
-                gr.HTML(value=list(layers), maximum=layer_max), gr.HTML(value=list(heads), maximum=head_max),
-                gr.Video(visible=holder.takes_video))
+        return pack(MODEL_OUTPUTS, status=f"**Loaded:** {as_text(holder.describe())}",
+                    layer_range=gr.HTML(value=list(layers), maximum=layer_max),
+                    head_range=gr.HTML(value=list(heads), maximum=head_max), video=gr.Video(visible=holder.takes_video))
 
     @user_errors
     def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> str:
@@ -173,9 +169,9 @@ class Handlers(AnalysisHandlers):
         """A new page's model status, at once. While the start-up model loads, a note and an active timer
         that asks again (a page load never waits for the load, so it never holds a worker)."""
         if not self.slot.ready.is_set():
-            return (("**Loading the start-up model…** This page updates when it is ready.",) + (gr.skip(),) * 3
-                    + (gr.Timer(active=True),))
-        return self.model_status() + (gr.Timer(active=False),)
+            return pack(PAGE_OUTPUTS, status="**Loading the start-up model…** This page updates when it is ready.",
+                        status_timer=gr.Timer(active=True))
+        return self.model_status() + pack(PAGE_OUTPUTS[len(MODEL_OUTPUTS):], status_timer=gr.Timer(active=False))
 
     # -- generation -------------------------------------------------------------------------------
     def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
@@ -217,15 +213,15 @@ class Handlers(AnalysisHandlers):
                 if isinstance(item, str):
                     text = item
                     progress(min(count / int(max_new_tokens), 1.0), desc="Generating")
-                    yield (gr.skip(), text) + (gr.skip(),) * (10 + len(CLEARED_VIEWS) + 1)
+                    yield pack(self.generate_outputs, answer=text)
                 else:
                     run = item
-        except (gr.Error, *USER_ERRORS):
-            raise
+        except (gr.Error, UserError, MemoryError):
+            raise                                                       # messages, through `user_errors`
         except Exception as err:                                        # a bug: logged, and said plainly
             logger.exception("generation failed")
-            raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. The server keeps running; "
-                           "try again, and report this if it repeats.") from err
+            raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. This is an internal error; "
+                           "the server keeps running. Try again, and report this if it repeats.") from err
         finally:
             self.slot.end(session, cancel)
         stored = StoredRun(run, images=panels)
@@ -236,13 +232,17 @@ class Handlers(AnalysisHandlers):
                      "not follow the question; see the words it knows below the examples.")
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
-        # A new result starts without the options that need extra work (baseline) or one image (sinks).
-        fresh = replace(self._settings(*view_values), step_idx=0, relative=False, mask_sinks=False, prompt_pos=None,
-                        method="attention")
-        picture, caption, plot = self._render_with(stored, fresh)
-        yield (run_id, text, gr.Dropdown(choices=choices, value=0), gr.Radio(choices=choices, value=0),
-               picture, caption, plot, gr.Dropdown(choices=prompt_choices, value="", allow_custom_value=True),
-               False, False, [], "attention", *CLEARED_VIEWS, [])
+        # A new result starts without the options that need extra work (baseline) or one image (sinks):
+        # each view control with a `reset` value takes it, and every derived view is cleared.
+        fresh = resets(self.record)
+        picture, caption, plot = self._render_with(stored, self._settings_from({**self._view(view_values), **fresh}))
+        yield pack(self.generate_outputs, **{**fresh, **resets(DerivedViews), "run_id": run_id, "answer": text,
+                                        "token": gr.Dropdown(choices=choices, value=fresh["token"]),
+                                        "chips": gr.Radio(choices=choices, value=fresh["token"]),
+                                        "picture": picture, "caption": caption, "plot": plot,
+                                        "prompt_token": gr.Dropdown(choices=prompt_choices, value=fresh["prompt_token"],
+                                                                    allow_custom_value=True),
+                                        "region": [], "files": []})
 
     def stop_generation(self, request: gr.Request | None = None) -> None:
         """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
@@ -250,12 +250,16 @@ class Handlers(AnalysisHandlers):
         self.slot.stop(getattr(request, "session_hash", None))
 
     # -- views ------------------------------------------------------------------------------------
+    def _view(self, view_values: tuple) -> dict:
+        """The view controls' values, as wired (in `ViewControls` order; trailing ones may be left out), by name."""
+        return by_name(self.record, view_values)
+
     def _settings(self, *view_values) -> ViewSettings:
-        """The view controls' values (positionally, in `VIEW_CONTROLS` order; trailing ones may be left
-        out) as one ViewSettings, by name."""
-        if len(view_values) > len(VIEW_CONTROLS):
-            raise ValueError(f"Got {len(view_values)} view values; the view has {len(VIEW_CONTROLS)} controls.")
-        v = {**VIEW_CONTROLS, **dict(zip(VIEW_CONTROLS, view_values, strict=False))}  # a prefix
+        """The view controls' values, as wired, as one ViewSettings."""
+        return self._settings_from(self._view(view_values))
+
+    def _settings_from(self, v: dict) -> ViewSettings:
+        """The view controls' values by name as one ViewSettings; ranges left out are the page's own."""
         layers, heads = self._default_ranges()                          # what the page starts with
         layers = tuple(int(given) if given is not None else default
                        for given, default in zip((v["layer_lo"], v["layer_hi"]), layers, strict=True))
@@ -267,7 +271,7 @@ class Handlers(AnalysisHandlers):
                             renormalize=bool(v["renormalize"]), mask_sinks=bool(v["mask_sinks"]),
                             relative=bool(v["relative"]),
                             prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
-                            exclude_system=bool(v["exclude_system"]), method=v["method"] or "attention",
+                            exclude_system=bool(v["exclude_system"]), method=v["method"] or RAW_ATTENTION,
                             target_box=parse_box(v["target_box"]))
 
     def _default_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -292,12 +296,12 @@ class Handlers(AnalysisHandlers):
     def refresh(self, run_id, *view_values):
         """`render` after the ranges moved; nothing to draw (no result yet) leaves the views as they are."""
         if run_id is None:
-            return (gr.skip(),) * 3
+            return pack(VIEW_OUTPUTS)
         try:
             return self.render(run_id, *view_values)
         except gr.Error:                        # ranges of a newly loaded model over an older model's result
             if self.slot.holder is not None and self.store.get(run_id).run.model_id != self.slot.holder.model_id:
-                return (gr.skip(),) * 3
+                return pack(VIEW_OUTPUTS)
             raise
 
     def pick_chip(self, step_idx):
@@ -322,7 +326,7 @@ class Handlers(AnalysisHandlers):
     def method_select(self, run_id, *view_values, progress=gr.Progress()):
         """Compute the rollout, gradient or ViT maps of every generated token once (model passes), then render."""
         stored, settings = self.store.get(run_id), self._settings(*view_values)
-        if settings.method != "attention":
+        if settings.method != RAW_ATTENTION:
             if not stored.is_single_image:
                 raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
             method_maps(self.slot, stored, settings, self.cfg.max_gradient_mb,

@@ -17,16 +17,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from analysis import GENERIC_PROMPT, relative_heatmap
-from attention_processor import token_heatmap, vision_attention
-from explain import gradient_map, rollout_map, vit_combined_map
-from localization import pack_hits, range_hits
-from manifest import Item
+from analysis import relative_heatmap
+from attention_processor import RAW_ATTENTION, token_heatmap, vision_attention
+from errors import InputError
+from methods import METHODS, MapRequest, compute_maps, generic_baseline
 from metrics import attention_ratio, attention_ratios, otsu_iou, pointing_cells, pointing_hit, target_mask
 from model_holder import ModelHolder
+from study.localization import pack_hits, range_hits
+from study.manifest import Item
 from utils import load_image
 
-STUDY_METHODS = ("attention", "rollout", "gradient", "vit")     # the app's names (stored_run.METHODS)
 COLUMNS = ("item_id", "split", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative",
            "layers", "heads", "pointing_hit", "attention_ratio", "iou")
 HEAD_COLUMNS = ("item_id", "split", "correct", "layer_idx", "head_idx", "pointing_hit", "attention_ratio")
@@ -39,18 +39,18 @@ class StudySettings:
     layers: tuple[int, int] | None = None
     heads: tuple[int, int] | None = None
     max_new_tokens: int = 16
-    methods: tuple[str, ...] = ("attention",)
+    methods: tuple[str, ...] = (RAW_ATTENTION,)
     relative: bool = False                    # also the attention map over the generic-prompt map
     per_head: bool = False                    # also every layer's and every (layer, head)'s map
     val_fraction: float = 0.0                 # share of ids (without a split) that choose the ranges
 
     def check(self) -> None:
         """Raise ValueError naming the fix."""
-        unknown = [method for method in self.methods if method not in STUDY_METHODS]
+        unknown = [name for name in self.methods if name not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"Unknown map method(s) {unknown}; choose from {', '.join(STUDY_METHODS)}.")
+            raise InputError(f"Unknown map method(s) {unknown}; choose from {', '.join(METHODS)}.")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}.")
+            raise InputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}.")
 
 
 @dataclass
@@ -73,29 +73,7 @@ def scored_step(tokens: list[str], target: str | None) -> int:
         text = token.strip().lower()
         if (text == target.strip().lower()) if target else any(ch.isalnum() for ch in text):
             return step
-    raise ValueError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
-
-
-def method_map(holder: ModelHolder, run, step: int, method: str, layers, heads) -> np.ndarray:
-    """The map of generated token `step` by `method`: (grid_h, grid_w), or the ViT map's patch grid
-    (2 * grid_h, 2 * grid_w for Qwen). The ranges apply to raw attention and to the map ViT starts from."""
-    if method == "attention":
-        return token_heatmap(run, step, layers, heads)
-    if method == "rollout":
-        return rollout_map(holder, run, step)
-    if method == "gradient":
-        return gradient_map(holder, run, step)
-    if method == "vit":
-        return vit_combined_map(holder, run, token_heatmap(run, step, layers, heads))
-    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(STUDY_METHODS)}.")
-
-
-def generic_baseline(holder: ModelHolder, run):
-    """The same image under the generic prompt, one token, with the run's own pixel budget (as the app's
-    `pipeline.relative_baseline`): what a relative map is divided by."""
-    made = run.settings
-    return holder.generate(run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
-                           min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+    raise InputError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
 
 
 def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
@@ -138,17 +116,17 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
     common = {"item_id": item.id, "split": item.split, "image": str(item.image), "prompt": item.prompt,
               "answer": answer, "expected": expected, "correct": correct, "token": run.generated_tokens[step]}
     scores = ItemScores(item.id)
-    for method in settings.methods:
-        ranged = method in ("attention", "vit")                              # the others use every layer
-        where = {"method": method, "relative": False, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
+    for name in settings.methods:
+        ranged = METHODS[name].uses_ranges                                  # the others use every layer
+        where = {"method": name, "relative": False, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
                  "heads": f"{heads[0]}-{heads[1]}" if ranged else "all"}
         try:
-            heat = method_map(holder, run, step, method, layers, heads)      # (grid_h, grid_w) or patches
+            (heat,) = compute_maps(name, MapRequest(holder, run, [step], layers, heads))  # (grid_h, grid_w) or patches
         except (ValueError, MemoryError) as err:
-            scores.problems.append(f"{method}: {err}")
+            scores.problems.append(f"{name}: {err}")
             continue
         scores.rows.append({**common, **where, **_scores(heat, run, region)})
-        if settings.relative and method == "attention":
+        if settings.relative and name == RAW_ATTENTION:
             generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)   # (grid_h, grid_w)
             scores.rows.append({**common, **where, "relative": True,
                                 **_scores(relative_heatmap(heat, generic), run, region)})

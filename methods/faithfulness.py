@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import InputError
 from records import AttentionRun
 
 
@@ -66,7 +67,7 @@ def faithfulness(holder, run: AttentionRun, step_idx: int, heat: np.ndarray,
     if heat.shape != tuple(run.vision.grid_hw):
         raise ValueError(f"The map has shape {heat.shape}, but the token grid is {run.vision.grid_hw}.")
     if not run.images:
-        raise ValueError("Verifying blurs the run's image, and this run has none (a video). Generate from an "
+        raise InputError("Verifying blurs the run's image, and this run has none (a video). Generate from an "
                          "image first.")
     image = run.images[0]
     original = np.asarray(image)

@@ -5,7 +5,7 @@ tokenizer in-process, builds the real transformers architecture from a config, a
 normal checkpoint folder (safetensors, processor, tokenizer, chat template) that loads through
 `ModelHolder.load` exactly as a hub checkpoint would.
 
-    python tiny_models.py qwen2_5_vl /tmp/tiny-qwen2.5-vl
+    python -m testing.tiny_models qwen2_5_vl /tmp/tiny-qwen2.5-vl
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
-import tiny_tiles
 from families import decoder_layers
+from testing import tiny_tiles
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

@@ -1,0 +1,121 @@
+"""Map methods, and the one registry of every method the app, the API and studies offer.
+
+A method turns a run (and, for most, model passes over it) into one map per requested generated token,
+on the run's token grid or, for the ViT map, on the vision encoder's patch grid over the same box.
+`METHODS` is the only place a method is named: the app's radio, the API's `method` values, `batch.py
+--methods` and the study list it, and `compute_maps` is how each of them calls one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis import GENERIC_PROMPT
+from attention_processor import RAW_ATTENTION, token_heatmap
+from errors import InputError
+from methods.explain import gradient_map, rollout_map, vit_combined_maps
+from methods.lens import run_logit_lens
+
+
+@dataclass(frozen=True)
+class MapRequest:
+    """What a method needs for the maps of `steps` (0-based generated-token indices) of `run`.
+
+    layers, heads: inclusive 0-based ranges; they apply to raw attention and to the map ViT starts from.
+    attention_map: step -> (grid_h, grid_w) raw-attention map with the caller's own options (the app's
+        aggregation and renormalisation); by default the mean over the ranges.
+    track: wraps a loop over steps (a progress bar); max_gradient_mb caps the gradient pass's memory.
+    """
+
+    holder: object
+    run: object
+    steps: Sequence[int]
+    layers: tuple[int, int]
+    heads: tuple[int, int]
+    attention_map: Callable[[int], np.ndarray] | None = None
+    max_gradient_mb: float | None = None
+    track: Callable = field(default=lambda steps, desc: steps)
+
+    def raw(self, step_idx: int) -> np.ndarray:
+        if self.attention_map is not None:
+            return self.attention_map(step_idx)
+        return token_heatmap(self.run, step_idx, self.layers, self.heads)
+
+
+@dataclass(frozen=True)
+class MapMethod:
+    """One map method: its name, its one-line description (the UI's label), what a caption says it draws,
+    whether it needs model passes beyond the stored rows, and whether the layer and head ranges apply."""
+
+    name: str
+    description: str
+    caption: str
+    compute: Callable[[MapRequest], list[np.ndarray]]
+    needs_model: bool = True
+    uses_ranges: bool = False
+
+
+def _attention(request: MapRequest) -> list[np.ndarray]:
+    return [request.raw(t) for t in request.steps]
+
+
+def _per_step(fn, name: str, request: MapRequest) -> list[np.ndarray]:
+    return [fn(request.holder, request.run, t) for t in request.track(request.steps, f"{name} maps")]
+
+
+def _gradient(request: MapRequest) -> list[np.ndarray]:
+    fn = functools.partial(gradient_map, max_mb=request.max_gradient_mb)
+    return _per_step(fn, "gradient", request)
+
+
+def _vit(request: MapRequest) -> list[np.ndarray]:
+    return vit_combined_maps(request.holder, request.run, [request.raw(t) for t in request.steps])
+
+
+def _lens(request: MapRequest) -> list[np.ndarray]:
+    """The image positions precede every generated token, so one prompt pass gives every step's map: the
+    probability of token t at each patch, averaged over the layers."""
+    ids = [request.run.generated_ids[t] for t in request.steps]
+    lens = run_logit_lens(request.holder, request.run, top_k=1, track_ids=ids)
+    return [lens.token_map(i) for i in range(len(ids))]
+
+
+METHODS: dict[str, MapMethod] = {method.name: method for method in (
+    MapMethod(RAW_ATTENTION, "raw attention of the decoder on the image tokens (the ranges apply)",
+              "raw attention", _attention, needs_model=False, uses_ranges=True),
+    MapMethod("rollout", "attention rollout through every layer, heads averaged",
+              "attention rollout through all layers (heads averaged, residual mixed in)",
+              functools.partial(_per_step, rollout_map, "rollout")),
+    MapMethod("gradient", "gradient-weighted attention over every layer (Chefer et al.)",
+              "gradient-weighted attention, all layers (Chefer et al.)", _gradient),
+    MapMethod("vit", "the raw-attention map pushed back through the vision encoder, on its patches",
+              "the raw-attention map pushed back through the vision encoder's attention (patch grid)", _vit,
+              uses_ranges=True),
+    MapMethod("lens", "logit lens: each image patch's probability of the token, averaged over the layers",
+              "logit lens: each patch's probability of this token, mean over layers", _lens),
+)}
+
+
+def method(name: str) -> MapMethod:
+    """The registered method `name`, or an error naming every method."""
+    if name not in METHODS:
+        raise InputError(f"Unknown map method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def compute_maps(name: str, request: MapRequest) -> list[np.ndarray]:
+    """The maps of `request.steps` by method `name`: one float32 array per step, (grid_h, grid_w) or the
+    encoder's patch grid over the same box (the ViT map)."""
+    return method(name).compute(request)
+
+
+def generic_baseline(holder, run):
+    """The run's images under the generic prompt, one token, with the run's own pixel budget: what a
+    map "relative to a generic prompt" is divided by. A model pass; the caller holds the model lock."""
+    made = run.settings
+    return holder.generate(run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
+                           min_pixels=made.min_pixels, max_pixels=made.max_pixels)

@@ -1,0 +1,1 @@
+"""The browser app's adapters and layout: the only package, beside app.py, that imports gradio."""
