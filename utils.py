@@ -124,3 +124,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"Unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}.")
     return DTYPES[dtype]
+
+
+def scaled_size(size_wh: tuple[int, int], factor: float, factor_y: float | None = None) -> tuple[int, int]:
+    """(W, H) scaled by `factor` (and `factor_y` for the height, if given), rounded, at least 1 px each."""
+    fy = factor if factor_y is None else factor_y
+    return max(1, round(size_wh[0] * factor)), max(1, round(size_wh[1] * fy))
+
+
+def scale_box(box_xyxy, sx: float, sy: float | None = None) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) in one image's pixels, in the pixels of the same image scaled by (sx, sy)."""
+    sy = sx if sy is None else sy
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from errors import InputError
+from utils import scale_box
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,6 @@ def no_video(family: str, video: bool) -> None:
                          "instead.")
 
 
-def scale_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:
+def resized_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:
     """A box in the pixels of an image of `from_size` (W, H), in the pixels of the same image at `to_size`."""
-    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    x0, y0, x1, y1 = box
-    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+    return scale_box(box, to_size[0] / from_size[0], to_size[1] / from_size[1])

@@ -21,7 +21,7 @@ from transformers.image_processing_utils import get_patch_output_size, select_be
 from transformers.image_utils import ChannelDimension
 
 from errors import InputError
-from families.base import FamilySpec, check_count, no_video, scale_box, split_per_input, token_positions, whole_box
+from families.base import FamilySpec, check_count, no_video, resized_box, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
 SPECS = (FamilySpec("llava_next", "LLaVA-NeXT", tiled=True),
@@ -72,12 +72,12 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
             zip(plans, image_sizes, owns, inputs["image_sizes"].tolist(), strict=True)):
         base_box = whole_box((proc_w, proc_h)) if tiled[index] else _square_box((proc_w, proc_h))
         global_view = VisionLayout(own[:side * side], (side, side), tuple(size),
-                                   scale_box(base_box, (proc_w, proc_h), size), (tower_px, tower_px),
+                                   resized_box(base_box, (proc_w, proc_h), size), (tower_px, tower_px),
                                    image_index=index, view="global view")
         if grid_h and grid_w:                  # an extreme aspect ratio can leave no tile cell after un-padding
             rows = own[side * side:].reshape(grid_h, grid_w + 1)        # (grid_h, grid_w + 1): cells, newline
             tiles = VisionLayout(np.ascontiguousarray(rows[:, :grid_w]).ravel(), (grid_h, grid_w), tuple(size),
-                                 scale_box(box, (proc_w, proc_h), size), _best(config, (proc_h, proc_w)),
+                                 resized_box(box, (proc_w, proc_h), size), _best(config, (proc_h, proc_w)),
                                  image_index=index, view="tiles")
             result += [tiles, global_view]
         else:

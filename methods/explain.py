@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attention_extractor import RECORD_IMPLEMENTATION, recording
+from attention_store import softmax_rows
 from errors import InputError
 from families import (
     decoder_layers,
@@ -64,18 +65,12 @@ def _mean_attention_rows(query, key, scale, rows: slice, mask: torch.Tensor | No
                          softcap: float | None = None) -> torch.Tensor:
     """Head-averaged softmax attention of query rows `rows` under the model's mask (S, S; True = may
     attend), or causal when there is none, with the layer's logit soft-capping if any: (n, S) float32."""
-    num_heads, seq, _ = query.shape
-    groups = num_heads // key.shape[0]
-    keys = key.float().repeat_interleave(groups, dim=0)                  # (H, S, D)
-    scores = torch.matmul(query[:, rows].float(), keys.transpose(1, 2)) * scale  # (H, n, S)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[rows, :seq][None], float("-inf"))
-    else:
-        positions = torch.arange(seq)[rows]                              # (n,)
-        scores = scores.masked_fill(torch.arange(seq)[None, :] > positions[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=0)                     # (n, S)
+    seq = query.shape[1]
+    if mask is not None:                        # the model's own mask decides alone (bidirectional blocks too)
+        query_pos, allowed = torch.full((len(range(seq)[rows]),), seq - 1), mask[rows, :seq]   # (n,), (n, S)
+    else:                                       # causal
+        query_pos, allowed = torch.arange(seq)[rows], None
+    return softmax_rows(query[:, rows], key, query_pos, scale, allowed, softcap).mean(dim=0)  # (n, S)
 
 
 def rollout_map(holder, run: AttentionRun, step_idx: int, chunk: int = 256) -> np.ndarray:

@@ -11,6 +11,7 @@ from PIL import Image
 from analysis import vision_maps
 from attention_processor import normalize_heatmap
 from records import AttentionRun
+from utils import scale_box, scaled_size
 from visualization import labelled, overlay
 
 
@@ -35,8 +36,8 @@ def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, h
     `S{step}_L{layer}_H{head}` like the reference LLaVA toolkit."""
     maps = vision_maps(run, step_idx, layers, heads)                       # (l, h, gh, gw)
     scale = thumb / max(image.size)
-    small = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))))
-    box = tuple(v * scale for v in run.vision.image_box_xyxy)
+    small = image.resize(scaled_size(image.size, scale))
+    box = scale_box(run.vision.image_box_xyxy, scale)
     tiles = []
     for i, layer_idx in enumerate(run.layers_in(layers)):
         for j, head_idx in enumerate(range(heads[0], heads[1] + 1)):

@@ -25,6 +25,7 @@ from errors import InputError
 from pictures.stored_run import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings
 from pictures.views import render, share_table
 from records import AttentionRun, LogitLens, cell_edges
+from utils import scale_box, scaled_size
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
@@ -253,11 +254,11 @@ def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None,
     """A self-contained HTML page: each patch's top token over the image, a layer slider, and the
     top-5 with probabilities on hover. All text is escaped; nothing is fetched from the network."""
     scale = max_side / max(image.size)                                  # small images grow so labels fit
-    shown = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)))
+    shown = image.resize(scaled_size(image.size, scale))
     buffer = io.BytesIO()
     shown.convert("RGB").save(buffer, format="JPEG", quality=85)
     data_uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-    xs, ys = cell_edges(lens.grid_hw, [v * scale for v in lens.image_box_xyxy])  # shown-image pixels
+    xs, ys = cell_edges(lens.grid_hw, scale_box(lens.image_box_xyxy, scale))  # shown-image pixels
     grid_h, grid_w = lens.grid_hw
     confident = lens.most_confident_layer()
     payload = {"tokens": lens.top_tokens, "probs": np.round(lens.top_probs, 4).tolist(),

@@ -21,6 +21,7 @@ from attention_processor import (
 )
 from errors import InputError, NotReadyError
 from records import AttentionRun
+from utils import scale_box, scaled_size
 
 
 def method_key(s: ViewSettings, uses_ranges: bool):
@@ -69,15 +70,14 @@ class StoredRun:
             image = self.images[index]
             factor = min(1.0, self.display_max_side / max(image.size))
             shown = image if factor == 1.0 else image.resize(
-                (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor))), Image.BILINEAR)
+                scaled_size(image.size, factor), Image.BILINEAR)
             self._displays[index] = (shown, (shown.size[0] / image.size[0], shown.size[1] / image.size[1]))
         return self._displays[index]
 
     def display_box(self, index: int, box_xyxy) -> tuple[float, float, float, float]:
         """A box in original pixels of image `index`, in the pixels of its display copy."""
         _, (sx, sy) = self.display(index)
-        x0, y0, x1, y1 = box_xyxy
-        return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+        return scale_box(box_xyxy, sx, sy)
 
     def image_share(self, layers, heads, exclude_system: bool = False) -> np.ndarray:
         """(T,) mean share of each token's attention on the image(s), over the selected layers and heads;

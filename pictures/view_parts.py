@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 from attention_processor import image_shares, normalize_heatmap
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
 from pictures.stored_run import StoredRun, ViewSettings, layout_heatmap
+from utils import scaled_size
 from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
 
 
@@ -71,8 +72,7 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
     own scale. Clicks on the main picture keep their coordinates."""
     run, main = stored.run, stored.run.vision
     shown, (sx, sy) = stored.display(0)
-    small = shown.resize((max(1, round(shown.size[0] * OTHER_VIEW_SCALE)),
-                          max(1, round(shown.size[1] * OTHER_VIEW_SCALE))), Image.BILINEAR)
+    small = shown.resize(scaled_size(shown.size, OTHER_VIEW_SCALE), Image.BILINEAR)
     fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy   # small px per original px
 
     def on_small(box):

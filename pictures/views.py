@@ -30,6 +30,7 @@ from pictures.stored_run import (
 )
 from pictures.view_parts import outline_target, target_scores, with_other_views
 from records import AttentionRun
+from utils import scaled_size
 from visualization import SIDE_BY_SIDE_GAP, colorize, heatmap_image, labelled, overlay, side_by_side
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
@@ -81,7 +82,7 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
         picture, _ = render(stored, replace(settings, step_idx=step_idx, prompt_pos=None))
         if size is None:
             factor = min(1.0, max_side / max(picture.size))
-            size = (max(1, round(picture.size[0] * factor)), max(1, round(picture.size[1] * factor)))
+            size = scaled_size(picture.size, factor)
             font = ImageFont.load_default(size=max(12, size[0] // 28))
         strip = int(font.size * 1.8)
         frame = Image.new("RGB", (size[0], size[1] + strip), (255, 255, 255))
@@ -154,7 +155,7 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
         picture = heatmap_image(image, heat, box, **draw) if s.view == "heatmap" else \
             overlay(image, heat, box, alpha=s.alpha, **draw)
         scale = height / picture.size[1]
-        tile = picture.resize((max(1, round(picture.size[0] * scale)), height))
+        tile = picture.resize((scaled_size(picture.size, scale)[0], height))
         tiles.append(labelled(tile, label))
     strip = tiles[0]
     for tile in tiles[1:]:

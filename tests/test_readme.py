@@ -23,10 +23,9 @@ def test_readme_api_example_runs(tmp_path):
     blocks = re.findall(r"```(bash|python)\n(.*?)```", README, re.S)
     api_index = next(i for i, (lang, _) in enumerate(blocks) if lang == "python")
     setup = blocks[api_index - 1][1].split("#")[0].strip()                    # the command before it
-    assert setup.startswith("python tiny_models.py")
+    assert setup.startswith("python -m testing.tiny_models")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(REPO / setup.split()[1]), *setup.split()[2:]], cwd=tmp_path,
-                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, *setup.split()[1:]], cwd=tmp_path, check=True, env=env, capture_output=True)
     (tmp_path / "outputs").mkdir()
     script = tmp_path / "example.py"
     script.write_text(blocks[api_index][1])
