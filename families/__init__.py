@@ -47,8 +47,8 @@ CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision", "idefics": "IDEFICS (v
 
 
 def family_spec(family: str) -> FamilySpec:
-    """The declared facts of a supported model type."""
-    return SPECS[family]
+    """The declared facts of a model type; a name that is not a supported model type has none of them."""
+    return SPECS.get(family) or FamilySpec(family, family)
 
 
 def video_families() -> list[str]:
@@ -70,7 +70,7 @@ def token_cell_px(family: str, config) -> int:
 
 def supports_vit_map(family: str, config) -> bool:
     """Whether the ViT-combined map knows this vision tower (Qwen's and GLM's merge, CLIP's layers)."""
-    return SPECS[family].vit_map and not native_aspect(family, config)
+    return family_spec(family).vit_map and not native_aspect(family, config)
 
 
 def detect_family(config) -> str:
@@ -106,7 +106,7 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
 
 def supports_video(family: str) -> bool:
     """Whether the family's processor takes a video and its adapter maps it (its spec's `video`)."""
-    return SPECS[family].video
+    return family_spec(family).video
 
 
 def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixels: int | None,
@@ -158,13 +158,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def load_attention(family: str) -> str | dict:
     """The attention implementation to load with: SDPA, except PaliGemma's Gemma 2 decoder, whose logit
     soft-capping SDPA cannot do (transformers refuses it there); the capture replaces it either way."""
-    return {"text_config": "eager", "vision_config": "sdpa"} if SPECS[family].eager_text else "sdpa"
+    return {"text_config": "eager", "vision_config": "sdpa"} if family_spec(family).eager_text else "sdpa"
 
 
 def prefix_lm(family: str) -> bool:
     """Whether the prompt (image and text) is one bidirectional prefix and generated tokens a causal
     suffix, marked by `token_type_ids` 0 and 1 (PaliGemma)."""
-    return SPECS[family].prefix_lm
+    return family_spec(family).prefix_lm
 
 
 def processor_options(family: str, processor) -> dict:
@@ -241,7 +241,7 @@ def vision_merge_size(model) -> int:
 
 def vision_prefix_tokens(model) -> int:
     """Tokens the vision encoder's sequence holds before its patches: CLIP's CLS (LLaVA), none for Qwen."""
-    return SPECS[model.config.model_type].vision_prefix_tokens
+    return family_spec(model.config.model_type).vision_prefix_tokens
 
 
 def final_norm(model) -> torch.nn.Module:
