@@ -5,6 +5,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 # Floors, lowest first. A module imports project modules only from its own floor or the floors below it.
@@ -163,3 +165,11 @@ def test_every_name_is_imported_from_its_home():
                 wrong += [f"{name}: from {node.module} import {alias.name}" for alias in node.names
                           if alias.name not in _defined(node.module) and f"{node.module}.{alias.name}" not in MODULES]
     assert not wrong, wrong
+
+
+def test_the_package_declares_every_module():
+    """`pip install .` installs what the top level and the packages hold (pyproject's lists)."""
+    tomllib = pytest.importorskip("tomllib")                             # Python 3.11+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(setup["py-modules"]) == sorted(path.stem for path in REPO.glob("*.py"))
+    assert sorted(setup["packages"]) == sorted(PACKAGES)
