@@ -25,9 +25,9 @@ def vision_maps(run: AttentionRun, step_idx: int, layers, heads, renormalize: bo
 def head_matrix(run: AttentionRun, step_idx: int, layers, heads) -> dict[str, np.ndarray]:
     """Per (layer, head) of the ranges: `share` of attention on the image (0..1) and the
     normalised spatial `entropy` of its map (0 = one cell, 1 = uniform). Both (l, h) float32."""
-    maps = vision_maps(run, step_idx, layers, heads)                      # (l, h, gh, gw)
-    flat = maps.reshape(*maps.shape[:2], -1)                              # (l, h, n_cells)
-    share = flat.sum(-1)                                                  # (l, h)
+    maps = vision_maps(run, step_idx, layers, heads)  # (l, h, gh, gw)
+    flat = maps.reshape(*maps.shape[:2], -1)  # (l, h, n_cells)
+    share = flat.sum(-1)  # (l, h)
     p = flat / np.clip(share[..., None], 1e-12, None)
     entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1) / np.log(max(flat.shape[-1], 2))
     return {"share": share.astype(np.float32), "entropy": entropy.astype(np.float32)}
@@ -35,7 +35,7 @@ def head_matrix(run: AttentionRun, step_idx: int, layers, heads) -> dict[str, np
 
 def region_share(run: AttentionRun, step_idx: int, region: np.ndarray, layers=None, heads=None) -> np.ndarray:
     """(l, h) share of each head's attention that falls on the grid cells where `region` is True."""
-    maps = vision_maps(run, step_idx, layers, heads)                      # (l, h, gh, gw)
+    maps = vision_maps(run, step_idx, layers, heads)  # (l, h, gh, gw)
     if region.shape != maps.shape[2:]:
         raise ValueError(f"The region mask has shape {region.shape}, but the token grid is {maps.shape[2:]}.")
     return maps[:, :, region].sum(-1).astype(np.float32)
@@ -60,8 +60,9 @@ def region_to_text(run: AttentionRun, region: np.ndarray) -> dict[str, np.ndarra
     return {"per_step": shares.mean(axis=(1, 2)), "per_head": shares.mean(axis=0)}
 
 
-def sink_cells(run: AttentionRun, layers=None, heads=None, factor: float = 5.0,
-               min_fraction: float = 0.9) -> np.ndarray:
+def sink_cells(
+    run: AttentionRun, layers=None, heads=None, factor: float = 5.0, min_fraction: float = 0.9
+) -> np.ndarray:
     """(grid_h, grid_w) bool: cells that take more than `factor`× a uniform share of the image's
     attention for at least `min_fraction` of the generated tokens, whatever the token."""
     n_cells = run.vision.num_cells
@@ -77,12 +78,13 @@ class TextPiece:
     """One chip of the text-attention view: a token (or the whole image block) and its weight."""
 
     text: str
-    weight: float          # attention mass, 0..1
-    kind: str              # "prompt" | "image" | "answer" | "excluded"
+    weight: float  # attention mass, 0..1
+    kind: str  # "prompt" | "image" | "answer" | "excluded"
 
 
-def text_attention(run: AttentionRun, step_idx: int, layers=None, heads=None,
-                   exclude_positions: tuple[int, ...] = ()) -> list[TextPiece]:
+def text_attention(
+    run: AttentionRun, step_idx: int, layers=None, heads=None, exclude_positions: tuple[int, ...] = ()
+) -> list[TextPiece]:
     """The selected token's attention over everything before it, mean over the selected heads.
 
     Each image (or video) block becomes one piece; `exclude_positions` (e.g. BOS, system prompt)
@@ -103,8 +105,9 @@ def text_attention(run: AttentionRun, step_idx: int, layers=None, heads=None,
             layout = run.visions[i]
             if pos == layout.token_positions[-1]:
                 name = "video" if layout.num_frames > 1 else f"image {i}" if len(run.visions) > 1 else "image"
-                pieces.append(TextPiece(f"[{name}: {len(layout.token_positions)} tokens]",
-                                        block_mass[i] / kept_total, "image"))
+                pieces.append(
+                    TextPiece(f"[{name}: {len(layout.token_positions)} tokens]", block_mass[i] / kept_total, "image")
+                )
             continue
         kind = "excluded" if pos in excluded else ("prompt" if pos < len(run.prompt_ids) else "answer")
         value = weight if kind == "excluded" else weight / kept_total
@@ -122,4 +125,3 @@ def relative_heatmap(heat: np.ndarray, generic_heat: np.ndarray, eps: float = 1e
 def system_positions(run: AttentionRun) -> tuple[int, ...]:
     """Positions before the first vision token: BOS, system prompt and the chat header."""
     return tuple(range(int(run.vision.token_positions[0]))) if len(run.vision.token_positions) else ()
-

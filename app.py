@@ -14,7 +14,6 @@ the modules below them.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import socket
 import threading
@@ -25,10 +24,8 @@ from config import AppConfig, ModelRanges
 from pipeline import ModelSlot, RunStore
 from ui.components import LoginGuard
 from ui.controls import (
-    BOX_OUTPUTS,
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
-    REGION_OUTPUTS,
     VIEW_OUTPUTS,
     DerivedViews,
     Page,
@@ -37,8 +34,8 @@ from ui.controls import (
     redraws,
 )
 from ui.handlers import Handlers
-from ui.handlers import named_api as named_view_api
 from ui.layout import CSS, analysis_tabs, default_model, inputs_column, map_column, model_row, settings_column
+from ui.wiring import named_api_for, wire_analysis, wire_downloads, wire_region_and_box
 
 logger = logging.getLogger("app")
 
@@ -48,11 +45,18 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = Vi
     controls' record (a test may add a control to it; the layout, wiring and API follow)."""
     # Gradio's cache of uploads and served pictures is cleaned every cache_max_age_s of files that old.
     with gr.Blocks(title="VLM Attention Explorer", delete_cache=(cfg.cache_max_age_s, cfg.cache_max_age_s)) as demo:
-        parts = {"run_id": gr.State(None), "extra_state": gr.State([]), "video_state": gr.State(None),
-                 "region": gr.State([]), "corner": gr.State(None)}
-        gr.Markdown("**VLM Attention Explorer** · where in the image did the model look when it generated each "
-                    "token? Maps show the decoder's attention on the image tokens; every index is 0-based.",
-                    elem_id="title")
+        parts = {
+            "run_id": gr.State(None),
+            "extra_state": gr.State([]),
+            "video_state": gr.State(None),
+            "region": gr.State([]),
+            "corner": gr.State(None),
+        }
+        gr.Markdown(
+            "**VLM Attention Explorer** · where in the image did the model look when it generated each "
+            "token? Maps show the decoder's attention on the image tokens; every index is 0-based.",
+            elem_id="title",
+        )
         parts.update(model_row(cfg))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=260):
@@ -71,7 +75,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = Vi
 def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     """Every event of the page, by component name. Events that run the model share one queue (limit 1);
     renders have their own, so sliders stay live while someone generates."""
-    named_api = _named_api(page)
+    named_api = named_api_for(page)
     view_inputs, view_outputs = page.view_inputs, page.pick(VIEW_OUTPUTS)
     with_run = [page["run_id"], *view_inputs]
     ranges = [page["layer_range"], page["head_range"]]
@@ -80,95 +84,87 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
 
     # Extra media reach `generate` through session state, so the API keeps its one-image signature.
-    page["extra_images"].change(lambda files: list(files or []), page["extra_images"], page["extra_state"],
-                                api_name=False, queue=False)
+    page["extra_images"].change(
+        lambda files: list(files or []), page["extra_images"], page["extra_state"], api_name=False, queue=False
+    )
     page["video"].change(lambda path: path or None, page["video"], page["video_state"], api_name=False, queue=False)
     # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
     # says why, the picker goes back to the loaded model, and the status and ranges stay.
-    loading = page["load_btn"].click(named_api(h.load_model, ("model_id",), view=False, progress=True),
-                                     [page["model_box"]], [page["load_result"]], api_name="load_model", **model_events)
+    loading = page["load_btn"].click(
+        named_api(h.load_model, ("model_id",), view=False, progress=True),
+        [page["model_box"]],
+        [page["load_result"]],
+        api_name="load_model",
+        **model_events,
+    )
     loading.success(h.model_status, None, page.pick(MODEL_OUTPUTS), api_name=False, queue=False)
     loading.failure(h.loaded_model_id, None, [page["model_box"]], api_name=False, queue=False)
     demo.load(h.page_load, None, page.pick(PAGE_OUTPUTS), **page_events)
     page["status_timer"].tick(h.page_load, None, page.pick(PAGE_OUTPUTS), **page_events)
 
-    generate_api = named_api(h.generate, ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p",
-                                          "min_pixels", "max_pixels"), trailing=("extra_images", "video"),
-                             progress=True, request=True)
+    generate_api = named_api(
+        h.generate,
+        ("image", "prompt", "max_new_tokens", "sample", "temperature", "top_p", "min_pixels", "max_pixels"),
+        trailing=("extra_images", "video"),
+        progress=True,
+        request=True,
+    )
     page["generate_btn"].click(h.stop_generation, None, None, queue=False, api_name=False, show_progress="hidden")
     page["generate_btn"].click(
-        generate_api, [*page.pick(("image", "prompt", "max_new", "sampling", "temperature", "top_p", "min_px",
-                                   "max_px")), *view_inputs, page["extra_state"], page["video_state"]],
-        page.pick(h.generate_outputs), api_name="generate", trigger_mode="always_last", **model_events)
+        generate_api,
+        [
+            *page.pick(("image", "prompt", "max_new", "sampling", "temperature", "top_p", "min_px", "max_px")),
+            *view_inputs,
+            page["extra_state"],
+            page["video_state"],
+        ],
+        page.pick(h.generate_outputs),
+        api_name="generate",
+        trigger_mode="always_last",
+        **model_events,
+    )
 
-    gr.on([page[name].input for name in redraws(page.view)], named_api(h.render, ("run_id",)), with_run,
-          view_outputs, api_name="render",
-          trigger_mode="always_last", **render_events)
+    gr.on(
+        [page[name].input for name in redraws(page.view)],
+        named_api(h.render, ("run_id",)),
+        with_run,
+        view_outputs,
+        api_name="render",
+        trigger_mode="always_last",
+        **render_events,
+    )
     page["alpha"].input(h.render, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
     for shown, lo, hi in (("layer_range", "layer_lo", "layer_hi"), ("head_range", "head_lo", "head_hi")):
         # In the browser: the range's [lo, hi] into the two values, then one redraw (the newest wins).
-        page[shown].change(None, [page[shown]], [page[lo], page[hi]], js="(range) => [range[0], range[1]]",
-                           api_name=False, trigger_mode="always_last", queue=False).then(
-            h.refresh, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
-    page["prompt_token"].input(h.pick_prompt_token, [page["prompt_token"]], [page["chips"]], api_name=False,
-                               queue=False)
-    page["chips"].input(h.pick_chip, [page["chips"]], [page["token"], page["prompt_token"]], api_name=False,
-                        queue=False).then(h.render, with_run, view_outputs, api_name=False, **render_events)
-    page["token"].input(h.pick_chip, [page["token"]], [page["chips"], page["prompt_token"]], api_name=False,
-                        queue=False).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+        page[shown].change(
+            None,
+            [page[shown]],
+            [page[lo], page[hi]],
+            js="(range) => [range[0], range[1]]",
+            api_name=False,
+            trigger_mode="always_last",
+            queue=False,
+        ).then(h.refresh, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
+    page["prompt_token"].input(
+        h.pick_prompt_token, [page["prompt_token"]], [page["chips"]], api_name=False, queue=False
+    )
+    page["chips"].input(
+        h.pick_chip, [page["chips"]], [page["token"], page["prompt_token"]], api_name=False, queue=False
+    ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+    page["token"].input(
+        h.pick_chip, [page["token"]], [page["chips"], page["prompt_token"]], api_name=False, queue=False
+    ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
     page["relative"].input(h.relative_toggle, with_run, view_outputs, api_name=False, **model_events)
-    page["method"].input(named_api(h.method_select, ("run_id",), progress=True), with_run, view_outputs,
-                         api_name="method", **model_events)
-    _wire_region_and_box(page, h, with_run, view_outputs, render_events)
-    _wire_analysis(page, h, with_run, ranges, model_events, render_events)
-    _wire_downloads(page, h, with_run, render_events)
-
-
-def _named_api(page: Page):
-    """`ui.handlers.named_api` for this page: the API names every view control of the page's record."""
-    return functools.partial(named_view_api, record=type(page.view))
-
-
-def _wire_region_and_box(page: Page, h: Handlers, with_run: list, view_outputs: list, render_events: dict) -> None:
-    named_api = _named_api(page)
-    page["picture"].select(named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
-                           [page["run_id"], page["box_mode"], page["corner"], *page.view_inputs],
-                           page.pick(BOX_OUTPUTS), api_name=False, **render_events)
-    gr.on([page["target_box"].submit, page["target_box"].blur], h.render, with_run, view_outputs, api_name=False,
-          **render_events)
-    page["picture"].select(h.region_click, page.pick(("run_id", "region", "view", "box_mode")),
-                           page.pick(REGION_OUTPUTS), api_name=False, **render_events).then(
-        h.render_region, [page["run_id"], page["region"], page["box_mode"], *page.view_inputs], [page["picture"]],
-        api_name=False, **render_events)
-    page["region_clear"].click(h.region_clear, None, page.pick(REGION_OUTPUTS), api_name=False).then(
-        h.render, with_run, view_outputs, api_name=False, **render_events)
-
-
-def _wire_analysis(page: Page, h: Handlers, with_run: list, ranges: list, model_events: dict,
-                   render_events: dict) -> None:
-    named_api = _named_api(page)
-    analysis_outputs = page.pick(("matrix", "text", "gallery", "note"))
-    gr.on([page["show"].click, page["metric"].input], named_api(h.analysis, ("run_id", "metric")),
-          [page["run_id"], page["metric"], *page.view_inputs], analysis_outputs, api_name="analysis",
-          **render_events)
-    page["matrix"].change(h.matrix_pick, [page["matrix"]], ranges, api_name=False, queue=False)
-    page["lens_btn"].click(named_api(h.lens, ("run_id",), view=False, progress=True), [page["run_id"]],
-                           page.pick(("lens_view", "lens_file")), api_name="logit_lens", **model_events)
-    page["verify_btn"].click(named_api(h.verify, ("run_id",), progress=True), with_run,
-                             page.pick(("verify_plot", "verify_insertion", "verify_note")), api_name="verify",
-                             **model_events)
-    page["zip"].click(named_api(h.gallery_download, ("run_id",)), with_run, [page["files"]],
-                      api_name="gallery_zip", **render_events)
-
-
-def _wire_downloads(page: Page, h: Handlers, with_run: list, render_events: dict) -> None:
-    named_api = _named_api(page)
-    page["png_btn"].click(named_api(h.download_png, ("run_id",)), with_run, [page["files"]], api_name="download_png",
-                          **render_events)
-    page["gif_btn"].click(named_api(h.download_animation, ("run_id",)), with_run, [page["files"]],
-                          api_name="download_animation", **render_events)
-    page["export_btn"].click(h.export_attention, [page["run_id"]], [page["files"]], api_name="export_attention",
-                             **render_events)
+    page["method"].input(
+        named_api(h.method_select, ("run_id",), progress=True),
+        with_run,
+        view_outputs,
+        api_name="method",
+        **model_events,
+    )
+    wire_region_and_box(page, h, with_run, view_outputs, render_events)
+    wire_analysis(page, h, with_run, ranges, model_events, render_events)
+    wire_downloads(page, h, with_run, render_events)
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -180,17 +176,35 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     parser.add_argument("--auth", help="user:pass protecting the page and the API")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--session-cache-mb", type=int, default=AppConfig.session_cache_mb,
-                        help="memory for all sessions' results; least recently used are evicted")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow checkpoints that ship their own Python code (runs that code)")
-    parser.add_argument("--allow-model-loading", action=argparse.BooleanOptionalAction, default=None,
-                        help="let users load other models from the page (default: on when serving only on "
-                             "127.0.0.1 without --share, off otherwise)")
-    parser.add_argument("--max-pixels-cap", type=int, default=AppConfig.max_pixels_cap,
-                        help="largest image-token budget (max pixels) a request may ask for")
-    parser.add_argument("--ranges", help="a ranges.json from a study (batch.py --manifest ... --val-fraction): "
-                        "its model starts with those layer and head ranges")
+    parser.add_argument(
+        "--session-cache-mb",
+        type=int,
+        default=AppConfig.session_cache_mb,
+        help="memory for all sessions' results; least recently used are evicted",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow checkpoints that ship their own Python code (runs that code)",
+    )
+    parser.add_argument(
+        "--allow-model-loading",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let users load other models from the page (default: on when serving only on "
+        "127.0.0.1 without --share, off otherwise)",
+    )
+    parser.add_argument(
+        "--max-pixels-cap",
+        type=int,
+        default=AppConfig.max_pixels_cap,
+        help="largest image-token budget (max pixels) a request may ask for",
+    )
+    parser.add_argument(
+        "--ranges",
+        help="a ranges.json from a study (batch.py --manifest ... --val-fraction): "
+        "its model starts with those layer and head ranges",
+    )
     args = parser.parse_args(argv)
     if args.session_cache_mb <= 0:
         parser.error("--session-cache-mb must be a positive number of megabytes, e.g. 2048")
@@ -208,10 +222,20 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         if not sep or not user or not password:
             parser.error("--auth must look like user:password")
         auth = (user, password)
-    return AppConfig(model=args.model, host=args.host, port=args.port, share=args.share, auth=auth,
-                     device=args.device, dtype=args.dtype, session_cache_mb=args.session_cache_mb,
-                     trust_remote_code=args.trust_remote_code, allow_model_loading=allow_loading,
-                     max_pixels_cap=args.max_pixels_cap, ranges=ranges)
+    return AppConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        auth=auth,
+        device=args.device,
+        dtype=args.dtype,
+        session_cache_mb=args.session_cache_mb,
+        trust_remote_code=args.trust_remote_code,
+        allow_model_loading=allow_loading,
+        max_pixels_cap=args.max_pixels_cap,
+        ranges=ranges,
+    )
 
 
 def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
@@ -224,31 +248,43 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
     def load():
         try:
             slot.load(model_id, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.max_pixels_cap)
-        except Exception as err:                                        # the page says why, and what to do
+        except Exception as err:  # the page says why, and what to do
             logger.error("could not load %s: %s", model_id, err)
             slot.startup_failure = f"{model_id}: {err}"
         finally:
             slot.ready.set()
+
     threading.Thread(target=load, daemon=True).start()
 
 
 def launch_options(cfg: AppConfig) -> dict:
     """How the server is exposed: only the app's own output folder is served, uploads are capped."""
-    return dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
-                auth=LoginGuard(*cfg.auth) if cfg.auth else None,
-                allowed_paths=[str(cfg.outputs_dir)], max_file_size=cfg.max_upload, ssr_mode=False, css=CSS,
-                theme=gr.themes.Soft())
+    return dict(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=cfg.share,
+        auth=LoginGuard(*cfg.auth) if cfg.auth else None,
+        allowed_paths=[str(cfg.outputs_dir)],
+        max_file_size=cfg.max_upload,
+        ssr_mode=False,
+        css=CSS,
+        theme=gr.themes.Soft(),
+    )
 
 
 def exposure_warnings(cfg: AppConfig) -> list[str]:
     """What the operator should hear about who can reach this server."""
     warnings = []
     if cfg.share and cfg.auth is None:
-        warnings.append("--share without --auth: anyone holding the public link can use this machine and its GPU. "
-                        "Add --auth user:password to protect it.")
+        warnings.append(
+            "--share without --auth: anyone holding the public link can use this machine and its GPU. "
+            "Add --auth user:password to protect it."
+        )
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth is None:
-        warnings.append(f"--host {cfg.host} without --auth: anyone who can reach this machine on port {cfg.port} "
-                        "can use it. Add --auth user:password to protect it.")
+        warnings.append(
+            f"--host {cfg.host} without --auth: anyone who can reach this machine on port {cfg.port} "
+            "can use it. Add --auth user:password to protect it."
+        )
     return warnings
 
 
@@ -266,8 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
     if port_in_use(cfg.host, cfg.port):
-        raise SystemExit(f"Port {cfg.port} on {cfg.host} is already in use (another copy of the app?). Stop that "
-                         f"program, or start this one on another port: python app.py --port {cfg.port + 1}")
+        raise SystemExit(
+            f"Port {cfg.port} on {cfg.host} is already in use (another copy of the app?). Stop that "
+            f"program, or start this one on another port: python app.py --port {cfg.port + 1}"
+        )
     for warning in exposure_warnings(cfg):
         logger.warning(warning)
     cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -280,8 +318,11 @@ def main(argv: list[str] | None = None) -> None:
         if demo.share_url:
             logger.info("Public link: %s", demo.share_url)
         else:
-            logger.warning("Could not create a public share link: the Gradio relay is not reachable from this "
-                           "machine. The app is still served locally at %s", demo.local_url)
+            logger.warning(
+                "Could not create a public share link: the Gradio relay is not reachable from this "
+                "machine. The app is still served locally at %s",
+                demo.local_url,
+            )
     demo.block_thread()
 
 

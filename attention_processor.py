@@ -33,18 +33,22 @@ def range_slice(bounds: tuple[int, int] | None, available: list[int], what: str)
         # Sparse (Qwen3.5: only some layers have softmax attention): the captured ones inside the range.
         inside = [i for i, idx in enumerate(available) if lo <= idx <= hi]
         if lo < 0 or hi > available[-1] or not inside:
-            raise InputError(f"The {what} range {lo}..{hi} holds no {what} with softmax attention; those are "
-                             f"{', '.join(map(str, available))}. Pick a range that includes one.")
+            raise InputError(
+                f"The {what} range {lo}..{hi} holds no {what} with softmax attention; those are "
+                f"{', '.join(map(str, available))}. Pick a range that includes one."
+            )
         return slice(inside[0], inside[-1] + 1)
     if lo not in available or hi not in available or available.index(hi) - available.index(lo) != hi - lo:
-        raise InputError(f"The {what} range {lo}..{hi} is outside what was captured "
-                         f"({available[0]}..{available[-1]}); pick a range inside it.")
+        raise InputError(
+            f"The {what} range {lo}..{hi} is outside what was captured "
+            f"({available[0]}..{available[-1]}); pick a range inside it."
+        )
     return slice(available.index(lo), available.index(hi) + 1)
 
 
 def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
     """Aggregate over the first two axes (layers, heads) of a (L, H, N) tensor → (N,)."""
-    flat = values.reshape(-1, values.shape[-1])                         # (L*H, N)
+    flat = values.reshape(-1, values.shape[-1])  # (L*H, N)
     if reduce == "mean":
         return flat.mean(dim=0)
     if reduce == "max":
@@ -54,9 +58,14 @@ def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
     raise InputError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
 
 
-def vision_attention(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                     heads: tuple[int, int] | None = None, image_idx: int = 0,
-                     renormalize: bool = False) -> torch.Tensor:
+def vision_attention(
+    run: AttentionRun,
+    step_idx: int,
+    layers: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    image_idx: int = 0,
+    renormalize: bool = False,
+) -> torch.Tensor:
     """(n_layers_sel, n_heads_sel, n_tokens) float32: attention on each token of image `image_idx`;
     with renormalize, each head's attention on the image rescaled to sum to 1."""
     return _on_image(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), renormalize)
@@ -70,16 +79,18 @@ def _on_image(layout: VisionLayout, rows: torch.Tensor, renormalize: bool) -> to
     return values
 
 
-def _selected(run: AttentionRun, rows: torch.Tensor, layers: tuple[int, int] | None,
-              heads: tuple[int, int] | None) -> torch.Tensor:
+def _selected(
+    run: AttentionRun, rows: torch.Tensor, layers: tuple[int, int] | None, heads: tuple[int, int] | None
+) -> torch.Tensor:
     """The layer and head ranges of rows laid out (num_layers, num_heads, ...), as a view."""
     layer_sel = range_slice(layers, run.layer_indices, "layer")
     head_sel = range_slice(heads, list(range(run.num_heads)), "head")
     return rows[layer_sel, head_sel]
 
 
-def step_rows(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-              heads: tuple[int, int] | None = None) -> torch.Tensor:
+def step_rows(
+    run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None, heads: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(n_layers_sel, n_heads_sel, len(prompt_ids) + step_idx) float16 view of the selected rows."""
     return _selected(run, run.step_attention(step_idx), layers, heads)
 
@@ -92,15 +103,21 @@ def _layout(run: AttentionRun, image_idx: int) -> VisionLayout:
 
 def _positions_index(layout: VisionLayout) -> slice | torch.Tensor:
     """The vision positions as a slice when they are one block (the usual case), else an index tensor."""
-    positions = layout.token_positions                                  # (n_tokens,)
+    positions = layout.token_positions  # (n_tokens,)
     if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
         return slice(int(positions[0]), int(positions[-1]) + 1)
     return torch.from_numpy(positions)
 
 
-def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                  heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
-                  renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
+def token_heatmap(
+    run: AttentionRun,
+    step_idx: int,
+    layers: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    reduce: Reduce = "mean",
+    renormalize: bool = False,
+    image_idx: int = 0,
+) -> np.ndarray:
     """Raw attention mass on each vision token for generated token `step_idx`.
 
     layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
@@ -114,9 +131,15 @@ def token_heatmap(run: AttentionRun, step_idx: int, layers: tuple[int, int] | No
     return _heatmap(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), reduce, renormalize)
 
 
-def prompt_token_heatmap(run: AttentionRun, token_pos: int, layers: tuple[int, int] | None = None,
-                         heads: tuple[int, int] | None = None, reduce: Reduce = "mean",
-                         renormalize: bool = False, image_idx: int = 0) -> np.ndarray:
+def prompt_token_heatmap(
+    run: AttentionRun,
+    token_pos: int,
+    layers: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    reduce: Reduce = "mean",
+    renormalize: bool = False,
+    image_idx: int = 0,
+) -> np.ndarray:
     """Like `token_heatmap`, for a prompt token at sequence position `token_pos` (one of
     `run.prompt_positions`): what that prompt word attends to in the image."""
     layout = _layout(run, image_idx)
@@ -129,7 +152,7 @@ def _heatmap(layout: VisionLayout, rows: torch.Tensor, reduce: str, renormalize:
     """rows (l, h, S) → (grid_h, grid_w), or (frames, grid_h, grid_w) for a video, float32."""
     if reduce not in REDUCTIONS:
         raise InputError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
-    values = _on_image(layout, rows, renormalize)                       # (l, h, n_tokens)
+    values = _on_image(layout, rows, renormalize)  # (l, h, n_tokens)
     shape = (layout.num_frames, *layout.grid_hw) if layout.num_frames > 1 else layout.grid_hw
     return _reduce(values, reduce).reshape(shape).numpy().astype(np.float32)
 
@@ -139,12 +162,14 @@ def vision_share(run: AttentionRun) -> np.ndarray:
     return run.segment_shares("vision")
 
 
-def image_shares(run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None,
-                 heads: tuple[int, int] | None = None) -> np.ndarray:
+def image_shares(
+    run: AttentionRun, step_idx: int, layers: tuple[int, int] | None = None, heads: tuple[int, int] | None = None
+) -> np.ndarray:
     """(n_images,) float32: mean attention mass over the selected heads on each image of the prompt."""
-    rows = step_rows(run, step_idx, layers, heads).float()              # (l, h, S_t)
-    return np.array([float(rows[:, :, _positions_index(layout)].sum(-1).mean()) for layout in run.visions],
-                    dtype=np.float32)
+    rows = step_rows(run, step_idx, layers, heads).float()  # (l, h, S_t)
+    return np.array(
+        [float(rows[:, :, _positions_index(layout)].sum(-1).mean()) for layout in run.visions], dtype=np.float32
+    )
 
 
 def heatmap_range(heatmaps: list[np.ndarray]) -> tuple[float, float]:
@@ -152,8 +177,12 @@ def heatmap_range(heatmaps: list[np.ndarray]) -> tuple[float, float]:
     return (float(min(h.min() for h in heatmaps)), float(max(h.max() for h in heatmaps)))
 
 
-def normalize_heatmap(heatmap: np.ndarray, mode: Normalization = "minmax", percentile: float = 99.0,
-                      value_range: tuple[float, float] | None = None) -> np.ndarray:
+def normalize_heatmap(
+    heatmap: np.ndarray,
+    mode: Normalization = "minmax",
+    percentile: float = 99.0,
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Scale a raw map to 0..1 for display. Same shape, float32.
 
     minmax: this map's min → 0 and max → 1.

@@ -26,11 +26,17 @@ from errors import InputError
 
 StoreKind = Literal["auto", "rows", "qk"]
 STORE_KINDS: tuple[str, ...] = ("auto", "rows", "qk")
-_CHUNK_ELEMENTS = 2**25                     # float32 scores per chunk at the end of generation (128 MB)
+_CHUNK_ELEMENTS = 2**25  # float32 scores per chunk at the end of generation (128 MB)
 
 
-def softmax_rows(queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor, scaling: float,
-                 allowed: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+def softmax_rows(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pos: torch.Tensor,
+    scaling: float,
+    allowed: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Softmax attention rows of some queries of one layer, in float32.
 
     queries: (H, n, D) post-RoPE queries; keys: (KV, K, D) post-RoPE keys of positions 0..K-1,
@@ -43,14 +49,14 @@ def softmax_rows(queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Ten
     num_heads, n, head_dim = queries.shape
     num_kv, kv_len = keys.shape[0], keys.shape[1]
     grouped = queries.float().reshape(num_kv, (num_heads // num_kv) * n, head_dim)  # (KV, G*n, D)
-    scores = torch.matmul(grouped, keys.float().transpose(1, 2)) * scaling           # (KV, G*n, K)
-    scores = scores.view(num_heads, n, kv_len)                                      # (H, n, K)
+    scores = torch.matmul(grouped, keys.float().transpose(1, 2)) * scaling  # (KV, G*n, K)
+    scores = scores.view(num_heads, n, kv_len)  # (H, n, K)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     hidden = torch.arange(kv_len, device=keys.device)[None, :] > query_pos[:, None]  # (n, K) future keys
     if allowed is not None:
         hidden = hidden | ~allowed
-    return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)          # (H, n, K)
+    return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)  # (H, n, K)
 
 
 @dataclass
@@ -70,13 +76,23 @@ class LayerRecord:
 
     def rows(self, query_pos: torch.Tensor, select: slice = slice(None), kv_len: int | None = None) -> torch.Tensor:
         """(H, n, kv_len) float32 rows of the selected queries over the first kv_len keys."""
-        keys = self.keys[:, :kv_len]                                                  # (KV, kv_len, D)
+        keys = self.keys[:, :kv_len]  # (KV, kv_len, D)
         allowed = None if self.allowed is None else self.allowed[select, :kv_len]
         return softmax_rows(self.queries[:, select], keys, query_pos[select], self.scaling, allowed, self.softcap)
 
 
-def store_bytes(kind: str, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, prompt_len: int,
-                num_steps: int, num_prompt_rows: int, itemsize: int, num_segments: int = 2) -> int:
+def store_bytes(
+    kind: str,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    prompt_len: int,
+    num_steps: int,
+    num_prompt_rows: int,
+    itemsize: int,
+    num_segments: int = 2,
+) -> int:
     """Bytes a store keeps right after generation (`QueryKeyStore` grows by the rows it caches)."""
     n_q, kv_len = num_prompt_rows + num_steps, prompt_len + num_steps - 1
     shares = 4 * num_segments * num_steps * num_layers * num_heads
@@ -105,17 +121,21 @@ class RowStore:
 
     kind = "rows"
 
-    def __init__(self, step_rows: list[torch.Tensor], prompt_rows: torch.Tensor | None,
-                 shares: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        step_rows: list[torch.Tensor],
+        prompt_rows: torch.Tensor | None,
+        shares: dict[str, torch.Tensor] | None = None,
+    ):
         self.step_rows = step_rows
-        self.prompt_rows = prompt_rows                                  # (L, H, n_p, prompt_len) or None
-        self.shares = shares or {}                                      # segment -> (T, L, H) float32
+        self.prompt_rows = prompt_rows  # (L, H, n_p, prompt_len) or None
+        self.shares = shares or {}  # segment -> (T, L, H) float32
 
     def step(self, step_idx: int) -> torch.Tensor:
         return self.step_rows[step_idx]
 
     def prompt(self, row_idx: int) -> torch.Tensor:
-        return self.prompt_rows[:, :, row_idx]                          # (L, H, prompt_len)
+        return self.prompt_rows[:, :, row_idx]  # (L, H, prompt_len)
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +151,15 @@ class QueryKeyStore:
 
     kind = "qk"
 
-    def __init__(self, layers: list[LayerRecord], query_pos: torch.Tensor, num_prompt_rows: int,
-                 prompt_len: int, shares: dict[str, torch.Tensor], cache_tokens: int = 4):
+    def __init__(
+        self,
+        layers: list[LayerRecord],
+        query_pos: torch.Tensor,
+        num_prompt_rows: int,
+        prompt_len: int,
+        shares: dict[str, torch.Tensor],
+        cache_tokens: int = 4,
+    ):
         self.layers, self.query_pos = layers, query_pos
         self.num_prompt_rows, self.prompt_len = num_prompt_rows, prompt_len
         self.shares = shares
@@ -163,8 +190,9 @@ class QueryKeyStore:
         return _storage_bytes([*kept, *self._cache.values(), *self.shares.values()])
 
 
-def _segment_masses(record: LayerRecord, query_pos: torch.Tensor, first: int, segments: dict[str, torch.Tensor],
-                    keep_rows: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def _segment_masses(
+    record: LayerRecord, query_pos: torch.Tensor, first: int, segments: dict[str, torch.Tensor], keep_rows: bool
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Rows from query row `first` on, in chunks: ({segment: (H, n) mass}, [(H, chunk, K) float16 rows],
     the rows only when `keep_rows`)."""
     num_heads, n_q, _ = record.queries.shape
@@ -173,16 +201,22 @@ def _segment_masses(record: LayerRecord, query_pos: torch.Tensor, first: int, se
     masses: dict[str, list[torch.Tensor]] = {name: [] for name in segments}
     halves = []
     for start in range(first, n_q, chunk):
-        probs = record.rows(query_pos, slice(start, min(start + chunk, n_q)))          # (H, c, K)
+        probs = record.rows(query_pos, slice(start, min(start + chunk, n_q)))  # (H, c, K)
         for name, index in segments.items():
-            masses[name].append(probs[:, :, index].sum(-1))                              # (H, c)
+            masses[name].append(probs[:, :, index].sum(-1))  # (H, c)
         if keep_rows:
             halves.append(probs.to(torch.float16))
     return {name: torch.cat(parts, dim=1) for name, parts in masses.items()}, halves
 
 
-def build_store(records: list[LayerRecord], query_pos: torch.Tensor, num_prompt_rows: int, prompt_len: int,
-                segments: dict[str, torch.Tensor], kind: str):
+def build_store(
+    records: list[LayerRecord],
+    query_pos: torch.Tensor,
+    num_prompt_rows: int,
+    prompt_len: int,
+    segments: dict[str, torch.Tensor],
+    kind: str,
+):
     """A `RowStore` or `QueryKeyStore` ('rows' / 'qk') from the layers' records, on the CPU.
 
     query_pos: (n_q,) int64 on the CPU. segments: name -> key positions (int64, CPU) whose per-step
@@ -190,8 +224,8 @@ def build_store(records: list[LayerRecord], query_pos: torch.Tensor, num_prompt_
     before the first copy back; the copies to the host wait for their own device only.
     """
     keep_rows = kind == "rows"
-    first = 0 if keep_rows else num_prompt_rows                            # 'qk' reduces only the steps
-    on_device: dict[torch.device, tuple] = {}                              # indices copied once per device
+    first = 0 if keep_rows else num_prompt_rows  # 'qk' reduces only the steps
+    on_device: dict[torch.device, tuple] = {}  # indices copied once per device
     masses, halves = [], []
     for record in records:
         device = record.keys.device
@@ -200,14 +234,22 @@ def build_store(records: list[LayerRecord], query_pos: torch.Tensor, num_prompt_
         positions, indices = on_device[device]
         mass, half = _segment_masses(record, positions, first, indices, keep_rows)
         masses.append(mass)
-        halves.append(torch.cat(half, dim=1) if keep_rows else None)      # (H, n_q, K) float16
-    shares = {name: torch.stack([m[name][:, -(len(query_pos) - num_prompt_rows):].cpu() for m in masses])
-              .permute(2, 0, 1).contiguous() for name in segments}          # (T, L, H) float32
+        halves.append(torch.cat(half, dim=1) if keep_rows else None)  # (H, n_q, K) float16
+    shares = {
+        name: torch.stack([m[name][:, -(len(query_pos) - num_prompt_rows) :].cpu() for m in masses])
+        .permute(2, 0, 1)
+        .contiguous()
+        for name in segments
+    }  # (T, L, H) float32
     if kind == "qk":
-        cpu = [LayerRecord(r.queries.cpu(), r.keys.cpu(), r.scaling,
-                           None if r.allowed is None else r.allowed.cpu(), r.softcap) for r in records]
+        cpu = [
+            LayerRecord(
+                r.queries.cpu(), r.keys.cpu(), r.scaling, None if r.allowed is None else r.allowed.cpu(), r.softcap
+            )
+            for r in records
+        ]
         return QueryKeyStore(cpu, query_pos, num_prompt_rows, prompt_len, shares)
-    block = torch.empty((len(records), *halves[0].shape), dtype=torch.float16)      # (L, H, n_q, K)
+    block = torch.empty((len(records), *halves[0].shape), dtype=torch.float16)  # (L, H, n_q, K)
     for layer_idx, half in enumerate(halves):
         block[layer_idx].copy_(half)
     steps = [block[:, :, num_prompt_rows + t, : prompt_len + t] for t in range(len(query_pos) - num_prompt_rows)]

@@ -41,13 +41,13 @@ class BatchSettings:
 
     layers: tuple[int, int] | None = None
     heads: tuple[int, int] | None = None
-    steps: tuple[int, ...] | None = None       # step indices to draw; None = every generated token
-    aggregate: str = "mean"                    # mean: composites only | none: also every (layer, head)
+    steps: tuple[int, ...] | None = None  # step indices to draw; None = every generated token
+    aggregate: str = "mean"  # mean: composites only | none: also every (layer, head)
     max_new_tokens: int = 64
     min_new_tokens: int = 0
     colormap: str = "jet"
     alpha: float = 0.5
-    report: bool = False                       # also write an interactive report.html per pair
+    report: bool = False  # also write an interactive report.html per pair
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def parse_steps(text: str) -> tuple[int, ...] | None:
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"Bad step spec {text!r}: use 'all', a list such as 0,1,5 or a range such as 0-3 "
-                "(0-based token indices).") from None
+                "(0-based token indices)."
+            ) from None
         steps.update(range(lo, hi + 1))
     return tuple(sorted(steps))
 
@@ -87,31 +88,61 @@ def parse_steps(text: str) -> tuple[int, ...] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Attention maps for several images × several prompts. Layer, head and step arguments "
-                    "are 0-based; output files are numbered from 1 (S1_L1_H1 = step 0, layer 0, head 0).")
+        "are 0-based; output files are numbered from 1 (S1_L1_H1 = step 0, layer 0, head 0)."
+    )
     parser.add_argument("--model", required=True, help="hub id or local folder")
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE")
-    parser.add_argument("--methods", default=RAW_ATTENTION, help="with --manifest: comma-separated map methods to "
-                        f"score ({', '.join(METHODS)}, or all; default {RAW_ATTENTION})")
-    parser.add_argument("--relative", action="store_true", help="with --manifest: also score each attention map "
-                        "divided by the generic-prompt map of the same image (one more model pass per item)")
-    parser.add_argument("--per-head", action="store_true", help="with --manifest: also score every layer's and "
-                        "every (layer, head)'s map: heads.parquet/csv and the localisation plots")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="with --manifest: choose the best layer and "
-                        "head ranges on this share of the items (by id; items with a split column use it instead) "
-                        "and report them on the rest in ranges.json; implies --per-head")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's own, which "
-                        "under torchrun or accelerate launch is 1 per process unless OMP_NUM_THREADS says otherwise)")
-    parser.add_argument("--manifest", type=Path, help="a dataset study instead: a JSONL or CSV manifest of items "
-                        "with target boxes or masks, or a Hugging Face imagefolder (a folder with metadata.jsonl); "
-                        "scores go to --out (see study.py)")
+    parser.add_argument(
+        "--methods",
+        default=RAW_ATTENTION,
+        help="with --manifest: comma-separated map methods to "
+        f"score ({', '.join(METHODS)}, or all; default {RAW_ATTENTION})",
+    )
+    parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="with --manifest: also score each attention map "
+        "divided by the generic-prompt map of the same image (one more model pass per item)",
+    )
+    parser.add_argument(
+        "--per-head",
+        action="store_true",
+        help="with --manifest: also score every layer's and "
+        "every (layer, head)'s map: heads.parquet/csv and the localisation plots",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="with --manifest: choose the best layer and "
+        "head ranges on this share of the items (by id; items with a split column use it instead) "
+        "and report them on the rest in ranges.json; implies --per-head",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per process (default: torch's own, which "
+        "under torchrun or accelerate launch is 1 per process unless OMP_NUM_THREADS says otherwise)",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="a dataset study instead: a JSONL or CSV manifest of items "
+        "with target boxes or masks, or a Hugging Face imagefolder (a folder with metadata.jsonl); "
+        "scores go to --out (see study.py)",
+    )
     parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT")
     parser.add_argument("--prompts-file", type=Path, help="more prompts, one per non-empty line")
     parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per pair")
     parser.add_argument("--layers", type=parse_range, help="LO-HI, 0-based inclusive (default: all)")
     parser.add_argument("--heads", type=parse_range, help="LO-HI, 0-based inclusive (default: all)")
     parser.add_argument("--steps", type=parse_steps, default=None, help="all | 0,1,5 | 0-3 (default: all)")
-    parser.add_argument("--aggregate", choices=AGGREGATES, default="mean",
-                        help="mean: one composite per token; none: also one PNG per (step, layer, head)")
+    parser.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default="mean",
+        help="mean: one composite per token; none: also one PNG per (step, layer, head)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-new-tokens", type=int, default=0, help="keep generating at least this many")
     parser.add_argument("--colormap", choices=sorted(COLORMAPS), default="jet")
@@ -130,10 +161,11 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
             lines = prompts_file.read_text(encoding="utf-8").splitlines()
             found += [line.strip() for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"Could not read --prompts-file {prompts_file}: {err}. "
-                             "Give a UTF-8 text file with one prompt per line.") from err
+            raise InputError(
+                f"Could not read --prompts-file {prompts_file}: {err}. Give a UTF-8 text file with one prompt per line."
+            ) from err
     if not found:
-        raise InputError("No prompts given. Pass --prompts \"question\" ... or --prompts-file with one per line.")
+        raise InputError('No prompts given. Pass --prompts "question" ... or --prompts-file with one per line.')
     return found
 
 
@@ -142,15 +174,21 @@ def check_settings(settings: BatchSettings, num_layers: int | None = None, num_h
     if not 0.0 <= settings.alpha <= 1.0:
         raise InputError(f"--alpha must be between 0 and 1, got {settings.alpha}.")
     if settings.max_new_tokens < 1 or not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
-        raise InputError(f"Need 1 <= --max-new-tokens and 0 <= --min-new-tokens <= --max-new-tokens, got "
-                         f"{settings.max_new_tokens} and {settings.min_new_tokens}.")
+        raise InputError(
+            f"Need 1 <= --max-new-tokens and 0 <= --min-new-tokens <= --max-new-tokens, got "
+            f"{settings.max_new_tokens} and {settings.min_new_tokens}."
+        )
     if settings.steps and settings.steps[-1] >= settings.max_new_tokens:
-        raise InputError(f"--steps asks for step {settings.steps[-1]}, but at most {settings.max_new_tokens} "
-                         f"tokens are generated (steps 0-{settings.max_new_tokens - 1}); raise --max-new-tokens.")
+        raise InputError(
+            f"--steps asks for step {settings.steps[-1]}, but at most {settings.max_new_tokens} "
+            f"tokens are generated (steps 0-{settings.max_new_tokens - 1}); raise --max-new-tokens."
+        )
     for what, bounds, count in (("layers", settings.layers, num_layers), ("heads", settings.heads, num_heads)):
         if bounds is not None and count is not None and bounds[1] >= count:
-            raise InputError(f"--{what} {bounds[0]}-{bounds[1]} is outside the model, which has {count} {what} "
-                             f"(0-{count - 1}, 0-based); pick a range inside it.")
+            raise InputError(
+                f"--{what} {bounds[0]}-{bounds[1]} is outside the model, which has {count} {what} "
+                f"(0-{count - 1}, 0-based); pick a range inside it."
+            )
 
 
 def _save(picture: Image.Image, path: Path) -> str:
@@ -158,8 +196,15 @@ def _save(picture: Image.Image, path: Path) -> str:
     return path.name
 
 
-def write_maps(run: AttentionRun, image: Image.Image, folder: Path, layers: tuple[int, int],
-               heads: tuple[int, int], steps: list[int], settings: BatchSettings) -> list[str]:
+def write_maps(
+    run: AttentionRun,
+    image: Image.Image,
+    folder: Path,
+    layers: tuple[int, int],
+    heads: tuple[int, int],
+    steps: list[int],
+    settings: BatchSettings,
+) -> list[str]:
     """Composite (and, with aggregate 'none', per layer and head) overlays; returns the file names."""
     draw = dict(colormap=settings.colormap, alpha=settings.alpha, value_range=(0.0, 1.0))
     box, files = run.vision.image_box_xyxy, []
@@ -170,52 +215,99 @@ def write_maps(run: AttentionRun, image: Image.Image, folder: Path, layers: tupl
                     heat = token_heatmap(run, step_idx, (layer_idx, layer_idx), (head_idx, head_idx))  # (gh, gw)
                     picture = overlay(image, normalize_heatmap(heat), box, **draw)
                     files.append(_save(picture, folder / f"{file_stem(step_idx, layer_idx, head_idx)}.png"))
-        heat = token_heatmap(run, step_idx, layers, heads, reduce="mean")        # (grid_h, grid_w)
+        heat = token_heatmap(run, step_idx, layers, heads, reduce="mean")  # (grid_h, grid_w)
         label = f"{file_stem(step_idx)}: {run.generated_tokens[step_idx]!r}"
         picture = labelled(overlay(image, normalize_heatmap(heat), box, **draw), label)
         files.append(_save(picture, folder / f"composite_{file_stem(step_idx)}.png"))
     return files
 
 
-def _log(holder: ModelHolder, run: AttentionRun, image_path: str, prompt: str, layers, heads, steps,
-         skipped, settings: BatchSettings, files: list[str]) -> dict:
+def _log(
+    holder: ModelHolder,
+    run: AttentionRun,
+    image_path: str,
+    prompt: str,
+    layers,
+    heads,
+    steps,
+    skipped,
+    settings: BatchSettings,
+    files: list[str],
+) -> dict:
     first = run.layer_indices[0]
-    shares = vision_share(run)[:, layers[0] - first:layers[1] - first + 1, heads[0]:heads[1] + 1]  # (T, l, h)
-    tokens = [{"step_idx": t, "file_label": file_stem(t), "id": token_id, "token": token,
-               "image_share": float(shares[t].mean())}
-              for t, (token_id, token) in enumerate(zip(run.generated_ids, run.generated_tokens, strict=True))]
-    parameters = {**asdict(settings), "layers": list(layers), "heads": list(heads), "steps": steps,
-                  "steps_skipped": skipped, "normalization": "minmax per map", "device": holder.device,
-                  "dtype": str(holder.dtype).replace("torch.", ""), "capture_method": run.settings.method}
-    return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_id": run.model_id,
-            "family": run.family, "parameters": parameters, "image_path": image_path, "prompt": prompt,
-            "output_text": holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True),
-            "tokens": tokens, "vision": run.vision.to_dict(), "files": files,
-            "numbering": "indices in this log are 0-based; file names are 1-based "
-                         "(S1_L1_H1 = step 0, layer 0, head 0)"}
+    shares = vision_share(run)[:, layers[0] - first : layers[1] - first + 1, heads[0] : heads[1] + 1]  # (T, l, h)
+    tokens = [
+        {
+            "step_idx": t,
+            "file_label": file_stem(t),
+            "id": token_id,
+            "token": token,
+            "image_share": float(shares[t].mean()),
+        }
+        for t, (token_id, token) in enumerate(zip(run.generated_ids, run.generated_tokens, strict=True))
+    ]
+    parameters = {
+        **asdict(settings),
+        "layers": list(layers),
+        "heads": list(heads),
+        "steps": steps,
+        "steps_skipped": skipped,
+        "normalization": "minmax per map",
+        "device": holder.device,
+        "dtype": str(holder.dtype).replace("torch.", ""),
+        "capture_method": run.settings.method,
+    }
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_id": run.model_id,
+        "family": run.family,
+        "parameters": parameters,
+        "image_path": image_path,
+        "prompt": prompt,
+        "output_text": holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True),
+        "tokens": tokens,
+        "vision": run.vision.to_dict(),
+        "files": files,
+        "numbering": "indices in this log are 0-based; file names are 1-based (S1_L1_H1 = step 0, layer 0, head 0)",
+    }
 
 
-def run_pair(holder: ModelHolder, image: Image.Image, image_path: str, prompt: str, folder: Path,
-             settings: BatchSettings) -> Path:
+def run_pair(
+    holder: ModelHolder, image: Image.Image, image_path: str, prompt: str, folder: Path, settings: BatchSettings
+) -> Path:
     """Generate for one pair and write its maps and log into `folder`; returns the log's path."""
     layers = settings.layers or (0, holder.num_layers - 1)
     heads = settings.heads or (0, holder.num_heads - 1)
     extra = {"min_new_tokens": settings.min_new_tokens} if settings.min_new_tokens else {}
     capture = [idx for idx in softmax_layers(holder.model) if layers[0] <= idx <= layers[1]]
     if not capture:
-        raise InputError(f"Layers {layers[0]}-{layers[1]} have no softmax attention (linear attention only); pick "
-                         f"a range with one of {softmax_layers(holder.model)}.")
+        raise InputError(
+            f"Layers {layers[0]}-{layers[1]} have no softmax attention (linear attention only); pick "
+            f"a range with one of {softmax_layers(holder.model)}."
+        )
     run = holder.generate(image, prompt, max_new_tokens=settings.max_new_tokens, capture_layers=capture, **extra)
     wanted = list(range(run.num_steps)) if settings.steps is None else list(settings.steps)
     steps, skipped = [t for t in wanted if t < run.num_steps], [t for t in wanted if t >= run.num_steps]
     if skipped:
-        logger.warning("%s × %r: the model stopped after %d tokens, so steps %s have no map",
-                       image_path, prompt, run.num_steps, skipped)
+        logger.warning(
+            "%s × %r: the model stopped after %d tokens, so steps %s have no map",
+            image_path,
+            prompt,
+            run.num_steps,
+            skipped,
+        )
     folder.mkdir(parents=True, exist_ok=True)
     files = write_maps(run, image, folder, layers, heads, steps, settings)
     if settings.report:
-        write_report(run, image, folder / "report.html", layers=layers, heads=heads,
-                     colormap=settings.colormap, alpha=settings.alpha)
+        write_report(
+            run,
+            image,
+            folder / "report.html",
+            layers=layers,
+            heads=heads,
+            colormap=settings.colormap,
+            alpha=settings.alpha,
+        )
         files.append("report.html")
     log_path = folder / "run.json"
     log = _log(holder, run, image_path, prompt, layers, heads, steps, skipped, settings, files)
@@ -228,8 +320,9 @@ def _folder_name(image_no: int, image_path: str, prompt_no: int) -> str:
     return f"{image_no:03d}_{stem}__prompt{prompt_no:02d}"
 
 
-def run_batch(holder: ModelHolder, image_paths: list[str], prompts: list[str], out_dir: Path,
-              settings: BatchSettings) -> list[Failure]:
+def run_batch(
+    holder: ModelHolder, image_paths: list[str], prompts: list[str], out_dir: Path, settings: BatchSettings
+) -> list[Failure]:
     """Every (image, prompt) pair, past any that fails; returns the failures."""
     failures: list[Failure] = []
     with logging_redirect_tqdm(), tqdm(total=len(image_paths) * len(prompts), unit="pair", desc="pairs") as bar:
@@ -266,10 +359,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    settings = BatchSettings(layers=args.layers, heads=args.heads, steps=args.steps,
-                             aggregate=args.aggregate, max_new_tokens=args.max_new_tokens,
-                             min_new_tokens=args.min_new_tokens, colormap=args.colormap, alpha=args.alpha,
-                             report=args.report)
+    settings = BatchSettings(
+        layers=args.layers,
+        heads=args.heads,
+        steps=args.steps,
+        aggregate=args.aggregate,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        colormap=args.colormap,
+        alpha=args.alpha,
+        report=args.report,
+    )
     if args.manifest is not None:
         return _study(parser, args)
     if not args.images:
@@ -297,6 +397,7 @@ def _processes(device: str):
     """The processes that `accelerate launch` or `torchrun` started, as accelerate sees them (this one alone
     when run plainly). CPU processes talk over gloo."""
     from accelerate import PartialState
+
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
@@ -305,35 +406,49 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
     Under several processes each loads the model on its own device and scores its share of the items."""
     from study.items import StudySettings
     from study.runner import run_study
+
     if not args.manifest.exists():
         parser.error(f"no manifest {str(args.manifest)!r}: give a JSONL or CSV file, or an imagefolder")
     methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
     methods = tuple(METHODS) if methods == ("all",) else methods
-    settings = StudySettings(layers=args.layers, heads=args.heads, max_new_tokens=args.max_new_tokens,
-                             methods=methods, relative=args.relative, per_head=args.per_head or args.val_fraction > 0,
-                             val_fraction=args.val_fraction)
+    settings = StudySettings(
+        layers=args.layers,
+        heads=args.heads,
+        max_new_tokens=args.max_new_tokens,
+        methods=methods,
+        relative=args.relative,
+        per_head=args.per_head or args.val_fraction > 0,
+        val_fraction=args.val_fraction,
+    )
     state = _processes(args.device)
-    device = args.device                    # one process: 'auto' spreads a large model over the GPUs (device_map)
+    device = args.device  # one process: 'auto' spreads a large model over the GPUs (device_map)
     if state.num_processes > 1:
         device = "cpu" if state.device.type == "cpu" else f"cuda:{state.local_process_index}"
     try:
         settings.check()
         holder = ModelHolder.load(args.model, device=device, dtype=args.dtype)
         check_settings(BatchSettings(layers=args.layers, heads=args.heads), holder.num_layers, holder.num_heads)
-        logger.info("process %d of %d: %s, %d torch threads", state.process_index + 1, state.num_processes,
-                    device, torch.get_num_threads())
+        logger.info(
+            "process %d of %d: %s, %d torch threads",
+            state.process_index + 1,
+            state.num_processes,
+            device,
+            torch.get_num_threads(),
+        )
         results, problems = run_study(holder, args.manifest, args.out, settings, state)
     except (ValueError, RuntimeError, OSError) as err:
         parser.error(str(err))
     finally:
-        if torch.distributed.is_initialized():                 # no collective follows the merge
+        if torch.distributed.is_initialized():  # no collective follows the merge
             torch.distributed.destroy_process_group()
     if not state.is_main_process:
         return 0
     for problem in problems:
         logger.warning(problem)
-    print(f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} problems; "
-          f"results in {args.out}")
+    print(
+        f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} problems; "
+        f"results in {args.out}"
+    )
     return 1 if problems else 0
 
 

@@ -34,8 +34,10 @@ class ModelRanges:
                 raise InputError("layers and heads must each be [lo, hi] with 0 <= lo <= hi")
             return cls(str(record["model"]), layers, heads)
         except (OSError, KeyError, TypeError, ValueError) as err:
-            raise InputError(f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
-                             "batch.py --manifest ... --val-fraction (it holds model, layers and heads).") from err
+            raise InputError(
+                f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
+                "batch.py --manifest ... --val-fraction (it holds model, layers and heads)."
+            ) from err
 
     def fits(self, model_id: str) -> bool:
         """Whether these ranges belong to `model_id`: the same id, or the same local folder."""
@@ -66,32 +68,32 @@ EXAMPLES_DIR = REPO_DIR / "examples"
 class AppConfig:
     """Defaults for loading, generation, capture, rendering and serving."""
 
-    model: str | None = None                  # hub id or local folder; None = pick by hardware
-    device: str = "auto"                      # auto | cuda | cpu
-    dtype: str = "auto"                       # auto | bfloat16 | float16 | float32
+    model: str | None = None  # hub id or local folder; None = pick by hardware
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     max_new_tokens: int = 64
     colormap: str = "jet"
     alpha: float = 0.5
-    aggregation: str = "mean"                 # mean | max | min
-    normalization: str = "minmax"             # minmax | percentile | shared
+    aggregation: str = "mean"  # mean | max | min
+    normalization: str = "minmax"  # minmax | percentile | shared
     percentile: float = 99.0
-    view: str = "overlay"                     # overlay | side_by_side | heatmap
+    view: str = "overlay"  # overlay | side_by_side | heatmap
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
     auth: tuple[str, str] | None = None
-    session_cache_mb: int = 2048              # captured attention kept for all sessions together
-    max_prompt_chars: int = 8000              # longer prompts are refused by the app
-    max_upload: str = "50mb"                  # largest file the server accepts
-    max_gallery_maps: int = 64                # per-head gallery size limit (layers × heads)
-    max_gradient_mb: int = 8192               # memory allowed for a gradient-weighted attention pass
-    max_pixels_cap: int = 4096 * 4096         # largest image-token budget (Qwen max pixels) a request may ask
-    max_image_pixels: int = 150_000_000       # largest decoded image accepted (a 12000x9000 photo is 108 M)
-    trust_remote_code: bool = False           # run a checkpoint's own Python code (off unless asked for)
-    allow_model_loading: bool = True          # users may load other models from the page
-    animation_max_side: int = 512            # px, longer side of the animation's frames
-    outputs_max_mb: int = 2048                # exports, pictures and pages kept in outputs/, oldest removed first
-    cache_max_age_s: int = 3600               # Gradio's cache of uploads and pictures, cleaned hourly
-    ranges: ModelRanges | None = None         # a ranges.json's model and its default layer and head ranges
+    session_cache_mb: int = 2048  # captured attention kept for all sessions together
+    max_prompt_chars: int = 8000  # longer prompts are refused by the app
+    max_upload: str = "50mb"  # largest file the server accepts
+    max_gallery_maps: int = 64  # per-head gallery size limit (layers × heads)
+    max_gradient_mb: int = 8192  # memory allowed for a gradient-weighted attention pass
+    max_pixels_cap: int = 4096 * 4096  # largest image-token budget (Qwen max pixels) a request may ask
+    max_image_pixels: int = 150_000_000  # largest decoded image accepted (a 12000x9000 photo is 108 M)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless asked for)
+    allow_model_loading: bool = True  # users may load other models from the page
+    animation_max_side: int = 512  # px, longer side of the animation's frames
+    outputs_max_mb: int = 2048  # exports, pictures and pages kept in outputs/, oldest removed first
+    cache_max_age_s: int = 3600  # Gradio's cache of uploads and pictures, cleaned hourly
+    ranges: ModelRanges | None = None  # a ranges.json's model and its default layer and head ranges
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)
     outputs_dir: Path = REPO_DIR / "outputs"

@@ -22,8 +22,9 @@ from errors import InputError
 from records import VisionLayout
 
 
-def target_mask(image_size: tuple[int, int], boxes: Sequence[Sequence[float]] = (),
-                mask: np.ndarray | None = None) -> np.ndarray:
+def target_mask(
+    image_size: tuple[int, int], boxes: Sequence[Sequence[float]] = (), mask: np.ndarray | None = None
+) -> np.ndarray:
     """(H, W) bool over the original image: the union of the boxes (pixel (x, y) is inside when
     x0 <= x < x1 and y0 <= y < y1, clipped to the image) and the mask."""
     width, height = image_size
@@ -32,12 +33,14 @@ def target_mask(image_size: tuple[int, int], boxes: Sequence[Sequence[float]] = 
         x0, y0, x1, y1 = (float(v) for v in box)
         if not x1 > x0 or not y1 > y0:
             raise InputError(f"A box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(box)}.")
-        region[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = True
+        region[max(0, round(y0)) : max(0, round(y1)), max(0, round(x0)) : max(0, round(x1))] = True
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
         if mask.shape != (height, width):
-            raise InputError(f"The mask is {mask.shape[1]}x{mask.shape[0]} px but the image is {width}x{height}; "
-                             "give a mask of the image's own size.")
+            raise InputError(
+                f"The mask is {mask.shape[1]}x{mask.shape[0]} px but the image is {width}x{height}; "
+                "give a mask of the image's own size."
+            )
         region |= mask
     if not region.any():
         raise InputError("The target is empty: give at least one box or a mask with some pixels set.")
@@ -70,7 +73,7 @@ def pointing_cells(layout: VisionLayout, region: np.ndarray) -> np.ndarray:
     hits = np.zeros(layout.num_cells, dtype=bool)
     for j in range(layout.num_cells):
         x0, y0, x1, y1 = layout.cell_box_xyxy(*divmod(j, layout.grid_hw[1]))
-        x, y = int((x0 + x1) / 2), int((y0 + y1) / 2)                     # the cell's centre pixel
+        x, y = int((x0 + x1) / 2), int((y0 + y1) / 2)  # the cell's centre pixel
         hits[j] = 0 <= x < width and 0 <= y < height and bool(region[y, x])
     return hits
 
@@ -90,11 +93,12 @@ def attention_ratio(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) 
 
 def attention_ratios(heats: np.ndarray, layout: VisionLayout, region: np.ndarray) -> np.ndarray:
     """`attention_ratio` of many maps over the same grid at once: heats (M, grid_h, grid_w) → (M,) float64."""
-    heats = np.asarray(heats, dtype=np.float64).reshape(len(heats), -1)   # (M, N)
-    cover = cell_coverage(layout, region).ravel()                           # (N,)
-    sizes = np.array([(r.stop - r.start) * (c.stop - c.start) for r, c in layout.cell_slices()],
-                     dtype=np.float64)                                     # (N,) pixels per cell, inside the image
-    totals = heats.sum(axis=1)                                              # (M,)
+    heats = np.asarray(heats, dtype=np.float64).reshape(len(heats), -1)  # (M, N)
+    cover = cell_coverage(layout, region).ravel()  # (N,)
+    sizes = np.array(
+        [(r.stop - r.start) * (c.stop - c.start) for r, c in layout.cell_slices()], dtype=np.float64
+    )  # (N,) pixels per cell, inside the image
+    totals = heats.sum(axis=1)  # (M,)
     area_share = (cover * sizes).sum() / max(sizes.sum(), 1.0)
     if area_share <= 0:
         return np.zeros(len(heats))
@@ -109,19 +113,19 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
         return hi
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)                                          # (bins,)
+    weight_low = np.cumsum(counts)  # (bins,)
     weight_high = weight_low[-1] - weight_low
     sum_low = np.cumsum(counts * centres)
     mean_low = sum_low / np.maximum(weight_low, 1)
     mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[int(np.argmax(between)) + 1])                       # cells at or above it are "on"
+    return float(edges[int(np.argmax(between)) + 1])  # cells at or above it are "on"
 
 
 def otsu_iou(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> float:
     """IoU, in original-image pixels, of the cells at or above Otsu's threshold with the target."""
     heat = _check(heat, layout)
-    on = heat >= otsu_threshold(heat)                                       # (grid_h, grid_w) bool
+    on = heat >= otsu_threshold(heat)  # (grid_h, grid_w) bool
     predicted = np.zeros_like(region)
     for j, (rows, cols) in enumerate(layout.cell_slices()):
         if on.flat[j]:

@@ -39,7 +39,6 @@ from utils import load_image, load_video, resolve_device, resolve_dtype
 logger = logging.getLogger(__name__)
 
 
-
 def _token_piece(tokenizer, token_id: int) -> str:
     """The text of one token; the raw vocabulary entry when it is only part of a UTF-8 character."""
     text = tokenizer.decode([token_id])
@@ -76,11 +75,17 @@ class ModelHolder:
     model_id: str
     device: str
     dtype: torch.dtype
-    max_pixels_cap: int | None = None        # largest image-token budget (pixels) a request may ask for
+    max_pixels_cap: int | None = None  # largest image-token budget (pixels) a request may ask for
 
     @classmethod
-    def load(cls, model_id: str | Path, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, max_pixels_cap: int | None = None) -> ModelHolder:
+    def load(
+        cls,
+        model_id: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_pixels_cap: int | None = None,
+    ) -> ModelHolder:
         """Load a checkpoint of a supported family (see `families.SUPPORTED_FAMILIES`).
 
         device: 'auto' (CUDA when available, else CPU), 'cuda' or 'cpu'.
@@ -130,19 +135,26 @@ class ModelHolder:
     def describe(self) -> str:
         """One line for status bars: family, sizes, device and dtype."""
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"{self.model_id} · {SUPPORTED_FAMILIES[self.family]} · {self.num_layers} layers × "
-                f"{self.num_heads} heads · {self.device} · {dtype}")
+        return (
+            f"{self.model_id} · {SUPPORTED_FAMILIES[self.family]} · {self.num_layers} layers × "
+            f"{self.num_heads} heads · {self.device} · {dtype}"
+        )
 
-    def build_inputs(self, image: Image.Image | list[Image.Image] | None, prompt: str,
-                     min_pixels: int | None = None, max_pixels: int | None = None,
-                     video: list[Image.Image] | None = None):
+    def build_inputs(
+        self,
+        image: Image.Image | list[Image.Image] | None,
+        prompt: str,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        video: list[Image.Image] | None = None,
+    ):
         """Chat-templated, processed model inputs for one user message with its images or video (batch of 1)."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         parts = [{"type": "image"}] * len(images) + ([{"type": "video"}] if video else [])
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         if getattr(self.processor, "chat_template", None) or not prefix_lm(self.family):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:                                   # PaliGemma: no chat template; the processor expands <image>, adds BOS
+        else:  # PaliGemma: no chat template; the processor expands <image>, adds BOS
             text = "<image>" * len(images) + prompt
         kwargs = processor_options(self.family, self.processor)
         size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
@@ -151,17 +163,21 @@ class ModelHolder:
         media = {"images": images} if images else {}
         if video:
             media["videos"] = [video]
-            kwargs["do_sample_frames"] = False                          # load_video chose the frames already
+            kwargs["do_sample_frames"] = False  # load_video chose the frames already
         try:
             inputs = self.processor(text=[text], return_tensors="pt", **media, **kwargs)
-            inputs.pop("labels", None)                  # PaliGemma's processor adds training labels; never wanted here
+            inputs.pop("labels", None)  # PaliGemma's processor adds training labels; never wanted here
             return inputs
         except ValueError as err:
             sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
-            hint = ("Crop it to a less extreme aspect ratio or resize it" if "aspect ratio" in str(err) else
-                    "Check that this checkpoint's processor takes this kind of input (images, video)")
-            raise InputError(f"The processor could not prepare the input ({sizes}): {err} {hint}, then try "
-                             "again.") from err
+            hint = (
+                "Crop it to a less extreme aspect ratio or resize it"
+                if "aspect ratio" in str(err)
+                else "Check that this checkpoint's processor takes this kind of input (images, video)"
+            )
+            raise InputError(
+                f"The processor could not prepare the input ({sizes}): {err} {hint}, then try again."
+            ) from err
 
     def on_model(self, inputs):
         """Processor outputs moved to the model's input device, pixels in the model's dtype."""
@@ -171,19 +187,20 @@ class ModelHolder:
                 inputs[key] = inputs[key].to(self.dtype)
         return inputs
 
-    def teacher_forced_inputs(self, image, prompt: str, continuation: list[int], min_pixels: int | None = None,
-                              max_pixels: int | None = None):
+    def teacher_forced_inputs(
+        self, image, prompt: str, continuation: list[int], min_pixels: int | None = None, max_pixels: int | None = None
+    ):
         """Model inputs, on the model's device, for prompt + `continuation` ids in one forward, batch of 1.
 
         The logits at position len(prompt) - 1 + t are then those that chose continuation[t].
         """
         inputs = self.build_inputs(image, prompt, min_pixels, max_pixels)
-        extra = torch.tensor([continuation], dtype=torch.long)                  # (1, len(continuation))
+        extra = torch.tensor([continuation], dtype=torch.long)  # (1, len(continuation))
         inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        if "mm_token_type_ids" in inputs:                                       # text tokens are type 0
+        if "mm_token_type_ids" in inputs:  # text tokens are type 0
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
-        if prefix_lm(self.family) and "token_type_ids" in inputs:               # generated tokens: the suffix
+        if prefix_lm(self.family) and "token_type_ids" in inputs:  # generated tokens: the suffix
             inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(extra)], dim=1)
         return self.on_model(inputs)
 
@@ -195,34 +212,54 @@ class ModelHolder:
         Every pass that replays a run builds its inputs here.
         """
         if not run.images:
-            raise InputError("This pass replays the run's image, and this run has none (a video, or a run "
-                             "made elsewhere). Generate from an image first.")
+            raise InputError(
+                "This pass replays the run's image, and this run has none (a video, or a run "
+                "made elsewhere). Generate from an image first."
+            )
         images = run.images if images is None else images
         if [im.size for im in images] != [im.size for im in run.images]:
             raise ValueError("Replacement images must have the sizes of the run's own images.")
         settings = run.settings
-        return self.teacher_forced_inputs(images, settings.prompt, run.generated_ids[:step_idx],
-                                          settings.min_pixels, settings.max_pixels)
+        return self.teacher_forced_inputs(
+            images, settings.prompt, run.generated_ids[:step_idx], settings.min_pixels, settings.max_pixels
+        )
 
-    def _check_budget(self, prompt_len: int, max_new_tokens: int, num_layers: int,
-                      max_capture_mb: float | None, num_prompt_rows: int = 0, store: StoreKind = "auto") -> None:
+    def _check_budget(
+        self,
+        prompt_len: int,
+        max_new_tokens: int,
+        num_layers: int,
+        max_capture_mb: float | None,
+        num_prompt_rows: int = 0,
+        store: StoreKind = "auto",
+    ) -> None:
         """Refuse up front what would overflow the model's context or the capture's memory."""
         context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if context and prompt_len + max_new_tokens > context:
-            raise InputError(f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
-                             f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
-                             "image-token budget (max pixels) or generate fewer tokens.")
+            raise InputError(
+                f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
+                f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
+                "image-token budget (max pixels) or generate fewer tokens."
+            )
         estimate = estimate_capture_bytes(self.model, num_layers, prompt_len, max_new_tokens, num_prompt_rows, store)
         if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
             raise CaptureTooLargeError(
                 f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
                 f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
-                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels).")
+                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels)."
+            )
 
-    def _generate_with_capture(self, inputs, max_new_tokens: int, method: CaptureMethod,
-                               capture_layers: list[int] | None,
-                               prompt_positions: list[int], layouts: list[VisionLayout], store: StoreKind,
-                               generate_kwargs: dict):
+    def _generate_with_capture(
+        self,
+        inputs,
+        max_new_tokens: int,
+        method: CaptureMethod,
+        capture_layers: list[int] | None,
+        prompt_positions: list[int],
+        layouts: list[VisionLayout],
+        store: StoreKind,
+        generate_kwargs: dict,
+    ):
         """(generated ids, attention store, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
         if any(attention_windows(self.model.config, list(range(self.num_layers)))):
@@ -230,22 +267,25 @@ class ModelHolder:
             # model's own sliding mask still limits what each layer sees (the rows apply that mask).
             generate_kwargs.setdefault("past_key_values", DynamicCache())
         try:
-            with torch.inference_mode(), capture_attention(self.model, method, capture_layers,
-                                                           prompt_positions) as recorder:
+            with (
+                torch.inference_mode(),
+                capture_attention(self.model, method, capture_layers, prompt_positions) as recorder,
+            ):
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-            generated = output[0, prompt_len:].tolist()                 # (num_steps,)
+            generated = output[0, prompt_len:].tolist()  # (num_steps,)
             with torch.inference_mode():
                 attention = recorder.finish(prompt_len, len(generated), segment_positions(layouts), store)
             return generated, attention, recorder
         except torch.OutOfMemoryError:
-            recorder = output = None                                    # drop references before freeing
+            recorder = output = None  # drop references before freeing
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise GenerationOutOfMemoryError(
                 f"Out of {'GPU memory' if self.device.startswith('cuda') else 'memory'} while generating. Lower the "
                 "image-token budget (max pixels), generate fewer tokens, or capture fewer layers, then try "
-                "again.") from None
+                "again."
+            ) from None
 
     def _media(self, image, video) -> tuple[list[Image.Image], list[Image.Image] | None]:
         """Loaded images and video frames; exactly one of the two is given."""
@@ -253,23 +293,36 @@ class ModelHolder:
             if image is not None:
                 raise InputError("Give either images or a video, not both.")
             if not supports_video(self.family):
-                raise InputError(f"{SUPPORTED_FAMILIES[self.family]} takes images, not video. Video works with "
-                                 f"{', '.join(video_families())}; give images, or load one of those.")
+                raise InputError(
+                    f"{SUPPORTED_FAMILIES[self.family]} takes images, not video. Video works with "
+                    f"{', '.join(video_families())}; give images, or load one of those."
+                )
             if not self.takes_video:
-                raise InputError("This checkpoint's chat template has no video part, so it cannot be given a "
-                                 "video. Use images, or load a checkpoint whose template takes video.")
+                raise InputError(
+                    "This checkpoint's chat template has no video part, so it cannot be given a "
+                    "video. Use images, or load a checkpoint whose template takes video."
+                )
             return [], load_video(video)
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise ImageLoadError("No image given. Upload or pass at least one image.")
         return [load_image(im) for im in images], None
 
-    def generate(self, image: Image.Image | str | Path | list | None, prompt: str, max_new_tokens: int = 64,
-                 method: CaptureMethod = "sdpa", capture_layers: list[int] | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None,
-                 max_capture_mb: float | None = None, prompt_rows: PromptRows = "question",
-                 video: str | Path | list | None = None, store: StoreKind = "auto",
-                 **generate_kwargs) -> AttentionRun:
+    def generate(
+        self,
+        image: Image.Image | str | Path | list | None,
+        prompt: str,
+        max_new_tokens: int = 64,
+        method: CaptureMethod = "sdpa",
+        capture_layers: list[int] | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_capture_mb: float | None = None,
+        prompt_rows: PromptRows = "question",
+        video: str | Path | list | None = None,
+        store: StoreKind = "auto",
+        **generate_kwargs,
+    ) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
 
         image: a PIL image or a file path (EXIF orientation applied, converted to RGB), or a list of
@@ -294,29 +347,46 @@ class ModelHolder:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
         for option in ("num_beams", "num_return_sequences"):
             if generate_kwargs.get(option, 1) != 1:
-                raise InputError(f"{option}={generate_kwargs[option]} is not supported: the attention is captured "
-                                 "for one sequence. Use greedy decoding or sampling with one sequence.")
+                raise InputError(
+                    f"{option}={generate_kwargs[option]} is not supported: the attention is captured "
+                    "for one sequence. Use greedy decoding or sampling with one sequence."
+                )
         inputs = self.build_inputs(images, prompt, min_pixels, max_pixels, video=frames)
         sizes = [im.size for im in images] or [frames[0].size]
         layouts = vision_layouts(self.family, self.model.config, self.processor, inputs, sizes, video=bool(frames))
         num_layers = len(set(capture_layers)) if capture_layers is not None else len(softmax_layers(self.model))
         # A prefix-LM prompt (PaliGemma) attends both ways, so a prompt token's row is not a causal row: none kept.
-        positions = [] if prefix_lm(self.family) else \
-            prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
-        self._check_budget(inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb,
-                           len(positions), store)
+        positions = (
+            []
+            if prefix_lm(self.family)
+            else prompt_query_positions(inputs["input_ids"][0].tolist(), layouts, prompt_rows)
+        )
+        self._check_budget(
+            inputs["input_ids"].shape[1], max_new_tokens, num_layers, max_capture_mb, len(positions), store
+        )
         inputs = self.on_model(inputs)
         generate_kwargs.setdefault("do_sample", False)
-        generated, attention, recorder = self._generate_with_capture(inputs, max_new_tokens, method, capture_layers,
-                                                                     positions, layouts, store, generate_kwargs)
+        generated, attention, recorder = self._generate_with_capture(
+            inputs, max_new_tokens, method, capture_layers, positions, layouts, store, generate_kwargs
+        )
         decoding = {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}
         settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store, decoding)
         prompt_ids = inputs["input_ids"][0].tolist()
         return AttentionRun(
-            prompt_ids=prompt_ids, generated_ids=generated,
+            prompt_ids=prompt_ids,
+            generated_ids=generated,
             generated_tokens=_token_pieces(self.processor.tokenizer, generated),
-            vision=layouts[0], visions=layouts, layer_indices=recorder.layer_indices, num_heads=self.num_heads,
-            attention=attention, model_id=self.model_id, family=self.family, settings=settings,
+            vision=layouts[0],
+            visions=layouts,
+            layer_indices=recorder.layer_indices,
+            num_heads=self.num_heads,
+            attention=attention,
+            model_id=self.model_id,
+            family=self.family,
+            settings=settings,
             prompt_positions=recorder.prompt_positions,
-            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids), images=images, frames=frames or [],
-            windows=attention_windows(self.model.config, recorder.layer_indices))
+            prompt_tokens=_token_pieces(self.processor.tokenizer, prompt_ids),
+            images=images,
+            frames=frames or [],
+            windows=attention_windows(self.model.config, recorder.layer_indices),
+        )

@@ -38,18 +38,16 @@ from records import AttentionRun
 logger = logging.getLogger(__name__)
 
 
-
-
 class ModelSlot:
     """The one model the server holds. Loading and generating are serialised by `lock`."""
 
     def __init__(self):
         self.lock = threading.RLock()
         self.holder: ModelHolder | None = None
-        self.ready = threading.Event()                                  # cleared while a start-up load runs
+        self.ready = threading.Event()  # cleared while a start-up load runs
         self.ready.set()
-        self._generations: dict[str, threading.Event] = {}              # session -> its running generation's stop
-        self.startup_failure: str | None = None                         # why the start-up model did not load
+        self._generations: dict[str, threading.Event] = {}  # session -> its running generation's stop
+        self.startup_failure: str | None = None  # why the start-up model did not load
 
     def begin(self, session: str | None) -> threading.Event:
         """The stop signal of a new generation for `session`; a generation the session still runs is
@@ -73,14 +71,21 @@ class ModelSlot:
         if session is not None and self._generations.get(session) is event:
             del self._generations[session]
 
-    def load(self, model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-             max_pixels_cap: int | None = None) -> ModelHolder:
+    def load(
+        self,
+        model_id: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_pixels_cap: int | None = None,
+    ) -> ModelHolder:
         """Load a model for everyone; atomic: the current model stays until the new one has loaded."""
         with self.lock:
             if self.holder is not None and self.holder.model_id == str(model_id):
                 return self.holder
-            holder = ModelHolder.load(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                      max_pixels_cap=max_pixels_cap)
+            holder = ModelHolder.load(
+                model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code, max_pixels_cap=max_pixels_cap
+            )
             self.holder = holder
             return holder
 
@@ -88,8 +93,10 @@ class ModelSlot:
         """The loaded model, if it is the one that made `run`; passes that replay a run need it."""
         holder = self.holder
         if holder is None or holder.model_id != run.model_id:
-            raise ModelMismatchError(f"{what} needs the model that made this result ({run.model_id}). "
-                                     "Load it again, or generate with the current model first.")
+            raise ModelMismatchError(
+                f"{what} needs the model that made this result ({run.model_id}). "
+                "Load it again, or generate with the current model first."
+            )
         return holder
 
     def get(self) -> ModelHolder:
@@ -110,9 +117,16 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_generation(slot: ModelSlot, images: list, prompt: str, max_new_tokens: int, video: list | None = None,
-                      max_capture_mb: float | None = None, cancel: threading.Event | None = None,
-                      **options) -> Iterator[str | AttentionRun]:
+def stream_generation(
+    slot: ModelSlot,
+    images: list,
+    prompt: str,
+    max_new_tokens: int,
+    video: list | None = None,
+    max_capture_mb: float | None = None,
+    cancel: threading.Event | None = None,
+    **options,
+) -> Iterator[str | AttentionRun]:
     """Generate under the slot's lock on a worker thread: yields the answer's text each time it grows,
     then the finished `AttentionRun`. Errors of the generation are raised here, in the caller's thread.
 
@@ -126,13 +140,20 @@ def stream_generation(slot: ModelSlot, images: list, prompt: str, max_new_tokens
     def work():
         try:
             with slot.lock:
-                outcome["run"] = holder.generate(images or None, prompt, max_new_tokens=max_new_tokens, video=video,
-                                                 streamer=streamer, max_capture_mb=max_capture_mb,
-                                                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
-                                                 **options)
-        except Exception as err:                                        # raised in the caller's thread below
+                outcome["run"] = holder.generate(
+                    images or None,
+                    prompt,
+                    max_new_tokens=max_new_tokens,
+                    video=video,
+                    streamer=streamer,
+                    max_capture_mb=max_capture_mb,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                    **options,
+                )
+        except Exception as err:  # raised in the caller's thread below
             outcome["error"] = err
             streamer.end()
+
     worker = threading.Thread(target=work, daemon=True, name="generate")
     worker.start()
     text = ""
@@ -141,8 +162,8 @@ def stream_generation(slot: ModelSlot, images: list, prompt: str, max_new_tokens
             text += piece
             yield text
     finally:
-        cancelled.set()                                                 # only matters when closed early
-    worker.join()                                                       # the streamer ends before the run is built
+        cancelled.set()  # only matters when closed early
+    worker.join()  # the streamer ends before the run is built
     if "error" in outcome:
         raise outcome["error"]
     yield outcome["run"]
@@ -157,8 +178,13 @@ def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
     return stored.baseline
 
 
-def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_gradient_mb: float | None = None,
-                track=lambda steps, desc: steps) -> list[np.ndarray]:
+def method_maps(
+    slot: ModelSlot,
+    stored: StoredRun,
+    settings: ViewSettings,
+    max_gradient_mb: float | None = None,
+    track=lambda steps, desc: steps,
+) -> list[np.ndarray]:
     """Every generated token's map by `settings.method` (model passes, from the registry), kept on `stored`.
 
     track: wraps the loop over steps, e.g. a progress bar."""
@@ -167,9 +193,16 @@ def method_maps(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, max_
     if key not in stored.method_maps:
         holder = slot.made(stored.run, f"The {entry.name} map") if entry.needs_model else None
         raw = replace(settings, method=RAW_ATTENTION, relative=False, mask_sinks=False)
-        request = MapRequest(holder, stored.run, range(stored.run.num_steps), settings.layers, settings.heads,
-                             attention_map=lambda t: raw_heatmap(stored, replace(raw, step_idx=t)),
-                             max_gradient_mb=max_gradient_mb, track=track)
+        request = MapRequest(
+            holder,
+            stored.run,
+            range(stored.run.num_steps),
+            settings.layers,
+            settings.heads,
+            attention_map=lambda t: raw_heatmap(stored, replace(raw, step_idx=t)),
+            max_gradient_mb=max_gradient_mb,
+            track=track,
+        )
         with slot.lock:
             maps = compute_maps(entry.name, request)
         stored.method_maps[key] = maps
@@ -204,9 +237,11 @@ class RunStore:
 
     def put(self, stored: StoredRun) -> str:
         if stored.nbytes > self.cap_bytes:
-            raise MemoryError(f"This result needs {stored.nbytes / 2**20:.0f} MB, more than the "
-                              f"{self.cap_bytes / 2**20:.0f} MB kept for all sessions. Generate fewer tokens, "
-                              "use a smaller image budget, or start the app with a larger --session-cache-mb.")
+            raise MemoryError(
+                f"This result needs {stored.nbytes / 2**20:.0f} MB, more than the "
+                f"{self.cap_bytes / 2**20:.0f} MB kept for all sessions. Generate fewer tokens, "
+                "use a smaller image budget, or start the app with a larger --session-cache-mb."
+            )
         run_id = uuid.uuid4().hex
         with self._lock:
             self._runs[run_id] = stored
@@ -220,8 +255,9 @@ class RunStore:
             if not run_id:
                 raise NotReadyError("Nothing generated yet. Upload an image, type a prompt and press Generate.")
             if run_id not in self._runs:
-                raise EvictedError("This result was removed to free memory for other sessions. "
-                                   "Press Generate again to recompute it.")
+                raise EvictedError(
+                    "This result was removed to free memory for other sessions. Press Generate again to recompute it."
+                )
             self._runs.move_to_end(run_id)
             return self._runs[run_id]
 
@@ -240,23 +276,31 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
     """
     run = stored.run
     folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True, exist_ok=False)                          # never overwrite anyone's files
-    tensors_path = folder / f"{folder.name}-attention.safetensors"     # names that say what and which run
+    folder.mkdir(parents=True, exist_ok=False)  # never overwrite anyone's files
+    tensors_path = folder / f"{folder.name}-attention.safetensors"  # names that say what and which run
     meta_path = folder / f"{folder.name}-metadata.json"
     tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in range(run.num_steps)}
     prompt_rows = run.prompt_rows
     if prompt_rows is not None:
         tensors["prompt_rows"] = prompt_rows.contiguous()
     save_file(tensors, str(tensors_path))
-    meta = {"model_id": run.model_id, "family": run.family, "prompt_ids": run.prompt_ids,
-            "prompt_tokens": run.prompt_tokens, "prompt_positions": run.prompt_positions,
-            "generated_ids": run.generated_ids, "generated_tokens": run.generated_tokens,
-            "layer_indices": run.layer_indices, "num_heads": run.num_heads,
-            "visions": [layout.to_dict() for layout in run.visions], "settings": run.settings.to_dict(),
-            "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
-                       "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
-                       "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "
-                       "indices 0-based"}
+    meta = {
+        "model_id": run.model_id,
+        "family": run.family,
+        "prompt_ids": run.prompt_ids,
+        "prompt_tokens": run.prompt_tokens,
+        "prompt_positions": run.prompt_positions,
+        "generated_ids": run.generated_ids,
+        "generated_tokens": run.generated_tokens,
+        "layer_indices": run.layer_indices,
+        "num_heads": run.num_heads,
+        "visions": [layout.to_dict() for layout in run.visions],
+        "settings": run.settings.to_dict(),
+        "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
+        "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
+        "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "
+        "indices 0-based",
+    }
     meta_path.write_text(json.dumps(meta, indent=1))
     return tensors_path, meta_path
 
@@ -265,8 +309,10 @@ def prune_outputs(out_dir: Path, max_mb: float, keep: list[Path] = ()) -> int:
     """Delete the oldest files under `out_dir` (and folders left empty) until it holds at most `max_mb`;
     files in `keep` (just written for a user) stay. Returns how many files were deleted."""
     keep = {Path(path).resolve() for path in keep}
-    files = sorted((path for path in Path(out_dir).rglob("*") if path.is_file() and not path.name.startswith(".")),
-                   key=lambda path: path.stat().st_mtime)
+    files = sorted(
+        (path for path in Path(out_dir).rglob("*") if path.is_file() and not path.name.startswith(".")),
+        key=lambda path: path.stat().st_mtime,
+    )
     total, deleted = sum(path.stat().st_size for path in files), 0
     for path in files:
         if total <= max_mb * 2**20:
@@ -305,8 +351,15 @@ def save_animation(frames, out_dir: Path, seconds_per_frame: float = 0.6) -> Pat
     if first is None:
         raise InputError("There is nothing to animate: this run generated no tokens.")
     path = _fresh_path(out_dir, "attention-animation", ".gif")
-    first.save(path, format="GIF", save_all=True, append_images=frames, duration=int(seconds_per_frame * 1000),
-               loop=0, optimize=False)
+    first.save(
+        path,
+        format="GIF",
+        save_all=True,
+        append_images=frames,
+        duration=int(seconds_per_frame * 1000),
+        loop=0,
+        optimize=False,
+    )
     return path
 
 

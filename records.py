@@ -80,7 +80,7 @@ class VisionLayout:
     def cells_in_box(self, box_xyxy) -> np.ndarray:
         """(grid_h, grid_w) bool: the cells whose centres fall inside a box in original-image pixels."""
         xs, ys = self.cell_edges()
-        cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2           # (grid_w,), (grid_h,) centres
+        cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2  # (grid_w,), (grid_h,) centres
         bx0, by0, bx1, by1 = box_xyxy
         return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
 
@@ -94,10 +94,16 @@ class VisionLayout:
         return [(slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(grid_h) for c in range(grid_w)]
 
     def to_dict(self) -> dict:
-        return {"token_positions": self.token_positions.tolist(), "grid_hw": list(self.grid_hw),
-                "image_size": list(self.image_size), "image_box_xyxy": list(self.image_box_xyxy),
-                "processed_hw": list(self.processed_hw), "num_frames": self.num_frames,
-                "image_index": self.image_index, "view": self.view}
+        return {
+            "token_positions": self.token_positions.tolist(),
+            "grid_hw": list(self.grid_hw),
+            "image_size": list(self.image_size),
+            "image_box_xyxy": list(self.image_box_xyxy),
+            "processed_hw": list(self.processed_hw),
+            "num_frames": self.num_frames,
+            "image_index": self.image_index,
+            "view": self.view,
+        }
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class GenerationSettings:
     min_pixels: int | None = None
     max_pixels: int | None = None
     store: str = "auto"
-    decoding: dict = field(default_factory=dict)                        # scalar generate() options
+    decoding: dict = field(default_factory=dict)  # scalar generate() options
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,23 +214,29 @@ class AttentionRun:
         if not self.windows:
             return []
         last_vision = int(max(int(layout.token_positions.max()) for layout in self.visions))
-        return [idx for idx, window in zip(self.layer_indices, self.windows, strict=True)
-                if layers[0] <= idx <= layers[1] and window is not None and query_pos - window + 1 > last_vision]
+        return [
+            idx
+            for idx, window in zip(self.layer_indices, self.windows, strict=True)
+            if layers[0] <= idx <= layers[1] and window is not None and query_pos - window + 1 > last_vision
+        ]
 
     def segment_shares(self, name: str) -> np.ndarray:
         """(num_steps, num_layers, num_heads) float32: each step's attention mass on a segment, 0..1."""
         shares = self.attention.shares
         if name not in shares:
             index = torch.from_numpy(segment_positions(self.visions)[name])
-            shares[name] = torch.stack([self.step_attention(t)[:, :, index].float().sum(-1)
-                                        for t in range(self.num_steps)])       # (T, L, H)
+            shares[name] = torch.stack(
+                [self.step_attention(t)[:, :, index].float().sum(-1) for t in range(self.num_steps)]
+            )  # (T, L, H)
         return shares[name].numpy().astype(np.float32)
 
     def prompt_attention(self, token_pos: int) -> torch.Tensor:
         """(num_layers, num_heads, token_pos + 1) float16: the attention of prompt token `token_pos`."""
         if token_pos not in self.prompt_positions:
-            raise OutOfRangeError(f"Prompt position {token_pos} was not captured; captured prompt positions are "
-                             f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions).")
+            raise OutOfRangeError(
+                f"Prompt position {token_pos} was not captured; captured prompt positions are "
+                f"{self.prompt_positions[:1]}..{self.prompt_positions[-1:]} (see prompt_positions)."
+            )
         return self.attention.prompt(self.prompt_positions.index(token_pos))[:, :, : token_pos + 1]
 
     @property
@@ -238,9 +250,12 @@ class AttentionRun:
         """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
         of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
         if not 0 <= step_idx < self.num_steps:
-            raise OutOfRangeError(f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
-                             f"tokens, so pick 0..{self.num_steps - 1}.")
+            raise OutOfRangeError(
+                f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
+                f"tokens, so pick 0..{self.num_steps - 1}."
+            )
         return self.attention.step(step_idx)
+
 
 @dataclass
 class LogitLens:
@@ -258,7 +273,7 @@ class LogitLens:
     top_tokens: list[list[list[str]]]
     grid_hw: tuple[int, int]
     image_box_xyxy: tuple[float, float, float, float]
-    tracked: np.ndarray | None = None          # (num_layers, n_cells, n_tracked) probabilities of track_ids
+    tracked: np.ndarray | None = None  # (num_layers, n_cells, n_tracked) probabilities of track_ids
 
     def token_map(self, index: int = 0) -> np.ndarray:
         """(grid_h, grid_w): each patch's probability of tracked token `index`, averaged over layers."""

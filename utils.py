@@ -16,11 +16,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     """RGB with 8 bits per channel; 16-bit greyscale is rescaled, alpha is flattened onto white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)                    # (H, W)
+        values = np.asarray(image, dtype=np.float64)  # (H, W)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
@@ -31,7 +30,7 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-MAX_IMAGE_PIXELS = 150_000_000     # decoded size accepted by default: a 12000x9000 photo, not a 30000² bomb
+MAX_IMAGE_PIXELS = 150_000_000  # decoded size accepted by default: a 12000x9000 photo, not a 30000² bomb
 
 
 def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -43,29 +42,32 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
     """
     if source is None:
         raise ImageLoadError("No image given. Upload or pass an image (a file path or a PIL.Image).")
-    if type(source) is Image.Image and source.mode == "RGB" and _upright(source):       # in memory, decoded
+    if type(source) is Image.Image and source.mode == "RGB" and _upright(source):  # in memory, decoded
         if source.size[0] * source.size[1] > max_pixels:
             raise _too_large(source.size, max_pixels)
-        return source                                                   # already prepared: no copy
+        return source  # already prepared: no copy
     try:
         image = source if isinstance(source, Image.Image) else Image.open(Path(source))
         if image.size[0] * image.size[1] > max_pixels:
             raise _too_large(image.size, max_pixels)
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
-        image.load()                                                    # truncated files fail here, not at open
+        image.load()  # truncated files fail here, not at open
         image = ImageOps.exif_transpose(image)
         image = _to_8bit_rgb(image)
     except ImageLoadError:
         raise
     except FileNotFoundError as err:
         raise ImageLoadError(f"Image file not found: {source}. Check the path.") from err
-    except Image.DecompressionBombError as err:                          # Pillow's own limit, hit at open
-        raise ImageLoadError(f"The image is too large to decode safely ({err}). Resize it below "
-                             f"{max_pixels / 1e6:.0f} megapixels and try again.") from err
+    except Image.DecompressionBombError as err:  # Pillow's own limit, hit at open
+        raise ImageLoadError(
+            f"The image is too large to decode safely ({err}). Resize it below "
+            f"{max_pixels / 1e6:.0f} megapixels and try again."
+        ) from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageLoadError(f"Could not read the image ({err}). Use a PNG, JPEG, WebP, GIF or BMP file "
-                             "that opens in an image viewer.") from err
+        raise ImageLoadError(
+            f"Could not read the image ({err}). Use a PNG, JPEG, WebP, GIF or BMP file that opens in an image viewer."
+        ) from err
     if min(image.size) < 1:
         raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
     return image
@@ -77,8 +79,10 @@ def _upright(image: Image.Image) -> bool:
 
 
 def _too_large(size: tuple[int, int], max_pixels: int) -> ImageLoadError:
-    return ImageLoadError(f"The image is {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} megapixels); this "
-                          f"server decodes at most {max_pixels / 1e6:.0f} megapixels. Resize it and try again.")
+    return ImageLoadError(
+        f"The image is {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} megapixels); this "
+        f"server decodes at most {max_pixels / 1e6:.0f} megapixels. Resize it and try again."
+    )
 
 
 def load_video(source, max_frames: int = 16) -> list[Image.Image]:
@@ -90,6 +94,7 @@ def load_video(source, max_frames: int = 16) -> list[Image.Image]:
         frames = [load_image(frame) for frame in source]
     else:
         import cv2
+
         capture = cv2.VideoCapture(str(source))
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
         frames = []
@@ -100,8 +105,10 @@ def load_video(source, max_frames: int = 16) -> list[Image.Image]:
                 frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))  # OpenCV decodes BGR
         capture.release()
     if len(frames) < 2:
-        raise ImageLoadError(f"Could not read at least two frames from {source!r}. Use an MP4, WebM or AVI "
-                             "file that plays in a video player, or pass a list of frames.")
+        raise ImageLoadError(
+            f"Could not read at least two frames from {source!r}. Use an MP4, WebM or AVI "
+            "file that plays in a video player, or pass a list of frames."
+        )
     return frames[: len(frames) // 2 * 2]
 
 
@@ -110,8 +117,10 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no GPU is visible to PyTorch. Use device='cpu' (or 'auto'), "
-                         "or check the CUDA driver and the torch build.")
+        raise InputError(
+            "CUDA was requested but no GPU is visible to PyTorch. Use device='cpu' (or 'auto'), "
+            "or check the CUDA driver and the torch build."
+        )
     if device != "cpu" and not device.startswith("cuda"):
         raise InputError(f"Unknown device {device!r}; use 'auto', 'cuda' or 'cpu'.")
     return device

@@ -18,10 +18,18 @@ from errors import InputError
 from records import cell_edges
 
 COLORMAPS: dict[str, int] = {
-    "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
-    "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA, "plasma": cv2.COLORMAP_PLASMA,
-    "cividis": cv2.COLORMAP_CIVIDIS, "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE,
-    "rainbow": cv2.COLORMAP_RAINBOW, "ocean": cv2.COLORMAP_OCEAN, "parula": cv2.COLORMAP_PARULA,
+    "jet": cv2.COLORMAP_JET,
+    "turbo": cv2.COLORMAP_TURBO,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "inferno": cv2.COLORMAP_INFERNO,
+    "magma": cv2.COLORMAP_MAGMA,
+    "plasma": cv2.COLORMAP_PLASMA,
+    "cividis": cv2.COLORMAP_CIVIDIS,
+    "hot": cv2.COLORMAP_HOT,
+    "bone": cv2.COLORMAP_BONE,
+    "rainbow": cv2.COLORMAP_RAINBOW,
+    "ocean": cv2.COLORMAP_OCEAN,
+    "parula": cv2.COLORMAP_PARULA,
 }
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
@@ -44,16 +52,15 @@ def _scaled(heatmap: np.ndarray, value_range: tuple[float, float] | None) -> np.
     return normalize_heatmap(heatmap, "minmax" if value_range is None else "fixed", value_range=value_range)
 
 
-def colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str,
-              interpolation: Interpolation) -> np.ndarray:
+def colorize(unit: np.ndarray, size_wh: tuple[int, int], colormap: str, interpolation: Interpolation) -> np.ndarray:
     """(grid_h, grid_w) in 0..1 → (h, w, 3) RGB uint8 at `size_wh`."""
     if colormap not in COLORMAPS:
         raise InputError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
     if interpolation not in _INTERPOLATIONS:
         raise InputError(f"Unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATIONS)}.")
     resized = cv2.resize(unit, size_wh, interpolation=_INTERPOLATIONS[interpolation])  # (h, w) float32
-    levels = cv2.convertScaleAbs(resized, alpha=255.0)                                 # (h, w) uint8, clipped
-    bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])                               # (h, w, 3) BGR
+    levels = cv2.convertScaleAbs(resized, alpha=255.0)  # (h, w) uint8, clipped
+    bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])  # (h, w, 3) BGR
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV is BGR; everything else here is RGB
 
 
@@ -63,7 +70,7 @@ def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
         return
     height, width = inside.shape
     yy, xx = np.mgrid[0:height, 0:width]
-    stripes = ((xx + yy) // 6) % 3 == 0                                 # diagonal hatch
+    stripes = ((xx + yy) // 6) % 3 == 0  # diagonal hatch
     outside = ~inside
     faded = 0.35 * canvas[outside] + 0.65 * _UNSEEN_GREY
     canvas[outside] = faded.astype(np.uint8)
@@ -80,7 +87,7 @@ def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, 
     inside = np.zeros((height, width), dtype=bool)
     if cx1 > cx0 and cy1 > cy0:
         inside[cy0:cy1, cx0:cx1] = True
-        patch = color[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]              # (ch, cw, 3)
+        patch = color[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]  # (ch, cw, 3)
         region = base[cy0:cy1, cx0:cx1]
         base[cy0:cy1, cx0:cx1] = cv2.addWeighted(region, 1.0 - alpha, patch, alpha, 0.0)
     _hatch_unseen(base, inside)
@@ -88,16 +95,23 @@ def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, 
 
 
 def _as_array(image: Image.Image) -> np.ndarray:
-    return np.array(image.convert("RGB"), dtype=np.uint8)               # (H, W, 3) RGB, writable copy
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3) RGB, writable copy
 
 
 def _to_image(canvas: np.ndarray) -> Image.Image:
     return Image.fromarray(canvas, mode="RGB")
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "jet", alpha: float = 0.5,
-            interpolation: Interpolation = "bilinear", value_range: tuple[float, float] | None = None,
-            grid: bool = False) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    heatmap: np.ndarray,
+    box_xyxy,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    interpolation: Interpolation = "bilinear",
+    value_range: tuple[float, float] | None = None,
+    grid: bool = False,
+) -> Image.Image:
     """The map blended over the image, at the original size.
 
     image: the original (upright) image. heatmap: (grid_h, grid_w) values.
@@ -112,9 +126,15 @@ def overlay(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "
     return draw_grid(_to_image(canvas), np.shape(heatmap), box_xyxy) if grid else _to_image(canvas)
 
 
-def heatmap_image(image: Image.Image, heatmap: np.ndarray, box_xyxy, colormap: str = "jet",
-                  interpolation: Interpolation = "bilinear",
-                  value_range: tuple[float, float] | None = None, grid: bool = False) -> Image.Image:
+def heatmap_image(
+    image: Image.Image,
+    heatmap: np.ndarray,
+    box_xyxy,
+    colormap: str = "jet",
+    interpolation: Interpolation = "bilinear",
+    value_range: tuple[float, float] | None = None,
+    grid: bool = False,
+) -> Image.Image:
     """The colour-mapped grid alone, at the image's size; the unseen part is hatched grey."""
     blank = np.full((image.size[1], image.size[0], 3), 255, dtype=np.uint8)
     canvas = _paint(blank, heatmap, box_xyxy, colormap, 1.0, interpolation, value_range)
@@ -133,10 +153,11 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = SIDE_BY_SIDE_
     return canvas
 
 
-def draw_grid(image: Image.Image, grid_hw: tuple[int, int], box_xyxy,
-              color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def draw_grid(
+    image: Image.Image, grid_hw: tuple[int, int], box_xyxy, color: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
     """Thin lines on the borders of the token cells inside the box."""
-    canvas = np.array(image.convert("RGB"))                             # (H, W, 3) uint8, writable
+    canvas = np.array(image.convert("RGB"))  # (H, W, 3) uint8, writable
     xs, ys = (np.round(edges).astype(int) for edges in cell_edges(grid_hw, box_xyxy))  # (grid_w + 1,), (grid_h + 1,)
     for y in ys:
         cv2.line(canvas, (int(xs[0]), int(y)), (int(xs[-1]), int(y)), color, 1)
@@ -148,7 +169,7 @@ def draw_grid(image: Image.Image, grid_hw: tuple[int, int], box_xyxy,
 def labelled(picture: Image.Image, label: str) -> Image.Image:
     """The picture with `label` written on a white strip under it."""
     font = ImageFont.load_default(size=max(12, picture.size[0] // 40))
-    _, _, x1, y1 = font.getbbox(label)                                   # text extent in px
+    _, _, x1, y1 = font.getbbox(label)  # text extent in px
     pad = 6
     width, strip = max(picture.size[0], x1 + 2 * pad), y1 + 2 * pad
     canvas = Image.new("RGB", (width, picture.size[1] + strip), (255, 255, 255))

@@ -25,7 +25,7 @@ from demo import data as demo_data  # noqa: E402
 from methods.faithfulness import faithfulness  # noqa: E402
 from model_holder import ModelHolder  # noqa: E402
 
-TEST_SEED = 31_337                         # the localization benchmark's held-out test seed
+TEST_SEED = 31_337  # the localization benchmark's held-out test seed
 
 
 def main() -> None:
@@ -47,8 +47,10 @@ def main() -> None:
     print("| curve | map order | random order | map / random |")
     print("|---|---|---|---|")
     for kind, better in (("deletion", "lower is better"), ("insertion", "higher is better")):
-        print(f"| {kind} AUC ({better}) | {mean[kind]:.3f} | {mean['random_' + kind]:.3f} | "
-              f"{mean[kind] / mean['random_' + kind]:.2f}× |")
+        print(
+            f"| {kind} AUC ({better}) | {mean[kind]:.3f} | {mean['random_' + kind]:.3f} | "
+            f"{mean[kind] / mean['random_' + kind]:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

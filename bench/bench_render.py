@@ -39,12 +39,28 @@ def synthetic_run(image_size=(1024, 768)) -> AttentionRun:
     n_cells = GRID_HW[0] * GRID_HW[1]
     prompt_len = n_cells + PROMPT_TEXT
     generator = torch.Generator().manual_seed(0)
-    rows = [torch.softmax(torch.randn(LAYERS, HEADS, prompt_len + t, generator=generator) * 3, -1).half()
-            for t in range(STEPS)]
-    layout = VisionLayout(np.arange(15, 15 + n_cells), GRID_HW, image_size, (0.0, 0.0, *map(float, image_size)),
-                          (GRID_HW[0] * 28, GRID_HW[1] * 28))
-    return AttentionRun([0] * prompt_len, list(range(STEPS)), [f"tok{t}" for t in range(STEPS)], layout,
-                        list(range(LAYERS)), HEADS, rows, model_id="synthetic", family="qwen2_5_vl")
+    rows = [
+        torch.softmax(torch.randn(LAYERS, HEADS, prompt_len + t, generator=generator) * 3, -1).half()
+        for t in range(STEPS)
+    ]
+    layout = VisionLayout(
+        np.arange(15, 15 + n_cells),
+        GRID_HW,
+        image_size,
+        (0.0, 0.0, *map(float, image_size)),
+        (GRID_HW[0] * 28, GRID_HW[1] * 28),
+    )
+    return AttentionRun(
+        [0] * prompt_len,
+        list(range(STEPS)),
+        [f"tok{t}" for t in range(STEPS)],
+        layout,
+        list(range(LAYERS)),
+        HEADS,
+        rows,
+        model_id="synthetic",
+        family="qwen2_5_vl",
+    )
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -75,26 +91,32 @@ def main() -> None:
         "overlay, all layers and heads, max": ViewSettings(step_idx=5, layers=(0, 27), heads=(0, 27), reduce="max"),
         "overlay + token grid": ViewSettings(step_idx=5, layers=(10, 20), heads=(0, 27), grid=True),
         "side by side": ViewSettings(step_idx=5, layers=(10, 20), heads=(0, 27), view="side_by_side"),
-        "heatmap only, percentile": ViewSettings(step_idx=5, layers=(10, 20), heads=(0, 27), view="heatmap",
-                                                 normalization="percentile"),
-        "shared scale (cached after first move)": ViewSettings(step_idx=5, layers=(10, 20), heads=(0, 27),
-                                                               normalization="shared"),
+        "heatmap only, percentile": ViewSettings(
+            step_idx=5, layers=(10, 20), heads=(0, 27), view="heatmap", normalization="percentile"
+        ),
+        "shared scale (cached after first move)": ViewSettings(
+            step_idx=5, layers=(10, 20), heads=(0, 27), normalization="shared"
+        ),
     }
-    render(stored, cases["shared scale (cached after first move)"])        # fill the cache once
+    render(stored, cases["shared scale (cached after first move)"])  # fill the cache once
     picture, _ = render(stored, base)
     jpeg_ms = _median_ms(lambda: _encode(picture, "JPEG"), args.repeats)
     png_ms = _median_ms(lambda: _encode(picture, "PNG"), max(3, args.repeats // 5))
-    print(f"# 1024x768 image, {LAYERS} layers x {HEADS} heads, grid {GRID_HW}, {STEPS} tokens; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"# 1024x768 image, {LAYERS} layers x {HEADS} heads, grid {GRID_HW}, {STEPS} tokens; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print("| view | render ms | + JPEG encode ms | total ms |")
     print("|---|---|---|---|")
     for name, settings in cases.items():
-        render_ms = _median_ms(lambda s=settings: (render(stored, s),
-                                                   share_table(stored, s.layers, s.heads, s.step_idx)),
-                               args.repeats)
+        render_ms = _median_ms(
+            lambda s=settings: (render(stored, s), share_table(stored, s.layers, s.heads, s.step_idx)), args.repeats
+        )
         print(f"| {name} | {render_ms:.1f} | {jpeg_ms:.1f} | {render_ms + jpeg_ms:.1f} |")
-    print(f"\nEncoding the picture: JPEG {jpeg_ms:.1f} ms vs PNG {png_ms:.1f} ms → PNG is {png_ms / jpeg_ms:.1f}× "
-          "slower; the app sends JPEG and offers PNG only as a download.")
+    print(
+        f"\nEncoding the picture: JPEG {jpeg_ms:.1f} ms vs PNG {png_ms:.1f} ms → PNG is {png_ms / jpeg_ms:.1f}× "
+        "slower; the app sends JPEG and offers PNG only as a download."
+    )
 
 
 if __name__ == "__main__":

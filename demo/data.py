@@ -168,15 +168,20 @@ def vocabulary() -> list[str]:
     return sorted(words | set(COLORS) | set(SHAPES) | set(POSITIONS))
 
 
-QUESTION_FORMS: tuple[str, ...] = ("What color is the <shape>?", "What shape is <color>?",
-                                   "Where is the <color> <shape>?")
+QUESTION_FORMS: tuple[str, ...] = (
+    "What color is the <shape>?",
+    "What shape is <color>?",
+    "Where is the <color> <shape>?",
+)
 
 
 def guide() -> str:
     """What the demo model understands, in Markdown: its question forms and every word it knows."""
-    return (f"**The demo model** answers three question forms: {', '.join(f'`{q}`' for q in QUESTION_FORMS)} "
-            f"with one word. Shapes: {', '.join(SHAPES)}; colours: {', '.join(COLORS)}; answers for where: "
-            f"{', '.join(POSITIONS)}. Any other word is unknown to it.")
+    return (
+        f"**The demo model** answers three question forms: {', '.join(f'`{q}`' for q in QUESTION_FORMS)} "
+        f"with one word. Shapes: {', '.join(SHAPES)}; colours: {', '.join(COLORS)}; answers for where: "
+        f"{', '.join(POSITIONS)}. Any other word is unknown to it."
+    )
 
 
 def box_area_fraction(box_xyxy: tuple[int, int, int, int], width: int, height: int) -> float:
@@ -214,8 +219,15 @@ def write_imagefolder(folder: str, seed: int, n: int) -> None:
     for k, sample in enumerate(make_samples(seed, n)):
         name = f"{seed}_{k:04d}.png"
         sample.image.save(out / name)
-        rows.append({"file_name": name, "prompt": sample.question, "answer": sample.answer,
-                     "boxes": [list(sample.box_xyxy)], "question_type": sample.question_type})
+        rows.append(
+            {
+                "file_name": name,
+                "prompt": sample.question,
+                "answer": sample.answer,
+                "boxes": [list(sample.box_xyxy)],
+                "question_type": sample.question_type,
+            }
+        )
     (out / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -224,7 +236,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) == 3 and sys.argv[1] == "--examples":
         write_examples(sys.argv[2])
-    elif len(sys.argv) == 5 and sys.argv[1] == "--imagefolder":      # --imagefolder DIR SEED N
+    elif len(sys.argv) == 5 and sys.argv[1] == "--imagefolder":  # --imagefolder DIR SEED N
         write_imagefolder(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         sys.exit(0)
     for s in make_samples(0, 5):

@@ -38,8 +38,16 @@ from demo import data as demo_data
 
 log = logging.getLogger("train_demo_model")
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>", "<unk>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<unk>",
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -60,15 +68,26 @@ def build_processor() -> Qwen2VLProcessor:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[1:7], padding_side="left", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[1:7],
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
     )
-    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                                            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                                            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL
+    )
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_model(tokenizer, args) -> Qwen2VLForConditionalGeneration:
@@ -77,27 +96,49 @@ def build_model(tokenizer, args) -> Qwen2VLForConditionalGeneration:
     half = head_dim // 2  # rotary frequencies per head; M-RoPE splits them into (t, h, w)
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     config = Qwen2VLConfig(
-        vision_config=dict(depth=args.vision_depth, embed_dim=args.vision_dim, hidden_size=args.hidden,
-                           num_heads=4, mlp_ratio=2, patch_size=PATCH, spatial_merge_size=MERGE,
-                           temporal_patch_size=TEMPORAL),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=512,
-                         # a small theta so the lowest (w) frequencies still turn across 8-16 columns
-                         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta,
-                                          "mrope_section": section},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=args.vision_depth,
+            embed_dim=args.vision_dim,
+            hidden_size=args.hidden,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            max_position_embeddings=512,
+            # a small theta so the lowest (w) frequencies still turn across 8-16 columns
+            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": section},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
     config.eos_token_id, config.pad_token_id, config.bos_token_id = (
-        ids["<|im_end|>"], ids["<|endoftext|>"], ids["<|endoftext|>"])
+        ids["<|im_end|>"],
+        ids["<|endoftext|>"],
+        ids["<|endoftext|>"],
+    )
     model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                                               bos_token_id=ids["<|endoftext|>"], do_sample=False,
-                                               max_new_tokens=4)
+    model.generation_config = GenerationConfig(
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+        max_new_tokens=4,
+    )
     return model
 
 
@@ -134,7 +175,7 @@ class Batcher:
         if key not in self._cache:
             ids = self.processor.tokenizer(self.prompt(question))["input_ids"]
             i = ids.index(self.image_id)
-            self._cache[key] = ids[:i] + [self.image_id] * n_image_tokens + ids[i + 1:]
+            self._cache[key] = ids[:i] + [self.image_id] * n_image_tokens + ids[i + 1 :]
         return self._cache[key]
 
     def __call__(self, samples, with_answer: bool = True) -> dict[str, torch.Tensor]:
@@ -149,11 +190,15 @@ class Batcher:
         input_ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
         for b, ids in enumerate(seqs):
-            input_ids[b, length - len(ids):] = torch.tensor(ids)
-            attention_mask[b, length - len(ids):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "mm_token_type_ids": (input_ids == self.image_id).long(),
-                "pixel_values": torch.cat(pix), "image_grid_thw": torch.tensor(grids)}
+            input_ids[b, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[b, length - len(ids) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": (input_ids == self.image_id).long(),
+            "pixel_values": torch.cat(pix),
+            "image_grid_thw": torch.tensor(grids),
+        }
 
 
 def ShapeAt(obj):  # noqa: N802 - the object moved to the origin of its own box
@@ -222,8 +267,9 @@ def batch_samples(seed: int, step: int, batch_size: int, total: int, two_object_
     rng = random.Random(f"train-{seed}-{step}")
     random.seed(f"curriculum-{seed}-{step}")  # for curriculum()
     size = demo_data.pick_size(rng)  # one size per batch keeps the sequences the same length
-    return [demo_data.make_sample(rng, size=size, **curriculum(step, total, two_object_until))
-            for _ in range(batch_size)]
+    return [
+        demo_data.make_sample(rng, size=size, **curriculum(step, total, two_object_until)) for _ in range(batch_size)
+    ]
 
 
 class TokenProbe(torch.nn.Module):
@@ -254,7 +300,8 @@ class PositionProbe(torch.nn.Module):
         self.head = torch.nn.Linear(model.config.get_text_config().hidden_size, 2)
         self.states = None
         model.model.language_model.layers[layer].register_forward_hook(
-            lambda mod, inp, out: setattr(self, "states", out[0] if isinstance(out, tuple) else out))
+            lambda mod, inp, out: setattr(self, "states", out[0] if isinstance(out, tuple) else out)
+        )
 
     def loss(self, is_image: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(self.states[is_image]), side_ids, ignore_index=-100)
@@ -287,8 +334,12 @@ def knockout_mask(model, inputs: dict, p_knockout: float, step: int = 0) -> dict
     words. At inference the mask is the ordinary causal one. Returns inputs with a 4-D float mask
     and explicit M-RoPE positions (computed from the 2-D mask, as the model would)."""
     input_ids, mask2d = inputs["input_ids"], inputs["attention_mask"]  # (B, S)
-    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=mask2d)
+    position_ids, _ = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=mask2d,
+    )
     bsz, seq = input_ids.shape
     allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool)).expand(bsz, seq, seq).clone()  # (B, q, kv)
     allowed &= mask2d.bool()[:, None, :]
@@ -297,7 +348,7 @@ def knockout_mask(model, inputs: dict, p_knockout: float, step: int = 0) -> dict
     readers_blocked = after_image.clone()
     readers_blocked[:, -2:] = False  # the last prompt position and the answer position keep the image
     knocked = torch.rand(bsz, generator=torch.Generator().manual_seed(step)) < p_knockout  # (B,), per step
-    block = (knocked[:, None, None] & readers_blocked[:, :, None] & is_image[:, None, :])  # (B, q, kv)
+    block = knocked[:, None, None] & readers_blocked[:, :, None] & is_image[:, None, :]  # (B, q, kv)
     allowed &= ~block
     allowed |= torch.eye(seq, dtype=torch.bool)[None]  # padded rows attend to themselves (no NaN)
     mask4d = torch.zeros(bsz, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
@@ -394,8 +445,9 @@ def train(args) -> None:
         else:
             for group in opt.param_groups:
                 group["lr"] = lr_at(stage2_step, args.steps, args.answer_lr or args.lr)
-            batch = with_labels(batcher, batch_samples(args.seed, stage2_step, args.batch, args.steps,
-                                                     args.two_object_until))
+            batch = with_labels(
+                batcher, batch_samples(args.seed, stage2_step, args.batch, args.steps, args.two_object_until)
+            )
             loss, acc = answer_loss(model, (probe, position_probe), batch, args, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -404,15 +456,34 @@ def train(args) -> None:
         step += 1
         run_loss, run_acc = run_loss + loss.item(), run_acc + acc.item()
         if step % args.log_every == 0:
-            log.info("%s step %d/%d loss %.3f acc %.3f lr %.2e %.2fs/step", "answer" if stage2_step >= 0 else
-                     "vision-probe (acc = shape of object tokens)", step, total, run_loss / args.log_every,
-                     run_acc / args.log_every, opt.param_groups[0]["lr"], (time.time() - t0) / args.log_every)
+            log.info(
+                "%s step %d/%d loss %.3f acc %.3f lr %.2e %.2fs/step",
+                "answer" if stage2_step >= 0 else "vision-probe (acc = shape of object tokens)",
+                step,
+                total,
+                run_loss / args.log_every,
+                run_acc / args.log_every,
+                opt.param_groups[0]["lr"],
+                (time.time() - t0) / args.log_every,
+            )
             t0, run_loss, run_acc = time.time(), 0.0, 0.0
         if (stage2_step >= 0 and step % args.eval_every == 0) or step in (args.vision_steps, total):
-            log.info("eval step %d: single %s | scenes %s", step, evaluate(model, batcher, 999, 150, n_objects=1),
-                     evaluate(model, batcher, 998, 300))
-            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
-                        "position_probe": position_probe.state_dict(), "step": step}, args.ckpt)
+            log.info(
+                "eval step %d: single %s | scenes %s",
+                step,
+                evaluate(model, batcher, 999, 150, n_objects=1),
+                evaluate(model, batcher, 998, 300),
+            )
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "probe": probe.state_dict(),
+                    "opt": opt.state_dict(),
+                    "position_probe": position_probe.state_dict(),
+                    "step": step,
+                },
+                args.ckpt,
+            )
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "ckpt", "resume")}
     save_and_verify(model, processor, args.out, settings)
 
@@ -430,12 +501,14 @@ def save_and_verify(model, processor, out: str, settings: dict) -> None:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(images=[s.image], text=[text], return_tensors="pt")
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         words = processor.tokenizer.convert_ids_to_tokens(gen.tolist())
         hits.setdefault(s.question_type, []).append(int(words[:2] == [s.answer, "<|im_end|>"]))
-    log.info("reloaded generate() exact answers on 200 held-out images (seed 4242): %s, overall %.3f",
-             {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())},
-             np.mean([h for v in hits.values() for h in v]))
+    log.info(
+        "reloaded generate() exact answers on 200 held-out images (seed 4242): %s, overall %.3f",
+        {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())},
+        np.mean([h for v in hits.values() for h in v]),
+    )
     size_mb = sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6
     log.info("saved to %s (%.1f MB)", out, size_mb)
 
@@ -450,18 +523,38 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--vision-steps", type=int, default=550, help="stage 1: vision tower + probe only")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--answer-lr", type=float, default=5e-4,
-                   help="stage 2 peak learning rate; 2e-3 (the stage-1 rate) left the object look-up unlearned")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads (the committed weights used 2); another count changes the float summation "
-                        "order and so the run")
-    p.add_argument("--two-object-until", type=float, default=0.35,
-                   help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)")
-    p.add_argument("--knockout", type=float, default=0.5,
-                   help="share of samples whose question words may not attend to the image (see knockout_mask)")
+    p.add_argument(
+        "--answer-lr",
+        type=float,
+        default=5e-4,
+        help="stage 2 peak learning rate; 2e-3 (the stage-1 rate) left the object look-up unlearned",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (the committed weights used 2); another count changes the float summation "
+        "order and so the run",
+    )
+    p.add_argument(
+        "--two-object-until",
+        type=float,
+        default=0.35,
+        help="curriculum: share of stage 2 that ends the two-object phase (0.1 = no such phase)",
+    )
+    p.add_argument(
+        "--knockout",
+        type=float,
+        default=0.5,
+        help="share of samples whose question words may not attend to the image (see knockout_mask)",
+    )
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the vision-token probe loss")
-    p.add_argument("--position-weight", type=float, default=0.5,
-                   help="weight of the decoder position probe (left/right of each vision token)")
+    p.add_argument(
+        "--position-weight",
+        type=float,
+        default=0.5,
+        help="weight of the decoder position probe (left/right of each vision token)",
+    )
     p.add_argument("--position-layer", type=int, default=1, help="decoder layer whose output the position probe reads")
     p.add_argument("--vision-depth", type=int, default=3)
     p.add_argument("--vision-dim", type=int, default=128)

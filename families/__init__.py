@@ -78,13 +78,16 @@ def detect_family(config) -> str:
     model_type = getattr(config, "model_type", None)
     why = ""
     if model_type in CROSS_ATTENTION_FAMILIES:
-        why = (f" {CROSS_ATTENTION_FAMILIES[model_type]} reads the image through cross-attention layers, so its "
-               "decoder's self-attention never sees image tokens and there is no per-token map of this kind.")
+        why = (
+            f" {CROSS_ATTENTION_FAMILIES[model_type]} reads the image through cross-attention layers, so its "
+            "decoder's self-attention never sees image tokens and there is no per-token map of this kind."
+        )
     if model_type not in SUPPORTED_FAMILIES:
         names = ", ".join(f"{name} ({key})" for key, name in SUPPORTED_FAMILIES.items())
         raise UnsupportedModelError(
             f"Model type {model_type!r} is not supported.{why} Supported families: {names}. "
-            "Pick a checkpoint of one of these families.")
+            "Pick a checkpoint of one of these families."
+        )
     return model_type
 
 
@@ -93,15 +96,17 @@ def attention_implementation(model, text: str | None = None, vision: str | None 
     """Switch the decoder's (`text`) and/or the vision tower's (`vision`) attention implementation for
     the block, leaving the other as it is; both are restored on exit, also after an exception."""
     config = model.config
-    saved = {"text_config": config.get_text_config()._attn_implementation,
-             "vision_config": config.vision_config._attn_implementation}
-    model.set_attn_implementation({"text_config": text or saved["text_config"],
-                                   "vision_config": vision or saved["vision_config"]})
+    saved = {
+        "text_config": config.get_text_config()._attn_implementation,
+        "vision_config": config.vision_config._attn_implementation,
+    }
+    model.set_attn_implementation(
+        {"text_config": text or saved["text_config"], "vision_config": vision or saved["vision_config"]}
+    )
     try:
         yield
     finally:
         model.set_attn_implementation(saved)
-
 
 
 def supports_video(family: str) -> bool:
@@ -109,8 +114,9 @@ def supports_video(family: str) -> bool:
     return family_spec(family).video
 
 
-def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixels: int | None,
-                 cap: int | None = None) -> dict | None:
+def pixel_budget(
+    family: str, image_processor, min_pixels: int | None, max_pixels: int | None, cap: int | None = None
+) -> dict | None:
     """The image processor's `size` for a requested image-token budget (Qwen's min/max pixels of the
     resized image), clamped into the processor's own [shortest_edge, longest_edge] and under `cap`;
     None when the family has no such budget or none was asked for (the processor's default)."""
@@ -118,8 +124,9 @@ def pixel_budget(family: str, image_processor, min_pixels: int | None, max_pixel
         return None
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if value is not None and (not isinstance(value, numbers.Integral) or value < 0):
-            raise InputError(f"{name} must be a whole number of pixels (0 or none for the model's default), "
-                             f"got {value!r}.")
+            raise InputError(
+                f"{name} must be a whole number of pixels (0 or none for the model's default), got {value!r}."
+            )
     size = dict(image_processor.size)
     floor, ceiling = int(size["shortest_edge"]), int(size["longest_edge"])
     ceiling = max(floor, min(ceiling, cap)) if cap else ceiling
@@ -134,8 +141,10 @@ def attention_windows(config, layer_indices: list[int]) -> list[int | None]:
     text = config.get_text_config()
     types = getattr(text, "layer_types", None) or []
     window = getattr(text, "sliding_window", None)
-    return [int(window) if idx < len(types) and types[idx] == "sliding_attention" and window else None
-            for idx in layer_indices]
+    return [
+        int(window) if idx < len(types) and types[idx] == "sliding_attention" and window else None
+        for idx in layer_indices
+    ]
 
 
 def softmax_layers(model) -> list[int]:
@@ -179,8 +188,9 @@ def vision_layout(family: str, config, processor, inputs, image_size: tuple[int,
     return vision_layouts(family, config, processor, inputs, [image_size])[0]
 
 
-def vision_layouts(family: str, config, processor, inputs, image_sizes: list[tuple[int, int]],
-                   video: bool = False) -> list[VisionLayout]:
+def vision_layouts(
+    family: str, config, processor, inputs, image_sizes: list[tuple[int, int]], video: bool = False
+) -> list[VisionLayout]:
     """The layouts of the images (or the one video) in the model inputs (batch of 1): for each image
     in prompt order its views, the main view first (`layout.image_index`, `layout.view`).
 
@@ -199,17 +209,17 @@ def vision_encoder_blocks(model) -> torch.nn.ModuleList:
     if hasattr(model.model, "visual"):
         return model.model.visual.blocks
     tower = model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.vision_model
-    if hasattr(tower, "transformer"):                                    # Pixtral
+    if hasattr(tower, "transformer"):  # Pixtral
         return tower.transformer.layers
-    encoder = tower.encoder                                              # CLIP, SigLIP, Idefics3; InternVL
+    encoder = tower.encoder  # CLIP, SigLIP, Idefics3; InternVL
     return encoder.layers if hasattr(encoder, "layers") else encoder.layer
 
 
 def run_vision_tower(model, inputs) -> None:
     """One forward of the vision encoder alone over processed inputs on the model's device (images)."""
-    if hasattr(model.model, "visual"):                                   # Qwen families
+    if hasattr(model.model, "visual"):  # Qwen families
         model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    else:                                                                # LLaVA's CLIP tower
+    else:  # LLaVA's CLIP tower
         model.model.vision_tower(inputs["pixel_values"])
 
 
@@ -229,8 +239,13 @@ def vision_window_order(model, inputs, num_units: int) -> torch.Tensor:
     if vision is None or not hasattr(vision, "window_size"):
         return torch.arange(num_units)
     from transformers.vision_utils import get_vision_window_index
-    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=vision.spatial_merge_size,
-                                              window_size=vision.window_size, patch_size=vision.patch_size)
+
+    window_index, _ = get_vision_window_index(
+        inputs["image_grid_thw"],
+        spatial_merge_size=vision.spatial_merge_size,
+        window_size=vision.window_size,
+        patch_size=vision.patch_size,
+    )
     return window_index.cpu()
 
 

@@ -54,11 +54,13 @@ def check_count(found: int, needed: list[int], token_id: int, num_inputs: int, w
         raise InputError(
             f"Found {found} {what} tokens (id {token_id}) in the prompt for {num_inputs} {what}(s), but their "
             f"grids need {' + '.join(map(str, needed)) or 0}. Give one {what} entry in the prompt per input and "
-            "use the processor that belongs to this checkpoint.")
+            "use the processor that belongs to this checkpoint."
+        )
 
 
-def split_per_input(positions: np.ndarray, needed: list[int], token_id: int, num_inputs: int,
-                    what: str = "image") -> list[np.ndarray]:
+def split_per_input(
+    positions: np.ndarray, needed: list[int], token_id: int, num_inputs: int, what: str = "image"
+) -> list[np.ndarray]:
     """The vision positions cut into each input's own run, in prompt order, after `check_count`."""
     check_count(len(positions), needed, token_id, num_inputs, what)
     return np.split(positions, np.cumsum(needed)[:-1])
@@ -68,8 +70,9 @@ def no_video(family: str, video: bool) -> None:
     """Refuse a video for a family whose adapter maps images only (the families that take video say so in
     their spec, and the app offers video only for those)."""
     if video:
-        raise InputError(f"This tool maps video only for families whose spec says so, not {family}; give images "
-                         "instead.")
+        raise InputError(
+            f"This tool maps video only for families whose spec says so, not {family}; give images instead."
+        )
 
 
 def resized_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:

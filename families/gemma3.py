@@ -21,16 +21,23 @@ from records import VisionLayout
 
 SPECS = (FamilySpec("gemma3", "Gemma 3", tiled=True),)
 
-PAN_AND_SCAN_KEYS = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
-                     "pan_and_scan_min_ratio_to_activate")
+PAN_AND_SCAN_KEYS = (
+    "do_pan_and_scan",
+    "pan_and_scan_min_crop_size",
+    "pan_and_scan_max_num_crops",
+    "pan_and_scan_min_ratio_to_activate",
+)
 
 
 def processor_options(processor) -> dict:
     """The pan-and-scan settings of the image processor (its saved config, or set on it), passed to
     every processor call: Gemma3Processor's own defaults (pan-and-scan off) would override them."""
     image_processor = processor.image_processor
-    return {key: getattr(image_processor, key) for key in PAN_AND_SCAN_KEYS
-            if getattr(image_processor, key, None) is not None}
+    return {
+        key: getattr(image_processor, key)
+        for key in PAN_AND_SCAN_KEYS
+        if getattr(image_processor, key, None) is not None
+    }
 
 
 def _num_crops(processor, size: tuple[int, int]) -> int:
@@ -40,8 +47,11 @@ def _num_crops(processor, size: tuple[int, int]) -> int:
         return 0
     width, height = size
     crops = processor.image_processor.pan_and_scan_batched(
-        torch.empty(1, 1, height, width), options["pan_and_scan_min_crop_size"],
-        options["pan_and_scan_max_num_crops"], options["pan_and_scan_min_ratio_to_activate"])
+        torch.empty(1, 1, height, width),
+        options["pan_and_scan_min_crop_size"],
+        options["pan_and_scan_max_num_crops"],
+        options["pan_and_scan_min_ratio_to_activate"],
+    )
     return len(crops)
 
 
@@ -60,24 +70,28 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     no_video(family, video)
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
-    side = int(round(int(config.mm_tokens_per_image) ** 0.5))          # pooled tokens per side
+    side = int(round(int(config.mm_tokens_per_image) ** 0.5))  # pooled tokens per side
     processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
     count = side * side
-    blocks = int(inputs["pixel_values"].shape[0])                      # whole images and crops
+    blocks = int(inputs["pixel_values"].shape[0])  # whole images and crops
     crops = [_num_crops(processor, size) for size in image_sizes]
     if len(image_sizes) == 1:
-        crops = [blocks - 1]                                            # exact whatever the call's options
+        crops = [blocks - 1]  # exact whatever the call's options
     if sum(crops) + len(image_sizes) != blocks:
-        raise InputError(f"The processor made {blocks} image views for {len(image_sizes)} image(s), but the "
-                         f"pan-and-scan settings give {sum(crops) + len(image_sizes)}. Use the processor's own "
-                         "pan-and-scan settings, or turn do_pan_and_scan off.")
+        raise InputError(
+            f"The processor made {blocks} image views for {len(image_sizes)} image(s), but the "
+            f"pan-and-scan settings give {sum(crops) + len(image_sizes)}. Use the processor's own "
+            "pan-and-scan settings, or turn do_pan_and_scan off."
+        )
     owns = split_per_input(positions, [count * (1 + n) for n in crops], token_id, len(image_sizes))
     result = []
     for index, (size, n, own) in enumerate(zip(image_sizes, crops, owns, strict=True)):
         boxes = [whole_box(size), *crop_boxes(size, n)] if n else [whole_box(size)]
         names = ["global view", *(f"crop {k + 1}" for k in range(n))] if n else [""]
-        result += [VisionLayout(block, (side, side), tuple(size), box, processed_hw, image_index=index, view=name)
-                   for block, box, name in zip(np.split(own, 1 + n), boxes, names, strict=True)]
+        result += [
+            VisionLayout(block, (side, side), tuple(size), box, processed_hw, image_index=index, view=name)
+            for block, box, name in zip(np.split(own, 1 + n), boxes, names, strict=True)
+        ]
     return result
 
 

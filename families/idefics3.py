@@ -39,25 +39,28 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
     per_tile = int(processor.image_seq_len)
-    side = int(round(per_tile ** 0.5))
-    if video:                                                           # SmolVLM: each frame one global image
+    side = int(round(per_tile**0.5))
+    if video:  # SmolVLM: each frame one global image
         frames = len(positions) // per_tile
         check_count(len(positions), [frames * per_tile], token_id, 1, "video")
         processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
-        return [VisionLayout(positions, (side, side), tuple(image_sizes[0]), whole_box(image_sizes[0]), processed_hw,
-                             frames)]
+        return [
+            VisionLayout(
+                positions, (side, side), tuple(image_sizes[0]), whole_box(image_sizes[0]), processed_hw, frames
+            )
+        ]
     tile_px = int(processor.image_processor.max_image_size["longest_edge"])
     ids = inputs["input_ids"][0].tolist()
     images, tiles, end = [], {}, 0
     chunks = [chunk for whole in _runs(positions) for chunk in np.split(whole, range(per_tile, len(whole), per_tile))]
     for run in chunks:
-        gap = processor.tokenizer.decode(ids[end:int(run[0])])          # the markers before this run
+        gap = processor.tokenizer.decode(ids[end : int(run[0])])  # the markers before this run
         end = int(run[-1]) + 1
         found = MARKER.findall(gap)
         if found:
             row, col = (int(v) - 1 for v in found[-1])
             tiles[(row, col)] = run
-        else:                                                           # the global image ends an image
+        else:  # the global image ends an image
             images.append((tiles, run))
             tiles = {}
     counts = [per_tile * (len(t) + 1) for t, _ in images]
@@ -66,11 +69,30 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     for index, ((tiles, global_run), size) in enumerate(zip(images, image_sizes, strict=True)):
         if tiles:
             rows, cols = max(r for r, _ in tiles) + 1, max(c for _, c in tiles) + 1
-            grid = np.stack([np.stack([tiles[(r, c)].reshape(side, side) for c in range(cols)])
-                             for r in range(rows)])                     # (rows, cols, side, side)
+            grid = np.stack(
+                [np.stack([tiles[(r, c)].reshape(side, side) for c in range(cols)]) for r in range(rows)]
+            )  # (rows, cols, side, side)
             stitched = np.ascontiguousarray(grid.transpose(0, 2, 1, 3)).reshape(-1)
-            result.append(VisionLayout(stitched, (rows * side, cols * side), tuple(size), whole_box(size),
-                                       (rows * tile_px, cols * tile_px), image_index=index, view="tiles"))
-        result.append(VisionLayout(global_run, (side, side), tuple(size), whole_box(size), (tile_px, tile_px),
-                                   image_index=index, view="global view" if tiles else ""))
+            result.append(
+                VisionLayout(
+                    stitched,
+                    (rows * side, cols * side),
+                    tuple(size),
+                    whole_box(size),
+                    (rows * tile_px, cols * tile_px),
+                    image_index=index,
+                    view="tiles",
+                )
+            )
+        result.append(
+            VisionLayout(
+                global_run,
+                (side, side),
+                tuple(size),
+                whole_box(size),
+                (tile_px, tile_px),
+                image_index=index,
+                view="global view" if tiles else "",
+            )
+        )
     return result

@@ -26,9 +26,17 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     extra = 1 if config.vision_feature_select_strategy == "full" else 0
     count = grid_hw[0] * grid_hw[1] + extra
     check_count(len(positions), [count] * len(image_sizes), token_id, len(image_sizes))
-    return [VisionLayout(positions[i * count + extra:(i + 1) * count], grid_hw, tuple(size),
-                         llava_box_xyxy(processor.image_processor, size), processed_hw, image_index=i)
-            for i, size in enumerate(image_sizes)]
+    return [
+        VisionLayout(
+            positions[i * count + extra : (i + 1) * count],
+            grid_hw,
+            tuple(size),
+            llava_box_xyxy(processor.image_processor, size),
+            processed_hw,
+            image_index=i,
+        )
+        for i, size in enumerate(image_sizes)
+    ]
 
 
 def _size_value(size, key: str):
@@ -61,7 +69,7 @@ def llava_box_xyxy(image_processor, image_size: tuple[int, int]) -> tuple[float,
     left = int((new_w - crop_w) / 2.0) if crop_w <= new_w else -((crop_w - new_w) // 2)
     top = int((new_h - crop_h) / 2.0) if crop_h <= new_h else -((crop_h - new_h) // 2)
 
-    def to_x(x):                                                        # resized px -> original px
+    def to_x(x):  # resized px -> original px
         return x * width / new_w - pad_x
 
     def to_y(y):

@@ -24,8 +24,10 @@ from errors import InputError
 from families.base import FamilySpec, check_count, no_video, resized_box, split_per_input, token_positions, whole_box
 from records import VisionLayout
 
-SPECS = (FamilySpec("llava_next", "LLaVA-NeXT", tiled=True),
-         FamilySpec("llava_onevision", "LLaVA-OneVision", video=True, tiled=True))
+SPECS = (
+    FamilySpec("llava_next", "LLaVA-NeXT", tiled=True),
+    FamilySpec("llava_onevision", "LLaVA-OneVision", video=True, tiled=True),
+)
 
 
 def video_layout(config, inputs, frame_size: tuple[int, int]) -> VisionLayout:
@@ -38,8 +40,9 @@ def video_layout(config, inputs, frame_size: tuple[int, int]) -> VisionLayout:
     frames = int(inputs["pixel_values_videos"].shape[1])
     check_count(len(positions), [frames * pooled * pooled + 1], token_id, 1, "video")
     processed_hw = tuple(int(v) for v in inputs["pixel_values_videos"].shape[-2:])
-    return VisionLayout(positions[:-1], (pooled, pooled), tuple(frame_size), whole_box(frame_size), processed_hw,
-                        frames)
+    return VisionLayout(
+        positions[:-1], (pooled, pooled), tuple(frame_size), whole_box(frame_size), processed_hw, frames
+    )
 
 
 def token_cell_px(config) -> int:
@@ -52,33 +55,49 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
         return [video_layout(config, inputs, image_sizes[0])]
     no_video(family, video)
     if config.vision_feature_select_strategy != "default" and family == "llava_next":
-        raise InputError("This LLaVA-NeXT checkpoint keeps the vision tower's CLS token "
-                         "(vision_feature_select_strategy 'full'), which has no place on the image; "
-                         "use a checkpoint with the 'default' strategy.")
+        raise InputError(
+            "This LLaVA-NeXT checkpoint keeps the vision tower's CLS token "
+            "(vision_feature_select_strategy 'full'), which has no place on the image; "
+            "use a checkpoint with the 'default' strategy."
+        )
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
-    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)   # patches per tile side
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)  # patches per tile side
     # OneVision tiles an image only when it is alone in its sample (the processor's batch_num_images).
     per_sample = inputs.get("batch_num_images") if family == "llava_onevision" else None
     tiled = [True] * len(image_sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(n)]
-    plans = [_plan(config, side, (int(h), int(w)), tile)
-             for (h, w), tile in zip(inputs["image_sizes"], tiled, strict=True)]
+    plans = [
+        _plan(config, side, (int(h), int(w)), tile) for (h, w), tile in zip(inputs["image_sizes"], tiled, strict=True)
+    ]
     # A tiled image adds a newline per stitched row (none when un-padding left no row); an untiled one adds one.
     needed = [side * side + (gh * (gw + 1) if tile else 1) for (gh, gw, _), tile in zip(plans, tiled, strict=True)]
-    owns = split_per_input(positions, needed, token_id, len(image_sizes))   # each image's tokens, prompt order
+    owns = split_per_input(positions, needed, token_id, len(image_sizes))  # each image's tokens, prompt order
     result = []
     tower_px = int(config.vision_config.image_size)
     for index, ((grid_h, grid_w, box), size, own, (proc_h, proc_w)) in enumerate(
-            zip(plans, image_sizes, owns, inputs["image_sizes"].tolist(), strict=True)):
+        zip(plans, image_sizes, owns, inputs["image_sizes"].tolist(), strict=True)
+    ):
         base_box = whole_box((proc_w, proc_h)) if tiled[index] else _square_box((proc_w, proc_h))
-        global_view = VisionLayout(own[:side * side], (side, side), tuple(size),
-                                   resized_box(base_box, (proc_w, proc_h), size), (tower_px, tower_px),
-                                   image_index=index, view="global view")
-        if grid_h and grid_w:                  # an extreme aspect ratio can leave no tile cell after un-padding
-            rows = own[side * side:].reshape(grid_h, grid_w + 1)        # (grid_h, grid_w + 1): cells, newline
-            tiles = VisionLayout(np.ascontiguousarray(rows[:, :grid_w]).ravel(), (grid_h, grid_w), tuple(size),
-                                 resized_box(box, (proc_w, proc_h), size), _best(config, (proc_h, proc_w)),
-                                 image_index=index, view="tiles")
+        global_view = VisionLayout(
+            own[: side * side],
+            (side, side),
+            tuple(size),
+            resized_box(base_box, (proc_w, proc_h), size),
+            (tower_px, tower_px),
+            image_index=index,
+            view="global view",
+        )
+        if grid_h and grid_w:  # an extreme aspect ratio can leave no tile cell after un-padding
+            rows = own[side * side :].reshape(grid_h, grid_w + 1)  # (grid_h, grid_w + 1): cells, newline
+            tiles = VisionLayout(
+                np.ascontiguousarray(rows[:, :grid_w]).ravel(),
+                (grid_h, grid_w),
+                tuple(size),
+                resized_box(box, (proc_w, proc_h), size),
+                _best(config, (proc_h, proc_w)),
+                image_index=index,
+                view="tiles",
+            )
             result += [tiles, global_view]
         else:
             result.append(global_view)
@@ -98,7 +117,7 @@ def _plan(config, side: int, image_hw: tuple[int, int], tiled: bool) -> tuple[in
     height, width = image_hw
     best_h, best_w = _best(config, image_hw)
     rows, cols = best_h // int(config.vision_config.image_size), best_w // int(config.vision_config.image_size)
-    full_h, full_w = rows * side, cols * side                          # stitched patch grid before un-padding
+    full_h, full_w = rows * side, cols * side  # stitched patch grid before un-padding
     # Where the resized image sits inside the padded best resolution (the processor centres it).
     new_h, new_w = get_patch_output_size(np.zeros((height, width, 1)), (best_h, best_w), ChannelDimension.LAST)
     paste_x, paste_y = (best_w - new_w) // 2, (best_h - new_h) // 2
@@ -109,12 +128,16 @@ def _plan(config, side: int, image_hw: tuple[int, int], tiled: bool) -> tuple[in
     else:
         left = (full_w - int(round(width * (full_h / height), 7))) // 2
     grid_h, grid_w = full_h - 2 * top, full_w - 2 * left
-    cell_y, cell_x = best_h / full_h, best_w / full_w                  # processed px per cell
-    box = ((left * cell_x - paste_x) * width / new_w, (top * cell_y - paste_y) * height / new_h,
-           ((full_w - left) * cell_x - paste_x) * width / new_w, ((full_h - top) * cell_y - paste_y) * height / new_h)
+    cell_y, cell_x = best_h / full_h, best_w / full_w  # processed px per cell
+    box = (
+        (left * cell_x - paste_x) * width / new_w,
+        (top * cell_y - paste_y) * height / new_h,
+        ((full_w - left) * cell_x - paste_x) * width / new_w,
+        ((full_h - top) * cell_y - paste_y) * height / new_h,
+    )
     limit = getattr(config, "vision_aspect_ratio", None)
-    if config.model_type == "llava_onevision" and limit:               # "anyres_max_9": shrink past 9 tiles
-        ratio = math.sqrt(grid_h * grid_w / (int(limit.removeprefix("anyres_max_")) * side ** 2))
+    if config.model_type == "llava_onevision" and limit:  # "anyres_max_9": shrink past 9 tiles
+        ratio = math.sqrt(grid_h * grid_w / (int(limit.removeprefix("anyres_max_")) * side**2))
         if ratio > 1.1:
             grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
     return grid_h, grid_w, box

@@ -21,8 +21,17 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     token_id = config.image_token_id
     positions = token_positions(inputs, token_id)
     count = int(processor.image_seq_length)
-    side = int(round(count ** 0.5))
+    side = int(round(count**0.5))
     processed_hw = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
     check_count(len(positions), [count] * len(image_sizes), token_id, len(image_sizes))
-    return [VisionLayout(positions[i * count:(i + 1) * count], (side, side), tuple(size), whole_box(size),
-                         processed_hw, image_index=i) for i, size in enumerate(image_sizes)]
+    return [
+        VisionLayout(
+            positions[i * count : (i + 1) * count],
+            (side, side),
+            tuple(size),
+            whole_box(size),
+            processed_hw,
+            image_index=i,
+        )
+        for i, size in enumerate(image_sizes)
+    ]

@@ -24,9 +24,13 @@ def layouts(family: str, config, processor, inputs, image_sizes, video: bool) ->
     unit = token_cell_px(config)
     grids = [((int(h) // unit, int(w) // unit), (int(h), int(w))) for h, w in inputs["image_sizes"]]
     if family == "mistral3" and any(grid_hw == (1, 1) for grid_hw, _ in grids):
-        raise InputError(f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
-                         f"take; use an image at least {unit + 1} px wide or tall.")
+        raise InputError(
+            f"This image becomes a single vision token for Mistral 3, which its patch merger cannot "
+            f"take; use an image at least {unit + 1} px wide or tall."
+        )
     needed = [gh * gw for (gh, gw), _ in grids]
     owns = split_per_input(positions, needed, token_id, len(image_sizes))
-    return [VisionLayout(own, grid_hw, tuple(size), whole_box(size), processed_hw, image_index=index)
-            for index, ((grid_hw, processed_hw), size, own) in enumerate(zip(grids, image_sizes, owns, strict=True))]
+    return [
+        VisionLayout(own, grid_hw, tuple(size), whole_box(size), processed_hw, image_index=index)
+        for index, ((grid_hw, processed_hw), size, own) in enumerate(zip(grids, image_sizes, owns, strict=True))
+    ]

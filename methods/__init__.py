@@ -84,20 +84,44 @@ def _lens(request: MapRequest) -> list[np.ndarray]:
     return [lens.token_map(i) for i in range(len(ids))]
 
 
-METHODS: dict[str, MapMethod] = {method.name: method for method in (
-    MapMethod(RAW_ATTENTION, "raw attention of the decoder on the image tokens (the ranges apply)",
-              "raw attention", _attention, needs_model=False, uses_ranges=True),
-    MapMethod("rollout", "attention rollout through every layer, heads averaged",
-              "attention rollout through all layers (heads averaged, residual mixed in)",
-              functools.partial(_per_step, rollout_map, "rollout")),
-    MapMethod("gradient", "gradient-weighted attention over every layer (Chefer et al.)",
-              "gradient-weighted attention, all layers (Chefer et al.)", _gradient),
-    MapMethod("vit", "the raw-attention map pushed back through the vision encoder, on its patches",
-              "the raw-attention map pushed back through the vision encoder's attention (patch grid)", _vit,
-              uses_ranges=True),
-    MapMethod("lens", "logit lens: each image patch's probability of the token, averaged over the layers",
-              "logit lens: each patch's probability of this token, mean over layers", _lens),
-)}
+METHODS: dict[str, MapMethod] = {
+    method.name: method
+    for method in (
+        MapMethod(
+            RAW_ATTENTION,
+            "raw attention of the decoder on the image tokens (the ranges apply)",
+            "raw attention",
+            _attention,
+            needs_model=False,
+            uses_ranges=True,
+        ),
+        MapMethod(
+            "rollout",
+            "attention rollout through every layer, heads averaged",
+            "attention rollout through all layers (heads averaged, residual mixed in)",
+            functools.partial(_per_step, rollout_map, "rollout"),
+        ),
+        MapMethod(
+            "gradient",
+            "gradient-weighted attention over every layer (Chefer et al.)",
+            "gradient-weighted attention, all layers (Chefer et al.)",
+            _gradient,
+        ),
+        MapMethod(
+            "vit",
+            "the raw-attention map pushed back through the vision encoder, on its patches",
+            "the raw-attention map pushed back through the vision encoder's attention (patch grid)",
+            _vit,
+            uses_ranges=True,
+        ),
+        MapMethod(
+            "lens",
+            "logit lens: each image patch's probability of the token, averaged over the layers",
+            "logit lens: each patch's probability of this token, mean over layers",
+            _lens,
+        ),
+    )
+}
 
 
 def method(name: str) -> MapMethod:
@@ -117,5 +141,11 @@ def generic_baseline(holder, run):
     """The run's images under the generic prompt, one token, with the run's own pixel budget: what a
     map "relative to a generic prompt" is divided by. A model pass; the caller holds the model lock."""
     made = run.settings
-    return holder.generate(run.images, GENERIC_PROMPT, max_new_tokens=1, prompt_rows="none",
-                           min_pixels=made.min_pixels, max_pixels=made.max_pixels)
+    return holder.generate(
+        run.images,
+        GENERIC_PROMPT,
+        max_new_tokens=1,
+        prompt_rows="none",
+        min_pixels=made.min_pixels,
+        max_pixels=made.max_pixels,
+    )

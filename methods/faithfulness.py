@@ -38,8 +38,10 @@ class Faithfulness:
         return float(np.trapezoid(curve, dx=1.0 / (len(curve) - 1)))
 
     def summary(self) -> dict[str, float]:
-        return {name: self.auc(getattr(self, name)) for name in
-                ("deletion", "random_deletion", "insertion", "random_insertion")}
+        return {
+            name: self.auc(getattr(self, name))
+            for name in ("deletion", "random_deletion", "insertion", "random_insertion")
+        }
 
 
 def blurred(image: Image.Image, cell_px: float) -> np.ndarray:
@@ -55,25 +57,27 @@ def token_probability(holder, run: AttentionRun, step_idx: int, image: Image.Ima
     images = None if image is None else [image, *run.images[1:]]
     inputs = holder.replay_inputs(run, step_idx, images)
     with torch.inference_mode():
-        logits = holder.model(**inputs).logits[0, -1].float()            # (vocab,)
+        logits = holder.model(**inputs).logits[0, -1].float()  # (vocab,)
     return float(torch.softmax(logits, dim=-1)[run.generated_ids[step_idx]])
 
 
-def faithfulness(holder, run: AttentionRun, step_idx: int, heat: np.ndarray,
-                 steps: int = 8, seed: int = 0) -> Faithfulness:
+def faithfulness(
+    holder, run: AttentionRun, step_idx: int, heat: np.ndarray, steps: int = 8, seed: int = 0
+) -> Faithfulness:
     """Deletion and insertion curves for `heat` (grid_h, grid_w) over the run's first image, against
     one seeded random order. Costs 4 * (steps + 1) forward passes.
     """
     if heat.shape != tuple(run.vision.grid_hw):
         raise ValueError(f"The map has shape {heat.shape}, but the token grid is {run.vision.grid_hw}.")
     if not run.images:
-        raise InputError("Verifying blurs the run's image, and this run has none (a video). Generate from an "
-                         "image first.")
+        raise InputError(
+            "Verifying blurs the run's image, and this run has none (a video). Generate from an image first."
+        )
     image = run.images[0]
     original = np.asarray(image)
     cells = run.vision.cell_slices()
     cell_px = (run.vision.image_box_xyxy[2] - run.vision.image_box_xyxy[0]) / run.vision.grid_hw[1]
-    base = original.copy()                          # outside the grid's box the model sees the original
+    base = original.copy()  # outside the grid's box the model sees the original
     blur = blurred(image, cell_px)
     for rows, cols in cells:
         base[rows, cols] = blur[rows, cols]
@@ -90,5 +94,11 @@ def faithfulness(holder, run: AttentionRun, step_idx: int, heat: np.ndarray,
                 canvas[rows, cols] = fill[rows, cols]
             probs.append(token_probability(holder, run, step_idx, Image.fromarray(canvas)))
         return np.array(probs, dtype=np.float32)
-    return Faithfulness(fractions, curve(order, original, base), curve(order, base, original),
-                        curve(random_order, original, base), curve(random_order, base, original))
+
+    return Faithfulness(
+        fractions,
+        curve(order, original, base),
+        curve(order, base, original),
+        curve(random_order, original, base),
+        curve(random_order, base, original),
+    )

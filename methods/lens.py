@@ -17,11 +17,19 @@ from utils import load_image
 
 
 def _layer_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output           # (B, S, hidden)
+    return output[0] if isinstance(output, tuple) else output  # (B, S, hidden)
 
 
-def logit_lens(holder, image, prompt: str, top_k: int = 5, chunk: int = 256, track_ids: list[int] | None = None,
-               min_pixels: int | None = None, max_pixels: int | None = None) -> LogitLens:
+def logit_lens(
+    holder,
+    image,
+    prompt: str,
+    top_k: int = 5,
+    chunk: int = 256,
+    track_ids: list[int] | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> LogitLens:
     """Decode every decoder layer's hidden state at the image's vision tokens (first image).
 
     track_ids: token ids whose probability to keep at every layer and cell (`LogitLens.tracked`).
@@ -41,14 +49,16 @@ def run_logit_lens(holder, run, top_k: int = 5, chunk: int = 256, track_ids: lis
 
 
 def _lens(holder, inputs, layout, top_k: int, chunk: int, track_ids: list[int] | None) -> LogitLens:
-    positions = torch.from_numpy(layout.token_positions)                # (n_cells,)
+    positions = torch.from_numpy(layout.token_positions)  # (n_cells,)
     layers = decoder_layers(holder.model)
     states: dict[int, torch.Tensor] = {}
 
     def keep(idx):
         def hook(module, args, output):
             states[idx] = _layer_output(output)[0, positions.to(_layer_output(output).device)].detach()
+
         return hook
+
     hooks = [(layer, keep(i)) for i, layer in enumerate(layers)]
     with recording(holder.model, text=None, hooks=hooks), torch.inference_mode():  # hooks removed in finally
         holder.model(**inputs)
@@ -57,20 +67,27 @@ def _lens(holder, inputs, layout, top_k: int, chunk: int, track_ids: list[int] |
     with torch.inference_mode():
         for idx in range(len(layers)):
             ids, probs, kept = [], [], []
-            for start in range(0, len(positions), chunk):                # bounded (chunk, vocab) logits
-                distribution = torch.softmax(head(norm(states[idx][start:start + chunk])).float(), dim=-1)
-                best = distribution.topk(top_k, dim=-1)                  # (c, k)
+            for start in range(0, len(positions), chunk):  # bounded (chunk, vocab) logits
+                distribution = torch.softmax(head(norm(states[idx][start : start + chunk])).float(), dim=-1)
+                best = distribution.topk(top_k, dim=-1)  # (c, k)
                 ids.append(best.indices.cpu())
                 probs.append(best.values.cpu())
                 kept.append(distribution[:, list(track_ids or [])].cpu())  # (c, n_tracked)
             top_ids.append(torch.cat(ids))
             top_probs.append(torch.cat(probs))
             tracked.append(torch.cat(kept))
-    top_ids = torch.stack(top_ids).numpy()                              # (L, n_cells, k)
+    top_ids = torch.stack(top_ids).numpy()  # (L, n_cells, k)
     decode = _decoder(holder.processor.tokenizer)
     tokens = [[[decode(int(i)) for i in cell] for cell in layer] for layer in top_ids]
-    return LogitLens(list(range(len(layers))), top_ids, torch.stack(top_probs).numpy(), tokens,
-                     layout.grid_hw, layout.image_box_xyxy, torch.stack(tracked).numpy() if track_ids else None)
+    return LogitLens(
+        list(range(len(layers))),
+        top_ids,
+        torch.stack(top_probs).numpy(),
+        tokens,
+        layout.grid_hw,
+        layout.image_box_xyxy,
+        torch.stack(tracked).numpy() if track_ids else None,
+    )
 
 
 def _decoder(tokenizer):
@@ -80,4 +97,5 @@ def _decoder(tokenizer):
         if token_id not in cache:
             cache[token_id] = tokenizer.decode([token_id])
         return cache[token_id]
+
     return decode

@@ -29,12 +29,13 @@ def file_stem(step_idx: int, layer_idx: int | None = None, head_idx: int | None 
     return "_".join(parts)
 
 
-def head_gallery(run: AttentionRun, image: Image.Image, step_idx: int, layers, heads, colormap: str = "jet",
-                 thumb: int = 160) -> list[tuple[str, Image.Image]]:
+def head_gallery(
+    run: AttentionRun, image: Image.Image, step_idx: int, layers, heads, colormap: str = "jet", thumb: int = 160
+) -> list[tuple[str, Image.Image]]:
     """Small overlays of every (layer, head) in the ranges, in row-major order, each labelled with its
     0-based layer and head as the app numbers them; the names (for files) are 1-based
     `S{step}_L{layer}_H{head}` like the reference LLaVA toolkit."""
-    maps = vision_maps(run, step_idx, layers, heads)                       # (l, h, gh, gw)
+    maps = vision_maps(run, step_idx, layers, heads)  # (l, h, gh, gw)
     scale = thumb / max(image.size)
     small = image.resize(scaled_size(image.size, scale))
     box = scale_box(run.vision.image_box_xyxy, scale)

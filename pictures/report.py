@@ -29,7 +29,7 @@ from utils import scale_box, scaled_size
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
-_BAR_W, _BAR_GAP, _PLOT_H, _PAD_L, _PAD_B = 18, 4, 120, 40, 22   # share plot geometry, in px
+_BAR_W, _BAR_GAP, _PLOT_H, _PAD_L, _PAD_B = 18, 4, 120, 40, 22  # share plot geometry, in px
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
@@ -104,8 +104,13 @@ _PAGE = Template("""<!DOCTYPE html>
 def script_json(value) -> str:
     """JSON that is safe inside <script>: '<', '>' and '&' escaped, so '</script>' cannot end the block."""
     text = json.dumps(value, ensure_ascii=False)
-    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escaped)
     return text
 
@@ -131,63 +136,92 @@ def _chips(tokens: list[str], ids: list[int]) -> str:
     return "".join(
         f'<button type="button" class="chip" data-step="{t}" aria-pressed="{"true" if t == 0 else "false"}" '
         f'title="step {t}, id {token_id}"><span class="n">{t}</span>{html.escape(visible_token(token))}</button>'
-        for t, (token, token_id) in enumerate(zip(tokens, ids, strict=True)))
+        for t, (token, token_id) in enumerate(zip(tokens, ids, strict=True))
+    )
 
 
 def _frames(uris: list[str], captions: list[str]) -> str:
     return "".join(
         f'<figure data-step="{t}"{"" if t == 0 else " hidden"}><img src="{uri}" alt="attention map for token {t}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for t, (uri, caption) in enumerate(zip(uris, captions, strict=True)))
+        for t, (uri, caption) in enumerate(zip(uris, captions, strict=True))
+    )
 
 
 def share_svg(shares: list[float], tokens: list[str], selected: int = 0) -> str:
     """Bars of each token's attention share on the image (0..1); one <g class="bar"> per token."""
     step_w = _BAR_W + _BAR_GAP
     width, height = _PAD_L + step_w * len(shares) + _BAR_GAP, _PLOT_H + _PAD_B + 8
-    parts = [f'<svg id="share-plot" width="{width}" height="{height}" '
-             f'role="img" aria-label="attention share on the image per token">']
-    for frac in (0.0, 0.5, 1.0):                                        # y axis: 0 %, 50 %, 100 %
+    parts = [
+        f'<svg id="share-plot" width="{width}" height="{height}" '
+        f'role="img" aria-label="attention share on the image per token">'
+    ]
+    for frac in (0.0, 0.5, 1.0):  # y axis: 0 %, 50 %, 100 %
         y = 8 + _PLOT_H * (1 - frac)
-        parts.append(f'<line class="axis" x1="{_PAD_L - 4}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text x="{_PAD_L - 6}" y="{y + 3:.1f}" text-anchor="end">{frac:.0%}</text>')
+        parts.append(
+            f'<line class="axis" x1="{_PAD_L - 4}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text x="{_PAD_L - 6}" y="{y + 3:.1f}" text-anchor="end">{frac:.0%}</text>'
+        )
     label_every = 1 if len(shares) <= 40 else 5
     for t, (share, token) in enumerate(zip(shares, tokens, strict=True)):
         x, bar_h = _PAD_L + _BAR_GAP + t * step_w, _PLOT_H * min(max(share, 0.0), 1.0)
         title = html.escape(f"{t}: {token!r} · {share:.1%} on the image")
-        label = f'<text x="{x + _BAR_W / 2}" y="{height - 6}" text-anchor="middle">{t}</text>' \
-            if t % label_every == 0 else ""
-        parts.append(f'<g class="bar{" sel" if t == selected else ""}" data-step="{t}"><title>{title}</title>'
-                     f'<rect class="hit" x="{x}" y="8" width="{_BAR_W}" height="{_PLOT_H}"/>'
-                     f'<rect class="fill" x="{x}" y="{8 + _PLOT_H - bar_h:.1f}" width="{_BAR_W}" '
-                     f'height="{bar_h:.1f}"/>{label}</g>')
+        label = (
+            f'<text x="{x + _BAR_W / 2}" y="{height - 6}" text-anchor="middle">{t}</text>'
+            if t % label_every == 0
+            else ""
+        )
+        parts.append(
+            f'<g class="bar{" sel" if t == selected else ""}" data-step="{t}"><title>{title}</title>'
+            f'<rect class="hit" x="{x}" y="8" width="{_BAR_W}" height="{_PLOT_H}"/>'
+            f'<rect class="fill" x="{x}" y="{8 + _PLOT_H - bar_h:.1f}" width="{_BAR_W}" '
+            f'height="{bar_h:.1f}"/>{label}</g>'
+        )
     return "".join(parts) + "</svg>"
 
 
 def _settings(run: AttentionRun, s: ViewSettings, image_size: tuple[int, int]) -> str:
-    norm = {"minmax": "min–max of each map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
-            "shared": "one scale shared by all tokens"}[s.normalization]
+    norm = {
+        "minmax": "min–max of each map",
+        "percentile": f"min to {s.percentile:g}th percentile (clipped)",
+        "shared": "one scale shared by all tokens",
+    }[s.normalization]
     n_maps = (s.layers[1] - s.layers[0] + 1) * (s.heads[1] - s.heads[0] + 1)
-    rows = [("Model", run.model_id), ("Family", run.family), ("Prompt", run.settings.prompt),
-            ("Answer", "".join(run.generated_tokens)),
-            ("Layers", f"{s.layers[0]}–{s.layers[1]} (0-based, inclusive)"),
-            ("Heads", f"{s.heads[0]}–{s.heads[1]} of {run.num_heads} (0-based, inclusive)"),
-            ("Aggregation", f"{s.reduce} of {n_maps} maps"), ("Normalisation", norm),
-            ("Colormap", f"{s.colormap}, alpha {s.alpha:g}"),
-            ("Token grid", "{}×{}".format(*run.vision.grid_hw)), ("Image", "{}×{} px".format(*image_size)),
-            ("Written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]
+    rows = [
+        ("Model", run.model_id),
+        ("Family", run.family),
+        ("Prompt", run.settings.prompt),
+        ("Answer", "".join(run.generated_tokens)),
+        ("Layers", f"{s.layers[0]}–{s.layers[1]} (0-based, inclusive)"),
+        ("Heads", f"{s.heads[0]}–{s.heads[1]} of {run.num_heads} (0-based, inclusive)"),
+        ("Aggregation", f"{s.reduce} of {n_maps} maps"),
+        ("Normalisation", norm),
+        ("Colormap", f"{s.colormap}, alpha {s.alpha:g}"),
+        ("Token grid", "{}×{}".format(*run.vision.grid_hw)),
+        ("Image", "{}×{} px".format(*image_size)),
+        ("Written", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+    ]
     return "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(value)}</dd>" for name, value in rows)
 
 
-def _view_settings(run: AttentionRun, layers, heads, reduce, normalization, percentile, colormap, alpha,
-                   grid) -> ViewSettings:
+def _view_settings(
+    run: AttentionRun, layers, heads, reduce, normalization, percentile, colormap, alpha, grid
+) -> ViewSettings:
     """ViewSettings for every token; None ranges mean everything captured."""
     if normalization not in DISPLAY_NORMALIZATIONS:
         raise InputError(f"Unknown normalisation {normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
     layers = tuple(layers) if layers is not None else (run.layer_indices[0], run.layer_indices[-1])
     heads = tuple(heads) if heads is not None else (0, run.num_heads - 1)
-    return ViewSettings(layers=layers, heads=heads, reduce=reduce, normalization=normalization,
-                        percentile=percentile, colormap=colormap, alpha=alpha, grid=grid)
+    return ViewSettings(
+        layers=layers,
+        heads=heads,
+        reduce=reduce,
+        normalization=normalization,
+        percentile=percentile,
+        colormap=colormap,
+        alpha=alpha,
+        grid=grid,
+    )
 
 
 def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None) -> StoredRun:
@@ -202,30 +236,58 @@ def _as_stored(stored_or_run: StoredRun | AttentionRun, image: Image.Image | Non
         raise InputError("This run generated no tokens, so there is nothing to report. Generate again.")
     if tuple(stored.image.size) != tuple(stored.run.vision.image_size):
         width, height = stored.run.vision.image_size
-        raise InputError(f"The image is {stored.image.size[0]}x{stored.image.size[1]} px but the run was made "
-                         f"from a {width}x{height} px image; pass the image the run was generated from.")
+        raise InputError(
+            f"The image is {stored.image.size[0]}x{stored.image.size[1]} px but the run was made "
+            f"from a {width}x{height} px image; pass the image the run was generated from."
+        )
     return stored
 
 
 def _page(stored: StoredRun, base: ViewSettings, uris: list[str], captions: list[str]) -> str:
     run = stored.run
     shares = share_table(stored, base.layers, base.heads, 0)["share"]
-    data = {"model_id": run.model_id, "family": run.family, "prompt": run.settings.prompt,
-            "tokens": run.generated_tokens, "ids": run.generated_ids, "shares": shares,
-            "layers": list(base.layers), "heads": list(base.heads), "reduce": base.reduce,
-            "normalization": base.normalization, "vision": run.vision.to_dict()}
+    data = {
+        "model_id": run.model_id,
+        "family": run.family,
+        "prompt": run.settings.prompt,
+        "tokens": run.generated_tokens,
+        "ids": run.generated_ids,
+        "shares": shares,
+        "layers": list(base.layers),
+        "heads": list(base.heads),
+        "reduce": base.reduce,
+        "normalization": base.normalization,
+        "vision": run.vision.to_dict(),
+    }
     title = f"Attention report · {run.model_id} · {run.settings.prompt[:80]}"
-    return _PAGE.substitute(title=html.escape(title), csp=_CSP, css=_CSS, js=_JS,
-                            settings=_settings(run, base, stored.image.size),
-                            chips=_chips(run.generated_tokens, run.generated_ids), frames=_frames(uris, captions),
-                            plot=share_svg(shares, run.generated_tokens), data=script_json(data))
+    return _PAGE.substitute(
+        title=html.escape(title),
+        csp=_CSP,
+        css=_CSS,
+        js=_JS,
+        settings=_settings(run, base, stored.image.size),
+        chips=_chips(run.generated_tokens, run.generated_ids),
+        frames=_frames(uris, captions),
+        plot=share_svg(shares, run.generated_tokens),
+        data=script_json(data),
+    )
 
 
-def write_report(stored_or_run: StoredRun | AttentionRun, image: Image.Image | None, path: str | Path,
-                 layers: tuple[int, int] | None = None, heads: tuple[int, int] | None = None,
-                 reduce: str = "mean", normalization: str = "minmax", percentile: float = 99.0,
-                 colormap: str = "jet", alpha: float = 0.5, grid: bool = False,
-                 image_format: str = "jpeg", max_side: int | None = 1024) -> Path:
+def write_report(
+    stored_or_run: StoredRun | AttentionRun,
+    image: Image.Image | None,
+    path: str | Path,
+    layers: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    reduce: str = "mean",
+    normalization: str = "minmax",
+    percentile: float = 99.0,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    grid: bool = False,
+    image_format: str = "jpeg",
+    max_side: int | None = 1024,
+) -> Path:
     """Write one HTML report for a run and return its path.
 
     image: the upright image the run was generated from (None when a StoredRun is given).
@@ -249,11 +311,12 @@ def write_report(stored_or_run: StoredRun | AttentionRun, image: Image.Image | N
     return path
 
 
-def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None, mask_blank: bool = True,
-              max_side: int = 640) -> str:
+def lens_html(
+    lens: LogitLens, image: Image.Image, layer_idx: int | None = None, mask_blank: bool = True, max_side: int = 640
+) -> str:
     """A self-contained HTML page: each patch's top token over the image, a layer slider, and the
     top-5 with probabilities on hover. All text is escaped; nothing is fetched from the network."""
-    scale = max_side / max(image.size)                                  # small images grow so labels fit
+    scale = max_side / max(image.size)  # small images grow so labels fit
     shown = image.resize(scaled_size(image.size, scale))
     buffer = io.BytesIO()
     shown.convert("RGB").save(buffer, format="JPEG", quality=85)
@@ -261,16 +324,31 @@ def lens_html(lens: LogitLens, image: Image.Image, layer_idx: int | None = None,
     xs, ys = cell_edges(lens.grid_hw, scale_box(lens.image_box_xyxy, scale))  # shown-image pixels
     grid_h, grid_w = lens.grid_hw
     confident = lens.most_confident_layer()
-    payload = {"tokens": lens.top_tokens, "probs": np.round(lens.top_probs, 4).tolist(),
-               "layers": lens.layer_indices, "confident": confident.tolist(), "maskBlank": mask_blank}
+    payload = {
+        "tokens": lens.top_tokens,
+        "probs": np.round(lens.top_probs, 4).tolist(),
+        "layers": lens.layer_indices,
+        "confident": confident.tolist(),
+        "maskBlank": mask_blank,
+    }
     data = script_json(payload)
     start = len(lens.layer_indices) - 1 if layer_idx is None else lens.layer_indices.index(layer_idx)
     cells = "".join(
         f'<div class="c" data-j="{r * grid_w + c}" style="left:{xs[c]:.1f}px;top:{ys[r]:.1f}px;'
         f'width:{xs[c + 1] - xs[c]:.1f}px;height:{ys[r + 1] - ys[r]:.1f}px"></div>'
-        for r in range(grid_h) for c in range(grid_w))
-    return _LENS_PAGE.format(csp=_CSP, width=shown.size[0], height=shown.size[1], src=html.escape(data_uri, quote=True),
-                        cells=cells, data=data, last=len(lens.layer_indices) - 1, start=start)
+        for r in range(grid_h)
+        for c in range(grid_w)
+    )
+    return _LENS_PAGE.format(
+        csp=_CSP,
+        width=shown.size[0],
+        height=shown.size[1],
+        src=html.escape(data_uri, quote=True),
+        cells=cells,
+        data=data,
+        last=len(lens.layer_indices) - 1,
+        start=start,
+    )
 
 
 _LENS_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">

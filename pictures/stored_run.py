@@ -44,10 +44,10 @@ class StoredRun:
 
     run: AttentionRun
     images: list[Image.Image] = field(default_factory=list)
-    shares: np.ndarray = field(default=None)                           # (T, L, H), from vision_share
-    baseline: AttentionRun | None = None                                # same image, generic prompt
-    method_maps: dict = field(default_factory=dict)                     # method_key -> [(grid_h, grid_w)] per step
-    method_captions: dict = field(default_factory=dict)                 # method -> what its caption says it draws
+    shares: np.ndarray = field(default=None)  # (T, L, H), from vision_share
+    baseline: AttentionRun | None = None  # same image, generic prompt
+    method_maps: dict = field(default_factory=dict)  # method_key -> [(grid_h, grid_w)] per step
+    method_captions: dict = field(default_factory=dict)  # method -> what its caption says it draws
     display_max_side: int = 2048
     _ranges: dict = field(default_factory=dict)
     _sinks: dict = field(default_factory=dict)
@@ -61,7 +61,7 @@ class StoredRun:
             raise ValueError("A stored run needs the pictures its maps are drawn on; this run has none.")
         if self.shares is None:
             self.shares = vision_share(self.run)
-        self.system_shares = self.run.segment_shares("system")          # (T, L, H): BOS, system prompt, header
+        self.system_shares = self.run.segment_shares("system")  # (T, L, H): BOS, system prompt, header
 
     def display(self, index: int = 0) -> tuple[Image.Image, tuple[float, float]]:
         """Image `index` as drawn: a copy at most `display_max_side` px on its longer side, and its
@@ -69,8 +69,7 @@ class StoredRun:
         if index not in self._displays:
             image = self.images[index]
             factor = min(1.0, self.display_max_side / max(image.size))
-            shown = image if factor == 1.0 else image.resize(
-                scaled_size(image.size, factor), Image.BILINEAR)
+            shown = image if factor == 1.0 else image.resize(scaled_size(image.size, factor), Image.BILINEAR)
             self._displays[index] = (shown, (shown.size[0] / image.size[0], shown.size[1] / image.size[1]))
         return self._displays[index]
 
@@ -83,9 +82,9 @@ class StoredRun:
         """(T,) mean share of each token's attention on the image(s), over the selected layers and heads;
         with exclude_system, measured among the tokens after the system prompt."""
         layer_sel = range_slice(layers, self.run.layer_indices, "layer")
-        shares = self.shares[:, layer_sel, heads[0]:heads[1] + 1]                   # (T, l, h)
+        shares = self.shares[:, layer_sel, heads[0] : heads[1] + 1]  # (T, l, h)
         if exclude_system:
-            rest = 1.0 - self.system_shares[:, layer_sel, heads[0]:heads[1] + 1]
+            rest = 1.0 - self.system_shares[:, layer_sel, heads[0] : heads[1] + 1]
             shares = shares / np.clip(rest, 1e-12, None)
         return shares.mean(axis=(1, 2))
 
@@ -110,11 +109,13 @@ class StoredRun:
 
     def shared_range(self, settings: ViewSettings) -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
-        key = replace(settings, step_idx=0, prompt_pos=None, normalization="", colormap="", alpha=0.0, view="",
-                      grid=False)                                       # over the generated tokens
+        key = replace(
+            settings, step_idx=0, prompt_pos=None, normalization="", colormap="", alpha=0.0, view="", grid=False
+        )  # over the generated tokens
         if key not in self._ranges:
-            self._ranges[key] = heatmap_range([raw_heatmap(self, replace(key, step_idx=t))
-                                               for t in range(self.run.num_steps)])
+            self._ranges[key] = heatmap_range(
+                [raw_heatmap(self, replace(key, step_idx=t)) for t in range(self.run.num_steps)]
+            )
         return self._ranges[key]
 
     def sinks(self, layers, heads) -> np.ndarray:
@@ -133,20 +134,20 @@ class ViewSettings:
     layers: tuple[int, int] = (0, 0)
     heads: tuple[int, int] = (0, 0)
     reduce: str = "mean"
-    normalization: str = "minmax"            # minmax | percentile | shared
+    normalization: str = "minmax"  # minmax | percentile | shared
     percentile: float = 99.0
     colormap: str = "jet"
     alpha: float = 0.5
-    view: str = "overlay"                    # overlay | side_by_side | heatmap
+    view: str = "overlay"  # overlay | side_by_side | heatmap
     grid: bool = False
-    renormalize: bool = False                # each head's image attention rescaled to sum to 1
-    mask_sinks: bool = False                 # sink cells set to the map's floor
-    relative: bool = False                   # divided by the generic-prompt map of the same image
-    method: str = "attention"                # attention | rollout | gradient
-    exclude_system: bool = False             # shares measured without BOS and the system prompt
-    prompt_pos: int | None = None            # show this prompt token's map instead of step_idx's
+    renormalize: bool = False  # each head's image attention rescaled to sum to 1
+    mask_sinks: bool = False  # sink cells set to the map's floor
+    relative: bool = False  # divided by the generic-prompt map of the same image
+    method: str = "attention"  # attention | rollout | gradient
+    exclude_system: bool = False  # shares measured without BOS and the system prompt
+    prompt_pos: int | None = None  # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
-    target_box: tuple[float, float, float, float] | None = None   # ground truth (x0, y0, x1, y1), original px
+    target_box: tuple[float, float, float, float] | None = None  # ground truth (x0, y0, x1, y1), original px
 
     @property
     def num_maps(self) -> int:
@@ -169,10 +170,11 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     heat = layout_heatmap(stored.run, s)
     if s.relative:
         if stored.baseline is None:
-            raise NotReadyError("The generic-prompt baseline for this image is not computed yet. "
-                              "Tick 'Relative to a generic prompt' again to compute it.")
-        heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce,
-                                                    s.renormalize))
+            raise NotReadyError(
+                "The generic-prompt baseline for this image is not computed yet. "
+                "Tick 'Relative to a generic prompt' again to compute it."
+            )
+        heat = relative_heatmap(heat, token_heatmap(stored.baseline, 0, s.layers, s.heads, s.reduce, s.renormalize))
     return _masked_sinks(stored, s, heat)
 
 
@@ -188,15 +190,16 @@ def _masked_sinks(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> np.nd
 def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     """A map of another method (rollout, gradient, ViT, …), computed beforehand for every generated token."""
     if s.prompt_pos is not None or s.relative:
-        raise InputError(f"The {s.method} map is for generated tokens, without the generic-prompt division; "
-                         "pick a generated token and untick 'Relative to a generic prompt'.")
+        raise InputError(
+            f"The {s.method} map is for generated tokens, without the generic-prompt division; "
+            "pick a generated token and untick 'Relative to a generic prompt'."
+        )
     maps = stored.method_maps.get(method_key(s, False), stored.method_maps.get(method_key(s, True)))
     if maps is None:
-        raise NotReadyError(f"The {s.method} maps for these settings are not computed yet; select the method "
-                          "again to compute them.")
+        raise NotReadyError(
+            f"The {s.method} maps for these settings are not computed yet; select the method again to compute them."
+        )
     heat = maps[s.step_idx]
     if s.mask_sinks and heat.shape != tuple(stored.run.vision.grid_hw):
         raise InputError(f"Sink cells are token cells; untick 'Mask sink cells' for the patch-level {s.method} map.")
     return _masked_sinks(stored, s, heat)
-
-

@@ -29,11 +29,11 @@ def layer_head_matrix_png(accuracy: np.ndarray, layers: list[int], path: str | P
     accuracy = np.asarray(accuracy, dtype=np.float64)
     rows, cols = accuracy.shape
     cell, font = _cell_px(rows, cols), _font(12)
-    left, top = 64, _TITLE_PX + 22                                          # room for layer and head labels
+    left, top = 64, _TITLE_PX + 22  # room for layer and head labels
     width = max(left + cols * cell + _MARGIN, 360)
     canvas = Image.new("RGB", (width, top + rows * cell + 64), (255, 255, 255))
-    unit = np.nan_to_num(np.clip(accuracy, 0.0, 1.0), nan=0.0).astype(np.float32)   # (L, H)
-    cells = colorize(unit, (cols * cell, rows * cell), "viridis", "nearest")      # (L*cell, H*cell, 3) RGB
+    unit = np.nan_to_num(np.clip(accuracy, 0.0, 1.0), nan=0.0).astype(np.float32)  # (L, H)
+    cells = colorize(unit, (cols * cell, rows * cell), "viridis", "nearest")  # (L*cell, H*cell, 3) RGB
     cells[np.repeat(np.repeat(np.isnan(accuracy), cell, axis=0), cell, axis=1)] = _GREY
     canvas.paste(Image.fromarray(cells), (left, top))
     draw = ImageDraw.Draw(canvas)
@@ -46,10 +46,15 @@ def layer_head_matrix_png(accuracy: np.ndarray, layers: list[int], path: str | P
         if cell >= 14 or i % 5 == 0:
             draw.text((left - 6, top + i * cell + cell // 2), f"layer {layer}", fill=_INK, font=font, anchor="rm")
         for j in range(cols):
-            if cell >= 32 and not np.isnan(accuracy[i, j]):                 # values where they fit
+            if cell >= 32 and not np.isnan(accuracy[i, j]):  # values where they fit
                 ink = (255, 255, 255) if accuracy[i, j] < 0.6 else (0, 0, 0)  # viridis is dark below 0.6
-                draw.text((left + j * cell + cell // 2, top + i * cell + cell // 2), f"{accuracy[i, j]:.2f}",
-                          fill=ink, font=_font(11), anchor="mm")
+                draw.text(
+                    (left + j * cell + cell // 2, top + i * cell + cell // 2),
+                    f"{accuracy[i, j]:.2f}",
+                    fill=ink,
+                    font=_font(11),
+                    anchor="mm",
+                )
     _colour_bar(canvas, left, top + rows * cell + 14)
     canvas.save(path, format="PNG")
     return Path(path)
@@ -78,8 +83,9 @@ def accuracy_by_layer_png(accuracy: np.ndarray, layers: list[int], path: str | P
         y = top + round((1 - tick) * height)
         draw.line((left, y, left + len(layers) * bar, y), fill=_RULE)
         draw.text((left - 6, y), f"{tick:g}", fill=_INK, font=font, anchor="rm")
-    colours = colorize(np.clip(np.nan_to_num(accuracy), 0, 1).astype(np.float32)[None, :], (len(layers), 1),
-                       "viridis", "nearest")[0]                             # (L, 3) the matrix's colours
+    colours = colorize(
+        np.clip(np.nan_to_num(accuracy), 0, 1).astype(np.float32)[None, :], (len(layers), 1), "viridis", "nearest"
+    )[0]  # (L, 3) the matrix's colours
     for k, (layer, value) in enumerate(zip(layers, accuracy, strict=True)):
         x0 = left + k * bar + 2
         if not np.isnan(value):

@@ -24,7 +24,7 @@ def outline_cells(stored: StoredRun, picture: Image.Image, cells, view: str) -> 
     draw = ImageDraw.Draw(picture)
     for row, col in cells:
         x0, y0, x1, y1 = stored.display_box(0, stored.run.vision.cell_box_xyxy(row, col))
-        x1, y1 = max(x1, x0 + 6), max(y1, y0 + 6)                        # drawable even for tiny cells
+        x1, y1 = max(x1, x0 + 6), max(y1, y0 + 6)  # drawable even for tiny cells
         draw.rectangle((x0 + offset, y0, x1 + offset - 1, y1 - 1), outline=(255, 255, 255), width=2)
         draw.rectangle((x0 + offset + 2, y0 + 2, x1 + offset - 3, y1 - 3), outline=(0, 0, 0), width=1)
     return picture
@@ -36,7 +36,7 @@ def outline_target(picture: Image.Image, box_xyxy, x_offsets=(0,)) -> Image.Imag
     picture = picture.copy()
     draw = ImageDraw.Draw(picture)
     x0, y0, x1, y1 = box_xyxy
-    x1, y1 = max(x1, x0 + 2), max(y1, y0 + 2)                            # visible even when under a display pixel
+    x1, y1 = max(x1, x0 + 2), max(y1, y0 + 2)  # visible even when under a display pixel
     for dx in x_offsets:
         draw.rectangle((x0 + dx - 1, y0 - 1, x1 + dx, y1), outline=(0, 0, 0), width=1)
         draw.rectangle((x0 + dx, y0, x1 + dx - 1, y1 - 1), outline=(0, 230, 64), width=2)
@@ -50,20 +50,24 @@ def target_scores(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     head = f"Target box ({x0}, {y0})–({x1}, {y1}):"
     layout = stored.run.vision
     if heat.shape != tuple(layout.grid_hw) or s.relative:
-        return (f"{head} scores need a map of attention mass on the token grid; untick 'Relative to a generic "
-                "prompt' or pick the attention, rollout or gradient map to score it.")
+        return (
+            f"{head} scores need a map of attention mass on the token grid; untick 'Relative to a generic "
+            "prompt' or pick the attention, rollout or gradient map to score it."
+        )
     try:
         region = target_mask(layout.image_size, [s.target_box])
-    except ValueError:                                                   # empty: outside the image, or flat
+    except ValueError:  # empty: outside the image, or flat
         return f"{head} it holds no pixel of the image; draw it inside the picture."
     mass = np.clip(heat, 0.0, None)
     hit = pointing_hit(mass, layout, region)
-    return (f"{head} pointing game {'hit' if hit else 'miss'} (the peak cell's centre is "
-            f"{'inside' if hit else 'outside'} the box) · attention ratio {attention_ratio(mass, layout, region):.2f} "
-            f"(1 = no more than the box's share of the area) · Otsu IoU {otsu_iou(mass, layout, region):.2f}.")
+    return (
+        f"{head} pointing game {'hit' if hit else 'miss'} (the peak cell's centre is "
+        f"{'inside' if hit else 'outside'} the box) · attention ratio {attention_ratio(mass, layout, region):.2f} "
+        f"(1 = no more than the box's share of the area) · Otsu IoU {otsu_iou(mass, layout, region):.2f}."
+    )
 
 
-OTHER_VIEW_SCALE = 0.5     # the other views are drawn at half the main map's size, so renders stay fast
+OTHER_VIEW_SCALE = 0.5  # the other views are drawn at half the main map's size, so renders stay fast
 
 
 def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
@@ -73,7 +77,7 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
     run, main = stored.run, stored.run.vision
     shown, (sx, sy) = stored.display(0)
     small = shown.resize(scaled_size(shown.size, OTHER_VIEW_SCALE), Image.BILINEAR)
-    fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy   # small px per original px
+    fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy  # small px per original px
 
     def on_small(box):
         return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
@@ -86,23 +90,40 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
         unit = normalize_heatmap(heat, "percentile" if s.normalization == "percentile" else "minmax", s.percentile)
         box = on_small(layout.image_box_xyxy)
         draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
-        side = heatmap_image(small, unit, box, **draw) if s.view == "heatmap" else \
-            overlay(small, unit, box, alpha=s.alpha, **draw)
+        side = (
+            heatmap_image(small, unit, box, **draw)
+            if s.view == "heatmap"
+            else overlay(small, unit, box, alpha=s.alpha, **draw)
+        )
         if s.target_box is not None:
             side = outline_target(side, on_small(s.target_box))
         x0, y0, x1, y1 = layout.image_box_xyxy
         whole = x0 <= 0.5 and y0 <= 0.5 and x1 >= layout.image_size[0] - 0.5 and y1 >= layout.image_size[1] - 0.5
-        if not whole:                                                    # a crop: show its own part only
+        if not whole:  # a crop: show its own part only
             left, top = max(0, int(box[0])), max(0, int(box[1]))
-            side = side.crop((left, top, max(left + 1, min(side.size[0], round(box[2]))),
-                              max(top + 1, min(side.size[1], round(box[3])))))
+            side = side.crop(
+                (
+                    left,
+                    top,
+                    max(left + 1, min(side.size[0], round(box[2]))),
+                    max(top + 1, min(side.size[1], round(box[3]))),
+                )
+            )
         parts.append(labelled(side, f"{layout.view} · {layout.grid_hw[0]}x{layout.grid_hw[1]}"))
-        share = "" if shares is None else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the " \
-            f"{main.view}"
-        notes.append(f"{layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
-                     f"{'the whole image' if whole else 'its own part of the image'}{share})")
+        share = (
+            ""
+            if shares is None
+            else f", {shares[index]:.0%} of the attention against {shares[0]:.0%} on the {main.view}"
+        )
+        notes.append(
+            f"{layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
+            f"{'the whole image' if whole else 'its own part of the image'}{share})"
+        )
     strip = parts[0]
     for part in parts[1:]:
         strip = side_by_side(strip, part)
-    return strip, (f"{text} Left: the {main.view}, the main map. Right, at half size: " + "; ".join(notes) +
-                   "; each min–max on its own scale, always the raw attention.")
+    return strip, (
+        f"{text} Left: the {main.view}, the main map. Right, at half size: "
+        + "; ".join(notes)
+        + "; each min–max on its own scale, always the raw attention."
+    )

@@ -43,7 +43,7 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         raise InputError(f"Unknown view {s.view!r}; choose one of {VIEWS}.")
     if not stored.is_single_image:
         return render_strip(stored, settings)
-    heat = raw_heatmap(stored, s)                                                   # (grid_h, grid_w)
+    heat = raw_heatmap(stored, s)  # (grid_h, grid_w)
     if s.normalization == "shared":
         unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s))
     elif s.normalization in ("minmax", "percentile"):
@@ -64,7 +64,7 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         offsets = (0, shown.size[0] + SIDE_BY_SIDE_GAP) if s.view == "side_by_side" else (0,)
         picture = outline_target(picture, stored.display_box(0, s.target_box), offsets)
         text += " " + target_scores(stored, s, heat)
-    if len(run.visions) > 1:                                                        # one image, several views
+    if len(run.visions) > 1:  # one image, several views
         picture, text = with_other_views(stored, s, picture, text)
     return picture, text
 
@@ -75,8 +75,10 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
     with the token's index and text under it. Frames are at most `max_side` px on the longer side and
     all of one size; they are made one at a time."""
     if not stored.is_single_image:
-        raise InputError("The animation follows the map over one image; this result has several images or "
-                         "a video. Generate from one image to animate it.")
+        raise InputError(
+            "The animation follows the map over one image; this result has several images or "
+            "a video. Generate from one image to animate it."
+        )
     size = font = None
     for step_idx, token in enumerate(stored.run.generated_tokens):
         picture, _ = render(stored, replace(settings, step_idx=step_idx, prompt_pos=None))
@@ -87,12 +89,13 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
         strip = int(font.size * 1.8)
         frame = Image.new("RGB", (size[0], size[1] + strip), (255, 255, 255))
         frame.paste(picture.resize(size, Image.BILINEAR) if picture.size != size else picture, (0, 0))
-        ImageDraw.Draw(frame).text((6, size[1] + strip // 2), token_label(step_idx, token), fill=(0, 0, 0),
-                                   font=font, anchor="lm")
+        ImageDraw.Draw(frame).text(
+            (6, size[1] + strip // 2), token_label(step_idx, token), fill=(0, 0, 0), font=font, anchor="lm"
+        )
         yield frame
 
 
-SCREEN_MIN_SIDE = 640          # px: pictures of smaller images are enlarged to about this on screen
+SCREEN_MIN_SIDE = 640  # px: pictures of smaller images are enlarged to about this on screen
 
 
 def screen_zoom(stored: StoredRun) -> int:
@@ -121,13 +124,20 @@ def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.nd
         if layout.num_frames == 1:
             image = layout.image_index
             name = f"image {image}" + (f" · {layout.view}" if layout.view else "")
-            panels.append((stored.display(image)[0], heat, stored.display_box(image, layout.image_box_xyxy),
-                           f"{name}{share}"))
+            panels.append(
+                (stored.display(image)[0], heat, stored.display_box(image, layout.image_box_xyxy), f"{name}{share}")
+            )
         else:
-            per = max(1, -(-len(run.frames) // layout.num_frames)) if run.frames else 1   # frames per token
-            panels += [(stored.display(f)[0], heat[f], stored.display_box(f, layout.image_box_xyxy),
-                        _frames_label(f, per, len(run.frames)) + (share if f == 0 else ""))
-                       for f in range(layout.num_frames)]
+            per = max(1, -(-len(run.frames) // layout.num_frames)) if run.frames else 1  # frames per token
+            panels += [
+                (
+                    stored.display(f)[0],
+                    heat[f],
+                    stored.display_box(f, layout.image_box_xyxy),
+                    _frames_label(f, per, len(run.frames)) + (share if f == 0 else ""),
+                )
+                for f in range(layout.num_frames)
+            ]
     return panels
 
 
@@ -143,17 +153,24 @@ def _frames_label(step: int, per: int, total: int) -> str:
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
     """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
     if s.relative or s.mask_sinks or s.method != RAW_ATTENTION:
-        raise InputError("'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
-                         "with a single image; untick them (method: attention) to compare several images or frames.")
+        raise InputError(
+            "'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
+            "with a single image; untick them (method: attention) to compare several images or frames."
+        )
     panels = _panels(stored, s)
     heats = np.concatenate([heat.ravel() for _, heat, _, _ in panels])
-    lo, hi = float(heats.min()), float(np.percentile(heats, s.percentile) if s.normalization == "percentile"
-                                       else heats.max())
+    lo, hi = (
+        float(heats.min()),
+        float(np.percentile(heats, s.percentile) if s.normalization == "percentile" else heats.max()),
+    )
     draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(lo, hi), grid=s.grid)
     tiles = []
     for image, heat, box, label in panels:
-        picture = heatmap_image(image, heat, box, **draw) if s.view == "heatmap" else \
-            overlay(image, heat, box, alpha=s.alpha, **draw)
+        picture = (
+            heatmap_image(image, heat, box, **draw)
+            if s.view == "heatmap"
+            else overlay(image, heat, box, alpha=s.alpha, **draw)
+        )
         scale = height / picture.size[1]
         tile = picture.resize((scaled_size(picture.size, scale)[0], height))
         tiles.append(labelled(tile, label))
@@ -161,20 +178,32 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     for tile in tiles[1:]:
         strip = side_by_side(strip, tile)
     images = len({layout.image_index for layout in stored.run.visions})
-    kind = "time steps of the video" if stored.run.vision.num_frames > 1 else \
-        "images" if len(panels) == images else f"views of {images} images"
-    who = (f"Token {s.step_idx} {as_text(repr(stored.run.generated_tokens[s.step_idx]))}" if s.prompt_pos is None
-           else f"Prompt token {s.prompt_pos}")
-    text = (f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
-            f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
-            "over all of them), so their colours compare directly.")
+    kind = (
+        "time steps of the video"
+        if stored.run.vision.num_frames > 1
+        else "images"
+        if len(panels) == images
+        else f"views of {images} images"
+    )
+    who = (
+        f"Token {s.step_idx} {as_text(repr(stored.run.generated_tokens[s.step_idx]))}"
+        if s.prompt_pos is None
+        else f"Prompt token {s.prompt_pos}"
+    )
+    text = (
+        f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
+        f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
+        "over all of them), so their colours compare directly."
+    )
     if s.target_box is not None:
         text += " The target box is scored and drawn for a single image only."
     video = stored.run.vision
     if video.num_frames > 1 and len(stored.run.frames) > video.num_frames:
         per = -(-len(stored.run.frames) // video.num_frames)
-        text += (f" Each time step's tokens cover {per} consecutive frames (the model's temporal patch), so a map "
-                 f"belongs to the pair, not to one frame; each panel shows the first frame of its {per}.")
+        text += (
+            f" Each time step's tokens cover {per} consecutive frames (the model's temporal patch), so a map "
+            f"belongs to the pair, not to one frame; each panel shows the first frame of its {per}."
+        )
     return strip, text
 
 
@@ -184,8 +213,11 @@ def _range_text(bounds: tuple[int, int]) -> str:
 
 def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     run = stored.run
-    norm = {"minmax": "min–max of this map", "percentile": f"min to {s.percentile:g}th percentile (clipped)",
-            "shared": "one scale shared by all tokens"}[s.normalization]
+    norm = {
+        "minmax": "min–max of this map",
+        "percentile": f"min to {s.percentile:g}th percentile (clipped)",
+        "shared": "one scale shared by all tokens",
+    }[s.normalization]
     if s.prompt_pos is None:
         share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
         who = f"Token {s.step_idx} {as_text(repr(run.generated_tokens[s.step_idx]))}"
@@ -194,31 +226,49 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
         who = f"Prompt token {s.prompt_pos} {as_text(repr(piece))}"
     grid_h, grid_w = run.vision.grid_hw
-    attending = run.layers_in(s.layers)                                  # Qwen3.5: only some layers have maps
-    sparse = "" if len(attending) == s.layers[1] - s.layers[0] + 1 else \
-        f" (softmax attention only in {', '.join(map(str, attending))}; the others are linear, with no map)"
+    attending = run.layers_in(s.layers)  # Qwen3.5: only some layers have maps
+    sparse = (
+        ""
+        if len(attending) == s.layers[1] - s.layers[0] + 1
+        else f" (softmax attention only in {', '.join(map(str, attending))}; the others are linear, with no map)"
+    )
     maps = len(attending) * (s.heads[1] - s.heads[0] + 1)
-    what = (f"layers {_range_text(s.layers)}{sparse} · heads {_range_text(s.heads)} · {s.reduce} of {maps} maps"
-            if s.method == RAW_ATTENTION else stored.method_captions.get(s.method, f"the {s.method} map"))
-    text = (f"{who} · {what} · normalised: {norm} · "
-            f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
-            f"(peak cell {heat.max():.3g}).")
+    what = (
+        f"layers {_range_text(s.layers)}{sparse} · heads {_range_text(s.heads)} · {s.reduce} of {maps} maps"
+        if s.method == RAW_ATTENTION
+        else stored.method_captions.get(s.method, f"the {s.method} map")
+    )
+    text = (
+        f"{who} · {what} · normalised: {norm} · "
+        f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
+        f"(peak cell {heat.max():.3g})."
+    )
     sinks = int(stored.sinks(s.layers, s.heads).sum()) if s.mask_sinks else 0
-    options = [name for flag, name in ((s.renormalize, "renormalised within the image"),
-                                       (s.mask_sinks, f"{sinks} sink cells masked"),
-                                       (s.relative, "divided by the generic-prompt map"),
-                                       (s.exclude_system, "shares without BOS and the system prompt")) if flag]
+    options = [
+        name
+        for flag, name in (
+            (s.renormalize, "renormalised within the image"),
+            (s.mask_sinks, f"{sinks} sink cells masked"),
+            (s.relative, "divided by the generic-prompt map"),
+            (s.exclude_system, "shares without BOS and the system prompt"),
+        )
+        if flag
+    ]
     if options:
         text += " Options: " + ", ".join(options) + "."
     query_pos = s.prompt_pos if s.prompt_pos is not None else len(run.prompt_ids) - 1 + s.step_idx
     if s.method == "attention" and (blind := run.out_of_window(s.layers, query_pos)):
-        text += (f" Layers {', '.join(map(str, blind))} attend through a sliding window that no longer reaches "
-                 "the image from this token: their maps are truly zero, not hidden.")
+        text += (
+            f" Layers {', '.join(map(str, blind))} attend through a sliding window that no longer reaches "
+            "the image from this token: their maps are truly zero, not hidden."
+        )
     width, height = run.vision.image_size
     x0, y0, x1, y1 = run.vision.image_box_xyxy
     if (x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5) and len(run.visions) > 1:
-        text += (f" Hatched: parts of the image this {run.vision.view} map leaves out (its grid does not reach "
-                 "them); the other view beside it covers the whole image.")
+        text += (
+            f" Hatched: parts of the image this {run.vision.view} map leaves out (its grid does not reach "
+            "them); the other view beside it covers the whole image."
+        )
     elif x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5:
         text += " Hatched: parts of the image the model never saw (outside its crop)."
     return text
@@ -231,16 +281,18 @@ def step_labels(num_steps: int) -> list[str]:
     return [str(t).zfill(width) for t in range(num_steps)]
 
 
-def share_table(stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int,
-                exclude_system: bool = False) -> dict:
+def share_table(
+    stored: StoredRun, layers: tuple[int, int], heads: tuple[int, int], step_idx: int, exclude_system: bool = False
+) -> dict:
     """Columns for a plot of the attention share on the image, per generated token."""
     run = stored.run
     shares = stored.image_share(layers, heads, exclude_system)
-    return {"step": step_labels(run.num_steps), "share": [float(v) for v in shares],
-            "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
-            "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)]}
-
-
+    return {
+        "step": step_labels(run.num_steps),
+        "share": [float(v) for v in shares],
+        "token": [f"{t}: {tok}" for t, tok in enumerate(run.generated_tokens)],
+        "selected": ["selected" if t == step_idx else "other" for t in range(run.num_steps)],
+    }
 
 
 def matrix_view(values: np.ndarray, layers: list[int], heads: tuple[int, int], metric: str) -> dict:
@@ -248,18 +300,27 @@ def matrix_view(values: np.ndarray, layers: list[int], heads: tuple[int, int], m
     captured layer indices of the rows), one column per head, 0-based labels, each cell's value and
     viridis colour on a scale from 0 to the largest value."""
     top = max(float(values.max()), 1e-6)
-    unit = normalize_heatmap(values, "fixed", value_range=(0.0, top))                  # (l, h) in 0..1
-    colored = colorize(unit, (unit.shape[1], unit.shape[0]), "viridis", "nearest")     # (l, h, 3) RGB
+    unit = normalize_heatmap(values, "fixed", value_range=(0.0, top))  # (l, h) in 0..1
+    colored = colorize(unit, (unit.shape[1], unit.shape[0]), "viridis", "nearest")  # (l, h, 3) RGB
     scale = colorize(np.linspace(0.0, 1.0, 11)[None, :], (11, 1), "viridis", "nearest")[0]  # (11, 3)
 
     def hex_of(rgb) -> str:
         return "#" + "".join(f"{int(c):02x}" for c in rgb)
+
     what = "attention share on the image" if metric == "share" else "spatial entropy of each head's map"
-    return {"metric": metric, "title": f"{what}: rows = layers, columns = heads (0-based; click a cell)",
-            "layers": list(layers), "heads": list(range(heads[0], heads[1] + 1)),
-            "cells": [[[f"{float(v):.3g}", hex_of(rgb)] for v, rgb in zip(row, rgb_row, strict=True)]
-                      for row, rgb_row in zip(values, colored, strict=True)],
-            "lo": "0", "hi": f"{top:.3g}", "bar": [hex_of(rgb) for rgb in scale]}
+    return {
+        "metric": metric,
+        "title": f"{what}: rows = layers, columns = heads (0-based; click a cell)",
+        "layers": list(layers),
+        "heads": list(range(heads[0], heads[1] + 1)),
+        "cells": [
+            [[f"{float(v):.3g}", hex_of(rgb)] for v, rgb in zip(row, rgb_row, strict=True)]
+            for row, rgb_row in zip(values, colored, strict=True)
+        ],
+        "lo": "0",
+        "hi": f"{top:.3g}",
+        "bar": [hex_of(rgb) for rgb in scale],
+    }
 
 
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")
@@ -282,8 +343,10 @@ def analysis_note(sinks: np.ndarray, gallery_over: tuple[int, int] | None, shown
     (gallery_over = (maps selected, maps allowed))."""
     cells = [list(map(int, cell)) for cell in np.argwhere(sinks)][:8]
     where = ", ".join(f"({row}, {col})" for row, col in cells) if cells else "none"
-    note = (f"{shown}Sink cells (high attention from almost every generated token): {int(sinks.sum())} "
-            f"(row, column: {where}); tick 'Mask sink cells' to hide them.")
+    note = (
+        f"{shown}Sink cells (high attention from almost every generated token): {int(sinks.sum())} "
+        f"(row, column: {where}); tick 'Mask sink cells' to hide them."
+    )
     if gallery_over is not None:
         note += f" Gallery: narrow the ranges to at most {gallery_over[1]} layer × head maps (now {gallery_over[0]})."
     return note
@@ -295,13 +358,17 @@ def region_note(run: AttentionRun | None, cells: set, per_head: np.ndarray | Non
     if not cells:
         return "Click the picture to pick token cells."
     order = np.argsort(per_head, axis=None)[::-1][:5]
-    top = ", ".join(f"layer {run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} "
-                    f"({per_head.flat[i]:.1%})" for i in order)
+    top = ", ".join(
+        f"layer {run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} ({per_head.flat[i]:.1%})"
+        for i in order
+    )
     return f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
 
 
 def verify_note(auc: dict[str, float]) -> str:
     """The faithfulness verdict: deletion and insertion AUCs of the map against a random order."""
-    return (f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
-            f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
-            f"vs random {auc['random_insertion']:.3f}. Cells are blurred at about one token's size.")
+    return (
+        f"**Deletion AUC** (lower = the map finds what matters): map {auc['deletion']:.3f} vs random "
+        f"{auc['random_deletion']:.3f} · **Insertion AUC** (higher is better): map {auc['insertion']:.3f} "
+        f"vs random {auc['random_insertion']:.3f}. Cells are blurred at about one token's size."
+    )

@@ -32,8 +32,12 @@ def _free_port() -> int:
 def _serve(folder: Path) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     log = open(folder / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--device", "cpu"],
-                            cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--port", str(port), "--device", "cpu"],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(180):
         try:
@@ -48,6 +52,7 @@ def _serve(folder: Path) -> tuple[str, subprocess.Popen]:
 
 def main() -> None:
     from playwright.sync_api import expect, sync_playwright
+
     examples = json.loads((REPO / "examples" / "examples.json").read_text())
     image, question, _ = examples[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +75,7 @@ def main() -> None:
                 expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=30_000)
                 page.wait_for_timeout(1000)
                 page.locator("#overlay").screenshot(path=str(DOCS / "view-prompt-token.png"))
-                page.locator("#token-chips label").first.click()                 # back to the answer's token
+                page.locator("#token-chips label").first.click()  # back to the answer's token
                 expect(page.locator("#caption")).to_contain_text("Token 0", timeout=30_000)
 
                 page.locator("#analysis-btn").click()

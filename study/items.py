@@ -27,8 +27,23 @@ from study.localization import pack_hits, range_hits
 from study.manifest import Item
 from utils import load_image
 
-COLUMNS = ("item_id", "split", "image", "prompt", "answer", "expected", "correct", "token", "method", "relative",
-           "layers", "heads", "pointing_hit", "attention_ratio", "iou")
+COLUMNS = (
+    "item_id",
+    "split",
+    "image",
+    "prompt",
+    "answer",
+    "expected",
+    "correct",
+    "token",
+    "method",
+    "relative",
+    "layers",
+    "heads",
+    "pointing_hit",
+    "attention_ratio",
+    "iou",
+)
 HEAD_COLUMNS = ("item_id", "split", "correct", "layer_idx", "head_idx", "pointing_hit", "attention_ratio")
 
 
@@ -40,9 +55,9 @@ class StudySettings:
     heads: tuple[int, int] | None = None
     max_new_tokens: int = 16
     methods: tuple[str, ...] = (RAW_ATTENTION,)
-    relative: bool = False                    # also the attention map over the generic-prompt map
-    per_head: bool = False                    # also every layer's and every (layer, head)'s map
-    val_fraction: float = 0.0                 # share of ids (without a split) that choose the ranges
+    relative: bool = False  # also the attention map over the generic-prompt map
+    per_head: bool = False  # also every layer's and every (layer, head)'s map
+    val_fraction: float = 0.0  # share of ids (without a split) that choose the ranges
 
     def check(self) -> None:
         """Raise ValueError naming the fix."""
@@ -80,22 +95,33 @@ def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
     """The three scores of one map. A map finer than the token grid (the ViT map's patches) covers the
     same box, so its layout is the run's with the finer grid."""
     layout = run.vision if heat.shape == tuple(run.vision.grid_hw) else replace(run.vision, grid_hw=heat.shape)
-    return {"pointing_hit": pointing_hit(heat, layout, region),
-            "attention_ratio": attention_ratio(heat, layout, region), "iou": otsu_iou(heat, layout, region)}
+    return {
+        "pointing_hit": pointing_hit(heat, layout, region),
+        "attention_ratio": attention_ratio(heat, layout, region),
+        "iou": otsu_iou(heat, layout, region),
+    }
 
 
 def _per_head(run, step: int, region: np.ndarray, common: dict) -> tuple[list[dict], str]:
     """Rows for every captured layer's mean map (head_idx None) and every (layer, head) map, and the
     packed pointing hits of every pair of contiguous ranges."""
-    values = vision_attention(run, step).numpy()                            # (L, H, N) float32
+    values = vision_attention(run, step).numpy()  # (L, H, N) float32
     num_layers, num_heads, _ = values.shape
-    cell_hit = pointing_cells(run.vision, region)                          # (N,)
+    cell_hit = pointing_cells(run.vision, region)  # (N,)
     maps = np.concatenate([values.mean(axis=1, keepdims=True), values], axis=1)  # (L, 1 + H, N): mean first
-    hits = cell_hit[np.argmax(maps, axis=2)]                               # (L, 1 + H)
+    hits = cell_hit[np.argmax(maps, axis=2)]  # (L, 1 + H)
     ratios = attention_ratios(maps.reshape(-1, *run.vision.grid_hw), run.vision, region).reshape(hits.shape)
-    rows = [{**common, "layer_idx": run.layer_indices[i], "head_idx": None if k == 0 else k - 1,
-             "pointing_hit": bool(hits[i, k]), "attention_ratio": float(ratios[i, k])}
-            for i in range(num_layers) for k in range(num_heads + 1)]
+    rows = [
+        {
+            **common,
+            "layer_idx": run.layer_indices[i],
+            "head_idx": None if k == 0 else k - 1,
+            "pointing_hit": bool(hits[i, k]),
+            "attention_ratio": float(ratios[i, k]),
+        }
+        for i in range(num_layers)
+        for k in range(num_heads + 1)
+    ]
     return rows, pack_hits(range_hits(values, cell_hit))
 
 
@@ -113,13 +139,25 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
     answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
     expected = item.expected
     correct = None if expected is None else answer.lower() == str(expected).lower()
-    common = {"item_id": item.id, "split": item.split, "image": str(item.image), "prompt": item.prompt,
-              "answer": answer, "expected": expected, "correct": correct, "token": run.generated_tokens[step]}
+    common = {
+        "item_id": item.id,
+        "split": item.split,
+        "image": str(item.image),
+        "prompt": item.prompt,
+        "answer": answer,
+        "expected": expected,
+        "correct": correct,
+        "token": run.generated_tokens[step],
+    }
     scores = ItemScores(item.id)
     for name in settings.methods:
-        ranged = METHODS[name].uses_ranges                                  # the others use every layer
-        where = {"method": name, "relative": False, "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
-                 "heads": f"{heads[0]}-{heads[1]}" if ranged else "all"}
+        ranged = METHODS[name].uses_ranges  # the others use every layer
+        where = {
+            "method": name,
+            "relative": False,
+            "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
+            "heads": f"{heads[0]}-{heads[1]}" if ranged else "all",
+        }
         try:
             (heat,) = compute_maps(name, MapRequest(holder, run, [step], layers, heads))  # (grid_h, grid_w) or patches
         except (ValueError, MemoryError) as err:
@@ -127,9 +165,10 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
             continue
         scores.rows.append({**common, **where, **_scores(heat, run, region)})
         if settings.relative and name == RAW_ATTENTION:
-            generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)   # (grid_h, grid_w)
-            scores.rows.append({**common, **where, "relative": True,
-                                **_scores(relative_heatmap(heat, generic), run, region)})
+            generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)  # (grid_h, grid_w)
+            scores.rows.append(
+                {**common, **where, "relative": True, **_scores(relative_heatmap(heat, generic), run, region)}
+            )
     if settings.per_head:
         head_common = {"item_id": item.id, "split": item.split, "correct": correct}
         scores.head_rows, scores.range_hits = _per_head(run, step, region, head_common)

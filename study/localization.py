@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RULE = ("the layer and head ranges (contiguous, 0-based inclusive) whose mean raw-attention map wins the "
-        "pointing game on the most validation items; ties go to the wider ranges, then the later ones")
+RULE = (
+    "the layer and head ranges (contiguous, 0-based inclusive) whose mean raw-attention map wins the "
+    "pointing game on the most validation items; ties go to the wider ranges, then the later ones"
+)
 
 
 def contiguous_ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -36,11 +38,11 @@ def range_hits(values: np.ndarray, cell_hit: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     num_layers, num_heads, num_cells = values.shape
     over_layers = np.concatenate([np.zeros((1, num_heads, num_cells)), np.cumsum(values, axis=0)])  # (L+1, H, N)
-    head_lo, head_hi = np.array(contiguous_ranges(range(num_heads))).T        # (n_hr,) each
-    head_count = (head_hi - head_lo + 1)[:, None]                              # (n_hr, 1)
+    head_lo, head_hi = np.array(contiguous_ranges(range(num_heads))).T  # (n_hr,) each
+    head_count = (head_hi - head_lo + 1)[:, None]  # (n_hr, 1)
     hits = np.zeros((num_layers * (num_layers + 1) // 2, len(head_lo)), dtype=bool)
     for k, (lo, hi) in enumerate(contiguous_ranges(range(num_layers))):
-        per_head = over_layers[hi + 1] - over_layers[lo]                       # (H, N) summed over the layers
+        per_head = over_layers[hi + 1] - over_layers[lo]  # (H, N) summed over the layers
         over_heads = np.concatenate([np.zeros((1, num_cells)), np.cumsum(per_head, axis=0)])  # (H+1, N)
         means = (over_heads[head_hi + 1] - over_heads[head_lo]) / head_count / (hi - lo + 1)  # (n_hr, N)
         hits[k] = cell_hit[np.argmax(means, axis=1)]
@@ -57,22 +59,33 @@ class RangeChoice:
     items: int
 
 
-def choose_ranges(hits: np.ndarray, layer_ranges: Sequence[tuple[int, int]],
-                  head_ranges: Sequence[tuple[int, int]]) -> RangeChoice:
+def choose_ranges(
+    hits: np.ndarray, layer_ranges: Sequence[tuple[int, int]], head_ranges: Sequence[tuple[int, int]]
+) -> RangeChoice:
     """The best pair of ranges by pointing accuracy over the items (`RULE`). hits: (n_items, n_layer_ranges,
     n_head_ranges) bool, as `range_hits` gives per item."""
     hits = np.asarray(hits, dtype=bool)
     if hits.ndim != 3 or hits.shape[0] == 0 or hits.shape[1:] != (len(layer_ranges), len(head_ranges)):
-        raise ValueError(f"Need hits of shape (items >= 1, {len(layer_ranges)}, {len(head_ranges)}) to choose "
-                         f"ranges, got {hits.shape}; give at least one validation item.")
-    accuracy = hits.mean(axis=0)                                               # (n_lr, n_hr)
-    _, _, layers, heads = max((accuracy[i, j], (lr[1] - lr[0]) + (hr[1] - hr[0]), tuple(lr), tuple(hr))
-                              for i, lr in enumerate(layer_ranges) for j, hr in enumerate(head_ranges))
+        raise ValueError(
+            f"Need hits of shape (items >= 1, {len(layer_ranges)}, {len(head_ranges)}) to choose "
+            f"ranges, got {hits.shape}; give at least one validation item."
+        )
+    accuracy = hits.mean(axis=0)  # (n_lr, n_hr)
+    _, _, layers, heads = max(
+        (accuracy[i, j], (lr[1] - lr[0]) + (hr[1] - hr[0]), tuple(lr), tuple(hr))
+        for i, lr in enumerate(layer_ranges)
+        for j, hr in enumerate(head_ranges)
+    )
     return RangeChoice(layers, heads, pointing_at(hits, layer_ranges, head_ranges, layers, heads), len(hits))
 
 
-def pointing_at(hits: np.ndarray, layer_ranges: Sequence[tuple[int, int]], head_ranges: Sequence[tuple[int, int]],
-                layers: tuple[int, int], heads: tuple[int, int]) -> float | None:
+def pointing_at(
+    hits: np.ndarray,
+    layer_ranges: Sequence[tuple[int, int]],
+    head_ranges: Sequence[tuple[int, int]],
+    layers: tuple[int, int],
+    heads: tuple[int, int],
+) -> float | None:
     """Pointing accuracy of one pair of ranges over the items of hits (n_items, n_lr, n_hr); None for none."""
     hits = np.asarray(hits, dtype=bool)
     if not len(hits):
@@ -101,7 +114,13 @@ def ranges_json(record: dict) -> str:
 def ranges_record(model_id: str, choice: RangeChoice, validation: dict, test: dict) -> dict:
     """What `ranges.json` holds: the model, the chosen ranges, how they were chosen, and the figures
     on the validation items (which chose them) and on the test items (which did not)."""
-    return {"model": model_id, "layers": list(choice.layers), "heads": list(choice.heads), "method": "attention",
-            "reduce": "mean", "chosen_by": RULE, "validation": {"items": choice.items, "pointing": choice.pointing,
-                                                                **validation},
-            "test": test}
+    return {
+        "model": model_id,
+        "layers": list(choice.layers),
+        "heads": list(choice.heads),
+        "method": "attention",
+        "reduce": "mean",
+        "chosen_by": RULE,
+        "validation": {"items": choice.items, "pointing": choice.pointing, **validation},
+        "test": test,
+    }

@@ -76,16 +76,23 @@ def _sources(path: Path) -> list[tuple[Path, str, str | None]]:
     if path.is_file():
         return [(path, path.name, None)]
     if not path.is_dir():
-        raise FileNotFoundError(f"No manifest {str(path)!r}: give a JSONL or CSV file, or a folder with "
-                                "metadata.jsonl (a Hugging Face imagefolder).")
+        raise FileNotFoundError(
+            f"No manifest {str(path)!r}: give a JSONL or CSV file, or a folder with "
+            "metadata.jsonl (a Hugging Face imagefolder)."
+        )
     top = _metadata(path)
     if top is not None:
         return [(top, top.name, None)]
-    splits = [(meta, f"{sub.name}/{meta.name}", sub.name) for sub in sorted(path.iterdir())
-              if sub.is_dir() and (meta := _metadata(sub)) is not None]
+    splits = [
+        (meta, f"{sub.name}/{meta.name}", sub.name)
+        for sub in sorted(path.iterdir())
+        if sub.is_dir() and (meta := _metadata(sub)) is not None
+    ]
     if not splits:
-        raise FileNotFoundError(f"The folder {str(path)!r} has no metadata.jsonl or metadata.csv, at its top or in "
-                                "split subfolders; an imagefolder manifest needs one beside its images.")
+        raise FileNotFoundError(
+            f"The folder {str(path)!r} has no metadata.jsonl or metadata.csv, at its top or in "
+            "split subfolders; an imagefolder manifest needs one beside its images."
+        )
     return splits
 
 
@@ -93,11 +100,11 @@ def _item(number: int, row: dict, base: Path, source: str, folder_split: str | N
     """One raw row checked into an Item, or ValueError naming what is wrong."""
     if "__error__" in row:
         raise InputError(row["__error__"])
-    if source.endswith(METADATA_FILES):                            # imagefolder: the image is `file_name`
+    if source.endswith(METADATA_FILES):  # imagefolder: the image is `file_name`
         name = str(row.get("file_name") or "").strip()
         if not name:
             raise InputError("missing file_name")
-        default_id = f"{folder_split}/{name}" if folder_split else name     # the image's path in the folder
+        default_id = f"{folder_split}/{name}" if folder_split else name  # the image's path in the folder
         row = {**row, "image": name, "id": row.get("id") or default_id}
     missing = [key for key in ("id", "image", "prompt") if not str(row.get(key) or "").strip()]
     if missing:
@@ -114,8 +121,18 @@ def _item(number: int, row: dict, base: Path, source: str, folder_split: str | N
     if not boxes and mask is None:
         raise InputError("no target: give boxes or a mask")
     split = str(row.get("split") or "").strip() or folder_split
-    return Item(number, str(row["id"]), image, str(row["prompt"]), row.get("answer") or None, boxes, mask,
-                row.get("target") or None, split, source)
+    return Item(
+        number,
+        str(row["id"]),
+        image,
+        str(row["prompt"]),
+        row.get("answer") or None,
+        boxes,
+        mask,
+        row.get("target") or None,
+        split,
+        source,
+    )
 
 
 def read_manifest(path: str | Path) -> tuple[list[Item], list[str]]:
@@ -142,7 +159,7 @@ def is_validation(item: Item, val_fraction: float) -> bool:
     and every rerun agrees, whatever the order of the items)."""
     if item.split is not None:
         return item.split.lower() in VALIDATION_SPLITS
-    draw = int.from_bytes(hashlib.sha256(item.id.encode("utf-8")).digest()[:8], "big") / 2**64   # in [0, 1)
+    draw = int.from_bytes(hashlib.sha256(item.id.encode("utf-8")).digest()[:8], "big") / 2**64  # in [0, 1)
     return draw < val_fraction
 
 

@@ -38,8 +38,9 @@ def _write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
 
 def head_accuracy(heads: pd.DataFrame) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(captured layer indices, (L, H) pointing accuracy per (layer, head), (L,) per layer over all heads)."""
-    single = heads.dropna(subset=["head_idx"]).pivot_table(index="layer_idx", columns="head_idx",
-                                                           values="pointing_hit", aggfunc="mean")
+    single = heads.dropna(subset=["head_idx"]).pivot_table(
+        index="layer_idx", columns="head_idx", values="pointing_hit", aggfunc="mean"
+    )
     layer = heads[heads["head_idx"].isna()].groupby("layer_idx")["pointing_hit"].mean()
     return [int(v) for v in single.index], single.to_numpy(dtype=np.float64), layer.to_numpy(dtype=np.float64)
 
@@ -49,8 +50,14 @@ def _answer_accuracy(chosen: list[Item], finished: dict[str, dict]) -> float | N
     return float(np.mean(known)) if known else None
 
 
-def choose_study_ranges(items: list[Item], finished: dict[str, dict], layer_indices: list[int], num_heads: int,
-                        model_id: str, val_fraction: float) -> dict | None:
+def choose_study_ranges(
+    items: list[Item],
+    finished: dict[str, dict],
+    layer_indices: list[int],
+    num_heads: int,
+    model_id: str,
+    val_fraction: float,
+) -> dict | None:
     """The ranges.json record: ranges chosen on the validation items, figures on both sets; None when no
     finished item is a validation item."""
     layer_ranges, head_ranges = contiguous_ranges(layer_indices), contiguous_ranges(range(num_heads))
@@ -61,16 +68,25 @@ def choose_study_ranges(items: list[Item], finished: dict[str, dict], layer_indi
     if not validation:
         return None
 
-    def hits(chosen: list[Item]) -> np.ndarray:                       # (n_items, n_lr, n_hr) bool
-        return np.stack([unpack_hits(finished[item.id]["range_hits"], shape) for item in chosen]) if chosen \
+    def hits(chosen: list[Item]) -> np.ndarray:  # (n_items, n_lr, n_hr) bool
+        return (
+            np.stack([unpack_hits(finished[item.id]["range_hits"], shape) for item in chosen])
+            if chosen
             else np.zeros((0, *shape), dtype=bool)
+        )
+
     choice = choose_ranges(hits(validation), layer_ranges, head_ranges)
     everything = ((layer_indices[0], layer_indices[-1]), (0, num_heads - 1))
-    figures = [{"items": len(chosen), "pointing": pointing_at(hits(chosen), layer_ranges, head_ranges,
-                                                             choice.layers, choice.heads),
-                "pointing_all_layers_and_heads": pointing_at(hits(chosen), layer_ranges, head_ranges, *everything),
-                "answer_accuracy": _answer_accuracy(chosen, finished)} for chosen in (validation, test)]
-    figures[0].pop("items")                                           # ranges_record counts them
+    figures = [
+        {
+            "items": len(chosen),
+            "pointing": pointing_at(hits(chosen), layer_ranges, head_ranges, choice.layers, choice.heads),
+            "pointing_all_layers_and_heads": pointing_at(hits(chosen), layer_ranges, head_ranges, *everything),
+            "answer_accuracy": _answer_accuracy(chosen, finished),
+        }
+        for chosen in (validation, test)
+    ]
+    figures[0].pop("items")  # ranges_record counts them
     return ranges_record(model_id, choice, *figures)
 
 
@@ -78,26 +94,48 @@ def _localization(out: Path, heads: pd.DataFrame, record: dict | None) -> list[s
     """The plots, and the summary's lines about the heads and the chosen ranges."""
     layers, matrix, per_layer = head_accuracy(heads)
     items = heads["item_id"].nunique()
-    layer_head_matrix_png(matrix, layers, out / "localization_heads.png",
-                          f"Pointing accuracy per (layer, head), {items} items")
-    accuracy_by_layer_png(per_layer, layers, out / "localization_layers.png",
-                          f"Pointing accuracy per layer (mean map over its heads), {items} items")
+    layer_head_matrix_png(
+        matrix, layers, out / "localization_heads.png", f"Pointing accuracy per (layer, head), {items} items"
+    )
+    accuracy_by_layer_png(
+        per_layer,
+        layers,
+        out / "localization_layers.png",
+        f"Pointing accuracy per layer (mean map over its heads), {items} items",
+    )
     order = np.argsort(matrix, axis=None)[::-1][:5]
-    best = ", ".join(f"layer {layers[i // matrix.shape[1]]} head {i % matrix.shape[1]} ({matrix.flat[i]:.3f})"
-                     for i in order)
-    lines = ["", "## Localisation heads", "", f"Best single heads by pointing accuracy: {best}.",
-             "Per layer (all heads): " + ", ".join(f"{layer}: {v:.3f}" for layer, v in zip(layers, per_layer,
-                                                                                         strict=True)) + ".",
-             "", "![pointing accuracy per layer and head](localization_heads.png)",
-             "![pointing accuracy per layer](localization_layers.png)"]
+    best = ", ".join(
+        f"layer {layers[i // matrix.shape[1]]} head {i % matrix.shape[1]} ({matrix.flat[i]:.3f})" for i in order
+    )
+    lines = [
+        "",
+        "## Localisation heads",
+        "",
+        f"Best single heads by pointing accuracy: {best}.",
+        "Per layer (all heads): "
+        + ", ".join(f"{layer}: {v:.3f}" for layer, v in zip(layers, per_layer, strict=True))
+        + ".",
+        "",
+        "![pointing accuracy per layer and head](localization_heads.png)",
+        "![pointing accuracy per layer](localization_layers.png)",
+    ]
     if record is None:
         return lines + ["", "No validation items, so no ranges were chosen: give --val-fraction or a split column."]
     val, test = record["validation"], record["test"]
-    on_test = (f"{test['pointing']:.3f} on the {test['items']} test items (all layers and heads: "
-               f"{test['pointing_all_layers_and_heads']:.3f})") if test["items"] else "no test items to report on"
-    return lines + ["", f"**Chosen on {val['items']} validation items:** layers {record['layers'][0]}-"
-                    f"{record['layers'][1]}, heads {record['heads'][0]}-{record['heads'][1]} (ranges.json). "
-                    f"Pointing {val['pointing']:.3f} on them; {on_test}."]
+    on_test = (
+        (
+            f"{test['pointing']:.3f} on the {test['items']} test items (all layers and heads: "
+            f"{test['pointing_all_layers_and_heads']:.3f})"
+        )
+        if test["items"]
+        else "no test items to report on"
+    )
+    return lines + [
+        "",
+        f"**Chosen on {val['items']} validation items:** layers {record['layers'][0]}-"
+        f"{record['layers'][1]}, heads {record['heads'][0]}-{record['heads'][1]} (ranges.json). "
+        f"Pointing {val['pointing']:.3f} on them; {on_test}.",
+    ]
 
 
 def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
@@ -105,35 +143,45 @@ def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
     scored = results["item_id"].nunique() if len(results) else 0
     lines = [f"# Study of {model_id}", "", f"{scored} items scored; {len(problems)} problems (listed below).", ""]
     if len(results):
-        lines += ["| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
+            "|---|---|---|---|---|---|",
+        ]
         for (method, relative), rows in results.groupby(["method", "relative"], sort=False):
             name = f"{method}, relative to a generic prompt" if relative else method
-            lines.append(f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
-                         f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
-                         f"{rows['iou'].mean():.3f} |")
+            lines.append(
+                f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
+                f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
+                f"{rows['iou'].mean():.3f} |"
+            )
         known = results.drop_duplicates("item_id")["correct"].dropna()
         if len(known):
             lines += ["", f"Answers correct: {known.astype(float).mean():.3f} of {len(known)}."]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, items: list[Item], finished: dict[str, dict], problems: list[str], model_id: str,
-                  settings: StudySettings) -> tuple[pd.DataFrame, list[str]]:
+def write_outputs(
+    out: Path, items: list[Item], finished: dict[str, dict], problems: list[str], model_id: str, settings: StudySettings
+) -> tuple[pd.DataFrame, list[str]]:
     """Merge the finished items in manifest order and write every file; returns (results, problems)."""
     done = [finished[item.id] for item in items if item.id in finished]
-    problems = problems + [f"{item.where}: {why}; that method skipped, the others scored"
-                           for item in items if item.id in finished for why in finished[item.id]["problems"]]
+    problems = problems + [
+        f"{item.where}: {why}; that method skipped, the others scored"
+        for item in items
+        if item.id in finished
+        for why in finished[item.id]["problems"]
+    ]
     results = pd.DataFrame([row for record in done for row in record["rows"]], columns=list(COLUMNS))
     _write_table(results, out, "results")
     text = summary(results, problems, model_id)
     if settings.per_head and done:
         heads = pd.DataFrame([row for record in done for row in record["head_rows"]], columns=list(HEAD_COLUMNS))
-        heads["head_idx"] = heads["head_idx"].astype("Int64")               # empty: the layer's mean map
+        heads["head_idx"] = heads["head_idx"].astype("Int64")  # empty: the layer's mean map
         _write_table(heads, out, "heads")
         layers = sorted(int(v) for v in heads["layer_idx"].unique())
-        record = choose_study_ranges(items, finished, layers, int(heads["head_idx"].max()) + 1, model_id,
-                                     settings.val_fraction)
+        record = choose_study_ranges(
+            items, finished, layers, int(heads["head_idx"].max()) + 1, model_id, settings.val_fraction
+        )
         if record is not None:
             (out / "ranges.json").write_text(ranges_json(record), encoding="utf-8")
         text += "\n".join(_localization(out, heads, record)) + "\n"

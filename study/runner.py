@@ -32,7 +32,7 @@ from study.manifest import Item, read_manifest
 from study.outputs import write_outputs
 
 logger = logging.getLogger(__name__)
-PARTS = "parts"                      # DIR/parts/: one part file per process, and the settings they share
+PARTS = "parts"  # DIR/parts/: one part file per process, and the settings they share
 SETTINGS_FILE = "settings.json"
 
 
@@ -58,7 +58,7 @@ def read_parts(parts: Path) -> tuple[dict[str, dict], dict[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue                                             # the half-written line of a crash
+                continue  # the half-written line of a crash
             if "failed" in record:
                 failed[record["item_id"]] = record["failed"]
             else:
@@ -95,16 +95,20 @@ def _check_settings(parts: Path, record: dict, state) -> None:
     before = json.loads(path.read_text(encoding="utf-8"))
     if before != record:
         changed = ", ".join(key for key in record if before.get(key) != record[key])
-        raise InputError(f"{parts.parent} holds a study made with other settings ({changed} differ). Rerun with "
-                         f"the same settings to resume it, or give another --out (or delete {parts}) to start anew.")
+        raise InputError(
+            f"{parts.parent} holds a study made with other settings ({changed} differ). Rerun with "
+            f"the same settings to resume it, or give another --out (or delete {parts}) to start anew."
+        )
 
 
-def _score_share(holder: ModelHolder, mine: list[Item], settings: StudySettings, part_path: Path,
-                 state) -> None:
+def _score_share(holder: ModelHolder, mine: list[Item], settings: StudySettings, part_path: Path, state) -> None:
     """Score this process's items, appending each to its part file; the main process shows progress."""
     desc = "items" if state.num_processes == 1 else f"items (process 0's share of {state.num_processes})"
-    with _open_part(part_path) as part, logging_redirect_tqdm(), \
-            tqdm(mine, desc=desc, unit="item", disable=not state.is_main_process) as bar:
+    with (
+        _open_part(part_path) as part,
+        logging_redirect_tqdm(),
+        tqdm(mine, desc=desc, unit="item", disable=not state.is_main_process) as bar,
+    ):
         for item in bar:
             try:
                 scores = score_item(holder, item, settings)
@@ -117,8 +121,9 @@ def _score_share(holder: ModelHolder, mine: list[Item], settings: StudySettings,
             logger.debug("scored %s", item.where)
 
 
-def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, settings: StudySettings | None = None,
-              state=None) -> tuple[pd.DataFrame, list[str]]:
+def run_study(
+    holder: ModelHolder, manifest: str | Path, out: str | Path, settings: StudySettings | None = None, state=None
+) -> tuple[pd.DataFrame, list[str]]:
     """Score every usable item that is not finished yet; then the main process writes the results to
     `out`. state: an `accelerate.PartialState` to share the items between processes (None: this one).
     Returns (results, problems) on the main process, and (no rows, []) on the others."""
@@ -130,15 +135,21 @@ def run_study(holder: ModelHolder, manifest: str | Path, out: str | Path, settin
     items, problems = read_manifest(manifest)
     layers = settings.layers or (0, holder.num_layers - 1)
     heads = settings.heads or (0, holder.num_heads - 1)
-    record = {"model": holder.model_id, "manifest": str(Path(manifest).resolve()),
-              **asdict(settings), "layers": list(layers), "heads": list(heads)}
+    record = {
+        "model": holder.model_id,
+        "manifest": str(Path(manifest).resolve()),
+        **asdict(settings),
+        "layers": list(layers),
+        "heads": list(heads),
+    }
     _check_settings(parts, json.loads(json.dumps(record)), state)
     finished, _ = read_parts(parts)
-    state.wait_for_everyone()                                        # all have read before anyone appends
+    state.wait_for_everyone()  # all have read before anyone appends
     todo = [item for item in items if item.id not in finished]
     if finished and state.is_main_process:
-        logger.info("%d of %d items are already scored in %s; %d to go", len(items) - len(todo), len(items),
-                    out, len(todo))
+        logger.info(
+            "%d of %d items are already scored in %s; %d to go", len(items) - len(todo), len(items), out, len(todo)
+        )
     with state.split_between_processes(todo) as mine:
         _score_share(holder, list(mine), settings, parts / f"part-{state.process_index}.jsonl", state)
     state.wait_for_everyone()

@@ -24,10 +24,12 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def load_holder(tiny_model_dirs):
     """family -> ModelHolder loaded from its saved folder through the real loading path (cached)."""
+
     def load(family: str) -> ModelHolder:
         if family not in _holders:
             _holders[family] = ModelHolder.load(tiny_model_dirs[family], device="cpu", dtype="float32")
         return _holders[family]
+
     return load
 
 

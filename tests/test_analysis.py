@@ -22,7 +22,7 @@ from pictures.gallery import gallery_sheet, gallery_zip, head_gallery
 from records import AttentionRun, VisionLayout
 
 GRID_HW, LAYERS, HEADS, PROMPT_LEN = (2, 3), 2, 2, 12
-VISION = np.arange(3, 9)                                                 # six cells at positions 3..8
+VISION = np.arange(3, 9)  # six cells at positions 3..8
 
 
 def _run(steps: int = 3) -> AttentionRun:
@@ -30,26 +30,33 @@ def _run(steps: int = 3) -> AttentionRun:
     rows = []
     for t in range(steps):
         row = torch.full((LAYERS, HEADS, PROMPT_LEN + t), 0.2 / (PROMPT_LEN + t))  # (L, H, S_t)
-        row[:, :, VISION[0]] += 0.4                                      # the sink
+        row[:, :, VISION[0]] += 0.4  # the sink
         row[0, 0] = 0.0
         row[0, 0, VISION[4]] = 1.0
         rows.append((row / row.sum(-1, keepdim=True)).half())
     layout = VisionLayout(VISION, GRID_HW, (300, 200), (0.0, 0.0, 300.0, 200.0), (56, 84))
-    return AttentionRun(list(range(100, 100 + PROMPT_LEN)), list(range(200, 200 + steps)),
-                        [f"t{t}" for t in range(steps)], layout, list(range(LAYERS)), HEADS, rows)
+    return AttentionRun(
+        list(range(100, 100 + PROMPT_LEN)),
+        list(range(200, 200 + steps)),
+        [f"t{t}" for t in range(steps)],
+        layout,
+        list(range(LAYERS)),
+        HEADS,
+        rows,
+    )
 
 
 def test_head_matrix_share_and_entropy():
     stats = head_matrix(_run(), 0, (0, 1), (0, 1))
     assert stats["share"].shape == (LAYERS, HEADS)
     assert stats["share"][0, 0] == pytest.approx(1.0, abs=1e-3)
-    assert stats["entropy"][0, 0] == pytest.approx(0.0, abs=1e-3)          # one cell
+    assert stats["entropy"][0, 0] == pytest.approx(0.0, abs=1e-3)  # one cell
     assert 0.0 < stats["entropy"][1, 1] < 1.0
 
 
 def test_region_share_and_image_to_text():
     run = _run()
-    region = box_to_cells(run, (100, 100, 200, 200))                      # the middle cell of the bottom row
+    region = box_to_cells(run, (100, 100, 200, 200))  # the middle cell of the bottom row
     assert region.tolist() == [[False, False, False], [False, True, False]]
     shares = region_share(run, 0, region)
     assert shares[0, 0] == pytest.approx(1.0, abs=1e-3) and shares[1, 1] < 0.1

@@ -1,6 +1,5 @@
 """The app's handlers as plain functions, and the whole flow through gradio_client."""
 
-
 import gradio as gr
 import numpy as np
 import pandas as pd
@@ -13,8 +12,19 @@ from conftest import free_port, noise_image
 from pipeline import ModelSlot, RunStore
 from testing.tiny_models import FAMILIES
 
-VIEW = dict(step_idx=0, layer_lo=0, layer_hi=2, head_lo=0, head_hi=3, reduce="mean", normalization="minmax",
-            colormap="jet", alpha=0.5, view="overlay", grid=False)
+VIEW = dict(
+    step_idx=0,
+    layer_lo=0,
+    layer_hi=2,
+    head_lo=0,
+    head_hi=3,
+    reduce="mean",
+    normalization="minmax",
+    colormap="jet",
+    alpha=0.5,
+    view="overlay",
+    grid=False,
+)
 
 
 def _view(**changes) -> list:
@@ -37,6 +47,7 @@ def handlers(tmp_path, tiny_model_dirs):
 def _clip(path, frames: int, step: int):
     """A 112x84 MJPG clip of `frames` flat grey frames, `step` grey levels apart."""
     import cv2
+
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 4, (112, 84))
     for k in range(frames):
         writer.write(np.full((84, 112, 3), step * k, dtype=np.uint8))
@@ -52,7 +63,7 @@ def _generate(h, image_file, prompt="What is this?", max_new=4):
 def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     assert handlers.load_model(str(tiny_model_dirs["qwen2_vl"])) == handlers.model_status()[0]
     status, layers, heads, video = handlers.model_status()
-    assert video.visible is True                                            # this template takes video
+    assert video.visible is True  # this template takes video
     assert "Qwen2-VL" in status and "3 layers" in status and "4 heads" in status
     assert (layers.props["maximum"], heads.props["maximum"]) == (2, 3)
     assert (layers.value, heads.value) == ([0, 2], [0, 3])
@@ -72,7 +83,7 @@ def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     assert Image.open(png).format == "PNG"
     tensors, meta = handlers.export_attention(run_id)
     assert tensors.endswith(".safetensors") and meta.endswith(".json")
-    assert handlers.export_attention(run_id)[0] != tensors                   # never overwrites
+    assert handlers.export_attention(run_id)[0] != tensors  # never overwrites
 
 
 def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_model_dirs, image_file, tmp_path):
@@ -85,7 +96,7 @@ def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_m
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     with pytest.raises(gr.Error, match="No local folder"):
         handlers.load_model(str(tmp_path / "typo-model"))
-    assert handlers.slot.holder is not None                                  # a typo keeps the working model
+    assert handlers.slot.holder is not None  # a typo keeps the working model
     with pytest.raises(gr.Error, match="No image"):
         _generate(handlers, None)
     with pytest.raises(gr.Error, match="prompt is empty"):
@@ -105,7 +116,7 @@ def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_m
         handlers.render(run_id, *_view(colormap="nope"))
     with pytest.raises(gr.Error, match="out of range"):
         handlers.render(run_id, *_view(step_idx=99))
-    assert handlers.render(run_id, *_view())[0].size == (400, 300)            # still serving
+    assert handlers.render(run_id, *_view())[0].size == (400, 300)  # still serving
 
 
 def test_evicted_result_asks_to_generate_again(tiny_model_dirs, image_file, tmp_path):
@@ -122,29 +133,49 @@ def test_evicted_result_asks_to_generate_again(tiny_model_dirs, image_file, tmp_
 
 def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
     from gradio_client import Client, handle_file
+
     cfg = AppConfig(outputs_dir=tmp_path / "outputs")
     demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
     demo.queue()
     port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, allowed_paths=[str(cfg.outputs_dir)],
-                ssr_mode=False, quiet=True)
+    demo.launch(
+        server_port=port, prevent_thread_lock=True, allowed_paths=[str(cfg.outputs_dir)], ssr_mode=False, quiet=True
+    )
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         status = client.predict(str(tiny_model_dirs["llava"]), api_name="/load_model")
         assert "LLaVA-1.5" in status
-        result = client.predict(handle_file(image_file), "What is this?", 3, False, 0.7, 0.9, 0, 0,
-                                *_view()[:1], 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", True,
-                                api_name="/generate")
+        result = client.predict(
+            handle_file(image_file),
+            "What is this?",
+            3,
+            False,
+            0.7,
+            0.9,
+            0,
+            0,
+            *_view()[:1],
+            0,
+            2,
+            0,
+            3,
+            "mean",
+            "minmax",
+            "jet",
+            0.5,
+            "overlay",
+            True,
+            api_name="/generate",
+        )
         answer, dropdown, chips, picture, caption, plot, prompt_tokens, *_ = result
-        assert "Token 0" in caption and "Hatched" in caption          # LLaVA crops a 400x300 image
-        rendered = client.predict(1, 0, 2, 0, 3, "max", "shared", "viridis", 0.3, "heatmap", False,
-                                  api_name="/render")
+        assert "Token 0" in caption and "Hatched" in caption  # LLaVA crops a 400x300 image
+        rendered = client.predict(1, 0, 2, 0, 3, "max", "shared", "viridis", 0.3, "heatmap", False, api_name="/render")
         assert "Token 1 " in rendered[1] and "max of 12 maps" in rendered[1]
         with pytest.raises(Exception, match="outside|greater than maximum"):
             client.predict(0, 0, 9, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False, api_name="/render")
         again = client.predict(0, 0, 2, 0, 3, "mean", "percentile", "jet", 0.5, "overlay", False, api_name="/render")
-        assert "percentile" in again[1]                                # still serving after the error
-        defaults = client.predict(token=1, api_name="/render")             # the page's own defaults
+        assert "percentile" in again[1]  # still serving after the error
+        defaults = client.predict(token=1, api_name="/render")  # the page's own defaults
         assert "layers 0–2 · heads 0–3 · mean of 12 maps" in defaults[1]
         narrowed = client.predict(token=1, layer_lo=1, layer_hi=1, api_name="/render")
         assert "layers 1 · heads 0–3" in narrowed[1]
@@ -161,24 +192,25 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
 
 def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_file):
     import zipfile
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
     matrix, highlighted, gallery, note = handlers.analysis(run_id, "share", *_view())
-    assert matrix["layers"] == [0, 1, 2] and matrix["heads"] == [0, 1, 2, 3]     # 0-based axis labels
-    values = np.array([[float(v) for v, _ in row] for row in matrix["cells"]])   # (3 layers, 4 heads)
-    share = handlers.store.get(run_id).run.segment_shares("vision")[0]            # step 0: (L, H)
-    np.testing.assert_allclose(values, share, rtol=1e-2, atol=1e-3)               # each cell's own value
-    assert matrix["hi"] == f"{share.max():.3g}" and len(matrix["bar"]) == 11       # a scale from 0 to the top
+    assert matrix["layers"] == [0, 1, 2] and matrix["heads"] == [0, 1, 2, 3]  # 0-based axis labels
+    values = np.array([[float(v) for v, _ in row] for row in matrix["cells"]])  # (3 layers, 4 heads)
+    share = handlers.store.get(run_id).run.segment_shares("vision")[0]  # step 0: (L, H)
+    np.testing.assert_allclose(values, share, rtol=1e-2, atol=1e-3)  # each cell's own value
+    assert matrix["hi"] == f"{share.max():.3g}" and len(matrix["bar"]) == 11  # a scale from 0 to the top
     assert len({colour for row in matrix["cells"] for _, colour in row}) > 1
     assert len(gallery) == 12 and gallery[0][1] == "layer 0 · head 0" and note.startswith("**Token 0: ")
-    assert "layers 0–2 · heads 0–3" in note and "Sink cells" in note             # names what it shows
-    assert gallery[-1][1] == "layer 2 · head 3"                                  # 0-based, as on the page
+    assert "layers 0–2 · heads 0–3" in note and "Sink cells" in note  # names what it shows
+    assert gallery[-1][1] == "layer 2 · head 3"  # 0-based, as on the page
     _, unexcluded, *_ = handlers.analysis(run_id, "share", *_view(), False, False, False, "", True)
-    assert any(score is None for _, score in unexcluded)                    # BOS and system prompt unhighlighted
+    assert any(score is None for _, score in unexcluded)  # BOS and system prompt unhighlighted
     _, caption, table = handlers.render(run_id, *_view(), False, False, False, "", True)
     _, plain_caption, plain_table = handlers.render(run_id, *_view())
     assert "without BOS and the system prompt" in caption
-    assert (table["share"] >= plain_table["share"] - 1e-6).all()             # a smaller denominator
+    assert (table["share"] >= plain_table["share"] - 1e-6).all()  # a smaller denominator
     assert any(text.startswith("[image:") for text, _ in highlighted)
     assert max(score for _, score in highlighted if score is not None) == 1.0
     entropy_matrix, *_ = handlers.analysis(run_id, "entropy", *_view())
@@ -191,13 +223,14 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     for option in ("renormalize", "mask_sinks"):
         _, caption, _ = handlers.render(run_id, *_view(), *[option == "renormalize", option == "mask_sinks", False])
         assert "Options:" in caption
-    picture, caption, _ = handlers.relative_toggle(run_id, *_view(), False, False, True, "")   # the UI's order
+    picture, caption, _ = handlers.relative_toggle(run_id, *_view(), False, False, True, "")  # the UI's order
     assert "generic-prompt map" in caption
-    assert handlers.store.get(run_id).baseline.num_steps == 1              # computed once, then cached
+    assert handlers.store.get(run_id).baseline.num_steps == 1  # computed once, then cached
     handlers.render(run_id, *_view(), False, False, True)
     # A new generation starts with the baseline and sink options unticked, whatever the boxes said.
-    *_, last = handlers.generate(image_file, "Again", 2, False, 0.7, 0.9, 0, 0, *_view(), False, True, True, "",
-                                 None, None)
+    *_, last = handlers.generate(
+        image_file, "Again", 2, False, 0.7, 0.9, 0, 0, *_view(), False, True, True, "", None, None
+    )
     assert last[8:12] == (False, False, [], "attention") and "Options" not in last[5]
 
 
@@ -205,12 +238,12 @@ def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs,
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
     run = handlers.store.get(run_id).run
-    click = gr.SelectData(None, {"index": [10, 10], "value": None})              # top-left cell
+    click = gr.SelectData(None, {"index": [10, 10], "value": None})  # top-left cell
     region, table, note = handlers.region_click(run_id, [], "overlay", evt=click)
     assert region == [[0, 0]] and len(table) == run.num_steps and "1 cells selected" in note
-    beside = gr.SelectData(None, {"index": [400 + 8 + 10, 10], "value": None})   # same cell, right half
+    beside = gr.SelectData(None, {"index": [400 + 8 + 10, 10], "value": None})  # same cell, right half
     region, _, _ = handlers.region_click(run_id, region, "side_by_side", evt=beside)
-    assert region == []                                                          # clicked again: removed
+    assert region == []  # clicked again: removed
     far = gr.SelectData(None, {"index": [399, 299], "value": None})
     region, table, note = handlers.region_click(run_id, [[0, 0]], "overlay", evt=far)
     grid_h, grid_w = run.vision.grid_hw
@@ -235,8 +268,8 @@ def test_several_images_and_a_video_render_as_one_strip(handlers, tiny_model_dir
     run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
     assert run.vision.num_frames == 3 and "3 time steps of the video on one scale" in caption
-    assert len(run.frames) == 6 and "cover 2 consecutive frames" in caption     # temporal patch 2: frame pairs
-    assert len(handlers.store.get(run_id).images) == 3                    # one picture per time step
+    assert len(run.frames) == 6 and "cover 2 consecutive frames" in caption  # temporal patch 2: frame pairs
+    assert len(handlers.store.get(run_id).images) == 3  # one picture per time step
     with pytest.raises(gr.Error, match="not both"):
         list(handlers.generate(image_file, "Hi", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip)))
 
@@ -255,14 +288,18 @@ def test_logit_lens_view(handlers, tiny_model_dirs, image_file):
 def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, image_file, monkeypatch):
     import pipeline
     from methods import lens as lenses
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     default = handlers.store.get(_generate(handlers, image_file)[0]).run
     *_, last = handlers.generate(image_file, "What is this?", 2, False, 0.7, 0.9, 0, 112 * 112, *_view(), None, None)
     small = handlers.store.get(last[0]).run
-    assert small.vision.grid_hw != default.vision.grid_hw                  # the budget changed the grid
+    assert small.vision.grid_hw != default.vision.grid_hw  # the budget changed the grid
     made = []
-    monkeypatch.setattr(pipeline, "run_logit_lens", lambda *args, **kwargs: made.append(
-        lenses.run_logit_lens(*args, **kwargs)) or made[-1])
+    monkeypatch.setattr(
+        pipeline,
+        "run_logit_lens",
+        lambda *args, **kwargs: made.append(lenses.run_logit_lens(*args, **kwargs)) or made[-1],
+    )
     handlers.lens(last[0])
     assert made[0].grid_hw == small.vision.grid_hw
     # The lens of the run equals the lens of its image and prompt at the run's own budget.
@@ -272,14 +309,16 @@ def test_logit_lens_covers_the_runs_own_token_grid(handlers, tiny_model_dirs, im
 
 def test_qwen3_video_keeps_the_frames_it_was_given(handlers, tiny_model_dirs):
     from PIL import Image as PILImage
+
     handlers.load_model(str(tiny_model_dirs["qwen3_vl"]))
     frames = [PILImage.fromarray(np.full((64, 96, 3), 20 * k, dtype=np.uint8)) for k in range(8)]
     run = handlers.slot.holder.generate(None, "What happens?", max_new_tokens=1, video=frames)
-    assert run.vision.num_frames == 4                                     # 8 frames, paired in time
+    assert run.vision.num_frames == 4  # 8 frames, paired in time
 
 
 def test_report_from_a_stored_run_with_its_image(handlers, tiny_model_dirs, image_file, tmp_path):
     from pictures.report import write_report
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     stored = handlers.store.get(_generate(handlers, image_file)[0])
     path = write_report(stored, Image.open(image_file), tmp_path / "report.html")
@@ -295,12 +334,13 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
     views = handlers.store.get(run_id).run.visions
     for view in ("overlay", "side_by_side", "heatmap"):
         for normalization in ("minmax", "percentile", "shared"):
-            picture, caption, _ = handlers.render(run_id, *_view(view=view, normalization=normalization, grid=True),
-                                                  True, True, False, "", True)
+            picture, caption, _ = handlers.render(
+                run_id, *_view(view=view, normalization=normalization, grid=True), True, True, False, "", True
+            )
             assert caption.startswith("Token 0")
             if len(views) == 1:
                 assert picture.size[1] == 333
-            else:                                     # tiles, then the global view or thumbnail to their right
+            else:  # tiles, then the global view or thumbnail to their right
                 assert picture.size[1] > 333 and picture.size[0] > 201 * 3 // 2
                 assert f"Left: the {views[0].view}, the main map. Right, at half size: {views[1].view}" in caption
     handlers.relative_toggle(run_id, *_view(), False, False, True, "", False)
@@ -317,10 +357,10 @@ def test_verify_this_map(handlers, tiny_model_dirs, image_file):
     for plot in (deletion, insertion):
         value = plot.value
         table = value if isinstance(value, pd.DataFrame) else pd.DataFrame(value["data"], columns=value["columns"])
-        names = sorted(set(table["curve"]))                                   # the AUCs are in the legend
+        names = sorted(set(table["curve"]))  # the AUCs are in the legend
         assert [name.split(" (AUC ")[0] for name in names] == ["map order", "random order"]
         assert len(table) == 2 * 9 and table["probability"].between(0, 1).all()
-        assert set(plot.color_map) == set(names)                             # one strong colour, one grey
+        assert set(plot.color_map) == set(names)  # one strong colour, one grey
     assert "Deletion AUC" in verdict and "Insertion AUC" in verdict
     with pytest.raises(gr.Error, match="generated tokens"):
         handlers.verify(run_id, *_view(), False, False, False, 5)
@@ -336,11 +376,12 @@ def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_f
     stored = handlers.store.get(run_id)
     (maps,) = stored.method_maps.values()
     assert len(maps) == stored.run.num_steps
-    assert maps[0].shape == (tuple(2 * n for n in stored.run.vision.grid_hw) if method == "vit"
-                             else stored.run.vision.grid_hw)
+    assert maps[0].shape == (
+        tuple(2 * n for n in stored.run.vision.grid_hw) if method == "vit" else stored.run.vision.grid_hw
+    )
     assert {"rollout": "rollout", "gradient": "Chefer", "vit": "vision encoder"}[method] in caption
     _, caption1, _ = handlers.render(run_id, *_view(step_idx=1), False, False, False, "", False, method)
-    assert caption1.startswith("Token 1")                                   # every token computed at once
+    assert caption1.startswith("Token 1")  # every token computed at once
     with pytest.raises(gr.Error, match="generated tokens"):
         handlers.render(run_id, *_view(), False, False, True, "", False, method)
 
@@ -348,6 +389,7 @@ def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_f
 def test_a_new_result_clears_every_view_of_the_previous_one(handlers, tiny_model_dirs, image_file):
     """Every value generate yields lands on a wired output, and the derived views are emptied."""
     from pipeline import ModelSlot, RunStore
+
     demo = app.build_ui(AppConfig(), ModelSlot(), RunStore(100))
     wired = next(dep for dep in demo.config["dependencies"] if dep.get("api_name") == "generate")["outputs"]
     components = {c["id"]: c.get("props", {}).get("elem_id") for c in demo.config["components"]}
@@ -356,8 +398,16 @@ def test_a_new_result_clears_every_view_of_the_previous_one(handlers, tiny_model
     *streamed, last = handlers.generate(image_file, "What is this?", 3, False, 0.7, 0.9, 0, 0, *_view(), None, None)
     assert all(len(item) == len(wired) for item in [*streamed, last])
     shown = dict(zip(names, last, strict=True))
-    for view in ("head-matrix", "text-attention", "logit-lens", "verify-plot", "verify-note", "region-plot",
-                 "analysis-note", "downloads"):
+    for view in (
+        "head-matrix",
+        "text-attention",
+        "logit-lens",
+        "verify-plot",
+        "verify-note",
+        "region-plot",
+        "analysis-note",
+        "downloads",
+    ):
         assert shown[view] in (None, "", []), view
     assert shown["region-note"].startswith("Click the picture")
 
@@ -365,6 +415,7 @@ def test_a_new_result_clears_every_view_of_the_previous_one(handlers, tiny_model
 def test_the_animation_has_one_labelled_frame_per_generated_token(handlers, tiny_model_dirs, image_file):
     from PIL import Image as PILImage
     from PIL import ImageChops
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file, max_new=5)[0]
     run = handlers.store.get(run_id).run
@@ -382,46 +433,52 @@ def test_the_animation_has_one_labelled_frame_per_generated_token(handlers, tiny
 
 def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(handlers, tiny_model_dirs, tmp_path):
     from PIL import ImageChops
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     small = tmp_path / "small.png"
     noise_image(160, 120, seed=2).save(small)
     run_id = _generate(handlers, str(small))[0]
     stored = handlers.store.get(run_id)
     picture, _, _ = handlers.render(run_id, *_view())
-    assert picture.size == (640, 480)                                             # 4× with whole pixels
+    assert picture.size == (640, 480)  # 4× with whole pixels
     assert Image.open(handlers.download_png(run_id, *_view())).size == (160, 120)  # the file keeps true size
-    click = gr.SelectData(None, {"index": [4 * 155, 4 * 115], "value": None})      # bottom-right, on screen
+    click = gr.SelectData(None, {"index": [4 * 155, 4 * 115], "value": None})  # bottom-right, on screen
     region, _, _ = handlers.region_click(run_id, [], "overlay", evt=click)
     grid_h, grid_w = stored.run.vision.grid_hw
     assert region == [[grid_h - 1, grid_w - 1]]
     outlined = handlers.render_region(run_id, region, False, *_view())
     changed = ImageChops.difference(outlined.convert("RGB"), picture.convert("RGB")).getbbox()
     x0, y0, x1, y1 = (4 * v for v in stored.run.vision.cell_box_xyxy(grid_h - 1, grid_w - 1))
-    assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4   # only that cell's outline (±1 px)
+    assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4  # only that cell's outline (±1 px)
     assert changed[2] <= x1 + 4 and changed[3] <= y1 + 4
 
 
 def test_page_load_and_model_status_fill_exactly_the_wired_outputs(handlers, tiny_model_dirs):
     from pipeline import ModelSlot, RunStore
+
     demo = app.build_ui(AppConfig(), ModelSlot(), RunStore(100))
     components = {c["id"]: c.get("props", {}).get("elem_id") for c in demo.config["components"]}
-    wired = [[components[i] for i in dep["outputs"]] for dep in demo.config["dependencies"]
-             if dep["outputs"] and components[dep["outputs"][0]] == "model-status"]
+    wired = [
+        [components[i] for i in dep["outputs"]]
+        for dep in demo.config["dependencies"]
+        if dep["outputs"] and components[dep["outputs"][0]] == "model-status"
+    ]
     assert wired and all(names[:4] == ["model-status", "layer-range", "head-range", "video-input"] for names in wired)
     assert len(handlers.model_status()) == 4
     assert len(handlers.page_load()) == max(len(names) for names in wired)
     handlers.load_model(str(tiny_model_dirs["llava"]))
-    assert handlers.model_status()[3].visible is False                      # LLaVA takes no video
+    assert handlers.model_status()[3].visible is False  # LLaVA takes no video
 
 
 def test_user_errors_are_one_log_line_not_a_traceback(handlers, caplog):
     import logging
+
     caplog.set_level(logging.INFO, logger="ui.components")
     with pytest.raises(gr.Error) as raised:
-        handlers.load_model("  ")                                              # a gr.Error of the handler's own
+        handlers.load_model("  ")  # a gr.Error of the handler's own
     assert raised.value.print_exception is False
     with pytest.raises(gr.Error) as raised:
-        handlers.render("no-such-run", *_view())                               # a project error, converted
+        handlers.render("no-such-run", *_view())  # a project error, converted
     assert raised.value.print_exception is False
     lines = [r.getMessage() for r in caplog.records if r.name == "ui.components"]
     assert len(lines) == 2 and all(line.startswith("user error: ") and "\n" not in line for line in lines)
@@ -437,12 +494,20 @@ def test_a_start_up_failure_is_said_on_the_page(handlers, tmp_path):
 def test_view_values_left_out_take_the_pages_own_defaults(handlers, tiny_model_dirs, image_file):
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
-    picture, caption, _ = handlers.render(run_id, 0)                             # only the token, as an API call may
-    _, layers, heads, _ = handlers.model_status()                                # what the page starts with
+    picture, caption, _ = handlers.render(run_id, 0)  # only the token, as an API call may
+    _, layers, heads, _ = handlers.model_status()  # what the page starts with
     assert f"layers {layers.value[0]}–{layers.value[1]} · heads {heads.value[0]}–{heads.value[1]}" in caption
-    page_picture, page_caption, _ = handlers.render(run_id, 0, *layers.value, *heads.value, AppConfig.aggregation,
-                                                    AppConfig.normalization, AppConfig.colormap, AppConfig.alpha,
-                                                    AppConfig.view)
+    page_picture, page_caption, _ = handlers.render(
+        run_id,
+        0,
+        *layers.value,
+        *heads.value,
+        AppConfig.aggregation,
+        AppConfig.normalization,
+        AppConfig.colormap,
+        AppConfig.alpha,
+        AppConfig.view,
+    )
     assert caption == page_caption and np.array_equal(np.asarray(picture), np.asarray(page_picture))
 
 
@@ -469,14 +534,16 @@ def test_a_ranges_file_sets_its_models_starting_ranges(tmp_path):
         path = tmp_path / f"ranges-{len(list(tmp_path.iterdir()))}.json"
         path.write_text(ranges_json(ranges_record(model, RangeChoice(layers, heads, 0.9, 10), {}, {})))
         return str(path)
+
     slot = ModelSlot()
     slot.holder = ModelHolder.load(DEMO_MODEL_DIR, device="cpu", dtype="float32")
 
     def starting_ranges(*argv) -> tuple:
         h = app.Handlers(app.parse_args(list(argv)), slot, RunStore(100))
         _, layers, heads, _ = h.model_status()
-        assert (tuple(layers.value), tuple(heads.value)) == h._default_ranges()       # the API's defaults too
+        assert (tuple(layers.value), tuple(heads.value)) == h._default_ranges()  # the API's defaults too
         return tuple(layers.value), tuple(heads.value)
+
     assert starting_ranges("--ranges", ranges_file(str(DEMO_MODEL_DIR), (2, 3), (1, 2))) == ((2, 3), (1, 2))
     assert starting_ranges() == DEMO_RANGES
     assert starting_ranges("--ranges", ranges_file("other/model", (2, 3), (1, 2))) == DEMO_RANGES
@@ -494,6 +561,7 @@ def _with_box(box: str, **changes) -> list:
 def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, image_file):
     from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
     from pictures.stored_run import raw_heatmap
+
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
     stored = handlers.store.get(run_id)
@@ -505,18 +573,20 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
     assert f"Target box (10, 20)–(200, 150): pointing game {hit}" in caption
     assert f"attention ratio {attention_ratio(heat, layout, region):.2f}" in caption
     assert f"Otsu IoU {otsu_iou(heat, layout, region):.2f}" in caption
-    changed = np.abs(np.asarray(picture, dtype=int) - np.asarray(plain, dtype=int)).sum(-1) > 0   # (H, W)
+    changed = np.abs(np.asarray(picture, dtype=int) - np.asarray(plain, dtype=int)).sum(-1) > 0  # (H, W)
     zoom = picture.size[0] // 400
-    assert changed[20 * zoom + 40, 10 * zoom] and changed[150 * zoom - 1, 100 * zoom]          # on the outline
-    assert not changed[80 * zoom, 100 * zoom]                                                  # not inside it
+    assert changed[20 * zoom + 40, 10 * zoom] and changed[150 * zoom - 1, 100 * zoom]  # on the outline
+    assert not changed[80 * zoom, 100 * zoom]  # not inside it
+
     # Two clicks with 'Clicks draw it' on: one corner, then the other; the picture is scored at once.
     def click(x, y):
         return gr.SelectData(None, {"index": [x * zoom, y * zoom], "value": None})
+
     corner, text, *skipped = handlers.box_click(run_id, True, None, *_view(), evt=click(150, 100))
     assert corner == [150.0, 100.0] and all(isinstance(value, type(gr.skip())) for value in [text, *skipped])
     corner, text, picture, caption, _ = handlers.box_click(run_id, True, corner, *_view(), evt=click(50, 60))
     assert corner is None and text == "50, 60, 150, 100" and "Target box (50, 60)–(150, 100)" in caption
-    assert handlers.region_click(run_id, [], "overlay", click(5, 5), True)[0] == gr.skip()   # clicks draw now
+    assert handlers.region_click(run_id, [], "overlay", click(5, 5), True)[0] == gr.skip()  # clicks draw now
     with pytest.raises(gr.Error, match="not four numbers"):
         handlers.render(run_id, *_with_box("left, top"))
     _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))
@@ -527,9 +597,9 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
     for hostile in ("nan, 0, 5, 5", "0, 0, 1e308, 5"):
         with pytest.raises(gr.Error, match="numbers within the image"):
             handlers.render(run_id, *_with_box(hostile))
-    with pytest.raises(gr.Error, match="empty"):                  # two clicks on one spot
+    with pytest.raises(gr.Error, match="empty"):  # two clicks on one spot
         handlers.box_click(run_id, True, [50.0, 60.0], *_view(), evt=click(50, 60))
-    for index in (["a", 3], [float("nan"), 3], None):             # what a raw client could send
+    for index in (["a", 3], [float("nan"), 3], None):  # what a raw client could send
         with pytest.raises(gr.Error, match="no position"):
             handlers.region_click(run_id, [], "overlay", gr.SelectData(None, {"index": index, "value": None}))
 
@@ -537,11 +607,11 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
 @pytest.mark.parametrize("family", ["internvl", "llava_onevision", "smolvlm"])
 def test_video_in_the_app_for_the_families_beyond_qwen(handlers, tiny_model_dirs, tmp_path, family):
     handlers.load_model(str(tiny_model_dirs[family]))
-    assert handlers.model_status()[3].visible is True                      # the video upload is offered
+    assert handlers.model_status()[3].visible is True  # the video upload is offered
     clip = _clip(tmp_path / "clip.avi", 4, 50)
     *_, last = handlers.generate(None, "What happens?", 2, False, 0.7, 0.9, 0, 0, *_view(), None, str(clip))
     run_id, _, _, _, picture, caption, *_ = last
     run = handlers.store.get(run_id).run
-    assert run.vision.num_frames == 4 and len(handlers.store.get(run_id).images) == 4   # one frame per step
+    assert run.vision.num_frames == 4 and len(handlers.store.get(run_id).images) == 4  # one frame per step
     assert "4 time steps of the video on one scale" in caption and "consecutive frames" not in caption
     assert picture.size[0] > 4 * 100

@@ -38,8 +38,12 @@ MODULES = _modules()
 
 
 def _floor(name: str) -> int:
-    matches = [(len(entry), index) for index, (_, entries) in enumerate(FLOORS) for entry in entries
-               if name == entry or name.startswith(entry + ".")]
+    matches = [
+        (len(entry), index)
+        for index, (_, entries) in enumerate(FLOORS)
+        for entry in entries
+        if name == entry or name.startswith(entry + ".")
+    ]
     assert matches, f"{name} sits on no floor: add it to FLOORS in tests/test_architecture.py and ARCHITECTURE.md"
     return max(matches)[1]
 
@@ -54,8 +58,7 @@ def _imports(name: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if f"{node.module}.{alias.name}" in MODULES}
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in MODULES}
     return found
 
 
@@ -68,15 +71,29 @@ def _third_party(name: str) -> set[str]:
 
 
 def test_the_rules_see_the_project():
-    assert {"records", "attention_store", "app", "pictures.views", "model_holder", "families", "methods",
-            "ui.handlers", "study.runner", "testing.tiny_models"} <= set(MODULES)
+    assert {
+        "records",
+        "attention_store",
+        "app",
+        "pictures.views",
+        "model_holder",
+        "families",
+        "methods",
+        "ui.handlers",
+        "study.runner",
+        "testing.tiny_models",
+    } <= set(MODULES)
     assert "gradio" in _third_party("app") and "records" in _project_imports("pictures.views")
-    assert "methods.lens" in _project_imports("pipeline")                # `from methods import lens` resolves
+    assert "methods.lens" in _project_imports("pipeline")  # `from methods import lens` resolves
 
 
 def test_every_module_sits_on_a_floor_and_imports_only_downwards():
-    upward = [f"{name} ({FLOORS[_floor(name)][0]}) imports {dep} ({FLOORS[_floor(dep)][0]})"
-              for name in MODULES for dep in _project_imports(name) if _floor(dep) > _floor(name)]
+    upward = [
+        f"{name} ({FLOORS[_floor(name)][0]}) imports {dep} ({FLOORS[_floor(dep)][0]})"
+        for name in MODULES
+        for dep in _project_imports(name)
+        if _floor(dep) > _floor(name)
+    ]
     assert not upward, upward
 
 
@@ -86,7 +103,8 @@ def test_the_top_level_holds_at_most_sixteen_modules():
 
 def test_only_the_ui_imports_gradio():
     assert {name for name in MODULES if "gradio" in _third_party(name)} <= {"app"} | {
-        name for name in MODULES if name == "ui" or name.startswith("ui.")}
+        name for name in MODULES if name == "ui" or name.startswith("ui.")
+    }
 
 
 def test_pictures_never_reach_for_the_model():
@@ -103,8 +121,9 @@ def test_studies_never_import_the_ui_and_nothing_production_imports_the_fixtures
             assert "ui" not in roots and "app" not in roots, name
         if name.split(".")[0] not in ("testing", "demo"):
             allowed = {"demo.data"} if name in ("app", "ui.layout") else set()  # the page shows the demo's questions
-            assert not {dep for dep in _project_imports(name) if dep.split(".")[0] in ("testing", "demo")} - allowed, \
+            assert not {dep for dep in _project_imports(name) if dep.split(".")[0] in ("testing", "demo")} - allowed, (
                 name
+            )
 
 
 def test_records_stand_on_nothing_but_the_store_math_and_the_errors():
@@ -131,6 +150,7 @@ def test_nothing_imports_the_app_and_there_are_no_cycles():
             for dep in graph[name]:
                 visit(dep, path + (name,))
             done.add(name)
+
     for name in graph:
         visit(name, ())
 
@@ -156,20 +176,26 @@ def _defined(name: str) -> set[str]:
 
 def test_every_name_is_imported_from_its_home():
     """No re-exports: `from X import name` finds `name` defined in X (or X.name is a module of the package)."""
-    sources = {**MODULES, **{f"tests.{path.stem}": path for path in (REPO / "tests").glob("*.py")},
-               **{f"bench.{path.stem}": path for path in (REPO / "bench").glob("*.py")}}
+    sources = {
+        **MODULES,
+        **{f"tests.{path.stem}": path for path in (REPO / "tests").glob("*.py")},
+        **{f"bench.{path.stem}": path for path in (REPO / "bench").glob("*.py")},
+    }
     wrong = []
     for name, path in sources.items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in MODULES:
-                wrong += [f"{name}: from {node.module} import {alias.name}" for alias in node.names
-                          if alias.name not in _defined(node.module) and f"{node.module}.{alias.name}" not in MODULES]
+                wrong += [
+                    f"{name}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if alias.name not in _defined(node.module) and f"{node.module}.{alias.name}" not in MODULES
+                ]
     assert not wrong, wrong
 
 
 def test_the_package_declares_every_module():
     """`pip install .` installs what the top level and the packages hold (pyproject's lists)."""
-    tomllib = pytest.importorskip("tomllib")                             # Python 3.11+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert sorted(setup["py-modules"]) == sorted(path.stem for path in REPO.glob("*.py"))
     assert sorted(setup["packages"]) == sorted(PACKAGES)

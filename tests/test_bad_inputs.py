@@ -26,6 +26,7 @@ def _write_awkward_images(folder) -> dict[str, tuple[str, tuple[int, int]]]:
         path = folder / name
         image.save(path, **save)
         files[name] = (str(path), size or image.size)
+
     add("cmyk.jpg", Image.fromarray(_noise(120, 80)).convert("CMYK"))
     add("deep16.png", Image.fromarray((np.arange(96 * 64).reshape(64, 96) * 10).astype(np.uint16)))
     rgba = Image.fromarray(_noise(90, 60)).convert("RGBA")
@@ -38,7 +39,7 @@ def _write_awkward_images(folder) -> dict[str, tuple[str, tuple[int, int]]]:
     files["animated.gif"] = (str(path), (64, 48))
     rotated = Image.fromarray(_noise(160, 90))
     exif = rotated.getexif()
-    exif[0x0112] = 6                                                       # displayed rotated by 90°
+    exif[0x0112] = 6  # displayed rotated by 90°
     add("exif_rotated.jpg", rotated, size=(90, 160), exif=exif)
     add("one_pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)))
     add("strip_20000x100.png", Image.new("RGB", (20000, 100), (10, 200, 10)))
@@ -56,7 +57,7 @@ def test_awkward_images_work_through_the_python_api(load_holder, awkward_images,
     holder = load_holder(family)
     for name, (path, displayed) in awkward_images.items():
         run = holder.generate(path, "What is this?", max_new_tokens=2)
-        assert run.vision.image_size == displayed, name                  # the map follows what is displayed
+        assert run.vision.image_size == displayed, name  # the map follows what is displayed
         grid_h, grid_w = run.vision.grid_hw
         assert len(run.vision.token_positions) == grid_h * grid_w
         if max(displayed) <= 2000:
@@ -66,8 +67,9 @@ def test_awkward_images_work_through_the_python_api(load_holder, awkward_images,
 
 def test_sixteen_bit_image_is_not_blank(load_holder, awkward_images):
     from utils import load_image
+
     pixels = np.asarray(load_image(awkward_images["deep16.png"][0]))
-    assert pixels.std() > 10                                               # not clipped to one colour
+    assert pixels.std() > 10  # not clipped to one colour
 
 
 def test_qwen_respects_the_pixel_budget(load_holder, awkward_images):
@@ -99,10 +101,12 @@ def test_extreme_aspect_ratio_gets_a_clear_message(load_holder):
 
 def test_very_long_prompt_runs_or_is_refused_clearly(load_holder, dummy_image):
     holder = load_holder("qwen2_vl")
-    run = holder.generate(dummy_image, "describe " * 2222, max_new_tokens=1)   # 20 000 characters
+    run = holder.generate(dummy_image, "describe " * 2222, max_new_tokens=1)  # 20 000 characters
     assert len(run.prompt_ids) > 2000
-    holder.model.config.get_text_config().max_position_embeddings, saved = 512, \
-        holder.model.config.get_text_config().max_position_embeddings
+    holder.model.config.get_text_config().max_position_embeddings, saved = (
+        512,
+        holder.model.config.get_text_config().max_position_embeddings,
+    )
     try:
         with pytest.raises(ValueError, match="exceeds the model's context of 512. Shorten the prompt"):
             holder.generate(dummy_image, "describe " * 2222, max_new_tokens=1)
@@ -115,6 +119,7 @@ VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
 
 def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_path):
     from gradio_client import Client, handle_file
+
     cfg = AppConfig(outputs_dir=tmp_path / "outputs", max_prompt_chars=8000)
     demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
     demo.queue()
@@ -125,6 +130,7 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
 
         def generate(path, prompt="What is this?", view=VIEW):
             return client.predict(handle_file(path), prompt, 2, False, 0.7, 0.9, 0, 0, *view, api_name="/generate")
+
         with pytest.raises(Exception, match="No model is loaded"):
             generate(awkward_images["rgba.png"][0], view=[0, 0, 1, 0, 1, *VIEW[5:]])
         with pytest.raises(Exception, match="HF_HUB_OFFLINE"):
@@ -132,12 +138,12 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
         client.predict(str(tiny_model_dirs["qwen2_vl"]), api_name="/load_model")
         for name, (path, displayed) in awkward_images.items():
             if name.startswith("photo_"):
-                continue                                                   # covered by the Python API test
+                continue  # covered by the Python API test
             answer, dropdown, chips, picture, caption, plot, *_ = generate(path)
             assert "Token 0" in caption, name
-            factor = min(1.0, 2048 / max(displayed))                        # drawn on a bounded display copy
+            factor = min(1.0, 2048 / max(displayed))  # drawn on a bounded display copy
             shown = tuple(max(1, round(v * factor)) for v in displayed)
-            zoom = max(1, 640 // max(shown))                               # small images enlarged on screen
+            zoom = max(1, 640 // max(shown))  # small images enlarged on screen
             assert Image.open(picture).size == tuple(zoom * v for v in shown), name
         not_image = tmp_path / "notes.png"
         not_image.write_text("not an image")
@@ -147,11 +153,14 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
             generate(awkward_images["rgba.png"][0], prompt="   ")
         with pytest.raises(Exception, match="accepts up to 8000"):
             generate(awkward_images["rgba.png"][0], prompt="x" * 20000)
-        for bad_view, match in [((99,), "out of range"), ((0, 2, 1), "inverted"),
-                                ((0, 0, 2, 0, 3, "median"), "aggregation|not in the list"),
-                                ((0, 0, 2, 0, 3, "mean", "minmax", "sparkles"), "colormap|not in the list")]:
+        for bad_view, match in [
+            ((99,), "out of range"),
+            ((0, 2, 1), "inverted"),
+            ((0, 0, 2, 0, 3, "median"), "aggregation|not in the list"),
+            ((0, 0, 2, 0, 3, "mean", "minmax", "sparkles"), "colormap|not in the list"),
+        ]:
             with pytest.raises(Exception, match=match):
-                client.predict(*bad_view, *VIEW[len(bad_view):], api_name="/render")
-        assert "Token 0" in client.predict(*VIEW, api_name="/render")[1]   # still serving
+                client.predict(*bad_view, *VIEW[len(bad_view) :], api_name="/render")
+        assert "Token 0" in client.predict(*VIEW, api_name="/render")[1]  # still serving
     finally:
         demo.close()

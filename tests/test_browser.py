@@ -22,8 +22,16 @@ from conftest import REPO, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt install chromium)")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def _scene(path, flip: bool = False) -> str:
@@ -38,8 +46,12 @@ def _scene(path, flip: bool = False) -> str:
 def _serve(tmp_path, model_args: list[str]):
     port = free_port()
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *model_args, "--port", str(port),
-                             "--device", "cpu"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), *model_args, "--port", str(port), "--device", "cpu"],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -62,7 +74,7 @@ def served_app(tiny_model_dirs, tmp_path):
 
 @pytest.fixture
 def served_default(tmp_path):
-    url, proc = _serve(tmp_path, [])                                   # no --model: the CPU default
+    url, proc = _serve(tmp_path, [])  # no --model: the CPU default
     yield url
     proc.terminate()
     proc.wait(timeout=20)
@@ -71,27 +83,28 @@ def served_default(tmp_path):
 @pytest.mark.skipif(not (REPO / "demo_model" / "config.json").exists(), reason="the demo model is not present")
 def test_default_start_serves_the_demo_model_with_examples(served_default):
     from playwright.sync_api import expect, sync_playwright
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(served_default)
         expect(page.locator("#model-status")).to_contain_text("demo_model", timeout=60_000)
-        expect(page.locator("#layer-range-handle-lo")).to_have_attribute("aria-valuenow", str(DEMO_RANGES[0][0]),
-                                                                        timeout=10_000)
-        page.get_by_text("What color is the circle?").first.click()           # an example row
+        expect(page.locator("#layer-range-handle-lo")).to_have_attribute(
+            "aria-valuenow", str(DEMO_RANGES[0][0]), timeout=10_000
+        )
+        page.get_by_text("What color is the circle?").first.click()  # an example row
         expect(page.locator("#prompt textarea")).to_have_value("What color is the circle?", timeout=10_000)
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("Token 0", timeout=60_000)
         (layer_lo, layer_hi), (head_lo, head_hi) = DEMO_RANGES
-        expect(page.locator("#caption")).to_contain_text(
-            f"layers {layer_lo}–{layer_hi} · heads {head_lo}–{head_hi}")
+        expect(page.locator("#caption")).to_contain_text(f"layers {layer_lo}–{layer_hi} · heads {head_lo}–{head_hi}")
         expect(page.locator("#overlay img")).to_be_visible(timeout=20_000)
         expect(page.locator("#share-plot canvas, #share-plot svg").first).to_be_visible(timeout=20_000)
         page.wait_for_timeout(500)
         (REPO / "outputs").mkdir(exist_ok=True)
         page.screenshot(path=str(REPO / "outputs" / "browser-test-demo.png"), full_page=True)
 
-        page.get_by_role("tab", name="Verify").click()                      # verify the trained model's map
+        page.get_by_role("tab", name="Verify").click()  # verify the trained model's map
         page.locator("#verify-btn").click()
         expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
         page.wait_for_timeout(500)
@@ -102,6 +115,7 @@ def test_default_start_serves_the_demo_model_with_examples(served_default):
 def _generate_in_page(browser, url: str, image_path: str, prompt: str):
     """A new page on the app, with a model loaded, the image uploaded and the first token drawn."""
     from playwright.sync_api import expect
+
     page = browser.new_page(viewport={"width": 1400, "height": 1250})
     page.goto(url)
     expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
@@ -118,13 +132,14 @@ def _picture_src(page) -> str:
 
 def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
         first = _picture_src(page)
         assert first
 
-        page.locator("#token-chips label").nth(1).click()                  # a token chip picks token 1
+        page.locator("#token-chips label").nth(1).click()  # a token chip picks token 1
         expect(page.locator("#caption")).to_contain_text("Token 1", timeout=20_000)
         expect(page.locator("#token-dropdown input")).to_have_value(re.compile(r"^1: "), timeout=5_000)
         token1 = _picture_src(page)
@@ -132,33 +147,34 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         assert page.locator("#layer-range [role=slider], #head-range [role=slider]").count() == 4
         upper = page.locator("#layer-range-handle-hi")
         upper.focus()
-        upper.press("Home")                                                # pushes the lower one: layers 0..0
+        upper.press("Home")  # pushes the lower one: layers 0..0
         expect(page.locator("#caption")).to_contain_text("layers 0 ·", timeout=20_000)
         expect(page.locator("#caption")).to_contain_text("Token 1")
-        page.wait_for_function("(old) => document.querySelector('#overlay img').src !== old", arg=token1,
-                               timeout=20_000)
+        page.wait_for_function(
+            "(old) => document.querySelector('#overlay img').src !== old", arg=token1, timeout=20_000
+        )
         assert _picture_src(page) not in (first, token1)
 
-        upper.press("End")                                                  # back to all layers
+        upper.press("End")  # back to all layers
         expect(page.locator("#caption")).to_contain_text("layers 0–", timeout=20_000)
-        lower = page.locator("#head-range-handle-lo")                       # arrow keys move one head
+        lower = page.locator("#head-range-handle-lo")  # arrow keys move one head
         lower.focus()
         lower.press("ArrowRight")
         expect(page.locator("#caption")).to_contain_text("heads 1–3", timeout=20_000)
-        expect(lower).to_be_focused()                                       # keeps focus for the next key
+        expect(lower).to_be_focused()  # keeps focus for the next key
         lower.press("ArrowLeft")
         expect(page.locator("#caption")).to_contain_text("heads 0–3", timeout=20_000)
-        (REPO / "outputs").mkdir(exist_ok=True)                           # docs/screenshot.png is a copy
+        (REPO / "outputs").mkdir(exist_ok=True)  # docs/screenshot.png is a copy
         page.screenshot(path=str(REPO / "outputs" / "browser-test.png"), full_page=True)
 
-        page.locator("#analysis-btn").click()                                 # the first analysis tab
+        page.locator("#analysis-btn").click()  # the first analysis tab
         expect(page.locator("#text-attention")).to_contain_text("[image:", timeout=20_000)
         cells = page.locator("#head-matrix .mx-cell")
         expect(cells.first).to_be_visible(timeout=20_000)
-        assert cells.count() == 3 * 4                                         # 3 layers × 4 heads
+        assert cells.count() == 3 * 4  # 3 layers × 4 heads
         assert "layer 0 · head 0 · share" in cells.first.get_attribute("title")  # the value on hover
         cells.last.scroll_into_view_if_needed()
-        cells.last.click()                                                    # the last layer and head
+        cells.last.click()  # the last layer and head
         expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
         expect(page.locator("#caption")).to_contain_text("layers 2 ·")
         expect(page.locator("#head-range-handle-lo")).to_have_attribute("aria-valuenow", "3")
@@ -167,34 +183,34 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
 
         page.get_by_role("tab", name="Verify").click()
-        page.locator("#verify-btn").click()                                   # faithfulness check
+        page.locator("#verify-btn").click()  # faithfulness check
         expect(page.locator("#verify-note")).to_contain_text("Deletion AUC", timeout=60_000)
         page.wait_for_timeout(500)
         page.locator("#verify-plot").screenshot(path=str(REPO / "outputs" / "browser-test-verify.png"))
 
-        page.get_by_test_id("rollout-radio-label").click()                   # computed on demand, all tokens
+        page.get_by_test_id("rollout-radio-label").click()  # computed on demand, all tokens
         expect(page.locator("#caption")).to_contain_text("attention rollout", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-rollout.png"))
         page.get_by_test_id("attention-radio-label").click()
 
         page.get_by_role("tab", name="Region → text").click()
-        page.locator("#overlay img").click(position={"x": 20, "y": 20})        # image → text: pick a cell
+        page.locator("#overlay img").click(position={"x": 20, "y": 20})  # image → text: pick a cell
         expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
         page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
 
         page.get_by_text("More display options").click()
-        page.locator("#mask-sinks input").check()                              # sinks and baselines
+        page.locator("#mask-sinks input").check()  # sinks and baselines
         expect(page.locator("#caption")).to_contain_text("sink cells masked", timeout=20_000)
         page.locator("#mask-sinks input").uncheck()
 
-        page.locator("#prompt-token-dropdown input").click()                   # a prompt word's own map
+        page.locator("#prompt-token-dropdown input").click()  # a prompt word's own map
         page.get_by_role("option").first.click()
         expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-prompt-token.png"))
-        page.locator("#token-chips label").nth(1).click()                   # the chip picked before it
+        page.locator("#token-chips label").nth(1).click()  # the chip picked before it
         expect(page.locator("#caption")).to_contain_text("Token 1", timeout=20_000)
 
-        page.get_by_text("More images, or a video").click()            # several images in one prompt
+        page.get_by_text("More images, or a video").click()  # several images in one prompt
         page.locator("#extra-images input[type=file]").set_input_files(_scene(tmp_path / "second.png", flip=True))
         page.wait_for_timeout(1000)
         page.locator("#generate-btn").click()
@@ -211,6 +227,7 @@ def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
     """At 1280×720 the map, the token strip and both range controls are on screen together; exports are
     listed by name; a failed load changes nothing on the page."""
     from playwright.sync_api import expect, sync_playwright
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
@@ -224,13 +241,13 @@ def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
             assert box["y"] >= 0 and box["y"] + box["height"] <= 720, (selector, box)
             assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (selector, box)
 
-        page.locator("#export-btn").click()                                   # every file, named for what it is
+        page.locator("#export-btn").click()  # every file, named for what it is
         expect(page.locator("#downloads")).to_contain_text("-attention .safetensors", timeout=20_000)
         expect(page.locator("#downloads")).to_contain_text("-metadata .json")
         page.locator("#gif-btn").click()
         expect(page.locator("#downloads")).to_contain_text("attention-animation", timeout=30_000)
 
-        page.locator("#model-id input").fill("/no/such/model-folder")        # a failed load changes nothing
+        page.locator("#model-id input").fill("/no/such/model-folder")  # a failed load changes nothing
         page.locator("#load-btn").click()
         expect(page.locator(".toast-body").first).to_contain_text("local folder", timeout=20_000)
         expect(page.locator("#model-id input")).not_to_have_value("/no/such/model-folder", timeout=10_000)
@@ -242,10 +259,11 @@ def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
 
 def _clip(path) -> str:
     import cv2
+
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4, (224, 168))
     for k in range(8):
         frame = np.full((168, 224, 3), 230, dtype=np.uint8)
-        cv2.circle(frame, (30 + 22 * k, 84), 20, (40, 40, 220), -1)          # a red ball moving right (BGR)
+        cv2.circle(frame, (30 + 22 * k, 84), 20, (40, 40, 220), -1)  # a red ball moving right (BGR)
         writer.write(frame)
     writer.release()
     return str(path)
@@ -253,18 +271,19 @@ def _clip(path) -> str:
 
 def test_video_and_baseline_views(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the ball?")
         page.get_by_text("More display options").click()
-        page.locator("#relative input").check()                              # a generic-prompt pass, cached
+        page.locator("#relative input").check()  # a generic-prompt pass, cached
         expect(page.locator("#caption")).to_contain_text("divided by the generic-prompt map", timeout=60_000)
         page.locator("#exclude-system input").check()
         expect(page.locator("#caption")).to_contain_text("without BOS and the system prompt", timeout=20_000)
         (REPO / "outputs").mkdir(exist_ok=True)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-relative.png"))
 
-        page.goto(served_app)                                                 # a fresh session, a video only
+        page.goto(served_app)  # a fresh session, a video only
         expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=60_000)
         page.locator("#prompt textarea").fill("Where does the ball go?")
         page.get_by_text("More images, or a video").click()
@@ -278,42 +297,44 @@ def test_video_and_baseline_views(served_app, tmp_path):
 
 def test_markup_from_users_and_tokenizers_is_shown_literally(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
     prompt = 'Is <img src="x" id="evil"> a <b id="bold">cat</b>?'
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), prompt)
-        page.locator("#prompt-token-dropdown input").click()                   # the prompt's own tokens
+        page.locator("#prompt-token-dropdown input").click()  # the prompt's own tokens
         options = page.get_by_role("option")
         expect(options.first).to_be_visible(timeout=10_000)
         tagged = [k for k in range(options.count()) if "<" in options.nth(k).inner_text()]
         assert tagged, [options.nth(k).inner_text() for k in range(options.count())]
         options.nth(tagged[0]).click()
         expect(page.locator("#caption")).to_contain_text("Prompt token", timeout=20_000)
-        expect(page.locator("#caption")).to_contain_text("<")                  # the text itself, literally
+        expect(page.locator("#caption")).to_contain_text("<")  # the text itself, literally
         page.locator("#model-id input").fill('<img src="x" id="evil2"><a id="link" href="http://example.com">x</a>')
         page.locator("#load-btn").click()
         expect(page.get_by_text("Could not load").first).to_be_visible(timeout=20_000)
-        for selector in ("#evil", "#bold", "#evil2", "#link"):                   # nothing became markup
+        for selector in ("#evil", "#bold", "#evil2", "#link"):  # nothing became markup
             assert page.locator(selector).count() == 0, selector
-        expect(page.locator("#model-status")).to_contain_text("Loaded")         # the model is still there
+        expect(page.locator("#model-status")).to_contain_text("Loaded")  # the model is still there
         browser.close()
 
 
 def test_a_target_box_typed_or_drawn_scores_the_map(served_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the circle?")
         caption = page.locator("#caption")
         box = page.locator("#target-box textarea, #target-box input").first
-        box.fill("380, 90, 560, 270")                                       # the red circle
+        box.fill("380, 90, 560, 270")  # the red circle
         box.press("Enter")
         expect(caption).to_contain_text("Target box (380, 90)–(560, 270): pointing game", timeout=20_000)
         expect(caption).to_contain_text("Otsu IoU")
-        page.locator("#box-mode input").check()                              # now clicks draw the box
+        page.locator("#box-mode input").check()  # now clicks draw the box
         image = page.locator("#overlay img")
         bounds = image.bounding_box()
-        for fx, fy in ((0.125, 0.5), (0.375, 0.875)):                       # the blue square's corners
+        for fx, fy in ((0.125, 0.5), (0.375, 0.875)):  # the blue square's corners
             page.mouse.click(bounds["x"] + fx * bounds["width"], bounds["y"] + fy * bounds["height"])
             page.wait_for_timeout(700)
         expect(box).to_have_value(re.compile(r"^(7\d|8\d), (23\d|24\d), (23\d|24\d), (41\d|42\d)$"), timeout=20_000)

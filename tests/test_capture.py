@@ -8,7 +8,7 @@ from conftest import noise_image
 from families import attention_implementation, decoder_layers, prefix_lm, softmax_layers
 from testing.tiny_models import FAMILIES
 
-SIZES = [(150, 100), (100, 150), (224, 224)]   # landscape, portrait, square (W, H)
+SIZES = [(150, 100), (100, 150), (224, 224)]  # landscape, portrait, square (W, H)
 NEW_TOKENS = 5
 
 
@@ -22,7 +22,7 @@ def _teacher_forced_eager(holder, image, prompt, generated_ids) -> list[torch.Te
 
     Returns per step t the rows (L, H, prompt_len + t) of the query at prompt_len - 1 + t.
     """
-    inputs = holder.teacher_forced_inputs(image, prompt, generated_ids[:-1])   # (1, S + T - 1)
+    inputs = holder.teacher_forced_inputs(image, prompt, generated_ids[:-1])  # (1, S + T - 1)
     prompt_len = inputs["input_ids"].shape[1] - (len(generated_ids) - 1)
     saved = holder.model.config.get_text_config()._attn_implementation
     holder.model.set_attn_implementation({"text_config": "eager"})
@@ -31,7 +31,7 @@ def _teacher_forced_eager(holder, image, prompt, generated_ids) -> list[torch.Te
             out = holder.model(**inputs, output_attentions=True)
     finally:
         holder.model.set_attn_implementation({"text_config": saved})
-    attn = torch.stack(out.attentions)[:, 0]                                  # (L, H, S', S')
+    attn = torch.stack(out.attentions)[:, 0]  # (L, H, S', S')
     return [attn[:, :, prompt_len - 1 + t, : prompt_len + t] for t in range(len(generated_ids))]
 
 
@@ -61,18 +61,19 @@ def test_capture_matches_eager_hook_reference_and_plain_generation(load_holder, 
     inputs = holder.build_inputs(dummy_image, "What is this?")
     with torch.no_grad():
         plain = holder.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
-    assert fast.generated_ids == plain[0, inputs["input_ids"].shape[1]:].tolist()
+    assert fast.generated_ids == plain[0, inputs["input_ids"].shape[1] :].tolist()
     assert eager.generated_ids == fast.generated_ids
     for t in range(fast.num_steps):
-        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
-                                   rtol=2e-3, atol=2e-6)
+        torch.testing.assert_close(
+            fast.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3, atol=2e-6
+        )
 
 
 def test_layers_differ_by_far_more_than_the_tolerance(load_holder, dummy_image):
     """Guards the tests above: a wrong layer or head would not pass for a right one."""
     holder = load_holder("qwen2_vl")
     run = holder.generate(dummy_image, "Hi", max_new_tokens=2, **_generate_kwargs(holder, 2))
-    rows = run.step_attention(0).float()                                      # (L, H, S)
+    rows = run.step_attention(0).float()  # (L, H, S)
     assert (rows[0] - rows[1]).abs().max() > 0.05
     assert (rows[0, 0] - rows[0, 1]).abs().max() > 0.05
 
@@ -87,7 +88,7 @@ def test_step_zero_is_the_last_prompt_row(load_holder, dummy_image):
             out = holder.model(**inputs, output_attentions=True)
     finally:
         holder.model.set_attn_implementation({"text_config": "sdpa"})
-    last_row = torch.stack(out.attentions)[:, 0, :, -1, :]                     # (L, H, S)
+    last_row = torch.stack(out.attentions)[:, 0, :, -1, :]  # (L, H, S)
     assert run.step_attention(0).shape[-1] == len(run.prompt_ids) == last_row.shape[-1]
     torch.testing.assert_close(run.step_attention(0).float(), last_row, rtol=2e-3, atol=2e-6)
 
@@ -96,10 +97,11 @@ def test_step_zero_is_the_last_prompt_row(load_holder, dummy_image):
 def test_prompt_token_rows_equal_eager_attention(load_holder, family, dummy_image):
     holder = load_holder(family)
     fast = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all")
-    eager = holder.generate(dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all",
-                            method="eager")
+    eager = holder.generate(
+        dummy_image, "Where is the red circle?", max_new_tokens=2, prompt_rows="all", method="eager"
+    )
     vision = {int(pos) for layout in fast.visions for pos in layout.token_positions}
-    if prefix_lm(family):                         # the prompt is one bidirectional prefix: no causal prompt rows
+    if prefix_lm(family):  # the prompt is one bidirectional prefix: no causal prompt rows
         assert fast.prompt_positions == eager.prompt_positions == []
         return
     assert fast.prompt_positions == [p for p in range(len(fast.prompt_ids) - 1) if p not in vision]
@@ -139,13 +141,17 @@ class _RaiseAtStep:
 @pytest.mark.parametrize("method", ["sdpa", "eager"])
 def test_model_is_restored_when_generation_raises(load_holder, dummy_image, method):
     from transformers import LogitsProcessorList
+
     holder = load_holder("qwen2_vl")
-    before = dict(text=holder.model.config.get_text_config()._attn_implementation,
-                  vision=holder.model.config.vision_config._attn_implementation)
+    before = dict(
+        text=holder.model.config.get_text_config()._attn_implementation,
+        vision=holder.model.config.vision_config._attn_implementation,
+    )
     hooks_before = [len(layer.self_attn._forward_hooks) for layer in decoder_layers(holder.model)]
     with pytest.raises(RuntimeError, match="boom"):
-        holder.generate(dummy_image, "Hi", max_new_tokens=4, method=method,
-                        logits_processor=LogitsProcessorList([_RaiseAtStep(2)]))
+        holder.generate(
+            dummy_image, "Hi", max_new_tokens=4, method=method, logits_processor=LogitsProcessorList([_RaiseAtStep(2)])
+        )
     assert holder.model.config.get_text_config()._attn_implementation == before["text"] != CAPTURE_IMPLEMENTATION
     assert holder.model.config.vision_config._attn_implementation == before["vision"]
     assert [len(layer.self_attn._forward_hooks) for layer in decoder_layers(holder.model)] == hooks_before
@@ -155,10 +161,11 @@ def test_model_is_restored_when_generation_raises(load_holder, dummy_image, meth
 
 def test_capture_fails_loudly_when_nothing_was_captured(load_holder):
     from errors import CaptureError
+
     holder = load_holder("qwen2_vl")
     with pytest.raises(CaptureError, match="generated tokens"):
         with capture_attention(holder.model) as recorder:
-            pass                                                              # no forward ran
+            pass  # no forward ran
         recorder.finish(prompt_len=10, num_steps=3, segments={})
 
 
@@ -169,6 +176,7 @@ def test_sliding_window_layers_show_exactly_what_they_saw(tmp_path):
     from pictures.stored_run import StoredRun, ViewSettings, raw_heatmap
     from pictures.views import caption
     from testing.tiny_models import make_tiny_model
+
     holder = ModelHolder.load(make_tiny_model("gemma3", tmp_path, sliding_window=8), device="cpu", dtype="float32")
     image = noise_image(150, 100, seed=5)
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, suppress_tokens=[holder.model.config.image_token_index])
@@ -176,8 +184,7 @@ def test_sliding_window_layers_show_exactly_what_they_saw(tmp_path):
     run = holder.generate(image, "Describe the picture please.", **kwargs)
     assert run.generated_ids == eager.generated_ids and run.windows == [8, 8, None]
     for t in range(run.num_steps):
-        torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3,
-                                   atol=2e-6)
+        torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3, atol=2e-6)
     image_mass = run.step_attention(run.num_steps - 1)[:, :, run.vision.token_positions].float().sum(-1)  # (L, H)
     assert (image_mass[:2] == 0).all() and (image_mass[2] > 0).all()
     assert run.out_of_window((0, 2), len(run.prompt_ids) - 1 + run.num_steps - 1) == [0, 1]

@@ -60,8 +60,12 @@ def test_grid_covers_image(runs):
 
 
 def _pointing(runs) -> list[bool]:
-    return [cell_hits_box(token_heatmap(run, 0, layers=LAYERS, heads=HEADS, reduce="mean"),
-                          run.vision.image_box_xyxy, s.box_xyxy) for s, run in runs]
+    return [
+        cell_hits_box(
+            token_heatmap(run, 0, layers=LAYERS, heads=HEADS, reduce="mean"), run.vision.image_box_xyxy, s.box_xyxy
+        )
+        for s, run in runs
+    ]
 
 
 def test_pointing_game(runs):
@@ -95,7 +99,7 @@ def test_training_labels_follow_the_token_grid():
         shape_ids, color_ids, side_ids = token_labels(sample)
         assert shape_ids.shape == color_ids.shape == side_ids.shape == (gh * gw,)
         sides = side_ids.reshape(gh, gw)
-        assert (sides[:, : gw // 2] == 0).all() and (sides[:, (gw + 1) // 2:] == 1).all()
+        assert (sides[:, : gw // 2] == 0).all() and (sides[:, (gw + 1) // 2 :] == 1).all()
         assert (sides[:, gw // 2] == -100).all() == (gw % 2 == 1)
         colors = list(demo_data.COLORS)
         for obj in sample.objects:  # each object owns cells, and only cells that overlap its box
@@ -111,6 +115,7 @@ def test_words_the_demo_model_does_not_know_are_named(holder, tmp_path):
     from config import AppConfig
     from pipeline import ModelSlot, RunStore
     from ui.handlers import Handlers
+
     assert holder.unknown_words("What colour is the circle?") == ["colour"]
     assert holder.unknown_words("What color is the circle?") == []
     assert all(word in demo_data.guide() for word in ("circle", "red", "left", "What shape is <color>?"))
@@ -130,29 +135,57 @@ def test_a_manifest_study_scores_every_good_row_and_names_the_bad_ones(holder, t
     import pandas as pd
 
     import batch
+
     samples = demo_data.make_samples(FRESH_SEED + 1, 6)
     rows = []
     for k, sample in enumerate(samples):
         sample.image.save(tmp_path / f"img{k}.png")
-        rows.append(json.dumps({"id": f"s{k}", "image": f"img{k}.png", "prompt": sample.question,
-                                "answer": sample.answer, "boxes": [list(sample.box_xyxy)]}))
+        rows.append(
+            json.dumps(
+                {
+                    "id": f"s{k}",
+                    "image": f"img{k}.png",
+                    "prompt": sample.question,
+                    "answer": sample.answer,
+                    "boxes": [list(sample.box_xyxy)],
+                }
+            )
+        )
     rows.insert(2, json.dumps({"id": "gone", "image": "missing.png", "prompt": "Hi", "boxes": [[0, 0, 5, 5]]}))
     rows.insert(4, "{not json")
-    rows.insert(5, '{"id": "nan", "image": "img0.png", "prompt": "Hi", '
-                   '"boxes": [[null, 0, 5, 5], [0, 0, Infinity, 5]]}')
+    rows.insert(
+        5, '{"id": "nan", "image": "img0.png", "prompt": "Hi", "boxes": [[null, 0, 5, 5], [0, 0, Infinity, 5]]}'
+    )
     manifest = tmp_path / "items.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
-    code = batch.main(["--model", str(DEMO_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
-                       "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}",
-                       "--device", "cpu", "--max-new-tokens", "2", "--methods", "attention,rollout"])
-    assert code == 1                                                             # three rows were skipped
+    code = batch.main(
+        [
+            "--model",
+            str(DEMO_DIR),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "out"),
+            "--layers",
+            f"{LAYERS[0]}-{LAYERS[1]}",
+            "--heads",
+            f"{HEADS[0]}-{HEADS[1]}",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+            "--methods",
+            "attention,rollout",
+        ]
+    )
+    assert code == 1  # three rows were skipped
     everything = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert list(everything["method"]) == ["attention", "rollout"] * 6           # one row per item and method
+    assert list(everything["method"]) == ["attention", "rollout"] * 6  # one row per item and method
     results = everything[everything["method"] == "attention"].reset_index(drop=True)
     rollout = everything[everything["method"] == "rollout"]
     assert (rollout["layers"] == "all").all() and rollout["iou"].between(0, 1).all()
     assert list(results["item_id"]) == [f"s{k}" for k in range(6)]
-    parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")          # the same rows, typed
+    parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")  # the same rows, typed
     assert list(parquet.columns) == list(everything.columns)
     assert list(parquet["item_id"]) == list(everything["item_id"])
     assert parquet["pointing_hit"].dtype == bool

@@ -14,7 +14,7 @@ from families import decoder_layers
 from records import segment_positions
 from testing.tiny_models import FAMILIES
 
-TOLERANCE = dict(rtol=2e-3, atol=2e-6)             # float16 storage rounds by at most ~5e-4 of a value
+TOLERANCE = dict(rtol=2e-3, atol=2e-6)  # float16 storage rounds by at most ~5e-4 of a value
 
 
 def _kwargs(holder, n: int) -> dict:
@@ -32,16 +32,19 @@ def test_both_stores_equal_the_eager_reference(load_holder, family):
         for t in range(run.num_steps):
             torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), **TOLERANCE)
         for pos in run.prompt_positions:
-            torch.testing.assert_close(run.prompt_attention(pos).float(), eager.prompt_attention(pos).float(),
-                                       **TOLERANCE)
-        for name in ("vision", "system"):             # reduced on the device = summed from the eager rows
+            torch.testing.assert_close(
+                run.prompt_attention(pos).float(), eager.prompt_attention(pos).float(), **TOLERANCE
+            )
+        for name in ("vision", "system"):  # reduced on the device = summed from the eager rows
             np.testing.assert_allclose(run.segment_shares(name), eager.segment_shares(name), rtol=2e-3, atol=1e-5)
 
 
 def test_auto_store_keeps_the_smaller_representation(load_holder, dummy_image):
     holder = load_holder("qwen2_5_vl")
-    sizes = {store: holder.generate(dummy_image, "Hi", max_new_tokens=6, store=store, **_kwargs(holder, 6)).nbytes
-             for store in ("rows", "qk")}
+    sizes = {
+        store: holder.generate(dummy_image, "Hi", max_new_tokens=6, store=store, **_kwargs(holder, 6)).nbytes
+        for store in ("rows", "qk")
+    }
     auto = holder.generate(dummy_image, "Hi", max_new_tokens=6, **_kwargs(holder, 6))
     assert auto.nbytes == min(sizes.values())
     assert auto.attention.kind == min(sizes, key=sizes.get)
@@ -52,12 +55,12 @@ def test_query_key_store_caches_a_few_tokens_and_counts_them(load_holder, dummy_
     run = holder.generate(dummy_image, "Hi", max_new_tokens=8, store="qk", **_kwargs(holder, 8))
     before = run.nbytes
     first = run.step_attention(7)
-    assert run.step_attention(7) is first                                  # cached, not recomputed
+    assert run.step_attention(7) is first  # cached, not recomputed
     assert run.nbytes == before + first.numel() * 2
     for t in range(8):
         run.step_attention(t)
     cached = sum(run.step_attention(t).numel() * 2 for t in range(8 - run.attention.cache_tokens, 8))
-    assert run.nbytes == before + cached                                   # bounded by cache_tokens
+    assert run.nbytes == before + cached  # bounded by cache_tokens
 
 
 def test_the_models_own_mask_is_applied(load_holder):
@@ -74,10 +77,10 @@ def test_the_models_own_mask_is_applied(load_holder):
         with torch.inference_mode(), capture_attention(holder.model, method) as recorder:
             out = holder.model.generate(**inputs, max_new_tokens=3, do_sample=False, **_kwargs(holder, 3))
         stores[method] = recorder.finish(prompt_len, out.shape[1] - prompt_len, segments, "qk")
-    assert stores["sdpa"].layers[0].allowed is not None                   # the model's mask was kept
+    assert stores["sdpa"].layers[0].allowed is not None  # the model's mask was kept
     for t in range(out.shape[1] - prompt_len):
         fast, eager = stores["sdpa"].step(t).float(), stores["eager"].step(t).float()
-        assert fast[:, :, :3].abs().max() == 0                            # the padding is never attended
+        assert fast[:, :, :3].abs().max() == 0  # the padding is never attended
         torch.testing.assert_close(fast, eager, **TOLERANCE)
 
 
@@ -85,8 +88,9 @@ def test_the_models_own_mask_is_applied(load_holder):
 def test_logits_are_bitwise_equal_with_and_without_the_capture(load_holder, family, dummy_image):
     holder = load_holder(family)
     inputs = holder.on_model(holder.build_inputs(dummy_image, "Describe it."))
-    kwargs = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                  **_kwargs(holder, 5))
+    kwargs = dict(
+        max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, **_kwargs(holder, 5)
+    )
     with torch.inference_mode():
         plain = holder.model.generate(**inputs, **kwargs)
         with capture_attention(holder.model) as recorder:
@@ -129,6 +133,7 @@ def _state(holder):
 
 def test_every_recording_restores_the_model(load_holder, dummy_image):
     from methods.explain import gradient_map, rollout_map, vit_combined_map
+
     holder = load_holder("qwen2_5_vl")
     before = _state(holder)
     assert before[0] != RECORD_IMPLEMENTATION and before[1] != RECORD_IMPLEMENTATION
@@ -187,6 +192,6 @@ def test_the_recorder_keeps_only_the_rows_it_needs(load_holder, dummy_image, pro
     with torch.inference_mode(), capture_attention(holder.model, prompt_positions=prompt_positions) as recorder:
         holder.model.generate(**inputs, max_new_tokens=3, do_sample=False, **_kwargs(holder, 3))
     for calls in recorder.calls.values():
-        prefill = calls.queries[0]                                            # (1, H, n_p + 1, D)
+        prefill = calls.queries[0]  # (1, H, n_p + 1, D)
         assert prefill.shape[2] == len(prompt_positions or []) + 1
         assert prefill.untyped_storage().nbytes() == prefill.numel() * prefill.element_size()

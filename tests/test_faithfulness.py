@@ -16,14 +16,17 @@ def test_auc_is_the_trapezoid_mean():
 def test_curves_start_and_end_where_they_must(load_holder, family):
     holder = load_holder(family)
     image = noise_image(150, 100, seed=3)
-    run = holder.generate(image, "What is this?", max_new_tokens=2, min_new_tokens=2,
-                          suppress_tokens=[holder.model.config.image_token_id])
+    run = holder.generate(
+        image, "What is this?", max_new_tokens=2, min_new_tokens=2, suppress_tokens=[holder.model.config.image_token_id]
+    )
     heat = np.random.default_rng(0).random(run.vision.grid_hw).astype(np.float32)
     result = faithfulness(holder, run, 1, heat, steps=4)
     original = token_probability(holder, run, 1, image)
     # Nothing deleted = everything inserted = the original image; the reverse ends meet at the blur.
-    for curve_start, curve_end in ((result.deletion[0], result.insertion[-1]),
-                                   (result.random_deletion[0], result.random_insertion[-1])):
+    for curve_start, curve_end in (
+        (result.deletion[0], result.insertion[-1]),
+        (result.random_deletion[0], result.random_insertion[-1]),
+    ):
         assert curve_start == pytest.approx(original, rel=1e-4) and curve_end == pytest.approx(original, rel=1e-4)
     assert result.deletion[-1] == pytest.approx(result.insertion[0], rel=1e-4)
     assert result.deletion[-1] == pytest.approx(result.random_deletion[-1], rel=1e-4)

@@ -12,8 +12,8 @@ from families.llava import llava_box_xyxy
 from testing.tiny_models import FAMILIES
 from testing.tiny_tiles import TILED_FAMILIES
 
-SQUARE = ("gemma3", "paligemma")                                  # every image squashed to one square
-ONE_VIEW = [family for family in FAMILIES if family not in TILED_FAMILIES]   # tiled ones: test_tiled_geometry
+SQUARE = ("gemma3", "paligemma")  # every image squashed to one square
+ONE_VIEW = [family for family in FAMILIES if family not in TILED_FAMILIES]  # tiled ones: test_tiled_geometry
 
 
 @contextmanager
@@ -49,7 +49,7 @@ def _cell_px(holder) -> int:
 def test_one_block_of_pixels_changes_only_its_token(load_holder, family, cell):
     holder = load_holder(family)
     side = _cell_px(holder)
-    rows, cols = (4, 4) if family in SQUARE else (3, 4)           # these squash every image to a square
+    rows, cols = (4, 4) if family in SQUARE else (3, 4)  # these squash every image to a square
     # Sizes that the processor keeps as they are: whole cells for Qwen, LLaVA's 56 px crop area plus a
     # margin on each side for LLaVA (so the crop offset is exercised too).
     margin = 0 if family != "llava" else side
@@ -61,8 +61,9 @@ def test_one_block_of_pixels_changes_only_its_token(load_holder, family, cell):
         assert layout.image_box_xyxy == (margin, 0, margin + 4 * side, 4 * side)
     x0, y0 = layout.image_box_xyxy[:2]
     r, c = cell
-    pixels[int(y0) + r * side:int(y0) + (r + 1) * side, int(x0) + c * side:int(x0) + (c + 1) * side] = 255 - \
-        pixels[int(y0) + r * side:int(y0) + (r + 1) * side, int(x0) + c * side:int(x0) + (c + 1) * side]
+    pixels[int(y0) + r * side : int(y0) + (r + 1) * side, int(x0) + c * side : int(x0) + (c + 1) * side] = (
+        255 - pixels[int(y0) + r * side : int(y0) + (r + 1) * side, int(x0) + c * side : int(x0) + (c + 1) * side]
+    )
     new_embeds, _ = _decoder_input_embeds(holder, Image.fromarray(pixels))
     changed = torch.nonzero((new_embeds - base_embeds).abs().amax(dim=-1) > 1e-6).flatten().tolist()
     grid_w = layout.grid_hw[1]
@@ -89,12 +90,20 @@ def test_qwen_grid_covers_whole_image(load_holder, family, size):
 
 def _llava_15_processor():
     from transformers import CLIPImageProcessor
+
     # The settings of llava-hf/llava-1.5-7b-hf's processor.
     return CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 
 
-@pytest.mark.parametrize("size,box", [((640, 480), (80, 0, 560, 480)), ((480, 640), (0, 80, 480, 560)),
-                                      ((336, 336), (0, 0, 336, 336)), ((1000, 500), (250, 0, 750, 500))])
+@pytest.mark.parametrize(
+    "size,box",
+    [
+        ((640, 480), (80, 0, 560, 480)),
+        ((480, 640), (0, 80, 480, 560)),
+        ((336, 336), (0, 0, 336, 336)),
+        ((1000, 500), (250, 0, 750, 500)),
+    ],
+)
 def test_llava_15_crop_box(size, box):
     assert llava_box_xyxy(_llava_15_processor(), size) == pytest.approx(box, abs=1.5)
 
@@ -109,12 +118,13 @@ def test_llava_crop_box_matches_what_the_processor_keeps(size):
     canvas[y0:y1, x0:x1] = (255, 0, 0)
     pixels = processor(images=Image.fromarray(canvas), return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
     red, blue = pixels[0], pixels[2]
-    edge = 3   # resampling blends a couple of pixels at the border
+    edge = 3  # resampling blends a couple of pixels at the border
     assert float((red[edge:-edge, edge:-edge] > blue[edge:-edge, edge:-edge]).float().mean()) == 1.0
 
 
 def test_llava_padded_processor_box_extends_past_image():
     from transformers import CLIPImageProcessor
+
     processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     processor.do_pad = True
     assert llava_box_xyxy(processor, (640, 480)) == pytest.approx((0, -80, 640, 560), abs=1.5)
@@ -131,10 +141,12 @@ def test_grid_count_mismatch_is_reported(load_holder, dummy_image):
 def _embeds_and_layouts(holder, images=None, video=None):
     """(S, hidden) decoder input embeddings and the layouts, for several images or a video."""
     from families import vision_layouts
+
     captured = {}
 
     def grab(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"][0].detach().clone()
+
     inputs = holder.build_inputs(images, "Where?", video=video)
     sizes = [im.size for im in images] if images else [video[0].size]
     layouts = vision_layouts(holder.family, holder.model.config, holder.processor, inputs, sizes, video=bool(video))
@@ -156,13 +168,14 @@ def test_second_image_block_maps_to_its_own_token(load_holder, family):
     holder = load_holder(family)
     side = _cell_px(holder)
     rng = np.random.default_rng(5)
-    shapes = [(2 * side, 3 * side), (4 * side, 2 * side)] if family not in ("llava", *SQUARE) else \
-        [(4 * side, 4 * side)] * 2                                  # these two see every image as one square
+    shapes = (
+        [(2 * side, 3 * side), (4 * side, 2 * side)] if family not in ("llava", *SQUARE) else [(4 * side, 4 * side)] * 2
+    )  # these two see every image as one square
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in shapes]
     before, layouts = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
     assert len(layouts) == 2 and layouts[0].token_positions[-1] < layouts[1].token_positions[0]
     r, c = 1, 1
-    arrays[1][r * side:(r + 1) * side, c * side:(c + 1) * side] ^= 0xFF
+    arrays[1][r * side : (r + 1) * side, c * side : (c + 1) * side] ^= 0xFF
     after, _ = _embeds_and_layouts(holder, [Image.fromarray(a) for a in arrays])
     assert _changed_positions(before, after) == [int(layouts[1].token_positions[r * layouts[1].grid_hw[1] + c])]
 
@@ -175,9 +188,9 @@ def test_video_frame_block_maps_to_its_frame_and_cell(load_holder, family):
     frames = [rng.integers(0, 256, (3 * side, 4 * side, 3), dtype=np.uint8) for _ in range(4)]
     before, (layout,) = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
     assert layout.num_frames == 2 and layout.grid_hw == (3, 4)
-    frame, r, c = 1, 2, 3                                            # frames 2 and 3 form temporal step 1
+    frame, r, c = 1, 2, 3  # frames 2 and 3 form temporal step 1
     for f in (2, 3):
-        frames[f][r * side:(r + 1) * side, c * side:(c + 1) * side] ^= 0xFF
+        frames[f][r * side : (r + 1) * side, c * side : (c + 1) * side] ^= 0xFF
     after, _ = _embeds_and_layouts(holder, video=[Image.fromarray(f) for f in frames])
     cells = layout.grid_hw[0] * layout.grid_hw[1]
     assert _changed_positions(before, after) == [int(layout.token_positions[frame * cells + r * 4 + c])]

@@ -26,8 +26,9 @@ def _assert_exact(holder) -> None:
         for t in range(run.num_steps):
             torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), **TOLERANCE)
         for pos in run.prompt_positions:
-            torch.testing.assert_close(run.prompt_attention(pos).float(), eager.prompt_attention(pos).float(),
-                                       **TOLERANCE)
+            torch.testing.assert_close(
+                run.prompt_attention(pos).float(), eager.prompt_attention(pos).float(), **TOLERANCE
+            )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -39,8 +40,13 @@ def _two_device_map(model) -> dict[str, int]:
     """Everything before the decoder on GPU 0, the first half of the layers on 0, the rest and the head on 1."""
     language = model.model.language_model
     device_map = {f"model.{name}": 0 for name, _ in model.model.named_children() if name != "language_model"}
-    device_map.update({f"model.language_model.{name}": 1 if name == "norm" else 0
-                       for name, _ in language.named_children() if name != "layers"})
+    device_map.update(
+        {
+            f"model.language_model.{name}": 1 if name == "norm" else 0
+            for name, _ in language.named_children()
+            if name != "layers"
+        }
+    )
     num_layers = len(decoder_layers(model))
     device_map.update({f"model.language_model.layers.{i}": int(i >= num_layers // 2) for i in range(num_layers)})
     device_map["lm_head"] = 1
@@ -51,6 +57,7 @@ def _two_device_map(model) -> dict[str, int]:
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_rows_equal_eager_with_layers_on_two_gpus(tiny_model_dirs, family):
     from accelerate import dispatch_model
+
     holder = ModelHolder.load(tiny_model_dirs[family], device="cpu", dtype="float32")
     model = dispatch_model(holder.model, device_map=_two_device_map(holder.model))
     devices = {next(layer.parameters()).device for layer in decoder_layers(model)}
@@ -64,6 +71,7 @@ def _decode_syncs(holder, capture: bool, new_tokens: int) -> int:
     from contextlib import nullcontext
 
     from attention_extractor import capture_attention
+
     inputs = holder.on_model(holder.build_inputs(noise_image(150, 100, seed=5), "Describe the picture."))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     with torch.inference_mode(), capture_attention(holder.model) if capture else nullcontext():
@@ -86,6 +94,6 @@ def test_capture_adds_no_host_sync_per_decode_step(tiny_model_dirs, family):
     initialisation in either mode) is tolerated, one per step is not.
     """
     holder = ModelHolder.load(tiny_model_dirs[family], device="cuda", dtype="float32")
-    _decode_syncs(holder, True, 2), _decode_syncs(holder, False, 2)         # warm both modes
+    _decode_syncs(holder, True, 2), _decode_syncs(holder, False, 2)  # warm both modes
     extra = [_decode_syncs(holder, True, n) - _decode_syncs(holder, False, n) for n in (4, 16)]
     assert extra[1] - extra[0] < 12, f"the capture adds {(extra[1] - extra[0]) / 12:.2f} syncs per decode step"

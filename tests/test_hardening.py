@@ -28,7 +28,7 @@ def test_the_pixel_budget_is_clamped_to_the_processor_and_the_cap(load_holder):
     default = holder.build_inputs(image, "Hi")["image_grid_thw"][0].prod()
     huge = holder.build_inputs(image, "Hi", min_pixels=60_000_000)["image_grid_thw"][0]
     longest = holder.processor.image_processor.size["longest_edge"]
-    assert int(huge.prod()) * 14 * 14 <= longest                          # not 60 megapixels
+    assert int(huge.prod()) * 14 * 14 <= longest  # not 60 megapixels
     capped = ModelHolder(**{**holder.__dict__, "max_pixels_cap": 56 * 56})
     small = capped.build_inputs(image, "Hi", max_pixels=10**9)["image_grid_thw"][0]
     assert int(small.prod()) * 14 * 14 <= 56 * 56 < int(default) * 14 * 14
@@ -39,7 +39,7 @@ def test_the_pixel_budget_is_clamped_to_the_processor_and_the_cap(load_holder):
 
 def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.png"
-    Image.new("1", (30000, 30000)).save(bomb)                              # ~100 KB on disk, 900 megapixels
+    Image.new("1", (30000, 30000)).save(bomb)  # ~100 KB on disk, 900 megapixels
     with pytest.raises(ImageLoadError, match="megapixels"):
         load_image(bomb)
     wide = tmp_path / "wide.png"
@@ -59,36 +59,49 @@ def _broken_copy(src, dst, how: str):
     elif how == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif how == "no processor":
-        for name in ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-                     "chat_template.jinja", "chat_template.json", "video_preprocessor_config.json"):
+        for name in (
+            "preprocessor_config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "chat_template.json",
+            "video_preprocessor_config.json",
+        ):
             (dst / name).unlink(missing_ok=True)
     elif how in ("other config", "huge config"):
         config = json.loads((dst / "config.json").read_text())
         text = config["text_config"]
         if how == "other config":
-            text["intermediate_size"] = text["intermediate_size"] * 2    # shapes no longer match
+            text["intermediate_size"] = text["intermediate_size"] * 2  # shapes no longer match
         else:
-            text.update(hidden_size=8192, num_hidden_layers=80, intermediate_size=29568, num_attention_heads=64,
-                        layer_types=["full_attention"] * 80)
+            text.update(
+                hidden_size=8192,
+                num_hidden_layers=80,
+                intermediate_size=29568,
+                num_attention_heads=64,
+                layer_types=["full_attention"] * 80,
+            )
         (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
-@pytest.mark.parametrize("how", ["no weights", "pickle only", "truncated", "no processor", "other config",
-                                 "huge config"])
+@pytest.mark.parametrize(
+    "how", ["no weights", "pickle only", "truncated", "no processor", "other config", "huge config"]
+)
 def test_a_failed_load_keeps_the_current_model(tiny_model_dirs, load_holder, tmp_path, how):
     slot = ModelSlot()
     slot.holder = current = load_holder("qwen2_vl")
     broken = _broken_copy(tiny_model_dirs["qwen2_vl"], tmp_path / "broken", how)
     with pytest.raises(ModelLoadError) as caught:
         slot.load(str(broken), device="cpu", dtype="float32")
-    assert slot.holder is current                                          # everyone still has a model
+    assert slot.holder is current  # everyone still has a model
     message = str(caught.value)
     assert "Traceback" not in message and len(message) < 600
     if how == "pickle only":
         assert "pickle" in message
     if how == "huge config":
-        assert "declares" in message                                       # refused before allocating
+        assert "declares" in message  # refused before allocating
 
 
 def test_recordings_do_not_nest(load_holder):
@@ -97,23 +110,25 @@ def test_recordings_do_not_nest(load_holder):
         with pytest.raises(CaptureError, match="do not nest"):
             with capture_attention(holder.model):
                 pass
-    with capture_attention(holder.model):                                 # and the first one was released
+    with capture_attention(holder.model):  # and the first one was released
         pass
 
 
-@pytest.mark.parametrize("argv,field,expected", [
-    ([], "allow_model_loading", True),
-    (["--share"], "allow_model_loading", False),
-    (["--host", "0.0.0.0"], "allow_model_loading", False),
-    (["--host", "0.0.0.0", "--allow-model-loading"], "allow_model_loading", True),
-    (["--max-pixels-cap", "1000000"], "max_pixels_cap", 1_000_000),
-])
+@pytest.mark.parametrize(
+    "argv,field,expected",
+    [
+        ([], "allow_model_loading", True),
+        (["--share"], "allow_model_loading", False),
+        (["--host", "0.0.0.0"], "allow_model_loading", False),
+        (["--host", "0.0.0.0", "--allow-model-loading"], "allow_model_loading", True),
+        (["--max-pixels-cap", "1000000"], "max_pixels_cap", 1_000_000),
+    ],
+)
 def test_the_operator_decides_who_may_load_models(argv, field, expected):
     assert getattr(app.parse_args(argv), field) == expected
 
 
-@pytest.mark.parametrize("argv", [["--session-cache-mb", "0"], ["--session-cache-mb", "-5"],
-                                  ["--max-pixels-cap", "0"]])
+@pytest.mark.parametrize("argv", [["--session-cache-mb", "0"], ["--session-cache-mb", "-5"], ["--max-pixels-cap", "0"]])
 def test_nonsense_limits_are_refused_at_start(argv):
     with pytest.raises(SystemExit):
         app.parse_args(argv)
@@ -128,7 +143,7 @@ def test_loading_when_turned_off_says_why(tiny_model_dirs, tmp_path):
 
 def test_page_loads_never_wait_for_the_start_up_model(tmp_path):
     slot = ModelSlot()
-    slot.ready.clear()                                                     # a start-up load is running
+    slot.ready.clear()  # a start-up load is running
     handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(64))
     answers = []
     threads = [threading.Thread(target=lambda: answers.append(handlers.page_load())) for _ in range(40)]
@@ -137,14 +152,16 @@ def test_page_loads_never_wait_for_the_start_up_model(tmp_path):
     for thread in threads:
         thread.join(timeout=5)
     assert len(answers) == 40 and all("Loading the start-up model" in a[0] for a in answers)
-    assert all(a[-1].active for a in answers)                              # each page asks again later
+    assert all(a[-1].active for a in answers)  # each page asks again later
     slot.ready.set()
     assert not handlers.page_load()[-1].active
 
 
 def test_nothing_from_a_tokenizer_or_a_user_renders_as_markup(load_holder, tmp_path):
-    assert as_text("</s> <img src=x onerror=alert(1)> **b** [l](http://x)") == \
-        r"&lt;/s&gt; &lt;img src=x onerror=alert(1)&gt; \*\*b\*\* \[l\](http://x)"
+    assert (
+        as_text("</s> <img src=x onerror=alert(1)> **b** [l](http://x)")
+        == r"&lt;/s&gt; &lt;img src=x onerror=alert(1)&gt; \*\*b\*\* \[l\](http://x)"
+    )
     handlers = Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
     with pytest.raises(gr.Error) as caught:
         handlers.load_model("<img src=http://example.com/x.png>")
@@ -173,6 +190,7 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
         path.write_bytes(b"x" * 400_000)
         stamp = time.time() - 100 + k
         import os
+
         os.utime(path, (stamp, stamp))
     newest = tmp_path / "picture-4.png"
     assert prune_outputs(tmp_path, max_mb=1.0, keep=[newest]) == 4
@@ -183,26 +201,28 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
 
 def test_login_backs_off_after_wrong_passwords():
     from ui.components import LoginGuard
+
     now = [0.0]
     guard = LoginGuard("ada", "secret", clock=lambda: now[0])
     assert guard("ada", "secret")
-    results = [guard("ada", f"guess{k}") for k in range(200)]               # 200 guesses at once
+    results = [guard("ada", f"guess{k}") for k in range(200)]  # 200 guesses at once
     assert not any(results)
-    assert guard.failures == 5                                              # only 5 were even checked
-    assert not guard("ada", "secret")                                       # locked, even for the right one
+    assert guard.failures == 5  # only 5 were even checked
+    assert not guard("ada", "secret")  # locked, even for the right one
     now[0] += 1.5
-    assert guard("ada", "secret") and guard.failures == 0                   # the window passed; reset
+    assert guard("ada", "secret") and guard.failures == 0  # the window passed; reset
 
 
 def test_inline_images_obey_the_upload_cap(tmp_path):
     from gradio.data_classes import FileData
 
     from ui.components import image_upload, upload_bytes
+
     assert upload_bytes("50mb") == 50 * 2**20 and upload_bytes("1kb") == 1024
     big = tmp_path / "big.png"
-    noise_image(600, 600).save(big)                                         # ~1 MB of noise
+    noise_image(600, 600).save(big)  # ~1 MB of noise
     upload = image_upload(100_000)
-    assert type(upload) is gr.Image                                         # a plain component: no stub file
+    assert type(upload) is gr.Image  # a plain component: no stub file
     with pytest.raises(gr.Error, match="accepts up to"):
         upload.preprocess(FileData(path=str(big)))
     small = tmp_path / "small.png"
@@ -219,12 +239,13 @@ def test_pictures_are_drawn_from_a_bounded_display_copy(load_holder, tmp_path):
     noise_image(4000, 3000).save(path)
     *_, last = handlers.generate(str(path), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
     stored = handlers.store.get(last[0])
-    assert last[4].size == (2048, 1536)                                     # the picture, not 4000x3000
-    assert stored.image.size == (4000, 3000)                                # model passes keep the original
+    assert last[4].size == (2048, 1536)  # the picture, not 4000x3000
+    assert stored.image.size == (4000, 3000)  # model passes keep the original
     grid_h, grid_w = stored.run.vision.grid_hw
 
-    class Click:                                                            # the last cell, clicked on the picture
+    class Click:  # the last cell, clicked on the picture
         index = (2047, 1535)
+
     region, *_ = handlers.region_click(last[0], [], "overlay", Click())
     assert region == [[grid_h - 1, grid_w - 1]]
 
@@ -232,20 +253,31 @@ def test_pictures_are_drawn_from_a_bounded_display_copy(load_holder, tmp_path):
 def test_the_recorder_refuses_batches(load_holder, dummy_image):
     holder = load_holder("qwen2_vl")
     inputs = holder.on_model(holder.build_inputs(dummy_image, "Hi"))
-    doubled = {key: value.repeat(2, *[1] * (value.dim() - 1)) if key in ("input_ids", "attention_mask",
-                                                                         "mm_token_type_ids") else value
-               for key, value in inputs.items()}
+    doubled = {
+        key: value.repeat(2, *[1] * (value.dim() - 1))
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids")
+        else value
+        for key, value in inputs.items()
+    }
     doubled["pixel_values"] = inputs["pixel_values"].repeat(2, 1)
     doubled["image_grid_thw"] = inputs["image_grid_thw"].repeat(2, 1)
     import torch
+
     with torch.inference_mode(), capture_attention(holder.model) as recorder:
         out = holder.model.generate(**doubled, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     with pytest.raises(CaptureError, match="batch of one"):
         recorder.finish(inputs["input_ids"].shape[1], out.shape[1] - inputs["input_ids"].shape[1], {})
 
 
-@pytest.mark.parametrize("argv,warned", [([], []), (["--host", "0.0.0.0"], ["--host 0.0.0.0"]),
-                                         (["--share"], ["--share"]), (["--host", "0.0.0.0", "--auth", "a:b"], [])])
+@pytest.mark.parametrize(
+    "argv,warned",
+    [
+        ([], []),
+        (["--host", "0.0.0.0"], ["--host 0.0.0.0"]),
+        (["--share"], ["--share"]),
+        (["--host", "0.0.0.0", "--auth", "a:b"], []),
+    ],
+)
 def test_an_exposed_server_without_auth_is_warned_about(argv, warned):
     warnings = app.exposure_warnings(app.parse_args(argv))
     assert [w.split(" without")[0] for w in warnings] == warned
@@ -259,12 +291,13 @@ def test_an_unexpected_failure_in_generation_is_said_plainly(load_holder, tmp_pa
 
     def broken(*args, **kwargs):
         raise RuntimeError("<kernel> exploded")
+
     monkeypatch.setattr(holder, "generate", broken)
     with pytest.raises(gr.Error, match="Generation failed: &lt;kernel&gt; exploded"):
         list(handlers.generate(str(_png(tmp_path)), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None))
     monkeypatch.undo()
     *_, last = handlers.generate(str(_png(tmp_path)), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
-    assert handlers.store.get(last[0]).run.num_steps >= 1                   # the next request works
+    assert handlers.store.get(last[0]).run.num_steps >= 1  # the next request works
 
 
 def test_a_handlers_own_message_reaches_the_user_unchanged(tmp_path):
@@ -278,6 +311,7 @@ def test_a_busy_port_names_the_port_option():
     import socket
 
     import app
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -289,13 +323,15 @@ def test_a_busy_port_names_the_port_option():
 def test_gradios_cache_is_cleaned_on_the_configured_schedule(tmp_path):
     import app
     from pipeline import ModelSlot, RunStore
+
     cfg = AppConfig(outputs_dir=tmp_path, cache_max_age_s=1234)
     demo = app.build_ui(cfg, ModelSlot(), RunStore(64))
-    assert demo.delete_cache == (1234, 1234)                 # every 1234 s, files older than 1234 s
+    assert demo.delete_cache == (1234, 1234)  # every 1234 s, files older than 1234 s
 
 
-@pytest.mark.parametrize("field, values", [("max_new_tokens", (2.5, float("nan"), 0)),
-                                           ("max_pixels", (1000.5, float("inf"), -5))])
+@pytest.mark.parametrize(
+    "field, values", [("max_new_tokens", (2.5, float("nan"), 0)), ("max_pixels", (1000.5, float("inf"), -5))]
+)
 def test_the_apps_numbers_are_whole_or_refused(tiny_model_dirs, tmp_path, field, values):
     slot = ModelSlot()
     slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
@@ -306,5 +342,8 @@ def test_the_apps_numbers_are_whole_or_refused(tiny_model_dirs, tmp_path, field,
     for value in values:
         args = dict(max_new_tokens=2, max_pixels=0) | {field: value}
         with pytest.raises(gr.Error, match="whole number"):
-            list(handlers.generate(str(image), "Hi", args["max_new_tokens"], False, 0.7, 0.9, 0, args["max_pixels"],
-                                   *view, None, None))
+            list(
+                handlers.generate(
+                    str(image), "Hi", args["max_new_tokens"], False, 0.7, 0.9, 0, args["max_pixels"], *view, None, None
+                )
+            )

@@ -52,17 +52,24 @@ class _Elements(HTMLParser):
 
 def _nasty_lens() -> LogitLens:
     tokens = [[["</script><img src=x onerror=alert(1)>", "<s>", "&amp;"], [" ", '"q"', "<image>"]]]
-    return LogitLens([0], np.zeros((1, 2, 3), dtype=np.int64), np.full((1, 2, 3), 0.3, dtype=np.float32),
-                     tokens, (1, 2), (0.0, 0.0, 64.0, 32.0))
+    return LogitLens(
+        [0],
+        np.zeros((1, 2, 3), dtype=np.int64),
+        np.full((1, 2, 3), 0.3, dtype=np.float32),
+        tokens,
+        (1, 2),
+        (0.0, 0.0, 64.0, 32.0),
+    )
 
 
 def test_lens_page_is_self_contained_and_escapes_tokens(tmp_path):
     from PIL import Image
+
     page = lens_html(_nasty_lens(), Image.new("RGB", (64, 32), "white"))
     assert "http://" not in page and "https://" not in page and "<script src" not in page
     parser = _Elements()
     parser.feed(page)
-    assert "img" in parser.tags and parser.tags.count("img") == 1          # only the picture itself
+    assert "img" in parser.tags and parser.tags.count("img") == 1  # only the picture itself
     assert parser.tags.count("script") == 2 and "onerror" not in parser.attrs
     assert "</script><img" not in page
 
@@ -71,16 +78,18 @@ def test_lens_page_is_self_contained_and_escapes_tokens(tmp_path):
 def test_lens_page_works_offline_in_a_browser(tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
+
     path = tmp_path / "lens.html"
     path.write_text(lens_html(_nasty_lens(), Image.new("RGB", (64, 32), "white"), mask_blank=False))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
-                                     args=["--headless", "--no-sandbox", "--disable-gpu",
-                                           "--disable-background-networking"])
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page()
         page.goto(path.as_uri())
         cells = page.locator(".c")
-        assert cells.nth(0).text_content() == "</script><img src=x onerror=alert(1)>"   # shown as text
+        assert cells.nth(0).text_content() == "</script><img src=x onerror=alert(1)>"  # shown as text
         cells.nth(1).hover()
         assert '"<image>"' in page.locator("#tip").text_content()
         browser.close()

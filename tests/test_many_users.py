@@ -60,6 +60,7 @@ def _image_file(folder, seed: int) -> str:
 
 def test_eight_users_three_rounds_each(served, tmp_path):
     from gradio_client import Client, handle_file
+
     url, slot = served
     meter = _ConcurrencyMeter(slot.holder)
     slot.holder.generate = meter
@@ -72,16 +73,26 @@ def test_eight_users_three_rounds_each(served, tmp_path):
                 prompt = f"user {idx} round {round_idx}: what is this?"
                 start = time.perf_counter()
                 answer, dropdown, _, picture, caption, *_ = client.predict(
-                    handle_file(_image_file(tmp_path, idx)), prompt, 3, False, 0.7, 0.9, 0, 0, *VIEW,
-                    api_name="/generate")
+                    handle_file(_image_file(tmp_path, idx)),
+                    prompt,
+                    3,
+                    False,
+                    0.7,
+                    0.9,
+                    0,
+                    0,
+                    *VIEW,
+                    api_name="/generate",
+                )
                 tokens = [choice[0] for choice in dropdown["choices"]]
                 rendered = client.predict(len(tokens) - 1, *VIEW[1:], api_name="/render")
                 timings.append(time.perf_counter() - start)
                 # The render sees this session's own last token, not another user's.
                 assert rendered[1].startswith(f"Token {len(tokens) - 1} "), rendered[1]
-                assert as_text(tokens[-1].split(": ", 1)[1]) in rendered[1]    # shown literally
-        except Exception as err:                                            # collected and asserted below
+                assert as_text(tokens[-1].split(": ", 1)[1]) in rendered[1]  # shown literally
+        except Exception as err:  # collected and asserted below
             failures.append(f"user {idx}: {err!r}")
+
     threads = [threading.Thread(target=user, args=(idx,)) for idx in range(8)]
     for thread in threads:
         thread.start()
@@ -89,21 +100,24 @@ def test_eight_users_three_rounds_each(served, tmp_path):
         thread.join(timeout=300)
     assert not failures, failures
     assert len(timings) == 24
-    assert meter.peak == 1                                                  # generation is serialised
+    assert meter.peak == 1  # generation is serialised
     print(f"8 users x 3 rounds: median round {np.median(timings):.2f} s, slowest {max(timings):.2f} s")
 
 
 def test_rendering_is_not_blocked_by_another_users_generation(served, tmp_path):
     from gradio_client import Client, handle_file
+
     url, slot = served
     viewer = Client(url, verbose=False)
-    viewer.predict(handle_file(_image_file(tmp_path, 1)), "first", 2, False, 0.7, 0.9, 0, 0, *VIEW,
-                   api_name="/generate")
-    slot.holder.generate = _ConcurrencyMeter(slot.holder, delay=4.0)           # a slow generation
+    viewer.predict(
+        handle_file(_image_file(tmp_path, 1)), "first", 2, False, 0.7, 0.9, 0, 0, *VIEW, api_name="/generate"
+    )
+    slot.holder.generate = _ConcurrencyMeter(slot.holder, delay=4.0)  # a slow generation
     generator = Client(url, verbose=False)
-    job = generator.submit(handle_file(_image_file(tmp_path, 2)), "slow", 2, False, 0.7, 0.9, 0, 0, *VIEW,
-                           api_name="/generate")
-    time.sleep(1.0)                                                          # the slow generation is running
+    job = generator.submit(
+        handle_file(_image_file(tmp_path, 2)), "slow", 2, False, 0.7, 0.9, 0, 0, *VIEW, api_name="/generate"
+    )
+    time.sleep(1.0)  # the slow generation is running
     start = time.perf_counter()
     rendered = viewer.predict(*VIEW, api_name="/render")
     render_seconds = time.perf_counter() - start
@@ -123,9 +137,12 @@ def test_memory_levels_off_over_a_hundred_sessions(tiny_model_dirs, tmp_path):
         assert h.store.total_bytes <= cap_mb * 2**20
         if session % 10 == 9:
             rss_mb.append(process.memory_info().rss / 2**20)
-    print("RSS every 10 sessions (MB):", " ".join(f"{v:.0f}" for v in rss_mb),
-          f"| kept: {len(h.store)} runs, {h.store.total_bytes / 2**20:.2f} MB")
-    assert rss_mb[-1] - rss_mb[2] < 40                                      # flat after warm-up
+    print(
+        "RSS every 10 sessions (MB):",
+        " ".join(f"{v:.0f}" for v in rss_mb),
+        f"| kept: {len(h.store)} runs, {h.store.total_bytes / 2**20:.2f} MB",
+    )
+    assert rss_mb[-1] - rss_mb[2] < 40  # flat after warm-up
 
 
 def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder, dummy_image, monkeypatch, tmp_path):
@@ -137,13 +154,15 @@ def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder,
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_generate(*args, **kwargs)
+
     monkeypatch.setattr(holder.model, "generate", exploding_generate)
     with pytest.raises(GenerationOutOfMemoryError, match="Lower the image-token budget"):
         holder.generate(dummy_image, "Hi", max_new_tokens=2)
-    assert holder.model.config.get_text_config()._attn_implementation == "sdpa"   # capture was removed
+    assert holder.model.config.get_text_config()._attn_implementation == "sdpa"  # capture was removed
     assert holder.generate(dummy_image, "Hi", max_new_tokens=2).num_steps >= 1
 
     import gradio as gr
+
     slot = ModelSlot()
     slot.holder = holder
     h = app.Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(100))
@@ -157,6 +176,7 @@ def test_out_of_memory_is_freed_reported_and_the_next_request_works(load_holder,
 def test_a_generation_its_client_abandons_stops_and_frees_the_model(load_holder, dummy_image, monkeypatch):
     """Closing the stream (Gradio does when a client cancels or leaves) stops generating at the next token."""
     from pipeline import ModelSlot, stream_generation
+
     slot, holder = ModelSlot(), load_holder("qwen2_vl")
     slot.holder = holder
     finished_runs, generate = [], holder.generate
@@ -164,34 +184,37 @@ def test_a_generation_its_client_abandons_stops_and_frees_the_model(load_holder,
     def spy(*args, **kwargs):
         finished_runs.append(generate(*args, **kwargs))
         return finished_runs[-1]
+
     monkeypatch.setattr(holder, "generate", spy)
     threads_before = threading.active_count()
     stream = stream_generation(slot, [dummy_image], "Describe it.", 1000, min_new_tokens=1000)
-    assert isinstance(next(stream), str)                                   # generating, lock held
-    stream.close()                                                         # the client went away
-    with slot.lock:                                                        # the worker let go of the model
+    assert isinstance(next(stream), str)  # generating, lock held
+    stream.close()  # the client went away
+    with slot.lock:  # the worker let go of the model
         assert len(finished_runs) == 1 and finished_runs[0].num_steps < 100  # not the 1000 asked for
     deadline = time.monotonic() + 10
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == threads_before                       # no worker left behind
+    assert threading.active_count() == threads_before  # no worker left behind
     finished = list(stream_generation(slot, [dummy_image], "Hi", 3, min_new_tokens=3))
-    assert finished[-1].num_steps == 3                                      # the next user is served
+    assert finished[-1].num_steps == 3  # the next user is served
 
 
 def test_a_client_that_cancels_through_the_queue_stops_its_generation(tiny_model_dirs, tmp_path):
     from gradio_client import Client, handle_file
 
     from pipeline import ModelSlot, RunStore
+
     slot = ModelSlot()
     slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
-    slot.holder.model.generation_config.min_new_tokens = 500               # uncancelled, it would run all 500
+    slot.holder.model.generation_config.min_new_tokens = 500  # uncancelled, it would run all 500
     steps, generate = [], slot.holder.generate
 
     def spy(*args, **kwargs):
         run = generate(*args, **kwargs)
         steps.append(run.num_steps)
         return run
+
     slot.holder.generate = spy
     demo = app.build_ui(AppConfig(outputs_dir=tmp_path / "outputs"), slot, RunStore(512))
     demo.queue()
@@ -202,14 +225,15 @@ def test_a_client_that_cancels_through_the_queue_stops_its_generation(tiny_model
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         job = client.submit(
-            handle_file(str(image)), "Describe it.", 500, False, 0.7, 0.9, 0, 0, 0, api_name="/generate")
+            handle_file(str(image)), "Describe it.", 500, False, 0.7, 0.9, 0, 0, 0, api_name="/generate"
+        )
         deadline = time.monotonic() + 60
-        while not job.outputs() and time.monotonic() < deadline:      # the answer has started streaming
+        while not job.outputs() and time.monotonic() < deadline:  # the answer has started streaming
             time.sleep(0.05)
-        sessions = list(slot._generations)                                 # the request reached the handler
+        sessions = list(slot._generations)  # the request reached the handler
         job.cancel()
-        with slot.lock:                                                    # the worker let go of the model
-            assert len(steps) == 1 and steps[0] < 100                      # not the 500 tokens asked for
+        with slot.lock:  # the worker let go of the model
+            assert len(steps) == 1 and steps[0] < 100  # not the 500 tokens asked for
         assert sessions == [client.session_hash]
     finally:
         demo.close()
@@ -220,9 +244,10 @@ def test_asking_again_stops_the_sessions_own_running_generation_only(tiny_model_
     from types import SimpleNamespace
 
     from ui.handlers import Handlers
+
     slot = ModelSlot()
     slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
-    slot.holder.model.generation_config.min_new_tokens = 2000              # unstopped, it would run all 2000
+    slot.holder.model.generation_config.min_new_tokens = 2000  # unstopped, it would run all 2000
     h = Handlers(AppConfig(outputs_dir=tmp_path / "outputs"), slot, RunStore(512))
     image = _image_file(tmp_path, 1)
     mine, other = SimpleNamespace(session_hash="mine"), SimpleNamespace(session_hash="other")
@@ -231,17 +256,18 @@ def test_asking_again_stops_the_sessions_own_running_generation_only(tiny_model_
     def run(name, request):
         *_, last = h.generate(image, "Describe it.", 2000, False, 0.7, 0.9, 0, 0, *VIEW, None, None, request=request)
         results[name] = h.store.get(last[0]).run.num_steps
+
     worker = threading.Thread(target=run, args=("old", mine))
     worker.start()
     deadline = time.monotonic() + 60
     while "mine" not in slot._generations and time.monotonic() < deadline:
         time.sleep(0.01)
-    h.stop_generation(other)                                               # someone else's click: no effect
+    h.stop_generation(other)  # someone else's click: no effect
     time.sleep(0.3)
     assert not slot._generations["mine"].is_set()
-    h.stop_generation(mine)                                                # this session asks again
+    h.stop_generation(mine)  # this session asks again
     worker.join(60)
-    assert not worker.is_alive() and results["old"] < 2000                 # stopped early, not 2000 tokens
-    assert slot._generations == {}                                         # nothing left registered
-    first, second = slot.begin("s"), slot.begin("s")                       # a new generation of the session
-    assert first.is_set() and not second.is_set()                          # stops the one before it
+    assert not worker.is_alive() and results["old"] < 2000  # stopped early, not 2000 tokens
+    assert slot._generations == {}  # nothing left registered
+    first, second = slot.begin("s"), slot.begin("s")  # a new generation of the session
+    assert first.is_set() and not second.is_set()  # stops the one before it

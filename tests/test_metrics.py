@@ -19,27 +19,27 @@ def _one_hot(row, col, grid=(4, 4)) -> np.ndarray:
 
 
 def test_a_map_on_the_target_scores_top_and_one_off_it_scores_nothing():
-    layout, region = _layout(), target_mask((400, 400), boxes=[[0, 0, 100, 100]])     # exactly cell (0, 0)
+    layout, region = _layout(), target_mask((400, 400), boxes=[[0, 0, 100, 100]])  # exactly cell (0, 0)
     on, off = _one_hot(0, 0), _one_hot(3, 3)
     assert pointing_hit(on, layout, region) and not pointing_hit(off, layout, region)
-    assert attention_ratio(on, layout, region) == pytest.approx(16.0)                 # all mass on 1/16 of the area
+    assert attention_ratio(on, layout, region) == pytest.approx(16.0)  # all mass on 1/16 of the area
     assert attention_ratio(off, layout, region) == 0.0
     assert otsu_iou(on, layout, region) == pytest.approx(1.0) and otsu_iou(off, layout, region) == 0.0
 
 
 def test_a_uniform_map_is_at_chance_and_partial_cells_count_in_proportion():
     layout = _layout()
-    region = target_mask((400, 400), boxes=[[0, 0, 50, 100]])                        # half of cell (0, 0)
+    region = target_mask((400, 400), boxes=[[0, 0, 50, 100]])  # half of cell (0, 0)
     assert attention_ratio(np.ones((4, 4)), layout, region) == pytest.approx(1.0)
     assert cell_coverage(layout, region)[0, 0] == pytest.approx(0.5)
     assert attention_ratio(_one_hot(0, 0), layout, region) == pytest.approx(0.5 / (5000 / 160000))
-    assert otsu_iou(_one_hot(0, 0), layout, region) == pytest.approx(0.5)              # 5000 px of a 10000 px cell
-    assert not pointing_hit(_one_hot(0, 0), layout, region)                          # the cell's centre is off it
+    assert otsu_iou(_one_hot(0, 0), layout, region) == pytest.approx(0.5)  # 5000 px of a 10000 px cell
+    assert not pointing_hit(_one_hot(0, 0), layout, region)  # the cell's centre is off it
 
 
 def test_what_the_model_never_saw_is_never_on_target():
     layout = _layout(image_size=(400, 300), box=(50.0, 0.0, 350.0, 300.0), grid=(4, 4))  # a centre crop
-    region = target_mask((400, 300), boxes=[[0, 0, 50, 300]])                         # left of the crop only
+    region = target_mask((400, 300), boxes=[[0, 0, 50, 300]])  # left of the crop only
     heat = np.random.default_rng(0).random((4, 4))
     assert not pointing_hit(heat, layout, region) and attention_ratio(heat, layout, region) == 0.0
     assert otsu_iou(heat, layout, region) == 0.0
@@ -47,7 +47,7 @@ def test_what_the_model_never_saw_is_never_on_target():
 
 def test_masks_and_boxes_combine_and_bad_targets_are_refused():
     mask = np.zeros((400, 400), dtype=bool)
-    mask[300:, 300:] = True                                                           # cell (3, 3)
+    mask[300:, 300:] = True  # cell (3, 3)
     region = target_mask((400, 400), boxes=[[0, 0, 100, 100]], mask=mask)
     assert region.sum() == 2 * 100 * 100
     assert pointing_hit(_one_hot(3, 3), _layout(), region)
@@ -67,4 +67,4 @@ def test_otsus_threshold_splits_two_clusters():
     values = np.concatenate([np.full(30, 0.1), np.full(10, 0.9)])
     threshold = otsu_threshold(values)
     assert 0.1 < threshold <= 0.9 and (values >= threshold).sum() == 10
-    assert otsu_threshold(np.full(5, 0.3)) == pytest.approx(0.3)                       # flat: nothing stands out
+    assert otsu_threshold(np.full(5, 0.3)) == pytest.approx(0.3)  # flat: nothing stands out

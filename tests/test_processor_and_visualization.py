@@ -10,21 +10,22 @@ from records import AttentionRun, VisionLayout
 from visualization import COLORMAPS, draw_grid, heatmap_image, overlay, side_by_side
 
 PROMPT_LEN, GRID_HW, LAYERS, HEADS = 20, (3, 4), 4, 2
-VISION_POS = np.arange(5, 5 + GRID_HW[0] * GRID_HW[1])      # positions 5..16
+VISION_POS = np.arange(5, 5 + GRID_HW[0] * GRID_HW[1])  # positions 5..16
 
 
 def _run(hot_cells: list[int], image_size=(400, 300), box=None) -> AttentionRun:
     """A run whose step t puts mass 0.5 on vision cell hot_cells[t] and spreads the rest on text."""
     rows = []
     for t, cell in enumerate(hot_cells):
-        row = torch.zeros(LAYERS, HEADS, PROMPT_LEN + t)                     # (L, H, S_t)
+        row = torch.zeros(LAYERS, HEADS, PROMPT_LEN + t)  # (L, H, S_t)
         row[:, :, :5] = 0.1
         row[:, :, VISION_POS[cell]] = 0.5
-        row[1, 1, VISION_POS[0]] += 0.2   # one head of layer 1 also looks at cell 0
+        row[1, 1, VISION_POS[0]] += 0.2  # one head of layer 1 also looks at cell 0
         rows.append(row.half())
     layout = VisionLayout(VISION_POS, GRID_HW, image_size, box or (0, 0, *image_size), (84, 112))
-    return AttentionRun([1] * PROMPT_LEN, list(range(len(hot_cells))), ["a"] * len(hot_cells), layout,
-                        list(range(LAYERS)), HEADS, rows)
+    return AttentionRun(
+        [1] * PROMPT_LEN, list(range(len(hot_cells))), ["a"] * len(hot_cells), layout, list(range(LAYERS)), HEADS, rows
+    )
 
 
 def test_one_hot_attention_lands_on_its_cell():
@@ -45,9 +46,15 @@ def test_reductions_and_inclusive_ranges():
     assert token_heatmap(run, 0, reduce="mean")[0, 0] == pytest.approx(0.2 / (LAYERS * HEADS), abs=1e-3)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(layers=(3, 1)), "inverted"), (dict(layers=(0, 9)), "outside"), (dict(heads=(0, 2)), "outside"),
-    (dict(reduce="median"), "aggregation")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(layers=(3, 1)), "inverted"),
+        (dict(layers=(0, 9)), "outside"),
+        (dict(heads=(0, 2)), "outside"),
+        (dict(reduce="median"), "aggregation"),
+    ],
+)
 def test_bad_view_arguments_say_what_to_do(kwargs, match):
     with pytest.raises(ValueError, match=match):
         token_heatmap(_run([7]), 0, **kwargs)
@@ -90,11 +97,14 @@ def test_alpha_zero_returns_the_original_inside_the_box():
 def test_hot_cell_is_drawn_at_its_pixels_in_rgb_order():
     heat = np.zeros(GRID_HW, dtype=np.float32)
     heat[2, 1] = 1.0
-    out = np.asarray(overlay(Image.new("RGB", (400, 300), "white"), heat, (0, 0, 400, 300), "jet", alpha=1.0,
-                             interpolation="nearest"))
-    cell = out[200:300, 100:200]                 # row 2, column 1 of a 3x4 grid over 400x300
-    assert cell[..., 0].mean() > 100 and cell[..., 2].mean() < 50     # jet's top is red, in RGB
-    assert out[0:100, 0:100, 2].mean() > 100                          # jet's bottom is blue
+    out = np.asarray(
+        overlay(
+            Image.new("RGB", (400, 300), "white"), heat, (0, 0, 400, 300), "jet", alpha=1.0, interpolation="nearest"
+        )
+    )
+    cell = out[200:300, 100:200]  # row 2, column 1 of a 3x4 grid over 400x300
+    assert cell[..., 0].mean() > 100 and cell[..., 2].mean() < 50  # jet's top is red, in RGB
+    assert out[0:100, 0:100, 2].mean() > 100  # jet's bottom is blue
 
 
 def test_outside_the_box_is_marked_and_not_colour_mapped():
@@ -102,9 +112,9 @@ def test_outside_the_box_is_marked_and_not_colour_mapped():
     box = (80, 0, 560, 480)
     a = np.asarray(overlay(image, np.zeros(GRID_HW), box, alpha=0.6), dtype=int)
     b = np.asarray(overlay(image, np.ones(GRID_HW) + np.eye(3, 4), box, alpha=0.6), dtype=int)
-    assert (a[:, :80] == b[:, :80]).all() and (a[:, 560:] == b[:, 560:]).all()   # independent of the map
-    assert (a[:, :80] != np.asarray(image)[:, :80]).any()                        # visibly changed
-    assert (a[:, 100:540] != b[:, 100:540]).any()                                # the map shows inside
+    assert (a[:, :80] == b[:, :80]).all() and (a[:, 560:] == b[:, 560:]).all()  # independent of the map
+    assert (a[:, :80] != np.asarray(image)[:, :80]).any()  # visibly changed
+    assert (a[:, 100:540] != b[:, 100:540]).any()  # the map shows inside
 
 
 @pytest.mark.parametrize("colormap", sorted(COLORMAPS))

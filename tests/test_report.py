@@ -15,10 +15,43 @@ from pictures.stored_run import StoredRun
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-NASTY = ["<s>", "<image>", "</script><script>alert(1)</script>", '"quotes"', "&amp;",
-         "<img src=x onerror=alert(2)>", "\n", "</SCRIPT >"]
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "small", "dl", "dt", "dd", "div",
-                "p", "button", "span", "figure", "img", "figcaption", "svg", "line", "text", "g", "rect", "script"}
+NASTY = [
+    "<s>",
+    "<image>",
+    "</script><script>alert(1)</script>",
+    '"quotes"',
+    "&amp;",
+    "<img src=x onerror=alert(2)>",
+    "\n",
+    "</SCRIPT >",
+]
+ALLOWED_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "h1",
+    "h2",
+    "small",
+    "dl",
+    "dt",
+    "dd",
+    "div",
+    "p",
+    "button",
+    "span",
+    "figure",
+    "img",
+    "figcaption",
+    "svg",
+    "line",
+    "text",
+    "g",
+    "rect",
+    "script",
+}
 
 
 class _Page(HTMLParser):
@@ -57,8 +90,13 @@ class _Page(HTMLParser):
 def nasty_run(load_holder):
     holder = load_holder("qwen2_5_vl")
     image = noise_image(150, 100, seed=3)
-    run = holder.generate(image, 'Is <b>this</b> "safe" & </script>?', max_new_tokens=len(NASTY),
-                          min_new_tokens=len(NASTY), suppress_tokens=[holder.model.config.image_token_id])
+    run = holder.generate(
+        image,
+        'Is <b>this</b> "safe" & </script>?',
+        max_new_tokens=len(NASTY),
+        min_new_tokens=len(NASTY),
+        suppress_tokens=[holder.model.config.image_token_id],
+    )
     return replace(run, generated_tokens=list(NASTY)), image
 
 
@@ -99,7 +137,7 @@ def test_token_strings_are_escaped_not_injected(report):
     assert tags <= ALLOWED_TAGS, tags - ALLOWED_TAGS
     assert [tag for tag, _ in page.tags].count("script") == 2
     assert not any(name.startswith("on") for _, attrs in page.tags for name in attrs)
-    assert page.chips == [visible_token(token) for token in NASTY]      # shown as text, exactly
+    assert page.chips == [visible_token(token) for token in NASTY]  # shown as text, exactly
     data = json.loads(page.scripts[0])
     assert data["tokens"] == NASTY and data["prompt"] == 'Is <b>this</b> "safe" & </script>?'
     assert "</script><script>" not in path.read_text(encoding="utf-8")
@@ -115,19 +153,26 @@ def test_share_svg_bars():
     svg = share_svg([0.0, 0.5, 1.0], ["a", "<b>", "c"], selected=1)
     assert svg.count('class="bar"') == 2 and svg.count('class="bar sel"') == 1
     assert "&lt;b&gt;" in svg and "<b>" not in svg
-    assert 'height="60.0"' in svg and 'height="120.0"' in svg             # bars proportional to the share
+    assert 'height="60.0"' in svg and 'height="120.0"' in svg  # bars proportional to the share
 
 
 def test_stored_run_png_shared_scale_and_bad_arguments(nasty_run, tmp_path):
     run, image = nasty_run
-    path = write_report(StoredRun(run, images=[image]), None, tmp_path / "r.html", normalization="shared",
-                        image_format="png", reduce="max", max_side=None)
+    path = write_report(
+        StoredRun(run, images=[image]),
+        None,
+        tmp_path / "r.html",
+        normalization="shared",
+        image_format="png",
+        reduce="max",
+        max_side=None,
+    )
     page = _Page()
     page.feed(path.read_text(encoding="utf-8"))
     assert all(attrs["src"].startswith("data:image/png;base64,") for attrs in page.imgs)
     with pytest.raises(ValueError, match="pass the image the run was generated from"):
         write_report(run, noise_image(20, 20), tmp_path / "x.html")
-    assert run.images and write_report(run, None, tmp_path / "own.html").exists()    # the run's own image
+    assert run.images and write_report(run, None, tmp_path / "own.html").exists()  # the run's own image
     with pytest.raises(ValueError, match="needs the image"):
         write_report(replace(run, images=[]), None, tmp_path / "x.html")
     with pytest.raises(ValueError, match="image_format"):
@@ -146,6 +191,7 @@ def _shown_src(page) -> str:
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt install chromium)")
 def test_opens_offline_in_chromium_and_chips_switch_the_map(report):
     from playwright.sync_api import expect, sync_playwright
+
     path, _ = report
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
@@ -162,7 +208,7 @@ def test_opens_offline_in_chromium_and_chips_switch_the_map(report):
         assert _shown_src(page) == page.locator("#frames figure").nth(2).locator("img").get_attribute("src")
         expect(page.locator("#tokens .chip").nth(2)).to_have_attribute("aria-pressed", "true")
         expect(page.locator("#share-plot .bar.sel")).to_have_attribute("data-step", "2")
-        assert NASTY[2] in page.locator("#status").text_content()    # the raw token, shown as text
+        assert NASTY[2] in page.locator("#status").text_content()  # the raw token, shown as text
         assert page.locator("#frames figure:not([hidden])").count() == 1
         page.keyboard.press("ArrowRight")
         expect(page.locator("#tokens .chip").nth(3)).to_have_attribute("aria-pressed", "true")

@@ -27,17 +27,22 @@ def launched(tmp_path, request):
 @pytest.mark.parametrize("launched", [("alice", "s3cret")], indirect=True)
 def test_auth_protects_api_files_and_config(launched):
     url, cfg = launched
-    routes = [("GET", "/config"), ("GET", "/gradio_api/info"),
-              ("GET", f"/gradio_api/file={cfg.outputs_dir}/result.png"),
-              ("POST", "/gradio_api/upload"), ("POST", "/gradio_api/queue/join"), ("POST", "/gradio_api/call/render"),
-              ("POST", "/gradio_api/call/generate")]
+    routes = [
+        ("GET", "/config"),
+        ("GET", "/gradio_api/info"),
+        ("GET", f"/gradio_api/file={cfg.outputs_dir}/result.png"),
+        ("POST", "/gradio_api/upload"),
+        ("POST", "/gradio_api/queue/join"),
+        ("POST", "/gradio_api/call/render"),
+        ("POST", "/gradio_api/call/generate"),
+    ]
     with httpx.Client(base_url=url, timeout=10) as client:
         for method, route in routes:
             response = client.request(method, route, json={} if method == "POST" else None)
             assert response.status_code == 401, (route, response.status_code)
         login = client.post("/login", data={"username": "alice", "password": "s3cret"})
         assert login.status_code == 200
-        assert client.get("/gradio_api/info").status_code == 200          # with credentials it works
+        assert client.get("/gradio_api/info").status_code == 200  # with credentials it works
 
 
 def test_only_the_apps_own_files_are_served_and_uploads_are_capped(launched):
@@ -78,10 +83,12 @@ def test_weights_load_as_safetensors_only(tiny_model_dirs, tmp_path):
 
     from errors import ModelLoadError
     from model_holder import ModelHolder
+
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dirs["qwen2_vl"], pickled)
     holder = ModelHolder.load(pickled, device="cpu")
     import torch
+
     torch.save(holder.model.state_dict(), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     with pytest.raises((OSError, ModelLoadError, EnvironmentError)):

@@ -15,7 +15,7 @@ from study.items import StudySettings
 from study.manifest import is_validation, read_manifest
 from study.runner import run_study
 
-SEED = 626_262                      # neither training (string seeds) nor the benchmark's seeds
+SEED = 626_262  # neither training (string seeds) nor the benchmark's seeds
 LAYERS, HEADS = DEMO_RANGES
 
 
@@ -30,8 +30,16 @@ def write_manifest(folder: Path, n: int, seed: int = SEED, **extra) -> Path:
     rows = []
     for k, sample in enumerate(demo_data.make_samples(seed, n)):
         sample.image.save(folder / f"img{k}.png")
-        rows.append({"id": f"s{k}", "image": f"img{k}.png", "prompt": sample.question, "answer": sample.answer,
-                     "boxes": [list(sample.box_xyxy)], **extra})
+        rows.append(
+            {
+                "id": f"s{k}",
+                "image": f"img{k}.png",
+                "prompt": sample.question,
+                "answer": sample.answer,
+                "boxes": [list(sample.box_xyxy)],
+                **extra,
+            }
+        )
     manifest = folder / "items.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return manifest
@@ -46,7 +54,7 @@ def test_the_vit_and_relative_maps_are_scored_like_the_others(holder, tmp_path):
     assert kinds == [("attention", False), ("attention", True), ("vit", False)] * 3
     vit = results[results["method"] == "vit"]
     assert (vit["layers"] == f"{LAYERS[0]}-{LAYERS[1]}").all() and vit["iou"].between(0, 1).all()
-    assert vit["pointing_hit"].mean() >= 2 / 3                                 # the patch map still points
+    assert vit["pointing_hit"].mean() >= 2 / 3  # the patch map still points
     relative = results[results["relative"]]
     raw = results[(results["method"] == "attention") & ~results["relative"]]
     assert relative["attention_ratio"].gt(0).all()
@@ -57,12 +65,14 @@ def test_the_vit_and_relative_maps_are_scored_like_the_others(holder, tmp_path):
 
 def test_a_model_without_the_vit_map_says_so_per_item_and_keeps_the_other_methods(tmp_path):
     from testing.tiny_models import make_tiny_model
+
     model = ModelHolder.load(make_tiny_model("gemma3", tmp_path / "gemma3", seed=5), device="cpu", dtype="float32")
     for k in range(2):
         noise_image(120, 90, seed=k).save(tmp_path / f"n{k}.png")
     manifest = tmp_path / "items.csv"
-    manifest.write_text("id,image,prompt,boxes\n" + "".join(f'n{k},n{k}.png,What is this?,"[[0, 0, 60, 45]]"\n'
-                                                            for k in range(2)))
+    manifest.write_text(
+        "id,image,prompt,boxes\n" + "".join(f'n{k},n{k}.png,What is this?,"[[0, 0, 60, 45]]"\n' for k in range(2))
+    )
     settings = StudySettings(max_new_tokens=4, methods=("attention", "vit"))
     results, problems = run_study(model, manifest, tmp_path / "out", settings)
     assert list(results["method"]) == ["attention", "attention"]
@@ -83,26 +93,41 @@ def _imagefolder(root: Path, rows: dict[str, list[dict]]) -> Path:
 
 def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_path):
     box = [[0, 0, 28, 28]]
-    root = _imagefolder(tmp_path / "flat", {"": [
-        {"file_name": "a.png", "prompt": "Where?", "boxes": box, "split": "validation"},
-        {"file_name": "b.png", "id": "second", "prompt": "What?", "boxes": box, "answer": "red"},
-        {"prompt": "No image?", "boxes": box},
-        {"file_name": "c.png", "id": "second", "prompt": "Again?", "boxes": box}]})
+    root = _imagefolder(
+        tmp_path / "flat",
+        {
+            "": [
+                {"file_name": "a.png", "prompt": "Where?", "boxes": box, "split": "validation"},
+                {"file_name": "b.png", "id": "second", "prompt": "What?", "boxes": box, "answer": "red"},
+                {"prompt": "No image?", "boxes": box},
+                {"file_name": "c.png", "id": "second", "prompt": "Again?", "boxes": box},
+            ]
+        },
+    )
     items, problems = read_manifest(root)
-    assert [(item.id, item.split, item.expected) for item in items] == [("a.png", "validation", None),
-                                                                        ("second", None, "red")]
+    assert [(item.id, item.split, item.expected) for item in items] == [
+        ("a.png", "validation", None),
+        ("second", None, "red"),
+    ]
     assert items[0].image == root / "a.png" and items[1].where == "metadata.jsonl line 2 (second)"
-    assert problems == ["metadata.jsonl line 3: missing file_name; skipped",
-                        "metadata.jsonl line 4: the id 'second' is already used on metadata.jsonl line 2; skipped"]
-    root = _imagefolder(tmp_path / "splits", {"validation": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}],
-                                              "test": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}]})
-    items, problems = read_manifest(root)                                 # split subfolders, sorted by name
+    assert problems == [
+        "metadata.jsonl line 3: missing file_name; skipped",
+        "metadata.jsonl line 4: the id 'second' is already used on metadata.jsonl line 2; skipped",
+    ]
+    root = _imagefolder(
+        tmp_path / "splits",
+        {
+            "validation": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}],
+            "test": [{"file_name": "a.png", "prompt": "Where?", "boxes": box}],
+        },
+    )
+    items, problems = read_manifest(root)  # split subfolders, sorted by name
     assert [(item.id, item.split) for item in items] == [("test/a.png", "test"), ("validation/a.png", "validation")]
     assert problems == [] and items[1].image == root / "validation" / "a.png"
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
         read_manifest(tmp_path / "empty")
-    demo_data.write_imagefolder(str(tmp_path / "scenes" / "validation"), SEED, 2)   # the README's first study
+    demo_data.write_imagefolder(str(tmp_path / "scenes" / "validation"), SEED, 2)  # the README's first study
     items, problems = read_manifest(tmp_path / "scenes")
     assert [item.id for item in items] == [f"validation/{SEED}_0000.png", f"validation/{SEED}_0001.png"]
     assert problems == [] and all(item.split == "validation" and item.boxes for item in items)
@@ -110,6 +135,7 @@ def test_an_imagefolder_reads_like_a_manifest_with_file_name_for_the_image(tmp_p
 
 def test_the_validation_share_is_stable_and_a_split_column_wins(tmp_path):
     from study.manifest import Item, is_validation
+
     items = [Item(k, f"item-{k}", tmp_path, "p") for k in range(2000)]
     chosen = [is_validation(item, 0.25) for item in items]
     assert 0.22 < np.mean(chosen) < 0.28 and chosen == [is_validation(item, 0.25) for item in reversed(items)][::-1]
@@ -136,11 +162,12 @@ def test_localisation_heads_and_ranges_chosen_on_validation_items(holder, tmp_pa
     from config import ModelRanges
     from metrics import pointing_hit, target_mask
     from study.localization import choose_ranges, contiguous_ranges
+
     manifest = write_manifest(tmp_path / "data", 10)
     settings = StudySettings(LAYERS, HEADS, max_new_tokens=2, per_head=True, val_fraction=0.5)
     run_study(holder, manifest, tmp_path / "out", settings)
     heads = pd.read_parquet(tmp_path / "out" / "heads.parquet")
-    assert len(heads) == 10 * 4 * (1 + 4)                     # per item: 4 layers x (their mean + 4 heads)
+    assert len(heads) == 10 * 4 * (1 + 4)  # per item: 4 layers x (their mean + 4 heads)
     assert heads["head_idx"].isna().sum() == 40 and set(heads["layer_idx"]) == {0, 1, 2, 3}
     assert heads["attention_ratio"].ge(0).all()
     # The chosen ranges are localization's choice over the same maps, made here from token_heatmap.
@@ -154,11 +181,13 @@ def test_localisation_heads_and_ranges_chosen_on_validation_items(holder, tmp_pa
         image = Image.open(item.image)
         run = holder.generate(image, item.prompt, max_new_tokens=2)
         region = target_mask(image.size, item.boxes)
-        hits.append([[pointing_hit(token_heatmap(run, 0, lr, hr), run.vision, region) for hr in pairs]
-                     for lr in pairs])
+        hits.append([[pointing_hit(token_heatmap(run, 0, lr, hr), run.vision, region) for hr in pairs] for lr in pairs])
     choice = choose_ranges(np.array(hits), pairs, pairs)
-    assert (tuple(record["layers"]), tuple(record["heads"]), record["validation"]["pointing"]) == \
-        (choice.layers, choice.heads, choice.pointing)
+    assert (tuple(record["layers"]), tuple(record["heads"]), record["validation"]["pointing"]) == (
+        choice.layers,
+        choice.heads,
+        choice.pointing,
+    )
     assert ModelRanges.read(tmp_path / "out" / "ranges.json").model == str(DEMO_MODEL_DIR)
     for name in ("localization_heads.png", "localization_layers.png"):
         assert Image.open(tmp_path / "out" / name).size[0] >= 300
@@ -171,17 +200,17 @@ def test_a_crashed_study_resumes_without_redoing_or_losing_an_item(holder, tmp_p
     first, _ = run_study(holder, manifest, tmp_path / "out", settings)
     part = tmp_path / "out" / "parts" / "part-0.jsonl"
     lines = part.read_text().splitlines(keepends=True)
-    part.write_text("".join(lines[:2]) + lines[2][:40])          # the crash: two items on disk, one half-written
+    part.write_text("".join(lines[:2]) + lines[2][:40])  # the crash: two items on disk, one half-written
     for name in ("results.csv", "results.parquet", "heads.parquet"):
         (tmp_path / "out" / name).unlink()
     calls = []
     generate = holder.generate
     monkeypatch.setattr(holder, "generate", lambda *args, **kwargs: calls.append(args[1]) or generate(*args, **kwargs))
     again, problems = run_study(holder, manifest, tmp_path / "out", settings)
-    assert len(calls) == 3 and problems == []                                 # only the three unfinished items
+    assert len(calls) == 3 and problems == []  # only the three unfinished items
     assert again.equals(first) and list(again["item_id"]) == [f"s{k}" for k in range(5)]
     assert len(pd.read_parquet(tmp_path / "out" / "heads.parquet")) == 5 * 20
-    assert len(part.read_text().splitlines()) == 5                            # the half line was cut off
+    assert len(part.read_text().splitlines()) == 5  # the half line was cut off
     with pytest.raises(ValueError, match="other settings"):
         run_study(holder, manifest, tmp_path / "out", StudySettings(LAYERS, HEADS, max_new_tokens=3))
 
@@ -193,23 +222,51 @@ def test_two_processes_share_the_items_and_merge_what_one_process_makes(holder, 
     import torch
 
     from conftest import REPO
+
     manifest = write_manifest(tmp_path / "data", 6)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)                                       # as each of the two processes below
+    torch.set_num_threads(1)  # as each of the two processes below
     try:
-        alone, _ = run_study(holder, manifest, tmp_path / "one", StudySettings(LAYERS, HEADS, max_new_tokens=2,
-                                                                               per_head=True, val_fraction=0.5))
+        alone, _ = run_study(
+            holder,
+            manifest,
+            tmp_path / "one",
+            StudySettings(LAYERS, HEADS, max_new_tokens=2, per_head=True, val_fraction=0.5),
+        )
     finally:
         torch.set_num_threads(threads)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "batch.py",
-               "--model", str(DEMO_MODEL_DIR), "--manifest", str(manifest), "--out", str(tmp_path / "two"),
-               "--layers", f"{LAYERS[0]}-{LAYERS[1]}", "--heads", f"{HEADS[0]}-{HEADS[1]}", "--device", "cpu",
-               "--max-new-tokens", "2", "--threads", "1", "--val-fraction", "0.5"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "batch.py",
+        "--model",
+        str(DEMO_MODEL_DIR),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "two"),
+        "--layers",
+        f"{LAYERS[0]}-{LAYERS[1]}",
+        "--heads",
+        f"{HEADS[0]}-{HEADS[1]}",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--val-fraction",
+        "0.5",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 2 of 2: cpu, 1 torch threads" in done.stderr
     parts = sorted((tmp_path / "two" / "parts").glob("part-*.jsonl"))
-    assert [len(part.read_text().splitlines()) for part in parts] == [3, 3]     # each process scored its share
+    assert [len(part.read_text().splitlines()) for part in parts] == [3, 3]  # each process scored its share
     merged = pd.read_parquet(tmp_path / "two" / "results.parquet")
     assert list(merged["item_id"]) == list(alone["item_id"]) == [f"s{k}" for k in range(6)]
     for column in ("answer", "correct", "token", "pointing_hit", "attention_ratio", "iou"):

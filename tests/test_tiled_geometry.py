@@ -13,11 +13,21 @@ from families.gemma3 import PAN_AND_SCAN_KEYS
 from test_geometry import _embeds_and_layouts
 from testing.tiny_tiles import TILED_FAMILIES
 
-SIZES = [(200, 100), (90, 160), (112, 112)]                    # landscape, portrait, square
-MAIN_VIEW = {"llava_next": "tiles", "llava_onevision": "tiles", "internvl": "tiles", "idefics3": "tiles",
-             "smolvlm": "tiles"}
-SECOND_VIEW = {"llava_next": "global view", "llava_onevision": "global view", "internvl": "thumbnail",
-               "idefics3": "global view", "smolvlm": "global view"}
+SIZES = [(200, 100), (90, 160), (112, 112)]  # landscape, portrait, square
+MAIN_VIEW = {
+    "llava_next": "tiles",
+    "llava_onevision": "tiles",
+    "internvl": "tiles",
+    "idefics3": "tiles",
+    "smolvlm": "tiles",
+}
+SECOND_VIEW = {
+    "llava_next": "global view",
+    "llava_onevision": "global view",
+    "internvl": "thumbnail",
+    "idefics3": "global view",
+    "smolvlm": "global view",
+}
 
 
 def _noise(size, seed=0) -> np.ndarray:
@@ -29,7 +39,7 @@ def _invert(pixels: np.ndarray, box) -> np.ndarray:
     out = pixels.copy()
     height, width = pixels.shape[:2]
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    out[max(0, y0):min(height, y1), max(0, x0):min(width, x1)] ^= 0xFF
+    out[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)] ^= 0xFF
     return out
 
 
@@ -50,7 +60,7 @@ def test_every_view_maps_each_cell_to_its_pixels(load_holder, family, size):
     pixels = _noise(size)
     before, layouts = _embeds_and_layouts(holder, [Image.fromarray(pixels)])
     views = [layout.view for layout in layouts]
-    assert views in ([MAIN_VIEW[family], SECOND_VIEW[family]], [""])   # one view when the image is one tile
+    assert views in ([MAIN_VIEW[family], SECOND_VIEW[family]], [""])  # one view when the image is one tile
     image_positions = np.concatenate([layout.token_positions for layout in layouts])
     text = torch.ones(before.shape[0], dtype=torch.bool)
     text[torch.from_numpy(image_positions)] = False
@@ -59,10 +69,13 @@ def test_every_view_maps_each_cell_to_its_pixels(load_holder, family, size):
         own = torch.from_numpy(layout.token_positions)
         for row, col in _cells(layout.grid_hw):
             after, _ = _embeds_and_layouts(holder, [Image.fromarray(_invert(pixels, layout.cell_box_xyxy(row, col)))])
-            moved = _change(before, after)                                       # (S,)
-            assert float(moved[text].max()) == 0.0                              # no text or marker token moves
-            assert int(own[moved[own].argmax()]) == int(layout.token_positions[row * layout.grid_hw[1] + col]), \
-                (layout.view, row, col)
+            moved = _change(before, after)  # (S,)
+            assert float(moved[text].max()) == 0.0  # no text or marker token moves
+            assert int(own[moved[own].argmax()]) == int(layout.token_positions[row * layout.grid_hw[1] + col]), (
+                layout.view,
+                row,
+                col,
+            )
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
@@ -73,10 +86,10 @@ def test_pixels_outside_the_unpadded_tiles_reach_only_the_global_view(load_holde
     pixels = _noise((90, 160), seed=3)
     before, (tiles, global_view) = _embeds_and_layouts(holder, [Image.fromarray(pixels)])
     x0 = tiles.image_box_xyxy[0]
-    assert tiles.view == "tiles" and 4 <= x0 < 10                    # the grid starts inside the image
+    assert tiles.view == "tiles" and 4 <= x0 < 10  # the grid starts inside the image
     assert global_view.image_box_xyxy == (0.0, 0.0, 90.0, 160.0)
     edge = pixels.copy()
-    edge[:, :int(x0) - 3] ^= 0xFF                                    # clear of the resampling kernel
+    edge[:, : int(x0) - 3] ^= 0xFF  # clear of the resampling kernel
     after, _ = _embeds_and_layouts(holder, [Image.fromarray(edge)])
     moved = _change(before, after)
     assert float(moved[torch.from_numpy(tiles.token_positions)].max()) == 0.0
@@ -104,6 +117,7 @@ def test_second_image_views_map_to_their_own_tokens(load_holder, family):
 
 def test_a_run_names_its_views_and_the_heatmaps_pick_them(load_holder):
     from attention_processor import token_heatmap
+
     holder = load_holder("internvl")
     run = holder.generate(Image.fromarray(_noise((200, 100))), "Where?", max_new_tokens=2, min_new_tokens=2)
     assert [(layout.image_index, layout.view) for layout in run.visions] == [(0, "tiles"), (0, "thumbnail")]
@@ -157,8 +171,9 @@ def test_gemma3_pan_and_scan_rows_equal_eager(load_holder):
         eager = holder.generate(image, "What is this?", method="eager", **kwargs)
     assert len(fast.visions) == 4 and eager.generated_ids == fast.generated_ids
     for t in range(fast.num_steps):
-        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
-                                   rtol=2e-3, atol=2e-6)
+        torch.testing.assert_close(
+            fast.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3, atol=2e-6
+        )
 
 
 VIDEO_FAMILIES = ["internvl", "llava_onevision", "smolvlm"]
@@ -183,7 +198,7 @@ def test_video_frame_cell_maps_to_its_frame_and_token(load_holder, family):
     moved = _change(before, after)
     own = torch.from_numpy(layout.token_positions)
     assert int(own[moved[own].argmax()]) == int(layout.token_positions[frame * cells + row * grid_w + col])
-    others = np.concatenate([layout.token_positions[f * cells:(f + 1) * cells] for f in range(4) if f != frame])
+    others = np.concatenate([layout.token_positions[f * cells : (f + 1) * cells] for f in range(4) if f != frame])
     assert float(moved[torch.from_numpy(others)].max()) == 0.0
 
 
@@ -195,11 +210,14 @@ def test_video_rows_equal_eager(load_holder, family):
     fast = holder.generate(None, "What happens?", **kwargs)
     eager = holder.generate(None, "What happens?", method="eager", **kwargs)
     assert fast.generated_ids == eager.generated_ids and fast.vision.num_frames == 4 // frames_per_panel(
-        holder.model.config)                                             # GLM-4.1V: one time step per 2 frames
+        holder.model.config
+    )  # GLM-4.1V: one time step per 2 frames
     for t in range(fast.num_steps):
-        torch.testing.assert_close(fast.step_attention(t).float(), eager.step_attention(t).float(),
-                                   rtol=2e-3, atol=2e-6)
+        torch.testing.assert_close(
+            fast.step_attention(t).float(), eager.step_attention(t).float(), rtol=2e-3, atol=2e-6
+        )
     from attention_processor import token_heatmap
+
     assert token_heatmap(fast, 0).shape == (fast.vision.num_frames, *fast.vision.grid_hw)  # one map per step
 
 
@@ -222,6 +240,7 @@ def test_internvl_tiles_as_its_processor_does_whatever_the_saved_image_processor
 def test_an_aspect_that_unpads_every_tile_row_leaves_the_global_view(load_holder, family, size):
     """Un-padding can leave no tile cell (here at about 33:1); the global view is then the one map."""
     from attention_processor import token_heatmap
+
     holder = load_holder(family)
     run = holder.generate(Image.fromarray(_noise(size)), "Hi", max_new_tokens=1, min_new_tokens=1)
     assert [layout.view for layout in run.visions] == ["global view"]

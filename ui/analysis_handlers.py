@@ -45,8 +45,10 @@ class AnalysisHandlers:
     def _single(self, run_id) -> StoredRun:
         stored = self.store.get(run_id)
         if not stored.is_single_image:
-            raise gr.Error("This view works on a single image. Generate with one image (no extra images or video) "
-                           "to use it; the main picture and its caption cover several images and videos.")
+            raise gr.Error(
+                "This view works on a single image. Generate with one image (no extra images or video) "
+                "to use it; the main picture and its caption cover several images and videos."
+            )
         return stored
 
     @user_errors
@@ -54,21 +56,36 @@ class AnalysisHandlers:
         """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
         stored, s = self._single(run_id), self._settings(*view_values)
         matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
-        pieces = text_attention(stored.run, s.step_idx, s.layers, s.heads,
-                                exclude_positions=system_positions(stored.run) if s.exclude_system else ())
+        pieces = text_attention(
+            stored.run,
+            s.step_idx,
+            s.layers,
+            s.heads,
+            exclude_positions=system_positions(stored.run) if s.exclude_system else (),
+        )
         fits = s.num_maps <= self.cfg.max_gallery_maps
         tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap) if fits else []
         top = max((p.weight for p in pieces if p.kind != "excluded"), default=1.0) or 1.0
         highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
         token = as_text(token_label(s.step_idx, stored.run.generated_tokens[s.step_idx]))
-        shown = (f"**Token {token}** · layers {s.layers[0]}–{s.layers[1]} · heads {s.heads[0]}–{s.heads[1]} · "
-                 f"{as_text(stored.run.model_id)}. ")                   # which result and token these views show
-        note = analysis_note(stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps),
-                             shown)
-        captions = [f"layer {layer} · head {head}" for layer in stored.run.layers_in(s.layers)
-                    for head in range(s.heads[0], s.heads[1] + 1)]                  # 0-based, as on the page
-        return (matrix_view(matrix[metric], stored.run.layers_in(s.layers), s.heads, metric), highlighted,
-                [(tile, caption) for (_, tile), caption in zip(tiles, captions, strict=False)], note)
+        shown = (
+            f"**Token {token}** · layers {s.layers[0]}–{s.layers[1]} · heads {s.heads[0]}–{s.heads[1]} · "
+            f"{as_text(stored.run.model_id)}. "
+        )  # which result and token these views show
+        note = analysis_note(
+            stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps), shown
+        )
+        captions = [
+            f"layer {layer} · head {head}"
+            for layer in stored.run.layers_in(s.layers)
+            for head in range(s.heads[0], s.heads[1] + 1)
+        ]  # 0-based, as on the page
+        return (
+            matrix_view(matrix[metric], stored.run.layers_in(s.layers), s.heads, metric),
+            highlighted,
+            [(tile, caption) for (_, tile), caption in zip(tiles, captions, strict=False)],
+            note,
+        )
 
     def matrix_pick(self, matrix: dict | None):
         """A click on a matrix cell: (layer range, head range) of that one layer and head; the ranges'
@@ -82,14 +99,17 @@ class AnalysisHandlers:
     def _clicked_pixel(self, stored: StoredRun, view: str, evt: gr.SelectData) -> tuple[float, float]:
         """Where a click on the picture landed, in the original image's pixels."""
         index = getattr(evt, "index", None)
-        if not (isinstance(index, (list, tuple)) and len(index) == 2 and
-                all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in index)):
+        if not (
+            isinstance(index, (list, tuple))
+            and len(index) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in index)
+        ):
             raise gr.Error("The click carried no position on the picture; click on the picture itself.")
         zoom = screen_zoom(stored)
-        x, y = index[0] / zoom, index[1] / zoom                           # in the drawn picture's pixels
+        x, y = index[0] / zoom, index[1] / zoom  # in the drawn picture's pixels
         shown, (sx, sy) = stored.display(0)
         if view == "side_by_side" and x >= shown.size[0]:
-            x -= shown.size[0] + SIDE_BY_SIDE_GAP                         # the overlay is the right half
+            x -= shown.size[0] + SIDE_BY_SIDE_GAP  # the overlay is the right half
         return x / sx, y / sy
 
     @user_errors
@@ -105,9 +125,10 @@ class AnalysisHandlers:
         x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
         if not corner:
             return pack(BOX_OUTPUTS, corner=[x, y])
-        text = ", ".join(str(round(v)) for v in (min(corner[0], x), min(corner[1], y), max(corner[0], x),
-                                                 max(corner[1], y)))
-        box = parse_box(text)                                           # refuses two clicks on one spot
+        text = ", ".join(
+            str(round(v)) for v in (min(corner[0], x), min(corner[1], y), max(corner[0], x), max(corner[1], y))
+        )
+        box = parse_box(text)  # refuses two clicks on one spot
         picture, caption, plot = self._render_with(stored, replace(settings, target_box=box))
         return pack(BOX_OUTPUTS, corner=None, target_box=text, picture=picture, caption=caption, plot=plot)
 
@@ -145,8 +166,13 @@ class AnalysisHandlers:
         mask = np.zeros(stored.run.vision.grid_hw, dtype=bool)
         mask[tuple(np.array(sorted(cells)).T)] = True
         summary = region_to_text(stored.run, mask)
-        table = pd.DataFrame({"step": step_labels(stored.run.num_steps), "share": summary["per_step"],
-                              "token": [token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)]})
+        table = pd.DataFrame(
+            {
+                "step": step_labels(stored.run.num_steps),
+                "share": summary["per_step"],
+                "token": [token_label(t, tok) for t, tok in enumerate(stored.run.generated_tokens)],
+            }
+        )
         return table, region_note(stored.run, cells, summary["per_head"])
 
     @user_errors
@@ -156,8 +182,10 @@ class AnalysisHandlers:
         progress(0, desc="Decoding every layer at every image patch")
         page = lens_page(self.slot, stored)
         path = self._kept(save_page(page, self.cfg.outputs_dir, "logit-lens"))
-        frame = (f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
-                 f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+        frame = (
+            f'<iframe title="Logit lens" sandbox="allow-scripts" style="width:100%;height:820px;border:0" '
+            f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+        )
         return frame, str(path)
 
     @user_errors
@@ -168,13 +196,20 @@ class AnalysisHandlers:
         result = verify_map(self.slot, stored, s)
         auc = result.summary()
 
-        def plot(kind: str) -> gr.LinePlot:                             # map vs random order, AUCs in the legend
-            names = {kind: f"map order (AUC {auc[kind]:.3f})",
-                     f"random_{kind}": f"random order (AUC {auc[f'random_{kind}']:.3f})"}
-            table = pd.DataFrame([{"fraction": float(f), "probability": float(p), "curve": name}
-                                  for key, name in names.items()
-                                  for f, p in zip(result.fractions, getattr(result, key), strict=True)])
+        def plot(kind: str) -> gr.LinePlot:  # map vs random order, AUCs in the legend
+            names = {
+                kind: f"map order (AUC {auc[kind]:.3f})",
+                f"random_{kind}": f"random order (AUC {auc[f'random_{kind}']:.3f})",
+            }
+            table = pd.DataFrame(
+                [
+                    {"fraction": float(f), "probability": float(p), "curve": name}
+                    for key, name in names.items()
+                    for f, p in zip(result.fractions, getattr(result, key), strict=True)
+                ]
+            )
             return gr.LinePlot(value=table, color_map=dict(zip(names.values(), VERIFY_COLORS, strict=True)))
+
         token = as_text(token_label(s.step_idx, stored.run.generated_tokens[s.step_idx]))
         return plot("deletion"), plot("insertion"), f"Token {token}: " + verify_note(auc)
 
@@ -182,8 +217,9 @@ class AnalysisHandlers:
     def gallery_download(self, run_id, *view_values) -> str:
         stored, s = self._single(run_id), self._settings(*view_values)
         if s.num_maps > self.cfg.max_gallery_maps:
-            raise gr.Error(f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
-                           f"(now {s.num_maps}); narrow the layer or head range.")
+            raise gr.Error(
+                f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
+                f"(now {s.num_maps}); narrow the layer or head range."
+            )
         tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
         return str(self._kept(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx)))
-

@@ -149,8 +149,15 @@ def matrix_heatmap(label: str, elem_id: str) -> gr.HTML:
     """An interactive layer × head heatmap: rows are layers, columns heads (0-based labels), a colour
     scale, each cell's value on hover, and a click that records `{"picked": [layer, head]}` in its
     value (then `.change` fires). Its value is `views.matrix_view(...)`, or None for empty."""
-    return gr.HTML(value=None, html_template=_MATRIX_HTML, css_template=_MATRIX_CSS, js_on_load=_MATRIX_JS,
-                   elem_id=elem_id, label=label, apply_default_css=False)
+    return gr.HTML(
+        value=None,
+        html_template=_MATRIX_HTML,
+        css_template=_MATRIX_CSS,
+        js_on_load=_MATRIX_JS,
+        elem_id=elem_id,
+        label=label,
+        apply_default_css=False,
+    )
 
 
 def range_slider(label: str, elem_id: str, maximum: int, value: tuple[int, int] = (0, 0)) -> gr.HTML:
@@ -158,9 +165,17 @@ def range_slider(label: str, elem_id: str, maximum: int, value: tuple[int, int] 
     `{elem_id}-handle-lo` and `{elem_id}-handle-hi`): drag them, click the track, or focus one and use
     the arrow keys, Page Up / Down, Home and End. Its value is `[lo, hi]`; it fires `.change` as it moves.
     Update it with `gr.HTML(value=[lo, hi], maximum=m)`."""
-    return gr.HTML(value=list(value), html_template=_RANGE_HTML, css_template=_RANGE_CSS, js_on_load=_RANGE_JS,
-                   elem_id=elem_id, label=label, maximum=int(maximum), handle=f"{elem_id}-handle",
-                   apply_default_css=False)
+    return gr.HTML(
+        value=list(value),
+        html_template=_RANGE_HTML,
+        css_template=_RANGE_CSS,
+        js_on_load=_RANGE_JS,
+        elem_id=elem_id,
+        label=label,
+        maximum=int(maximum),
+        handle=f"{elem_id}-handle",
+        apply_default_css=False,
+    )
 
 
 def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:
@@ -177,13 +192,17 @@ def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:
     def preprocess(self, payload):
         path = getattr(payload, "path", None)
         if max_bytes and path and os.path.isfile(path) and os.path.getsize(path) > max_bytes:
-            raise gr.Error(f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
-                           f"{max_bytes / 2**20:.0f} MB. Upload a smaller file.")
+            raise gr.Error(
+                f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
+                f"{max_bytes / 2**20:.0f} MB. Upload a smaller file."
+            )
         try:
             return plain(payload)
         except (OSError, ValueError, SyntaxError) as err:
-            raise gr.Error(f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, "
-                           "GIF or BMP file.") from err
+            raise gr.Error(
+                f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, GIF or BMP file."
+            ) from err
+
     image.preprocess = types.MethodType(preprocess, image)
     return image
 
@@ -207,8 +226,9 @@ class LoginGuard:
         now = self.clock()
         if now < self.locked_until:
             return False
-        if hmac.compare_digest(str(user).encode(), self.user.encode()) & \
-                hmac.compare_digest(str(password).encode(), self.password.encode()):
+        if hmac.compare_digest(str(user).encode(), self.user.encode()) & hmac.compare_digest(
+            str(password).encode(), self.password.encode()
+        ):
             self.failures = 0
             return True
         self.failures += 1
@@ -217,10 +237,14 @@ class LoginGuard:
         return False
 
 
-INTERNAL_ERROR = ("An internal error stopped this action; the server keeps running. Try again, and report it "
-                  "(with the server's log) if it repeats.")
-OUT_OF_MEMORY = ("The server ran out of memory for this request; it keeps running. Ask for less: fewer or smaller "
-                 "images, a lower max pixels, fewer new tokens, or narrower layer and head ranges.")
+INTERNAL_ERROR = (
+    "An internal error stopped this action; the server keeps running. Try again, and report it "
+    "(with the server's log) if it repeats."
+)
+OUT_OF_MEMORY = (
+    "The server ran out of memory for this request; it keeps running. Ask for less: fewer or smaller "
+    "images, a lower max pixels, fewer new tokens, or narrower layer and head ranges."
+)
 
 
 def _as_message(err: BaseException) -> gr.Error:
@@ -248,12 +272,14 @@ def user_errors(handler):
     user errors as what they say, everything else as an internal error with its traceback in the log.
     Works for plain and streaming (generator) handlers alike."""
     if inspect.isgeneratorfunction(handler):
+
         @functools.wraps(handler)
         def stream(*args, **kwargs):
             try:
                 yield from handler(*args, **kwargs)
             except Exception as err:
                 raise _as_message(err) from (err.__cause__ if isinstance(err, gr.Error) else err)
+
         return stream
 
     @functools.wraps(handler)
@@ -262,6 +288,7 @@ def user_errors(handler):
             return handler(*args, **kwargs)
         except Exception as err:
             raise _as_message(err) from (err.__cause__ if isinstance(err, gr.Error) else err)
+
     return call
 
 
@@ -273,12 +300,16 @@ def parse_box(text) -> tuple[float, float, float, float] | None:
     try:
         x0, y0, x1, y1 = (float(part) for part in parts)
     except ValueError:
-        raise gr.Error(f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
-                       "pixels (left, top, right, bottom), or click two corners on the picture.") from None
+        raise gr.Error(
+            f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
+            "pixels (left, top, right, bottom), or click two corners on the picture."
+        ) from None
     if not all(math.isfinite(v) and abs(v) <= 1e6 for v in (x0, y0, x1, y1)):
         raise gr.Error("The target box needs numbers within the image: x0, y0, x1, y1 in image pixels.")
     box = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-        raise gr.Error(f"The target box {str(text)[:40]!r} is empty (under one pixel wide or tall); give two "
-                       "opposite corners, at least a pixel apart.")
+        raise gr.Error(
+            f"The target box {str(text)[:40]!r} is empty (under one pixel wide or tall); give two "
+            "opposite corners, at least a pixel apart."
+        )
     return box

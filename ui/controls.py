@@ -46,8 +46,8 @@ class ViewControls:
     view: Any = control(AppConfig.view, redraw=True)
     grid: Any = control(False, redraw=True)
     renormalize: Any = control(False, redraw=True)
-    mask_sinks: Any = control(False, reset=False, redraw=True)       # needs one image: a new result starts without
-    relative: Any = control(False, reset=False)         # needs a model pass (the baseline)
+    mask_sinks: Any = control(False, reset=False, redraw=True)  # needs one image: a new result starts without
+    relative: Any = control(False, reset=False)  # needs a model pass (the baseline)
     prompt_token: Any = control(None, reset="", redraw=True)
     exclude_system: Any = control(False, redraw=True)
     method: Any = control(RAW_ATTENTION, reset=RAW_ATTENTION)
@@ -122,8 +122,18 @@ PAGE_OUTPUTS = (*MODEL_OUTPUTS, "status_timer")
 # A new result: its id and answer, the token pickers with their new choices, its first picture, the view
 # controls a new result resets, the region, every derived view (cleared) and the downloads (emptied). The
 # first names keep the order API clients of /generate have always read; reset controls added later follow.
-_GENERATE_HEAD = ("run_id", "answer", "token", "chips", *VIEW_OUTPUTS, "prompt_token", "mask_sinks", "relative",
-                  "region", "method")
+_GENERATE_HEAD = (
+    "run_id",
+    "answer",
+    "token",
+    "chips",
+    *VIEW_OUTPUTS,
+    "prompt_token",
+    "mask_sinks",
+    "relative",
+    "region",
+    "method",
+)
 
 
 def generate_outputs(record=ViewControls) -> tuple[str, ...]:
@@ -133,8 +143,8 @@ def generate_outputs(record=ViewControls) -> tuple[str, ...]:
 
 
 GENERATE_OUTPUTS = generate_outputs()
-BOX_OUTPUTS = ("corner", "target_box", *VIEW_OUTPUTS)               # a click while drawing the target box
-REGION_OUTPUTS = ("region", "region_plot", "region_note")            # a click that picks a region cell
+BOX_OUTPUTS = ("corner", "target_box", *VIEW_OUTPUTS)  # a click while drawing the target box
+REGION_OUTPUTS = ("region", "region_plot", "region_note")  # a click that picks a region cell
 
 
 @dataclass(frozen=True)

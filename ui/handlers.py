@@ -52,8 +52,17 @@ from utils import load_image, load_video
 
 logger = logging.getLogger(__name__)
 
-def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tuple[str, ...] = (),
-              progress: bool = False, request: bool = False, select: bool = False, record: type = ViewControls):
+
+def named_api(
+    handler,
+    leading: tuple[str, ...],
+    view: bool = True,
+    trailing: tuple[str, ...] = (),
+    progress: bool = False,
+    request: bool = False,
+    select: bool = False,
+    record: type = ViewControls,
+):
     """`handler` (which takes its values positionally) under a signature that names every value, so API
     clients see `run_id, token, layer_lo, …` instead of `param_0, param_1, …`: the `leading` inputs, the
     view controls, then `trailing` inputs (session state, which API clients do not send). With
@@ -62,35 +71,44 @@ def named_api(handler, leading: tuple[str, ...], view: bool = True, trailing: tu
     a click's event data, as the `evt` keyword."""
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
     if view:
-        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
-                   for name, default in defaults(record).items()]
+        params += [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+            for name, default in defaults(record).items()
+        ]
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in trailing]
     if progress:
         params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
     if request:
-        params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                        annotation=gr.Request))
+        params.append(
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)
+        )
     if select:
-        params.append(inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                        annotation=gr.SelectData))
+        params.append(
+            inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.SelectData)
+        )
     special = [name for name, wanted in (("progress", progress), ("request", request), ("evt", select)) if wanted]
 
     def split(args: tuple) -> tuple[tuple, dict]:
         if not special:
             return args, {}
-        return args[:-len(special)], dict(zip(special, args[-len(special):], strict=True))
+        return args[: -len(special)], dict(zip(special, args[-len(special) :], strict=True))
 
     if inspect.isgeneratorfunction(handler):
+
         def forward(*args):
             positional, keywords = split(args)
             yield from handler(*positional, **keywords)
     else:
+
         def forward(*args):
             positional, keywords = split(args)
             return handler(*positional, **keywords)
+
     forward.__signature__ = inspect.Signature(params)
-    forward.__annotations__ = {**({"request": gr.Request} if request else {}),
-                               **({"evt": gr.SelectData} if select else {})}
+    forward.__annotations__ = {
+        **({"request": gr.Request} if request else {}),
+        **({"evt": gr.SelectData} if select else {}),
+    }
     forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
     return forward
 
@@ -106,15 +124,22 @@ def _whole(value, name: str, minimum: int = 0) -> int:
     return int(number)
 
 
-def recommended_ranges(model_id: str, layer_max: int, head_max: int,
-                       chosen: ModelRanges | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+def recommended_ranges(
+    model_id: str, layer_max: int, head_max: int, chosen: ModelRanges | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Start-up slider ranges: those of `--ranges` when they are this model's and fit it, the demo model's
     measured best, otherwise everything."""
     if chosen is not None and chosen.fits(model_id):
         if chosen.layers[1] <= layer_max and chosen.heads[1] <= head_max:
             return chosen.layers, chosen.heads
-        logger.warning("--ranges %s-%s × %s-%s do not fit %s (layers 0-%d, heads 0-%d); using all", *chosen.layers,
-                       *chosen.heads, model_id, layer_max, head_max)
+        logger.warning(
+            "--ranges %s-%s × %s-%s do not fit %s (layers 0-%d, heads 0-%d); using all",
+            *chosen.layers,
+            *chosen.heads,
+            model_id,
+            layer_max,
+            head_max,
+        )
     if Path(model_id).resolve() == DEMO_MODEL_DIR.resolve():
         return DEMO_RANGES
     return (0, layer_max), (0, head_max)
@@ -126,7 +151,7 @@ class Handlers(AnalysisHandlers):
 
     def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = ViewControls):
         self.cfg, self.slot, self.store = cfg, slot, store
-        self.record, self.generate_outputs = record, generate_outputs(record)   # the view controls, as wired
+        self.record, self.generate_outputs = record, generate_outputs(record)  # the view controls, as wired
 
     # -- model ------------------------------------------------------------------------------------
     def model_status(self) -> tuple:
@@ -135,29 +160,44 @@ class Handlers(AnalysisHandlers):
         holder = self.slot.holder
         if holder is None:
             failed = self.slot.startup_failure
-            status = ("**No model loaded.** Pick one and press Load." if not failed else
-                      f"**The start-up model did not load.** {as_text(failed)} Pick a model and press Load, or "
-                      "restart the app with another `--model` (or `--device cpu` on a machine without a GPU).")
-            return pack(MODEL_OUTPUTS, status=status, layer_range=gr.HTML(value=[0, 0], maximum=0),
-                        head_range=gr.HTML(value=[0, 0], maximum=0), video=gr.Video(visible=False))
+            status = (
+                "**No model loaded.** Pick one and press Load."
+                if not failed
+                else f"**The start-up model did not load.** {as_text(failed)} Pick a model and press Load, or "
+                "restart the app with another `--model` (or `--device cpu` on a machine without a GPU)."
+            )
+            return pack(
+                MODEL_OUTPUTS,
+                status=status,
+                layer_range=gr.HTML(value=[0, 0], maximum=0),
+                head_range=gr.HTML(value=[0, 0], maximum=0),
+                video=gr.Video(visible=False),
+            )
         layer_max, head_max = holder.num_layers - 1, holder.num_heads - 1
         layers, heads = recommended_ranges(holder.model_id, layer_max, head_max, self.cfg.ranges)
-        return pack(MODEL_OUTPUTS, status=f"**Loaded:** {as_text(holder.describe())}",
-                    layer_range=gr.HTML(value=list(layers), maximum=layer_max),
-                    head_range=gr.HTML(value=list(heads), maximum=head_max), video=gr.Video(visible=holder.takes_video))
+        return pack(
+            MODEL_OUTPUTS,
+            status=f"**Loaded:** {as_text(holder.describe())}",
+            layer_range=gr.HTML(value=list(layers), maximum=layer_max),
+            head_range=gr.HTML(value=list(heads), maximum=head_max),
+            video=gr.Video(visible=holder.takes_video),
+        )
 
     @user_errors
     def load_model(self, model_id: str, progress=gr.Progress(track_tqdm=True)) -> str:
         """Load a model for everyone; returns the status line. A failure changes nothing (the message
         says why); the page then puts the picker back on the loaded model (`loaded_model_id`)."""
         if not self.cfg.allow_model_loading:
-            raise gr.Error("Loading other models is turned off on this server; its operator chose the model. "
-                           "Start the app with --allow-model-loading to change that.")
+            raise gr.Error(
+                "Loading other models is turned off on this server; its operator chose the model. "
+                "Start the app with --allow-model-loading to change that."
+            )
         if not model_id or not str(model_id).strip():
             raise gr.Error("Type a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder, then press Load.")
         progress(0, desc=f"Loading {model_id}")
-        self.slot.load(model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code,
-                       self.cfg.max_pixels_cap)
+        self.slot.load(
+            model_id.strip(), self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code, self.cfg.max_pixels_cap
+        )
         return self.model_status()[0]
 
     def loaded_model_id(self):
@@ -169,9 +209,12 @@ class Handlers(AnalysisHandlers):
         """A new page's model status, at once. While the start-up model loads, a note and an active timer
         that asks again (a page load never waits for the load, so it never holds a worker)."""
         if not self.slot.ready.is_set():
-            return pack(PAGE_OUTPUTS, status="**Loading the start-up model…** This page updates when it is ready.",
-                        status_timer=gr.Timer(active=True))
-        return self.model_status() + pack(PAGE_OUTPUTS[len(MODEL_OUTPUTS):], status_timer=gr.Timer(active=False))
+            return pack(
+                PAGE_OUTPUTS,
+                status="**Loading the start-up model…** This page updates when it is ready.",
+                status_timer=gr.Timer(active=True),
+            )
+        return self.model_status() + pack(PAGE_OUTPUTS[len(MODEL_OUTPUTS) :], status_timer=gr.Timer(active=False))
 
     # -- generation -------------------------------------------------------------------------------
     def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
@@ -180,34 +223,59 @@ class Handlers(AnalysisHandlers):
             if image_path or extra_paths:
                 raise gr.Error("Give either images or a video, not both: clear one of them.")
             frames = load_video(video_path)
-            return [], frames, frames[::frames_per_panel(self.slot.get().model.config)]
+            return [], frames, frames[:: frames_per_panel(self.slot.get().model.config)]
         if not image_path:
             raise gr.Error("No image. Upload an image first.")
         images = [load_image(path, self.cfg.max_image_pixels) for path in [image_path, *(extra_paths or [])]]
         return images, None, images
 
     @user_errors
-    def generate(self, image_path, prompt, max_new_tokens, sampling, temperature, top_p, min_pixels,
-                 max_pixels, *values, progress=gr.Progress(), request: gr.Request | None = None):
+    def generate(
+        self,
+        image_path,
+        prompt,
+        max_new_tokens,
+        sampling,
+        temperature,
+        top_p,
+        min_pixels,
+        max_pixels,
+        *values,
+        progress=gr.Progress(),
+        request: gr.Request | None = None,
+    ):
         """values: the view controls, then the extra images and the video (both optional).
         A session's new generation stops the one it still runs (see `stop_generation`)."""
         view_values, (extra_paths, video_path) = values[:-2], values[-2:]
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty. Type a question or instruction about the image.")
         if len(prompt) > self.cfg.max_prompt_chars:
-            raise gr.Error(f"The prompt has {len(prompt)} characters; this server accepts up to "
-                           f"{self.cfg.max_prompt_chars}. Shorten it and try again.")
-        self.slot.get()                                                 # a clear message when none is loaded
+            raise gr.Error(
+                f"The prompt has {len(prompt)} characters; this server accepts up to "
+                f"{self.cfg.max_prompt_chars}. Shorten it and try again."
+            )
+        self.slot.get()  # a clear message when none is loaded
         images, frames, panels = self._media(image_path, extra_paths, video_path)
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
         max_new_tokens = _whole(max_new_tokens, "Max new tokens", minimum=1)
-        budget = dict(min_pixels=_whole(min_pixels or 0, "Min pixels") or None,
-                      max_pixels=_whole(max_pixels or 0, "Max pixels") or None)
+        budget = dict(
+            min_pixels=_whole(min_pixels or 0, "Min pixels") or None,
+            max_pixels=_whole(max_pixels or 0, "Max pixels") or None,
+        )
         text, run = "", None
         session = getattr(request, "session_hash", None)
         cancel = self.slot.begin(session)
-        stream = stream_generation(self.slot, images, prompt, int(max_new_tokens), video=frames,
-                                   max_capture_mb=self.cfg.session_cache_mb, cancel=cancel, **sample, **budget)
+        stream = stream_generation(
+            self.slot,
+            images,
+            prompt,
+            int(max_new_tokens),
+            video=frames,
+            max_capture_mb=self.cfg.session_cache_mb,
+            cancel=cancel,
+            **sample,
+            **budget,
+        )
         try:
             for count, item in enumerate(stream, start=1):
                 if isinstance(item, str):
@@ -217,32 +285,48 @@ class Handlers(AnalysisHandlers):
                 else:
                     run = item
         except (gr.Error, UserError, MemoryError):
-            raise                                                       # messages, through `user_errors`
-        except Exception as err:                                        # a bug: logged, and said plainly
+            raise  # messages, through `user_errors`
+        except Exception as err:  # a bug: logged, and said plainly
             logger.exception("generation failed")
-            raise gr.Error(f"Generation failed: {html.escape(str(err), quote=False)}. This is an internal error; "
-                           "the server keeps running. Try again, and report this if it repeats.") from err
+            raise gr.Error(
+                f"Generation failed: {html.escape(str(err), quote=False)}. This is an internal error; "
+                "the server keeps running. Try again, and report this if it repeats."
+            ) from err
         finally:
             self.slot.end(session, cancel)
         stored = StoredRun(run, images=panels)
         run_id, run = self.store.put(stored), stored.run
         unknown = self.slot.get().unknown_words(prompt)
         if unknown:
-            text += (f"\n\n⚠ Unknown to this model (it read them as <unk>): {', '.join(unknown)}. The answer may "
-                     "not follow the question; see the words it knows below the examples.")
+            text += (
+                f"\n\n⚠ Unknown to this model (it read them as <unk>): {', '.join(unknown)}. The answer may "
+                "not follow the question; see the words it knows below the examples."
+            )
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
         prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
         # A new result starts without the options that need extra work (baseline) or one image (sinks):
         # each view control with a `reset` value takes it, and every derived view is cleared.
         fresh = resets(self.record)
         picture, caption, plot = self._render_with(stored, self._settings_from({**self._view(view_values), **fresh}))
-        yield pack(self.generate_outputs, **{**fresh, **resets(DerivedViews), "run_id": run_id, "answer": text,
-                                        "token": gr.Dropdown(choices=choices, value=fresh["token"]),
-                                        "chips": gr.Radio(choices=choices, value=fresh["token"]),
-                                        "picture": picture, "caption": caption, "plot": plot,
-                                        "prompt_token": gr.Dropdown(choices=prompt_choices, value=fresh["prompt_token"],
-                                                                    allow_custom_value=True),
-                                        "region": [], "files": []})
+        yield pack(
+            self.generate_outputs,
+            **{
+                **fresh,
+                **resets(DerivedViews),
+                "run_id": run_id,
+                "answer": text,
+                "token": gr.Dropdown(choices=choices, value=fresh["token"]),
+                "chips": gr.Radio(choices=choices, value=fresh["token"]),
+                "picture": picture,
+                "caption": caption,
+                "plot": plot,
+                "prompt_token": gr.Dropdown(
+                    choices=prompt_choices, value=fresh["prompt_token"], allow_custom_value=True
+                ),
+                "region": [],
+                "files": [],
+            },
+        )
 
     def stop_generation(self, request: gr.Request | None = None) -> None:
         """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
@@ -260,19 +344,34 @@ class Handlers(AnalysisHandlers):
 
     def _settings_from(self, v: dict) -> ViewSettings:
         """The view controls' values by name as one ViewSettings; ranges left out are the page's own."""
-        layers, heads = self._default_ranges()                          # what the page starts with
-        layers = tuple(int(given) if given is not None else default
-                       for given, default in zip((v["layer_lo"], v["layer_hi"]), layers, strict=True))
-        heads = tuple(int(given) if given is not None else default
-                      for given, default in zip((v["head_lo"], v["head_hi"]), heads, strict=True))
-        return ViewSettings(step_idx=int(v["token"] or 0), layers=layers, heads=heads, reduce=v["aggregation"],
-                            normalization=v["normalization"], percentile=self.cfg.percentile,
-                            colormap=v["colormap"], alpha=float(v["alpha"]), view=v["view"], grid=bool(v["grid"]),
-                            renormalize=bool(v["renormalize"]), mask_sinks=bool(v["mask_sinks"]),
-                            relative=bool(v["relative"]),
-                            prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
-                            exclude_system=bool(v["exclude_system"]), method=v["method"] or RAW_ATTENTION,
-                            target_box=parse_box(v["target_box"]))
+        layers, heads = self._default_ranges()  # what the page starts with
+        layers = tuple(
+            int(given) if given is not None else default
+            for given, default in zip((v["layer_lo"], v["layer_hi"]), layers, strict=True)
+        )
+        heads = tuple(
+            int(given) if given is not None else default
+            for given, default in zip((v["head_lo"], v["head_hi"]), heads, strict=True)
+        )
+        return ViewSettings(
+            step_idx=int(v["token"] or 0),
+            layers=layers,
+            heads=heads,
+            reduce=v["aggregation"],
+            normalization=v["normalization"],
+            percentile=self.cfg.percentile,
+            colormap=v["colormap"],
+            alpha=float(v["alpha"]),
+            view=v["view"],
+            grid=bool(v["grid"]),
+            renormalize=bool(v["renormalize"]),
+            mask_sinks=bool(v["mask_sinks"]),
+            relative=bool(v["relative"]),
+            prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
+            exclude_system=bool(v["exclude_system"]),
+            method=v["method"] or RAW_ATTENTION,
+            target_box=parse_box(v["target_box"]),
+        )
 
     def _default_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The ranges the page starts with for the loaded model (API calls that leave them out get these)."""
@@ -299,7 +398,7 @@ class Handlers(AnalysisHandlers):
             return pack(VIEW_OUTPUTS)
         try:
             return self.render(run_id, *view_values)
-        except gr.Error:                        # ranges of a newly loaded model over an older model's result
+        except gr.Error:  # ranges of a newly loaded model over an older model's result
             if self.slot.holder is not None and self.store.get(run_id).run.model_id != self.slot.holder.model_id:
                 return pack(VIEW_OUTPUTS)
             raise
@@ -329,8 +428,13 @@ class Handlers(AnalysisHandlers):
         if settings.method != RAW_ATTENTION:
             if not stored.is_single_image:
                 raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")
-            method_maps(self.slot, stored, settings, self.cfg.max_gradient_mb,
-                        track=lambda steps, desc: progress.tqdm(steps, desc=desc))
+            method_maps(
+                self.slot,
+                stored,
+                settings,
+                self.cfg.max_gradient_mb,
+                track=lambda steps, desc: progress.tqdm(steps, desc=desc),
+            )
         return self._render_with(stored, settings)
 
     # -- downloads --------------------------------------------------------------------------------

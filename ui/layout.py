@@ -57,22 +57,36 @@ def model_choices(cfg: AppConfig) -> list[str]:
 def model_row(cfg: AppConfig) -> dict:
     """The model picker, its Load button, the status line and the load's hidden answer."""
     with gr.Row(equal_height=False, elem_id="model-row"):
-        model_box = gr.Dropdown(model_choices(cfg), value=default_model(cfg), allow_custom_value=True,
-                                label="Model (preset, hub id or local folder)" if cfg.allow_model_loading else
-                                "Model (this server's operator turned loading other models off)",
-                                interactive=cfg.allow_model_loading, elem_id="model-id", scale=4,
-                                show_label=not cfg.allow_model_loading, container=not cfg.allow_model_loading)
+        model_box = gr.Dropdown(
+            model_choices(cfg),
+            value=default_model(cfg),
+            allow_custom_value=True,
+            label="Model (preset, hub id or local folder)"
+            if cfg.allow_model_loading
+            else "Model (this server's operator turned loading other models off)",
+            interactive=cfg.allow_model_loading,
+            elem_id="model-id",
+            scale=4,
+            show_label=not cfg.allow_model_loading,
+            container=not cfg.allow_model_loading,
+        )
         load_btn = gr.Button("Load", elem_id="load-btn", scale=1, interactive=cfg.allow_model_loading, size="md")
     status = gr.Markdown("Starting…", elem_id="model-status")
-    load_result = gr.Textbox(visible="hidden", elem_id="load-result")       # the API's answer
-    return {"model_box": model_box, "load_btn": load_btn, "status": status, "load_result": load_result,
-            "status_timer": gr.Timer(2.0, active=False)}
+    load_result = gr.Textbox(visible="hidden", elem_id="load-result")  # the API's answer
+    return {
+        "model_box": model_box,
+        "load_btn": load_btn,
+        "status": status,
+        "load_result": load_result,
+        "status_timer": gr.Timer(2.0, active=False),
+    }
 
 
 def inputs_column(cfg: AppConfig) -> dict:
     """The image, prompt, Generate, the answer, generation settings, extra images or a video, examples."""
-    image = image_upload(upload_bytes(cfg.max_upload), image_mode=None, label="Image", elem_id="image-input",
-                         height=240)
+    image = image_upload(
+        upload_bytes(cfg.max_upload), image_mode=None, label="Image", elem_id="image-input", height=240
+    )
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="e.g. What color is the circle?")
     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
     answer = gr.Textbox(label="Answer", lines=2, interactive=False, elem_id="answer")
@@ -85,16 +99,31 @@ def inputs_column(cfg: AppConfig) -> dict:
             min_px = gr.Number(0, label="Min pixels (Qwen, 0 = model default)", precision=0)
             max_px = gr.Number(0, label="Max pixels (Qwen, 0 = model default)", precision=0)
     with gr.Accordion(f"More images, or a video (video: {', '.join(video_families())})", open=False):
-        extra_images = gr.File(file_count="multiple", file_types=["image"], elem_id="extra-images",
-                               label="More images, after the first one, in this order")
+        extra_images = gr.File(
+            file_count="multiple",
+            file_types=["image"],
+            elem_id="extra-images",
+            label="More images, after the first one, in this order",
+        )
         video = gr.Video(label="A video instead of images", elem_id="video-input", height=200)
     examples = example_rows()
     if examples:
         gr.Examples(examples, [image, prompt], label="Examples for the demo model", examples_per_page=6)
         gr.Markdown(demo_guide(), elem_id="demo-guide")
-    return {"image": image, "prompt": prompt, "generate_btn": generate_btn, "answer": answer, "max_new": max_new,
-            "sampling": sampling, "temperature": temperature, "top_p": top_p, "min_px": min_px, "max_px": max_px,
-            "extra_images": extra_images, "video": video}
+    return {
+        "image": image,
+        "prompt": prompt,
+        "generate_btn": generate_btn,
+        "answer": answer,
+        "max_new": max_new,
+        "sampling": sampling,
+        "temperature": temperature,
+        "top_p": top_p,
+        "min_px": min_px,
+        "max_px": max_px,
+        "extra_images": extra_images,
+        "video": video,
+    }
 
 
 def map_column() -> dict:
@@ -103,15 +132,36 @@ def map_column() -> dict:
     picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False, elem_id="overlay", height=400)
     caption = gr.Markdown("", elem_id="caption")
     with gr.Row():
-        token = gr.Dropdown([], label="Generated token (index: token)", elem_id="token-dropdown",
-                            allow_custom_value=True)
-        prompt_token = gr.Dropdown([], value="", label="…or a prompt token (what that word looks at)",
-                                   elem_id="prompt-token-dropdown", allow_custom_value=True)
-    plot = gr.BarPlot(x="step", y="share", color="selected", tooltip=["token", "share"], sort="x",
-                      title="Attention share on the image per generated token", y_lim=[0, 1], elem_id="share-plot",
-                      height=220, color_map={"selected": "#d62728", "other": "#b8c4d6"})
-    return {"chips": chips, "picture": picture, "caption": caption, "token": token, "prompt_token": prompt_token,
-            "plot": plot}
+        token = gr.Dropdown(
+            [], label="Generated token (index: token)", elem_id="token-dropdown", allow_custom_value=True
+        )
+        prompt_token = gr.Dropdown(
+            [],
+            value="",
+            label="…or a prompt token (what that word looks at)",
+            elem_id="prompt-token-dropdown",
+            allow_custom_value=True,
+        )
+    plot = gr.BarPlot(
+        x="step",
+        y="share",
+        color="selected",
+        tooltip=["token", "share"],
+        sort="x",
+        title="Attention share on the image per generated token",
+        y_lim=[0, 1],
+        elem_id="share-plot",
+        height=220,
+        color_map={"selected": "#d62728", "other": "#b8c4d6"},
+    )
+    return {
+        "chips": chips,
+        "picture": picture,
+        "caption": caption,
+        "token": token,
+        "prompt_token": prompt_token,
+        "plot": plot,
+    }
 
 
 def _range(label: str, elem_id: str) -> tuple[gr.HTML, gr.Number, gr.Number]:
@@ -131,23 +181,39 @@ def settings_column(cfg: AppConfig, record: type = ViewControls) -> dict:
     built: dict = {}
     built["layer_range"], built["layer_lo"], built["layer_hi"] = _range("Layers", "layer-range")
     built["head_range"], built["head_lo"], built["head_hi"] = _range("Heads", "head-range")
-    built["method"] = gr.Radio(list(METHODS), value=RAW_ATTENTION, elem_id="method",
-                               label="Map (all but the first are computed on demand): " + "; ".join(
-                                   f"{m.name}: {m.description}" for m in METHODS.values()))
+    built["method"] = gr.Radio(
+        list(METHODS),
+        value=RAW_ATTENTION,
+        elem_id="method",
+        label="Map (all but the first are computed on demand): "
+        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
+    )
     with gr.Row():
-        built["aggregation"] = gr.Dropdown(list(REDUCTIONS), value=cfg.aggregation, label="Aggregation",
-                                           elem_id="aggregation", min_width=100)
-        built["normalization"] = gr.Dropdown(list(DISPLAY_NORMALIZATIONS), value=cfg.normalization,
-                                             label="Normalisation", elem_id="normalization", min_width=100)
+        built["aggregation"] = gr.Dropdown(
+            list(REDUCTIONS), value=cfg.aggregation, label="Aggregation", elem_id="aggregation", min_width=100
+        )
+        built["normalization"] = gr.Dropdown(
+            list(DISPLAY_NORMALIZATIONS),
+            value=cfg.normalization,
+            label="Normalisation",
+            elem_id="normalization",
+            min_width=100,
+        )
     with gr.Row():
-        built["colormap"] = gr.Dropdown(list(COLORMAPS), value=cfg.colormap, label="Colormap", elem_id="colormap",
-                                        min_width=100)
+        built["colormap"] = gr.Dropdown(
+            list(COLORMAPS), value=cfg.colormap, label="Colormap", elem_id="colormap", min_width=100
+        )
         built["alpha"] = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha", min_width=100)
     built["view"] = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
     with gr.Row():
-        built["target_box"] = gr.Textbox("", label="Target box: x0, y0, x1, y1 in image pixels",
-                                         placeholder="type it, or tick the box and click two corners",
-                                         elem_id="target-box", min_width=160, scale=3)
+        built["target_box"] = gr.Textbox(
+            "",
+            label="Target box: x0, y0, x1, y1 in image pixels",
+            placeholder="type it, or tick the box and click two corners",
+            elem_id="target-box",
+            min_width=160,
+            scale=3,
+        )
         built["box_mode"] = gr.Checkbox(False, label="Clicks draw it", elem_id="box-mode", min_width=80, scale=1)
     with gr.Accordion("More display options", open=False):
         built["grid"] = gr.Checkbox(False, label="Show token grid", elem_id="grid")
@@ -173,47 +239,93 @@ def analysis_tabs() -> dict:
     with gr.Tabs(elem_id="analysis"):
         with gr.Tab("Layers × heads", elem_id="tab-matrix"):
             with gr.Row():
-                metric = gr.Radio(["share", "entropy"], value="share", elem_id="matrix-metric",
-                                  label="Matrix: attention share on the image, or spatial entropy of each head's map")
+                metric = gr.Radio(
+                    ["share", "entropy"],
+                    value="share",
+                    elem_id="matrix-metric",
+                    label="Matrix: attention share on the image, or spatial entropy of each head's map",
+                )
                 show = gr.Button("Show analysis for the selected token", elem_id="analysis-btn")
             with gr.Row():
                 matrix = matrix_heatmap("Layer × head, 0-based (click a cell to show that head's map)", "head-matrix")
-                text = gr.HighlightedText(label="What the token attends to in the text (with 'Exclude BOS and "
-                                          "system prompt', those are shown unhighlighted)", elem_id="text-attention")
+                text = gr.HighlightedText(
+                    label="What the token attends to in the text (with 'Exclude BOS and "
+                    "system prompt', those are shown unhighlighted)",
+                    elem_id="text-attention",
+                )
             note = gr.Markdown("", elem_id="analysis-note")
         with gr.Tab("Per-head gallery", elem_id="tab-gallery"):
-            gallery = gr.Gallery(label="Per-head maps (layer and head 0-based)", columns=8, height=420,
-                                 elem_id="head-gallery")
-            zip_btn = gr.Button("Download the gallery (ZIP; files named S{step}_L{layer}_H{head}, 1-based)",
-                                elem_id="gallery-zip")
+            gallery = gr.Gallery(
+                label="Per-head maps (layer and head 0-based)", columns=8, height=420, elem_id="head-gallery"
+            )
+            zip_btn = gr.Button(
+                "Download the gallery (ZIP; files named S{step}_L{layer}_H{head}, 1-based)", elem_id="gallery-zip"
+            )
         with gr.Tab("Region → text", elem_id="tab-region"):
-            gr.Markdown("Click token cells on the attention picture to build a region (click again to remove "
-                        "a cell); the picked cells are outlined on the picture.")
+            gr.Markdown(
+                "Click token cells on the attention picture to build a region (click again to remove "
+                "a cell); the picked cells are outlined on the picture."
+            )
             with gr.Row():
-                region_plot = gr.BarPlot(x="step", y="share", tooltip=["token", "share"], height=220, sort="x",
-                                         title="Attention share on the region per generated token", y_lim=[0, 1],
-                                         elem_id="region-plot")
+                region_plot = gr.BarPlot(
+                    x="step",
+                    y="share",
+                    tooltip=["token", "share"],
+                    height=220,
+                    sort="x",
+                    title="Attention share on the region per generated token",
+                    y_lim=[0, 1],
+                    elem_id="region-plot",
+                )
                 with gr.Column():
                     region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
                     region_clear = gr.Button("Clear region", elem_id="region-clear")
         with gr.Tab("Verify", elem_id="tab-verify"):
             with gr.Row():
-                verify_btn = gr.Button("Verify this map: delete / insert cells in map order vs a random order",
-                                       elem_id="verify-btn")
+                verify_btn = gr.Button(
+                    "Verify this map: delete / insert cells in map order vs a random order", elem_id="verify-btn"
+                )
                 verify_note = gr.Markdown("", elem_id="verify-note")
             with gr.Row():
-                verify_plot = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
-                                          elem_id="verify-plot", y_lim=[0, 1],
-                                          title="Deleting cells: the token's probability (lower AUC = better map)")
-                verify_insertion = gr.LinePlot(x="fraction", y="probability", color="curve", height=260,
-                                               elem_id="verify-plot-insertion", y_lim=[0, 1],
-                                               title="Inserting cells: the token's probability (higher AUC = better)")
+                verify_plot = gr.LinePlot(
+                    x="fraction",
+                    y="probability",
+                    color="curve",
+                    height=260,
+                    elem_id="verify-plot",
+                    y_lim=[0, 1],
+                    title="Deleting cells: the token's probability (lower AUC = better map)",
+                )
+                verify_insertion = gr.LinePlot(
+                    x="fraction",
+                    y="probability",
+                    color="curve",
+                    height=260,
+                    elem_id="verify-plot-insertion",
+                    y_lim=[0, 1],
+                    title="Inserting cells: the token's probability (higher AUC = better)",
+                )
         with gr.Tab("Logit lens", elem_id="tab-lens"):
             with gr.Row():
                 lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
                 lens_file = gr.File(label="Logit lens page (HTML, works offline)", interactive=False, height=80)
             lens_view = gr.HTML("", elem_id="logit-lens")
-    return {"metric": metric, "show": show, "matrix": matrix, "text": text, "gallery": gallery, "note": note,
-            "zip": zip_btn, "region_plot": region_plot, "region_note": region_note, "region_clear": region_clear,
-            "lens_btn": lens_btn, "lens_view": lens_view, "lens_file": lens_file, "verify_btn": verify_btn,
-            "verify_plot": verify_plot, "verify_insertion": verify_insertion, "verify_note": verify_note}
+    return {
+        "metric": metric,
+        "show": show,
+        "matrix": matrix,
+        "text": text,
+        "gallery": gallery,
+        "note": note,
+        "zip": zip_btn,
+        "region_plot": region_plot,
+        "region_note": region_note,
+        "region_clear": region_clear,
+        "lens_btn": lens_btn,
+        "lens_view": lens_view,
+        "lens_file": lens_file,
+        "verify_btn": verify_btn,
+        "verify_plot": verify_plot,
+        "verify_insertion": verify_insertion,
+        "verify_note": verify_note,
+    }

@@ -1,0 +1,102 @@
+"""The events of the page's secondary parts (the region and box clicks, the analysis tabs, the downloads),
+wired by component name; `app.wire` wires the main flow and calls these."""
+
+from __future__ import annotations
+
+import functools
+
+import gradio as gr
+
+from ui.controls import BOX_OUTPUTS, REGION_OUTPUTS, Page
+from ui.handlers import Handlers
+from ui.handlers import named_api as named_view_api
+
+
+def named_api_for(page: Page):
+    """`ui.handlers.named_api` for this page: the API names every view control of the page's record."""
+    return functools.partial(named_view_api, record=type(page.view))
+
+
+def wire_region_and_box(page: Page, h: Handlers, with_run: list, view_outputs: list, render_events: dict) -> None:
+    named_api = named_api_for(page)
+    page["picture"].select(
+        named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
+        [page["run_id"], page["box_mode"], page["corner"], *page.view_inputs],
+        page.pick(BOX_OUTPUTS),
+        api_name=False,
+        **render_events,
+    )
+    gr.on(
+        [page["target_box"].submit, page["target_box"].blur],
+        h.render,
+        with_run,
+        view_outputs,
+        api_name=False,
+        **render_events,
+    )
+    page["picture"].select(
+        h.region_click,
+        page.pick(("run_id", "region", "view", "box_mode")),
+        page.pick(REGION_OUTPUTS),
+        api_name=False,
+        **render_events,
+    ).then(
+        h.render_region,
+        [page["run_id"], page["region"], page["box_mode"], *page.view_inputs],
+        [page["picture"]],
+        api_name=False,
+        **render_events,
+    )
+    page["region_clear"].click(h.region_clear, None, page.pick(REGION_OUTPUTS), api_name=False).then(
+        h.render, with_run, view_outputs, api_name=False, **render_events
+    )
+
+
+def wire_analysis(
+    page: Page, h: Handlers, with_run: list, ranges: list, model_events: dict, render_events: dict
+) -> None:
+    named_api = named_api_for(page)
+    analysis_outputs = page.pick(("matrix", "text", "gallery", "note"))
+    gr.on(
+        [page["show"].click, page["metric"].input],
+        named_api(h.analysis, ("run_id", "metric")),
+        [page["run_id"], page["metric"], *page.view_inputs],
+        analysis_outputs,
+        api_name="analysis",
+        **render_events,
+    )
+    page["matrix"].change(h.matrix_pick, [page["matrix"]], ranges, api_name=False, queue=False)
+    page["lens_btn"].click(
+        named_api(h.lens, ("run_id",), view=False, progress=True),
+        [page["run_id"]],
+        page.pick(("lens_view", "lens_file")),
+        api_name="logit_lens",
+        **model_events,
+    )
+    page["verify_btn"].click(
+        named_api(h.verify, ("run_id",), progress=True),
+        with_run,
+        page.pick(("verify_plot", "verify_insertion", "verify_note")),
+        api_name="verify",
+        **model_events,
+    )
+    page["zip"].click(
+        named_api(h.gallery_download, ("run_id",)), with_run, [page["files"]], api_name="gallery_zip", **render_events
+    )
+
+
+def wire_downloads(page: Page, h: Handlers, with_run: list, render_events: dict) -> None:
+    named_api = named_api_for(page)
+    page["png_btn"].click(
+        named_api(h.download_png, ("run_id",)), with_run, [page["files"]], api_name="download_png", **render_events
+    )
+    page["gif_btn"].click(
+        named_api(h.download_animation, ("run_id",)),
+        with_run,
+        [page["files"]],
+        api_name="download_animation",
+        **render_events,
+    )
+    page["export_btn"].click(
+        h.export_attention, [page["run_id"]], [page["files"]], api_name="export_attention", **render_events
+    )
