@@ -74,9 +74,15 @@ def _build(record=ViewControls, tmp_path=None):
     return app.build_ui(cfg, ModelSlot(), RunStore(16), record)
 
 
-def test_the_api_keeps_its_parameter_names():
-    assert _api(_build()) == API_NAMES
+def test_the_api_keeps_its_parameter_names_and_only_the_image_and_prompt_are_required():
+    demo = _build()
+    assert _api(demo) == API_NAMES
     assert names(ViewControls) == tuple(VIEW)
+    required = {
+        name: [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+        for name, endpoint in demo.get_api_info()["named_endpoints"].items()
+    }
+    assert required.pop("/generate") == ["image", "prompt"] and not any(required.values()), required
 
 
 def test_a_new_view_control_follows_into_the_page_the_api_and_the_resets(tmp_path):

@@ -132,8 +132,9 @@ def map_column() -> dict:
     picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False, elem_id="overlay", height=400)
     caption = gr.Markdown("", elem_id="caption")
     with gr.Row():
+        # Valued 0 from the start, so API clients may leave `token` out (Gradio reads defaults from components).
         token = gr.Dropdown(
-            [], label="Generated token (index: token)", elem_id="token-dropdown", allow_custom_value=True
+            [], value=0, label="Generated token (index: token)", elem_id="token-dropdown", allow_custom_value=True
         )
         prompt_token = gr.Dropdown(
             [],
