@@ -93,3 +93,29 @@ def test_lens_page_works_offline_in_a_browser(tmp_path):
         cells.nth(1).hover()
         assert '"<image>"' in page.locator("#tip").text_content()
         browser.close()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_the_lens_method_maps_each_tokens_probability_from_the_hidden_states(load_holder, family):
+    """The registry's `lens` map of step t: each patch's p(generated token t), averaged over the layers,
+    recomputed here from the model's own hidden states through the final norm and the output head."""
+    from families import decoder_layers, final_norm
+    from methods import MapRequest, compute_maps
+
+    holder = load_holder(family)
+    run = holder.generate(noise_image(150, 100), "What is this?", max_new_tokens=3, min_new_tokens=3)
+    maps = compute_maps("lens", MapRequest(holder, run, [0, 2], (0, 0), (0, 0)))
+    inputs = holder.replay_inputs(run, 0)
+    positions = torch.from_numpy(run.vision.token_positions)
+    with torch.no_grad():
+        states = holder.model(**inputs, output_hidden_states=True).hidden_states[1:]  # one per decoder layer
+        norm, head = final_norm(holder.model), holder.model.get_output_embeddings()
+        probs = torch.stack(
+            [torch.softmax(head(norm(h[0, positions])).float(), -1) for h in states[:-1]]
+            + [torch.softmax(head(states[-1][0, positions]).float(), -1)]
+        )  # (L, n, V)
+    assert len(states) == len(decoder_layers(holder.model)) and len(maps) == 2
+    for heat, step in zip(maps, [0, 2], strict=True):
+        expected = probs[:, :, run.generated_ids[step]].mean(0).reshape(run.vision.grid_hw).numpy()
+        assert heat.shape == tuple(run.vision.grid_hw)
+        np.testing.assert_allclose(heat, expected, rtol=1e-4, atol=1e-6)
