@@ -2,6 +2,7 @@
 rules, no cycles, and records without side effects."""
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -199,3 +200,23 @@ def test_the_package_declares_every_module():
     setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert sorted(setup["py-modules"]) == sorted(path.stem for path in REPO.glob("*.py"))
     assert sorted(setup["packages"]) == sorted(PACKAGES)
+
+
+def _calls(name: str) -> set[str]:
+    """Attribute names called in module `name` (`x.register_forward_hook(...)` → register_forward_hook)."""
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    return {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+
+
+def test_hooks_and_attention_implementations_are_switched_only_by_the_recorder():
+    switching = {"register_forward_hook", "register_forward_pre_hook", "set_attn_implementation"}
+    users = {name for name in MODULES if _calls(name) & switching and not name.startswith(("testing", "demo"))}
+    assert users <= {"attention_extractor", "families"}, users  # `recording` and the context it uses
+
+
+def test_handlers_never_take_locks_or_start_threads():
+    for name in (name for name in MODULES if name.startswith("ui")):
+        assert "threading" not in _third_party(name) and not _calls(name) & {"acquire", "Thread"}, name
+        assert not re.search(r"\.lock\b", MODULES[name].read_text(encoding="utf-8")), name  # the model lock
