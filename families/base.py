@@ -70,9 +70,7 @@ def no_video(family: str, video: bool) -> None:
     """Refuse a video for a family whose adapter maps images only (the families that take video say so in
     their spec, and the app offers video only for those)."""
     if video:
-        raise InputError(
-            f"This tool maps video only for families whose spec says so, not {family}; give images instead."
-        )
+        raise InputError(f"This tool maps images, not video, for {family}; give images instead.")
 
 
 def resized_box(box, from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, float, float, float]:

@@ -21,6 +21,9 @@ import gradio as gr
 
 from attention_processor import RAW_ATTENTION
 from config import AppConfig
+from pictures.views import region_note
+
+NO_REGION = region_note(None, set(), None)  # what the region view says before a cell is picked
 
 
 def control(default: Any = None, *, reset: Any = ..., make=None, redraw: bool = False) -> Any:
@@ -69,7 +72,7 @@ class DerivedViews:
     verify_insertion: Any = control(reset=None)
     verify_note: Any = control(reset="")
     region_plot: Any = control(reset=None)
-    region_note: Any = control(reset="Click the picture to pick token cells.")
+    region_note: Any = control(reset=NO_REGION)
 
 
 def names(record) -> tuple[str, ...]:
@@ -90,11 +93,6 @@ def redraws(record) -> tuple[str, ...]:
 def resets(record) -> dict[str, Any]:
     """name -> the value a new result sets, for the fields that have one."""
     return {f.name: f.metadata["reset"] for f in fields(record) if "reset" in f.metadata}
-
-
-def components(record_instance, wanted=None) -> list:
-    """The components of a built record, in field order (or in the order of `wanted` names)."""
-    return [getattr(record_instance, name) for name in (wanted or names(record_instance))]
 
 
 def by_name(record, values: tuple) -> dict[str, Any]:
@@ -142,7 +140,6 @@ def generate_outputs(record=ViewControls) -> tuple[str, ...]:
     return (*_GENERATE_HEAD, *added, *names(DerivedViews), "files")
 
 
-GENERATE_OUTPUTS = generate_outputs()
 BOX_OUTPUTS = ("corner", "target_box", *VIEW_OUTPUTS)  # a click while drawing the target box
 REGION_OUTPUTS = ("region", "region_plot", "region_note")  # a click that picks a region cell
 
@@ -168,4 +165,4 @@ class Page:
     @property
     def view_inputs(self) -> list:
         """The view controls as every view event takes them, in the API's order."""
-        return components(self.view)
+        return [getattr(self.view, name) for name in names(self.view)]

@@ -214,7 +214,8 @@ class Handlers(AnalysisHandlers):
                 status="**Loading the start-up model…** This page updates when it is ready.",
                 status_timer=gr.Timer(active=True),
             )
-        return self.model_status() + pack(PAGE_OUTPUTS[len(MODEL_OUTPUTS) :], status_timer=gr.Timer(active=False))
+        status = dict(zip(MODEL_OUTPUTS, self.model_status(), strict=True))
+        return pack(PAGE_OUTPUTS, **status, status_timer=gr.Timer(active=False))
 
     # -- generation -------------------------------------------------------------------------------
     def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:

@@ -21,7 +21,7 @@ from methods import METHODS
 from pictures.stored_run import DISPLAY_NORMALIZATIONS
 from pictures.views import VIEWS
 from ui.components import image_upload, matrix_heatmap, range_slider, upload_bytes
-from ui.controls import ViewControls
+from ui.controls import NO_REGION, ViewControls
 from visualization import COLORMAPS
 
 CSS = """
@@ -279,7 +279,7 @@ def analysis_tabs() -> dict:
                     elem_id="region-plot",
                 )
                 with gr.Column():
-                    region_note = gr.Markdown("Click the picture to pick token cells.", elem_id="region-note")
+                    region_note = gr.Markdown(NO_REGION, elem_id="region-note")
                     region_clear = gr.Button("Clear region", elem_id="region-clear")
         with gr.Tab("Verify", elem_id="tab-verify"):
             with gr.Row():
