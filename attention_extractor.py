@@ -91,7 +91,13 @@ def _softcapped_attention(module, query, key, value, attention_mask, scaling: fl
 
 def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA output, exactly as plain generation; the active recorder also sees the layer's q and k.
-    A soft-capped layer's output is computed with the model's eager formula instead (SDPA has no cap)."""
+    A soft-capped layer's output is computed with the model's eager formula instead (SDPA has no cap).
+    A recorder that `edits` (the causal checks, `causal.edits`) may change the layer's mask first; the
+    generation recorder edits nothing."""
+    recorder = _active
+    editing = getattr(recorder, "edits", False)  # a plain attribute read: no tensor work in the decode loop
+    if editing:
+        attention_mask = recorder.edit_mask(module, query, key, attention_mask)
     if kwargs.get("softcap") is not None:
         output = _softcapped_attention(
             module,
@@ -106,7 +112,6 @@ def _recording_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )  # (B, q, H, D)
-    recorder = _active
     if recorder is not None:
         recorder.on_attention(
             module, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs
@@ -121,12 +126,18 @@ AttentionMaskInterface.register(RECORD_IMPLEMENTATION, sdpa_mask)
 
 @contextmanager
 def recording(
-    model, recorder=None, text: str | None = RECORD_IMPLEMENTATION, vision: str | None = None, hooks=()
+    model,
+    recorder=None,
+    text: str | None = RECORD_IMPLEMENTATION,
+    vision: str | None = None,
+    hooks=(),
+    pre_hooks=(),
 ) -> Iterator:
     """The one way to watch attention: for the block, set the decoder's (`text`) and/or the vision
     tower's (`vision`) attention implementation (None leaves it), route the recording function's
-    calls to `recorder`, and add `hooks`, (module, forward hook) pairs. One recording at a time;
-    implementations and hooks are restored on exit, also after an exception."""
+    calls to `recorder`, and add `hooks`, (module, forward hook) pairs, and `pre_hooks`, (module,
+    forward pre-hook) pairs. One recording at a time; implementations and hooks are restored on exit,
+    also after an exception."""
     global _active, _active_thread
     if _active_thread == threading.get_ident():
         raise CaptureError(
@@ -138,6 +149,7 @@ def recording(
         try:
             _active_thread = threading.get_ident()
             handles = [module.register_forward_hook(hook) for module, hook in hooks]
+            handles += [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
             _active = recorder
             yield recorder
         finally:

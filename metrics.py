@@ -14,6 +14,7 @@ image the model saw never count as inside the target. No model, no drawing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,3 +133,18 @@ def otsu_iou(heat: np.ndarray, layout: VisionLayout, region: np.ndarray) -> floa
             predicted[rows, cols] = True
     union = (predicted | region).sum()
     return float((predicted & region).sum() / union) if union else 0.0
+
+
+def sign_test(first: Sequence[float], second: Sequence[float]) -> tuple[int, int, float]:
+    """Paired one-sided sign test that `first` tends to be below `second` (e.g. a box knockout's relative
+    change against its random control's: more negative means the box matters more).
+
+    Returns (pairs where first < second, pairs that differ, p-value): the chance of at least that many
+    wins among the differing pairs if each were a fair coin; ties are dropped; p = 1.0 with no pairs."""
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"A paired test needs pairs: got {a.shape} and {b.shape} values.")
+    keep = np.isfinite(a) & np.isfinite(b) & (a != b)
+    wins, pairs = int((a[keep] < b[keep]).sum()), int(keep.sum())
+    p_value = sum(math.comb(pairs, k) for k in range(wins, pairs + 1)) / 2**pairs if pairs else 1.0
+    return wins, pairs, float(p_value)

@@ -19,6 +19,9 @@ from transformers import DynamicCache
 
 from attention_extractor import CaptureMethod, capture_attention, estimate_capture_bytes
 from attention_store import StoreKind
+from causal.knockout import Knockout, QueryKind, knockout
+from causal.patching import Patch, patch
+from causal.sweep import KnockoutSweep, knockout_sweep
 from errors import CaptureTooLargeError, GenerationOutOfMemoryError, ImageLoadError, InputError
 from families import (
     SUPPORTED_FAMILIES,
@@ -131,6 +134,32 @@ class ModelHolder:
             if unk in tokenizer(word, add_special_tokens=False)["input_ids"] and shown not in words:
                 words.append(shown)
         return words
+
+    def knockout(
+        self,
+        run: AttentionRun,
+        step_idx: int,
+        *,
+        key_positions: list[int] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+        queries: QueryKind = "token",
+        layers: tuple[int, int] | None = None,
+        heads: list[int] | tuple[int, int] | None = None,
+        ablate_heads: list[tuple[int, int]] | None = None,
+        mode: str = "zero",
+    ) -> Knockout:
+        """How generated token `step_idx`'s probability changes when attention edges are blocked and/or
+        heads ablated, teacher-forced over the run (see `causal.knockout.knockout` for every option)."""
+        options = dict(key_positions=key_positions, box=box, queries=queries, layers=layers, heads=heads)
+        return knockout(self, run, step_idx, **options, ablate_heads=ablate_heads, mode=mode)
+
+    def knockout_sweep(self, run: AttentionRun, step_idx: int, box, window: int = 9, **options) -> KnockoutSweep:
+        """The box's effect per window of layers, with a random-region control (`causal.sweep`)."""
+        return knockout_sweep(self, run, step_idx, box, window, **options)
+
+    def patch(self, run: AttentionRun, other_image, layers=None, positions="image", step_idx: int = 0) -> Patch:
+        """Activation patching from another image at the image positions (`causal.patching.patch`)."""
+        return patch(self, run, other_image, layers, positions, step_idx)
 
     def describe(self) -> str:
         """One line for status bars: family, sizes, device and dtype."""

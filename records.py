@@ -84,6 +84,15 @@ class VisionLayout:
         bx0, by0, bx1, by1 = box_xyxy
         return ((cy[:, None] >= by0) & (cy[:, None] <= by1)) & ((cx[None, :] >= bx0) & (cx[None, :] <= bx1))
 
+    def cells_overlapping(self, box_xyxy) -> np.ndarray:
+        """(grid_h, grid_w) bool: the cells whose rectangles share some area with a box in original-image
+        pixels (a cell that only touches the box's border does not)."""
+        xs, ys = self.cell_edges()
+        bx0, by0, bx1, by1 = (float(v) for v in box_xyxy)
+        rows = (ys[:-1] < by1) & (ys[1:] > by0)  # (grid_h,)
+        cols = (xs[:-1] < bx1) & (xs[1:] > bx0)  # (grid_w,)
+        return rows[:, None] & cols[None, :]
+
     def cell_slices(self) -> list[tuple[slice, slice]]:
         """Pixel rows and columns of the original image under each cell (row-major), rounded and
         clipped to the image; a cell wholly outside it gets empty slices."""

@@ -17,13 +17,13 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("records", ("errors", "attention_store", "records", "config", "utils", "study.manifest", "demo.data")),
     ("numbers", ("attention_processor", "analysis", "metrics", "visualization", "study.localization")),
     ("capture", ("families", "attention_extractor")),
-    ("model", ("loading", "model_holder", "methods")),
+    ("model", ("loading", "causal", "model_holder", "methods")),
     ("pictures", ("pictures",)),
     ("door", ("pipeline", "batch", "study")),
     ("fixtures", ("testing", "demo")),
     ("ui", ("ui", "app")),
 )
-PACKAGES = ("ui", "methods", "pictures", "study", "testing", "demo", "families")
+PACKAGES = ("ui", "causal", "methods", "pictures", "study", "testing", "demo", "families")
 
 
 def _modules() -> dict[str, object]:
