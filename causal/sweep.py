@@ -165,27 +165,29 @@ def knockout_with_control(
     run: AttentionRun,
     step_idx: int,
     key_positions,
+    controls: list[np.ndarray] | None = None,
     layers=None,
     heads=None,
     draws: int = 8,
     seed: int = 0,
     batch_size: int = 8,
 ) -> tuple[Knockout, np.ndarray]:
-    """A knockout of image tokens `key_positions` from the token's query, and (draws,) the relative changes
-    of the same knockout of as many random image tokens outside them (seeded), for comparison."""
+    """A knockout of `key_positions` from the token's query in `layers` and `heads`, and (n,) the relative
+    changes of the same knockout of each control (arrays of positions): by default `draws` sets of as many
+    image tokens outside `key_positions`, drawn at random (seeded). No controls when the keys cover the
+    image (nothing of their size is left outside)."""
     found = knockout(holder, run, step_idx, batch_size, key_positions=key_positions, layers=layers, heads=heads)
-    outside = np.setdiff1d(image_positions(holder, run), np.asarray(found.key_positions))
-    if len(outside) < len(found.key_positions):
-        raise InputError("These tokens cover most of the image, so no random control of the same size fits.")
-    rng = np.random.default_rng(seed)
+    if controls is None:
+        outside = np.setdiff1d(image_positions(holder, run), np.asarray(found.key_positions, dtype=np.int64))
+        rng = np.random.default_rng(seed)
+        count = len(found.key_positions)
+        enough = len(outside) >= count
+        controls = [np.sort(rng.choice(outside, size=count, replace=False)) for _ in range(draws)] if enough else []
+    if not controls or not found.layers:
+        return found, np.zeros(0)
     rows = [
-        RowEdit(
-            frozenset(found.layers),
-            found.heads,
-            found.query_positions,
-            tuple(int(p) for p in np.sort(rng.choice(outside, size=len(found.key_positions), replace=False))),
-        )
-        for _ in range(draws)
+        RowEdit(frozenset(found.layers), found.heads, found.query_positions, tuple(int(p) for p in keys))
+        for keys in controls
     ]
     outcomes = forward_outcomes(holder, run, step_idx, rows, batch_size)
     return found, np.array([relative(o.p_token, found.p_before) for o in outcomes], dtype=np.float64)

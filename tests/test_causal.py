@@ -260,3 +260,16 @@ def test_sign_test_counts_wins_and_gives_the_binomial_tail():
 
     assert sign_test([-1, -2, -3, 0.5], [0, 0, 0, 0]) == (3, 4, pytest.approx(5 / 16))
     assert sign_test([1, 1], [1, 1]) == (0, 0, 1.0)
+
+
+def test_a_knockout_with_its_control_blocks_as_many_tokens_elsewhere(load_holder, dummy_image):
+    from causal.sweep import knockout_with_control
+
+    holder = load_holder("qwen2_vl")
+    run = _run(holder, dummy_image, steps=1)
+    keys = image_positions(holder, run)[:4]
+    found, control = knockout_with_control(holder, run, 0, keys, draws=5)
+    assert found.key_positions == tuple(keys) and control.shape == (5,) and np.isfinite(control).all()
+    assert len(set(control.tolist())) > 1  # different random sets, different effects
+    whole, none = knockout_with_control(holder, run, 0, image_positions(holder, run))
+    assert none.shape == (0,) and whole.p_after != whole.p_before
