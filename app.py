@@ -34,8 +34,17 @@ from ui.controls import (
     redraws,
 )
 from ui.handlers import Handlers
-from ui.layout import CSS, analysis_tabs, default_model, inputs_column, map_column, model_row, settings_column
-from ui.wiring import named_api_for, wire_analysis, wire_downloads, wire_region_and_box
+from ui.layout import (
+    CSS,
+    analysis_tabs,
+    default_model,
+    inputs_column,
+    knockout_panel,
+    map_column,
+    model_row,
+    settings_column,
+)
+from ui.wiring import named_api_for, wire_analysis, wire_causal, wire_downloads, wire_region_and_box
 
 logger = logging.getLogger("app")
 
@@ -63,6 +72,7 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = Vi
                 parts.update(inputs_column(cfg))
             with gr.Column(scale=4, min_width=360):
                 parts.update(map_column())
+                parts.update(knockout_panel())
             with gr.Column(scale=2, min_width=260):
                 parts.update(settings_column(cfg, record))
         parts.update(analysis_tabs())
@@ -165,6 +175,7 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     wire_region_and_box(page, h, with_run, view_outputs, render_events)
     wire_analysis(page, h, with_run, ranges, model_events, render_events)
     wire_downloads(page, h, with_run, render_events)
+    wire_causal(page, h, model_events)
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from attention_processor import RAW_ATTENTION
+from causal.knockout import Knockout, box_positions, image_positions
+from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
 from methods import MapRequest, compute_maps, generic_baseline, method
 from methods.faithfulness import Faithfulness, faithfulness
@@ -225,6 +227,84 @@ def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Fa
         raise InputError("Verify works on generated tokens; pick one from the token list.")
     with slot.lock:
         return faithfulness(holder, stored.run, settings.step_idx, raw_heatmap(stored, settings))
+
+
+KNOCKOUT_TARGETS: tuple[str, ...] = ("box", "topk", "image")  # the drawn box or region, the map's top k, all
+
+
+def _knockout_keys(holder, stored: StoredRun, settings: ViewSettings, target: str, top_k: int, region, draws: int):
+    """(keys to block, control position sets or None for random tokens, the keys in words)."""
+    run = stored.run
+    if target == "box" and settings.target_box is not None:
+        box = settings.target_box
+        keys = box_positions(run, box)
+        return keys, control_positions(holder, run, box, draws), f"the target box's {len(keys)} image tokens"
+    if target == "box" and region:
+        keys = np.array([run.vision.token_positions[r * run.vision.grid_hw[1] + c] for r, c in region])
+        return keys, None, f"the region's {len(keys)} image tokens"
+    if target == "box":
+        raise InputError(
+            "There is no box or region to knock out. Type a target box (or tick 'Clicks draw it' and click "
+            "two corners), or click cells on the picture for a region, then try again."
+        )
+    if target == "topk":
+        heat = raw_heatmap(stored, settings)  # the map on show, (grid_h, grid_w)
+        if heat.shape != tuple(run.vision.grid_hw):
+            raise InputError(f"The {settings.method} map is not on the token grid; pick a token-grid map for top-k.")
+        if not 1 <= top_k < heat.size:
+            raise InputError(f"k must be a whole number from 1 to {heat.size - 1} (the grid has {heat.size} cells).")
+        cells = np.argsort(-heat.ravel(), kind="stable")[:top_k]  # (k,) strongest first
+        return run.vision.token_positions[cells], None, f"the map's top {top_k} cells"
+    if target == "image":
+        keys = image_positions(holder, run)
+        return keys, [], f"the whole image ({len(keys)} tokens)"
+    raise InputError(f"Knock out one of {', '.join(KNOCKOUT_TARGETS)}, not {target!r}.")
+
+
+def knockout_check(
+    slot: ModelSlot,
+    stored: StoredRun,
+    settings: ViewSettings,
+    target: str,
+    top_k: int = 8,
+    in_ranges: bool = False,
+    region=(),
+    draws: int = 8,
+) -> tuple[Knockout, np.ndarray, str]:
+    """Block `target` ('box': the target box, else the region's cells; 'topk': the map's top k cells;
+    'image': every image token) from the selected token's query, in every layer and head or, with
+    `in_ranges`, in the settings' ranges only; with the same knockout of `draws` random controls of the
+    same size. Returns (the knockout, (n,) the controls' relative changes, the blocked keys in words)."""
+    holder = slot.made(stored.run, "A knockout")
+    if settings.prompt_pos is not None:
+        raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    layers, heads = (settings.layers, settings.heads) if in_ranges else (None, None)
+    with slot.lock:
+        keys, controls, what = _knockout_keys(holder, stored, settings, target, top_k, region, draws)
+        found, control = knockout_with_control(
+            holder, stored.run, settings.step_idx, keys, controls, layers, heads, draws
+        )
+    return found, control, what
+
+
+def knockout_layers(
+    slot: ModelSlot, stored: StoredRun, settings: ViewSettings, window: int = 9, in_ranges: bool = False, region=()
+) -> KnockoutSweep:
+    """The layer sweep of the selected token for the target box (else the bounding box of the region's
+    cells): `causal.sweep.knockout_sweep`, heads from the settings' range with `in_ranges`."""
+    holder = slot.made(stored.run, "The layer sweep")
+    if settings.prompt_pos is not None:
+        raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    box = settings.target_box
+    if box is None and region:
+        layout = stored.run.vision
+        boxes = np.array([layout.cell_box_xyxy(r, c) for r, c in region])  # (n, 4)
+        box = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
+    if box is None:
+        raise InputError("The layer sweep needs a target box or a region: draw one first, then sweep.")
+    heads = settings.heads if in_ranges else None
+    with slot.lock:
+        return knockout_sweep(holder, stored.run, settings.step_idx, box, int(window), heads=heads)
 
 
 class RunStore:

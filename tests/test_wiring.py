@@ -59,6 +59,8 @@ API_NAMES = {
     "/download_png": VIEW,
     "/download_animation": VIEW,
     "/export_attention": [],
+    "/knockout": ["target", "top_k", "in_ranges", *VIEW],
+    "/knockout_sweep": ["window", "in_ranges", *VIEW],
 }
 
 

@@ -24,6 +24,10 @@ from config import AppConfig
 from pictures.views import region_note
 
 NO_REGION = region_note(None, set(), None)  # what the region view says before a cell is picked
+KNOCKOUT_HINT = (
+    "Does the attention matter? Knock out the target box (or the region's cells), the map's strongest cells "
+    "or the whole image, and see how the selected token's probability changes against random regions."
+)
 
 
 def control(default: Any = None, *, reset: Any = ..., make=None, redraw: bool = False) -> Any:
@@ -73,6 +77,8 @@ class DerivedViews:
     verify_note: Any = control(reset="")
     region_plot: Any = control(reset=None)
     region_note: Any = control(reset=NO_REGION)
+    ko_note: Any = control(reset=KNOCKOUT_HINT)
+    ko_plot: Any = control(reset=None)
 
 
 def names(record) -> tuple[str, ...]:

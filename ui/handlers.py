@@ -35,6 +35,7 @@ from pipeline import (
     stream_generation,
 )
 from ui.analysis_handlers import AnalysisHandlers
+from ui.causal_handlers import CausalHandlers
 from ui.components import parse_box, user_errors
 from ui.controls import (
     MODEL_OUTPUTS,
@@ -145,7 +146,7 @@ def recommended_ranges(
     return (0, layer_max), (0, head_max)
 
 
-class Handlers(AnalysisHandlers):
+class Handlers(AnalysisHandlers, CausalHandlers):
     """Event handlers. View values arrive as wired, in `ViewControls` order, and are keyed by name at once;
     several outputs go back by name through `controls.pack`."""
 

@@ -21,7 +21,7 @@ from methods import METHODS
 from pictures.stored_run import DISPLAY_NORMALIZATIONS
 from pictures.views import VIEWS
 from ui.components import image_upload, matrix_heatmap, range_slider, upload_bytes
-from ui.controls import NO_REGION, ViewControls
+from ui.controls import KNOCKOUT_HINT, NO_REGION, ViewControls
 from visualization import COLORMAPS
 
 CSS = """
@@ -162,6 +162,38 @@ def map_column() -> dict:
         "token": token,
         "prompt_token": prompt_token,
         "plot": plot,
+    }
+
+
+def knockout_panel() -> dict:
+    """ "Does it matter?": what to block, a knockout against random controls, and the layer sweep."""
+    with gr.Accordion("Does it matter? Knock out what the map points at", open=True, elem_id="knockout"):
+        with gr.Row():
+            target = gr.Radio(
+                [("the target box or region", "box"), ("the map's top k cells", "topk"), ("the whole image", "image")],
+                value="box",
+                label="Block from the token",
+                elem_id="ko-target",
+                scale=3,
+            )
+            top_k = gr.Number(8, precision=0, minimum=1, label="k", elem_id="ko-k", min_width=60, scale=1)
+        with gr.Row():
+            in_ranges = gr.Checkbox(False, label="Only in the selected layers and heads", elem_id="ko-ranges")
+            window = gr.Number(9, precision=0, minimum=1, label="Sweep window (layers)", elem_id="ko-window")
+        with gr.Row():
+            ko_btn = gr.Button("Knock out", variant="secondary", elem_id="ko-btn")
+            sweep_btn = gr.Button("Sweep the layers (box)", elem_id="ko-sweep-btn")
+        note = gr.Markdown(KNOCKOUT_HINT, elem_id="ko-note")
+        plot = gr.Plot(label="Layer sweep", elem_id="ko-plot")
+    return {
+        "ko_target": target,
+        "ko_k": top_k,
+        "ko_ranges": in_ranges,
+        "ko_window": window,
+        "ko_btn": ko_btn,
+        "ko_sweep_btn": sweep_btn,
+        "ko_note": note,
+        "ko_plot": plot,
     }
 
 

@@ -100,3 +100,22 @@ def wire_downloads(page: Page, h: Handlers, with_run: list, render_events: dict)
     page["export_btn"].click(
         h.export_attention, [page["run_id"]], [page["files"]], api_name="export_attention", **render_events
     )
+
+
+def wire_causal(page: Page, h: Handlers, model_events: dict) -> None:
+    named_api = named_api_for(page)
+    common = [*page.view_inputs, page["region"]]
+    page["ko_btn"].click(
+        named_api(h.knockout, ("run_id", "target", "top_k", "in_ranges"), trailing=("region",), progress=True),
+        [page["run_id"], page["ko_target"], page["ko_k"], page["ko_ranges"], *common],
+        [page["ko_note"]],
+        api_name="knockout",
+        **model_events,
+    )
+    page["ko_sweep_btn"].click(
+        named_api(h.knockout_sweep, ("run_id", "window", "in_ranges"), trailing=("region",), progress=True),
+        [page["run_id"], page["ko_window"], page["ko_ranges"], *common],
+        page.pick(("ko_plot", "ko_note")),
+        api_name="knockout_sweep",
+        **model_events,
+    )
