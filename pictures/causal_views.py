@@ -90,10 +90,10 @@ def sweep_figure(sweep) -> go.Figure:
                 name=SWEEP_LABELS[name],
             )
         )
-    window = int(sweep.windows[len(x) // 2][1] - sweep.windows[len(x) // 2][0] + 1) if len(x) else 0
+    window = int((sweep.windows[:, 1] - sweep.windows[:, 0]).max() + 1) if len(x) else 0
     figure.update_layout(
-        title=f"Blocking a window of about {window} layers around each layer",
-        xaxis_title="window centre (decoder layer, 0-based)",
+        title=f"Blocking a window of {window} layer{'s' if window > 1 else ''} around each layer (clipped at the ends)",
+        xaxis={"title": "window centre (decoder layer, 0-based)", "dtick": 1 if len(x) <= 40 else None},
         yaxis_title="change of the token's probability (%)",
         height=320,
         margin={"l": 50, "r": 10, "t": 40, "b": 40},
@@ -111,7 +111,8 @@ def sweep_note(sweep) -> str:
     control = np.asarray(sweep.control)[worst]
     return (
         f"**Token {token}** (p = {sweep.p_before:.4f}), the box's {sweep.box_tokens} image tokens: blocking them "
-        f"from the token in layers {lo}–{hi} changes its probability most, {_percent(float(box[worst]))}; "
+        f"from the token in {f'layer {lo}' if lo == hi else f'layers {lo}–{hi}'} changes its probability "
+        f"most, {_percent(float(box[worst]))}; "
         f"random regions of that size there: {_percent(float(control.mean()))} on average "
         f"({_percent(float(control.min()))} to {_percent(float(control.max()))})."
     )

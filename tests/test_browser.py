@@ -342,3 +342,34 @@ def test_a_target_box_typed_or_drawn_scores_the_map(served_app, tmp_path):
         assert "(380, 90)" not in caption.inner_text()
         page.screenshot(path=str(REPO / "outputs" / "browser-test-target.png"), full_page=True)
         browser.close()
+
+
+def test_does_it_matter_knocks_out_the_box_and_sweeps_the_layers(served_app, tmp_path):
+    """Beside the map: knock the typed box out of the token's attention, read the probability before and
+    after with its random control, then sweep the layers and see the plot with the control's band."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the circle?")
+        box = page.locator("#target-box textarea, #target-box input").first
+        box.fill("380, 90, 560, 270")
+        box.press("Enter")
+        expect(page.locator("#caption")).to_contain_text("Target box (380, 90)–(560, 270)", timeout=20_000)
+        note = page.locator("#ko-note")
+        page.locator("#ko-btn").click()
+        expect(note).to_contain_text("the target box's", timeout=60_000)
+        expect(note).to_contain_text("→")
+        expect(note).to_contain_text("random regions of that size elsewhere")
+        page.locator("#ko-target").get_by_text("the map's top k cells").click()
+        page.locator("#ko-btn").click()
+        expect(note).to_contain_text("the map's top 8 cells", timeout=60_000)
+        page.locator("#ko-window input").fill("1")
+        page.locator("#ko-sweep-btn").click()
+        expect(note).to_contain_text("changes its probability most", timeout=60_000)
+        plot = page.locator("#ko-plot .js-plotly-plot, #ko-plot .plot-container").first
+        expect(plot).to_be_visible(timeout=30_000)
+        expect(page.locator("#ko-plot")).to_contain_text("box → token", timeout=10_000)
+        expect(page.locator("#ko-plot")).to_contain_text("random regions")
+        page.locator("#knockout").screenshot(path=str(REPO / "outputs" / "browser-test-knockout.png"))
+        browser.close()
