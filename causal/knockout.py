@@ -9,6 +9,7 @@ the same token share one forward, one batch row each.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +19,7 @@ import torch
 
 from attention_extractor import recording
 from causal.edits import ABLATION_MODES, AblationMode, AttentionEdits, RowEdit
-from errors import InputError
+from errors import GenerationOutOfMemoryError, InputError
 from families import decoder_layers, softmax_layers
 from records import AttentionRun
 
@@ -200,9 +201,10 @@ def forward_outcomes(
     hooks=(),
     inputs=None,
 ) -> list[Outcome]:
-    """One Outcome per RowEdit for generated token `step_idx`, `batch_size` rows per forward. An empty row
-    is the plain forward. hooks: (module, forward hook) pairs for the forwards (patching); inputs: the
-    replay's inputs with other images (the run's own by default)."""
+    """One Outcome per RowEdit for generated token `step_idx`, `batch_size` rows per forward (halved, and
+    halved again, when a forward runs out of memory). An empty row is the plain forward. hooks: (module,
+    forward hook) pairs for the forwards (patching); inputs: the replay's inputs with other images (the
+    run's own by default)."""
     if not 0 <= step_idx < run.num_steps:
         raise InputError(
             f"step_idx {step_idx} is out of range: this run generated {run.num_steps} tokens, so pick "
@@ -212,15 +214,32 @@ def forward_outcomes(
     image = image_positions(holder, run)
     token_id = run.generated_ids[step_idx]
     found: list[Outcome] = []
-    for start in range(0, len(rows), max(1, batch_size)):
-        chunk = list(rows[start : start + max(1, batch_size)])
-        edits = AttentionEdits(chunk, image)
-        pre_hooks = edits.ablation_hooks(holder.model)
-        with torch.inference_mode(), recording(holder.model, edits, hooks=hooks, pre_hooks=pre_hooks):
-            out = holder.model(**_batched(inputs, len(chunk)), use_cache=False, logits_to_keep=1)
-        edits.check()
-        found += _outcomes(holder, torch.softmax(out.logits[:, -1].float(), dim=-1), token_id)  # (B, vocab)
+    size = max(1, int(batch_size))
+    while len(found) < len(rows):
+        chunk = list(rows[len(found) : len(found) + size])
+        try:
+            found += _forward_chunk(holder, inputs, chunk, image, token_id, hooks)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise GenerationOutOfMemoryError(
+                    "Out of memory replaying one knockout. Lower the image-token budget (max pixels) of the "
+                    "run, or pick an earlier token (a shorter replay), then try again."
+                ) from None
+            size = max(1, size // 2)  # fewer rows per forward, then go on where it stopped
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return found
+
+
+def _forward_chunk(holder, inputs, chunk: list[RowEdit], image, token_id: int, hooks) -> list[Outcome]:
+    """One batched forward, one row per RowEdit of `chunk`."""
+    edits = AttentionEdits(chunk, image)
+    pre_hooks = edits.ablation_hooks(holder.model)
+    with torch.inference_mode(), recording(holder.model, edits, hooks=hooks, pre_hooks=pre_hooks):
+        out = holder.model(**_batched(inputs, len(chunk)), use_cache=False, logits_to_keep=1)
+    edits.check()
+    return _outcomes(holder, torch.softmax(out.logits[:, -1].float(), dim=-1), token_id)  # (B, vocab)
 
 
 def plan_knockout(

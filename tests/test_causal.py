@@ -273,3 +273,25 @@ def test_a_knockout_with_its_control_blocks_as_many_tokens_elsewhere(load_holder
     assert len(set(control.tolist())) > 1  # different random sets, different effects
     whole, none = knockout_with_control(holder, run, 0, image_positions(holder, run))
     assert none.shape == (0,) and whole.p_after != whole.p_before
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_answers(load_holder, dummy_image, monkeypatch):
+    holder = load_holder("qwen2_vl")
+    run = _run(holder, dummy_image)
+    rows = _random_rows(holder, run, 1, np.random.default_rng(0))
+    whole = forward_outcomes(holder, run, 1, rows, batch_size=4)
+    forward, sizes = holder.model.forward, []
+
+    def small_only(*args, **kwargs):
+        batch = kwargs["input_ids"].shape[0]
+        sizes.append(batch)
+        if batch > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(holder.model, "forward", small_only)
+    split = forward_outcomes(holder, run, 1, rows, batch_size=4)
+    assert sizes == [4, 2, 1, 1, 1, 1] and [o.p_token for o in split] == pytest.approx([o.p_token for o in whole])
+    monkeypatch.setattr(holder.model, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(MemoryError, match="Out of memory replaying one knockout"):
+        forward_outcomes(holder, run, 1, rows[:1])
