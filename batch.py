@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and report them on the rest in ranges.json; implies --per-head",
     )
     parser.add_argument(
+        "--knockout",
+        default="",
+        help="with --manifest: causal checks of the scored token, a comma list of box (block the target's "
+        "image tokens from its query), topk (the attention map's as many top cells) and random (random "
+        "regions of the box's shape); also a layer sweep, knockout.parquet/csv",
+    )
+    parser.add_argument(
+        "--knockout-window", type=int, default=9, help="with --knockout: layers per window of the sweep"
+    )
+    parser.add_argument(
+        "--knockout-draws", type=int, default=8, help="with --knockout: random control regions per item"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads per process (default: torch's own, which "
@@ -419,6 +432,9 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
         relative=args.relative,
         per_head=args.per_head or args.val_fraction > 0,
         val_fraction=args.val_fraction,
+        knockout=tuple(dict.fromkeys(name.strip() for name in args.knockout.split(",") if name.strip())),
+        knockout_window=args.knockout_window,
+        knockout_draws=args.knockout_draws,
     )
     state = _processes(args.device)
     device = args.device  # one process: 'auto' spreads a large model over the GPUs (device_map)

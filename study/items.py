@@ -6,8 +6,9 @@ on its patch grid, where `families.supports_vit_map` allows) the scored token's 
 `metrics` (pointing game, attention ratio, Otsu IoU). With `relative`, each attention map is also
 scored divided by the map of a generic prompt on the same image, as the app's "Relative to a generic
 prompt" does. With `per_head`, every single layer's map (all its heads) and every (layer, head) map is
-scored too, and `localization.range_hits` records which pairs of ranges point at the target. A method
-a model cannot give is named in the item's problems; its other methods are kept.
+scored too, and `localization.range_hits` records which pairs of ranges point at the target. With
+`knockout`, the causal checks of `study.knockout` (per item columns and a layer sweep). A method a model
+cannot give is named in the item's problems; its other methods are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from errors import InputError
 from methods import METHODS, MapRequest, compute_maps, generic_baseline
 from metrics import attention_ratio, attention_ratios, otsu_iou, pointing_cells, pointing_hit, target_mask
 from model_holder import ModelHolder
+from study.knockout import KNOCKOUTS, NO_BOX, empty_knockout, knockout_columns, sweep_rows
 from study.localization import pack_hits, range_hits
 from study.manifest import Item
 from utils import load_image
@@ -58,12 +60,23 @@ class StudySettings:
     relative: bool = False  # also the attention map over the generic-prompt map
     per_head: bool = False  # also every layer's and every (layer, head)'s map
     val_fraction: float = 0.0  # share of ids (without a split) that choose the ranges
+    knockout: tuple[str, ...] = ()  # causal checks of study.knockout: any of KNOCKOUTS
+    knockout_window: int = 9  # layers per window of the knockout sweep
+    knockout_draws: int = 8  # random control regions per item
 
     def check(self) -> None:
         """Raise ValueError naming the fix."""
         unknown = [name for name in self.methods if name not in METHODS]
         if unknown or not self.methods:
             raise InputError(f"Unknown map method(s) {unknown}; choose from {', '.join(METHODS)}.")
+        unknown = [name for name in self.knockout if name not in KNOCKOUTS]
+        if unknown:
+            raise InputError(f"Unknown knockout(s) {unknown}; choose from {', '.join(KNOCKOUTS)} (a comma list).")
+        if self.knockout_window < 1 or self.knockout_draws < 1:
+            raise InputError(
+                f"--knockout-window and --knockout-draws must be at least 1, got {self.knockout_window} "
+                f"and {self.knockout_draws}."
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}.")
 
@@ -71,14 +84,17 @@ class StudySettings:
 @dataclass
 class ItemScores:
     """One item's scores: results rows (COLUMNS), per-head rows (HEAD_COLUMNS), the packed range hits
-    (`localization.pack_hits` of (n_layer_ranges, n_head_ranges); empty without per_head) and what
-    could not be scored."""
+    (`localization.pack_hits` of (n_layer_ranges, n_head_ranges); empty without per_head), with
+    knockout its `study.knockout.KNOCKOUT_COLUMNS` (None where not scored; empty without) and sweep rows
+    (SWEEP_COLUMNS), and what could not be scored."""
 
     item_id: str
     rows: list[dict] = field(default_factory=list)
     head_rows: list[dict] = field(default_factory=list)
     range_hits: str = ""
     problems: list[str] = field(default_factory=list)
+    knockout: dict = field(default_factory=dict)
+    knockout_rows: list[dict] = field(default_factory=list)
 
 
 def scored_step(tokens: list[str], target: str | None) -> int:
@@ -123,6 +139,24 @@ def _per_head(run, step: int, region: np.ndarray, common: dict) -> tuple[list[di
         for k in range(num_heads + 1)
     ]
     return rows, pack_hits(range_hits(values, cell_hit))
+
+
+def _knockout(holder: ModelHolder, item: Item, run, step: int, settings: StudySettings, maps: tuple, scores) -> None:
+    """Fill `scores.knockout` and `scores.knockout_rows` for the item's boxes; what fails is a problem."""
+    scores.knockout = empty_knockout()
+    if not item.boxes:
+        scores.problems.append(NO_BOX)
+        return
+    draws = settings.knockout_draws
+    try:
+        scores.knockout = knockout_columns(holder, run, step, item.boxes, maps, settings.knockout, draws)
+    except (ValueError, MemoryError) as err:
+        scores.problems.append(f"knockout: {err}")
+    common = {"item_id": item.id, "split": item.split}
+    try:
+        scores.knockout_rows = sweep_rows(holder, run, step, item.boxes[0], common, settings.knockout_window, draws)
+    except (ValueError, MemoryError) as err:
+        scores.problems.append(f"knockout sweep: {err}")
 
 
 def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> ItemScores:
@@ -172,4 +206,6 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
     if settings.per_head:
         head_common = {"item_id": item.id, "split": item.split, "correct": correct}
         scores.head_rows, scores.range_hits = _per_head(run, step, region, head_common)
+    if settings.knockout:
+        _knockout(holder, item, run, step, settings, (layers, heads), scores)
     return scores

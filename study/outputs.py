@@ -7,6 +7,9 @@
                                        (`localization.choose_ranges`) and their figures on the test items
     DIR/localization_heads.png         with per_head: pointing accuracy per (layer, head)
     DIR/localization_layers.png        with per_head: pointing accuracy per layer (all its heads)
+    DIR/knockout.parquet, knockout.csv with knockout: per item, the layer sweep's rows
+                                       (`study_knockout.SWEEP_COLUMNS`); results then also hold the
+                                       item's KNOCKOUT_COLUMNS
     DIR/summary.md                     the headline numbers and every problem
 
 The tables hold the items in manifest order; parquet keeps the types (pyarrow), csv is for everything else.
@@ -22,6 +25,7 @@ import pandas as pd
 
 from pictures.study_plots import accuracy_by_layer_png, layer_head_matrix_png
 from study.items import COLUMNS, HEAD_COLUMNS, StudySettings
+from study.knockout import KNOCKOUT_COLUMNS, knockout_summary, knockout_table
 from study.localization import choose_ranges, contiguous_ranges, pointing_at, ranges_json, ranges_record, unpack_hits
 from study.manifest import Item, is_validation
 
@@ -160,6 +164,16 @@ def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _results(done: list[dict], settings: StudySettings) -> pd.DataFrame:
+    """The results table: COLUMNS, and with knockout the item's KNOCKOUT_COLUMNS (float, NaN where not
+    scored) on every row of the item."""
+    if not settings.knockout:
+        return pd.DataFrame([row for record in done for row in record["rows"]], columns=list(COLUMNS))
+    rows = [{**row, **(record.get("knockout") or {})} for record in done for row in record["rows"]]
+    results = pd.DataFrame(rows, columns=list(COLUMNS + KNOCKOUT_COLUMNS))
+    return results.astype(dict.fromkeys(KNOCKOUT_COLUMNS, "float64"))
+
+
 def write_outputs(
     out: Path, items: list[Item], finished: dict[str, dict], problems: list[str], model_id: str, settings: StudySettings
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -171,9 +185,14 @@ def write_outputs(
         if item.id in finished
         for why in finished[item.id]["problems"]
     ]
-    results = pd.DataFrame([row for record in done for row in record["rows"]], columns=list(COLUMNS))
+    results = _results(done, settings)
     _write_table(results, out, "results")
     text = summary(results, problems, model_id)
+    if settings.knockout:
+        sweep = knockout_table(done)
+        _write_table(sweep, out, "knockout")
+        per_item = pd.DataFrame([record.get("knockout") or {} for record in done], columns=list(KNOCKOUT_COLUMNS))
+        text += "\n".join(knockout_summary(per_item, sweep, settings.knockout)) + "\n"
     if settings.per_head and done:
         heads = pd.DataFrame([row for record in done for row in record["head_rows"]], columns=list(HEAD_COLUMNS))
         heads["head_idx"] = heads["head_idx"].astype("Int64")  # empty: the layer's mean map

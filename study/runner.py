@@ -34,6 +34,7 @@ from study.outputs import write_outputs
 logger = logging.getLogger(__name__)
 PARTS = "parts"  # DIR/parts/: one part file per process, and the settings they share
 SETTINGS_FILE = "settings.json"
+DEFAULTS = json.loads(json.dumps(asdict(StudySettings())))  # what a settings file older than a field meant
 
 
 class OneProcess:
@@ -85,14 +86,15 @@ def _append(part, record: dict) -> None:
 
 def _check_settings(parts: Path, record: dict, state) -> None:
     """The settings of this run, written by the main process on the first run and compared by every
-    process on a rerun: finished items are only skipped when they were scored the same way."""
+    process on a rerun: finished items are only skipped when they were scored the same way. A setting
+    that a study's file lacks (the study is older than it) counts as its default."""
     path = parts / SETTINGS_FILE
     if state.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     state.wait_for_everyone()
-    before = json.loads(path.read_text(encoding="utf-8"))
+    before = {**DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
     if before != record:
         changed = ", ".join(key for key in record if before.get(key) != record[key])
         raise InputError(
