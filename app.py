@@ -164,12 +164,16 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     page["token"].input(
         h.pick_chip, [page["token"]], [page["chips"], page["prompt_token"]], api_name=False, queue=False
     ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
-    page["relative"].input(h.relative_toggle, with_run, view_outputs, api_name=False, **model_events)
+    # A second pick while the first one computes is not dropped: it runs next, so the newest pick wins.
+    page["relative"].input(
+        h.relative_toggle, with_run, view_outputs, api_name=False, trigger_mode="always_last", **model_events
+    )
     page["method"].input(
         named_api(h.method_select, ("run_id",), progress=True),
         with_run,
         view_outputs,
         api_name="method",
+        trigger_mode="always_last",
         **model_events,
     )
     wire_region_and_box(page, h, with_run, view_outputs, render_events)

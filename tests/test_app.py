@@ -370,16 +370,18 @@ def test_verify_this_map(handlers, tiny_model_dirs, image_file):
 def test_rollout_and_gradient_maps_in_the_app(handlers, tiny_model_dirs, image_file, method):
     handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
     run_id = _generate(handlers, image_file)[0]
-    with pytest.raises(gr.Error, match="not computed yet"):
-        handlers.render(run_id, *_view(), False, False, False, "", False, method)
-    picture, caption, _ = handlers.method_select(run_id, *_view(), False, False, False, "", False, method)
     stored = handlers.store.get(run_id)
-    (maps,) = stored.method_maps.values()
+    # A token picked while the method still computes renders that method: render computes what is missing.
+    _, early, _ = handlers.render(run_id, *_view(step_idx=1), False, False, False, "", False, method)
+    named = {"rollout": "rollout", "gradient": "Chefer", "vit": "vision encoder"}[method]
+    assert early.startswith("Token 1") and named in early and len(stored.method_maps) == 1
+    picture, caption, _ = handlers.method_select(run_id, *_view(), False, False, False, "", False, method)
+    (maps,) = stored.method_maps.values()  # computed once, not twice
     assert len(maps) == stored.run.num_steps
     assert maps[0].shape == (
         tuple(2 * n for n in stored.run.vision.grid_hw) if method == "vit" else stored.run.vision.grid_hw
     )
-    assert {"rollout": "rollout", "gradient": "Chefer", "vit": "vision encoder"}[method] in caption
+    assert named in caption
     _, caption1, _ = handlers.render(run_id, *_view(step_idx=1), False, False, False, "", False, method)
     assert caption1.startswith("Token 1")  # every token computed at once
     with pytest.raises(gr.Error, match="generated tokens"):

@@ -373,3 +373,27 @@ def test_does_it_matter_knocks_out_the_box_and_sweeps_the_layers(served_app, tmp
         expect(page.locator("#ko-plot")).to_contain_text("random regions")
         page.locator("#knockout").screenshot(path=str(REPO / "outputs" / "browser-test-knockout.png"))
         browser.close()
+
+
+def test_two_methods_picked_quickly_then_a_token_show_the_last_method(served_app, tmp_path):
+    """A second method picked while the first computes is not dropped: the picture and caption follow the
+    radio, and a token picked next is drawn with that method."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
+        caption = page.locator("#caption")
+        methods = page.locator("#method")
+        methods.get_by_label("gradient", exact=True).check()
+        page.wait_for_timeout(150)
+        methods.get_by_label("vit", exact=True).check()
+        expect(caption).to_contain_text("vision encoder", timeout=60_000)
+        page.wait_for_timeout(1500)  # nothing later may draw the first method over it
+        expect(caption).to_contain_text("vision encoder")
+        expect(methods.get_by_label("vit", exact=True)).to_be_checked()
+        page.locator("#token-chips label").nth(1).click()
+        expect(caption).to_contain_text("Token 1", timeout=30_000)
+        expect(caption).to_contain_text("vision encoder")
+        assert page.locator(".toast-body").count() == 0
+        browser.close()

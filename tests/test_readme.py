@@ -32,3 +32,46 @@ def test_readme_api_example_runs(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "outputs" / "token0.png").stat().st_size > 1000
+
+
+def test_readme_gradio_client_example_runs_against_the_default_app(tmp_path):
+    """The README's gradio_client block, as written, against `python app.py` with no options (the demo
+    model on a CPU), run from the repository folder as the README says."""
+    import pytest
+
+    from config import DEMO_MODEL_DIR
+    from conftest import free_port
+
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        pytest.skip("the demo model is not present")
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    (code,) = [block for block in blocks if "gradio_client" in block]
+    port = free_port()
+    with open(tmp_path / "app.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--device", "cpu"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        script = tmp_path / "client_example.py"
+        wait = (
+            "import time\nfrom gradio_client import Client\n"
+            "for _ in range(180):\n"
+            "    try:\n"
+            f"        Client({url!r}, verbose=False).predict({str(DEMO_MODEL_DIR)!r}, api_name='/load_model'); break\n"
+            "    except Exception:\n"
+            "        time.sleep(0.5)\n"
+        )
+        script.write_text(wait + code.replace("http://127.0.0.1:7860/", url))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:] + (tmp_path / "app.log").read_text()[-2000:]
+        assert "Token 0" in result.stdout and "the whole image" in result.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

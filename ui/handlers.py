@@ -391,7 +391,14 @@ class Handlers(AnalysisHandlers, CausalHandlers):
 
     @user_errors
     def render(self, run_id, *view_values):
-        return self._render_with(self.store.get(run_id), self._settings(*view_values))
+        """The views for these settings. Another method's maps not computed yet for them (a token or range
+        picked while a method was still computing, or the ViT map's ranges moved) are computed first,
+        after the pass in progress, so the picture always shows the method the page shows."""
+        stored, settings = self.store.get(run_id), self._settings(*view_values)
+        wants_maps = settings.method != RAW_ATTENTION and settings.prompt_pos is None and not settings.relative
+        if wants_maps and stored.is_single_image:
+            method_maps(self.slot, stored, settings, self.cfg.max_gradient_mb)  # cached: no model pass
+        return self._render_with(stored, settings)
 
     @user_errors
     def refresh(self, run_id, *view_values):

@@ -63,6 +63,7 @@ def wire_analysis(
         [page["run_id"], page["metric"], *page.view_inputs],
         analysis_outputs,
         api_name="analysis",
+        trigger_mode="always_last",
         **render_events,
     )
     page["matrix"].change(h.matrix_pick, [page["matrix"]], ranges, api_name=False, queue=False)
@@ -110,6 +111,7 @@ def wire_causal(page: Page, h: Handlers, model_events: dict) -> None:
         [page["run_id"], page["ko_target"], page["ko_k"], page["ko_ranges"], *common],
         [page["ko_note"]],
         api_name="knockout",
+        trigger_mode="always_last",
         **model_events,
     )
     page["ko_sweep_btn"].click(
@@ -117,5 +119,6 @@ def wire_causal(page: Page, h: Handlers, model_events: dict) -> None:
         [page["run_id"], page["ko_window"], page["ko_ranges"], *common],
         page.pick(("ko_plot", "ko_note")),
         api_name="knockout_sweep",
+        trigger_mode="always_last",
         **model_events,
     )
