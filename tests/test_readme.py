@@ -21,13 +21,12 @@ def test_readme_starts_with_install_and_test_commands():
 
 def test_readme_api_example_runs(tmp_path):
     blocks = re.findall(r"```(bash|python)\n(.*?)```", README, re.S)
-    api_index = next(i for i, (lang, _) in enumerate(blocks) if lang == "python")
+    api_index = next(i for i, (lang, code) in enumerate(blocks) if lang == "python" and "model_holder" in code)
     setup = blocks[api_index - 1][1].split("#")[0].strip()  # the command before it
     assert setup.startswith("python -m testing.tiny_models")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, *setup.split()[1:]], cwd=tmp_path, check=True, env=env, capture_output=True)
-    (tmp_path / "outputs").mkdir()
-    script = tmp_path / "example.py"
+    script = tmp_path / "example.py"  # run in a fresh folder, outside the repository
     script.write_text(blocks[api_index][1])
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
