@@ -127,3 +127,18 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
         + "; ".join(notes)
         + "; each min–max on its own scale, always the raw attention."
     )
+
+
+def mark_corner(stored: StoredRun, picture: Image.Image, corner_xy, view: str) -> Image.Image:
+    """A copy of a single image's picture with a cross at the box's first corner (original-image pixels),
+    so the user sees where the box starts; in the side-by-side view on both halves."""
+    shown, _ = stored.display(0)
+    x, y, _, _ = stored.display_box(0, (corner_xy[0], corner_xy[1], corner_xy[0], corner_xy[1]))
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    offsets = (0, shown.size[0] + SIDE_BY_SIDE_GAP) if view == "side_by_side" else (0,)
+    for dx in offsets:
+        for colour, width, arm in (((0, 0, 0), 4, 9), ((0, 220, 0), 2, 8)):  # a dark rim under a green cross
+            draw.line((x + dx - arm, y, x + dx + arm, y), fill=colour, width=width)
+            draw.line((x + dx, y - arm, x + dx, y + arm), fill=colour, width=width)
+    return picture

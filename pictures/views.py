@@ -356,13 +356,14 @@ def region_note(run: AttentionRun | None, cells: set, per_head: np.ndarray | Non
     """What the image → text view says about a region: the five heads that attend to it most
     (per_head: (L, H) mean share over tokens), or how to pick cells when there are none."""
     if not cells:
-        return "Click the picture to pick token cells."
+        return "Tick 'Clicks pick region cells' under the map, then click the picture to pick token cells."
     order = np.argsort(per_head, axis=None)[::-1][:5]
     top = ", ".join(
         f"layer {run.layer_indices[i // per_head.shape[1]]} head {i % per_head.shape[1]} ({per_head.flat[i]:.1%})"
         for i in order
     )
-    return f"**{len(cells)} cells selected.** Heads that attend most to them (mean over tokens): {top}."
+    picked = f"{len(cells)} cell{'' if len(cells) == 1 else 's'}"
+    return f"**{picked} selected.** Heads that attend most to them (mean over tokens): {top}."
 
 
 def verify_note(auc: dict[str, float]) -> str:

@@ -240,7 +240,7 @@ def test_region_clicks_build_an_image_to_text_summary(handlers, tiny_model_dirs,
     run = handlers.store.get(run_id).run
     click = gr.SelectData(None, {"index": [10, 10], "value": None})  # top-left cell
     region, table, note = handlers.region_click(run_id, [], "overlay", evt=click)
-    assert region == [[0, 0]] and len(table) == run.num_steps and "1 cells selected" in note
+    assert region == [[0, 0]] and len(table) == run.num_steps and "1 cell selected" in note
     beside = gr.SelectData(None, {"index": [400 + 8 + 10, 10], "value": None})  # same cell, right half
     region, _, _ = handlers.region_click(run_id, region, "side_by_side", evt=beside)
     assert region == []  # clicked again: removed
@@ -411,7 +411,7 @@ def test_a_new_result_clears_every_view_of_the_previous_one(handlers, tiny_model
         "downloads",
     ):
         assert shown[view] in (None, "", []), view
-    assert shown["region-note"].startswith("Click the picture")
+    assert shown["region-note"].startswith("Tick 'Clicks pick region cells'")
 
 
 def test_the_animation_has_one_labelled_frame_per_generated_token(handlers, tiny_model_dirs, image_file):
@@ -448,7 +448,7 @@ def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(hand
     region, _, _ = handlers.region_click(run_id, [], "overlay", evt=click)
     grid_h, grid_w = stored.run.vision.grid_hw
     assert region == [[grid_h - 1, grid_w - 1]]
-    outlined = handlers.render_region(run_id, region, False, *_view())
+    outlined = handlers.render_region(run_id, region, True, *_view())
     changed = ImageChops.difference(outlined.convert("RGB"), picture.convert("RGB")).getbbox()
     x0, y0, x1, y1 = (4 * v for v in stored.run.vision.cell_box_xyxy(grid_h - 1, grid_w - 1))
     assert changed is not None and changed[0] >= x0 - 4 and changed[1] >= y0 - 4  # only that cell's outline (±1 px)
@@ -584,11 +584,15 @@ def test_a_target_box_scores_the_map_and_is_outlined(handlers, tiny_model_dirs, 
     def click(x, y):
         return gr.SelectData(None, {"index": [x * zoom, y * zoom], "value": None})
 
-    corner, text, *skipped = handlers.box_click(run_id, True, None, *_view(), evt=click(150, 100))
+    corner, text, marked, *skipped = handlers.box_click(run_id, True, None, *_view(), evt=click(150, 100))
     assert corner == [150.0, 100.0] and all(isinstance(value, type(gr.skip())) for value in [text, *skipped])
+    marked = np.asarray(marked, dtype=int)  # the first corner's cross, green on the picture
+    assert marked[100 * zoom, 150 * zoom, 1] > 200 and marked[100 * zoom, 150 * zoom, 0] < 60
+    assert (np.abs(marked - np.asarray(plain, dtype=int)).sum(-1) > 0).sum() < 1000  # only the cross
     corner, text, picture, caption, _ = handlers.box_click(run_id, True, corner, *_view(), evt=click(50, 60))
     assert corner is None and text == "50, 60, 150, 100" and "Target box (50, 60)–(150, 100)" in caption
-    assert handlers.region_click(run_id, [], "overlay", click(5, 5), True)[0] == gr.skip()  # clicks draw now
+    assert handlers.region_click(run_id, [], "overlay", click(5, 5), False)[0] == gr.skip()  # region tool off
+    assert handlers.render_region(run_id, [[0, 0]], False, *_view()) == gr.skip()
     with pytest.raises(gr.Error, match="not four numbers"):
         handlers.render(run_id, *_with_box("left, top"))
     _, caption, _ = handlers.render(run_id, *_with_box("500, 500, 600, 600"))

@@ -194,8 +194,9 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         page.get_by_test_id("attention-radio-label").click()
 
         page.get_by_role("tab", name="Region → text").click()
+        page.locator("#region-mode input").check()
         page.locator("#overlay img").click(position={"x": 20, "y": 20})  # image → text: pick a cell
-        expect(page.locator("#region-note")).to_contain_text("1 cells selected", timeout=20_000)
+        expect(page.locator("#region-note")).to_contain_text("1 cell selected", timeout=20_000)
         page.locator("#region-plot").screenshot(path=str(REPO / "outputs" / "browser-test-region.png"))
 
         page.get_by_text("More display options").click()
@@ -217,7 +218,7 @@ def test_upload_generate_pick_token_and_move_layer_range(served_app, tmp_path):
         expect(page.locator("#caption")).to_contain_text("2 images on one scale", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-images.png"))
         # The new result cleared the views of the old one: no stale verify curve, region or matrix.
-        expect(page.locator("#region-note")).to_contain_text("Click the picture", timeout=10_000)
+        expect(page.locator("#region-note")).to_contain_text("Clicks pick region cells", timeout=10_000)
         page.get_by_role("tab", name="Verify").click()
         expect(page.locator("#verify-note")).not_to_contain_text("Deletion AUC", timeout=10_000)
         browser.close()
@@ -396,4 +397,38 @@ def test_two_methods_picked_quickly_then_a_token_show_the_last_method(served_app
         expect(caption).to_contain_text("Token 1", timeout=30_000)
         expect(caption).to_contain_text("vision encoder")
         assert page.locator(".toast-body").count() == 0
+        browser.close()
+
+
+def test_clicks_pick_cells_only_with_the_region_tool_and_the_box_tool_marks_its_corner(served_app, tmp_path):
+    """At 1280×720: a click with no tool ticked changes nothing; the region tool picks a cell; the box tool
+    (next to the map, so ticking it keeps the map on screen) marks the first corner at once."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "Where is the circle?")
+        page.set_viewport_size({"width": 1280, "height": 720})
+        page.get_by_role("tab", name="Region → text").click()  # its note shows what the clicks picked
+        image = page.locator("#overlay img")
+        image.scroll_into_view_if_needed()
+        note = page.locator("#region-note")
+        before, bounds = _picture_src(page), image.bounding_box()
+        page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.3 * bounds["height"])
+        page.wait_for_timeout(1500)
+        assert _picture_src(page) == before  # no tool: no outline, no region
+        expect(note).to_contain_text("Tick 'Clicks pick region cells'")
+        page.locator("#region-mode input").check()
+        page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.3 * bounds["height"])
+        expect(note).to_contain_text("1 cell", timeout=20_000)
+        outlined = _picture_src(page)
+        assert outlined != before
+        page.locator("#box-mode input").check()
+        expect(page.locator("#region-mode input")).not_to_be_checked()  # one tool at a time
+        shown = image.bounding_box()
+        assert shown["y"] >= 0 and shown["y"] + 40 <= 720, shown  # ticking kept the map on screen
+        page.mouse.click(shown["x"] + 0.2 * shown["width"], shown["y"] + 0.6 * shown["height"])
+        page.wait_for_function(f"document.querySelector('#overlay img').src !== {outlined!r}", timeout=20_000)
+        page.mouse.click(shown["x"] + 0.4 * shown["width"], shown["y"] + 0.9 * shown["height"])
+        expect(page.locator("#caption")).to_contain_text("Target box (", timeout=20_000)
         browser.close()

@@ -16,7 +16,7 @@ import pandas as pd
 from analysis import cell_at, head_matrix, region_to_text, system_positions, text_attention
 from pictures.gallery import head_gallery
 from pictures.stored_run import StoredRun
-from pictures.view_parts import outline_cells
+from pictures.view_parts import mark_corner, outline_cells
 from pictures.views import (
     analysis_note,
     as_text,
@@ -114,9 +114,9 @@ class AnalysisHandlers:
 
     @user_errors
     def box_click(self, run_id, box_mode, corner, *view_values, evt: gr.SelectData = None):
-        """With 'Clicks draw it' on, the first click on the picture sets one corner of the target box and
-        the second the opposite one, which redraws the map with the box and its scores:
-        BOX_OUTPUTS: the pending corner, the box text, and the picture, caption and share table."""
+        """With 'Clicks draw the target box' on, the first click on the picture sets one corner of the box
+        (marked with a cross) and the second the opposite one, which redraws the map with the box and its
+        scores. BOX_OUTPUTS: the pending corner, the box text, and the picture, caption and share table."""
         if not box_mode:
             return pack(BOX_OUTPUTS)
         stored, settings = self._single(run_id), self._settings(*view_values)
@@ -124,7 +124,12 @@ class AnalysisHandlers:
         x, y = self._clicked_pixel(stored, settings.view, evt)
         x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
         if not corner:
-            return pack(BOX_OUTPUTS, corner=[x, y])
+            picture, _ = render(stored, settings)
+            return pack(
+                BOX_OUTPUTS,
+                corner=[x, y],
+                picture=on_screen(stored, mark_corner(stored, picture, (x, y), settings.view)),
+            )
         text = ", ".join(
             str(round(v)) for v in (min(corner[0], x), min(corner[1], y), max(corner[0], x), max(corner[1], y))
         )
@@ -133,10 +138,10 @@ class AnalysisHandlers:
         return pack(BOX_OUTPUTS, corner=None, target_box=text, picture=picture, caption=caption, plot=plot)
 
     @user_errors
-    def region_click(self, run_id, region, view, evt: gr.SelectData, box_mode=False):
-        """A click on the picture adds or removes that token cell; shows who attends to the region.
-        While clicks draw the target box, it leaves the region alone."""
-        if box_mode:
+    def region_click(self, run_id, region, view, evt: gr.SelectData, region_mode=True):
+        """With 'Clicks pick region cells' on, a click on the picture adds or removes that token cell and
+        shows who attends to the region; otherwise the click leaves the region alone."""
+        if not region_mode:
             return pack(REGION_OUTPUTS)
         stored = self._single(run_id)
         cell = cell_at(stored.run, *self._clicked_pixel(stored, view, evt))  # in the original image's pixels
@@ -146,10 +151,10 @@ class AnalysisHandlers:
         return [list(c) for c in sorted(cells)], *self._region_views(stored, cells)
 
     @user_errors
-    def render_region(self, run_id, region, box_mode, *view_values):
-        """The picture with the picked region's cells outlined (after a click on it); nothing while
-        clicks draw the target box (that click's own handler redraws the picture)."""
-        if box_mode:
+    def render_region(self, run_id, region, region_mode, *view_values):
+        """The picture with the picked region's cells outlined (after a click on it); nothing unless
+        clicks pick region cells (a click that draws the box redraws the picture itself)."""
+        if not region_mode:
             return gr.skip()
         stored, settings = self.store.get(run_id), self._settings(*view_values)
         picture, _ = render(stored, settings)

@@ -130,6 +130,9 @@ def map_column() -> dict:
     """The token chips, the picture and its caption, the token pickers and the share plot."""
     chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
     picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False, elem_id="overlay", height=400)
+    with gr.Row(elem_id="click-tools"):  # beside the picture, so ticking one never scrolls the map away
+        box_mode = gr.Checkbox(False, label="Clicks draw the target box", elem_id="box-mode", min_width=120)
+        region_mode = gr.Checkbox(False, label="Clicks pick region cells", elem_id="region-mode", min_width=120)
     caption = gr.Markdown("", elem_id="caption")
     with gr.Row():
         # Valued 0 from the start, so API clients may leave `token` out (Gradio reads defaults from components).
@@ -159,6 +162,8 @@ def map_column() -> dict:
         "chips": chips,
         "picture": picture,
         "caption": caption,
+        "box_mode": box_mode,
+        "region_mode": region_mode,
         "token": token,
         "prompt_token": prompt_token,
         "plot": plot,
@@ -238,16 +243,13 @@ def settings_column(cfg: AppConfig, record: type = ViewControls) -> dict:
         )
         built["alpha"] = gr.Slider(0, 1, value=cfg.alpha, step=0.05, label="Alpha", elem_id="alpha", min_width=100)
     built["view"] = gr.Radio(list(VIEWS), value=cfg.view, label="View", elem_id="view")
-    with gr.Row():
-        built["target_box"] = gr.Textbox(
-            "",
-            label="Target box: x0, y0, x1, y1 in image pixels",
-            placeholder="type it, or tick the box and click two corners",
-            elem_id="target-box",
-            min_width=160,
-            scale=3,
-        )
-        built["box_mode"] = gr.Checkbox(False, label="Clicks draw it", elem_id="box-mode", min_width=80, scale=1)
+    built["target_box"] = gr.Textbox(
+        "",
+        label="Target box: x0, y0, x1, y1 in image pixels",
+        placeholder="type it, or tick 'Clicks draw the target box' under the map and click two corners",
+        elem_id="target-box",
+        min_width=160,
+    )
     with gr.Accordion("More display options", open=False):
         built["grid"] = gr.Checkbox(False, label="Show token grid", elem_id="grid")
         built["renormalize"] = gr.Checkbox(False, label="Renormalise within the image", elem_id="renormalize")
@@ -296,8 +298,8 @@ def analysis_tabs() -> dict:
             )
         with gr.Tab("Region → text", elem_id="tab-region"):
             gr.Markdown(
-                "Click token cells on the attention picture to build a region (click again to remove "
-                "a cell); the picked cells are outlined on the picture."
+                "Tick 'Clicks pick region cells' under the map, then click token cells on the picture "
+                "to build a region (click again to remove a cell); the picked cells are outlined."
             )
             with gr.Row():
                 region_plot = gr.BarPlot(

@@ -17,8 +17,17 @@ def named_api_for(page: Page):
     return functools.partial(named_view_api, record=type(page.view))
 
 
+def _one_tool(on: bool):
+    """Ticking one click tool unticks the other (and forgets a half-drawn box)."""
+    return (False, None) if on else (gr.skip(), gr.skip())
+
+
 def wire_region_and_box(page: Page, h: Handlers, with_run: list, view_outputs: list, render_events: dict) -> None:
     named_api = named_api_for(page)
+    for tool, other in (("box_mode", "region_mode"), ("region_mode", "box_mode")):
+        page[tool].input(
+            _one_tool, [page[tool]], [page[other], page["corner"]], api_name=False, queue=False, show_progress="hidden"
+        )
     page["picture"].select(
         named_api(h.box_click, ("run_id", "box_mode", "corner"), select=True),
         [page["run_id"], page["box_mode"], page["corner"], *page.view_inputs],
@@ -36,13 +45,13 @@ def wire_region_and_box(page: Page, h: Handlers, with_run: list, view_outputs: l
     )
     page["picture"].select(
         h.region_click,
-        page.pick(("run_id", "region", "view", "box_mode")),
+        page.pick(("run_id", "region", "view", "region_mode")),
         page.pick(REGION_OUTPUTS),
         api_name=False,
         **render_events,
     ).then(
         h.render_region,
-        [page["run_id"], page["region"], page["box_mode"], *page.view_inputs],
+        [page["run_id"], page["region"], page["region_mode"], *page.view_inputs],
         [page["picture"]],
         api_name=False,
         **render_events,
