@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from attention_processor import RAW_ATTENTION
-from causal.knockout import Knockout, box_positions, image_positions
+from causal.knockout import Knockout, box_positions, grid_cell_positions, image_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
 from methods import MapRequest, compute_maps, generic_baseline, method
@@ -238,10 +238,14 @@ def _knockout_keys(holder, stored: StoredRun, settings: ViewSettings, target: st
     if target == "box" and settings.target_box is not None:
         box = settings.target_box
         keys = box_positions(run, box)
-        return keys, control_positions(holder, run, box, draws), f"the target box's {len(keys)} image tokens"
+        try:
+            controls = control_positions(holder, run, box, draws)
+        except InputError:  # a box over most of the image: no region of its size fits elsewhere
+            controls = []
+        return keys, controls, f"the target box's {len(keys)} image tokens"
     if target == "box" and region:
-        keys = np.array([run.vision.token_positions[r * run.vision.grid_hw[1] + c] for r, c in region])
-        return keys, None, f"the region's {len(keys)} image tokens"
+        keys = grid_cell_positions(run, region)
+        return keys, None, f"the region's {len(region)} cells ({len(keys)} image tokens, every view)"
     if target == "box":
         raise InputError(
             "There is no box or region to knock out. Type a target box (or tick 'Clicks draw it' and click "
@@ -254,7 +258,8 @@ def _knockout_keys(holder, stored: StoredRun, settings: ViewSettings, target: st
         if not 1 <= top_k < heat.size:
             raise InputError(f"k must be a whole number from 1 to {heat.size - 1} (the grid has {heat.size} cells).")
         cells = np.argsort(-heat.ravel(), kind="stable")[:top_k]  # (k,) strongest first
-        return run.vision.token_positions[cells], None, f"the map's top {top_k} cells"
+        keys = grid_cell_positions(run, [divmod(int(j), heat.shape[1]) for j in cells])
+        return keys, None, f"the map's top {top_k} cells ({len(keys)} image tokens, every view)"
     if target == "image":
         keys = image_positions(holder, run)
         return keys, [], f"the whole image ({len(keys)} tokens)"

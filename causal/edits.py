@@ -89,9 +89,12 @@ class AttentionEdits:
         kv_len = key.shape[2]
         if q_len != kv_len:
             raise InputError("Causal edits run on one whole teacher-forced forward, without a cache.")
-        allowed = _allowed(attention_mask, (batch, num_heads, q_len, kv_len), query.device)  # (B, H, q, kv)
+        per_head = any(row.heads is not None for _, row in blocking)  # else one mask row serves every head
+        shape = (batch, num_heads if per_head else 1, q_len, kv_len)
+        allowed = _allowed(attention_mask, shape, query.device)  # (B, H or 1, q, kv)
         for b, row in blocking:
-            heads = self._tensor(b, "heads", range(num_heads) if row.heads is None else row.heads, query.device)
+            every = range(num_heads if per_head else 1)
+            heads = self._tensor(b, f"heads{per_head}", every if row.heads is None else row.heads, query.device)
             queries = self._tensor(b, "queries", row.queries, query.device)
             keys = self._tensor(b, "keys", row.keys, query.device)
             allowed[b, heads[:, None, None], queries[None, :, None], keys[None, None, :]] = False

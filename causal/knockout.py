@@ -80,6 +80,28 @@ def image_positions(holder, run: AttentionRun) -> np.ndarray:
     return np.union1d(cells, slots).astype(np.int64)
 
 
+def cell_positions(run: AttentionRun, image_idx: int | None = None) -> np.ndarray:
+    """(n,) int64, sorted: the positions of the cells of every view (of image `image_idx`, or of all), not
+    the placeholder slots between them: what a random control draws from."""
+    layouts = [layout for layout in run.visions if image_idx is None or layout.image_index == image_idx]
+    return np.unique(np.concatenate([layout.token_positions for layout in layouts])).astype(np.int64)
+
+
+def grid_cell_positions(run: AttentionRun, cells, image_idx: int = 0) -> np.ndarray:
+    """(n,) int64, sorted: main-view cells (row, col) of image `image_idx` and, on every other view, the
+    cells that overlap them (a region clicked or a map's top cells, blocked on every view as a box is)."""
+    layout = run.visions[run.view_index(image_idx)]
+    grid_h, grid_w = layout.grid_hw
+    found = []
+    for row, col in cells:
+        if not (0 <= int(row) < grid_h and 0 <= int(col) < grid_w):
+            raise InputError(f"Cell ({row}, {col}) is outside the {grid_h}×{grid_w} token grid.")
+        found.append(box_positions(run, layout.cell_box_xyxy(int(row), int(col)), image_idx))
+    if not found:
+        raise InputError("No cell given: pick at least one token cell.")
+    return np.unique(np.concatenate(found)).astype(np.int64)
+
+
 def _dilate(cells: np.ndarray, buffer: int) -> np.ndarray:
     """(grid_h, grid_w) bool grown by `buffer` cells in every direction (a square neighbourhood)."""
     grown = cells.copy()
@@ -100,6 +122,8 @@ def box_positions(run: AttentionRun, box_xyxy, image_idx: int = 0, buffer: int =
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
     except (TypeError, ValueError):
         raise InputError(f"A box is four numbers x0, y0, x1, y1 in image pixels, got {box_xyxy!r}.") from None
+    if not all(np.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise InputError(f"A box is four finite numbers in image pixels, got {box_xyxy!r}.")
     if not (x1 > x0 and y1 > y0):
         raise InputError(f"The box {box_xyxy} is empty: x1 must exceed x0 and y1 exceed y0.")
     layouts = [layout for layout in run.visions if layout.image_index == image_idx]
@@ -211,6 +235,12 @@ def forward_outcomes(
             f"0..{run.num_steps - 1}."
         )
     inputs = holder.replay_inputs(run, step_idx) if inputs is None else inputs
+    replayed = inputs["input_ids"][0, : len(run.prompt_ids)].tolist()
+    if replayed != run.prompt_ids or inputs["input_ids"].shape[1] != len(run.prompt_ids) + step_idx:
+        raise InputError(
+            "The replay of this run does not rebuild its prompt token for token (the processor or its pixel "
+            "budget changed since it was generated), so positions would not line up. Generate again."
+        )
     image = image_positions(holder, run)
     token_id = run.generated_ids[step_idx]
     found: list[Outcome] = []

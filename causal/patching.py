@@ -78,28 +78,34 @@ def patch(
 ) -> Patch:
     """Patch the residual stream (each decoder layer's output) in the inclusive range `layers` (default
     all) at `positions`: 'image' (image `image_idx`'s tokens), a box (x0, y0, x1, y1) in original-image
-    pixels, or a list of positions, with the values of the same replay over `other_image` (a path or a
-    PIL image in place of image `image_idx`). The other image must give the same tokens at the same
-    positions, so it is refused, with both counts, when its token count differs. Three forwards."""
+    pixels (a tuple), or a list of positions, with the values of the same replay over `other_image` (a path
+    or a PIL image in place of image `image_idx`, of the same size: its tokens must sit at the same places,
+    and a different size or token layout is refused). For a causal decoder, patching the image positions
+    after layer lo already fixes them in every later layer, so a range acts as its first layer; patch one
+    layer at a time to localise. Three forwards."""
     other = load_image(other_image)
-    settings = run.settings
     images = list(run.images)
     if not images:
         raise InputError("Patching replays the run's image, and this run has none. Generate from an image first.")
+    if not 0 <= image_idx < len(images):
+        raise InputError(f"image_idx must be in 0..{len(images) - 1}: this run has {len(images)} image(s).")
+    own_size = images[image_idx].size
+    if other.size != own_size:
+        raise InputError(
+            f"The other image is {other.size[0]}×{other.size[1]}; patching needs the run's image size, "
+            f"{own_size[0]}×{own_size[1]}, so that its tokens sit at the same places. Resize it and try again."
+        )
     images[image_idx] = other
     own = holder.replay_inputs(run, step_idx)
-    theirs = holder.teacher_forced_inputs(
-        images, settings.prompt, run.generated_ids[:step_idx], settings.min_pixels, settings.max_pixels
-    )
+    theirs = holder.replay_inputs(run, step_idx, images)
     slots = _image_slots(holder, run, image_idx)
-    if not torch.equal(theirs["input_ids"], own["input_ids"]):
-        image_id = int(own["input_ids"][0, slots[0]])
-        counts = [int((inputs["input_ids"] == image_id).sum()) for inputs in (theirs, own)]
+    layout_keys = [key for key in own if torch.is_tensor(own[key]) and not key.startswith("pixel_values")]
+    if any(not torch.equal(own[key], theirs[key]) for key in layout_keys):  # ids, grids, sizes, token types
         raise InputError(
-            f"The other image gives {counts[0]} image tokens where this run's images give {counts[1]}; patching "
-            f"needs the same tokens at the same places. Resize it to {run.images[image_idx].size[0]}×"
-            f"{run.images[image_idx].size[1]}, the run's image size, and try again."
+            "The other image gives a different token layout than this run's image (another grid or token "
+            "count), so its tokens would not sit at the same places. Use an image of the same size and shape."
         )
+    seq_len = own["input_ids"].shape[1]
     if isinstance(positions, str):
         if positions != "image":
             raise InputError(f"positions is 'image', a box (x0, y0, x1, y1) or a list of positions, not {positions!r}.")
@@ -108,7 +114,13 @@ def patch(
         chosen = box_positions(run, positions, image_idx)
         where = f"the box's {len(chosen)} image tokens"
     else:
-        chosen, where = np.asarray(list(positions), dtype=np.int64), f"{len(positions)} positions"
+        try:
+            chosen = np.unique(np.asarray([int(p) for p in positions], dtype=np.int64))
+        except (TypeError, ValueError):
+            raise InputError(f"positions must be whole numbers in 0..{seq_len - 1}, got {positions!r}.") from None
+        if not len(chosen) or chosen.min() < 0 or chosen.max() >= seq_len:
+            raise InputError(f"positions must be whole numbers in 0..{seq_len - 1} (the replay), got {positions!r}.")
+        where = f"{len(chosen)} positions"
     num_layers = len(decoder_layers(holder.model))
     lo, hi = (0, num_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
     if not 0 <= lo <= hi < num_layers:

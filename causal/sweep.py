@@ -16,16 +16,16 @@ from causal.edits import RowEdit
 from causal.knockout import (
     Knockout,
     box_positions,
+    cell_positions,
     forward_outcomes,
     head_set,
     image_positions,
     knockout,
-    layer_window,
     query_positions,
     relative,
 )
 from errors import InputError
-from families import decoder_layers
+from families import decoder_layers, softmax_layers
 from records import AttentionRun
 
 CONDITIONS: dict[str, str] = {
@@ -41,7 +41,8 @@ class KnockoutSweep:
     """Per window of layers, the relative change of generated token `step_idx`'s probability.
 
     centres: (n,) the decoder layer each window centres on; windows: (n, 2) its inclusive (lo, hi);
-    changes: condition (CONDITIONS' keys) -> (n,) float relative changes, (p_after − p_before) / p_before;
+    changes: condition (CONDITIONS' keys) -> (n,) float relative changes, (p_after − p_before) / p_before,
+    NaN where nothing could be blocked (a window with no softmax layer, or no question after the image);
     control: (n, draws) the same for each random region blocked from the token; p_before: 0..1;
     box_tokens: image tokens in the box; control_tokens: (draws,) tokens in each random region."""
 
@@ -57,15 +58,17 @@ class KnockoutSweep:
 
     def control_mean(self) -> np.ndarray:
         """(n,) the control's mean change per window."""
-        return self.control.mean(axis=1)
+        return np.nanmean(self.control, axis=1) if self.control.size else np.zeros(len(self.centres))
 
 
 def control_positions(
     holder, run: AttentionRun, box_xyxy, draws: int = 8, seed: int = 0, image_idx: int = 0
 ) -> list[np.ndarray]:
     """`draws` random regions (each an (n,) array of positions) with the box's cell shape on the image's
-    main view, placed away from the box (not touching it when there is room), mapped to every view as the
-    box is. When no such place exists, random image tokens outside the box, as many as the box has."""
+    main view, placed away from the box (not touching it when there is room; distinct places while there
+    are enough), mapped to every view as the box is, less any token the box itself blocks (a coarse view's
+    cell can hold both). When no such place exists, random image cells outside the box, as many as the
+    box has. Raises InputError when the box leaves too few tokens outside it."""
     layout = run.visions[run.view_index(image_idx)]
     inside = layout.cells_overlapping(box_xyxy)  # (grid_h, grid_w)
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
@@ -86,13 +89,14 @@ def control_positions(
         ]
         if places:
             xs, ys = layout.cell_edges()
-            picks = rng.integers(len(places), size=draws)
+            box = box_positions(run, box_xyxy, image_idx)
+            picks = rng.choice(len(places), size=draws, replace=len(places) < draws)
             return [
-                box_positions(run, (xs[c], ys[r], xs[c + width], ys[r + height]), image_idx)
+                np.setdiff1d(box_positions(run, (xs[c], ys[r], xs[c + width], ys[r + height]), image_idx), box)
                 for r, c in (places[i] for i in picks)
             ]
     box = box_positions(run, box_xyxy, image_idx)
-    outside = np.setdiff1d(image_positions(holder, run), box)
+    outside = np.setdiff1d(cell_positions(run), box)
     if len(outside) < len(box):
         raise InputError(
             f"The box covers {len(box)} of the image's {len(box) + len(outside)} tokens, so no random region "
@@ -136,17 +140,24 @@ def knockout_sweep(
     spans = windows(len(decoder_layers(holder.model)), window)
     keys_and_queries = [(box_keys, token_q), (box_keys, question_q), (image, question_q)]
     keys_and_queries += [(keys, token_q) for keys in controls]
-    rows = []
-    for lo, hi in spans:
-        layers = frozenset(layer_window(holder, (lo, hi)))
-        rows += [
-            RowEdit(layers if len(q) else frozenset(), chosen_heads, tuple(map(int, q)), tuple(map(int, k)))
-            for k, q in keys_and_queries
-        ]
+    attending = set(softmax_layers(holder.model))
+    rows, undefined = [], []  # undefined: (window, condition) with nothing to block (no softmax layer, no query)
+    for w, (lo, hi) in enumerate(spans):
+        layers = frozenset(idx for idx in range(lo, hi + 1) if idx in attending)
+        for c, (k, q) in enumerate(keys_and_queries):
+            rows.append(
+                RowEdit(layers if len(q) else frozenset(), chosen_heads, tuple(map(int, q)), tuple(map(int, k)))
+            )
+            if not layers or not len(q):
+                undefined.append((w, c))
     (before,) = forward_outcomes(holder, run, step_idx, [RowEdit()])
-    after = forward_outcomes(holder, run, step_idx, rows, batch_size)
-    change = np.array([relative(o.p_token, before.p_token) for o in after], dtype=np.float64)
-    change = change.reshape(len(spans), len(keys_and_queries))  # (n, 3 + draws)
+    after = forward_outcomes(holder, run, step_idx, [row for row in rows if not row.empty], batch_size)
+    outcomes = iter(after)
+    change = np.array(
+        [relative(next(outcomes).p_token, before.p_token) if not row.empty else 0.0 for row in rows], dtype=np.float64
+    ).reshape(len(spans), len(keys_and_queries))  # (n, 3 + draws)
+    for w, c in undefined:
+        change[w, c] = np.nan  # nothing was blocked there: no effect to report
     return KnockoutSweep(
         step_idx=step_idx,
         token=run.generated_tokens[step_idx],
@@ -174,11 +185,11 @@ def knockout_with_control(
 ) -> tuple[Knockout, np.ndarray]:
     """A knockout of `key_positions` from the token's query in `layers` and `heads`, and (n,) the relative
     changes of the same knockout of each control (arrays of positions): by default `draws` sets of as many
-    image tokens outside `key_positions`, drawn at random (seeded). No controls when the keys cover the
-    image (nothing of their size is left outside)."""
+    image cells (of every view) outside `key_positions`, drawn at random (seeded). No controls when the
+    keys cover the image (nothing of their size is left outside)."""
     found = knockout(holder, run, step_idx, batch_size, key_positions=key_positions, layers=layers, heads=heads)
     if controls is None:
-        outside = np.setdiff1d(image_positions(holder, run), np.asarray(found.key_positions, dtype=np.int64))
+        outside = np.setdiff1d(cell_positions(run), np.asarray(found.key_positions, dtype=np.int64))
         rng = np.random.default_rng(seed)
         count = len(found.key_positions)
         enough = len(outside) >= count

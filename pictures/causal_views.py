@@ -13,6 +13,21 @@ SWEEP_COLORS = {"box_token": "#d62728", "box_question": "#ff7f0e", "image_questi
 SWEEP_LABELS = {"box_token": "box → token", "box_question": "box → question", "image_question": "image → question"}
 
 
+NO_EFFECT = 0.005  # a relative change below this is within what batching and kernels can move
+
+
+def _spans(values) -> str:
+    """Sorted whole numbers as runs: (0, 1, 2, 5) -> '0–2, 5'."""
+    runs, start = [], None
+    for i, value in enumerate(values):
+        if start is None:
+            start = value
+        if i + 1 == len(values) or values[i + 1] != value + 1:
+            runs.append(f"{start}" if start == value else f"{start}–{value}")
+            start = None
+    return ", ".join(runs)
+
+
 def _percent(change: float) -> str:
     return f"{change * 100:+.1f}%"
 
@@ -27,7 +42,7 @@ def knockout_note(found, control: np.ndarray, what: str) -> str:
     token = as_text(token_label(found.step_idx, found.token))
     layers = found.layers
     span = f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}" if layers else "no layer"
-    heads = "all heads" if found.heads is None else f"heads {found.heads[0]}–{found.heads[-1]}"
+    heads = "all heads" if found.heads is None else f"heads {_spans(found.heads)}"
     lines = [
         f"**Token {token}**: p = {found.p_before:.4f} → **{found.p_after:.4f}** "
         f"({_percent(found.relative_change)}) with {as_text(what)} blocked from the token's query in "
@@ -39,12 +54,17 @@ def knockout_note(found, control: np.ndarray, what: str) -> str:
             f"{_percent(float(control.mean()))} on average ({_percent(float(control.min()))} to "
             f"{_percent(float(control.max()))})."
         )
-        beats = found.relative_change < float(control.min())
-        lines.append(
-            "The blocked tokens matter more than any random region of their size."
-            if beats
-            else "Some random region of the same size matters as much or more: the effect is not specific to them."
-        )
+        rank = int((control <= found.relative_change).sum())  # controls that hurt as much or more
+        if abs(found.relative_change) < NO_EFFECT:
+            verdict = f"Blocking them barely changes the token (under {NO_EFFECT:.1%}): no measurable effect."
+        elif rank == 0:
+            verdict = f"The blocked tokens matter more than each of the {len(control)} random regions of their size."
+        else:
+            verdict = (
+                f"{rank} of {len(control)} random regions of the same size matter as much or more: the effect is "
+                "not specific to these tokens."
+            )
+        lines.append(verdict)
     lines.append(f"Top 5 before: {_top(found.top_before)} · after: {_top(found.top_after)}")
     lines.append(
         "Blocking removes only the direct attention edges; what the model copied into other positions "
@@ -68,7 +88,7 @@ def sweep_figure(sweep) -> go.Figure:
             line={"width": 0},
             fill="tonexty",
             fillcolor="rgba(127,127,127,0.25)",
-            name=f"control: {control.shape[1]} random regions (min–max)",
+            name=f"control → token: {control.shape[1]} random regions of the box's size (min–max)",
         )
     )
     figure.add_trace(
@@ -106,13 +126,15 @@ def sweep_note(sweep) -> str:
     """Markdown: which window matters most for the box → token edge, against the control there."""
     token = as_text(token_label(sweep.step_idx, sweep.token))
     box = np.asarray(sweep.changes["box_token"])
-    worst = int(np.argmin(box))
+    if np.isnan(box).all():
+        return f"**Token {token}**: no window of these layers has softmax attention to block."
+    worst = int(np.nanargmin(box))
     lo, hi = (int(v) for v in sweep.windows[worst])
     control = np.asarray(sweep.control)[worst]
     return (
         f"**Token {token}** (p = {sweep.p_before:.4f}), the box's {sweep.box_tokens} image tokens: blocking them "
-        f"from the token in {f'layer {lo}' if lo == hi else f'layers {lo}–{hi}'} changes its probability "
+        f"from the token in {f'layer {lo}' if lo == hi else f'layers {lo}–{hi}'} lowers its probability "
         f"most, {_percent(float(box[worst]))}; "
-        f"random regions of that size there: {_percent(float(control.mean()))} on average "
-        f"({_percent(float(control.min()))} to {_percent(float(control.max()))})."
+        f"random regions of that size there: {_percent(float(np.nanmean(control)))} on average "
+        f"({_percent(float(np.nanmin(control)))} to {_percent(float(np.nanmax(control)))})."
     )

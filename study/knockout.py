@@ -3,8 +3,9 @@ query lower the token's probability, more than blocking the map's own top cells 
 
 Per item with a box (teacher-forced over the item's own run, every layer, the token's query only):
 `ko_box_rel` blocks the target's image tokens (the union over its boxes, every view), `ko_topk_rel` the
-raw-attention map's k highest cells (k = the target's tokens on the main view), and `ko_random_rel` is
-the mean over `draws` random regions of the first box's cell shape away from it. The layer sweep
+raw-attention map's k highest cells on every view (k = the target's tokens on the main view), and
+`ko_random_rel` is the mean over `draws` controls: random regions of the box's cell shape away from it
+for an item with one box, as many random cells outside every box for an item with several. The sweep
 (`causal.sweep.knockout_sweep`, first box) gives the `knockout` table: per window of layers, each
 condition's relative change. A relative change is (p_after − p_before) / p_before: −1 = the token is gone.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attention_processor import token_heatmap
-from causal.knockout import box_positions, knockout
+from causal.knockout import box_positions, grid_cell_positions, knockout
 from causal.sweep import CONDITIONS, CONTROL, control_positions, knockout_sweep, knockout_with_control
 from metrics import sign_test
 from model_holder import ModelHolder
@@ -39,12 +40,12 @@ def region_positions(run: AttentionRun, boxes: list) -> np.ndarray:
 
 
 def topk_positions(run: AttentionRun, heat: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """(k,) int64: the positions of the map's k highest cells (ties: the first cells), k = the region's
-    tokens on the main view. heat: (grid_h, grid_w), cell j at `run.vision.token_positions[j]`."""
-    cells = run.vision.token_positions  # (grid_h * grid_w,)
-    k = len(np.intersect1d(region, cells))
+    """(n,) int64: the positions, on every view, of the map's k highest main-view cells (ties: the first
+    cells), k = the region's tokens on the main view, so top-k and the box are blocked alike.
+    heat: (grid_h, grid_w), cell j at `run.vision.token_positions[j]`."""
+    k = len(np.intersect1d(region, run.vision.token_positions))
     top = np.argsort(-heat.ravel(), kind="stable")[:k]  # (k,)
-    return np.sort(cells[top]).astype(np.int64)
+    return grid_cell_positions(run, [divmod(int(j), heat.shape[1]) for j in top])
 
 
 def knockout_columns(
@@ -57,8 +58,9 @@ def knockout_columns(
     found = empty_knockout()
     region = region_positions(run, boxes)
     if "random" in asked:
-        controls = control_positions(holder, run, boxes[0], draws=draws, seed=0)
-        box, changes = knockout_with_control(holder, run, step, region, controls=controls)
+        # One box: regions of its shape away from it; several: as many random cells outside all of them.
+        controls = control_positions(holder, run, boxes[0], draws=draws, seed=0) if len(boxes) == 1 else None
+        box, changes = knockout_with_control(holder, run, step, region, controls=controls, draws=draws)
         found["ko_random_rel"] = float(changes.mean())
     elif "box" in asked:
         box = knockout(holder, run, step, key_positions=region, queries="token")

@@ -47,12 +47,12 @@ def test_top_k_region_and_whole_image(ready):
     top = stored.run.vision.token_positions[np.argsort(-heat.ravel(), kind="stable")[:5]]
     found = h.slot.holder.knockout(stored.run, 0, key_positions=top)
     note = h.knockout(run_id, "topk", 5, False, *_view(), [])
-    assert "the map's top 5 cells" in note and f"**{found.p_after:.4f}**" in note
+    assert "the map's top 5 cells (5 image tokens, every view)" in note and f"**{found.p_after:.4f}**" in note
     in_ranges = h.knockout(run_id, "topk", 5, True, *_view(layer_hi=1, head_hi=1), [])
     assert "layers 0–1, heads 0–1" in in_ranges
     assert "layers 0–2, all heads" in note
     region = h.knockout(run_id, "box", 8, False, *_view(), [[0, 0], [0, 1]])
-    assert "the region's 2 image tokens" in region
+    assert "the region's 2 cells (2 image tokens, every view)" in region
     whole = h.knockout(run_id, "image", 8, False, *_view(), [])
     assert "the whole image" in whole and "Control" not in whole  # nothing of its size is left outside
 
@@ -65,15 +65,16 @@ def test_the_sweep_draws_every_condition_and_the_control_band(ready):
     assert {"box → token", "box → question", "image → question", "control (mean) → token"} <= set(names)
     band = [trace for trace in figure.data if trace.fill == "tonexty"]
     assert len(band) == 1 and len(band[0].x) == h.slot.holder.num_layers
-    assert "changes its probability most" in note
+    assert "lowers its probability most" in note
 
 
 def test_knockout_mistakes_say_what_to_do(ready):
     h, run_id = ready
     with pytest.raises(gr.Error, match="no box or region"):
         h.knockout(run_id, "box", 8, False, *_view(), [])
-    with pytest.raises(gr.Error, match="k must be a whole number"):
-        h.knockout(run_id, "topk", 0, False, *_view(), [])
+    for bad in (0, "abc", None, 2.5):
+        with pytest.raises(gr.Error, match="k must be a whole number"):
+            h.knockout(run_id, "topk", bad, False, *_view(), [])
     with pytest.raises(gr.Error, match="k must be"):
         h.knockout(run_id, "topk", 10**6, False, *_view(), [])
     with pytest.raises(gr.Error, match="needs a target box"):

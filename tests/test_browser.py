@@ -367,7 +367,7 @@ def test_does_it_matter_knocks_out_the_box_and_sweeps_the_layers(served_app, tmp
         expect(note).to_contain_text("the map's top 8 cells", timeout=60_000)
         page.locator("#ko-window input").fill("1")
         page.locator("#ko-sweep-btn").click()
-        expect(note).to_contain_text("changes its probability most", timeout=60_000)
+        expect(note).to_contain_text("lowers its probability most", timeout=60_000)
         plot = page.locator("#ko-plot .js-plotly-plot, #ko-plot .plot-container").first
         expect(plot).to_be_visible(timeout=30_000)
         expect(page.locator("#ko-plot")).to_contain_text("box → token", timeout=10_000)

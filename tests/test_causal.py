@@ -198,8 +198,11 @@ def test_patching_an_image_with_itself_changes_nothing(load_holder, dummy_image)
     assert patched.p_after != patched.p_before and patched.p_other != patched.p_before
     last = holder.num_layers - 1  # after the last layer each position only meets the norm and the head
     assert holder.patch(run, other, layers=(last, last)).p_after == patched.p_before
-    with pytest.raises(InputError, match="image tokens where this run"):
+    with pytest.raises(InputError, match="patching needs the run's image size"):
         holder.patch(run, noise_image(400, 300))
+    for bad in ([10**6], [-1], ["x"]):
+        with pytest.raises(InputError, match="positions must be whole numbers"):
+            holder.patch(run, other, positions=bad)
 
 
 @pytest.mark.parametrize(
@@ -295,3 +298,33 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_answers(loa
     monkeypatch.setattr(holder.model, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
     with pytest.raises(MemoryError, match="Out of memory replaying one knockout"):
         forward_outcomes(holder, run, 1, rows[:1])
+
+
+@pytest.mark.parametrize("family", ["llava_next", "internvl", "idefics3"])
+def test_controls_on_tiled_families_never_touch_the_box_on_any_view(load_holder, family):
+    from causal.knockout import grid_cell_positions
+    from causal.sweep import control_positions
+    from conftest import noise_image
+
+    holder = load_holder(family)
+    run = _run(holder, noise_image(200, 100), steps=1)
+    box = (0, 0, 60, 60)
+    box_keys = set(box_positions(run, box).tolist())
+    regions = control_positions(holder, run, box, draws=16, seed=1)
+    assert all(len(region) and not set(region.tolist()) & box_keys for region in regions)
+    assert len({tuple(region.tolist()) for region in regions}) > 1  # drawn without repeating one place
+    cells = grid_cell_positions(run, [(0, 0)])  # a main-view cell blocks its overlap on every view
+    assert {layout.view for layout in run.visions if set(layout.token_positions.tolist()) & set(cells.tolist())} == {
+        layout.view for layout in run.visions
+    }
+
+
+def test_a_sweep_over_linear_attention_layers_marks_them_not_blocked(load_holder, dummy_image):
+    holder = load_holder("qwen3_5")
+    run = _run(holder, dummy_image, steps=1)
+    width, height = dummy_image.size
+    sweep = holder.knockout_sweep(run, 0, (0, 0, width / 2, height / 2), window=1, draws=2)
+    attending = set(softmax_layers(holder.model))
+    for layer in range(holder.num_layers):
+        assert np.isnan(sweep.changes["box_token"][layer]) == (layer not in attending)
+    assert np.isfinite(sweep.control[sorted(attending)]).all()

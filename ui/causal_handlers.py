@@ -11,9 +11,13 @@ from ui.components import user_errors
 
 
 def _whole_number(value, name: str, lowest: int = 1) -> int:
-    if value is None or isinstance(value, bool) or not float(value).is_integer() or int(value) < lowest:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or number < lowest:
         raise gr.Error(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
-    return int(value)
+    return int(number)
 
 
 class CausalHandlers:
