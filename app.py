@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     )
     parser.add_argument(
         "--ranges",
-        help="a ranges.json from a study (batch.py --manifest ... --val-fraction): "
+        help="a ranges.json from a study (batch.py --manifest ... --per-head --val-fraction F): "
         "its model starts with those layer and head ranges",
     )
     args = parser.parse_args(argv)

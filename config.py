@@ -18,7 +18,7 @@ REPO_DIR = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class ModelRanges:
     """A model's recommended layer and head ranges (0-based inclusive), from a `ranges.json` that a study
-    (`batch.py --manifest ... --val-fraction`) or `bench/bench_localization.py` wrote."""
+    (`batch.py --manifest ... --per-head --val-fraction F`) or `bench/bench_localization.py` wrote."""
 
     model: str
     layers: tuple[int, int]
@@ -36,7 +36,7 @@ class ModelRanges:
         except (OSError, KeyError, TypeError, ValueError) as err:
             raise InputError(
                 f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
-                "batch.py --manifest ... --val-fraction (it holds model, layers and heads)."
+                "batch.py --manifest ... --per-head --val-fraction F (it holds model, layers and heads)."
             ) from err
 
     def fits(self, model_id: str) -> bool:

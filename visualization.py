@@ -176,3 +176,36 @@ def labelled(picture: Image.Image, label: str) -> Image.Image:
     canvas.paste(picture, (0, 0))
     ImageDraw.Draw(canvas).text((pad, picture.size[1] + pad), label, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _colorbar_font(width: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(11, min(18, width // 45)))
+
+
+def colorbar_strip(width: int) -> int:
+    """The height in px of the strip `with_colorbar` adds under a picture `width` px wide."""
+    return 2 * _colorbar_font(width).size + 3 * 6
+
+
+def with_colorbar(picture: Image.Image, colormap: str, value_range: tuple[float, float], unit: str) -> Image.Image:
+    """The picture with a colour bar on a white strip under it: the colormap from the lowest shown value
+    (left) to the highest (right), each end labelled in `unit` (what the colours measure)."""
+    lo, hi = (float(v) for v in value_range)
+    if colormap not in COLORMAPS:
+        raise InputError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
+    width = picture.size[0]
+    font, pad, bar_h = _colorbar_font(width), 6, _colorbar_font(width).size
+    ramp = np.linspace(0, 255, max(2, width - 2 * pad)).astype(np.uint8)[None, :]  # (1, bar_w)
+    bar = cv2.applyColorMap(ramp, COLORMAPS[colormap])[:, :, ::-1]  # OpenCV is BGR: to RGB, (1, bar_w, 3)
+    canvas = Image.new("RGB", (width, picture.size[1] + colorbar_strip(width)), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    canvas.paste(Image.fromarray(np.repeat(bar, bar_h, axis=0)), (pad, picture.size[1] + pad))
+    draw = ImageDraw.Draw(canvas)
+    y = picture.size[1] + bar_h + 2 * pad
+    low, high = f"{lo:.3g}", f"{hi:.3g}"
+    draw.text((pad, y), low, fill=(0, 0, 0), font=font)
+    draw.text((width - pad - font.getbbox(high)[2], y), high, fill=(0, 0, 0), font=font)
+    label_w = font.getbbox(unit)[2]
+    if label_w + font.getbbox(low)[2] + font.getbbox(high)[2] + 4 * pad < width:  # only where it fits
+        draw.text(((width - label_w) // 2, y), unit, fill=(60, 60, 60), font=font)
+    return canvas

@@ -31,7 +31,15 @@ from pictures.stored_run import (
 from pictures.view_parts import outline_target, target_scores, with_other_views
 from records import AttentionRun
 from utils import scaled_size
-from visualization import SIDE_BY_SIDE_GAP, colorize, heatmap_image, labelled, overlay, side_by_side
+from visualization import (
+    SIDE_BY_SIDE_GAP,
+    colorize,
+    heatmap_image,
+    labelled,
+    overlay,
+    side_by_side,
+    with_colorbar,
+)
 
 VIEWS: tuple[str, ...] = ("overlay", "side_by_side", "heatmap")
 
@@ -45,9 +53,12 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         return render_strip(stored, settings)
     heat = raw_heatmap(stored, s)  # (grid_h, grid_w)
     if s.normalization == "shared":
-        unit = normalize_heatmap(heat, "fixed", value_range=stored.shared_range(s))
+        scale = stored.shared_range(s)
+        unit = normalize_heatmap(heat, "fixed", value_range=scale)
     elif s.normalization in ("minmax", "percentile"):
         unit = normalize_heatmap(heat, s.normalization, s.percentile)
+        top = float(np.percentile(heat, s.percentile)) if s.normalization == "percentile" else float(heat.max())
+        scale = (float(heat.min()), top)
     else:
         raise InputError(f"Unknown normalisation {s.normalization!r}; choose one of {DISPLAY_NORMALIZATIONS}.")
     shown, _ = stored.display(0)
@@ -66,7 +77,14 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         text += " " + target_scores(stored, s, heat)
     if len(run.visions) > 1:  # one image, several views
         picture, text = with_other_views(stored, s, picture, text)
-    return picture, text
+    return with_colorbar(picture, s.colormap, scale, colorbar_unit(s)), text
+
+
+def colorbar_unit(s: ViewSettings) -> str:
+    """What the colour bar's numbers measure, for these settings."""
+    if s.method != RAW_ATTENTION:
+        return f"{s.method} map value"
+    return "ratio to the generic prompt" if s.relative else "attention mass per cell"
 
 
 def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 512) -> Iterator[Image.Image]:
@@ -177,6 +195,7 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
     strip = tiles[0]
     for tile in tiles[1:]:
         strip = side_by_side(strip, tile)
+    strip = with_colorbar(strip, s.colormap, (lo, hi), "attention mass per cell, one scale for all")
     images = len({layout.image_index for layout in stored.run.visions})
     kind = (
         "time steps of the video"

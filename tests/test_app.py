@@ -11,6 +11,7 @@ from config import AppConfig
 from conftest import free_port, noise_image
 from pipeline import ModelSlot, RunStore
 from testing.tiny_models import FAMILIES
+from visualization import colorbar_strip
 
 VIEW = dict(
     step_idx=0,
@@ -69,7 +70,7 @@ def test_handlers_full_flow(handlers, tiny_model_dirs, image_file, tmp_path):
     assert (layers.value, heads.value) == ([0, 2], [0, 3])
     run_id, answer, dropdown, chips, picture, caption, plot, prompt_dropdown, *_ = _generate(handlers, image_file)
     assert len(dropdown.choices) == handlers.store.get(run_id).run.num_steps
-    assert picture.size == (400, 300) and caption.startswith("Token 0 ")
+    assert picture.size == (400, 300 + colorbar_strip(400)) and caption.startswith("Token 0 ")
     assert list(plot["selected"]).count("selected") == 1
     positions = [value for _, value in prompt_dropdown.choices]
     assert positions == handlers.store.get(run_id).run.prompt_positions and positions
@@ -116,7 +117,7 @@ def test_user_mistakes_raise_gr_error_and_the_app_keeps_working(handlers, tiny_m
         handlers.render(run_id, *_view(colormap="nope"))
     with pytest.raises(gr.Error, match="out of range"):
         handlers.render(run_id, *_view(step_idx=99))
-    assert handlers.render(run_id, *_view())[0].size == (400, 300)  # still serving
+    assert handlers.render(run_id, *_view())[0].size == (400, 300 + colorbar_strip(400))  # still serving
 
 
 def test_evicted_result_asks_to_generate_again(tiny_model_dirs, image_file, tmp_path):
@@ -339,7 +340,7 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
             )
             assert caption.startswith("Token 0")
             if len(views) == 1:
-                assert picture.size[1] == 333
+                assert picture.size[1] == 333 + colorbar_strip(picture.size[0])
             else:  # tiles, then the global view or thumbnail to their right
                 assert picture.size[1] > 333 and picture.size[0] > 201 * 3 // 2
                 assert f"Left: the {views[0].view}, the main map. Right, at half size: {views[1].view}" in caption
@@ -442,8 +443,8 @@ def test_small_images_are_enlarged_on_screen_and_clicks_and_outlines_follow(hand
     run_id = _generate(handlers, str(small))[0]
     stored = handlers.store.get(run_id)
     picture, _, _ = handlers.render(run_id, *_view())
-    assert picture.size == (640, 480)  # 4× with whole pixels
-    assert Image.open(handlers.download_png(run_id, *_view())).size == (160, 120)  # the file keeps true size
+    assert picture.size == (640, (120 + colorbar_strip(160)) * 4)  # 4× with whole pixels, with its colour bar
+    assert Image.open(handlers.download_png(run_id, *_view())).size == (160, 120 + colorbar_strip(160))  # true size
     click = gr.SelectData(None, {"index": [4 * 155, 4 * 115], "value": None})  # bottom-right, on screen
     region, _, _ = handlers.region_click(run_id, [], "overlay", evt=click)
     grid_h, grid_w = stored.run.vision.grid_hw
@@ -621,3 +622,20 @@ def test_video_in_the_app_for_the_families_beyond_qwen(handlers, tiny_model_dirs
     assert run.vision.num_frames == 4 and len(handlers.store.get(run_id).images) == 4  # one frame per step
     assert "4 time steps of the video on one scale" in caption and "consecutive frames" not in caption
     assert picture.size[0] > 4 * 100
+
+
+def test_cells_are_crisp_blocks_unless_smoothed_and_the_picture_has_its_colour_bar(
+    handlers, tiny_model_dirs, image_file
+):
+    handlers.load_model(str(tiny_model_dirs["qwen2_vl"]))
+    run_id = _generate(handlers, image_file)[0]
+    stored = handlers.store.get(run_id)
+    crisp, _, _ = handlers.render(run_id, *_with_box("", view="heatmap"))
+    smooth, _, _ = handlers.render(run_id, *_with_box("", view="heatmap"), True)
+    zoom = crisp.size[0] // 400
+    assert crisp.size == smooth.size and crisp.size[1] > 300 * zoom  # the colour bar's strip under the map
+    row, col = stored.run.vision.grid_hw[0] // 2, stored.run.vision.grid_hw[1] // 2
+    x0, y0, x1, y1 = (int(v) * zoom for v in stored.run.vision.cell_box_xyxy(row, col))
+    block = lambda picture: np.asarray(picture, dtype=int)[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2]  # noqa: E731
+    assert np.ptp(block(crisp), axis=(0, 1)).max() == 0  # one flat colour in the cell
+    assert np.ptp(block(smooth), axis=(0, 1)).max() > 0  # blended with its neighbours

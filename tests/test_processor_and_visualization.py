@@ -134,3 +134,20 @@ def test_side_by_side_and_grid():
     assert both.size == (184, 70)
     gridded = np.asarray(draw_grid(Image.new("RGB", (400, 300)), GRID_HW, (0, 0, 400, 300)))
     assert gridded[100, 50].tolist() == [255, 255, 255] and gridded[50, 50].tolist() == [0, 0, 0]
+
+
+def test_the_colour_bar_runs_from_the_lowest_to_the_highest_colour_with_its_values():
+    import cv2
+
+    from visualization import COLORMAPS, with_colorbar
+
+    picture = Image.new("RGB", (300, 200), (10, 20, 30))
+    barred = with_colorbar(picture, "viridis", (0.0012, 0.25), "attention mass per cell")
+    assert barred.size[0] == 300 and barred.size[1] > 200
+    pixels = np.asarray(barred, dtype=int)
+    assert (pixels[:200] == (10, 20, 30)).all()  # the picture itself is untouched
+    ends = cv2.applyColorMap(np.array([[0, 255]], dtype=np.uint8), COLORMAPS["viridis"])[0, :, ::-1]  # RGB
+    row = pixels[200 + 8]  # inside the bar
+    assert np.abs(row[7] - ends[0]).max() <= 3 and np.abs(row[300 - 8] - ends[1]).max() <= 3
+    with pytest.raises(ValueError, match="colormap"):
+        with_colorbar(picture, "nope", (0, 1), "x")

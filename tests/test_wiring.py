@@ -35,6 +35,7 @@ VIEW = [
     "exclude_system",
     "method",
     "target_box",
+    "smooth",
 ]
 # The parameter names gradio_client saw before the page was wired by name; clients depend on them.
 API_NAMES = {

@@ -59,6 +59,10 @@ class ViewControls:
     exclude_system: Any = control(False, redraw=True)
     method: Any = control(RAW_ATTENTION, reset=RAW_ATTENTION)
     target_box: Any = control("")
+    # Cells are drawn crisp, each a flat block (a peak sits on its cell); smoothing blends neighbours.
+    smooth: Any = control(
+        False, make=lambda: gr.Checkbox(False, label="Smooth across cells (bilinear)", elem_id="smooth")
+    )
 
 
 @dataclass(frozen=True)

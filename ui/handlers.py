@@ -373,6 +373,7 @@ class Handlers(AnalysisHandlers, CausalHandlers):
             exclude_system=bool(v["exclude_system"]),
             method=v["method"] or RAW_ATTENTION,
             target_box=parse_box(v["target_box"]),
+            interpolation="bilinear" if v["smooth"] else "nearest",
         )
 
     def _default_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
