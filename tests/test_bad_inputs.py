@@ -11,7 +11,7 @@ from config import AppConfig
 from conftest import free_port
 from errors import ImageLoadError
 from pipeline import ModelSlot, RunStore
-from visualization import overlay
+from visualization import colorbar_strip, overlay
 
 
 def _noise(width, height, seed=0) -> np.ndarray:
@@ -144,7 +144,8 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
             factor = min(1.0, 2048 / max(displayed))  # drawn on a bounded display copy
             shown = tuple(max(1, round(v * factor)) for v in displayed)
             zoom = max(1, 640 // max(shown))  # small images enlarged on screen
-            assert Image.open(picture).size == tuple(zoom * v for v in shown), name
+            with_bar = (shown[0], shown[1] + colorbar_strip(shown[0]))  # the colour bar's strip under the map
+            assert Image.open(picture).size == tuple(zoom * v for v in with_bar), name
         not_image = tmp_path / "notes.png"
         not_image.write_text("not an image")
         with pytest.raises(Exception, match="Could not read"):

@@ -126,6 +126,20 @@ def _generate_in_page(browser, url: str, image_path: str, prompt: str):
     return page
 
 
+def _on_image(page, fx: float, fy: float, image_width: int = 640) -> tuple[float, float]:
+    """Screen coordinates of the point at fractions (fx, fy) of the image itself on the picture, above the
+    colour bar's strip (`image_width`: the uploaded image's width in pixels)."""
+    from visualization import colorbar_strip
+
+    bounds = page.locator("#overlay img").bounding_box()
+    natural_w, natural_h = page.evaluate(
+        "(() => { const i = document.querySelector('#overlay img'); return [i.naturalWidth, i.naturalHeight]; })()"
+    )
+    zoom = natural_w / image_width
+    content = (natural_h - colorbar_strip(image_width) * zoom) / natural_h
+    return bounds["x"] + fx * bounds["width"], bounds["y"] + fy * content * bounds["height"]
+
+
 def _picture_src(page) -> str:
     return page.locator("#overlay img").get_attribute("src") or ""
 
@@ -333,10 +347,8 @@ def test_a_target_box_typed_or_drawn_scores_the_map(served_app, tmp_path):
         expect(caption).to_contain_text("Target box (380, 90)–(560, 270): pointing game", timeout=20_000)
         expect(caption).to_contain_text("Otsu IoU")
         page.locator("#box-mode input").check()  # now clicks draw the box
-        image = page.locator("#overlay img")
-        bounds = image.bounding_box()
         for fx, fy in ((0.125, 0.5), (0.375, 0.875)):  # the blue square's corners
-            page.mouse.click(bounds["x"] + fx * bounds["width"], bounds["y"] + fy * bounds["height"])
+            page.mouse.click(*_on_image(page, fx, fy))
             page.wait_for_timeout(700)
         expect(box).to_have_value(re.compile(r"^(7\d|8\d), (23\d|24\d), (23\d|24\d), (41\d|42\d)$"), timeout=20_000)
         expect(caption).to_contain_text("Target box (", timeout=20_000)
@@ -413,22 +425,22 @@ def test_clicks_pick_cells_only_with_the_region_tool_and_the_box_tool_marks_its_
         image = page.locator("#overlay img")
         image.scroll_into_view_if_needed()
         note = page.locator("#region-note")
-        before, bounds = _picture_src(page), image.bounding_box()
-        page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.3 * bounds["height"])
+        before = _picture_src(page)
+        page.mouse.click(*_on_image(page, 0.7, 0.3))
         page.wait_for_timeout(1500)
         assert _picture_src(page) == before  # no tool: no outline, no region
         expect(note).to_contain_text("Tick 'Clicks pick region cells'")
         page.locator("#region-mode input").check()
-        page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.3 * bounds["height"])
+        page.mouse.click(*_on_image(page, 0.7, 0.3))
         expect(note).to_contain_text("1 cell", timeout=20_000)
-        outlined = _picture_src(page)
-        assert outlined != before
+        page.wait_for_function(f"document.querySelector('#overlay img').src !== {before!r}", timeout=20_000)
+        outlined = _picture_src(page)  # the picked cell outlined
         page.locator("#box-mode input").check()
         expect(page.locator("#region-mode input")).not_to_be_checked()  # one tool at a time
         shown = image.bounding_box()
         assert shown["y"] >= 0 and shown["y"] + 40 <= 720, shown  # ticking kept the map on screen
-        page.mouse.click(shown["x"] + 0.2 * shown["width"], shown["y"] + 0.6 * shown["height"])
+        page.mouse.click(*_on_image(page, 0.2, 0.6))
         page.wait_for_function(f"document.querySelector('#overlay img').src !== {outlined!r}", timeout=20_000)
-        page.mouse.click(shown["x"] + 0.4 * shown["width"], shown["y"] + 0.9 * shown["height"])
+        page.mouse.click(*_on_image(page, 0.4, 0.9))
         expect(page.locator("#caption")).to_contain_text("Target box (", timeout=20_000)
         browser.close()

@@ -32,12 +32,13 @@ def _eager_probability(holder, run, step_idx: int, row: RowEdit) -> float:
 
     def block(module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        seq = kwargs["hidden_states"].shape[1]
+        seq, device = kwargs["hidden_states"].shape[1], kwargs["hidden_states"].device
         lowest = torch.finfo(torch.float32).min
         if mask is None:
-            additive = torch.zeros(1, 1, seq, seq).masked_fill(~torch.ones(seq, seq, dtype=torch.bool).tril(), lowest)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+            additive = torch.zeros(1, 1, seq, seq, device=device).masked_fill(~causal, lowest)
         elif mask.dtype == torch.bool:
-            additive = torch.zeros(mask.shape).masked_fill(~mask, lowest)
+            additive = torch.zeros(mask.shape, device=device).masked_fill(~mask, lowest)
         else:
             additive = mask.clone()
         additive = additive[..., :seq].expand(1, num_heads, seq, seq).clone()  # (1, H, S, S)
@@ -53,7 +54,8 @@ def _eager_probability(holder, run, step_idx: int, row: RowEdit) -> float:
             flat = flat.clone()
             for head in heads:
                 cols = slice(head * head_dim, (head + 1) * head_dim)
-                flat[:, :, cols] = 0 if row.mode == "zero" else flat[:, image, cols].mean(dim=1, keepdim=True)
+                rows = image.to(flat.device)
+                flat[:, :, cols] = 0 if row.mode == "zero" else flat[:, rows, cols].mean(dim=1, keepdim=True)
             return (flat,)
 
         return hook

@@ -97,3 +97,18 @@ def test_capture_adds_no_host_sync_per_decode_step(tiny_model_dirs, family):
     _decode_syncs(holder, True, 2), _decode_syncs(holder, False, 2)  # warm both modes
     extra = [_decode_syncs(holder, True, n) - _decode_syncs(holder, False, n) for n in (4, 16)]
     assert extra[1] - extra[0] < 12, f"the capture adds {(extra[1] - extra[0]) / 12:.2f} syncs per decode step"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next", "gemma3", "paligemma"])
+def test_knockouts_equal_the_eager_masked_forward_on_one_gpu(tiny_model_dirs, family):
+    """The causal checks on CUDA, in float32: random batched knockouts against the eager reference."""
+    import numpy as np
+
+    from causal.knockout import forward_outcomes
+    from test_causal import RTOL, _eager_probability, _random_rows, _run
+
+    holder = ModelHolder.load(tiny_model_dirs[family], device="cuda", dtype="float32")
+    run = _run(holder, noise_image(150, 100, seed=5))
+    rows = _random_rows(holder, run, 1, np.random.default_rng(7))
+    for row, outcome in zip(rows, forward_outcomes(holder, run, 1, rows, batch_size=3), strict=True):
+        assert outcome.p_token == pytest.approx(_eager_probability(holder, run, 1, row), rel=RTOL * 10, abs=1e-6)

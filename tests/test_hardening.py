@@ -20,6 +20,7 @@ from pictures.views import as_text
 from pipeline import ModelSlot, RunStore, prune_outputs
 from ui.handlers import Handlers
 from utils import load_image
+from visualization import colorbar_strip
 
 
 def test_the_pixel_budget_is_clamped_to_the_processor_and_the_cap(load_holder):
@@ -239,7 +240,7 @@ def test_pictures_are_drawn_from_a_bounded_display_copy(load_holder, tmp_path):
     noise_image(4000, 3000).save(path)
     *_, last = handlers.generate(str(path), "Hi", 2, False, 0.7, 0.9, 0, 0, None, None)
     stored = handlers.store.get(last[0])
-    assert last[4].size == (2048, 1536)  # the picture, not 4000x3000
+    assert last[4].size == (2048, 1536 + colorbar_strip(2048))  # the picture (and its colour bar), not 4000x3000
     assert stored.image.size == (4000, 3000)  # model passes keep the original
     grid_h, grid_w = stored.run.vision.grid_hw
 
