@@ -90,9 +90,10 @@ def main() -> None:
                 page.locator("#analysis").screenshot(path=str(DOCS / "view-verify.png"))
 
                 page.get_by_role("tab", name="Region → text").click()
+                page.locator("#region-mode input").check()
                 box = page.locator("#overlay img").bounding_box()
                 page.locator("#overlay img").click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.3})
-                expect(page.locator("#region-note")).to_contain_text("cells selected", timeout=30_000)
+                expect(page.locator("#region-note")).to_contain_text("selected", timeout=30_000)
                 page.wait_for_timeout(1500)
                 page.locator("#analysis").screenshot(path=str(DOCS / "view-region.png"))
 
