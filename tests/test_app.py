@@ -204,7 +204,16 @@ def test_analysis_views_and_baseline_options(handlers, tiny_model_dirs, image_fi
     assert matrix["hi"] == f"{share.max():.3g}" and len(matrix["bar"]) == 11  # a scale from 0 to the top
     assert len({colour for row in matrix["cells"] for _, colour in row}) > 1
     assert len(gallery) == 12 and gallery[0][1] == "layer 0 · head 0" and note.startswith("**Token 0: ")
-    assert "layers 0–2 · heads 0–3" in note and "Sink cells" in note  # names what it shows
+    assert "the text and the gallery: layers 0–2, heads 0–3" in note and "Sink cells" in note  # what it shows
+    # The matrix keeps its own ranges: narrowed page ranges (a matrix click) never shrink it to 1 × 1.
+    narrow, _, narrow_gallery, narrow_note = handlers.analysis(
+        run_id, "entropy", *_view(layer_lo=1, layer_hi=1, head_lo=2, head_hi=2)
+    )
+    assert narrow["layers"] == [0, 1, 2] and narrow["heads"] == [0, 1, 2, 3] and len(narrow_gallery) == 1
+    assert "layers 1–1, heads 2–2" in narrow_note
+    assert handlers.analysis_follow(run_id, "share", None, *_view()) == (gr.skip(),) * 4  # not shown yet
+    followed = handlers.analysis_follow(run_id, "share", matrix, *_view(step_idx=1))
+    assert followed[3].startswith("**Token 1: ")  # shown once, it follows the token
     assert gallery[-1][1] == "layer 2 · head 3"  # 0-based, as on the page
     _, unexcluded, *_ = handlers.analysis(run_id, "share", *_view(), False, False, False, "", True)
     assert any(score is None for _, score in unexcluded)  # BOS and system prompt unhighlighted

@@ -444,3 +444,29 @@ def test_clicks_pick_cells_only_with_the_region_tool_and_the_box_tool_marks_its_
         page.mouse.click(*_on_image(page, 0.4, 0.9))
         expect(page.locator("#caption")).to_contain_text("Target box (", timeout=20_000)
         browser.close()
+
+
+def test_the_analysis_keeps_its_whole_matrix_and_follows_the_token(served_app, tmp_path):
+    """A matrix click narrows the map's ranges, yet the matrix stays every layer × head (also after a
+    metric switch), and once shown the analysis follows the picked token (the gallery with it)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
+        page.locator("#analysis-btn").click()
+        cells = page.locator("#head-matrix .mx-cell")
+        expect(cells.first).to_be_visible(timeout=20_000)
+        whole = cells.count()
+        cells.last.scroll_into_view_if_needed()
+        cells.last.click()  # one layer and one head for the map
+        expect(page.locator("#caption")).to_contain_text("heads 3 ·", timeout=20_000)
+        page.locator("#matrix-metric").get_by_label("entropy").check()
+        expect(page.locator("#analysis-note")).to_contain_text("heads 3–3", timeout=20_000)
+        page.wait_for_timeout(800)
+        assert cells.count() == whole  # not shrunk to 1 × 1
+        page.locator("#token-chips label").nth(1).click()
+        expect(page.locator("#analysis-note")).to_contain_text("Token 1", timeout=20_000)
+        page.get_by_role("tab", name="Per-head gallery").click()
+        expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
+        browser.close()

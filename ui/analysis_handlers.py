@@ -31,7 +31,7 @@ from pictures.views import (
 )
 from pipeline import lens_page, save_gallery_zip, save_page, verify_map
 from ui.components import parse_box, user_errors
-from ui.controls import BOX_OUTPUTS, REGION_OUTPUTS, pack
+from ui.controls import ANALYSIS_OUTPUTS, BOX_OUTPUTS, REGION_OUTPUTS, pack
 from visualization import SIDE_BY_SIDE_GAP
 
 # The map's order in a strong colour, the random order in grey, in both verify plots.
@@ -55,7 +55,8 @@ class AnalysisHandlers:
     def analysis(self, run_id, metric, *view_values):
         """Layer × head matrix picture, text attention and the per-head gallery for the selected token."""
         stored, s = self._single(run_id), self._settings(*view_values)
-        matrix = head_matrix(stored.run, s.step_idx, s.layers, s.heads)
+        every = ((0, stored.run.layer_indices[-1]), (0, stored.run.num_heads - 1))  # the matrix's own ranges
+        matrix = head_matrix(stored.run, s.step_idx, *every)
         pieces = text_attention(
             stored.run,
             s.step_idx,
@@ -69,9 +70,9 @@ class AnalysisHandlers:
         highlighted = [(p.text, round(p.weight / top, 3) if p.kind != "excluded" else None) for p in pieces]
         token = as_text(token_label(s.step_idx, stored.run.generated_tokens[s.step_idx]))
         shown = (
-            f"**Token {token}** · layers {s.layers[0]}–{s.layers[1]} · heads {s.heads[0]}–{s.heads[1]} · "
-            f"{as_text(stored.run.model_id)}. "
-        )  # which result and token these views show
+            f"**Token {token}** · the matrix: every layer × head · the text and the gallery: layers "
+            f"{s.layers[0]}–{s.layers[1]}, heads {s.heads[0]}–{s.heads[1]} · {as_text(stored.run.model_id)}. "
+        )  # which result, token and ranges these views show
         note = analysis_note(
             stored.sinks(s.layers, s.heads), None if fits else (s.num_maps, self.cfg.max_gallery_maps), shown
         )
@@ -81,11 +82,18 @@ class AnalysisHandlers:
             for head in range(s.heads[0], s.heads[1] + 1)
         ]  # 0-based, as on the page
         return (
-            matrix_view(matrix[metric], stored.run.layers_in(s.layers), s.heads, metric),
+            matrix_view(matrix[metric], stored.run.layers_in(every[0]), every[1], metric),
             highlighted,
             [(tile, caption) for (_, tile), caption in zip(tiles, captions, strict=False)],
             note,
         )
+
+    def analysis_follow(self, run_id, metric, matrix, *view_values):
+        """The analysis views again after the token or the ranges changed, once they have been shown for
+        this result (`matrix` drawn); nothing before that, so a new result stays empty until asked."""
+        if not matrix or run_id is None:
+            return pack(ANALYSIS_OUTPUTS)
+        return self.analysis(run_id, metric, *view_values)
 
     def matrix_pick(self, matrix: dict | None):
         """A click on a matrix cell: (layer range, head range) of that one layer and head; the ranges'

@@ -150,6 +150,7 @@ def generate_outputs(record=ViewControls) -> tuple[str, ...]:
     return (*_GENERATE_HEAD, *added, *names(DerivedViews), "files")
 
 
+ANALYSIS_OUTPUTS = ("matrix", "text", "gallery", "note")  # the layers × heads tab and the gallery
 BOX_OUTPUTS = ("corner", "target_box", *VIEW_OUTPUTS)  # a click while drawing the target box
 REGION_OUTPUTS = ("region", "region_plot", "region_note")  # a click that picks a region cell
 

@@ -7,7 +7,7 @@ import functools
 
 import gradio as gr
 
-from ui.controls import BOX_OUTPUTS, REGION_OUTPUTS, Page
+from ui.controls import ANALYSIS_OUTPUTS, BOX_OUTPUTS, REGION_OUTPUTS, Page
 from ui.handlers import Handlers
 from ui.handlers import named_api as named_view_api
 
@@ -65,7 +65,7 @@ def wire_analysis(
     page: Page, h: Handlers, with_run: list, ranges: list, model_events: dict, render_events: dict
 ) -> None:
     named_api = named_api_for(page)
-    analysis_outputs = page.pick(("matrix", "text", "gallery", "note"))
+    analysis_outputs = page.pick(ANALYSIS_OUTPUTS)
     gr.on(
         [page["show"].click, page["metric"].input],
         named_api(h.analysis, ("run_id", "metric")),
@@ -76,6 +76,16 @@ def wire_analysis(
         **render_events,
     )
     page["matrix"].change(h.matrix_pick, [page["matrix"]], ranges, api_name=False, queue=False)
+    # Once shown, the analysis follows the token and the ranges, so it never shows an older pick.
+    gr.on(
+        [page[name].change for name in ("token", "layer_lo", "layer_hi", "head_lo", "head_hi")],
+        h.analysis_follow,
+        [page["run_id"], page["metric"], page["matrix"], *page.view_inputs],
+        analysis_outputs,
+        api_name=False,
+        trigger_mode="always_last",
+        **render_events,
+    )
     page["lens_btn"].click(
         named_api(h.lens, ("run_id",), view=False, progress=True),
         [page["run_id"]],
