@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -293,10 +294,17 @@ def knockout_check(
 
 
 def knockout_layers(
-    slot: ModelSlot, stored: StoredRun, settings: ViewSettings, window: int = 9, in_ranges: bool = False, region=()
+    slot: ModelSlot,
+    stored: StoredRun,
+    settings: ViewSettings,
+    window: int = 9,
+    in_ranges: bool = False,
+    region=(),
+    progress=None,
 ) -> KnockoutSweep:
     """The layer sweep of the selected token for the target box (else the bounding box of the region's
-    cells): `causal.sweep.knockout_sweep`, heads from the settings' range with `in_ranges`."""
+    cells): `causal.sweep.knockout_sweep`, heads from the settings' range with `in_ranges`. The model lock
+    is taken per forward, so a long sweep never holds the model from everyone else; progress(done, total)."""
     holder = slot.made(stored.run, "The layer sweep")
     if settings.prompt_pos is not None:
         raise InputError("Knockouts test generated tokens; pick one from the token list.")
@@ -308,8 +316,17 @@ def knockout_layers(
     if box is None:
         raise InputError("The layer sweep needs a target box or a region: draw one first, then sweep.")
     heads = settings.heads if in_ranges else None
-    with slot.lock:
-        return knockout_sweep(holder, stored.run, settings.step_idx, box, int(window), heads=heads)
+
+    @contextmanager
+    def guard():  # the lock per forward: other users' passes run between the sweep's many forwards
+        with slot.lock:
+            if slot.holder is not holder:
+                raise ModelMismatchError("The model was changed during the layer sweep; sweep again.")
+            yield
+
+    return knockout_sweep(
+        holder, stored.run, settings.step_idx, box, int(window), heads=heads, guard=guard, progress=progress
+    )
 
 
 class RunStore:

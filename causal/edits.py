@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from errors import InputError
+from errors import CaptureError, InputError
 from families import decoder_layers
 
 AblationMode = Literal["zero", "mean"]
@@ -72,6 +72,7 @@ class AttentionEdits:
         self.image_positions = [int(pos) for pos in image_positions]
         self._index: dict[tuple[int, str, torch.device], torch.Tensor] = {}
         self._sightless: list[tuple[int, int, torch.Tensor]] = []  # (row, layer, bool: some query sees nothing)
+        self._seen: set = set()  # the layers whose attention ran through the recording function
 
     def _tensor(self, row: int, what: str, values: Sequence[int], device) -> torch.Tensor:
         key = (row, what, device)
@@ -82,6 +83,7 @@ class AttentionEdits:
     def edit_mask(self, module, query, key, attention_mask):
         """The mask for this layer: the model's own, with every row's blocked entries set to False."""
         layer = getattr(module, "layer_idx", None)
+        self._seen.add(layer)
         blocking = [(b, row) for b, row in enumerate(self.rows) if row.blocks and layer in row.layers]
         if not blocking:
             return attention_mask
@@ -132,7 +134,14 @@ class AttentionEdits:
         pass  # nothing is recorded
 
     def check(self) -> None:
-        """Raise if some row's blocked query could see no key in some layer."""
+        """Raise if some row's blocked query could see no key in some layer, or if a layer to block never
+        reached the recording function (a knockout there would silently change nothing)."""
+        missed = sorted({layer for row in self.rows if row.blocks for layer in row.layers} - self._seen)
+        if missed:
+            raise CaptureError(
+                f"Layers {missed} never ran through the recording attention function, so nothing could be "
+                "blocked there. This model's decoder attention does not support knockouts."
+            )
         for b, layer, sightless in self._sightless:
             if bool(sightless):
                 row = self.rows[b]

@@ -10,7 +10,8 @@ the same token share one forward, one batch row each.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -224,11 +225,14 @@ def forward_outcomes(
     batch_size: int = 8,
     hooks=(),
     inputs=None,
+    guard: Callable[[], AbstractContextManager] = nullcontext,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Outcome]:
     """One Outcome per RowEdit for generated token `step_idx`, `batch_size` rows per forward (halved, and
     halved again, when a forward runs out of memory). An empty row is the plain forward. hooks: (module,
     forward hook) pairs for the forwards (patching); inputs: the replay's inputs with other images (the
-    run's own by default)."""
+    run's own by default); guard: a context entered around each forward (the model lock, taken per
+    forward so that other users' passes run between a long sweep's); progress(done, total) after each."""
     if not 0 <= step_idx < run.num_steps:
         raise InputError(
             f"step_idx {step_idx} is out of range: this run generated {run.num_steps} tokens, so pick "
@@ -248,7 +252,10 @@ def forward_outcomes(
     while len(found) < len(rows):
         chunk = list(rows[len(found) : len(found) + size])
         try:
-            found += _forward_chunk(holder, inputs, chunk, image, token_id, hooks)
+            with guard():
+                found += _forward_chunk(holder, inputs, chunk, image, token_id, hooks)
+            if progress is not None:
+                progress(len(found), len(rows))
         except torch.OutOfMemoryError:
             if size == 1:
                 raise GenerationOutOfMemoryError(

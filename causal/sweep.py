@@ -8,6 +8,7 @@ Neo et al. (ICLR 2025). The forwards of a sweep are batched, several knockouts p
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,12 +126,15 @@ def knockout_sweep(
     heads=None,
     image_idx: int = 0,
     batch_size: int = 8,
+    guard=nullcontext,
+    progress=None,
 ) -> KnockoutSweep:
     """The layer sweep of one token and one box (x0, y0, x1, y1) in original-image pixels: for every
     decoder layer, the window of `window` layers centred on it (clipped at the ends) blocks each condition
     of CONDITIONS and each of `draws` control regions (`control_positions`, seeded by `seed`). heads: a
     list or inclusive (lo, hi), default all. 1 + num_layers * (3 + draws) rows, `batch_size` per forward;
-    the caller holds the model lock."""
+    the caller holds the model lock, or passes it as `guard` to have it taken per forward (`progress`:
+    see `forward_outcomes`)."""
     image = image_positions(holder, run)
     box_keys = box_positions(run, box, image_idx)
     controls = control_positions(holder, run, box, draws, seed, image_idx)
@@ -150,8 +154,9 @@ def knockout_sweep(
             )
             if not layers or not len(q):
                 undefined.append((w, c))
-    (before,) = forward_outcomes(holder, run, step_idx, [RowEdit()])
-    after = forward_outcomes(holder, run, step_idx, [row for row in rows if not row.empty], batch_size)
+    (before,) = forward_outcomes(holder, run, step_idx, [RowEdit()], guard=guard)
+    edited = [row for row in rows if not row.empty]
+    after = forward_outcomes(holder, run, step_idx, edited, batch_size, guard=guard, progress=progress)
     outcomes = iter(after)
     change = np.array(
         [relative(next(outcomes).p_token, before.p_token) if not row.empty else 0.0 for row in rows], dtype=np.float64

@@ -330,3 +330,50 @@ def test_a_sweep_over_linear_attention_layers_marks_them_not_blocked(load_holder
     for layer in range(holder.num_layers):
         assert np.isnan(sweep.changes["box_token"][layer]) == (layer not in attending)
     assert np.isfinite(sweep.control[sorted(attending)]).all()
+
+
+def test_a_sweep_takes_the_model_lock_per_forward_and_stops_when_the_model_changes(load_holder, tiny_model_dirs):
+    from types import SimpleNamespace
+
+    from conftest import noise_image
+    from errors import ModelMismatchError
+    from pictures.stored_run import ViewSettings
+    from pipeline import ModelSlot, knockout_layers
+
+    holder = load_holder("qwen2_vl")
+    run = _run(holder, noise_image(224, 168, seed=3), steps=1)
+    entered, seen = [], []
+
+    class Counting:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    sweep = holder.knockout_sweep(run, 0, (0, 0, 84, 84), window=1, draws=2, batch_size=4, guard=Counting)
+    rows = holder.num_layers * (3 + 2)
+    assert len(entered) == 1 + -(-rows // 4) and sweep.control.shape == (holder.num_layers, 2)  # the lock per forward
+
+    slot = ModelSlot()
+    slot.holder = holder
+    stored = SimpleNamespace(run=run)
+    settings = ViewSettings(step_idx=0, target_box=(0, 0, 84, 84))
+
+    def swap_model(done, total):  # another user loads a model while the sweep runs
+        seen.append(done)
+        slot.holder = None
+
+    with pytest.raises(ModelMismatchError, match="changed during the layer sweep"):
+        knockout_layers(slot, stored, settings, window=1, progress=swap_model)
+    assert len(seen) == 1
+
+
+def test_a_layer_that_never_reaches_the_recording_function_is_an_error_not_a_silent_no_op(load_holder, dummy_image):
+    from errors import CaptureError
+
+    holder = load_holder("qwen2_vl")
+    run = _run(holder, dummy_image, steps=1)
+    query_pos = len(run.prompt_ids) - 1
+    with pytest.raises(CaptureError, match="never ran through the recording attention function"):
+        forward_outcomes(holder, run, 0, [RowEdit(frozenset({999}), None, (query_pos,), (1, 2))])

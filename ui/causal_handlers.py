@@ -42,6 +42,12 @@ class CausalHandlers:
         stored, s = self._single(run_id), self._settings(*view_values)
         progress(0, desc="Blocking the box in every window of layers, with random controls")
         sweep = knockout_layers(
-            self.slot, stored, s, _whole_number(window, "The window"), bool(in_ranges), [tuple(c) for c in region or []]
+            self.slot,
+            stored,
+            s,
+            _whole_number(window, "The window"),
+            bool(in_ranges),
+            [tuple(c) for c in region or []],
+            progress=lambda done, total: progress(done / total, desc=f"{done} of {total} knockouts"),
         )
         return sweep_figure(sweep), sweep_note(sweep)
