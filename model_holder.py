@@ -19,8 +19,9 @@ from transformers import DynamicCache
 
 from attention_extractor import CaptureMethod, capture_attention, estimate_capture_bytes
 from attention_store import StoreKind
-from causal.knockout import Knockout, QueryKind, knockout
+from causal.knockout import Knockout, knockout
 from causal.patching import Patch, patch
+from causal.positions import QueryKind
 from causal.sweep import KnockoutSweep, knockout_sweep
 from errors import CaptureTooLargeError, GenerationOutOfMemoryError, ImageLoadError, InputError
 from families import (

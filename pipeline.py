@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from attention_processor import RAW_ATTENTION
-from causal.knockout import Knockout, box_positions, grid_cell_positions, image_positions
+from causal.knockout import Knockout
+from causal.positions import box_positions, grid_cell_positions, image_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
 from methods import MapRequest, compute_maps, generic_baseline, method

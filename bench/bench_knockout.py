@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_localization import TEST_SEED, Item, run_items  # noqa: E402
-from causal.knockout import box_positions  # noqa: E402
+from causal.positions import box_positions  # noqa: E402
 from causal.sweep import KnockoutSweep, control_positions, knockout_with_control  # noqa: E402
 from config import DEMO_MODEL_DIR  # noqa: E402
 from metrics import sign_test  # noqa: E402

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from causal.edits import RowEdit
-from causal.knockout import box_positions, forward_outcomes, image_positions, relative
+from causal.knockout import forward_outcomes, relative
+from causal.positions import box_positions, image_positions
 from errors import InputError
 from families import decoder_layers
 from records import AttentionRun

@@ -14,17 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from causal.edits import RowEdit
-from causal.knockout import (
-    Knockout,
-    box_positions,
-    cell_positions,
-    forward_outcomes,
-    head_set,
-    image_positions,
-    knockout,
-    query_positions,
-    relative,
-)
+from causal.knockout import Knockout, forward_outcomes, head_set, knockout, relative
+from causal.positions import box_positions, cell_positions, image_positions, query_positions
 from errors import InputError
 from families import decoder_layers, softmax_layers
 from records import AttentionRun

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from attention_processor import token_heatmap
-from causal.knockout import box_positions, grid_cell_positions, knockout
+from causal.knockout import knockout
+from causal.positions import box_positions, grid_cell_positions
 from causal.sweep import CONDITIONS, CONTROL, control_positions, knockout_sweep, knockout_with_control
 from metrics import sign_test
 from model_holder import ModelHolder

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import app
-from causal.knockout import box_positions
+from causal.positions import box_positions
 from config import AppConfig
 from pictures.stored_run import raw_heatmap
 from pipeline import ModelSlot, RunStore

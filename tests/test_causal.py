@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from causal.edits import RowEdit
-from causal.knockout import box_positions, forward_outcomes, image_positions, plan_knockout, query_positions
+from causal.knockout import forward_outcomes, plan_knockout
+from causal.positions import box_positions, image_positions, query_positions
 from errors import InputError
 from families import attention_implementation, decoder_layers, softmax_layers
 from methods.faithfulness import token_probability
@@ -304,7 +305,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_answers(loa
 
 @pytest.mark.parametrize("family", ["llava_next", "internvl", "idefics3"])
 def test_controls_on_tiled_families_never_touch_the_box_on_any_view(load_holder, family):
-    from causal.knockout import grid_cell_positions
+    from causal.positions import grid_cell_positions
     from causal.sweep import control_positions
     from conftest import noise_image
 

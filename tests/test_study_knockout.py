@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import batch
-from causal.knockout import box_positions
+from causal.positions import box_positions
 from config import DEMO_MODEL_DIR, DEMO_RANGES
 from model_holder import ModelHolder
 from study.items import COLUMNS, StudySettings
