@@ -219,7 +219,7 @@ def lens_page(slot: ModelSlot, stored: StoredRun) -> str:
     holder = slot.made(stored.run, "The logit lens")
     with slot.lock:
         lens = run_logit_lens(holder, stored.run)
-    return lens_html(lens, stored.image)
+    return lens_html(lens, stored.image, special_tokens=tuple(holder.processor.tokenizer.all_special_tokens))
 
 
 def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Faithfulness:

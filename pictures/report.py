@@ -312,10 +312,16 @@ def write_report(
 
 
 def lens_html(
-    lens: LogitLens, image: Image.Image, layer_idx: int | None = None, mask_blank: bool = True, max_side: int = 640
+    lens: LogitLens,
+    image: Image.Image,
+    layer_idx: int | None = None,
+    mask_blank: bool = True,
+    max_side: int = 640,
+    special_tokens: tuple[str, ...] = (),
 ) -> str:
     """A self-contained HTML page: each patch's top token over the image, a layer slider, and the
-    top-5 with probabilities on hover. All text is escaped; nothing is fetched from the network."""
+    top-5 with probabilities on hover. "Hide blank and special tokens" hides whitespace tokens and
+    `special_tokens` (the tokenizer's, e.g. `<|im_end|>`). All text is escaped; nothing is fetched."""
     scale = max_side / max(image.size)  # small images grow so labels fit
     shown = image.resize(scaled_size(image.size, scale))
     buffer = io.BytesIO()
@@ -330,6 +336,7 @@ def lens_html(
         "layers": lens.layer_indices,
         "confident": confident.tolist(),
         "maskBlank": mask_blank,
+        "special": sorted(set(special_tokens)),
     }
     data = script_json(payload)
     start = len(lens.layer_indices) - 1 if layer_idx is None else lens.layer_indices.index(layer_idx)
@@ -362,7 +369,7 @@ text-shadow:0 0 2px #000,0 0 2px #000}} .c.m{{color:transparent;text-shadow:none
 #tip{{margin-top:8px;white-space:pre;font:13px monospace}}
 </style></head><body>
 <label>Layer <input id="layer" type="range" min="0" max="{last}" value="{start}"> <span id="ln"></span></label>
-<label><input id="mask" type="checkbox"> hide blank tokens</label>
+<label><input id="mask" type="checkbox"> hide blank and special tokens</label>
 <div id="wrap"><img src="{src}" width="{width}" height="{height}" alt="image">{cells}</div>
 <div id="tip">Hover a patch to see its top-5 tokens.</div>
 <script id="lens-data" type="application/json">{data}</script>
@@ -376,7 +383,7 @@ function show() {{
   document.querySelectorAll('.c').forEach(cell => {{
     const t = D.tokens[l][+cell.dataset.j][0];
     cell.textContent = t;
-    cell.classList.toggle('m', mask.checked && t.trim() === '');
+    cell.classList.toggle('m', mask.checked && (t.trim() === '' || D.special.includes(t)));
   }});
 }}
 document.querySelectorAll('.c').forEach(cell => cell.addEventListener('mouseenter', () => {{

@@ -119,3 +119,33 @@ def test_the_lens_method_maps_each_tokens_probability_from_the_hidden_states(loa
         expected = probs[:, :, run.generated_ids[step]].mean(0).reshape(run.vision.grid_hw).numpy()
         assert heat.shape == tuple(run.vision.grid_hw)
         np.testing.assert_allclose(heat, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Debian's chromium")
+def test_hide_blank_and_special_tokens_hides_both_in_a_browser(tmp_path):
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    tokens = [[["<|im_end|>", "a"], ["   ", "b"], ["cat", "c"]]]
+    lens = LogitLens(
+        [0],
+        np.zeros((1, 3, 2), dtype=np.int64),
+        np.full((1, 3, 2), 0.4, dtype=np.float32),
+        tokens,
+        (1, 3),
+        (0, 0, 96, 32),
+    )
+    path = tmp_path / "lens.html"
+    path.write_text(lens_html(lens, Image.new("RGB", (96, 32), "white"), special_tokens=("<|im_end|>", "<s>")))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page()
+        page.goto(path.as_uri())
+        hidden = [page.locator(".c").nth(j).evaluate("e => e.classList.contains('m')") for j in range(3)]
+        assert hidden == [True, True, False]  # the special and the blank token hidden, the word shown
+        page.locator("#mask").uncheck()
+        assert not any(page.locator(".c").nth(j).evaluate("e => e.classList.contains('m')") for j in range(3))
+        browser.close()
