@@ -256,6 +256,8 @@ def test_map_tokens_and_ranges_fit_one_laptop_screen(served_app, tmp_path):
             assert box["y"] >= 0 and box["y"] + box["height"] <= 720, (selector, box)
             assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (selector, box)
 
+        for button in ("#png-btn", "#gif-btn", "#export-btn"):  # no label cut off at 1280 px
+            assert page.locator(button).evaluate("b => b.scrollWidth <= b.clientWidth + 1"), button
         page.locator("#export-btn").click()  # every file, named for what it is
         expect(page.locator("#downloads")).to_contain_text("-attention .safetensors", timeout=20_000)
         expect(page.locator("#downloads")).to_contain_text("-metadata .json")

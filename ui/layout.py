@@ -261,10 +261,10 @@ def settings_column(cfg: AppConfig, record: type = ViewControls) -> dict:
                 if f.metadata.get("make") is None:
                     raise TypeError(f"The view control {f.name!r} has no place on the page: give it a `make`.")
                 built[f.name] = f.metadata["make"]()
-    with gr.Row():
+    with gr.Row():  # two rows, so no label is cut off in a narrow column
         built["png_btn"] = gr.Button("Picture (PNG)", elem_id="png-btn", min_width=80)
         built["gif_btn"] = gr.Button("Animation (GIF)", elem_id="gif-btn", min_width=80)
-        built["export_btn"] = gr.Button("Attention (safetensors)", elem_id="export-btn", min_width=80)
+    built["export_btn"] = gr.Button("Attention (safetensors)", elem_id="export-btn")
     built["files"] = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
     return built
 
