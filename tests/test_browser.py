@@ -471,4 +471,9 @@ def test_the_analysis_keeps_its_whole_matrix_and_follows_the_token(served_app, t
         expect(page.locator("#analysis-note")).to_contain_text("Token 1", timeout=20_000)
         page.get_by_role("tab", name="Per-head gallery").click()
         expect(page.locator("#head-gallery img").first).to_be_visible(timeout=20_000)
+        page.locator("#head-range-handle-lo").focus()
+        page.keyboard.press("Home")  # every head again: a full gallery row
+        expect(page.locator("#head-gallery img")).to_have_count(4, timeout=20_000)
+        for label in page.locator("#head-gallery .caption-label").all():  # whole captions, none cut off
+            assert label.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), label.inner_text()
         browser.close()

@@ -29,6 +29,8 @@ CSS = """
 #title p { margin: 0 !important; }
 #token-chips label { padding: 2px 8px !important; min-width: 0 !important; font-family: monospace; }
 .range-row { gap: 6px !important; }
+#head-gallery .caption-label { white-space: normal !important; max-width: 100% !important; }
+#head-gallery .caption-label { overflow: visible !important; }
 """
 
 
