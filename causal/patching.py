@@ -25,6 +25,8 @@ class Patch:
 
     p_before: the token's probability (0..1) in the run's own replay; p_other: with the other image, no
     patch; p_after: the run's replay, patched; relative_change: (p_after − p_before) / p_before;
+    toward_other: how far the patch moved p toward the other image's, (p_after − p_before) /
+    (p_other − p_before): 0 = not at all, 1 = all the way (NaN when the two images agree);
     top_before / top_after: the five likeliest tokens as (text, probability); patched: in words."""
 
     step_idx: int
@@ -33,6 +35,7 @@ class Patch:
     p_other: float
     p_after: float
     relative_change: float
+    toward_other: float  # (p_after − p_before) / (p_other − p_before): the share of the other image's effect
     top_before: list[tuple[str, float]]
     top_after: list[tuple[str, float]]
     patched: str
@@ -142,6 +145,9 @@ def patch(
         p_other=other_out.p_token,
         p_after=after.p_token,
         relative_change=relative(after.p_token, before.p_token),
+        toward_other=(after.p_token - before.p_token) / (other_out.p_token - before.p_token)
+        if other_out.p_token != before.p_token
+        else float("nan"),
         top_before=before.top,
         top_after=after.top,
         patched=f"the residual stream after {span} at {where}, from the other image",

@@ -199,6 +199,8 @@ def test_patching_an_image_with_itself_changes_nothing(load_holder, dummy_image)
     other = noise_image(*dummy_image.size, seed=5)
     patched = holder.patch(run, other, layers=(0, holder.num_layers - 1))
     assert patched.p_after != patched.p_before and patched.p_other != patched.p_before
+    expected = (patched.p_after - patched.p_before) / (patched.p_other - patched.p_before)
+    assert patched.toward_other == pytest.approx(expected) and np.isnan(same.toward_other)
     last = holder.num_layers - 1  # after the last layer each position only meets the norm and the head
     assert holder.patch(run, other, layers=(last, last)).p_after == patched.p_before
     with pytest.raises(InputError, match="patching needs the run's image size"):
