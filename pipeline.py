@@ -27,7 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from attention_processor import RAW_ATTENTION
 from causal.knockout import Knockout
-from causal.positions import box_positions, grid_cell_positions, image_positions
+from causal.positions import box_positions, grid_cell_positions, image_positions, top_cell_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
 from methods import MapRequest, compute_maps, generic_baseline, method
@@ -259,13 +259,20 @@ def _knockout_keys(holder, stored: StoredRun, settings: ViewSettings, target: st
             raise InputError(f"The {settings.method} map is not on the token grid; pick a token-grid map for top-k.")
         if not 1 <= top_k < heat.size:
             raise InputError(f"k must be a whole number from 1 to {heat.size - 1} (the grid has {heat.size} cells).")
-        cells = np.argsort(-heat.ravel(), kind="stable")[:top_k]  # (k,) strongest first
-        keys = grid_cell_positions(run, [divmod(int(j), heat.shape[1]) for j in cells])
+        keys = top_cell_positions(run, heat, top_k)
         return keys, None, f"the map's top {top_k} cells ({len(keys)} image tokens, every view)"
     if target == "image":
         keys = image_positions(holder, run)
         return keys, [], f"the whole image ({len(keys)} tokens)"
     raise InputError(f"Knock out one of {', '.join(KNOCKOUT_TARGETS)}, not {target!r}.")
+
+
+def _knockout_holder(slot: ModelSlot, stored: StoredRun, settings: ViewSettings, what: str) -> ModelHolder:
+    """The model that made the run, for a knockout of a generated token (prompt tokens are refused)."""
+    holder = slot.made(stored.run, what)
+    if settings.prompt_pos is not None:
+        raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    return holder
 
 
 def knockout_check(
@@ -282,9 +289,7 @@ def knockout_check(
     'image': every image token) from the selected token's query, in every layer and head or, with
     `in_ranges`, in the settings' ranges only; with the same knockout of `draws` random controls of the
     same size. Returns (the knockout, (n,) the controls' relative changes, the blocked keys in words)."""
-    holder = slot.made(stored.run, "A knockout")
-    if settings.prompt_pos is not None:
-        raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    holder = _knockout_holder(slot, stored, settings, "A knockout")
     layers, heads = (settings.layers, settings.heads) if in_ranges else (None, None)
     with slot.lock:
         keys, controls, what = _knockout_keys(holder, stored, settings, target, top_k, region, draws)
@@ -306,9 +311,7 @@ def knockout_layers(
     """The layer sweep of the selected token for the target box (else the bounding box of the region's
     cells): `causal.sweep.knockout_sweep`, heads from the settings' range with `in_ranges`. The model lock
     is taken per forward, so a long sweep never holds the model from everyone else; progress(done, total)."""
-    holder = slot.made(stored.run, "The layer sweep")
-    if settings.prompt_pos is not None:
-        raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    holder = _knockout_holder(slot, stored, settings, "The layer sweep")
     box = settings.target_box
     if box is None and region:
         layout = stored.run.vision

@@ -68,12 +68,18 @@ def relative(p_after: float, p_before: float) -> float:
     return (p_after - p_before) / p_before if p_before > 0 else 0.0
 
 
-def layer_window(holder, layers) -> tuple[int, ...]:
-    """The softmax-attention decoder layers in the inclusive range `layers` (None: all)."""
+def layer_range(holder, layers) -> tuple[int, int]:
+    """The inclusive decoder-layer range `layers` (None: all), checked against the model's depth."""
     num_layers = len(decoder_layers(holder.model))
     lo, hi = (0, num_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
     if not 0 <= lo <= hi < num_layers:
         raise InputError(f"layers must be an inclusive range inside 0..{num_layers - 1}, got {layers}.")
+    return lo, hi
+
+
+def layer_window(holder, layers) -> tuple[int, ...]:
+    """The softmax-attention decoder layers in the inclusive range `layers` (None: all)."""
+    lo, hi = layer_range(holder, layers)
     chosen = tuple(idx for idx in softmax_layers(holder.model) if lo <= idx <= hi)
     if not chosen:
         raise InputError(f"Layers {lo}–{hi} have no softmax attention to block; pick a range with some.")

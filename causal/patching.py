@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from causal.edits import RowEdit
-from causal.knockout import forward_outcomes, relative
-from causal.positions import box_positions, image_positions
+from causal.knockout import forward_outcomes, layer_range, relative
+from causal.positions import box_positions, cell_positions, image_positions
 from errors import InputError
 from families import decoder_layers
 from records import AttentionRun
@@ -45,7 +45,7 @@ class Patch:
 
 def _image_slots(holder, run: AttentionRun, image_idx: int) -> np.ndarray:
     """(n,) the positions of image `image_idx`'s tokens: its cells and the slots among them."""
-    cells = np.concatenate([layout.token_positions for layout in run.visions if layout.image_index == image_idx])
+    cells = cell_positions(run, image_idx)
     every = image_positions(holder, run)
     return every[(every >= cells.min()) & (every <= cells.max())]
 
@@ -125,10 +125,7 @@ def patch(
         if not len(chosen) or chosen.min() < 0 or chosen.max() >= seq_len:
             raise InputError(f"positions must be whole numbers in 0..{seq_len - 1} (the replay), got {positions!r}.")
         where = f"{len(chosen)} positions"
-    num_layers = len(decoder_layers(holder.model))
-    lo, hi = (0, num_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
-    if not 0 <= lo <= hi < num_layers:
-        raise InputError(f"layers must be an inclusive range inside 0..{num_layers - 1}, got {layers}.")
+    lo, hi = layer_range(holder, layers)
     index = torch.from_numpy(chosen)
     saved: dict[int, torch.Tensor] = {}
     blocks = decoder_layers(holder.model)

@@ -18,12 +18,8 @@ QUERY_KINDS: tuple[str, ...] = ("token", "question", "after_image")
 def image_positions(holder, run: AttentionRun) -> np.ndarray:
     """(n,) int64, sorted: every position of an image's tokens, the cells of every view and the
     placeholder slots that are no cell (LLaVA-NeXT's row ends)."""
-    cells = np.concatenate([layout.token_positions for layout in run.visions])
-    image_id = getattr(holder.model.config, "image_token_id", None)
-    if image_id is None:
-        image_id = getattr(holder.model.config, "image_token_index", None)
-    slots = np.flatnonzero(np.asarray(run.prompt_ids) == image_id) if image_id is not None else np.zeros(0)
-    return np.union1d(cells, slots).astype(np.int64)
+    slots = np.flatnonzero(np.asarray(run.prompt_ids) == holder.model.config.image_token_id)  # as the adapters read it
+    return np.union1d(cell_positions(run), slots).astype(np.int64)
 
 
 def cell_positions(run: AttentionRun, image_idx: int | None = None) -> np.ndarray:
@@ -46,6 +42,13 @@ def grid_cell_positions(run: AttentionRun, cells, image_idx: int = 0) -> np.ndar
     if not found:
         raise InputError("No cell given: pick at least one token cell.")
     return np.unique(np.concatenate(found)).astype(np.int64)
+
+
+def top_cell_positions(run: AttentionRun, heat: np.ndarray, k: int, image_idx: int = 0) -> np.ndarray:
+    """(n,) int64, sorted: the positions, on every view, of a main-view map's k highest cells (ties: the
+    first cells). heat: (grid_h, grid_w) on image `image_idx`'s main view."""
+    top = np.argsort(-heat.ravel(), kind="stable")[:k]  # (k,) strongest first
+    return grid_cell_positions(run, [divmod(int(j), heat.shape[1]) for j in top], image_idx)
 
 
 def _dilate(cells: np.ndarray, buffer: int) -> np.ndarray:

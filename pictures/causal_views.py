@@ -32,6 +32,12 @@ def _percent(change: float) -> str:
     return f"{change * 100:+.1f}%"
 
 
+def _spread(changes: np.ndarray) -> str:
+    """The controls' relative changes in words: their mean and their range, NaN (nothing blocked) ignored."""
+    mean, low, high = (float(f(changes)) for f in (np.nanmean, np.nanmin, np.nanmax))
+    return f"{_percent(mean)} on average ({_percent(low)} to {_percent(high)})"
+
+
 def _top(top: list[tuple[str, float]]) -> str:
     return ", ".join(f"{as_text(repr(text))} {p:.3f}" for text, p in top)
 
@@ -50,9 +56,7 @@ def knockout_note(found, control: np.ndarray, what: str) -> str:
     ]
     if len(control):
         lines.append(
-            f"Control, the same knockout of {len(control)} random regions of that size elsewhere: "
-            f"{_percent(float(control.mean()))} on average ({_percent(float(control.min()))} to "
-            f"{_percent(float(control.max()))})."
+            f"Control, the same knockout of {len(control)} random regions of that size elsewhere: {_spread(control)}."
         )
         rank = int((control <= found.relative_change).sum())  # controls that hurt as much or more
         if abs(found.relative_change) < NO_EFFECT:
@@ -135,6 +139,5 @@ def sweep_note(sweep) -> str:
         f"**Token {token}** (p = {sweep.p_before:.4f}), the box's {sweep.box_tokens} image tokens: blocking them "
         f"from the token in {f'layer {lo}' if lo == hi else f'layers {lo}–{hi}'} lowers its probability "
         f"most, {_percent(float(box[worst]))}; "
-        f"random regions of that size there: {_percent(float(np.nanmean(control)))} on average "
-        f"({_percent(float(np.nanmin(control)))} to {_percent(float(np.nanmax(control)))})."
+        f"random regions of that size there: {_spread(control)}."
     )

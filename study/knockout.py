@@ -17,7 +17,7 @@ import pandas as pd
 
 from attention_processor import token_heatmap
 from causal.knockout import knockout
-from causal.positions import box_positions, grid_cell_positions
+from causal.positions import box_positions, top_cell_positions
 from causal.sweep import CONDITIONS, CONTROL, control_positions, knockout_sweep, knockout_with_control
 from metrics import sign_test
 from model_holder import ModelHolder
@@ -44,9 +44,7 @@ def topk_positions(run: AttentionRun, heat: np.ndarray, region: np.ndarray) -> n
     """(n,) int64: the positions, on every view, of the map's k highest main-view cells (ties: the first
     cells), k = the region's tokens on the main view, so top-k and the box are blocked alike.
     heat: (grid_h, grid_w), cell j at `run.vision.token_positions[j]`."""
-    k = len(np.intersect1d(region, run.vision.token_positions))
-    top = np.argsort(-heat.ravel(), kind="stable")[:k]  # (k,)
-    return grid_cell_positions(run, [divmod(int(j), heat.shape[1]) for j in top])
+    return top_cell_positions(run, heat, len(np.intersect1d(region, run.vision.token_positions)))
 
 
 def knockout_columns(

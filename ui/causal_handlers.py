@@ -7,17 +7,12 @@ import gradio as gr
 
 from pictures.causal_views import knockout_note, sweep_figure, sweep_note
 from pipeline import knockout_check, knockout_layers
-from ui.components import user_errors
+from ui.components import user_errors, whole_number
 
 
-def _whole_number(value, name: str, lowest: int = 1) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not number.is_integer() or number < lowest:
-        raise gr.Error(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
-    return int(number)
+def _cells(region) -> list[tuple[int, int]]:
+    """The session's region (clicked cells, as lists) as (row, col) pairs."""
+    return [tuple(cell) for cell in region or []]
 
 
 class CausalHandlers:
@@ -31,7 +26,7 @@ class CausalHandlers:
         stored, s = self._single(run_id), self._settings(*view_values)
         progress(0, desc="Replaying the token with the tokens blocked, and random controls")
         found, control, what = knockout_check(
-            self.slot, stored, s, target, _whole_number(top_k, "k"), bool(in_ranges), [tuple(c) for c in region or []]
+            self.slot, stored, s, target, whole_number(top_k, "k", minimum=1), bool(in_ranges), _cells(region)
         )
         return knockout_note(found, control, what)
 
@@ -45,9 +40,9 @@ class CausalHandlers:
             self.slot,
             stored,
             s,
-            _whole_number(window, "The window"),
+            whole_number(window, "The window", minimum=1),
             bool(in_ranges),
-            [tuple(c) for c in region or []],
+            _cells(region),
             progress=lambda done, total: progress(done / total, desc=f"{done} of {total} knockouts"),
         )
         return sweep_figure(sweep), sweep_note(sweep)

@@ -313,3 +313,15 @@ def parse_box(text) -> tuple[float, float, float, float] | None:
             "opposite corners, at least a pixel apart."
         )
     return box
+
+
+def whole_number(value, name: str, minimum: int = 0) -> int:
+    """A control's number as an int, refusing booleans, fractions, NaN, infinity and values under
+    `minimum`, with a message that names the control."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}.") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or number < minimum:
+        raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+    return int(number)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import inspect
 import logging
-import math
 from pathlib import Path
 
 import gradio as gr
@@ -36,7 +35,7 @@ from pipeline import (
 )
 from ui.analysis_handlers import AnalysisHandlers
 from ui.causal_handlers import CausalHandlers
-from ui.components import parse_box, user_errors
+from ui.components import parse_box, user_errors, whole_number
 from ui.controls import (
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
@@ -112,17 +111,6 @@ def named_api(
     }
     forward.__name__ = forward.__qualname__ = getattr(handler, "__name__", "handler")
     return forward
-
-
-def _whole(value, name: str, minimum: int = 0) -> int:
-    """A control's number as an int, refusing fractions, NaN, infinity and values under `minimum`."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}.") from None
-    if not math.isfinite(number) or number != int(number) or number < minimum:
-        raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
-    return int(number)
 
 
 def recommended_ranges(
@@ -259,10 +247,10 @@ class Handlers(AnalysisHandlers, CausalHandlers):
         self.slot.get()  # a clear message when none is loaded
         images, frames, panels = self._media(image_path, extra_paths, video_path)
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
-        max_new_tokens = _whole(max_new_tokens, "Max new tokens", minimum=1)
+        max_new_tokens = whole_number(max_new_tokens, "Max new tokens", minimum=1)
         budget = dict(
-            min_pixels=_whole(min_pixels or 0, "Min pixels") or None,
-            max_pixels=_whole(max_pixels or 0, "Max pixels") or None,
+            min_pixels=whole_number(min_pixels or 0, "Min pixels") or None,
+            max_pixels=whole_number(max_pixels or 0, "Max pixels") or None,
         )
         text, run = "", None
         session = getattr(request, "session_hash", None)
