@@ -19,6 +19,18 @@ from attention_processor import RAW_ATTENTION, token_heatmap
 from errors import InputError
 from methods.explain import gradient_map, rollout_map, vit_combined_maps
 from methods.lens import run_logit_lens
+from methods.tam import tam_maps
+
+
+class MapSet(list):
+    """A method's maps, one per requested token, as a list; with `notes` (one short caption addition per
+    map, e.g. TAM's α) and `parts` (name -> one map per token: what the method built its map from, drawn
+    beside it on request)."""
+
+    def __init__(self, maps=(), notes=None, parts=None):
+        super().__init__(maps)
+        self.notes: list[str] = list(notes) if notes is not None else [""] * len(self)
+        self.parts: dict[str, list[np.ndarray]] = dict(parts or {})
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class MapMethod:
     compute: Callable[[MapRequest], list[np.ndarray]]
     needs_model: bool = True
     uses_ranges: bool = False
+    prompt: Callable[[MapRequest, Sequence[int]], list[np.ndarray]] | None = None  # maps of prompt positions
 
 
 def _attention(request: MapRequest) -> list[np.ndarray]:
@@ -82,6 +95,28 @@ def _lens(request: MapRequest) -> list[np.ndarray]:
     ids = [request.run.generated_ids[t] for t in request.steps]
     lens = run_logit_lens(request.holder, request.run, top_k=1, track_ids=ids)
     return [lens.token_map(i) for i in range(len(ids))]
+
+
+def _lens_prompt(request: MapRequest, positions: Sequence[int]) -> list[np.ndarray]:
+    ids = [request.run.prompt_ids[p] for p in positions]
+    lens = run_logit_lens(request.holder, request.run, top_k=1, track_ids=ids)
+    return [lens.token_map(i) for i in range(len(ids))]
+
+
+def _tam_set(found) -> MapSet:
+    return MapSet(
+        [t.heat for t in found],
+        [f"context removed: α = {t.alpha:.2f} over {t.context} earlier text tokens" for t in found],
+        {"raw logit": [t.logit for t in found], "interference removed": [t.interference for t in found]},
+    )
+
+
+def _tam(request: MapRequest) -> MapSet:
+    return _tam_set(tam_maps(request.holder, request.run, steps=request.steps))
+
+
+def _tam_prompt(request: MapRequest, positions: Sequence[int]) -> MapSet:
+    return _tam_set(tam_maps(request.holder, request.run, prompt_positions=positions))
 
 
 METHODS: dict[str, MapMethod] = {
@@ -119,6 +154,15 @@ METHODS: dict[str, MapMethod] = {
             "logit lens: each image patch's probability of the token, averaged over the layers",
             "logit lens: each patch's probability of this token, mean over layers",
             _lens,
+            prompt=_lens_prompt,
+        ),
+        MapMethod(
+            "tam",
+            "Token Activation Map: the last layer's logit of the token at each patch, earlier words' "
+            "interference removed, rank-Gaussian filtered (Li et al.)",
+            "Token Activation Map (last-layer logit, context interference removed, rank Gaussian filter)",
+            _tam,
+            prompt=_tam_prompt,
         ),
     )
 }
@@ -131,10 +175,26 @@ def method(name: str) -> MapMethod:
     return METHODS[name]
 
 
-def compute_maps(name: str, request: MapRequest) -> list[np.ndarray]:
+def compute_maps(name: str, request: MapRequest) -> MapSet:
     """The maps of `request.steps` by method `name`: one float32 array per step, (grid_h, grid_w) or the
-    encoder's patch grid over the same box (the ViT map)."""
-    return method(name).compute(request)
+    encoder's patch grid over the same box (the ViT map), as a MapSet."""
+    maps = method(name).compute(request)
+    return maps if isinstance(maps, MapSet) else MapSet(maps)
+
+
+def compute_prompt_maps(name: str, request: MapRequest, positions: Sequence[int]) -> MapSet:
+    """The maps of the prompt tokens at sequence `positions` (text after the image) by method `name`;
+    `request.steps` is not used. Raw attention reads its prompt rows elsewhere
+    (`attention_processor.prompt_token_heatmap`); among the others, only some map prompt tokens."""
+    entry = method(name)
+    if entry.prompt is None:
+        able = [m.name for m in METHODS.values() if m.prompt is not None]
+        raise InputError(
+            f"The {name} map is for generated tokens; for a prompt token choose {RAW_ATTENTION} or "
+            f"{' or '.join(able)}, or pick a generated token."
+        )
+    maps = entry.prompt(request, positions)
+    return maps if isinstance(maps, MapSet) else MapSet(maps)
 
 
 def generic_baseline(holder, run):
