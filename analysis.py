@@ -122,6 +122,20 @@ def relative_heatmap(heat: np.ndarray, generic_heat: np.ndarray, eps: float = 1e
     return (heat / (generic_heat + eps)).astype(np.float32)
 
 
+def contrast_heatmap(heat: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The difference of two maps each normalised to sum 1 over its cells: > 0 where `heat` puts more of
+    its mass than `other`, < 0 where less; between -1 and 1. A map with no mass counts as all zero."""
+    if heat.shape != other.shape:
+        raise ValueError(f"The maps to contrast have grids {heat.shape} and {other.shape}; they must match.")
+
+    def share(m: np.ndarray) -> np.ndarray:
+        m = np.asarray(m, dtype=np.float64)
+        total = m.sum()
+        return m / total if total > 0 else np.zeros_like(m)
+
+    return (share(heat) - share(other)).astype(np.float32)
+
+
 def system_positions(run: AttentionRun) -> tuple[int, ...]:
     """Positions before the first vision token: BOS, system prompt and the chat header."""
     return tuple(range(int(run.vision.token_positions[0]))) if len(run.vision.token_positions) else ()

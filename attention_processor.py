@@ -6,6 +6,7 @@ and head ranges, and (as a separate, explicit step) normalise a map for display.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ Reduce = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "min")
 # The name of the map read straight from the captured rows (the registry's first method, methods.METHODS).
 RAW_ATTENTION = "attention"
+COMBINES: tuple[str, ...] = ("sum", "mean", "max")  # how several tokens' maps become one
 Normalization = Literal["minmax", "percentile", "fixed"]
 NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "fixed")
 
@@ -109,16 +111,29 @@ def _positions_index(layout: VisionLayout) -> slice | torch.Tensor:
     return torch.from_numpy(positions)
 
 
+def combine_maps(maps, how: str = "sum") -> np.ndarray:
+    """Several tokens' maps (same shape) as one, float32: their sum, mean or cell-wise max."""
+    if how not in COMBINES:
+        raise InputError(f"Unknown way to combine tokens {how!r}; choose one of {COMBINES}.")
+    maps = [np.asarray(m, dtype=np.float32) for m in maps]
+    if not maps:
+        raise InputError("No tokens to combine; pick at least one.")
+    stack = np.stack(maps)
+    return {"sum": stack.sum, "mean": stack.mean, "max": stack.max}[how](axis=0).astype(np.float32)
+
+
 def token_heatmap(
     run: AttentionRun,
-    step_idx: int,
+    step_idx: int | Sequence[int],
     layers: tuple[int, int] | None = None,
     heads: tuple[int, int] | None = None,
     reduce: Reduce = "mean",
     renormalize: bool = False,
     image_idx: int = 0,
+    combine: str = "sum",
 ) -> np.ndarray:
-    """Raw attention mass on each vision token for generated token `step_idx`.
+    """Raw attention mass on each vision token for generated token `step_idx`; for a list of steps (a
+    word of several tokens, a phrase), their maps combined by `combine` (`combine_maps`).
 
     layers, heads: 0-based inclusive (lo, hi) model indices; None means all captured.
     reduce: how layers and heads are combined (over both axes together).
@@ -128,6 +143,11 @@ def token_heatmap(
     Returns (grid_h, grid_w) float32 for an image, (num_frames, grid_h, grid_w) for a video;
     unnormalised: each value is a softmax probability (0..1).
     """
+    if not isinstance(step_idx, int | np.integer):
+        steps = [int(t) for t in step_idx]
+        return combine_maps(
+            [token_heatmap(run, t, layers, heads, reduce, renormalize, image_idx) for t in steps], combine
+        )
     return _heatmap(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), reduce, renormalize)
 
 
