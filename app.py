@@ -35,6 +35,7 @@ from ui.controls import (
 )
 from ui.handlers import Handlers
 from ui.layout import (
+    CHIPS_JS,
     CSS,
     analysis_tabs,
     default_model,
@@ -159,11 +160,38 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
         h.pick_prompt_token, [page["prompt_token"]], [page["chips"]], api_name=False, queue=False
     )
     page["chips"].input(
-        h.pick_chip, [page["chips"]], [page["token"], page["prompt_token"]], api_name=False, queue=False
+        h.pick_chip,
+        [page["chips"]],
+        [page["token"], page["prompt_token"], page["tokens"]],
+        api_name=False,
+        queue=False,
     ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
     page["token"].input(
-        h.pick_chip, [page["token"]], [page["chips"], page["prompt_token"]], api_name=False, queue=False
+        h.pick_chip,
+        [page["token"]],
+        [page["chips"], page["prompt_token"], page["tokens"]],
+        api_name=False,
+        queue=False,
     ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+    page["word"].input(
+        h.pick_word, [page["word"]], [page["tokens"], page["prompt_token"]], api_name=False, queue=False
+    ).then(h.render, with_run, view_outputs, api_name=False, **render_events)
+    gr.on(
+        [page["tokens"].submit, page["tokens"].blur],
+        h.pick_tokens,
+        [page["tokens"]],
+        [page["prompt_token"]],
+        api_name=False,
+        queue=False,
+    ).then(h.render, with_run, view_outputs, api_name=False, trigger_mode="always_last", **render_events)
+    page["contrast_prompt"].submit(
+        named_api(h.contrast_toggle, ("run_id",)),
+        with_run,
+        view_outputs,
+        api_name="contrast",
+        trigger_mode="always_last",
+        **model_events,
+    )
     # A second pick while the first one computes is not dropped: it runs next, so the newest pick wins.
     page["relative"].input(
         h.relative_toggle, with_run, view_outputs, api_name=False, trigger_mode="always_last", **model_events
@@ -283,6 +311,7 @@ def launch_options(cfg: AppConfig) -> dict:
         max_file_size=cfg.max_upload,
         ssr_mode=False,
         css=CSS,
+        js=CHIPS_JS,
         theme=gr.themes.Soft(),
     )
 

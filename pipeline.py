@@ -30,13 +30,13 @@ from causal.knockout import Knockout
 from causal.positions import box_positions, grid_cell_positions, image_positions, top_cell_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
-from methods import MapRequest, compute_maps, generic_baseline, method
+from methods import MapRequest, compute_maps, compute_prompt_maps, generic_baseline, method
 from methods.faithfulness import Faithfulness, faithfulness
 from methods.lens import run_logit_lens
 from model_holder import ModelHolder
 from pictures.gallery import gallery_zip
 from pictures.report import lens_html
-from pictures.stored_run import StoredRun, ViewSettings, method_key, raw_heatmap
+from pictures.stored_run import StoredRun, ViewSettings, method_key, raw_heatmap, token_map
 from records import AttentionRun
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,22 @@ def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
     return stored.baseline
 
 
+def contrast_baseline(slot: ModelSlot, stored: StoredRun, prompt: str) -> AttentionRun:
+    """The same image under another prompt, with the run's own pixel budget (one token), kept on `stored`
+    (the contrast's other map)."""
+    if prompt not in stored.contrasts:
+        holder = slot.made(stored.run, "The other prompt's map")
+        with slot.lock:
+            stored.contrasts[prompt] = generic_baseline(holder, stored.run, prompt)
+    return stored.contrasts[prompt]
+
+
+def single_token(settings: ViewSettings, what: str) -> None:
+    """Refuse several combined tokens for a pass that measures one token's probability."""
+    if len(settings.steps) > 1:
+        raise InputError(f"{what} measures one token's probability; clear 'Combine tokens' and pick a single token.")
+
+
 def method_maps(
     slot: ModelSlot,
     stored: StoredRun,
@@ -189,26 +205,40 @@ def method_maps(
     max_gradient_mb: float | None = None,
     track=lambda steps, desc: steps,
 ) -> list[np.ndarray]:
-    """Every generated token's map by `settings.method` (model passes, from the registry), kept on `stored`.
+    """Every generated token's map by `settings.method` (model passes, from the registry), kept on `stored`;
+    with a prompt token picked, every listed prompt token's map (`run.prompt_positions`) instead, for the
+    methods that map prompt tokens.
 
     track: wraps the loop over steps, e.g. a progress bar."""
     entry = method(settings.method)
     key = method_key(settings, entry.uses_ranges)
     if key not in stored.method_maps:
         holder = slot.made(stored.run, f"The {entry.name} map") if entry.needs_model else None
-        raw = replace(settings, method=RAW_ATTENTION, relative=False, mask_sinks=False)
+        raw = replace(
+            settings,
+            method=RAW_ATTENTION,
+            relative=False,
+            mask_sinks=False,
+            steps=(),
+            prompt_pos=None,
+            contrast_step=None,
+            contrast_prompt="",
+        )
         request = MapRequest(
             holder,
             stored.run,
             range(stored.run.num_steps),
             settings.layers,
             settings.heads,
-            attention_map=lambda t: raw_heatmap(stored, replace(raw, step_idx=t)),
+            attention_map=lambda t: token_map(stored, replace(raw, step_idx=t)),
             max_gradient_mb=max_gradient_mb,
             track=track,
         )
         with slot.lock:
-            maps = compute_maps(entry.name, request)
+            if settings.prompt_pos is not None:
+                maps = compute_prompt_maps(entry.name, request, stored.run.prompt_positions)
+            else:
+                maps = compute_maps(entry.name, request)
         stored.method_maps[key] = maps
         stored.method_captions[entry.name] = entry.caption
     return stored.method_maps[key]
@@ -227,6 +257,7 @@ def verify_map(slot: ModelSlot, stored: StoredRun, settings: ViewSettings) -> Fa
     holder = slot.made(stored.run, "Verifying")
     if settings.prompt_pos is not None:
         raise InputError("Verify works on generated tokens; pick one from the token list.")
+    single_token(settings, "Verify")
     with slot.lock:
         return faithfulness(holder, stored.run, settings.step_idx, raw_heatmap(stored, settings))
 
@@ -272,6 +303,7 @@ def _knockout_holder(slot: ModelSlot, stored: StoredRun, settings: ViewSettings,
     holder = slot.made(stored.run, what)
     if settings.prompt_pos is not None:
         raise InputError("Knockouts test generated tokens; pick one from the token list.")
+    single_token(settings, "A knockout")
     return holder
 
 

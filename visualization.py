@@ -17,7 +17,7 @@ from attention_processor import normalize_heatmap
 from errors import InputError
 from records import cell_edges
 
-COLORMAPS: dict[str, int] = {
+COLORMAPS: dict[str, int | np.ndarray] = {  # OpenCV colormaps, and look-up tables
     "jet": cv2.COLORMAP_JET,
     "turbo": cv2.COLORMAP_TURBO,
     "viridis": cv2.COLORMAP_VIRIDIS,
@@ -31,6 +31,19 @@ COLORMAPS: dict[str, int] = {
     "ocean": cv2.COLORMAP_OCEAN,
     "parula": cv2.COLORMAP_PARULA,
 }
+
+
+def _diverging_lut() -> np.ndarray:
+    """(256, 1, 3) BGR: blue through near-white to red (Moreland's cool-warm end points), for maps that
+    are signed (contrasts) and centred at 0."""
+    cool, middle, warm = np.array([59, 76, 192.0]), np.array([221, 221, 221.0]), np.array([180, 4, 38.0])
+    t = np.linspace(-1.0, 1.0, 256)[:, None]
+    rgb = np.where(t < 0, middle + (cool - middle) * -t, middle + (warm - middle) * t)
+    return np.round(rgb[:, ::-1]).astype(np.uint8)[:, None, :]
+
+
+DIVERGING = "coolwarm"  # the colormap of signed maps: 0 is the middle of the bar
+COLORMAPS[DIVERGING] = _diverging_lut()
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 _UNSEEN_GREY = np.array([128, 128, 128], dtype=np.float32)

@@ -197,13 +197,14 @@ def compute_prompt_maps(name: str, request: MapRequest, positions: Sequence[int]
     return maps if isinstance(maps, MapSet) else MapSet(maps)
 
 
-def generic_baseline(holder, run):
-    """The run's images under the generic prompt, one token, with the run's own pixel budget: what a
-    map "relative to a generic prompt" is divided by. A model pass; the caller holds the model lock."""
+def generic_baseline(holder, run, prompt: str = GENERIC_PROMPT):
+    """The run's images under the generic prompt (or `prompt`), one token, with the run's own pixel budget:
+    what a map "relative to a generic prompt" is divided by, or a contrast subtracts. A model pass; the
+    caller holds the model lock."""
     made = run.settings
     return holder.generate(
         run.images,
-        GENERIC_PROMPT,
+        prompt,
         max_new_tokens=1,
         prompt_rows="none",
         min_pixels=made.min_pixels,

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from analysis import relative_heatmap, sink_cells
+from analysis import contrast_heatmap, relative_heatmap, sink_cells
 from attention_processor import (
     RAW_ATTENTION,
+    combine_maps,
     heatmap_range,
     prompt_token_heatmap,
     range_slice,
@@ -26,8 +27,9 @@ from utils import scale_box, scaled_size
 
 def method_key(s: ViewSettings, uses_ranges: bool):
     """Cache key of a method's maps: a method that starts from the raw map (the ViT map) also depends on
-    the raw map's settings."""
-    return (s.method, s.layers, s.heads, s.reduce, s.renormalize) if uses_ranges else (s.method,)
+    the raw map's settings. The maps of prompt tokens are kept apart from those of generated tokens."""
+    key = (s.method, s.layers, s.heads, s.reduce, s.renormalize) if uses_ranges else (s.method,)
+    return (*key, "prompt") if s.prompt_pos is not None else key
 
 
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
@@ -46,6 +48,7 @@ class StoredRun:
     images: list[Image.Image] = field(default_factory=list)
     shares: np.ndarray = field(default=None)  # (T, L, H), from vision_share
     baseline: AttentionRun | None = None  # same image, generic prompt
+    contrasts: dict = field(default_factory=dict)  # another prompt -> its run on the same image (one token)
     method_maps: dict = field(default_factory=dict)  # method_key -> [(grid_h, grid_w)] per step
     method_captions: dict = field(default_factory=dict)  # method -> what its caption says it draws
     display_max_side: int = 2048
@@ -104,14 +107,31 @@ class StoredRun:
         kept.update((id(image), image) for image, _ in self._displays.values())
         pixels = sum(image.size[0] * image.size[1] * 3 for image in kept.values())
         baseline = self.baseline.nbytes if self.baseline is not None else 0
+        baseline += sum(other.nbytes for other in self.contrasts.values())
         methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
+        methods += sum(
+            heat.nbytes
+            for maps in self.method_maps.values()
+            for part in getattr(maps, "parts", {}).values()
+            for heat in part
+        )
         return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
 
     def shared_range(self, settings: ViewSettings) -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
         key = replace(
-            settings, step_idx=0, prompt_pos=None, normalization="", colormap="", alpha=0.0, view="", grid=False
-        )  # over the generated tokens
+            settings,
+            step_idx=0,
+            steps=(),
+            prompt_pos=None,
+            contrast_step=None,
+            contrast_prompt="",
+            normalization="",
+            colormap="",
+            alpha=0.0,
+            view="",
+            grid=False,
+        )  # over the generated tokens, each on its own
         if key not in self._ranges:
             self._ranges[key] = heatmap_range(
                 [raw_heatmap(self, replace(key, step_idx=t)) for t in range(self.run.num_steps)]
@@ -148,6 +168,21 @@ class ViewSettings:
     prompt_pos: int | None = None  # show this prompt token's map instead of step_idx's
     interpolation: str = "bilinear"
     target_box: tuple[float, float, float, float] | None = None  # ground truth (x0, y0, x1, y1), original px
+    steps: tuple[int, ...] = ()  # several generated tokens (a word, a phrase): their maps combined
+    combine: str = "sum"  # how: sum | mean | max (attention_processor.COMBINES)
+    contrast_step: int | None = None  # minus this generated token's map (each normalised to sum 1)
+    contrast_prompt: str = ""  # minus the map of this prompt on the same image (its first token)
+    parts: bool = False  # also draw what the method built its map from (TAM: raw logit, interference)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The generated tokens the map is of: `steps` when several are picked, else `step_idx`."""
+        return self.steps or (self.step_idx,)
+
+    @property
+    def contrasted(self) -> bool:
+        """The map is a signed difference (another token's or another prompt's map subtracted)."""
+        return self.contrast_step is not None or bool(self.contrast_prompt)
 
     @property
     def num_maps(self) -> int:
@@ -156,15 +191,49 @@ class ViewSettings:
 
 
 def layout_heatmap(run, s: ViewSettings, image_idx: int = 0) -> np.ndarray:
-    """The raw attention map of the selected token (generated, or the picked prompt token) on layout
-    `image_idx` of `run.visions`, over the settings' layer and head ranges."""
+    """The raw attention map of the selected token (generated, the picked prompt token, or several
+    generated tokens combined) on layout `image_idx` of `run.visions`, over the settings' ranges."""
     if s.prompt_pos is not None:
         return prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
-    return token_heatmap(run, s.step_idx, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
+    steps = list(s.tokens) if len(s.tokens) > 1 else s.step_idx
+    return token_heatmap(run, steps, s.layers, s.heads, s.reduce, s.renormalize, image_idx, s.combine)
 
 
 def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
-    """(grid_h, grid_w) float32 before display scaling, with the sink and baseline options applied."""
+    """(grid_h, grid_w) float32 before display scaling: the selected token's map (or several tokens'
+    maps combined), with the sink and baseline options applied, and with a contrast the signed
+    difference from the other token's or prompt's map (`analysis.contrast_heatmap`)."""
+    if s.contrast_step is not None and s.contrast_prompt:
+        raise InputError("Contrast with another token or with another prompt, not both: clear one of them.")
+    if len(s.steps) > 1 and s.prompt_pos is None:
+        heat = combine_maps([token_map(stored, replace(s, steps=(), step_idx=t)) for t in s.steps], s.combine)
+    else:
+        heat = token_map(stored, replace(s, steps=()))
+    if s.contrast_step is not None:
+        if not 0 <= s.contrast_step < stored.run.num_steps:
+            raise InputError(
+                f"Contrast token {s.contrast_step} is not in this answer (tokens 0..{stored.run.num_steps - 1})."
+            )
+        other = token_map(stored, replace(s, steps=(), step_idx=s.contrast_step, prompt_pos=None))
+        return contrast_heatmap(heat, other)
+    if s.contrast_prompt:
+        if s.method != RAW_ATTENTION:
+            raise InputError(
+                f"The contrast with another prompt compares raw attention; pick the attention map (not {s.method}), "
+                "or contrast with another token of the answer."
+            )
+        other_run = stored.contrasts.get(s.contrast_prompt)
+        if other_run is None:
+            raise NotReadyError(
+                "The map of the other prompt is not computed yet; press Enter in 'Contrast with another prompt'."
+            )
+        return contrast_heatmap(heat, token_heatmap(other_run, 0, s.layers, s.heads, s.reduce, s.renormalize))
+    return heat
+
+
+def token_map(stored: StoredRun, s: ViewSettings) -> np.ndarray:
+    """One token's map (generated `step_idx`, or `prompt_pos`) by the settings' method, with the sink and
+    generic-prompt options applied."""
     if s.method != RAW_ATTENTION:
         return method_heatmap(stored, s)
     heat = layout_heatmap(stored.run, s)
@@ -187,19 +256,34 @@ def _masked_sinks(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> np.nd
     return heat
 
 
+def method_set(stored: StoredRun, s: ViewSettings):
+    """The computed maps of `s.method` for these settings (one per generated token, or per prompt
+    position of `run.prompt_positions` when a prompt token is picked), or None when not computed yet."""
+    return stored.method_maps.get(method_key(s, False), stored.method_maps.get(method_key(s, True)))
+
+
+def method_index(stored: StoredRun, s: ViewSettings) -> int:
+    """Which of `method_set`'s maps is the selected token's."""
+    if s.prompt_pos is None:
+        return s.step_idx
+    if s.prompt_pos not in stored.run.prompt_positions:
+        raise InputError(f"Prompt token {s.prompt_pos} has no map; pick one of the prompt tokens listed.")
+    return stored.run.prompt_positions.index(s.prompt_pos)
+
+
 def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
-    """A map of another method (rollout, gradient, ViT, …), computed beforehand for every generated token."""
-    if s.prompt_pos is not None or s.relative:
+    """A map of another method (rollout, gradient, ViT, TAM, …), computed beforehand for every generated
+    token (and, for the methods that map them, every listed prompt token)."""
+    if s.relative:
         raise InputError(
-            f"The {s.method} map is for generated tokens, without the generic-prompt division; "
-            "pick a generated token and untick 'Relative to a generic prompt'."
+            f"The {s.method} map is drawn without the generic-prompt division; untick 'Relative to a generic prompt'."
         )
-    maps = stored.method_maps.get(method_key(s, False), stored.method_maps.get(method_key(s, True)))
+    maps = method_set(stored, s)
     if maps is None:
         raise NotReadyError(
             f"The {s.method} maps for these settings are not computed yet; select the method again to compute them."
         )
-    heat = maps[s.step_idx]
+    heat = maps[method_index(stored, s)]
     if s.mask_sinks and heat.shape != tuple(stored.run.vision.grid_hw):
         raise InputError(f"Sink cells are token cells; untick 'Mask sink cells' for the patch-level {s.method} map.")
     return _masked_sinks(stored, s, heat)

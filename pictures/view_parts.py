@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from attention_processor import image_shares, normalize_heatmap
+from attention_processor import combine_maps, image_shares, normalize_heatmap
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
-from pictures.stored_run import StoredRun, ViewSettings, layout_heatmap
+from pictures.stored_run import StoredRun, ViewSettings, layout_heatmap, method_index, method_set
 from utils import scaled_size
 from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
 
@@ -127,6 +127,32 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
         + "; ".join(notes)
         + "; each min–max on its own scale, always the raw attention."
     )
+
+
+def with_parts(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
+    """The picture with what the method built its map from (TAM: the raw logit map and the interference
+    it removed) to its right, at half size, each labelled and min–max on its own scale."""
+    maps = method_set(stored, s)
+    parts = getattr(maps, "parts", None) or {}
+    if not parts:
+        return picture, text + f" The {s.method} map has no parts to show beside it (TAM has)."
+    shown, (sx, sy) = stored.display(0)
+    small = shown.resize(scaled_size(shown.size, OTHER_VIEW_SCALE), Image.BILINEAR)
+    fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy
+    x0, y0, x1, y1 = stored.run.vision.image_box_xyxy
+    box = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
+    draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
+    strip, names = picture, []
+    for name, part in parts.items():
+        if len(s.tokens) > 1 and s.prompt_pos is None:
+            heat = combine_maps([part[t] for t in s.tokens], s.combine)
+        else:
+            heat = part[method_index(stored, s)]
+        unit = normalize_heatmap(heat, "minmax")
+        tile = heatmap_image(small, unit, box, **draw) if s.view == "heatmap" else overlay(small, unit, box, **draw)
+        strip = side_by_side(strip, labelled(tile, f"{name} · peak {float(heat.max()):.3g}"))
+        names.append(name)
+    return strip, f"{text} Right, at half size, each min–max on its own scale: the {' and the '.join(names)}."
 
 
 def mark_corner(stored: StoredRun, picture: Image.Image, corner_xy, view: str) -> Image.Image:

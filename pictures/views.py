@@ -26,12 +26,15 @@ from pictures.stored_run import (
     StoredRun,
     ViewSettings,
     layout_heatmap,
+    method_index,
+    method_set,
     raw_heatmap,
 )
-from pictures.view_parts import outline_target, target_scores, with_other_views
+from pictures.view_parts import outline_target, target_scores, with_other_views, with_parts
 from records import AttentionRun
 from utils import scaled_size
 from visualization import (
+    DIVERGING,
     SIDE_BY_SIDE_GAP,
     colorize,
     heatmap_image,
@@ -52,11 +55,17 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
     if not stored.is_single_image:
         return render_strip(stored, settings)
     heat = raw_heatmap(stored, s)  # (grid_h, grid_w)
-    if s.normalization == "shared":
+    if s.contrasted:  # signed: one scale symmetric about 0, on the diverging colormap
+        top = float(np.percentile(np.abs(heat), s.percentile)) if s.normalization == "percentile" else 0.0
+        top = top or float(np.abs(heat).max()) or 1.0
+        scale = (-top, top)
+        unit = normalize_heatmap(heat, "fixed", value_range=scale)
+        s = replace(s, colormap=DIVERGING)
+    elif s.normalization == "shared" and len(s.tokens) == 1:
         scale = stored.shared_range(s)
         unit = normalize_heatmap(heat, "fixed", value_range=scale)
-    elif s.normalization in ("minmax", "percentile"):
-        unit = normalize_heatmap(heat, s.normalization, s.percentile)
+    elif s.normalization in ("minmax", "percentile", "shared"):  # several tokens: their own map's scale
+        unit = normalize_heatmap(heat, "minmax" if s.normalization == "shared" else s.normalization, s.percentile)
         top = float(np.percentile(heat, s.percentile)) if s.normalization == "percentile" else float(heat.max())
         scale = (float(heat.min()), top)
     else:
@@ -77,11 +86,15 @@ def render(stored: StoredRun, settings: ViewSettings) -> tuple[Image.Image, str]
         text += " " + target_scores(stored, s, heat)
     if len(run.visions) > 1:  # one image, several views
         picture, text = with_other_views(stored, s, picture, text)
+    if s.parts:
+        picture, text = with_parts(stored, s, picture, text)
     return with_colorbar(picture, s.colormap, scale, colorbar_unit(s)), text
 
 
 def colorbar_unit(s: ViewSettings) -> str:
     """What the colour bar's numbers measure, for these settings."""
+    if s.contrasted:
+        return "difference in share of the map (red: more than the other, blue: less)"
     if s.method != RAW_ATTENTION:
         return f"{s.method} map value"
     return "ratio to the generic prompt" if s.relative else "attention mass per cell"
@@ -99,7 +112,7 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
         )
     size = font = None
     for step_idx, token in enumerate(stored.run.generated_tokens):
-        picture, _ = render(stored, replace(settings, step_idx=step_idx, prompt_pos=None))
+        picture, _ = render(stored, replace(settings, step_idx=step_idx, steps=(), prompt_pos=None))
         if size is None:
             factor = min(1.0, max_side / max(picture.size))
             size = scaled_size(picture.size, factor)
@@ -170,10 +183,11 @@ def _frames_label(step: int, per: int, total: int) -> str:
 
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
     """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
-    if s.relative or s.mask_sinks or s.method != RAW_ATTENTION:
+    if s.relative or s.mask_sinks or s.method != RAW_ATTENTION or s.contrasted:
         raise InputError(
-            "'Relative to a generic prompt', 'Mask sink cells' and the rollout and gradient maps work "
-            "with a single image; untick them (method: attention) to compare several images or frames."
+            "'Relative to a generic prompt', 'Mask sink cells', contrasts and the maps other than raw "
+            "attention work with a single image; untick them (method: attention) to compare several images "
+            "or frames."
         )
     panels = _panels(stored, s)
     heats = np.concatenate([heat.ravel() for _, heat, _, _ in panels])
@@ -204,11 +218,7 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
         if len(panels) == images
         else f"views of {images} images"
     )
-    who = (
-        f"Token {s.step_idx} {as_text(repr(stored.run.generated_tokens[s.step_idx]))}"
-        if s.prompt_pos is None
-        else f"Prompt token {s.prompt_pos}"
-    )
+    who = tokens_text(stored.run, s) if s.prompt_pos is None else f"Prompt token {s.prompt_pos}"
     text = (
         f"{who} · layers {_range_text(s.layers)} · heads {_range_text(s.heads)} · {s.reduce} · "
         f"{len(panels)} {kind} on one scale (min–{'percentile' if s.normalization == 'percentile' else 'max'} "
@@ -230,16 +240,26 @@ def _range_text(bounds: tuple[int, int]) -> str:
     return f"{bounds[0]}" if bounds[0] == bounds[1] else f"{bounds[0]}–{bounds[1]}"
 
 
+def tokens_text(run: AttentionRun, s: ViewSettings) -> str:
+    """The generated token (or tokens, combined) a map is of, in words."""
+    if len(s.tokens) == 1:
+        return f"Token {s.step_idx} {as_text(repr(run.generated_tokens[s.step_idx]))}"
+    pieces = " + ".join(as_text(repr(run.generated_tokens[t])) for t in s.tokens)
+    return f"Tokens {', '.join(map(str, s.tokens))} {pieces} ({s.combine} of their maps)"
+
+
 def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
     run = stored.run
     norm = {
         "minmax": "min–max of this map",
         "percentile": f"min to {s.percentile:g}th percentile (clipped)",
-        "shared": "one scale shared by all tokens",
+        "shared": "one scale shared by all tokens" if len(s.tokens) == 1 else "min–max of this map (several tokens)",
     }[s.normalization]
+    if s.contrasted:
+        norm = "one scale symmetric about 0 (white: no difference)"
     if s.prompt_pos is None:
-        share = stored.image_share(s.layers, s.heads, s.exclude_system)[s.step_idx]
-        who = f"Token {s.step_idx} {as_text(repr(run.generated_tokens[s.step_idx]))}"
+        share = float(np.mean(stored.image_share(s.layers, s.heads, s.exclude_system)[list(s.tokens)]))
+        who = tokens_text(run, s)
     else:
         share = float(prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, "mean").sum())  # mean over heads
         piece = run.prompt_tokens[s.prompt_pos] if run.prompt_tokens else ""
@@ -257,11 +277,27 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         if s.method == RAW_ATTENTION
         else stored.method_captions.get(s.method, f"the {s.method} map")
     )
+    maps_of_method = method_set(stored, s) if s.method != RAW_ATTENTION and len(s.tokens) == 1 else None
+    note = getattr(maps_of_method, "notes", None)
+    if note and note[method_index(stored, s)]:
+        what += f" · {note[method_index(stored, s)]}"
     text = (
         f"{who} · {what} · normalised: {norm} · "
         f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "
         f"(peak cell {heat.max():.3g})."
     )
+    if s.contrast_step is not None:
+        other = as_text(repr(run.generated_tokens[s.contrast_step]))
+        text += (
+            f" Contrast: this map minus token {s.contrast_step} {other}'s, each normalised to sum 1; red cells "
+            "hold more of this token's map than of the other's, blue cells less."
+        )
+    elif s.contrast_prompt:
+        text += (
+            f" Contrast: this map minus the first answer token's map for the prompt "
+            f"{as_text(repr(s.contrast_prompt))} on the same image, each normalised to sum 1; red cells hold "
+            "more of this map, blue cells more of the other prompt's."
+        )
     sinks = int(stored.sinks(s.layers, s.heads).sum()) if s.mask_sinks else 0
     options = [
         name
@@ -349,6 +385,22 @@ def as_text(value: str) -> str:
     """A string from a tokenizer, a model id or a user, made to show literally inside Markdown or HTML:
     no tag, entity, link or emphasis in it takes effect."""
     return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
+
+
+def answer_words(tokens: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """The answer's words as (text, the generated tokens that spell it): a token that starts with a space,
+    or follows one that ends with a space or is not a letter or digit, starts a new word; tokens with no
+    letter or digit (punctuation, spaces) belong to no word."""
+    words: list[tuple[str, list[int]]] = []
+    joined = False  # whether the next token may continue the last word
+    for t, token in enumerate(tokens):
+        wordy = any(ch.isalnum() for ch in token)
+        if wordy and joined and not token[:1].isspace():
+            words[-1][1].append(t)
+        elif wordy:
+            words.append((token, [t]))
+        joined = wordy and not token[-1:].isspace()
+    return [("".join(tokens[t] for t in steps).strip(), tuple(steps)) for _, steps in words]
 
 
 def token_label(position: int, token: str) -> str:

@@ -36,6 +36,11 @@ VIEW = [
     "method",
     "target_box",
     "smooth",
+    "tokens",
+    "combine",
+    "contrast_token",
+    "contrast_prompt",
+    "parts",
 ]
 # The parameter names gradio_client saw before the page was wired by name; clients depend on them.
 API_NAMES = {
@@ -62,6 +67,7 @@ API_NAMES = {
     "/export_attention": [],
     "/knockout": ["target", "top_k", "in_ranges", *VIEW],
     "/knockout_sweep": ["window", "in_ranges", *VIEW],
+    "/contrast": VIEW,
 }
 
 
@@ -107,7 +113,7 @@ def test_a_new_view_control_follows_into_the_page_the_api_and_the_resets(tmp_pat
     assert all(dep["inputs"][-1] == dummy_id for dep in render)
     assert "dummy" in redraws(extended) and resets(extended)["dummy"] == 3
     outputs = generate_outputs(extended)
-    assert "dummy" in outputs and outputs[-len(names(DerivedViews)) - 1 :] == (*names(DerivedViews), "files")
+    assert "dummy" in outputs and outputs[-len(names(DerivedViews)) - 2 :] == (*names(DerivedViews), "files", "word")
     generate = next(dep for dep in config["dependencies"] if dep.get("api_name") == "generate")
     assert dummy_id in generate["outputs"] and len(generate["outputs"]) == len(outputs)
     h = Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(16), extended)

@@ -325,3 +325,35 @@ def whole_number(value, name: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or number < minimum:
         raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
     return int(number)
+
+
+MAX_COMBINED = 512  # tokens one combined map may name
+
+
+def parse_steps(value, name: str = "Tokens") -> tuple[int, ...]:
+    """Generated-token indices from a control or an API value: an index, a list of them, or text such as
+    "3, 4" or "3-5" (ranges inclusive). Sorted, each once; empty for None or "". The range of the answer
+    is checked where the run is known."""
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, list | tuple):
+        steps = [whole_number(v, name) for v in value]
+    elif isinstance(value, str):
+        steps = []
+        for piece in value.replace("–", "-").split(","):
+            piece = piece.strip()
+            if not piece:
+                continue
+            lo, dash, hi = piece.partition("-")
+            if dash:
+                first, last = whole_number(lo.strip(), name), whole_number(hi.strip(), name)
+                if last < first or last - first >= MAX_COMBINED:
+                    raise gr.Error(f"{name}: the range {piece!r} must run upwards, over at most {MAX_COMBINED}.")
+                steps += range(first, last + 1)
+            else:
+                steps.append(whole_number(piece, name))
+    else:
+        steps = [whole_number(value, name)]
+    if len(set(steps)) > MAX_COMBINED:
+        raise gr.Error(f"{name}: at most {MAX_COMBINED} tokens at once, got {len(set(steps))}.")
+    return tuple(sorted(set(steps)))

@@ -63,6 +63,12 @@ class ViewControls:
     smooth: Any = control(
         False, make=lambda: gr.Checkbox(False, label="Smooth across cells (bilinear)", elem_id="smooth")
     )
+    # Several generated tokens at once ("3, 4" or "3-5"; shift-click chips, or pick a word): maps combined.
+    tokens: Any = control("", reset="")
+    combine: Any = control("sum", redraw=True)
+    contrast_token: Any = control(None, reset=None, redraw=True)  # minus another token's map
+    contrast_prompt: Any = control("", reset="")  # minus another prompt's map: a model pass
+    parts: Any = control(False, redraw=True)  # what the method built its map from, beside it
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ _GENERATE_HEAD = (
 def generate_outputs(record=ViewControls) -> tuple[str, ...]:
     """The outputs of a generation, by name, for the view controls' `record`."""
     added = tuple(name for name in resets(record) if name not in _GENERATE_HEAD)
-    return (*_GENERATE_HEAD, *added, *names(DerivedViews), "files")
+    return (*_GENERATE_HEAD, *added, *names(DerivedViews), "files", "word")
 
 
 ANALYSIS_OUTPUTS = ("matrix", "text", "gallery", "note")  # the layers × heads tab and the gallery

@@ -21,10 +21,11 @@ from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
 from errors import UserError
 from families import frames_per_panel
 from pictures.stored_run import StoredRun, ViewSettings
-from pictures.views import animation_frames, as_text, on_screen, render, share_table, token_label
+from pictures.views import animation_frames, answer_words, as_text, on_screen, render, share_table, token_label
 from pipeline import (
     ModelSlot,
     RunStore,
+    contrast_baseline,
     export_run,
     method_maps,
     prune_outputs,
@@ -35,7 +36,7 @@ from pipeline import (
 )
 from ui.analysis_handlers import AnalysisHandlers
 from ui.causal_handlers import CausalHandlers
-from ui.components import parse_box, user_errors, whole_number
+from ui.components import parse_box, parse_steps, user_errors, whole_number
 from ui.controls import (
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
@@ -293,6 +294,10 @@ class Handlers(AnalysisHandlers, CausalHandlers):
                 "not follow the question; see the words it knows below the examples."
             )
         choices = [(token_label(t, tok), t) for t, tok in enumerate(run.generated_tokens)]
+        words = [
+            (f"{word} (tokens {', '.join(map(str, steps))})", ", ".join(map(str, steps)))
+            for word, steps in answer_words(run.generated_tokens)
+        ]
         prompt_choices = [(token_label(pos, run.prompt_tokens[pos]), pos) for pos in run.prompt_positions]
         # A new result starts without the options that need extra work (baseline) or one image (sinks):
         # each view control with a `reset` value takes it, and every derived view is cleared.
@@ -315,6 +320,8 @@ class Handlers(AnalysisHandlers, CausalHandlers):
                 ),
                 "region": [],
                 "files": [],
+                "word": gr.Dropdown(choices=words, value=None),
+                "contrast_token": gr.Dropdown(choices=choices, value=None),
             },
         )
 
@@ -343,8 +350,17 @@ class Handlers(AnalysisHandlers, CausalHandlers):
             int(given) if given is not None else default
             for given, default in zip((v["head_lo"], v["head_hi"]), heads, strict=True)
         )
+        steps = parse_steps(v["tokens"], "Combine tokens") or parse_steps(v["token"], "Token") or (0,)
+        contrast = parse_steps(v["contrast_token"], "Contrast token")
+        if len(contrast) > 1:
+            raise gr.Error("Contrast with one other token: pick a single one.")
         return ViewSettings(
-            step_idx=int(v["token"] or 0),
+            step_idx=steps[0],
+            steps=steps if len(steps) > 1 else (),
+            combine=v["combine"] or "sum",
+            contrast_step=contrast[0] if contrast else None,
+            contrast_prompt=str(v["contrast_prompt"] or "").strip()[: self.cfg.max_prompt_chars],
+            parts=bool(v["parts"]),
             layers=layers,
             heads=heads,
             reduce=v["aggregation"],
@@ -384,10 +400,26 @@ class Handlers(AnalysisHandlers, CausalHandlers):
         picked while a method was still computing, or the ViT map's ranges moved) are computed first,
         after the pass in progress, so the picture always shows the method the page shows."""
         stored, settings = self.store.get(run_id), self._settings(*view_values)
-        wants_maps = settings.method != RAW_ATTENTION and settings.prompt_pos is None and not settings.relative
-        if wants_maps and stored.is_single_image:
+        self._check_tokens(stored, settings)
+        if self._wants_maps(stored, settings):
             method_maps(self.slot, stored, settings, self.cfg.max_gradient_mb)  # cached: no model pass
         return self._render_with(stored, settings)
+
+    @staticmethod
+    def _wants_maps(stored: StoredRun, settings: ViewSettings) -> bool:
+        """Whether these settings draw another method's maps (computed first if they are not yet; for a
+        prompt token, a method that cannot map one says which can)."""
+        return settings.method != RAW_ATTENTION and not settings.relative and stored.is_single_image
+
+    @staticmethod
+    def _check_tokens(stored: StoredRun, settings: ViewSettings) -> None:
+        """Every picked generated token is one of this answer's."""
+        last = stored.run.num_steps - 1
+        wrong = [t for t in settings.tokens if t > last]
+        if wrong:
+            raise gr.Error(
+                f"Token {wrong[0]} is out of range: this answer has tokens 0..{last}; pick tokens from the list."
+            )
 
     @user_errors
     def refresh(self, run_id, *view_values):
@@ -402,8 +434,27 @@ class Handlers(AnalysisHandlers, CausalHandlers):
             raise
 
     def pick_chip(self, step_idx):
-        """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token."""
-        return step_idx, ""
+        """Keep the dropdown and the chips in step; a generated token replaces a picked prompt token and
+        several combined ones."""
+        return step_idx, "", ""
+
+    def pick_word(self, steps):
+        """A word of the answer: its tokens go to 'Combine tokens' (a picked prompt token is dropped)."""
+        return (steps or "", "") if steps else (gr.skip(), gr.skip())
+
+    def pick_tokens(self, tokens):
+        """Typed or shift-clicked tokens replace a picked prompt token."""
+        return "" if tokens else gr.skip()
+
+    @user_errors
+    def contrast_toggle(self, run_id, *view_values):
+        """Compute the other prompt's map on this image once (a model call), then render."""
+        stored, settings = self.store.get(run_id), self._settings(*view_values)
+        if settings.contrast_prompt:
+            if not stored.is_single_image:
+                raise gr.Error("The contrast with another prompt works with a single image; generate with one image.")
+            contrast_baseline(self.slot, stored, settings.contrast_prompt)
+        return self.render(run_id, *view_values)
 
     def pick_prompt_token(self, prompt_pos):
         """A picked prompt token unselects the chips, so any chip, the last one too, brings its map back."""
@@ -423,6 +474,7 @@ class Handlers(AnalysisHandlers, CausalHandlers):
     def method_select(self, run_id, *view_values, progress=gr.Progress()):
         """Compute the rollout, gradient or ViT maps of every generated token once (model passes), then render."""
         stored, settings = self.store.get(run_id), self._settings(*view_values)
+        self._check_tokens(stored, settings)
         if settings.method != RAW_ATTENTION:
             if not stored.is_single_image:
                 raise gr.Error(f"The {settings.method} map works with a single image; generate with one image.")

@@ -13,7 +13,7 @@ from dataclasses import fields
 import gradio as gr
 import torch
 
-from attention_processor import RAW_ATTENTION, REDUCTIONS
+from attention_processor import COMBINES, RAW_ATTENTION, REDUCTIONS
 from config import DEMO_MODEL_DIR, EXAMPLES_DIR, GPU_DEFAULT_MODEL, AppConfig
 from demo.data import guide as demo_guide
 from families import video_families
@@ -31,6 +31,46 @@ CSS = """
 .range-row { gap: 6px !important; }
 #head-gallery .caption-label { white-space: normal !important; max-width: 100% !important; }
 #head-gallery .caption-label { overflow: visible !important; }
+#token-chips label.combined { outline: 2px solid #d62728; outline-offset: -2px; }
+"""
+
+# Shift-click on a token chip adds it to 'Combine tokens' (or takes it out) instead of selecting it alone;
+# the combined chips are outlined. A plain click selects one token, as before, and clears the outlines.
+CHIPS_JS = """
+() => {
+  const chips = () => [...document.querySelectorAll('#token-chips label')];
+  const stepOf = (label) => parseInt(label.textContent.trim(), 10);
+  const parse = (text) => {
+    const steps = new Set();
+    for (const piece of text.replace(/\u2013/g, '-').split(',')) {
+      const [lo, hi] = piece.split('-').map((v) => v.trim());
+      if (lo === '' || lo === undefined) continue;
+      const first = parseInt(lo, 10), last = hi === undefined ? first : parseInt(hi, 10);
+      for (let t = first; t <= last && t - first < 512; t++) if (!Number.isNaN(t)) steps.add(t);
+    }
+    return steps;
+  };
+  document.addEventListener('click', (event) => {
+    const label = event.target.closest('#token-chips label');
+    if (!label) return;
+    if (!event.shiftKey) { chips().forEach((chip) => chip.classList.remove('combined')); return; }
+    event.preventDefault();
+    event.stopPropagation();
+    const box = document.querySelector('#token-steps textarea, #token-steps input');
+    if (!box) return;
+    const picked = parse(box.value);
+    if (picked.size === 0) {
+      const current = chips().find((chip) => chip.querySelector('input:checked'));
+      if (current) picked.add(stepOf(current));
+    }
+    const step = stepOf(label);
+    if (picked.has(step)) picked.delete(step); else picked.add(step);
+    box.value = [...picked].sort((a, b) => a - b).join(', ');
+    chips().forEach((chip) => chip.classList.toggle('combined', picked.has(stepOf(chip))));
+    box.dispatchEvent(new Event('input', { bubbles: true }));
+    setTimeout(() => box.dispatchEvent(new Event('blur')), 60);
+  }, true);
+}
 """
 
 
@@ -148,6 +188,17 @@ def map_column() -> dict:
             elem_id="prompt-token-dropdown",
             allow_custom_value=True,
         )
+    with gr.Row(elem_id="combine-row"):
+        tokens = gr.Textbox(
+            "",
+            label="Combine tokens (shift-click chips, or type 3, 4 or 3-5; Enter)",
+            placeholder="one token: leave empty",
+            elem_id="token-steps",
+            scale=3,
+            min_width=160,
+        )
+        word = gr.Dropdown([], value=None, label="…or a word of the answer", elem_id="word-pick", scale=2)
+        combine = gr.Radio(list(COMBINES), value="sum", label="Combined by", elem_id="combine", scale=2)
     plot = gr.BarPlot(
         x="step",
         y="share",
@@ -168,6 +219,9 @@ def map_column() -> dict:
         "region_mode": region_mode,
         "token": token,
         "prompt_token": prompt_token,
+        "tokens": tokens,
+        "word": word,
+        "combine": combine,
         "plot": plot,
     }
 
@@ -228,6 +282,25 @@ def settings_column(cfg: AppConfig, record: type = ViewControls) -> dict:
         label="Map (all but the first are computed on demand): "
         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
+    built["parts"] = gr.Checkbox(
+        False, label="Show what the map is built from beside it (TAM: raw logit map, interference)", elem_id="parts"
+    )
+    with gr.Row():
+        built["contrast_token"] = gr.Dropdown(
+            [],
+            value=None,
+            label="Contrast: minus another token's map",
+            elem_id="contrast-token",
+            allow_custom_value=True,
+            min_width=120,
+        )
+        built["contrast_prompt"] = gr.Textbox(
+            "",
+            label="…or another prompt's (Enter)",
+            placeholder="e.g. Where is the square?",
+            elem_id="contrast-prompt",
+            min_width=120,
+        )
     with gr.Row():
         built["aggregation"] = gr.Dropdown(
             list(REDUCTIONS), value=cfg.aggregation, label="Aggregation", elem_id="aggregation", min_width=100
@@ -259,7 +332,7 @@ def settings_column(cfg: AppConfig, record: type = ViewControls) -> dict:
         built["relative"] = gr.Checkbox(False, label="Relative to a generic prompt", elem_id="relative")
         built["exclude_system"] = gr.Checkbox(False, label="Exclude BOS and system prompt", elem_id="exclude-system")
         for f in fields(record):
-            if f.name not in built and f.name not in ("token", "prompt_token"):
+            if f.name not in built and f.name not in ("token", "prompt_token", "tokens", "combine"):
                 if f.metadata.get("make") is None:
                     raise TypeError(f"The view control {f.name!r} has no place on the page: give it a `make`.")
                 built[f.name] = f.metadata["make"]()
