@@ -118,3 +118,18 @@ def test_contrast_with_another_prompt(ready):
         h.render(run_id, *_values(contrast_prompt="Where is the red square?", method="lens"))
     with pytest.raises(gr.Error, match="not both"):
         h.render(run_id, *_values(contrast_prompt="Where is the red square?", contrast_token=1))
+
+
+def test_words_of_the_answer_merge_their_sub_tokens(ready):
+    from pictures.views import answer_words
+
+    tokens = [" The", " ap", "ple", " is", " red", ".", " Big", "Cat", "!", ""]
+    assert answer_words(tokens) == [
+        ("The", (0,)),
+        ("apple", (1, 2)),
+        ("is", (3,)),
+        ("red", (4,)),
+        ("BigCat", (6, 7)),
+    ]
+    h, _ = ready
+    assert h.pick_word("1, 2") == ("1, 2", "")  # to 'Combine tokens'; a picked prompt token is dropped

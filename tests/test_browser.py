@@ -477,3 +477,36 @@ def test_the_analysis_keeps_its_whole_matrix_and_follows_the_token(served_app, t
         for label in page.locator("#head-gallery .caption-label").all():  # whole captions, none cut off
             assert label.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), label.inner_text()
         browser.close()
+
+
+def test_shift_click_combines_tokens_and_a_plain_click_picks_one_again(served_app, tmp_path):
+    """Shift-clicking chips combines their maps (the caption names them); TAM with its α is drawn for the
+    combination; a plain click goes back to one token."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_app, _scene(tmp_path / "scene.png"), "What color is the circle?")
+        caption = page.locator("#caption")
+        chips = page.locator("#token-chips label")
+        chips.nth(2).click(modifiers=["Shift"])
+        expect(page.locator("#token-steps textarea")).to_have_value("0, 2", timeout=10_000)
+        expect(caption).to_contain_text("Tokens 0, 2 ", timeout=30_000)
+        expect(caption).to_contain_text("(sum of their maps)")
+        expect(chips.nth(2)).to_have_class(re.compile("combined"))
+        page.locator("#combine").get_by_label("max", exact=True).check()
+        expect(caption).to_contain_text("(max of their maps)", timeout=30_000)
+        chips.nth(1).click(modifiers=["Shift"])
+        expect(caption).to_contain_text("Tokens 0, 1, 2 ", timeout=30_000)
+        chips.nth(3).click()  # a plain click: one token again
+        expect(caption).to_contain_text("Token 3 ", timeout=30_000)
+        expect(page.locator("#token-steps textarea")).to_have_value("")
+        expect(chips.nth(2)).not_to_have_class(re.compile("combined"))
+        page.locator("#method").get_by_label("tam", exact=True).check()
+        expect(caption).to_contain_text("context removed: α = ", timeout=60_000)
+        page.locator("#token-steps textarea").fill("1-2")
+        page.locator("#token-steps textarea").press("Enter")
+        expect(caption).to_contain_text("Tokens 1, 2 ", timeout=30_000)
+        expect(caption).to_contain_text("Token Activation Map")
+        assert page.locator(".toast-body").count() == 0
+        browser.close()
