@@ -182,13 +182,19 @@ def relative_baseline(slot: ModelSlot, stored: StoredRun) -> AttentionRun:
     return stored.baseline
 
 
+MAX_CONTRASTS = 4  # other prompts kept per result; the oldest goes first
+
+
 def contrast_baseline(slot: ModelSlot, stored: StoredRun, prompt: str) -> AttentionRun:
     """The same image under another prompt, with the run's own pixel budget (one token), kept on `stored`
-    (the contrast's other map)."""
+    (the contrast's other map); at most MAX_CONTRASTS prompts are kept per result."""
     if prompt not in stored.contrasts:
         holder = slot.made(stored.run, "The other prompt's map")
         with slot.lock:
-            stored.contrasts[prompt] = generic_baseline(holder, stored.run, prompt)
+            other = generic_baseline(holder, stored.run, prompt)
+        while len(stored.contrasts) >= MAX_CONTRASTS:
+            stored.contrasts.pop(next(iter(stored.contrasts)))
+        stored.contrasts[prompt] = other
     return stored.contrasts[prompt]
 
 

@@ -133,3 +133,19 @@ def test_words_of_the_answer_merge_their_sub_tokens(ready):
     ]
     h, _ = ready
     assert h.pick_word("1, 2") == ("1, 2", "")  # to 'Combine tokens'; a picked prompt token is dropped
+
+
+def test_one_client_cannot_pile_up_prompts_or_tokens(ready):
+    from pipeline import MAX_CONTRASTS
+    from ui.components import MAX_COMBINED
+
+    h, out = ready
+    run_id = out["run_id"]
+    stored = h.store.get(run_id)
+    for k in range(MAX_CONTRASTS + 2):
+        h.contrast_toggle(run_id, *_values(contrast_prompt=f"Where is shape {k}?"))
+    assert len(stored.contrasts) == MAX_CONTRASTS and f"Where is shape {MAX_CONTRASTS + 1}?" in stored.contrasts
+    with pytest.raises(gr.Error, match=f"at most {MAX_COMBINED}"):
+        h._settings(*_values(tokens=list(range(MAX_COMBINED + 1))))
+    with pytest.raises(gr.Error, match="upwards"):
+        h._settings(*_values(tokens="5-2"))

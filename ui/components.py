@@ -327,7 +327,7 @@ def whole_number(value, name: str, minimum: int = 0) -> int:
     return int(number)
 
 
-MAX_COMBINED = 512  # tokens one combined map may name
+MAX_COMBINED = 64  # tokens one combined map may name (each is a map of its own to compute)
 
 
 def parse_steps(value, name: str = "Tokens") -> tuple[int, ...]:

@@ -46,7 +46,7 @@ CHIPS_JS = """
       const [lo, hi] = piece.split('-').map((v) => v.trim());
       if (lo === '' || lo === undefined) continue;
       const first = parseInt(lo, 10), last = hi === undefined ? first : parseInt(hi, 10);
-      for (let t = first; t <= last && t - first < 512; t++) if (!Number.isNaN(t)) steps.add(t);
+      for (let t = first; t <= last && t - first < 64; t++) if (!Number.isNaN(t)) steps.add(t);
     }
     return steps;
   };
