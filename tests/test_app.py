@@ -187,6 +187,10 @@ def test_full_flow_through_gradio_client(tiny_model_dirs, image_file, tmp_path):
         assert not [name for params in names.values() for name in params if name.startswith("param_")]
         by_name = client.predict(token=1, layer_lo=1, layer_hi=1, head_lo=0, head_hi=0, api_name="/render")
         assert "Token 1 " in by_name[1] and "layers 1 · heads 0 · mean of 1 maps" in by_name[1]  # rest: defaults
+        several = client.predict(token=[2, 0], combine="max", api_name="/render")  # a list of tokens
+        assert several[1].startswith("Tokens 0, 2 ") and "(max of their maps)" in several[1]
+        typed = client.predict(tokens="0-1", contrast_token=2, api_name="/render")
+        assert typed[1].startswith("Tokens 0, 1 ") and "minus token 2" in typed[1]
     finally:
         demo.close()
 
