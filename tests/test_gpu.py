@@ -112,3 +112,19 @@ def test_knockouts_equal_the_eager_masked_forward_on_one_gpu(tiny_model_dirs, fa
     rows = _random_rows(holder, run, 1, np.random.default_rng(7))
     for row, outcome in zip(rows, forward_outcomes(holder, run, 1, rows, batch_size=3), strict=True):
         assert outcome.p_token == pytest.approx(_eager_probability(holder, run, 1, row), rel=RTOL * 10, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "paligemma", "llava_next"])
+def test_tam_on_one_gpu_equals_the_cpu(load_holder, tiny_model_dirs, family):
+    """TAM's pass on the GPU (logits for the ids that occur, the final soft-cap) gives the CPU's maps."""
+    import numpy as np
+
+    from methods.tam import tam_maps
+
+    cpu = load_holder(family)
+    gpu = ModelHolder.load(tiny_model_dirs[family], device="cuda", dtype="float32")
+    run = cpu.generate(noise_image(150, 100, seed=5), "Describe the picture.", max_new_tokens=4, min_new_tokens=4)
+    steps = list(range(run.num_steps))
+    for on_cpu, on_gpu in zip(tam_maps(cpu, run, steps), tam_maps(gpu, run, steps), strict=True):
+        np.testing.assert_allclose(on_gpu.heat, on_cpu.heat, rtol=2e-3, atol=1e-4 * max(1.0, float(on_cpu.heat.max())))
+        assert on_gpu.alpha == pytest.approx(on_cpu.alpha, rel=2e-3, abs=1e-6)
