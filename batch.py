@@ -418,6 +418,7 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
     """`--manifest`: score every item's maps against its target; 0 when every row was scored, else 1.
     Under several processes each loads the model on its own device and scores its share of the items."""
     from study.items import StudySettings
+    from study.outputs import method_table
     from study.runner import run_study
 
     if not args.manifest.exists():
@@ -461,6 +462,8 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
         return 0
     for problem in problems:
         logger.warning(problem)
+    if len(results):
+        print("\n".join(method_table(results)) + "\n")
     print(
         f"{results['item_id'].nunique()} items scored with {', '.join(methods)}, {len(problems)} problems; "
         f"results in {args.out}"

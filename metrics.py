@@ -10,6 +10,9 @@ image the model saw never count as inside the target. No model, no drawing.
 - `attention_ratio`: the share of the map's mass on the target divided by the target's share of
   the area the grid covers ("MLLMs Know Where to Look", ICLR 2025); 1 is chance level.
 - `otsu_iou`: IoU of the map thresholded by Otsu's method with the target (TAM's Obj-IoU).
+
+And the numbers a study reports over its items: `bootstrap_interval` (a mean's percentile bootstrap
+interval) and `sign_test` (paired one-sided sign test).
 """
 
 from __future__ import annotations
@@ -148,3 +151,28 @@ def sign_test(first: Sequence[float], second: Sequence[float]) -> tuple[int, int
     wins, pairs = int((a[keep] < b[keep]).sum()), int(keep.sum())
     p_value = sum(math.comb(pairs, k) for k in range(wins, pairs + 1)) / 2**pairs if pairs else 1.0
     return wins, pairs, float(p_value)
+
+
+def bootstrap_interval(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of the finite `values` and its percentile bootstrap interval: the
+    (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of the means of `resamples` resamples drawn
+    with replacement (numpy's default_rng(seed), so the same values and seed give the same interval).
+    Constant values give lo == mean == hi; no finite value gives three NaNs."""
+    if not 0 < confidence < 1 or resamples < 1:
+        raise InputError(f"Need 0 < confidence < 1 and resamples >= 1, got {confidence} and {resamples}.")
+    data = np.asarray(values, dtype=np.float64).ravel()
+    data = data[np.isfinite(data)]  # (n,)
+    if not len(data):
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // len(data))  # resamples per draw: about 16 MB of indices at a time
+    means = np.concatenate(
+        [
+            data[rng.integers(0, len(data), (min(chunk, resamples - k), len(data)))].mean(axis=1)
+            for k in range(0, resamples, chunk)
+        ]
+    )  # (resamples,)
+    lo, hi = np.percentile(means, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(data.mean()), float(lo), float(hi)

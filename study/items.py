@@ -13,6 +13,7 @@ cannot give is named in the item's problems; its other methods are kept.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,6 +46,8 @@ COLUMNS = (
     "pointing_hit",
     "attention_ratio",
     "iou",
+    "map_seconds",  # wall time of the map (with relative: and of the generic prompt's pass); after the
+    # scores, so that a reader of the older columns finds them where they were
 )
 HEAD_COLUMNS = ("item_id", "split", "correct", "layer_idx", "head_idx", "pointing_hit", "attention_ratio")
 
@@ -192,16 +195,21 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
             "layers": f"{layers[0]}-{layers[1]}" if ranged else "all",
             "heads": f"{heads[0]}-{heads[1]}" if ranged else "all",
         }
+        start = time.perf_counter()
         try:
             (heat,) = compute_maps(name, MapRequest(holder, run, [step], layers, heads))  # (grid_h, grid_w) or patches
         except (ValueError, MemoryError) as err:
             scores.problems.append(f"{name}: {err}")
             continue
-        scores.rows.append({**common, **where, **_scores(heat, run, region)})
+        seconds = time.perf_counter() - start
+        scores.rows.append({**common, **where, **_scores(heat, run, region), "map_seconds": seconds})
         if settings.relative and name == RAW_ATTENTION:
+            start = time.perf_counter()
             generic = token_heatmap(generic_baseline(holder, run), 0, layers, heads)  # (grid_h, grid_w)
+            heat = relative_heatmap(heat, generic)  # (grid_h, grid_w)
+            seconds += time.perf_counter() - start
             scores.rows.append(
-                {**common, **where, "relative": True, **_scores(relative_heatmap(heat, generic), run, region)}
+                {**common, **where, "relative": True, **_scores(heat, run, region), "map_seconds": seconds}
             )
     if settings.per_head:
         head_common = {"item_id": item.id, "split": item.split, "correct": correct}

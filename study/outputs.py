@@ -10,7 +10,8 @@
     DIR/knockout.parquet, knockout.csv with knockout: per item, the layer sweep's rows
                                        (`study_knockout.SWEEP_COLUMNS`); results then also hold the
                                        item's KNOCKOUT_COLUMNS
-    DIR/summary.md                     the headline numbers and every problem
+    DIR/summary.md                     the headline numbers (per method: the scores' means with their 95%
+                                       bootstrap intervals, ms per map) and every problem
 
 The tables hold the items in manifest order; parquet keeps the types (pyarrow), csv is for everything else.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metrics import bootstrap_interval
 from pictures.study_plots import accuracy_by_layer_png, layer_head_matrix_png
 from study.items import COLUMNS, HEAD_COLUMNS, StudySettings
 from study.knockout import KNOCKOUT_COLUMNS, knockout_summary, knockout_table
@@ -142,22 +144,45 @@ def _localization(out: Path, heads: pd.DataFrame, record: dict | None) -> list[s
     ]
 
 
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0  # the summary's intervals: the same table on every rerun
+
+
+def _interval(values) -> str:
+    """'mean [lo, hi]' to 3 decimals: the mean over items and its 95% percentile bootstrap interval."""
+    mean, lo, hi = bootstrap_interval(values, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    return "—" if np.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def method_table(results: pd.DataFrame) -> list[str]:
+    """The per-method table in Markdown lines: per method (and relative variant), the items it scored, its
+    pointing game, attention ratio and Otsu IoU as means over items with their 95% bootstrap intervals,
+    and the mean milliseconds per map ("—" where no row has a time: rows of a study older than
+    map_seconds)."""
+    lines = [
+        f"Means over items, with 95% percentile-bootstrap intervals over items in brackets "
+        f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); ms per map is the mean wall time of one map.",
+        "",
+        "| method | layers | heads | items | pointing game | attention ratio (1 = chance) | Otsu IoU | ms per map |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, relative), rows in results.groupby(["method", "relative"], sort=False):
+        name = f"{method}, relative to a generic prompt" if relative else method
+        seconds = pd.to_numeric(rows["map_seconds"], errors="coerce").dropna()
+        ms = f"{seconds.mean() * 1000:.1f}" if len(seconds) else "—"
+        lines.append(
+            f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | {rows['item_id'].nunique()} | "
+            f"{_interval(rows['pointing_hit'].astype(float))} | {_interval(rows['attention_ratio'])} | "
+            f"{_interval(rows['iou'])} | {ms} |"
+        )
+    return lines
+
+
 def summary(results: pd.DataFrame, problems: list[str], model_id: str) -> str:
     """The headline numbers in Markdown."""
     scored = results["item_id"].nunique() if len(results) else 0
     lines = [f"# Study of {model_id}", "", f"{scored} items scored; {len(problems)} problems (listed below).", ""]
     if len(results):
-        lines += [
-            "| method | layers | heads | pointing game | attention ratio (1 = chance) | Otsu IoU |",
-            "|---|---|---|---|---|---|",
-        ]
-        for (method, relative), rows in results.groupby(["method", "relative"], sort=False):
-            name = f"{method}, relative to a generic prompt" if relative else method
-            lines.append(
-                f"| {name} | {rows['layers'].iloc[0]} | {rows['heads'].iloc[0]} | "
-                f"{rows['pointing_hit'].mean():.3f} | {rows['attention_ratio'].mean():.3f} | "
-                f"{rows['iou'].mean():.3f} |"
-            )
+        lines += method_table(results)
         known = results.drop_duplicates("item_id")["correct"].dropna()
         if len(known):
             lines += ["", f"Answers correct: {known.astype(float).mean():.3f} of {len(known)}."]

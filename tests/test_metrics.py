@@ -68,3 +68,23 @@ def test_otsus_threshold_splits_two_clusters():
     threshold = otsu_threshold(values)
     assert 0.1 < threshold <= 0.9 and (values >= threshold).sum() == 10
     assert otsu_threshold(np.full(5, 0.3)) == pytest.approx(0.3)  # flat: nothing stands out
+
+
+def test_the_bootstrap_interval_holds_the_mean_shrinks_with_more_items_and_repeats_for_a_seed():
+    from metrics import bootstrap_interval
+
+    rng = np.random.default_rng(3)
+    small, large = rng.random(20), rng.random(2000)
+    mean, lo, hi = bootstrap_interval(small)
+    assert lo < mean < hi and mean == pytest.approx(small.mean())
+    _, lo_large, hi_large = bootstrap_interval(large)
+    assert hi_large - lo_large < (hi - lo) / 4  # about 1/sqrt(100) as wide
+    assert bootstrap_interval(small, seed=7) == bootstrap_interval(small, seed=7)
+    assert bootstrap_interval(small, seed=7) != bootstrap_interval(small, seed=8)
+    assert bootstrap_interval([0.25] * 9) == (0.25, 0.25, 0.25)  # constant: nothing to resample
+    assert bootstrap_interval([True, False, np.nan]) == bootstrap_interval([1.0, 0.0])  # NaN left out
+    assert all(np.isnan(v) for v in bootstrap_interval([np.nan]))
+    _, lo90, hi90 = bootstrap_interval(small, confidence=0.9)
+    assert lo <= lo90 and hi90 <= hi
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_interval(small, confidence=1.0)
