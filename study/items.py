@@ -9,6 +9,10 @@ prompt" does. With `per_head`, every single layer's map (all its heads) and ever
 scored too, and `localization.range_hits` records which pairs of ranges point at the target. With
 `knockout`, the causal checks of `study.knockout` (per item columns and a layer sweep). A method a model
 cannot give is named in the item's problems; its other methods are kept.
+
+The scored token is the manifest's `target` word, or the answer's first word. A target the tokenizer split
+into several generated tokens is scored as one map per method: the sum of its tokens' maps (with
+`per_head`, of their rows); the knockouts read the probability of its first token.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from analysis import relative_heatmap
-from attention_processor import RAW_ATTENTION, token_heatmap, vision_attention
+from attention_processor import RAW_ATTENTION, combine_maps, token_heatmap, vision_attention
 from errors import InputError
 from methods import METHODS, MapRequest, compute_maps, generic_baseline
 from metrics import attention_ratio, attention_ratios, otsu_iou, pointing_cells, pointing_hit, target_mask
@@ -100,14 +104,31 @@ class ItemScores:
     knockout_rows: list[dict] = field(default_factory=list)
 
 
-def scored_step(tokens: list[str], target: str | None) -> int:
-    """The generated token to score: the first whose text is `target` (case and spaces ignored), or by
-    default the first with a letter or digit in it."""
-    for step, token in enumerate(tokens):
-        text = token.strip().lower()
-        if (text == target.strip().lower()) if target else any(ch.isalnum() for ch in text):
-            return step
-    raise InputError(f"no generated token matches {target!r}" if target else "the answer has no word to score")
+def _letters(text: str) -> str:
+    """`text` without spaces, lower-cased: how a target and the generated tokens are compared."""
+    return "".join(text.split()).lower()
+
+
+def scored_steps(tokens: list[str], target: str | None) -> list[int]:
+    """The generated tokens to score, 0-based steps: with a target, the first run of consecutive tokens
+    whose joined text is the target (spaces and case ignored; a run starts at a token with some text),
+    one token or a word the tokenizer split ("ap", "ple" for "apple"); by default the first token with a
+    letter or digit in it."""
+    if not target:
+        for step, token in enumerate(tokens):
+            if any(ch.isalnum() for ch in token):
+                return [step]
+        raise InputError("the answer has no word to score")
+    wanted = _letters(target)
+    for start in range(len(tokens)):
+        joined = ""
+        for step in range(start, len(tokens)):
+            joined += _letters(tokens[step])
+            if not joined or not wanted.startswith(joined):
+                break
+            if joined == wanted:
+                return list(range(start, step + 1))
+    raise InputError(f"no generated token, nor run of consecutive tokens, spells {target!r}")
 
 
 def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
@@ -121,10 +142,10 @@ def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
     }
 
 
-def _per_head(run, step: int, region: np.ndarray, common: dict) -> tuple[list[dict], str]:
-    """Rows for every captured layer's mean map (head_idx None) and every (layer, head) map, and the
-    packed pointing hits of every pair of contiguous ranges."""
-    values = vision_attention(run, step).numpy()  # (L, H, N) float32
+def _per_head(run, steps: list[int], region: np.ndarray, common: dict) -> tuple[list[dict], str]:
+    """Rows for every captured layer's mean map (head_idx None) and every (layer, head) map of the scored
+    steps (summed over them), and the packed pointing hits of every pair of contiguous ranges."""
+    values = sum(vision_attention(run, step).numpy() for step in steps)  # (L, H, N) float32
     num_layers, num_heads, _ = values.shape
     cell_hit = pointing_cells(run.vision, region)  # (N,)
     maps = np.concatenate([values.mean(axis=1, keepdims=True), values], axis=1)  # (L, 1 + H, N): mean first
@@ -170,7 +191,7 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
     heads = settings.heads or (0, holder.num_heads - 1)
     image = load_image(item.image)
     run = holder.generate(image, item.prompt, max_new_tokens=settings.max_new_tokens)
-    step = scored_step(run.generated_tokens, item.target)
+    steps = scored_steps(run.generated_tokens, item.target)
     mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
     region = target_mask(image.size, item.boxes or (), mask)
     answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
@@ -184,7 +205,7 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
         "answer": answer,
         "expected": expected,
         "correct": correct,
-        "token": run.generated_tokens[step],
+        "token": "".join(run.generated_tokens[step] for step in steps),  # the word, when it took several
     }
     scores = ItemScores(item.id)
     for name in settings.methods:
@@ -197,7 +218,10 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
         }
         start = time.perf_counter()
         try:
-            (heat,) = compute_maps(name, MapRequest(holder, run, [step], layers, heads))  # (grid_h, grid_w) or patches
+            maps = compute_maps(
+                name, MapRequest(holder, run, steps, layers, heads)
+            )  # per step: (grid_h, grid_w) or patches
+            heat = combine_maps(maps, "sum")  # the word's map
         except (ValueError, MemoryError) as err:
             scores.problems.append(f"{name}: {err}")
             continue
@@ -213,7 +237,7 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
             )
     if settings.per_head:
         head_common = {"item_id": item.id, "split": item.split, "correct": correct}
-        scores.head_rows, scores.range_hits = _per_head(run, step, region, head_common)
-    if settings.knockout:
-        _knockout(holder, item, run, step, settings, (layers, heads), scores)
+        scores.head_rows, scores.range_hits = _per_head(run, steps, region, head_common)
+    if settings.knockout:  # the probability of the word's first token
+        _knockout(holder, item, run, steps[0], settings, (layers, heads), scores)
     return scores

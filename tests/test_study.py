@@ -327,3 +327,46 @@ def test_the_method_table_has_bootstrap_intervals_and_times_and_an_older_study_s
     timed = again[(again["method"] == "rollout") & again["map_seconds"].notna()]
     assert float(cells[7]) == pytest.approx(timed["map_seconds"].mean() * 1000, abs=0.05)
     assert pd.read_parquet(out / "results.parquet")["map_seconds"].isna().sum() == 4
+
+
+def test_a_target_word_is_the_first_run_of_tokens_that_spells_it():
+    from study.items import scored_steps
+
+    assert scored_steps(["Ap", "ple", " is", " red"], "apple") == [0, 1]
+    assert scored_steps([" The", " red"], " Red ") == [1]  # one token, as before
+    assert scored_steps(["ap", "ap", "ple"], "apple") == [1, 2]  # a false start gives way
+    assert scored_steps(["x", " ", "ice", " ", "cream", "ice", "cream"], "ice cream") == [2, 3, 4]  # spaces ignored
+    assert scored_steps(["?", " ", "Blue"], None) == [2]  # no target: the first word, one token
+    with pytest.raises(ValueError, match="spells 'pear'"):
+        scored_steps(["pe", "a"], "pear")
+    with pytest.raises(ValueError, match="no word to score"):
+        scored_steps(["?", "!"], None)
+
+
+def test_a_target_split_into_two_tokens_scores_the_sum_of_their_maps(load_holder, tmp_path):
+    from attention_processor import combine_maps
+    from methods import MapRequest, compute_maps
+    from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
+
+    holder = load_holder("qwen2_vl")
+    image = noise_image(120, 90, seed=2)
+    image.save(tmp_path / "n.png")
+    run = holder.generate(image, "What is this?", max_new_tokens=8)
+    assert run.generated_tokens[3:6] == ["þ", "E", "gle"]  # read off this tiny model: "Egle" is two tokens
+    box = [0, 0, 60, 45]
+    row = {"id": "n", "image": "n.png", "prompt": "What is this?", "target": "egle", "boxes": [box]}
+    (tmp_path / "items.jsonl").write_text(json.dumps(row) + "\n")
+    settings = StudySettings(max_new_tokens=8, methods=("attention", "rollout", "tam"), per_head=True)
+    results, problems = run_study(holder, tmp_path / "items.jsonl", tmp_path / "out", settings)
+    assert problems == [] and list(results["token"]) == ["Egle"] * 3  # the joined word
+    region = target_mask(image.size, [box])
+    everything = (0, holder.num_layers - 1), (0, holder.num_heads - 1)
+    for name, found in zip(results["method"], results.itertuples(), strict=True):
+        maps = compute_maps(name, MapRequest(holder, run, [4, 5], *everything))
+        heat = combine_maps(maps, "sum")  # (grid_h, grid_w)
+        assert not np.allclose(heat, maps[0]), name  # the second token adds to the first's map
+        assert found.pointing_hit == pointing_hit(heat, run.vision, region), name
+        assert found.attention_ratio == pytest.approx(attention_ratio(heat, run.vision, region), rel=1e-5), name
+        assert found.iou == pytest.approx(otsu_iou(heat, run.vision, region), rel=1e-5), name
+    heads = pd.read_parquet(tmp_path / "out" / "heads.parquet")
+    assert len(heads) == holder.num_layers * (1 + holder.num_heads)
