@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--knockout-draws", type=int, default=8, help="with --knockout: random control regions per item"
     )
     parser.add_argument(
+        "--function-words",
+        action="store_true",
+        help="with --manifest: also score each method's maps of the answer's function words (the, a, of, ...: "
+        "the share of the image below the map's Otsu threshold) against the object score, and their F1 as TAM "
+        "reports it; function_words.parquet/csv",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads per process (default: torch's own, which "
@@ -436,6 +443,7 @@ def _study(parser: argparse.ArgumentParser, args) -> int:
         knockout=tuple(dict.fromkeys(name.strip() for name in args.knockout.split(",") if name.strip())),
         knockout_window=args.knockout_window,
         knockout_draws=args.knockout_draws,
+        function_words=args.function_words,
     )
     state = _processes(args.device)
     device = args.device  # one process: 'auto' spreads a large model over the GPUs (device_map)

@@ -10,6 +10,8 @@ image the model saw never count as inside the target. No model, no drawing.
 - `attention_ratio`: the share of the map's mass on the target divided by the target's share of
   the area the grid covers ("MLLMs Know Where to Look", ICLR 2025); 1 is chance level.
 - `otsu_iou`: IoU of the map thresholded by Otsu's method with the target (TAM's Obj-IoU).
+- `off_share`: the share of the image below the map's Otsu threshold, with no target (TAM's score of
+  function words, which should point nowhere).
 
 And the numbers a study reports over its items: `bootstrap_interval` (a mean's percentile bootstrap
 interval) and `sign_test` (paired one-sided sign test).
@@ -176,3 +178,18 @@ def bootstrap_interval(
     )  # (resamples,)
     lo, hi = np.percentile(means, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(data.mean()), float(lo), float(hi)
+
+
+def off_share(heat: np.ndarray, layout: VisionLayout) -> float:
+    """The share of the image area the grid covers (original-image pixels) whose cells lie below the map's
+    Otsu threshold: how much of the image the map leaves dark (TAM's function-word score, for words that
+    should point nowhere; 1 is best). A map with no mass at all scores 1; any other flat map has nothing
+    below its threshold (every cell counts as on, as in `otsu_iou`) and scores 0."""
+    heat = _check(heat, layout)
+    if not heat.any():
+        return 1.0
+    off = heat < otsu_threshold(heat)  # (grid_h, grid_w) bool
+    sizes = np.array(
+        [(r.stop - r.start) * (c.stop - c.start) for r, c in layout.cell_slices()], dtype=np.float64
+    )  # (N,) pixels per cell, inside the image
+    return float((sizes * off.ravel()).sum() / sizes.sum()) if sizes.sum() else 0.0

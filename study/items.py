@@ -8,7 +8,8 @@ scored divided by the map of a generic prompt on the same image, as the app's "R
 prompt" does. With `per_head`, every single layer's map (all its heads) and every (layer, head) map is
 scored too, and `localization.range_hits` records which pairs of ranges point at the target. With
 `knockout`, the causal checks of `study.knockout` (per item columns and a layer sweep). A method a model
-cannot give is named in the item's problems; its other methods are kept.
+cannot give is named in the item's problems; its other methods are kept. With `function_words`, each
+method's maps of the answer's function words too (`study.function_words`).
 
 The scored token is the manifest's `target` word, or the answer's first word. A target the tokenizer split
 into several generated tokens is scored as one map per method: the sum of its tokens' maps (with
@@ -27,8 +28,9 @@ from analysis import relative_heatmap
 from attention_processor import RAW_ATTENTION, combine_maps, token_heatmap, vision_attention
 from errors import InputError
 from methods import METHODS, MapRequest, compute_maps, generic_baseline
-from metrics import attention_ratio, attention_ratios, otsu_iou, pointing_cells, pointing_hit, target_mask
+from metrics import attention_ratio, attention_ratios, off_share, otsu_iou, pointing_cells, pointing_hit, target_mask
 from model_holder import ModelHolder
+from study.function_words import function_steps
 from study.knockout import KNOCKOUTS, NO_BOX, empty_knockout, knockout_columns, sweep_rows
 from study.localization import pack_hits, range_hits
 from study.manifest import Item
@@ -70,6 +72,7 @@ class StudySettings:
     knockout: tuple[str, ...] = ()  # causal checks of study.knockout: any of KNOCKOUTS
     knockout_window: int = 9  # layers per window of the knockout sweep
     knockout_draws: int = 8  # random control regions per item
+    function_words: bool = False  # also score the maps of the answer's function words (study.function_words)
 
     def check(self) -> None:
         """Raise ValueError naming the fix."""
@@ -93,7 +96,8 @@ class ItemScores:
     """One item's scores: results rows (COLUMNS), per-head rows (HEAD_COLUMNS), the packed range hits
     (`localization.pack_hits` of (n_layer_ranges, n_head_ranges); empty without per_head), with
     knockout its `study.knockout.KNOCKOUT_COLUMNS` (None where not scored; empty without) and sweep rows
-    (SWEEP_COLUMNS), and what could not be scored."""
+    (SWEEP_COLUMNS), with function_words the rows of `study.function_words.FUNCTION_COLUMNS` (empty
+    without), and what could not be scored."""
 
     item_id: str
     rows: list[dict] = field(default_factory=list)
@@ -102,6 +106,7 @@ class ItemScores:
     problems: list[str] = field(default_factory=list)
     knockout: dict = field(default_factory=dict)
     knockout_rows: list[dict] = field(default_factory=list)
+    function_rows: list[dict] = field(default_factory=list)
 
 
 def _letters(text: str) -> str:
@@ -132,9 +137,8 @@ def scored_steps(tokens: list[str], target: str | None) -> list[int]:
 
 
 def _scores(heat: np.ndarray, run, region: np.ndarray) -> dict:
-    """The three scores of one map. A map finer than the token grid (the ViT map's patches) covers the
-    same box, so its layout is the run's with the finer grid."""
-    layout = run.vision if heat.shape == tuple(run.vision.grid_hw) else replace(run.vision, grid_hw=heat.shape)
+    """The three scores of one map, on `_layout`."""
+    layout = _layout(heat, run)
     return {
         "pointing_hit": pointing_hit(heat, layout, region),
         "attention_ratio": attention_ratio(heat, layout, region),
@@ -163,6 +167,34 @@ def _per_head(run, steps: list[int], region: np.ndarray, common: dict) -> tuple[
         for k in range(num_heads + 1)
     ]
     return rows, pack_hits(range_hits(values, cell_hit))
+
+
+def _layout(heat: np.ndarray, run):
+    """The layout a map is scored on: the run's, or for a map finer than the token grid (the ViT map's
+    patches, over the same box) the run's with the finer grid."""
+    return run.vision if heat.shape == tuple(run.vision.grid_hw) else replace(run.vision, grid_hw=heat.shape)
+
+
+def _function_words(holder, run, steps: list[int], ranges: tuple, where: dict, scores) -> None:
+    """Append to `scores.function_rows` the function score of each generated function word's map by the
+    method `where` names (`study.function_words`); a map that fails is a problem."""
+    found = function_steps(run.generated_tokens, steps)
+    if not found:
+        return
+    try:
+        maps = compute_maps(where["method"], MapRequest(holder, run, found, *ranges))  # per step: (gh, gw) or patches
+    except (ValueError, MemoryError) as err:
+        scores.problems.append(f"{where['method']} of the function words: {err}")
+        return
+    scores.function_rows += [
+        {
+            **{key: where[key] for key in ("item_id", "split", "method", "layers", "heads")},
+            "step_idx": step,
+            "token": run.generated_tokens[step],
+            "function_score": off_share(heat, _layout(heat, run)),
+        }
+        for step, heat in zip(found, maps, strict=True)
+    ]
 
 
 def _knockout(holder: ModelHolder, item: Item, run, step: int, settings: StudySettings, maps: tuple, scores) -> None:
@@ -218,9 +250,7 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
         }
         start = time.perf_counter()
         try:
-            maps = compute_maps(
-                name, MapRequest(holder, run, steps, layers, heads)
-            )  # per step: (grid_h, grid_w) or patches
+            maps = compute_maps(name, MapRequest(holder, run, steps, layers, heads))  # per step: (gh, gw) or patches
             heat = combine_maps(maps, "sum")  # the word's map
         except (ValueError, MemoryError) as err:
             scores.problems.append(f"{name}: {err}")
@@ -234,6 +264,10 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
             seconds += time.perf_counter() - start
             scores.rows.append(
                 {**common, **where, "relative": True, **_scores(heat, run, region), "map_seconds": seconds}
+            )
+        if settings.function_words:
+            _function_words(
+                holder, run, steps, (layers, heads), {"item_id": item.id, "split": item.split, **where}, scores
             )
     if settings.per_head:
         head_common = {"item_id": item.id, "split": item.split, "correct": correct}

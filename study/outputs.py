@@ -10,6 +10,8 @@
     DIR/knockout.parquet, knockout.csv with knockout: per item, the layer sweep's rows
                                        (`study_knockout.SWEEP_COLUMNS`); results then also hold the
                                        item's KNOCKOUT_COLUMNS
+    DIR/function_words.parquet, .csv   with function_words: per item, method and generated function word,
+                                       its map's function score (`study_function_words.FUNCTION_COLUMNS`)
     DIR/summary.md                     the headline numbers (per method: the scores' means with their 95%
                                        bootstrap intervals, ms per map) and every problem
 
@@ -26,6 +28,7 @@ import pandas as pd
 
 from metrics import bootstrap_interval
 from pictures.study_plots import accuracy_by_layer_png, layer_head_matrix_png
+from study.function_words import function_summary, function_table
 from study.items import COLUMNS, HEAD_COLUMNS, StudySettings
 from study.knockout import KNOCKOUT_COLUMNS, knockout_summary, knockout_table
 from study.localization import choose_ranges, contiguous_ranges, pointing_at, ranges_json, ranges_record, unpack_hits
@@ -218,6 +221,10 @@ def write_outputs(
         _write_table(sweep, out, "knockout")
         per_item = pd.DataFrame([record.get("knockout") or {} for record in done], columns=list(KNOCKOUT_COLUMNS))
         text += "\n".join(knockout_summary(per_item, sweep, settings.knockout)) + "\n"
+    if settings.function_words:
+        words = function_table(done)
+        _write_table(words, out, "function_words")
+        text += "\n".join(function_summary(words, results)) + "\n"
     if settings.per_head and done:
         heads = pd.DataFrame([row for record in done for row in record["head_rows"]], columns=list(HEAD_COLUMNS))
         heads["head_idx"] = heads["head_idx"].astype("Int64")  # empty: the layer's mean map

@@ -88,3 +88,18 @@ def test_the_bootstrap_interval_holds_the_mean_shrinks_with_more_items_and_repea
     assert lo <= lo90 and hi90 <= hi
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_interval(small, confidence=1.0)
+
+
+def test_a_function_words_map_scores_the_image_it_leaves_dark():
+    from metrics import off_share
+
+    layout = _layout()  # 4 x 4 cells over 400 x 400 px, each 1/16 of the area
+    assert off_share(_one_hot(1, 2), layout) == pytest.approx(15 / 16)  # all mass in one cell: dark elsewhere
+    two = _one_hot(0, 0) + _one_hot(3, 3)
+    assert off_share(two, layout) == pytest.approx(14 / 16)
+    assert off_share(np.full((4, 4), 0.3), layout) == 0.0  # flat: spread over everything, nothing dark
+    assert off_share(np.zeros((4, 4)), layout) == 1.0  # no mass at all: it points nowhere
+    wide = _layout(image_size=(400, 200), box=(0.0, 0.0, 400.0, 200.0), grid=(1, 2))
+    assert off_share(np.array([[0.0, 1.0]]), wide) == pytest.approx(0.5)  # by area, in the image's pixels
+    with pytest.raises(ValueError, match="non-negative"):
+        off_share(-np.ones((4, 4)), layout)

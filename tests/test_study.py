@@ -370,3 +370,53 @@ def test_a_target_split_into_two_tokens_scores_the_sum_of_their_maps(load_holder
         assert found.iou == pytest.approx(otsu_iou(heat, run.vision, region), rel=1e-5), name
     heads = pd.read_parquet(tmp_path / "out" / "heads.parquet")
     assert len(heads) == holder.num_layers * (1 + holder.num_heads)
+
+
+def test_function_words_are_scored_per_method_with_the_object_score_and_their_f1(
+    load_holder, tiny_model_dirs, tmp_path
+):
+    import batch
+    from methods import MapRequest, compute_maps
+    from metrics import off_share
+    from study.function_words import FUNCTION_COLUMNS, f1
+
+    holder = load_holder("qwen2_vl")
+    rows = []
+    for k, (seed, prompt) in enumerate([(3, "Describe the image."), (2, "What is this?")]):
+        noise_image(120, 90, seed=seed).save(tmp_path / f"n{k}.png")
+        rows.append({"id": f"n{k}", "image": f"n{k}.png", "prompt": prompt, "boxes": [[0, 0, 60, 45]]})
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dirs["qwen2_vl"]), "--manifest", str(tmp_path / "items.jsonl")]
+    argv += ["--out", str(out), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
+    assert batch.main([*argv, "--methods", "attention,rollout", "--function-words"]) == 0
+    words = pd.read_parquet(out / "function_words.parquet")
+    assert list(words.columns) == list(FUNCTION_COLUMNS)
+    # read off this tiny model: ' a' is the fourth token of the first answer and the seventh of the second
+    assert list(zip(words["item_id"], words["method"], words["step_idx"], words["token"], strict=True)) == [
+        ("n0", "attention", 3, " a"),
+        ("n0", "rollout", 3, " a"),
+        ("n1", "attention", 6, " a"),
+        ("n1", "rollout", 6, " a"),
+    ]
+    run = holder.generate(noise_image(120, 90, seed=2), "What is this?", max_new_tokens=8)
+    everything = (0, holder.num_layers - 1), (0, holder.num_heads - 1)
+    (heat,) = compute_maps("rollout", MapRequest(holder, run, [6], *everything))
+    assert words["function_score"].iloc[3] == pytest.approx(off_share(heat, run.vision), abs=1e-6)
+    assert words["function_score"].between(0, 1).all()
+    results = pd.read_parquet(out / "results.parquet")
+    summary = (out / "summary.md").read_text()
+    assert "## Function words" in summary
+    for method in ("attention", "rollout"):
+        o = results.loc[results["method"] == method, "iou"].mean()
+        f = words.loc[words["method"] == method, "function_score"].mean()
+        assert f"| {method} | 2 | {o:.3f} | 2 | {f:.3f} | {f1(o, f):.3f} |" in summary
+    assert f1(0.5, 1.0) == pytest.approx(2 / 3) and f1(0.0, 0.0) == 0.0 and np.isnan(f1(0.5, np.nan))
+    # Without the option: no table, no section, and the setting is part of what a resume compares.
+    again, _ = run_study(holder, tmp_path / "items.jsonl", tmp_path / "plain", StudySettings(max_new_tokens=8))
+    assert not (tmp_path / "plain" / "function_words.csv").exists()
+    assert "Function words" not in (tmp_path / "plain" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="function_words differ"):
+        run_study(
+            holder, tmp_path / "items.jsonl", tmp_path / "plain", StudySettings(max_new_tokens=8, function_words=True)
+        )
