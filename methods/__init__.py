@@ -19,6 +19,7 @@ from attention_processor import RAW_ATTENTION, token_heatmap
 from errors import InputError
 from methods.explain import gradient_map, rollout_map, vit_combined_maps
 from methods.lens import run_logit_lens
+from methods.occlusion import knockout_maps
 from methods.tam import tam_maps
 
 
@@ -163,6 +164,13 @@ METHODS: dict[str, MapMethod] = {
             "Token Activation Map (last-layer logit, context interference removed, rank Gaussian filter)",
             _tam,
             prompt=_tam_prompt,
+        ),
+        MapMethod(
+            "cell_knockout",
+            "cell knockout: the drop in the token's probability when its attention to each cell is blocked",
+            "cell knockout: the drop in the token's probability with its attention to each cell blocked in every "
+            "layer (blocks of k×k cells when the grid has over 256)",
+            knockout_maps,
         ),
     )
 }
