@@ -30,7 +30,7 @@ from causal.knockout import Knockout
 from causal.positions import box_positions, grid_cell_positions, image_positions, top_cell_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
-from methods import MapRequest, compute_maps, compute_prompt_maps, generic_baseline, method
+from methods import MapRequest, MapSet, compute_maps, compute_prompt_maps, generic_baseline, method
 from methods.faithfulness import Faithfulness, faithfulness
 from methods.lens import run_logit_lens
 from model_holder import ModelHolder
@@ -240,14 +240,26 @@ def method_maps(
             max_gradient_mb=max_gradient_mb,
             track=track,
         )
-        with slot.lock:
-            if settings.prompt_pos is not None:
-                maps = compute_prompt_maps(entry.name, request, stored.run.prompt_positions)
-            else:
-                maps = compute_maps(entry.name, request)
-        stored.method_maps[key] = maps
+        if entry.per_token and settings.prompt_pos is None:  # only the tokens on show, filled in later
+            stored.method_maps[key] = MapSet([None] * stored.run.num_steps)
+        else:
+            with slot.lock:
+                if settings.prompt_pos is not None:
+                    maps = compute_prompt_maps(entry.name, request, stored.run.prompt_positions)
+                else:
+                    maps = compute_maps(entry.name, request)
+            stored.method_maps[key] = maps
         stored.method_captions[entry.name] = entry.caption
-    return stored.method_maps[key]
+    maps = stored.method_maps[key]
+    missing = [t for t in settings.tokens if settings.prompt_pos is None and maps[t] is None]
+    if missing:
+        holder = slot.made(stored.run, f"The {entry.name} map")
+        request = MapRequest(holder, stored.run, missing, settings.layers, settings.heads, track=track)
+        with slot.lock:
+            found = compute_maps(entry.name, request)
+        for t, heat, note in zip(missing, found, found.notes, strict=True):
+            maps[t], maps.notes[t] = heat, note
+    return maps
 
 
 def lens_page(slot: ModelSlot, stored: StoredRun) -> str:

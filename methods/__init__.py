@@ -71,6 +71,7 @@ class MapMethod:
     needs_model: bool = True
     uses_ranges: bool = False
     prompt: Callable[[MapRequest, Sequence[int]], list[np.ndarray]] | None = None  # maps of prompt positions
+    per_token: bool = False  # costly per token: the app computes only the tokens on show
 
 
 def _attention(request: MapRequest) -> list[np.ndarray]:
@@ -171,6 +172,7 @@ METHODS: dict[str, MapMethod] = {
             "cell knockout: the drop in the token's probability with its attention to each cell blocked in every "
             "layer (blocks of k×k cells when the grid has over 256)",
             knockout_maps,
+            per_token=True,
         ),
     )
 }

@@ -108,7 +108,7 @@ class StoredRun:
         pixels = sum(image.size[0] * image.size[1] * 3 for image in kept.values())
         baseline = self.baseline.nbytes if self.baseline is not None else 0
         baseline += sum(other.nbytes for other in self.contrasts.values())
-        methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps)
+        methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps if heat is not None)
         methods += sum(
             heat.nbytes
             for maps in self.method_maps.values()
@@ -284,6 +284,12 @@ def method_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
             f"The {s.method} maps for these settings are not computed yet; select the method again to compute them."
         )
     heat = maps[method_index(stored, s)]
+    if heat is None:  # a method computed per token, for the tokens shown so far
+        raise NotReadyError(
+            f"The {s.method} map of token {s.step_idx} is not computed yet: this method is computed for each "
+            "token shown (pick the token to compute it). The shared scale and the animation need every "
+            "token's map: use min–max or percentile, or another method, for those."
+        )
     if s.mask_sinks and heat.shape != tuple(stored.run.vision.grid_hw):
         raise InputError(f"Sink cells are token cells; untick 'Mask sink cells' for the patch-level {s.method} map.")
     return _masked_sinks(stored, s, heat)

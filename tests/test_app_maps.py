@@ -149,3 +149,21 @@ def test_one_client_cannot_pile_up_prompts_or_tokens(ready):
         h._settings(*_values(tokens=list(range(MAX_COMBINED + 1))))
     with pytest.raises(gr.Error, match="upwards"):
         h._settings(*_values(tokens="5-2"))
+
+
+def test_a_per_token_method_computes_only_the_tokens_shown(ready):
+    from methods import METHODS
+    from pictures.stored_run import method_key
+
+    h, out = ready
+    run_id = out["run_id"]
+    stored = h.store.get(run_id)
+    per_token = next(m for m in METHODS.values() if m.per_token)
+    h.method_select(run_id, *_values(method=per_token.name, token=1))
+    maps = stored.method_maps[method_key(h._settings(*_values(method=per_token.name)), False)]
+    assert maps[1] is not None and [t for t, heat in enumerate(maps) if heat is None] == [0, 2, 3]
+    _, caption, _ = h.render(run_id, *_values(method=per_token.name, tokens="0, 2"))
+    assert maps[0] is not None and maps[2] is not None and maps[3] is None and caption.startswith("Tokens 0, 2")
+    with pytest.raises(gr.Error, match="every token's map"):
+        h.render(run_id, *_values(method=per_token.name, token=1, normalization="shared"))
+    assert stored.nbytes > 0
