@@ -218,45 +218,39 @@ def method_maps(
     track: wraps the loop over steps, e.g. a progress bar."""
     entry = method(settings.method)
     key = method_key(settings, entry.uses_ranges)
-    if key not in stored.method_maps:
+    raw = replace(settings.one_token(0), method=RAW_ATTENTION, relative=False, mask_sinks=False)
+
+    def request(steps) -> MapRequest:
         holder = slot.made(stored.run, f"The {entry.name} map") if entry.needs_model else None
-        raw = replace(
-            settings,
-            method=RAW_ATTENTION,
-            relative=False,
-            mask_sinks=False,
-            steps=(),
-            prompt_pos=None,
-            contrast_step=None,
-            contrast_prompt="",
-        )
-        request = MapRequest(
+        return MapRequest(
             holder,
             stored.run,
-            range(stored.run.num_steps),
+            steps,
             settings.layers,
             settings.heads,
-            attention_map=lambda t: token_map(stored, replace(raw, step_idx=t)),
+            attention_map=lambda t: token_map(stored, raw.one_token(t)),
             max_gradient_mb=max_gradient_mb,
             track=track,
         )
-        if entry.per_token and settings.prompt_pos is None:  # only the tokens on show, filled in later
+
+    if key not in stored.method_maps:
+        if entry.per_token and settings.prompt_pos is None:  # only the tokens on show, filled in below
             stored.method_maps[key] = MapSet([None] * stored.run.num_steps)
         else:
+            every = request(range(stored.run.num_steps))
             with slot.lock:
                 if settings.prompt_pos is not None:
-                    maps = compute_prompt_maps(entry.name, request, stored.run.prompt_positions)
+                    maps = compute_prompt_maps(entry.name, every, stored.run.prompt_positions)
                 else:
-                    maps = compute_maps(entry.name, request)
+                    maps = compute_maps(entry.name, every)
             stored.method_maps[key] = maps
         stored.method_captions[entry.name] = entry.caption
     maps = stored.method_maps[key]
     missing = [t for t in settings.tokens if settings.prompt_pos is None and maps[t] is None]
     if missing:
-        holder = slot.made(stored.run, f"The {entry.name} map")
-        request = MapRequest(holder, stored.run, missing, settings.layers, settings.heads, track=track)
+        wanted = request(missing)
         with slot.lock:
-            found = compute_maps(entry.name, request)
+            found = compute_maps(entry.name, wanted)
         for t, heat, note in zip(missing, found, found.notes, strict=True):
             maps[t], maps.notes[t] = heat, note
     return maps

@@ -91,18 +91,19 @@ def _vit(request: MapRequest) -> list[np.ndarray]:
     return vit_combined_maps(request.holder, request.run, [request.raw(t) for t in request.steps])
 
 
-def _lens(request: MapRequest) -> list[np.ndarray]:
-    """The image positions precede every generated token, so one prompt pass gives every step's map: the
-    probability of token t at each patch, averaged over the layers."""
-    ids = [request.run.generated_ids[t] for t in request.steps]
+def _lens_of(request: MapRequest, ids: list[int]) -> list[np.ndarray]:
+    """The image positions precede every token mapped, so one prompt pass gives every map: the
+    probability of each of `ids` at each patch, averaged over the layers."""
     lens = run_logit_lens(request.holder, request.run, top_k=1, track_ids=ids)
     return [lens.token_map(i) for i in range(len(ids))]
+
+
+def _lens(request: MapRequest) -> list[np.ndarray]:
+    return _lens_of(request, [request.run.generated_ids[t] for t in request.steps])
 
 
 def _lens_prompt(request: MapRequest, positions: Sequence[int]) -> list[np.ndarray]:
-    ids = [request.run.prompt_ids[p] for p in positions]
-    lens = run_logit_lens(request.holder, request.run, top_k=1, track_ids=ids)
-    return [lens.token_map(i) for i in range(len(ids))]
+    return _lens_of(request, [request.run.prompt_ids[p] for p in positions])
 
 
 def _tam_set(found) -> MapSet:
@@ -188,7 +189,10 @@ def method(name: str) -> MapMethod:
 def compute_maps(name: str, request: MapRequest) -> MapSet:
     """The maps of `request.steps` by method `name`: one float32 array per step, (grid_h, grid_w) or the
     encoder's patch grid over the same box (the ViT map), as a MapSet."""
-    maps = method(name).compute(request)
+    return _as_set(method(name).compute(request))
+
+
+def _as_set(maps) -> MapSet:
     return maps if isinstance(maps, MapSet) else MapSet(maps)
 
 
@@ -203,8 +207,7 @@ def compute_prompt_maps(name: str, request: MapRequest, positions: Sequence[int]
             f"The {name} map is for generated tokens; for a prompt token choose {RAW_ATTENTION} or "
             f"{' or '.join(able)}, or pick a generated token."
         )
-    maps = entry.prompt(request, positions)
-    return maps if isinstance(maps, MapSet) else MapSet(maps)
+    return _as_set(entry.prompt(request, positions))
 
 
 def generic_baseline(holder, run, prompt: str = GENERIC_PROMPT):

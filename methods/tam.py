@@ -107,12 +107,16 @@ def class_logits(holder, states: torch.Tensor, ids: Sequence[int]) -> np.ndarray
     return logits.cpu().numpy()
 
 
+def _after_image(run) -> int:
+    """The first sequence position after the run's last image token."""
+    return max(int(layout.token_positions.max()) for layout in run.visions) + 1
+
+
 def text_positions(run, special_ids: set[int]) -> list[int]:
     """Sequence positions of the text TAM weighs as context: the prompt after its last image token, then
     the answer; special tokens left out."""
     ids = [*run.prompt_ids, *run.generated_ids]
-    start = max(int(layout.token_positions.max()) for layout in run.visions) + 1
-    return [pos for pos in range(start, len(ids)) if ids[pos] not in special_ids]
+    return [pos for pos in range(_after_image(run), len(ids)) if ids[pos] not in special_ids]
 
 
 def tam_maps(holder, run, steps: Sequence[int] = (), prompt_positions: Sequence[int] = ()) -> list[TamMap]:
@@ -121,7 +125,7 @@ def tam_maps(holder, run, steps: Sequence[int] = (), prompt_positions: Sequence[
     caller holds the model lock."""
     prompt_len, ids = len(run.prompt_ids), [*run.prompt_ids, *run.generated_ids]
     targets = [prompt_len + int(t) for t in steps] + [int(p) for p in prompt_positions]
-    start = max(int(layout.token_positions.max()) for layout in run.visions) + 1
+    start = _after_image(run)
     for pos in targets:
         if not start <= pos < len(ids):
             raise ValueError(f"TAM maps tokens after the image (positions {start}..{len(ids) - 1}); got {pos}.")

@@ -108,29 +108,19 @@ class StoredRun:
         pixels = sum(image.size[0] * image.size[1] * 3 for image in kept.values())
         baseline = self.baseline.nbytes if self.baseline is not None else 0
         baseline += sum(other.nbytes for other in self.contrasts.values())
-        methods = sum(heat.nbytes for maps in self.method_maps.values() for heat in maps if heat is not None)
-        methods += sum(
+        methods = sum(
             heat.nbytes
             for maps in self.method_maps.values()
-            for part in getattr(maps, "parts", {}).values()
-            for heat in part
+            for kept in (maps, *getattr(maps, "parts", {}).values())  # the maps and what they were built from
+            for heat in kept
+            if heat is not None  # a per-token method's tokens not shown yet
         )
         return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
 
     def shared_range(self, settings: ViewSettings) -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
         key = replace(
-            settings,
-            step_idx=0,
-            steps=(),
-            prompt_pos=None,
-            contrast_step=None,
-            contrast_prompt="",
-            normalization="",
-            colormap="",
-            alpha=0.0,
-            view="",
-            grid=False,
+            settings.one_token(0), normalization="", colormap="", alpha=0.0, view="", grid=False
         )  # over the generated tokens, each on its own
         if key not in self._ranges:
             self._ranges[key] = heatmap_range(
@@ -180,6 +170,16 @@ class ViewSettings:
         return self.steps or (self.step_idx,)
 
     @property
+    def combined(self) -> bool:
+        """Several generated tokens' maps are combined into the one drawn (a prompt token takes precedence)."""
+        return len(self.steps) > 1 and self.prompt_pos is None
+
+    def one_token(self, step_idx: int) -> ViewSettings:
+        """These settings for generated token `step_idx`'s own map: no other token combined with it, no
+        prompt token, no contrast."""
+        return replace(self, step_idx=step_idx, steps=(), prompt_pos=None, contrast_step=None, contrast_prompt="")
+
+    @property
     def contrasted(self) -> bool:
         """The map is a signed difference (another token's or another prompt's map subtracted)."""
         return self.contrast_step is not None or bool(self.contrast_prompt)
@@ -195,7 +195,7 @@ def layout_heatmap(run, s: ViewSettings, image_idx: int = 0) -> np.ndarray:
     generated tokens combined) on layout `image_idx` of `run.visions`, over the settings' ranges."""
     if s.prompt_pos is not None:
         return prompt_token_heatmap(run, s.prompt_pos, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
-    steps = list(s.tokens) if len(s.tokens) > 1 else s.step_idx
+    steps = list(s.steps) if s.combined else s.step_idx
     return token_heatmap(run, steps, s.layers, s.heads, s.reduce, s.renormalize, image_idx, s.combine)
 
 
@@ -205,8 +205,8 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     difference from the other token's or prompt's map (`analysis.contrast_heatmap`)."""
     if s.contrast_step is not None and s.contrast_prompt:
         raise InputError("Contrast with another token or with another prompt, not both: clear one of them.")
-    if len(s.steps) > 1 and s.prompt_pos is None:
-        heat = combine_maps([token_map(stored, replace(s, steps=(), step_idx=t)) for t in s.steps], s.combine)
+    if s.combined:
+        heat = combine_maps([token_map(stored, s.one_token(t)) for t in s.steps], s.combine)
     else:
         heat = token_map(stored, replace(s, steps=()))
     if s.contrast_step is not None:
@@ -214,7 +214,7 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
             raise InputError(
                 f"Contrast token {s.contrast_step} is not in this answer (tokens 0..{stored.run.num_steps - 1})."
             )
-        other = token_map(stored, replace(s, steps=(), step_idx=s.contrast_step, prompt_pos=None))
+        other = token_map(stored, s.one_token(s.contrast_step))
         return contrast_heatmap(heat, other)
     if s.contrast_prompt:
         if s.method != RAW_ATTENTION:

@@ -70,11 +70,9 @@ def target_scores(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
 OTHER_VIEW_SCALE = 0.5  # the other views are drawn at half the main map's size, so renders stay fast
 
 
-def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
-    """The main view's picture with the image's other views (a global view, a thumbnail, pan-and-scan
-    crops, each cut to its own part of the image) to its right, at half size, each labelled and on its
-    own scale. Clicks on the main picture keep their coordinates."""
-    run, main = stored.run, stored.run.vision
+def _half_size(stored: StoredRun):
+    """The first image's display copy at OTHER_VIEW_SCALE, and a function taking a box in original
+    pixels to that copy's pixels: what the panels beside the main map are drawn on."""
     shown, (sx, sy) = stored.display(0)
     small = shown.resize(scaled_size(shown.size, OTHER_VIEW_SCALE), Image.BILINEAR)
     fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy  # small px per original px
@@ -82,6 +80,15 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
     def on_small(box):
         return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
 
+    return small, on_small
+
+
+def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: str) -> tuple[Image.Image, str]:
+    """The main view's picture with the image's other views (a global view, a thumbnail, pan-and-scan
+    crops, each cut to its own part of the image) to its right, at half size, each labelled and on its
+    own scale. Clicks on the main picture keep their coordinates."""
+    run, main = stored.run, stored.run.vision
+    small, on_small = _half_size(stored)
     parts = [labelled(picture, f"{main.view} · {main.grid_hw[0]}x{main.grid_hw[1]}")]
     shares = image_shares(run, s.step_idx, s.layers, s.heads) if s.prompt_pos is None else None
     notes = []
@@ -136,16 +143,13 @@ def with_parts(stored: StoredRun, s: ViewSettings, picture: Image.Image, text: s
     parts = getattr(maps, "parts", None) or {}
     if not parts:
         return picture, text + f" The {s.method} map has no parts to show beside it (TAM has)."
-    shown, (sx, sy) = stored.display(0)
-    small = shown.resize(scaled_size(shown.size, OTHER_VIEW_SCALE), Image.BILINEAR)
-    fx, fy = small.size[0] / shown.size[0] * sx, small.size[1] / shown.size[1] * sy
-    x0, y0, x1, y1 = stored.run.vision.image_box_xyxy
-    box = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
+    small, on_small = _half_size(stored)
+    box = on_small(stored.run.vision.image_box_xyxy)
     draw = dict(colormap=s.colormap, interpolation=s.interpolation, value_range=(0.0, 1.0), grid=s.grid)
     strip, names = picture, []
     for name, part in parts.items():
-        if len(s.tokens) > 1 and s.prompt_pos is None:
-            heat = combine_maps([part[t] for t in s.tokens], s.combine)
+        if s.combined:
+            heat = combine_maps([part[t] for t in s.steps], s.combine)
         else:
             heat = part[method_index(stored, s)]
         unit = normalize_heatmap(heat, "minmax")

@@ -277,10 +277,9 @@ def caption(stored: StoredRun, s: ViewSettings, heat: np.ndarray) -> str:
         if s.method == RAW_ATTENTION
         else stored.method_captions.get(s.method, f"the {s.method} map")
     )
-    maps_of_method = method_set(stored, s) if s.method != RAW_ATTENTION and len(s.tokens) == 1 else None
-    note = getattr(maps_of_method, "notes", None)
-    if note and note[method_index(stored, s)]:
-        what += f" · {note[method_index(stored, s)]}"
+    notes = getattr(method_set(stored, s), "notes", None) if s.method != RAW_ATTENTION and len(s.tokens) == 1 else None
+    if notes and (note := notes[method_index(stored, s)]):
+        what += f" · {note}"
     text = (
         f"{who} · {what} · normalised: {norm} · "
         f"{grid_h}×{grid_w} token grid · {share:.0%} of this token's attention is on the image "

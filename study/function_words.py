@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from study.manifest import spelling
+
 FUNCTION_WORDS = frozenset(
     "a an the this that these those it its is are was were be been am of in on at to for from with by "
     "and or but as there here".split()
@@ -22,11 +24,7 @@ FUNCTION_COLUMNS = ("item_id", "split", "method", "layers", "heads", "step_idx",
 def function_steps(tokens: list[str], scored: list[int]) -> list[int]:
     """The 0-based steps of the generated tokens whose text (spaces and case ignored) is a function word,
     the scored word's own steps left out."""
-    return [
-        step
-        for step, token in enumerate(tokens)
-        if step not in scored and "".join(token.split()).lower() in FUNCTION_WORDS
-    ]
+    return [step for step, token in enumerate(tokens) if step not in scored and spelling(token) in FUNCTION_WORDS]
 
 
 def function_table(done: list[dict]) -> pd.DataFrame:

@@ -33,7 +33,7 @@ from model_holder import ModelHolder
 from study.function_words import function_steps
 from study.knockout import KNOCKOUTS, NO_BOX, empty_knockout, knockout_columns, sweep_rows
 from study.localization import pack_hits, range_hits
-from study.manifest import Item
+from study.manifest import Item, spelling
 from utils import load_image
 
 COLUMNS = (
@@ -109,11 +109,6 @@ class ItemScores:
     function_rows: list[dict] = field(default_factory=list)
 
 
-def _letters(text: str) -> str:
-    """`text` without spaces, lower-cased: how a target and the generated tokens are compared."""
-    return "".join(text.split()).lower()
-
-
 def scored_steps(tokens: list[str], target: str | None) -> list[int]:
     """The generated tokens to score, 0-based steps: with a target, the first run of consecutive tokens
     whose joined text is the target (spaces and case ignored; a run starts at a token with some text),
@@ -124,11 +119,11 @@ def scored_steps(tokens: list[str], target: str | None) -> list[int]:
             if any(ch.isalnum() for ch in token):
                 return [step]
         raise InputError("the answer has no word to score")
-    wanted = _letters(target)
+    wanted = spelling(target)
     for start in range(len(tokens)):
         joined = ""
         for step in range(start, len(tokens)):
-            joined += _letters(tokens[step])
+            joined += spelling(tokens[step])
             if not joined or not wanted.startswith(joined):
                 break
             if joined == wanted:

@@ -28,6 +28,13 @@ from pathlib import Path
 from errors import InputError
 
 VALIDATION_SPLITS = ("validation", "val", "valid", "dev")
+
+
+def spelling(text: str) -> str:
+    """`text` without spaces, lower-cased: how a target word and generated tokens are compared."""
+    return "".join(text.split()).lower()
+
+
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 

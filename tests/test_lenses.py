@@ -74,6 +74,17 @@ def test_lens_page_is_self_contained_and_escapes_tokens(tmp_path):
     assert "</script><img" not in page
 
 
+def _open_offline(pw, path):
+    """Debian's chromium, headless and offline, with a page on the saved file `path`."""
+    browser = pw.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    )
+    page = browser.new_page()
+    page.goto(path.as_uri())
+    return browser, page
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Debian's chromium")
 def test_lens_page_works_offline_in_a_browser(tmp_path):
     from PIL import Image
@@ -82,12 +93,7 @@ def test_lens_page_works_offline_in_a_browser(tmp_path):
     path = tmp_path / "lens.html"
     path.write_text(lens_html(_nasty_lens(), Image.new("RGB", (64, 32), "white"), mask_blank=False))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page()
-        page.goto(path.as_uri())
+        browser, page = _open_offline(pw, path)
         cells = page.locator(".c")
         assert cells.nth(0).text_content() == "</script><img src=x onerror=alert(1)>"  # shown as text
         cells.nth(1).hover()
@@ -138,12 +144,7 @@ def test_hide_blank_and_special_tokens_hides_both_in_a_browser(tmp_path):
     path = tmp_path / "lens.html"
     path.write_text(lens_html(lens, Image.new("RGB", (96, 32), "white"), special_tokens=("<|im_end|>", "<s>")))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page()
-        page.goto(path.as_uri())
+        browser, page = _open_offline(pw, path)
         hidden = [page.locator(".c").nth(j).evaluate("e => e.classList.contains('m')") for j in range(3)]
         assert hidden == [True, True, False]  # the special and the blank token hidden, the word shown
         page.locator("#mask").uncheck()
