@@ -2,7 +2,8 @@
 
     python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass]
                   [--device auto|cuda|cpu] [--dtype auto|bfloat16|float16|float32]
-                  [--session-cache-mb 2048] [--trust-remote-code]
+                  [--session-cache-mb 2048] [--store-device auto|cpu|cuda] [--store-budget-mb MB]
+                  [--trust-remote-code]
                   [--allow-model-loading | --no-allow-model-loading] [--max-pixels-cap 16777216]
                   [--ranges ranges.json]
 
@@ -20,6 +21,7 @@ import threading
 
 import gradio as gr
 
+from attention_store import STORE_DEVICES
 from config import AppConfig, ModelRanges
 from pipeline import ModelSlot, RunStore
 from ui.components import LoginGuard
@@ -226,6 +228,19 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         help="memory for all sessions' results; least recently used are evicted",
     )
     parser.add_argument(
+        "--store-device",
+        default=AppConfig.store_device,
+        choices=list(STORE_DEVICES),
+        help="where a result's queries and keys stay, and its maps are computed: auto (on the model's GPU "
+        "within --store-budget-mb, else on the host), cpu or cuda",
+    )
+    parser.add_argument(
+        "--store-budget-mb",
+        type=float,
+        default=None,
+        help="GPU memory all results' stores may hold together (default: half of what is free)",
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow checkpoints that ship their own Python code (runs that code)",
@@ -251,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     args = parser.parse_args(argv)
     if args.session_cache_mb <= 0:
         parser.error("--session-cache-mb must be a positive number of megabytes, e.g. 2048")
+    if args.store_budget_mb is not None and args.store_budget_mb < 0:
+        parser.error("--store-budget-mb must be 0 (every store on the host) or more megabytes, e.g. 4096")
     if args.max_pixels_cap <= 0:
         parser.error("--max-pixels-cap must be a positive number of pixels, e.g. 16777216")
     local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
@@ -274,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         device=args.device,
         dtype=args.dtype,
         session_cache_mb=args.session_cache_mb,
+        store_device=args.store_device,
+        store_budget_mb=args.store_budget_mb,
         trust_remote_code=args.trust_remote_code,
         allow_model_loading=allow_loading,
         max_pixels_cap=args.max_pixels_cap,

@@ -24,7 +24,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from attention_store import LayerRecord, RowStore, StoreKind, build_store, choose_store, store_bytes
+from attention_store import (
+    LayerRecord,
+    RowStore,
+    StoreDevice,
+    StoreKind,
+    build_store,
+    choose_store,
+    store_bytes,
+)
 from errors import CaptureError, InputError
 from families import attention_implementation, decoder_layers, softmax_layers
 
@@ -229,8 +237,18 @@ class GenerationRecorder:
         rows_per_call = [query.shape[2] for query in calls.queries]
         return LayerRecord(queries, keys, calls.scaling, _allowed(calls.masks, rows_per_call, kv_len), calls.softcap)
 
-    def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
-        """The store of this generation's attention, after `generate` returned `num_steps` tokens."""
+    def finish(
+        self,
+        prompt_len: int,
+        num_steps: int,
+        segments: dict[str, np.ndarray],
+        store: StoreKind = "auto",
+        store_device: StoreDevice = "cpu",
+        store_budget_mb: float | None = None,
+    ):
+        """The store of this generation's attention, after `generate` returned `num_steps` tokens; a
+        query-key store stays on the model's device when `store_device` and the budget allow
+        (`attention_store.placement`)."""
         if num_steps < 1:
             raise CaptureError("No token was generated, so there is no attention to show.")
         records = [self._record(idx, self.calls[idx], prompt_len, num_steps) for idx in self.layer_indices]
@@ -254,6 +272,8 @@ class GenerationRecorder:
             prompt_len,
             {name: torch.from_numpy(index) for name, index in segments.items()},
             choose_store(store, **dims),
+            store_device,
+            store_budget_mb,
         )
 
 
@@ -297,7 +317,8 @@ class EagerRecorder:
 
         return keep
 
-    def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store: StoreKind = "auto"):
+    def finish(self, prompt_len: int, num_steps: int, segments: dict[str, np.ndarray], store="auto", **placement):
+        """Float16 rows on the host, whatever the store and placement asked for (the reference)."""
         counts = {idx: len(rows) for idx, rows in self.rows.items()}
         if any(count != num_steps for count in counts.values()):
             raise CaptureError(

@@ -144,11 +144,30 @@ def token_heatmap(
     unnormalised: each value is a softmax probability (0..1).
     """
     if not isinstance(step_idx, int | np.integer):
-        steps = [int(t) for t in step_idx]
-        return combine_maps(
-            [token_heatmap(run, t, layers, heads, reduce, renormalize, image_idx) for t in steps], combine
-        )
-    return _heatmap(_layout(run, image_idx), step_rows(run, step_idx, layers, heads), reduce, renormalize)
+        return combine_maps(token_heatmaps(run, step_idx, layers, heads, reduce, renormalize, image_idx), combine)
+    return token_heatmaps(run, [step_idx], layers, heads, reduce, renormalize, image_idx)[0]
+
+
+def token_heatmaps(
+    run: AttentionRun,
+    steps: Sequence[int],
+    layers: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    reduce: Reduce = "mean",
+    renormalize: bool = False,
+    image_idx: int = 0,
+) -> list[np.ndarray]:
+    """`token_heatmap` of each of several generated tokens, computed together: a query-key store makes
+    every token's rows in one pass per layer, where it lives, so an animation or a shared scale over the
+    whole answer costs about one token's time per chunk of tokens, not one per token."""
+    if reduce not in REDUCTIONS:
+        raise InputError(f"Unknown aggregation {reduce!r}; choose one of {REDUCTIONS}.")
+    layout = _layout(run, image_idx)
+    layer_sel = range_slice(layers, run.layer_indices, "layer")
+    head_sel = range_slice(heads, list(range(run.num_heads)), "head")
+    maps = run.step_maps(steps, _positions_index(layout), layer_sel, head_sel, reduce, renormalize)  # (n, P)
+    shape = (layout.num_frames, *layout.grid_hw) if layout.num_frames > 1 else layout.grid_hw
+    return [heat.reshape(shape).numpy().astype(np.float32) for heat in maps]
 
 
 def prompt_token_heatmap(

@@ -83,6 +83,8 @@ class AppConfig:
     share: bool = False
     auth: tuple[str, str] | None = None
     session_cache_mb: int = 2048  # captured attention kept for all sessions together
+    store_device: str = "auto"  # auto | cpu | cuda: where a run's queries and keys stay (attention_store)
+    store_budget_mb: float | None = None  # GPU memory all such stores may hold; None: half of what is free
     max_prompt_chars: int = 8000  # longer prompts are refused by the app
     max_upload: str = "50mb"  # largest file the server accepts
     max_gallery_maps: int = 64  # per-head gallery size limit (layers × heads)

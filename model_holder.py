@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from attention_extractor import CaptureMethod, capture_attention, estimate_capture_bytes
-from attention_store import StoreKind
+from attention_store import StoreDevice, StoreKind
 from causal.knockout import Knockout, knockout
 from causal.patching import Patch, patch
 from causal.positions import QueryKind
@@ -289,6 +289,7 @@ class ModelHolder:
         layouts: list[VisionLayout],
         store: StoreKind,
         generate_kwargs: dict,
+        placement: dict | None = None,
     ):
         """(generated ids, attention store, recorder) after generation; out-of-memory frees what it took."""
         prompt_len = inputs["input_ids"].shape[1]
@@ -304,7 +305,9 @@ class ModelHolder:
                 output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             generated = output[0, prompt_len:].tolist()  # (num_steps,)
             with torch.inference_mode():
-                attention = recorder.finish(prompt_len, len(generated), segment_positions(layouts), store)
+                attention = recorder.finish(
+                    prompt_len, len(generated), segment_positions(layouts), store, **(placement or {})
+                )
             return generated, attention, recorder
         except torch.OutOfMemoryError:
             recorder = output = None  # drop references before freeing
@@ -351,6 +354,8 @@ class ModelHolder:
         prompt_rows: PromptRows = "question",
         video: str | Path | list | None = None,
         store: StoreKind = "auto",
+        store_device: StoreDevice = "auto",
+        store_budget_mb: float | None = None,
         **generate_kwargs,
     ) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
@@ -367,6 +372,9 @@ class ModelHolder:
             shown too: 'question' (the text after the image), 'all' (every text token) or 'none'.
         store: how the attention is kept (see `attention_store`): 'auto' (whichever is smaller for
             this model and length), 'rows' (float16 rows) or 'qk' (queries and keys; rows on demand).
+        store_device: where a 'qk' store is kept: 'auto' (on the GPU the model ran on while all such
+            stores fit `store_budget_mb`, by default half the GPU memory free; else on the host), 'cpu'
+            or 'cuda'. Rows are then computed there; `run.attention.placement` says where it is.
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
             One sequence only: beam search and several return sequences are refused.
         """
@@ -397,7 +405,15 @@ class ModelHolder:
         inputs = self.on_model(inputs)
         generate_kwargs.setdefault("do_sample", False)
         generated, attention, recorder = self._generate_with_capture(
-            inputs, max_new_tokens, method, capture_layers, positions, layouts, store, generate_kwargs
+            inputs,
+            max_new_tokens,
+            method,
+            capture_layers,
+            positions,
+            layouts,
+            store,
+            generate_kwargs,
+            dict(store_device=store_device, store_budget_mb=store_budget_mb),
         )
         decoding = {k: v for k, v in generate_kwargs.items() if isinstance(v, (int, float, str, bool))}
         settings = GenerationSettings(prompt, max_new_tokens, method, min_pixels, max_pixels, store, decoding)

@@ -393,6 +393,8 @@ class RunStore:
                 "use a smaller image budget, or start the app with a larger --session-cache-mb."
             )
         run_id = uuid.uuid4().hex
+        if hasattr(stored.run.attention, "prefetch"):
+            stored.run.attention.prefetch = True  # a result being browsed: the next tokens' rows while idle
         with self._lock:
             self._runs[run_id] = stored
             while self.total_bytes > self.cap_bytes:
@@ -446,6 +448,7 @@ def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
         "num_heads": run.num_heads,
         "visions": [layout.to_dict() for layout in run.visions],
         "settings": run.settings.to_dict(),
+        "store": getattr(run.attention, "placement", "float16 rows on the host"),
         "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
         "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
         "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "

@@ -255,14 +255,29 @@ class AttentionRun:
             return None
         return torch.stack([self.attention.prompt(i) for i in range(len(self.prompt_positions))], dim=2)
 
-    def step_attention(self, step_idx: int) -> torch.Tensor:
-        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
-        of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
+    def step_maps(
+        self, steps, keys, layer_sel: slice, head_sel: slice, reduce: str = "mean", renormalize: bool = False
+    ) -> torch.Tensor:
+        """(len(steps), P) float32 on the CPU: each generated token's attention on key positions `keys` (a
+        slice or index tensor of prompt positions, e.g. an image's tokens), reduced over the selected
+        layers and heads by `reduce` (mean, max or min; with renormalize each map first sums to 1). The
+        store computes many tokens at once, where it lives (`attention_store`)."""
+        steps = [int(t) for t in steps]
+        for step_idx in steps:
+            self._check_step(step_idx)
+        return self.attention.maps(steps, keys, layer_sel, head_sel, reduce, renormalize)
+
+    def _check_step(self, step_idx: int) -> None:
         if not 0 <= step_idx < self.num_steps:
             raise OutOfRangeError(
                 f"step_idx {step_idx} is out of range: this run generated {self.num_steps} "
                 f"tokens, so pick 0..{self.num_steps - 1}."
             )
+
+    def step_attention(self, step_idx: int) -> torch.Tensor:
+        """(num_layers, num_heads, len(prompt_ids) + step_idx) float16 on the CPU: the softmax attention
+        of the query at position len(prompt_ids) - 1 + step_idx, the one that produced token step_idx."""
+        self._check_step(step_idx)
         return self.attention.step(step_idx)
 
 

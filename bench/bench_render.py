@@ -17,6 +17,7 @@ import io
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,169 @@ def _encode(picture: Image.Image, fmt: str) -> int:
     return buffer.tell()
 
 
+# ---- token switch: stores at the public shapes -------------------------------------------------
+
+# Decoder shapes of the public Qwen2.5-VL checkpoints (layers, heads, KV heads, head dim).
+TEXT_DIMS = {"7b": (28, 28, 4, 128), "32b": (64, 40, 8, 128), "3b": (36, 16, 2, 128)}
+PATCH = 28  # px of one Qwen2.5-VL image token (14 px patches merged 2 x 2)
+
+
+class LegacyQueryKeyStore:
+    """The token switch as it was before stores computed rows in place: every layer's keys converted to
+    a fresh float32 copy and multiplied, one token at a time, the result stacked and halved. Kept here to
+    measure the new store against it in the same run."""
+
+    def __init__(self, store):
+        self.store, self._cache = store, {}
+
+    def step(self, step_idx: int) -> torch.Tensor:
+        if step_idx in self._cache:
+            return self._cache[step_idx]
+        row, kv_len = self.store.num_prompt_rows + step_idx, self.store.prompt_len + step_idx
+        rows = []
+        for layer in self.store.layers:
+            num_heads, _, head_dim = layer.queries.shape
+            num_kv = layer.keys.shape[0]
+            grouped = layer.queries[:, row : row + 1].float().reshape(num_kv, num_heads // num_kv, head_dim)
+            scores = torch.matmul(grouped, layer.keys[:, :kv_len].float().transpose(1, 2)) * layer.scaling
+            scores = scores.view(num_heads, 1, kv_len)
+            hidden = torch.arange(kv_len)[None, :] > self.store.query_pos[row : row + 1, None]
+            rows.append(torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)[:, 0])
+        self._cache = {step_idx: torch.stack(rows).to(torch.float16)}
+        return self._cache[step_idx]
+
+
+def public_store(dims: str, side: int, steps: int, device: str = "cpu"):
+    """A query-key store with the shapes a Qwen2.5-VL generation at `dims` would leave for a side² image
+    (random bf16 queries and keys, a 40-token question), and its run."""
+    from attention_store import LayerRecord, QueryKeyStore
+
+    num_layers, num_heads, num_kv, head_dim = TEXT_DIMS[dims]
+    grid = side // PATCH
+    cells, text = grid * grid, 40
+    prompt_len = cells + text
+    generator = torch.Generator().manual_seed(side)
+    layers = []
+    for _ in range(num_layers):
+        queries = torch.randn(num_heads, steps, head_dim, generator=generator).to(device, torch.bfloat16)
+        keys = torch.randn(num_kv, prompt_len + steps - 1, head_dim, generator=generator).to(device, torch.bfloat16)
+        layers.append(LayerRecord(queries, keys, head_dim**-0.5))
+    query_pos = torch.arange(prompt_len - 1, prompt_len - 1 + steps)
+    shares = {"vision": torch.zeros(steps, num_layers, num_heads), "system": torch.zeros(steps, num_layers, num_heads)}
+    store = QueryKeyStore(layers, query_pos, 0, prompt_len, shares, placement=f"queries and keys on {device}")
+    layout = VisionLayout(np.arange(15, 15 + cells), (grid, grid), (side, side), (0.0, 0.0, side, side), (side, side))
+    run = AttentionRun(
+        [0] * prompt_len,
+        list(range(steps)),
+        [f"tok{t}" for t in range(steps)],
+        layout,
+        list(range(num_layers)),
+        num_heads,
+        store,
+        model_id=f"random Qwen2.5-VL {dims} store",
+        family="qwen2_5_vl",
+    )
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def token_switch(
+    dims: str, side: int, device: str = "cpu", steps: int = 64, repeats: int = 5, pause_s: float = 1.0
+) -> dict:
+    """Milliseconds of a token switch (the map of a token over all layers and heads) on a store at the public
+    shapes: the first token viewed; a token not viewed before and not next to one (a jump; median); the next
+    token after a view and a `pause_s` pause, in which the idle prefetch computes it (median); a token viewed
+    already (median); the 64-token animation's maps and frames; and a first and a new token by the old
+    method, which had no prefetch."""
+    from attention_processor import token_heatmap
+    from pictures.views import animation_frames
+
+    run = public_store(dims, side, steps, device)
+    everything = dict(layers=(0, run.num_layers - 1), heads=(0, run.num_heads - 1))
+
+    def timed(fn) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return (time.perf_counter() - start) * 1000
+
+    first = timed(lambda: token_heatmap(run, 0, **everything))
+    fresh = [timed(lambda t=t: token_heatmap(run, t, **everything)) for t in range(1, 1 + repeats)]
+    cached = [timed(lambda: token_heatmap(run, repeats, **everything)) for _ in range(repeats)]
+    run.attention.prefetch = True  # as the app has it: the next tokens are computed while the reader looks
+    following = []
+    for t in range(32, 32 + 2 * repeats, 2):
+        token_heatmap(run, t, **everything)
+        time.sleep(pause_s)
+        following.append(timed(lambda t=t: token_heatmap(run, t + 1, **everything)))
+    run.attention.prefetch = False
+    legacy = LegacyQueryKeyStore(run.attention)
+    old_first = timed(lambda: legacy.step(0))
+    old_next = [timed(lambda t=t: legacy.step(t)) for t in range(1, 1 + repeats)]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    stored = StoredRun(run, images=[image])
+    settings = ViewSettings(step_idx=0, **everything)
+    maps_ms = timed(lambda: [token_heatmap(run, list(range(steps)), **everything)])  # fill nothing: one pass
+    frames: list = []
+    animation_ms = timed(lambda: frames.extend(animation_frames(stored, replace(settings, normalization="shared"))))
+    return {
+        "dims": dims,
+        "image": side,
+        "device": device,
+        "tokens": steps,
+        "first_ms": first,
+        "jump_ms": statistics.median(fresh),
+        "next_ms": statistics.median(following),
+        "pause_s": pause_s,
+        "cached_ms": statistics.median(cached),
+        "old_first_ms": old_first,
+        "old_next_ms": statistics.median(old_next),
+        "maps_all_tokens_ms": maps_ms,
+        "animation_ms": animation_ms,
+        "frames": len(frames),
+    }
+
+
+def print_token_switch(row: dict) -> None:
+    print(
+        f"# {row['dims']} store, {row['image']}² image, {row['tokens']} tokens, on {row['device']}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"token switch first={row['first_ms']:.1f} ms next={row['next_ms']:.1f} ms cached={row['cached_ms']:.1f} ms "
+        f"jump={row['jump_ms']:.1f} ms"
+    )
+    print(
+        f"  next: the following token, after a {row['pause_s']:.1f} s pause (prefetched while idle); jump: a token "
+        "computed on the spot"
+    )
+    print(
+        f"old method (a float32 copy of every key per token, no prefetch): first={row['old_first_ms']:.1f} ms "
+        f"next={row['old_next_ms']:.1f} ms → next {row['old_next_ms'] / row['next_ms']:.1f}× faster now, "
+        f"a jump {row['old_next_ms'] / row['jump_ms']:.2f}×"
+    )
+    print(
+        f"{row['tokens']}-token animation: {row['animation_ms'] / 1000:.2f} s ({row['frames']} frames, shared scale); "
+        f"every token's map in one pass: {row['maps_all_tokens_ms']:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--token-switch", action="store_true", help="time token switches on a store at public shapes")
+    parser.add_argument("--dims", choices=sorted(TEXT_DIMS), default="7b", help="--token-switch: decoder shapes")
+    parser.add_argument("--image", type=int, default=1008, help="--token-switch: square image side, px")
+    parser.add_argument("--store-device", default="cpu", help="--token-switch: where the store lives (cpu, cuda)")
     args = parser.parse_args()
+    if args.token_switch:
+        print_token_switch(token_switch(args.dims, args.image, args.store_device, repeats=min(args.repeats, 5)))
+        return
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
     stored = StoredRun(synthetic_run(), images=[image])

@@ -5,6 +5,7 @@ map those settings select (`raw_heatmap`), before any display scaling or drawing
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from attention_processor import (
     prompt_token_heatmap,
     range_slice,
     token_heatmap,
+    token_heatmaps,
     vision_share,
 )
 from errors import InputError, NotReadyError
@@ -33,6 +35,7 @@ def method_key(s: ViewSettings, uses_ranges: bool):
 
 
 DISPLAY_NORMALIZATIONS: tuple[str, ...] = ("minmax", "percentile", "shared")
+MAP_SETTINGS_KEPT = 8  # layer/head range settings whose per-token raw maps a result keeps
 
 
 @dataclass
@@ -53,6 +56,7 @@ class StoredRun:
     method_captions: dict = field(default_factory=dict)  # method -> what its caption says it draws
     display_max_side: int = 2048
     _ranges: dict = field(default_factory=dict)
+    _maps: OrderedDict = field(default_factory=OrderedDict)  # map settings -> {step: raw attention map}
     _sinks: dict = field(default_factory=dict)
     _displays: dict = field(default_factory=dict)
 
@@ -108,6 +112,7 @@ class StoredRun:
         pixels = sum(image.size[0] * image.size[1] * 3 for image in kept.values())
         baseline = self.baseline.nbytes if self.baseline is not None else 0
         baseline += sum(other.nbytes for other in self.contrasts.values())
+        maps = sum(heat.nbytes for kept in self._maps.values() for heat in kept.values())
         methods = sum(
             heat.nbytes
             for maps in self.method_maps.values()
@@ -115,7 +120,33 @@ class StoredRun:
             for heat in kept
             if heat is not None  # a per-token method's tokens not shown yet
         )
-        return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods
+        return self.run.nbytes + pixels + self.shares.nbytes + baseline + methods + maps
+
+    def attention_map(self, s: ViewSettings, image_idx: int = 0) -> np.ndarray:
+        """Generated token `s.step_idx`'s raw attention map for the settings' ranges, cached with the other
+        tokens' maps of the same ranges (`prepare_maps` fills many at once)."""
+        return self.prepare_maps(s, [s.step_idx], image_idx)[s.step_idx]
+
+    def prepare_maps(self, s: ViewSettings, steps, image_idx: int = 0) -> dict[int, np.ndarray]:
+        """The raw attention maps of generated tokens `steps` for the settings' ranges, those not kept yet
+        computed together (one pass per layer of the store; `attention_processor.token_heatmaps`). The maps
+        of the last `MAP_SETTINGS_KEPT` range settings are kept: a few KB per token each."""
+        key = (tuple(s.layers), tuple(s.heads), s.reduce, s.renormalize, image_idx)
+        maps = self._maps.setdefault(key, {})
+        self._maps.move_to_end(key)
+        while len(self._maps) > MAP_SETTINGS_KEPT:
+            self._maps.popitem(last=False)
+        missing = sorted({int(t) for t in steps} - set(maps))
+        if missing:
+            made = token_heatmaps(self.run, missing, s.layers, s.heads, s.reduce, s.renormalize, image_idx)
+            maps.update(zip(missing, made, strict=True))
+        return maps
+
+    def prepare_answer(self, s: ViewSettings) -> None:
+        """Every generated token's map for these settings at once, where they are raw attention (before an
+        animation or a shared scale, which need them all)."""
+        if s.method == RAW_ATTENTION:
+            self.prepare_maps(s, range(self.run.num_steps))
 
     def shared_range(self, settings: ViewSettings) -> tuple[float, float]:
         """(min, max) over every token's map for these settings, cached."""
@@ -123,6 +154,7 @@ class StoredRun:
             settings.one_token(0), normalization="", colormap="", alpha=0.0, view="", grid=False
         )  # over the generated tokens, each on its own
         if key not in self._ranges:
+            self.prepare_answer(key)
             self._ranges[key] = heatmap_range(
                 [raw_heatmap(self, replace(key, step_idx=t)) for t in range(self.run.num_steps)]
             )
@@ -206,6 +238,8 @@ def raw_heatmap(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     if s.contrast_step is not None and s.contrast_prompt:
         raise InputError("Contrast with another token or with another prompt, not both: clear one of them.")
     if s.combined:
+        if s.method == RAW_ATTENTION and s.prompt_pos is None:
+            stored.prepare_maps(s, s.steps)  # together, in one pass
         heat = combine_maps([token_map(stored, s.one_token(t)) for t in s.steps], s.combine)
     else:
         heat = token_map(stored, replace(s, steps=()))
@@ -236,7 +270,7 @@ def token_map(stored: StoredRun, s: ViewSettings) -> np.ndarray:
     generic-prompt options applied."""
     if s.method != RAW_ATTENTION:
         return method_heatmap(stored, s)
-    heat = layout_heatmap(stored.run, s)
+    heat = layout_heatmap(stored.run, s) if s.prompt_pos is not None else stored.attention_map(s)
     if s.relative:
         if stored.baseline is None:
             raise NotReadyError(

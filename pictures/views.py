@@ -111,8 +111,10 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
             "a video. Generate from one image to animate it."
         )
     size = font = None
+    stored.prepare_answer(settings)  # every frame's map in one pass
+    small = replace(stored, display_max_side=max_side, _displays={})  # drawn at the frames' size; caches shared
     for step_idx, token in enumerate(stored.run.generated_tokens):
-        picture, _ = render(stored, replace(settings, step_idx=step_idx, steps=(), prompt_pos=None))
+        picture, _ = render(small, replace(settings, step_idx=step_idx, steps=(), prompt_pos=None))
         if size is None:
             factor = min(1.0, max_side / max(picture.size))
             size = scaled_size(picture.size, factor)

@@ -264,6 +264,8 @@ class Handlers(AnalysisHandlers, CausalHandlers):
             video=frames,
             max_capture_mb=self.cfg.session_cache_mb,
             cancel=cancel,
+            store_device=self.cfg.store_device,
+            store_budget_mb=self.cfg.store_budget_mb,
             **sample,
             **budget,
         )
