@@ -17,7 +17,6 @@ import io
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -152,16 +151,24 @@ def _sync(device: str) -> None:
 def token_switch(
     dims: str, side: int, device: str = "cpu", steps: int = 64, repeats: int = 5, pause_s: float = 1.0
 ) -> dict:
-    """Milliseconds of a token switch (the map of a token over all layers and heads) on a store at the public
-    shapes: the first token viewed; a token not viewed before and not next to one (a jump; median); the next
-    token after a view and a `pause_s` pause, in which the idle prefetch computes it (median); a token viewed
-    already (median); the 64-token animation's maps and frames; and a first and a new token by the old
-    method, which had no prefetch."""
+    """`switch_timings` on a store at the public shapes of `dims` for a side² image."""
+    run = public_store(dims, side, steps, device)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    return {"dims": dims, "image": side, **switch_timings(run, image, device, repeats, pause_s)}
+
+
+def switch_timings(run: AttentionRun, image, device: str = "cpu", repeats: int = 5, pause_s: float = 1.0) -> dict:
+    """Milliseconds of a token switch (the map of a token over all layers and heads): the first token viewed;
+    a token not viewed before and not next to one (a jump; median); the next token after a view and a
+    `pause_s` pause, in which the idle prefetch computes it (median); a token viewed already (median); the
+    animation's maps and frames; and, for a store on the host, a first and a new token by the old method,
+    which had no prefetch."""
     from attention_processor import token_heatmap
     from pictures.views import animation_frames
 
-    run = public_store(dims, side, steps, device)
-    everything = dict(layers=(0, run.num_layers - 1), heads=(0, run.num_heads - 1))
+    steps = run.num_steps
+    everything = dict(layers=(run.layer_indices[0], run.layer_indices[-1]), heads=(0, run.num_heads - 1))
+    store = run.attention
 
     def timed(fn) -> float:
         _sync(device)
@@ -170,46 +177,45 @@ def token_switch(
         _sync(device)
         return (time.perf_counter() - start) * 1000
 
+    store._cache.clear()
     first = timed(lambda: token_heatmap(run, 0, **everything))
-    fresh = [timed(lambda t=t: token_heatmap(run, t, **everything)) for t in range(1, 1 + repeats)]
-    cached = [timed(lambda: token_heatmap(run, repeats, **everything)) for _ in range(repeats)]
-    run.attention.prefetch = True  # as the app has it: the next tokens are computed while the reader looks
+    jumps = list(range(2, steps, 3))[:repeats]  # never next to another
+    fresh = [timed(lambda t=t: token_heatmap(run, t, **everything)) for t in jumps]
+    cached = [timed(lambda: token_heatmap(run, jumps[-1], **everything)) for _ in range(repeats)]
+    store._cache.clear()
+    store.prefetch = True  # as the app has it: the next tokens are computed while the reader looks
     following = []
-    for t in range(32, 32 + 2 * repeats, 2):
+    for t in list(range(0, steps - 1, 4))[:repeats]:
         token_heatmap(run, t, **everything)
         time.sleep(pause_s)
         following.append(timed(lambda t=t: token_heatmap(run, t + 1, **everything)))
-    run.attention.prefetch = False
-    legacy = LegacyQueryKeyStore(run.attention)
-    old_first = timed(lambda: legacy.step(0))
-    old_next = [timed(lambda t=t: legacy.step(t)) for t in range(1, 1 + repeats)]
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
-    stored = StoredRun(run, images=[image])
-    settings = ViewSettings(step_idx=0, **everything)
-    maps_ms = timed(lambda: [token_heatmap(run, list(range(steps)), **everything)])  # fill nothing: one pass
-    frames: list = []
-    animation_ms = timed(lambda: frames.extend(animation_frames(stored, replace(settings, normalization="shared"))))
-    return {
-        "dims": dims,
-        "image": side,
+    store.prefetch = False
+    row = {
         "device": device,
+        "placement": store.placement,
         "tokens": steps,
         "first_ms": first,
         "jump_ms": statistics.median(fresh),
         "next_ms": statistics.median(following),
         "pause_s": pause_s,
         "cached_ms": statistics.median(cached),
-        "old_first_ms": old_first,
-        "old_next_ms": statistics.median(old_next),
-        "maps_all_tokens_ms": maps_ms,
-        "animation_ms": animation_ms,
-        "frames": len(frames),
     }
+    if store.device.type == "cpu":
+        legacy = LegacyQueryKeyStore(store)
+        row["old_first_ms"] = timed(lambda: legacy.step(0))
+        row["old_next_ms"] = statistics.median([timed(lambda t=t: legacy.step(t)) for t in jumps])
+    stored = StoredRun(run, images=[image])
+    settings = ViewSettings(step_idx=0, normalization="shared", **everything)
+    row["maps_all_tokens_ms"] = timed(lambda: token_heatmap(run, list(range(steps)), **everything))
+    frames: list = []
+    row["animation_ms"] = timed(lambda: frames.extend(animation_frames(stored, settings)))
+    row["frames"] = len(frames)
+    return row
 
 
 def print_token_switch(row: dict) -> None:
     print(
-        f"# {row['dims']} store, {row['image']}² image, {row['tokens']} tokens, on {row['device']}; "
+        f"# {row.get('dims', '')} store, {row['image']}² image, {row['tokens']} tokens, {row['placement']}; "
         f"torch threads {torch.get_num_threads()}"
     )
     print(
@@ -220,11 +226,12 @@ def print_token_switch(row: dict) -> None:
         f"  next: the following token, after a {row['pause_s']:.1f} s pause (prefetched while idle); jump: a token "
         "computed on the spot"
     )
-    print(
-        f"old method (a float32 copy of every key per token, no prefetch): first={row['old_first_ms']:.1f} ms "
-        f"next={row['old_next_ms']:.1f} ms → next {row['old_next_ms'] / row['next_ms']:.1f}× faster now, "
-        f"a jump {row['old_next_ms'] / row['jump_ms']:.2f}×"
-    )
+    if "old_next_ms" in row:
+        print(
+            f"old method (a float32 copy of every key per token, no prefetch): first={row['old_first_ms']:.1f} ms "
+            f"next={row['old_next_ms']:.1f} ms → next {row['old_next_ms'] / row['next_ms']:.1f}× faster now, "
+            f"a jump {row['old_next_ms'] / row['jump_ms']:.2f}×"
+        )
     print(
         f"{row['tokens']}-token animation: {row['animation_ms'] / 1000:.2f} s ({row['frames']} frames, shared scale); "
         f"every token's map in one pass: {row['maps_all_tokens_ms']:.0f} ms"

@@ -167,3 +167,34 @@ def test_where_a_store_lives_follows_the_request_and_the_budget():
     ledger.track(store, 60 * 2**20)
     del store  # a store dropped gives its bytes back
     assert ledger.held == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "idefics3"])
+def test_a_static_cache_gives_the_same_exact_rows(load_holder, family):
+    """With cache_implementation='static' the keys are one preallocated cache, longer than the answer: the
+    store keeps its first prompt + answer - 1 keys, and the rows equal eager's."""
+    holder = load_holder(family)
+    image, prompt = noise_image(120, 90, seed=6), "What is in the picture?"
+    eager = holder.generate(image, prompt, method="eager", **_kwargs(holder, 5))
+    for store in ("qk", "rows"):
+        run = holder.generate(image, prompt, store=store, cache_implementation="static", **_kwargs(holder, 5))
+        assert run.generated_ids == eager.generated_ids
+        if store == "qk":
+            assert run.attention.layers[0].keys.shape[1] == len(run.prompt_ids) + run.num_steps - 1
+        for t in range(run.num_steps):
+            torch.testing.assert_close(run.step_attention(t).float(), eager.step_attention(t).float(), **TOLERANCE)
+        np.testing.assert_allclose(
+            token_heatmaps(run, range(run.num_steps))[-1],
+            _reference(eager, run.num_steps - 1, None, None, "mean", False),
+            **TOLERANCE,
+        )
+
+
+def test_keys_viewed_out_of_a_longer_cache_are_copied_when_the_store_keeps_them():
+    cache = torch.randn(2, 40, 8)
+    record = LayerRecord(torch.randn(4, 3, 8), cache[:, :30], 0.3)
+    kept = attention_store._narrowed(record)
+    assert kept.keys.untyped_storage().nbytes() == 2 * 30 * 8 * 4  # its own keys only, not the whole cache
+    assert torch.equal(kept.keys, cache[:, :30])
+    whole = LayerRecord(torch.randn(4, 3, 8), torch.randn(2, 30, 8), 0.3)
+    assert attention_store._narrowed(whole).keys is whole.keys  # no copy when nothing more is held
