@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attention_processor import step_rows, vision_attention
+from attention_processor import step_rows, token_heatmaps, vision_attention
 from records import AttentionRun
 
 GENERIC_PROMPT = "Write a general description of the image."
@@ -67,8 +67,8 @@ def sink_cells(
     attention for at least `min_fraction` of the generated tokens, whatever the token."""
     n_cells = run.vision.num_cells
     hits = np.zeros(run.vision.grid_hw, dtype=np.int32)
-    for t in range(run.num_steps):
-        maps = vision_maps(run, t, layers, heads, renormalize=True).mean(axis=(0, 1))  # (gh, gw), sums to 1
+    # every token's map at once (one pass per layer of the store), each head's image share summing to 1
+    for maps in token_heatmaps(run, range(run.num_steps), layers, heads, "mean", renormalize=True):
         hits += maps > factor / n_cells
     return hits >= max(1, int(np.ceil(min_fraction * run.num_steps)))
 
