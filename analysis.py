@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from attention_processor import step_rows, token_heatmaps, vision_attention
 from records import AttentionRun
@@ -56,7 +57,11 @@ def region_to_text(run: AttentionRun, region: np.ndarray) -> dict[str, np.ndarra
 
     Returns `per_step` (T,) mean share over all layers and heads, and `per_head` (L, H) mean over steps.
     """
-    shares = np.stack([region_share(run, t, region) for t in range(run.num_steps)])  # (T, L, H)
+    layout = run.vision
+    if layout.num_frames != 1 or region.shape != tuple(layout.grid_hw):
+        raise ValueError(f"The region mask has shape {region.shape}, but the token grid is {tuple(layout.grid_hw)}.")
+    cells = torch.from_numpy(layout.token_positions[region.ravel()])  # the region's tokens, grid order
+    shares = run.step_masses(range(run.num_steps), cells).numpy()  # (T, L, H), every token in one pass
     return {"per_step": shares.mean(axis=(1, 2)), "per_head": shares.mean(axis=0)}
 
 

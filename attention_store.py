@@ -328,6 +328,11 @@ class RowStore:
         tensor, in the prompt), reduced over the selected layers and heads (`Reduction`)."""
         return torch.stack([_rows_maps(self.step_rows[t], keys, layer_sel, head_sel, how, renormalize) for t in steps])
 
+    def masses(self, steps, keys) -> torch.Tensor:
+        """(n, L, H) float32 on the host: each step's attention mass, per layer and head, on key positions
+        `keys` (a slice or index tensor, in the prompt)."""
+        return torch.stack([self.step_rows[t][:, :, keys].float().sum(-1) for t in steps])
+
     @property
     def nbytes(self) -> int:
         return _storage_bytes([*self.step_rows, self.prompt_rows, *self.shares.values()])
@@ -520,6 +525,35 @@ class QueryKeyStore:
                 out[t] = _rows_maps(rows, keys, layer_sel, head_sel, how, renormalize).cpu()
             if fresh:
                 out.update(self._fresh_maps(fresh, keys, layer_sel, head_sel, how, renormalize))
+        return torch.stack([out[t] for t in steps])
+
+    def masses(self, steps, keys) -> torch.Tensor:
+        """(n, L, H) float32 on the host: each step's attention mass, per layer and head, on key positions
+        `keys` (a slice or index tensor, in the prompt); cached tokens from the cache, the others together,
+        one pass per layer in chunks."""
+        steps = [int(t) for t in steps]
+        out: dict[int, torch.Tensor] = {}
+        PREFETCH.active()
+        with self._lock:
+            for t in steps:
+                rows = self._cache.get(self.num_prompt_rows + t)
+                if rows is not None:
+                    out[t] = rows[:, :, _on(keys, rows.device)].float().sum(-1).cpu()
+            fresh = sorted(set(steps) - set(out))
+            if fresh:
+                kv_len = self.prompt_len + fresh[-1]
+                size = max(1, _MAP_CHUNK // max(1, self.layers[0].queries.shape[0] * kv_len))
+                per_layer = []
+                for layer in self.layers:
+                    float_keys = self._float_keys(layer, kv_len)
+                    parts = []
+                    for start in range(0, len(fresh), size):
+                        rows = [self.num_prompt_rows + t for t in fresh[start : start + size]]
+                        probs = self._layer_rows(layer, rows, kv_len, slice(None), float_keys)  # (H, c, kv)
+                        parts.append(probs[:, :, _on(keys, layer.keys.device)].sum(-1).cpu())  # (H, c)
+                    per_layer.append(torch.cat(parts, dim=1))
+                block = torch.stack(per_layer).permute(2, 0, 1)  # (n, L, H)
+                out.update(zip(fresh, block, strict=True))
         return torch.stack([out[t] for t in steps])
 
     def _fresh_maps(self, steps: list[int], keys, layer_sel, head_sel, how, renormalize) -> dict[int, torch.Tensor]:

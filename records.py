@@ -267,6 +267,15 @@ class AttentionRun:
             self._check_step(step_idx)
         return self.attention.maps(steps, keys, layer_sel, head_sel, reduce, renormalize)
 
+    def step_masses(self, steps, keys) -> torch.Tensor:
+        """(len(steps), num_layers, num_heads) float32 on the CPU: each generated token's attention mass,
+        per layer and head, on key positions `keys` (a slice or index tensor of prompt positions), computed
+        together by the store."""
+        steps = [int(t) for t in steps]
+        for step_idx in steps:
+            self._check_step(step_idx)
+        return self.attention.masses(steps, keys)
+
     def _check_step(self, step_idx: int) -> None:
         if not 0 <= step_idx < self.num_steps:
             raise OutOfRangeError(

@@ -300,6 +300,7 @@ def write_report(
     stored = _as_stored(stored_or_run, image)
     base = _view_settings(stored.run, layers, heads, reduce, normalization, percentile, colormap, alpha, grid)
     uris, captions = [], []
+    stored.prepare_answer(base)  # every token's map in one pass
     for step_idx in range(stored.run.num_steps):
         picture, caption = render(stored, replace(base, step_idx=step_idx))
         uris.append(_data_uri(picture, image_format, max_side))

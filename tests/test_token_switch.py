@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attention_store
+from analysis import region_share, region_to_text
 from attention_processor import _heatmap, step_rows, token_heatmap, token_heatmaps
 from attention_store import DeviceLedger, LayerRecord, QueryKeyStore, placement
 from conftest import noise_image
@@ -198,3 +199,18 @@ def test_keys_viewed_out_of_a_longer_cache_are_copied_when_the_store_keeps_them(
     assert torch.equal(kept.keys, cache[:, :30])
     whole = LayerRecord(torch.randn(4, 3, 8), torch.randn(2, 30, 8), 0.3)
     assert attention_store._narrowed(whole).keys is whole.keys  # no copy when nothing more is held
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "internvl"])
+def test_region_shares_over_the_whole_answer_come_from_one_pass_and_equal_each_tokens_rows(load_holder, family):
+    holder = load_holder(family)
+    image, prompt = noise_image(110, 80, seed=8), "What is on the left?"
+    eager = holder.generate(image, prompt, method="eager", **_kwargs(holder, 5))
+    run = holder.generate(image, prompt, store="qk", **_kwargs(holder, 5))
+    region = np.zeros(run.vision.grid_hw, dtype=bool)
+    region[:, : max(1, run.vision.grid_hw[1] // 2)] = True
+    run.step_attention(2)  # one token cached, the others computed together
+    got = region_to_text(run, region)
+    expected = np.stack([region_share(eager, t, region) for t in range(eager.num_steps)])  # (T, L, H)
+    np.testing.assert_allclose(got["per_head"], expected.mean(axis=0), rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(got["per_step"], expected.mean(axis=(1, 2)), rtol=2e-3, atol=1e-5)
