@@ -326,7 +326,19 @@ class RowStore:
     def maps(self, steps, keys, layer_sel: slice, head_sel: slice, how: str, renormalize: bool) -> torch.Tensor:
         """(n, P) float32 on the host: each step's attention on key positions `keys` (a slice or index
         tensor, in the prompt), reduced over the selected layers and heads (`Reduction`)."""
-        return torch.stack([_rows_maps(self.step_rows[t], keys, layer_sel, head_sel, how, renormalize) for t in steps])
+        steps = [int(t) for t in steps]
+        if len(steps) == 1:
+            return _rows_maps(self.step_rows[steps[0]], keys, layer_sel, head_sel, how, renormalize)[None]
+        first = self.step_rows[steps[0]][layer_sel, head_sel][:, :, keys]  # (l, h, P)
+        size = max(1, _MAP_CHUNK // max(1, first.numel()))
+        out = []
+        for start in range(0, len(steps), size):
+            part = steps[start : start + size]
+            values = torch.stack([self.step_rows[t][layer_sel, head_sel][:, :, keys] for t in part])  # (c, l, h, P)
+            reduction = Reduction(how, renormalize)
+            reduction.add(values.float().flatten(1, 2).transpose(0, 1))  # (l*h, c, P)
+            out.append(reduction.result())
+        return torch.cat(out)
 
     def masses(self, steps, keys) -> torch.Tensor:
         """(n, L, H) float32 on the host: each step's attention mass, per layer and head, on key positions

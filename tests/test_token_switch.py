@@ -49,9 +49,11 @@ def test_maps_of_many_tokens_at_once_equal_each_tokens_own_rows(load_holder, fam
         for reduce in ("mean", "max", "min"):
             for renormalize in (False, True):
                 batched = token_heatmaps(run, range(run.num_steps), layers, heads, reduce, renormalize)
+                from_rows = token_heatmaps(eager, range(run.num_steps), layers, heads, reduce, renormalize)
                 for t in range(run.num_steps):
                     expected = _reference(eager, t, layers, heads, reduce, renormalize)
                     np.testing.assert_allclose(batched[t], expected, **TOLERANCE)
+                    np.testing.assert_allclose(from_rows[t], expected, rtol=1e-5, atol=1e-7)  # a row store
                     one = token_heatmap(run, t, layers, heads, reduce, renormalize)  # cached or computed alone
                     np.testing.assert_allclose(one, expected, **TOLERANCE)
 
