@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from errors import ModelLoadError
-from families import detect_family, load_attention
+from families import check_transformers, detect_family, load_attention
 
 
 def check_weights_cover_config(folder: Path, config) -> None:
@@ -69,6 +69,7 @@ def load_checkpoint(model_id: str, device: str, torch_dtype: torch.dtype, trust_
     """(model in eval mode on `device`, processor, family) of a checkpoint of a supported family."""
     config = _read_config(model_id, trust_remote_code)
     family = detect_family(config)
+    check_transformers(family)
     try:
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as err:

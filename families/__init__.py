@@ -26,6 +26,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from errors import InputError, UnsupportedModelError
 from families import gemma3, idefics3, internvl, llava, llava_next, paligemma, pixtral, qwen
@@ -42,6 +45,10 @@ _ADAPTER_OF = {spec.model_type: module for module in ADAPTERS for spec in module
 SUPPORTED_FAMILIES: dict[str, str] = {model_type: spec.name for model_type, spec in SPECS.items()}
 GRID_THW_FAMILIES = tuple(model_type for model_type, spec in SPECS.items() if spec.grid_thw)
 VIDEO_FAMILIES = tuple(model_type for model_type, spec in SPECS.items() if spec.video)
+# The transformers versions the capture is tested with (requirements.txt declares the same range; CI runs the
+# exactness tests on the pinned lock and on the newest release in it). A family that a release breaks narrows
+# it in its own spec (`FamilySpec.transformers`).
+TRANSFORMERS = ">=5.23,<6"
 # Refused with the reason: the image enters through cross-attention, never as tokens in self-attention.
 CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision", "idefics": "IDEFICS (v1)"}
 
@@ -49,6 +56,21 @@ CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision", "idefics": "IDEFICS (v
 def family_spec(family: str) -> FamilySpec:
     """The declared facts of a model type; a name that is not a supported model type has none of them."""
     return SPECS.get(family) or FamilySpec(family, family)
+
+
+def check_transformers(family: str, version: str | None = None) -> None:
+    """Refuse a family on a transformers release outside the range it is tested with (the project's
+    `TRANSFORMERS`, narrowed by the family's own spec), naming the working range and what to install."""
+    version = version or transformers.__version__
+    spec = family_spec(family)
+    working = SpecifierSet(TRANSFORMERS) & SpecifierSet(spec.transformers)
+    if Version(version) not in working:
+        narrowed = f" ({spec.name} also needs transformers{spec.transformers})" if spec.transformers else ""
+        raise UnsupportedModelError(
+            f"{spec.name} is not supported on transformers {version}: this tool works with transformers"
+            f"{TRANSFORMERS}{narrowed}. Install a working release, e.g. `pip install -c requirements-lock.txt "
+            f"transformers`, or `pip install 'transformers{working}'`."
+        )
 
 
 def video_families() -> list[str]:

@@ -24,6 +24,8 @@ class FamilySpec:
     vision_prefix_tokens: tokens the vision encoder's sequence holds before its patches (CLIP's CLS).
     prefix_lm: the prompt is one bidirectional prefix (`token_type_ids` 0), generated tokens a causal suffix.
     eager_text: its decoder loads with eager attention (soft-capping, which SDPA cannot do).
+    transformers: the transformers versions this family works with inside the project's range
+        (`families.TRANSFORMERS`), as a PEP 440 specifier such as "!=5.24.0" or "<5.30"; empty for all.
     """
 
     model_type: str
@@ -35,6 +37,7 @@ class FamilySpec:
     vision_prefix_tokens: int = 0
     prefix_lm: bool = False
     eager_text: bool = False
+    transformers: str = ""
 
 
 def token_positions(inputs, token_id: int) -> np.ndarray:

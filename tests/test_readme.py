@@ -74,15 +74,3 @@ def test_readme_gradio_client_example_runs_against_the_default_app(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def test_the_cpu_requirements_are_the_same_packages_with_cpu_wheels():
-    """requirements-cpu.txt pins the same torch and torchvision as requirements.txt, from PyTorch's CPU
-    index, and takes every other requirement from requirements.txt itself."""
-    pins = dict(
-        line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("torch")
-    )
-    cpu = (REPO / "requirements-cpu.txt").read_text().splitlines()
-    assert "-r requirements.txt" in cpu and "--extra-index-url https://download.pytorch.org/whl/cpu" in cpu
-    assert {f"{name}=={version}+cpu" for name, version in pins.items()} <= set(cpu)
-    assert "pip install -r requirements-cpu.txt -r requirements-dev.txt" in README
