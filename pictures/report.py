@@ -23,7 +23,7 @@ from PIL import Image
 
 from errors import InputError
 from pictures.stored_run import DISPLAY_NORMALIZATIONS, StoredRun, ViewSettings
-from pictures.views import render, share_table
+from pictures.views import plain_text, render, share_table
 from records import AttentionRun, LogitLens, cell_edges
 from utils import scale_box, scaled_size
 
@@ -45,6 +45,22 @@ dt { font-weight: 600; } dd { margin: 0; white-space: pre-wrap; word-break: brea
 figcaption, #status { color: #444; margin: 4px 0; } #plot { overflow-x: auto; }
 .bar { cursor: pointer; } .bar .hit { fill: transparent; } .bar .fill { fill: #7a9cc6; }
 .bar.sel .fill { fill: #d62728; } .axis { stroke: #bbb; } svg text { font: 10px sans-serif; fill: #555; }
+#print { margin: 0.5em 0; } .print-only { display: none; }
+#share-table { border-collapse: collapse; margin: 0.5em 0; } #share-table td, #share-table th {
+  border: 1px solid #ccc; padding: 1px 6px; font: 12px monospace; text-align: left; white-space: pre; }
+/* Printed (or saved as a PDF from the print dialog): the settings, the share plot and its table, then
+   every token's map with its caption, one after another, none cut across a page. */
+@media print {
+  body { margin: 0; max-width: none; font-size: 11px; }
+  #tokens, #status, #print, .screen-only { display: none; }
+  .print-only { display: block; } table.print-only { display: table; }
+  #plot { overflow: visible; } #share-plot { max-width: 100%; height: auto; }
+  .bar.sel .fill { fill: #7a9cc6; }
+  #frames figure, #frames figure[hidden] { display: block !important; break-inside: avoid; margin: 0 0 10px; }
+  #frames img { max-width: 100%; max-height: 45vh; border: none; }
+  #share-table { break-inside: auto; } #share-table tr { break-inside: avoid; }
+  h2 { break-after: avoid; }
+}
 """
 
 # Reads the JSON block with JSON.parse and writes tokens with textContent only: no HTML from data.
@@ -73,6 +89,7 @@ _JS = """
   }
   document.getElementById("tokens").addEventListener("click", onClick);
   document.getElementById("share-plot").addEventListener("click", onClick);
+  document.getElementById("print").addEventListener("click", function () { window.print(); });
   document.addEventListener("keydown", function (event) {
     if (event.key === "ArrowRight") select(current + 1);
     if (event.key === "ArrowLeft") select(current - 1);
@@ -90,10 +107,14 @@ _PAGE = Template("""<!DOCTYPE html>
 <body>
 <h1>$title</h1>
 <dl id="settings">$settings</dl>
+<button type="button" id="print">Print or save as PDF</button>
 <div id="tokens">$chips</div>
-<h2>Share of each token's attention on the image <small>(click a bar or a chip; ← → step)</small></h2>
+<h2>Share of each token's attention on the image
+<small class="screen-only">(click a bar or a chip; ← → step)</small></h2>
 <div id="plot">$plot</div>
+<table id="share-table" class="print-only">$table</table>
 <p id="status"></p>
+<h2 class="print-only">The map of each token</h2>
 <div id="frames">$frames</div>
 <script type="application/json" id="run-data">$data</script>
 <script>$js</script>
@@ -148,12 +169,21 @@ def _frames(uris: list[str], captions: list[str]) -> str:
     )
 
 
+def share_rows(shares: list[float], tokens: list[str], ids: list[int]) -> str:
+    """The share plot as a table (what a printed page shows beside the bars): step, token, id, share."""
+    head = "<tr><th>step</th><th>token</th><th>id</th><th>on the image</th></tr>"
+    return head + "".join(
+        f"<tr><td>{t}</td><td>{html.escape(visible_token(token))}</td><td>{token_id}</td><td>{share:.1%}</td></tr>"
+        for t, (share, token, token_id) in enumerate(zip(shares, tokens, ids, strict=True))
+    )
+
+
 def share_svg(shares: list[float], tokens: list[str], selected: int = 0) -> str:
     """Bars of each token's attention share on the image (0..1); one <g class="bar"> per token."""
     step_w = _BAR_W + _BAR_GAP
     width, height = _PAD_L + step_w * len(shares) + _BAR_GAP, _PLOT_H + _PAD_B + 8
     parts = [
-        f'<svg id="share-plot" width="{width}" height="{height}" '
+        f'<svg id="share-plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'role="img" aria-label="attention share on the image per token">'
     ]
     for frac in (0.0, 0.5, 1.0):  # y axis: 0 %, 50 %, 100 %
@@ -269,6 +299,7 @@ def _page(stored: StoredRun, base: ViewSettings, uris: list[str], captions: list
         chips=_chips(run.generated_tokens, run.generated_ids),
         frames=_frames(uris, captions),
         plot=share_svg(shares, run.generated_tokens),
+        table=share_rows(shares, run.generated_tokens, run.generated_ids),
         data=script_json(data),
     )
 
@@ -304,7 +335,7 @@ def write_report(
     for step_idx in range(stored.run.num_steps):
         picture, caption = render(stored, replace(base, step_idx=step_idx))
         uris.append(_data_uri(picture, image_format, max_side))
-        captions.append(caption)
+        captions.append(plain_text(caption))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_page(stored, base, uris, captions), encoding="utf-8")

@@ -388,6 +388,12 @@ def as_text(value: str) -> str:
     return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
 
 
+def plain_text(shown: str) -> str:
+    """What `as_text` made literal for Markdown, back as the plain text it stands for (for a page or a
+    notebook that escapes for itself)."""
+    return html.unescape(re.sub(r"\\([\\`*_\[\]{}#|~!])", r"\1", shown))
+
+
 def answer_words(tokens: list[str]) -> list[tuple[str, tuple[int, ...]]]:
     """The answer's words as (text, the generated tokens that spell it): a token that starts with a space,
     or follows one that ends with a space or is not a letter or digit, starts a new word; tokens with no

@@ -3,6 +3,7 @@ in Debian's chromium (clicking a token chip switches the picture)."""
 
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -51,6 +52,10 @@ ALLOWED_TAGS = {
     "g",
     "rect",
     "script",
+    "table",
+    "tr",
+    "th",
+    "td",
 }
 
 
@@ -218,3 +223,39 @@ def test_opens_offline_in_chromium_and_chips_switch_the_map(report):
         browser.close()
     assert not problems, problems
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
+def _pdf_counts(pdf: bytes) -> tuple[int, int]:
+    """(pages, embedded raster images) of a PDF as chromium writes it (uncompressed object dictionaries)."""
+    pages = len(re.findall(rb"/Type\s*/Page(?![s\w])", pdf))
+    images = len(re.findall(rb"/Subtype\s*/Image\b", pdf))
+    return pages, images
+
+
+def test_prints_to_a_pdf_with_every_tokens_map_and_the_share_table(report):
+    """In print, every token's figure is shown with its caption (on screen only the picked one), the chips
+    and the button are hidden and the share table appears; chromium's headless print writes a PDF that
+    holds one raster picture per token over several pages."""
+    from playwright.sync_api import sync_playwright
+
+    path, page_html = report
+    steps = len(page_html.imgs)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = browser.new_page()
+        page.goto(path.as_uri())
+        assert page.locator("#frames figure:visible").count() == 1 and page.locator("#share-table").is_hidden()
+        page.emulate_media(media="print")
+        assert page.locator("#frames figure:visible").count() == steps
+        assert page.locator("#frames figcaption:visible").count() == steps
+        assert page.locator("#tokens").is_hidden() and page.locator("#print").is_hidden()
+        assert page.locator("#share-table tr").count() == steps + 1
+        assert page.locator("#share-table").is_visible()
+        for step in (0, 2, 5):  # captions read as the token is, not Markdown- or HTML-escaped twice
+            assert repr(NASTY[step]) in page.locator("#frames figcaption").nth(step).text_content()
+        pdf = page.pdf(format="A4", print_background=True)
+        browser.close()
+    assert pdf.startswith(b"%PDF")
+    pages, images = _pdf_counts(pdf)
+    assert images >= steps, (pages, images)
+    assert pages >= 2, (pages, images)
