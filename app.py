@@ -47,7 +47,7 @@ from ui.layout import (
     model_row,
     settings_column,
 )
-from ui.wiring import named_api_for, wire_analysis, wire_causal, wire_downloads, wire_region_and_box
+from ui.wiring import named_api_for, wire_analysis, wire_causal, wire_compare, wire_downloads, wire_region_and_box
 
 logger = logging.getLogger("app")
 
@@ -63,6 +63,8 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = Vi
             "video_state": gr.State(None),
             "region": gr.State([]),
             "corner": gr.State(None),
+            "compare_a": gr.State(None),  # the result kept as A for a comparison
+            "compare_shown": gr.State(False),
         }
         gr.Markdown(
             "**VLM Attention Explorer** · where in the image did the model look when it generated each "
@@ -210,6 +212,7 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     wire_analysis(page, h, with_run, ranges, model_events, render_events)
     wire_downloads(page, h, with_run, render_events)
     wire_causal(page, h, model_events)
+    wire_compare(page, h, render_events)
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:

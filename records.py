@@ -7,6 +7,7 @@ imports no capture, model, pipeline or UI module, only the pure store math of `a
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -275,6 +276,49 @@ class AttentionRun:
         for step_idx in steps:
             self._check_step(step_idx)
         return self.attention.masses(steps, keys)
+
+    def summary(self) -> dict[str, str]:
+        """What the run holds, in words (what a notebook shows for `display(run)`)."""
+        views = ", ".join(
+            "{}×{}".format(*layout.grid_hw)
+            + (f" × {layout.num_frames} frames" if layout.num_frames > 1 else "")
+            + (f" ({layout.view})" if layout.view else "")
+            for layout in self.visions
+        )
+        answer = "".join(self.generated_tokens)
+        return {
+            "Model": f"{self.model_id} ({self.family})",
+            "Prompt": self.settings.prompt if len(self.settings.prompt) <= 300 else self.settings.prompt[:300] + "…",
+            "Answer": answer if len(answer) <= 300 else answer[:300] + "…",
+            "Tokens": f"{self.num_steps} generated after a prompt of {len(self.prompt_ids)}",
+            "Layers": f"{self.num_layers} captured ({self.layer_indices[0]}–{self.layer_indices[-1]})"
+            if self.layer_indices
+            else "none captured",
+            "Heads": f"{self.num_heads} per layer",
+            "Image tokens": f"{len({layout.image_index for layout in self.visions})} input(s); grids {views}",
+            "Attention kept": f"{self.nbytes / 2**20:.1f} MB, {getattr(self.attention, 'placement', 'rows')}",
+        }
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f'<tr><th style="text-align:left">{html.escape(name)}</th><td style="text-align:left;white-space:pre-wrap">'
+            f"{html.escape(value)}</td></tr>"
+            for name, value in self.summary().items()
+        )
+        return f"<table><caption>AttentionRun</caption>{rows}</table>"
+
+    def show(self, step_idx: int = 0, layers=None, heads=None, method: str = "attention", holder=None, **view):
+        """Token `step_idx`'s map as an object a notebook renders inline with its caption
+        (`notebook.inline.show`; its picture is `.picture`, `.save(path)` writes it)."""
+        from notebook.inline import show  # the notebook floor, imported only when a notebook asks
+
+        return show(self, step_idx, layers, heads, method, holder, **view)
+
+    def explore(self, holder=None, widgets: bool | None = None, max_side: int = 640):
+        """The token strip and the layer and head ranges, live (`notebook.explorer.explore`)."""
+        from notebook.explorer import explore  # the notebook floor, imported only when a notebook asks
+
+        return explore(self, holder, widgets, max_side)
 
     def _check_step(self, step_idx: int) -> None:
         if not 0 <= step_idx < self.num_steps:

@@ -49,6 +49,14 @@ _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "
 _UNSEEN_GREY = np.array([128, 128, 128], dtype=np.float32)
 
 
+def colormap_lut(colormap: str) -> np.ndarray:
+    """(256, 3) uint8 RGB: the colour of each level 0..255 of a colormap (for a page that draws it itself)."""
+    if colormap not in COLORMAPS:
+        raise InputError(f"Unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}.")
+    levels = np.arange(256, dtype=np.uint8)[:, None]  # (256, 1)
+    return cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)[:, 0, :]
+
+
 def _box_pixels(box_xyxy) -> tuple[int, int, int, int]:
     """The box rounded to whole pixels (may extend past the image)."""
     x0, y0, x1, y1 = (int(round(v)) for v in box_xyxy)
@@ -89,6 +97,14 @@ def _hatch_unseen(canvas: np.ndarray, inside: np.ndarray) -> None:
     canvas[outside] = faded.astype(np.uint8)
     hatched = outside & stripes
     canvas[hatched] = (0.5 * canvas[hatched] + 127.5).astype(np.uint8)
+
+
+def hatch(picture: Image.Image, unseen: np.ndarray) -> Image.Image:
+    """The picture with the pixels where `unseen` (H, W bool) is True greyed and hatched, as the part of an
+    image a model never saw is drawn everywhere."""
+    canvas = _as_array(picture)
+    _hatch_unseen(canvas, ~np.asarray(unseen, dtype=bool))
+    return _to_image(canvas)
 
 
 def _paint(base: np.ndarray, heatmap, box_xyxy, colormap, alpha, interpolation, value_range) -> np.ndarray:

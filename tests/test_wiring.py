@@ -68,6 +68,8 @@ API_NAMES = {
     "/knockout": ["target", "top_k", "in_ranges", *VIEW],
     "/knockout_sweep": ["window", "in_ranges", *VIEW],
     "/contrast": VIEW,
+    "/compare_keep": [],
+    "/compare": ["match", *VIEW],
 }
 
 

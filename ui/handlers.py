@@ -36,6 +36,7 @@ from pipeline import (
 )
 from ui.analysis_handlers import AnalysisHandlers
 from ui.causal_handlers import CausalHandlers
+from ui.compare_handlers import CompareHandlers
 from ui.components import parse_box, parse_steps, user_errors, whole_number
 from ui.controls import (
     MODEL_OUTPUTS,
@@ -135,7 +136,7 @@ def recommended_ranges(
     return (0, layer_max), (0, head_max)
 
 
-class Handlers(AnalysisHandlers, CausalHandlers):
+class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
     """Event handlers. View values arrive as wired, in `ViewControls` order, and are keyed by name at once;
     several outputs go back by name through `controls.pack`."""
 

@@ -415,6 +415,33 @@ def analysis_tabs() -> dict:
                     y_lim=[0, 1],
                     title="Inserting cells: the token's probability (higher AUC = better)",
                 )
+        with gr.Tab("Compare two runs", elem_id="tab-compare"):
+            gr.Markdown(
+                "Keep a result as A, then generate B: another model (a base and its fine-tune, or any two loaded "
+                "one after the other), another prompt, or another image of the same size. Both maps at the "
+                "selected token of B (A's token matched by position or by text), their difference, and each "
+                "run's share of attention on the image per layer. Both results count in the session store."
+            )
+            with gr.Row():
+                compare_keep = gr.Button("Keep this result as A", elem_id="compare-keep")
+                compare_match = gr.Radio(
+                    ["position", "text"], value="position", label="Match A's token by", elem_id="compare-match"
+                )
+                compare_btn = gr.Button("Compare with A", elem_id="compare-btn", variant="primary")
+            compare_note = gr.Markdown("", elem_id="compare-note")
+            with gr.Row():
+                compare_picture = gr.Image(
+                    type="pil", label="A, B and A - B", interactive=False, elem_id="compare-picture", format="png"
+                )
+                compare_plot = gr.LinePlot(
+                    x="layer",
+                    y="share",
+                    color="run",
+                    height=260,
+                    y_lim=[0, 1],
+                    title="Share of the token's attention on the image, per layer (heads averaged)",
+                    elem_id="compare-plot",
+                )
         with gr.Tab("Logit lens", elem_id="tab-lens"):
             with gr.Row():
                 lens_btn = gr.Button("Logit lens: decode every layer at every image patch", elem_id="lens-btn")
@@ -438,4 +465,10 @@ def analysis_tabs() -> dict:
         "verify_plot": verify_plot,
         "verify_insertion": verify_insertion,
         "verify_note": verify_note,
+        "compare_keep": compare_keep,
+        "compare_match": compare_match,
+        "compare_btn": compare_btn,
+        "compare_note": compare_note,
+        "compare_picture": compare_picture,
+        "compare_plot": compare_plot,
     }

@@ -7,6 +7,7 @@ import functools
 
 import gradio as gr
 
+from ui.compare_handlers import COMPARE_OUTPUTS
 from ui.controls import ANALYSIS_OUTPUTS, BOX_OUTPUTS, REGION_OUTPUTS, Page
 from ui.handlers import Handlers
 from ui.handlers import named_api as named_view_api
@@ -140,4 +141,35 @@ def wire_causal(page: Page, h: Handlers, model_events: dict) -> None:
         api_name="knockout_sweep",
         trigger_mode="always_last",
         **model_events,
+    )
+
+
+def wire_compare(page: Page, h: Handlers, render_events: dict) -> None:
+    """Keep the current result as A; draw A against the current result, and follow the token and ranges."""
+    named_api = named_api_for(page)
+    page["compare_keep"].click(
+        named_api(h.compare_keep, ("run_id",), view=False),
+        [page["run_id"]],
+        page.pick(("compare_a", "compare_note", "compare_shown")),
+        api_name="compare_keep",
+        **render_events,
+    )
+    compare_inputs = [page["run_id"], page["compare_a"], page["compare_match"]]
+    gr.on(
+        [page["compare_btn"].click, page["compare_match"].input],
+        named_api(h.compare, ("run_id", "run_a", "match")),
+        [*compare_inputs, *page.view_inputs],
+        page.pick(COMPARE_OUTPUTS),
+        api_name="compare",
+        trigger_mode="always_last",
+        **render_events,
+    )
+    gr.on(
+        [page[name].change for name in ("token", "layer_lo", "layer_hi", "head_lo", "head_hi")],
+        h.compare_follow,
+        [*compare_inputs, page["compare_shown"], *page.view_inputs],
+        page.pick(COMPARE_OUTPUTS),
+        api_name=False,
+        trigger_mode="always_last",
+        **render_events,
     )
