@@ -143,3 +143,73 @@ def test_compare_through_gradio_client_for_two_prompts(tiny_model_dirs, tmp_path
         assert os.path.exists(picture) and "two prompts" in note and "token 1" in note
     finally:
         demo.close()
+
+
+@pytest.fixture
+def served_two_models(tiny_model_dirs, tmp_path):
+    from test_browser import _serve
+
+    url, proc = _serve(tmp_path, ["--model", str(tiny_model_dirs["qwen2_5_vl"])])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _compared(page, expected: str, timeout_s: float = 60.0) -> str:
+    """Press 'Compare with A' until the note names `expected` (B's generation may still be finishing)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    note = page.locator("#compare-note")
+    while time.time() < deadline:
+        page.locator("#compare-btn").click()
+        try:
+            page.wait_for_function(
+                "(text) => document.querySelector('#compare-note').innerText.includes(text)", arg=expected, timeout=3000
+            )
+            return note.inner_text()
+        except Exception:  # playwright's timeout: not yet
+            continue
+    raise AssertionError(f"the comparison never said {expected!r}: {note.inner_text()!r}")
+
+
+def test_a_real_browser_compares_two_prompts_two_images_and_two_models(served_two_models, tiny_model_dirs, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_browser import CHROMIUM, LAUNCH_ARGS, _generate_in_page, _scene
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian's chromium (apt install chromium)")
+    scene, flipped = _scene(tmp_path / "scene.png"), _scene(tmp_path / "flipped.png", flip=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = _generate_in_page(browser, served_two_models, scene, "What is this?")
+        problems = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.get_by_role("tab", name="Compare two runs").click()
+        page.locator("#compare-btn").click()
+        expect(page.locator("#compare-note")).to_contain_text("No result is kept as A", timeout=20_000)
+        page.locator("#compare-keep").click()
+        expect(page.locator("#compare-note")).to_contain_text("A:", timeout=20_000)
+
+        page.locator("#prompt textarea").fill("Describe the picture.")  # two prompts
+        page.locator("#generate-btn").click()
+        assert "token 0" in _compared(page, "two prompts")
+        expect(page.locator("#compare-picture img")).to_be_visible(timeout=20_000)
+        expect(page.locator("#compare-plot")).to_be_visible()
+        page.screenshot(path=str(tmp_path / "compare-prompts.png"), full_page=True)
+
+        page.locator("#image-input input[type=file]").set_input_files(flipped)  # two images of one size
+        page.locator("#prompt textarea").fill("What is this?")
+        page.locator("#generate-btn").click()
+        _compared(page, "two images")
+
+        page.locator("#image-input input[type=file]").set_input_files(scene)  # two models, one after the other
+        page.locator("#model-id input").fill(str(tiny_model_dirs["llava"]))
+        page.locator("#model-id input").press("Enter")
+        page.locator("#load-btn").click()
+        expect(page.locator("#model-status")).to_contain_text("LLaVA", timeout=60_000)
+        page.locator("#generate-btn").click()
+        _compared(page, "two models")
+        browser.close()
+    assert not problems, problems
