@@ -122,6 +122,19 @@ def test_the_app_compares_a_kept_result_with_the_current_one_for_two_models(tiny
         h.compare(run_b, run_a, "position", 9, *view[1:])
 
 
+def test_the_comparison_follows_a_new_result_the_token_and_the_ranges(tmp_path):
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs")
+    demo = app.build_ui(cfg, ModelSlot(), RunStore(cfg.session_cache_mb))
+    config = demo.get_config_file()
+    ids = {getattr(block, "elem_id", None): block._id for block in demo.blocks.values()}
+    picture = ids["compare-picture"]
+    follow = [dep for dep in config["dependencies"] if picture in dep["outputs"] and dep.get("api_name") != "compare"]
+    assert len(follow) == 1
+    triggers = {tuple(target) for target in follow[0]["targets"]}
+    run_id = follow[0]["inputs"][0]  # the session's result id: a new result is a change of it
+    assert (run_id, "change") in triggers and (ids["token-dropdown"], "change") in triggers
+
+
 def test_compare_through_gradio_client_for_two_prompts(tiny_model_dirs, tmp_path):
     from gradio_client import Client, handle_file
 

@@ -164,8 +164,8 @@ def wire_compare(page: Page, h: Handlers, render_events: dict) -> None:
         trigger_mode="always_last",
         **render_events,
     )
-    gr.on(
-        [page[name].change for name in ("token", "layer_lo", "layer_hi", "head_lo", "head_hi")],
+    gr.on(  # a new result (B) or another token or range: drawn again once shown, never a stale pair
+        [page[name].change for name in ("run_id", "token", "layer_lo", "layer_hi", "head_lo", "head_hi")],
         h.compare_follow,
         [*compare_inputs, page["compare_shown"], *page.view_inputs],
         page.pick(COMPARE_OUTPUTS),
