@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
-import io
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from attention_processor import RAW_ATTENTION
 from errors import InputError
 from methods import METHODS
 from notebook.inline import picture_of, stored_run, view_settings
-from pictures.report import script_json, visible_token
+from pictures.report import png_bytes, script_json, visible_token
 from pictures.views import token_label
 from records import AttentionRun
 from utils import scale_box
@@ -85,9 +84,7 @@ class Explorer:
         if max(picture.size) > self.max_side:
             picture = picture.copy()
             picture.thumbnail((self.max_side, self.max_side))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        self.image.value = buffer.getvalue()
+        self.image.value = png_bytes(picture)
         self.caption.value = html.escape(caption)
 
     def _repr_mimebundle_(self, **kwargs):
@@ -188,8 +185,6 @@ class ExplorerPage:
         shown = image.convert("RGB").resize(size, Image.BILINEAR)
         box = list(scale_box(run.vision.image_box_xyxy, size[0] / image.size[0], size[1] / image.size[1]))
         base = overlay(shown, np.zeros(run.vision.grid_hw, np.float32), box, alpha=0.0, value_range=(0.0, 1.0))
-        buffer = io.BytesIO()
-        base.save(buffer, format="PNG")
         self.maps, self.keep_heads = maps, keep_heads
         self.data = {
             "tokens": run.generated_tokens,
@@ -200,7 +195,7 @@ class ExplorerPage:
             "box": box,
             "alpha": 0.5,
             "lut": colormap_lut(colormap).reshape(-1).tolist(),
-            "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "image": "data:image/png;base64," + base64.b64encode(png_bytes(base)).decode("ascii"),
         }
         self.html = self._fragment(run, size)
 

@@ -7,9 +7,6 @@ A run's pictures and caches (`pictures.stored_run.StoredRun`) are kept while the
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ from PIL import Image
 from attention_processor import RAW_ATTENTION
 from errors import InputError
 from methods import method
+from pictures.report import inline_figure, png_bytes
 from pictures.stored_run import StoredRun, ViewSettings
 from pictures.views import plain_text, render
 from pipeline import ModelSlot, method_maps
@@ -87,20 +85,11 @@ class InlineMap:
     caption: str
     settings: ViewSettings
 
-    def _png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.picture.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     def _repr_png_(self) -> bytes:
-        return self._png()
+        return png_bytes(self.picture)
 
     def _repr_html_(self) -> str:
-        uri = "data:image/png;base64," + base64.b64encode(self._png()).decode("ascii")
-        return (
-            f'<figure style="margin:0"><img src="{uri}" alt="attention map" style="max-width:100%">'
-            f"<figcaption>{html.escape(self.caption)}</figcaption></figure>"
-        )
+        return inline_figure(self.picture, self.caption, "attention map")
 
     def __repr__(self) -> str:
         return f"InlineMap({self.picture.size[0]}×{self.picture.size[1]} px: {self.caption})"

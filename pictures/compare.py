@@ -10,15 +10,14 @@ model saw; a pixel either model never saw has no difference and is hatched.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageChops
 
 from errors import InputError
+from pictures.report import inline_figure, png_bytes
 from pictures.stored_run import StoredRun, ViewSettings, raw_heatmap
 from pictures.views import plain_text, render
 from records import AttentionRun, VisionLayout
@@ -130,21 +129,14 @@ class Comparison:
     picture: Image.Image = field(repr=False)
     caption: str = ""
 
-    def _png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.picture.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     def _repr_png_(self) -> bytes:
-        return self._png()
+        return png_bytes(self.picture)
 
     def _repr_html_(self) -> str:
-        uri = "data:image/png;base64," + base64.b64encode(self._png()).decode("ascii")
         curves = {"A": (self.layers_a, self.shares_a), "B": (self.layers_b, self.shares_b)}
         return (
-            f'<figure style="margin:0"><img src="{uri}" alt="two maps and their difference" style="max-width:100%">'
-            f"<figcaption>{html.escape(self.caption)}</figcaption></figure>"
-            f"<div><small>Share of the token's attention on the image, per layer (heads averaged)</small><br>"
+            inline_figure(self.picture, self.caption, "two maps and their difference")
+            + "<div><small>Share of the token's attention on the image, per layer (heads averaged)</small><br>"
             f"{share_curves_svg(curves)}</div>"
         )
 

@@ -149,8 +149,23 @@ def _data_uri(picture: Image.Image, image_format: str, max_side: int | None) -> 
     if image_format == "jpeg":
         picture.convert("RGB").save(buffer, format="JPEG", quality=85)
     else:
-        picture.save(buffer, format="PNG")
+        buffer.write(png_bytes(picture))
     return f"data:image/{image_format};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    """The picture as PNG file bytes (what a notebook's `_repr_png_` returns)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def inline_figure(picture: Image.Image, caption: str, alt: str) -> str:
+    """The picture embedded as a PNG data URI over its caption, escaped: one figure of HTML for a notebook."""
+    return (
+        f'<figure style="margin:0"><img src="{_data_uri(picture, "png", None)}" alt="{html.escape(alt)}" '
+        f'style="max-width:100%"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    )
 
 
 def _chips(tokens: list[str], ids: list[int]) -> str:
