@@ -5,6 +5,7 @@
                   [--session-cache-mb 2048] [--store-device auto|cpu|cuda] [--store-budget-mb MB]
                   [--trust-remote-code]
                   [--allow-model-loading | --no-allow-model-loading] [--max-pixels-cap 16777216]
+                  [--max-images 8]
                   [--ranges ranges.json]
 
 The layout's parts are built in `ui/layout.py`, the handlers live in `ui/handlers.py`; this module puts
@@ -262,6 +263,12 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         help="largest image-token budget (max pixels) a request may ask for",
     )
     parser.add_argument(
+        "--max-images",
+        type=int,
+        default=AppConfig.max_images,
+        help="most images one prompt may hold (checked from their headers before any is decoded)",
+    )
+    parser.add_argument(
         "--ranges",
         help="a ranges.json from a study (batch.py --manifest ... --per-head --val-fraction F): "
         "its model starts with those layer and head ranges",
@@ -271,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         parser.error("--session-cache-mb must be a positive number of megabytes, e.g. 2048")
     if args.store_budget_mb is not None and args.store_budget_mb < 0:
         parser.error("--store-budget-mb must be 0 (every store on the host) or more megabytes, e.g. 4096")
+    if args.max_images < 1:
+        parser.error("--max-images must be at least 1, e.g. 8")
     if args.max_pixels_cap <= 0:
         parser.error("--max-pixels-cap must be a positive number of pixels, e.g. 16777216")
     local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
@@ -299,6 +308,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         trust_remote_code=args.trust_remote_code,
         allow_model_loading=allow_loading,
         max_pixels_cap=args.max_pixels_cap,
+        max_images=args.max_images,
         ranges=ranges,
     )
 

@@ -90,7 +90,8 @@ class AppConfig:
     max_gallery_maps: int = 64  # per-head gallery size limit (layers × heads)
     max_gradient_mb: int = 8192  # memory allowed for a gradient-weighted attention pass
     max_pixels_cap: int = 4096 * 4096  # largest image-token budget (Qwen max pixels) a request may ask
-    max_image_pixels: int = 150_000_000  # largest decoded image accepted (a 12000x9000 photo is 108 M)
+    max_image_pixels: int = 150_000_000  # pixels decoded per request, all images together (12000x9000 is 108 M)
+    max_images: int = 8  # images in one prompt
     trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless asked for)
     allow_model_loading: bool = True  # users may load other models from the page
     animation_max_side: int = 512  # px, longer side of the animation's frames

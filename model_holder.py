@@ -29,6 +29,7 @@ from families import (
     attention_windows,
     decoder_layers,
     pixel_budget,
+    placeholder_tokens,
     prefix_lm,
     processor_options,
     softmax_layers,
@@ -38,7 +39,15 @@ from families import (
 )
 from loading import load_checkpoint
 from records import AttentionRun, GenerationSettings, VisionLayout, segment_positions
-from utils import load_image, load_video, resolve_device, resolve_dtype
+from utils import (
+    MAX_IMAGE_PIXELS,
+    image_header_size,
+    load_image,
+    load_video,
+    resolve_device,
+    resolve_dtype,
+    video_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +76,25 @@ def _token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
     """`_token_piece` for many ids, decoding each distinct id once (images repeat one id many times)."""
     pieces = {token_id: _token_piece(tokenizer, token_id) for token_id in set(token_ids)}
     return [pieces[token_id] for token_id in token_ids]
+
+
+def _processor_refused(err: ValueError, sizes: list[tuple[int, int]]) -> InputError:
+    """The processor's refusal of these (W, H) inputs, with what to do."""
+    hint = (
+        "Crop it to a less extreme aspect ratio or resize it"
+        if "aspect ratio" in str(err)
+        else "Check that this checkpoint's processor takes this kind of input (images, video)"
+    )
+    listed = ", ".join(f"{width}x{height}" for width, height in sizes)
+    return InputError(f"The processor could not prepare the input ({listed}): {err} {hint}, then try again.")
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one request may give, checked from the images' headers before any is decoded."""
+
+    max_images: int = 8  # images in one prompt
+    max_total_pixels: int = MAX_IMAGE_PIXELS  # width × height summed over the images (or a video's frames)
 
 
 @dataclass
@@ -180,12 +208,7 @@ class ModelHolder:
     ):
         """Chat-templated, processed model inputs for one user message with its images or video (batch of 1)."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        parts = [{"type": "image"}] * len(images) + ([{"type": "video"}] if video else [])
-        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        if getattr(self.processor, "chat_template", None) or not prefix_lm(self.family):
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # PaliGemma: no chat template; the processor expands <image>, adds BOS
-            text = "<image>" * len(images) + prompt
+        text = self._chat_text(len(images), prompt, bool(video))
         kwargs = processor_options(self.family, self.processor)
         size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
         if size is not None:
@@ -199,15 +222,87 @@ class ModelHolder:
             inputs.pop("labels", None)  # PaliGemma's processor adds training labels; never wanted here
             return inputs
         except ValueError as err:
-            sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images + (video or [])[:1])
-            hint = (
-                "Crop it to a less extreme aspect ratio or resize it"
-                if "aspect ratio" in str(err)
-                else "Check that this checkpoint's processor takes this kind of input (images, video)"
-            )
+            raise _processor_refused(err, [im.size for im in images + (video or [])[:1]]) from err
+
+    def _chat_text(self, num_images: int, prompt: str, video: bool = False) -> str:
+        """The prompt's text before the processor expands each image's (or the video's) one placeholder."""
+        parts = [{"type": "image"}] * num_images + ([{"type": "video"}] if video else [])
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+        if getattr(self.processor, "chat_template", None) or not prefix_lm(self.family):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "<image>" * num_images + prompt  # PaliGemma: no chat template; the processor expands <image>, adds BOS
+
+    def check_media(
+        self,
+        image_sizes: list[tuple[int, int]],
+        prompt: str,
+        max_new_tokens: int,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_capture_mb: float | None = None,
+        video: tuple[int, tuple[int, int]] | None = None,
+        limits: MediaLimits | None = None,
+        capture_layers: list[int] | None = None,
+        store: StoreKind = "auto",
+    ) -> None:
+        """Refuse, from the images' (W, H) sizes alone (their headers: nothing is decoded yet), a request
+        with too many images, too many pixels to decode, or a prompt the processor would make longer than
+        the context or the capture budget. video: (frames, (W, H)) in place of images. The message names
+        each image's size and token count and what to change."""
+        limits = limits or MediaLimits()
+        if len(image_sizes) > limits.max_images:
             raise InputError(
-                f"The processor could not prepare the input ({sizes}): {err} {hint}, then try again."
-            ) from err
+                f"This request has {len(image_sizes)} images; this server takes at most {limits.max_images} in one "
+                "prompt. Give fewer images (or start the app with a larger --max-images)."
+            )
+        frames, frame_size = video or (0, (0, 0))
+        sizes = image_sizes or [frame_size] * frames
+        pixels = sum(width * height for width, height in sizes)
+        listed = ", ".join(f"{width}x{height}" for width, height in sizes[:16]) + (" …" if len(sizes) > 16 else "")
+        if pixels > limits.max_total_pixels:
+            raise InputError(
+                f"The {'frames' if video else 'images'} ({listed}) hold {pixels / 1e6:.0f} megapixels together; "
+                f"this server decodes at most {limits.max_total_pixels / 1e6:.0f} megapixels per request. Give "
+                "fewer or smaller images, then try again."
+            )
+        predicted = self.predicted_length(image_sizes, prompt, min_pixels, max_pixels, video)
+        if predicted is None:
+            return
+        prompt_len, counts = predicted
+        if video:
+            each = f" The video's {frames} frames of {frame_size[0]}x{frame_size[1]} take {sum(counts)} tokens."
+        else:
+            per_image = [
+                f"image {i + 1}: {w}x{h} px, {n} tokens"
+                for i, ((w, h), n) in enumerate(zip(sizes, counts, strict=True))
+            ]
+            each = " I" + "; ".join(per_image)[1:] + "."
+        num_layers = len(set(capture_layers)) if capture_layers is not None else len(softmax_layers(self.model))
+        self._check_budget(prompt_len, max_new_tokens, num_layers, max_capture_mb, store=store, detail=each)
+
+    def predicted_length(
+        self,
+        image_sizes: list[tuple[int, int]],
+        prompt: str,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        video: tuple[int, tuple[int, int]] | None = None,
+    ) -> tuple[int, list[int]] | None:
+        """(the prompt's length in tokens, each image's or the video's placeholder tokens) that `build_inputs`
+        will produce for images of these (W, H) sizes, from the sizes alone; None when the processor cannot
+        say."""
+        size = pixel_budget(self.family, self.processor.image_processor, min_pixels, max_pixels, self.max_pixels_cap)
+        try:
+            counts = placeholder_tokens(self.family, self.processor, image_sizes, size, video=video)
+        except ValueError as err:  # the resize rule refuses these sizes, as the processor would
+            raise _processor_refused(err, image_sizes or [video[1]]) from err
+        if counts is None:
+            return None
+        tokenizer = self.processor.tokenizer
+        text_ids = tokenizer(self._chat_text(len(image_sizes), prompt, bool(video)), add_special_tokens=False)
+        placeholder = getattr(self.processor, "video_token" if video else "image_token", None)
+        marks = sum(piece == placeholder for piece in tokenizer.convert_ids_to_tokens(text_ids["input_ids"]))
+        return len(text_ids["input_ids"]) - marks + sum(counts), counts
 
     def on_model(self, inputs):
         """Processor outputs moved to the model's input device, pixels in the model's dtype."""
@@ -262,21 +357,24 @@ class ModelHolder:
         max_capture_mb: float | None,
         num_prompt_rows: int = 0,
         store: StoreKind = "auto",
+        detail: str = "",
     ) -> None:
-        """Refuse up front what would overflow the model's context or the capture's memory."""
+        """Refuse up front what would overflow the model's context or the capture's memory; `detail`
+        (each image's size and tokens) is added to the message."""
         context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if context and prompt_len + max_new_tokens > context:
             raise InputError(
                 f"The image and prompt take {prompt_len} tokens; with {max_new_tokens} new tokens "
-                f"that exceeds the model's context of {context}. Shorten the prompt, lower the "
-                "image-token budget (max pixels) or generate fewer tokens."
+                f"that exceeds the model's context of {context}.{detail} Shorten the prompt, give fewer or smaller "
+                "images, lower the image-token budget (max pixels) or generate fewer tokens."
             )
         estimate = estimate_capture_bytes(self.model, num_layers, prompt_len, max_new_tokens, num_prompt_rows, store)
         if max_capture_mb is not None and estimate > max_capture_mb * 2**20:
             raise CaptureTooLargeError(
                 f"Capturing {max_new_tokens} tokens over {num_layers} layers for a {prompt_len}-token prompt "
-                f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed. Capture "
-                "fewer layers, generate fewer tokens, or lower the image-token budget (max pixels)."
+                f"could take {estimate / 2**20:.0f} MB, more than the {max_capture_mb:.0f} MB allowed.{detail} "
+                "Capture fewer layers, generate fewer tokens, give fewer or smaller images, or lower the "
+                "image-token budget (max pixels)."
             )
 
     def _generate_with_capture(
@@ -320,8 +418,9 @@ class ModelHolder:
                 "again."
             ) from None
 
-    def _media(self, image, video) -> tuple[list[Image.Image], list[Image.Image] | None]:
-        """Loaded images and video frames; exactly one of the two is given."""
+    def _media(self, image, video, check) -> tuple[list[Image.Image], list[Image.Image] | None]:
+        """Loaded images and video frames; exactly one of the two is given. `check(sizes, video)` sees their
+        headers first (`check_media`'s arguments), before anything is decoded."""
         if video is not None:
             if image is not None:
                 raise InputError("Give either images or a video, not both.")
@@ -335,10 +434,12 @@ class ModelHolder:
                     "This checkpoint's chat template has no video part, so it cannot be given a "
                     "video. Use images, or load a checkpoint whose template takes video."
                 )
+            check([], video_header(video))
             return [], load_video(video)
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise ImageLoadError("No image given. Upload or pass at least one image.")
+        check([image_header_size(im) for im in images], None)
         return [load_image(im) for im in images], None
 
     def generate(
@@ -356,6 +457,7 @@ class ModelHolder:
         store: StoreKind = "auto",
         store_device: StoreDevice = "auto",
         store_budget_mb: float | None = None,
+        limits: MediaLimits | None = None,
         **generate_kwargs,
     ) -> AttentionRun:
         """Generate an answer and capture, for every generated token, the attention that produced it.
@@ -375,14 +477,31 @@ class ModelHolder:
         store_device: where a 'qk' store is kept: 'auto' (on the GPU the model ran on while all such
             stores fit `store_budget_mb`, by default half the GPU memory free; else on the host), 'cpu'
             or 'cuda'. Rows are then computed there; `run.attention.placement` says where it is.
+        limits: how many images and pixels one request may give (`MediaLimits`), checked with the
+            prompt's length from the images' headers before any is decoded (`check_media`).
         generate_kwargs: passed on to `model.generate`; greedy decoding unless they say otherwise.
             One sequence only: beam search and several return sequences are refused.
         """
-        images, frames = self._media(image, video)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("The prompt is empty. Type a question or instruction about the image.")
         if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
+
+        def check(sizes, video_header):
+            self.check_media(
+                sizes,
+                prompt,
+                max_new_tokens,
+                min_pixels,
+                max_pixels,
+                max_capture_mb,
+                video_header,
+                limits,
+                capture_layers,
+                store,
+            )
+
+        images, frames = self._media(image, video, check)
         for option in ("num_beams", "num_return_sequences"):
             if generate_kwargs.get(option, 1) != 1:
                 raise InputError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
         if source.size[0] * source.size[1] > max_pixels:
             raise _too_large(source.size, max_pixels)
         return source  # already prepared: no copy
-    try:
+    with _reading(source, max_pixels):
         image = source if isinstance(source, Image.Image) else Image.open(Path(source))
         if image.size[0] * image.size[1] > max_pixels:
             raise _too_large(image.size, max_pixels)
@@ -55,6 +56,48 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
         image.load()  # truncated files fail here, not at open
         image = ImageOps.exif_transpose(image)
         image = _to_8bit_rgb(image)
+    if min(image.size) < 1:
+        raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
+    return image
+
+
+def image_header_size(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(W, H) of the upright image `load_image` would return, read from the file's header only: nothing
+    is decoded, so a request's sizes can be checked before any of its images takes memory."""
+    if source is None:
+        raise ImageLoadError("No image given. Upload or pass an image (a file path or a PIL.Image).")
+    with _reading(source, max_pixels):
+        if isinstance(source, Image.Image):
+            (width, height), orientation = source.size, _header_orientation(source)
+        else:
+            with Image.open(Path(source)) as image:  # the header only
+                (width, height), orientation = image.size, _header_orientation(image)
+    if width * height > max_pixels:
+        raise _too_large((width, height), max_pixels)
+    if orientation in (5, 6, 7, 8):  # a quarter turn: load_image returns it upright
+        width, height = height, width
+    if min(width, height) < 1:
+        raise ImageLoadError(f"The image is empty ({width}x{height} px).")
+    return width, height
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation an opened image's header declares (1: upright), read without decoding it
+    (`getexif` would decode a PNG to look for EXIF after its pixels)."""
+    if "exif" in image.info:
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        return exif.get(ExifTags.Base.Orientation, 1)
+    if image.format == "TIFF":  # its tags are the header
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
+    return 1
+
+
+@contextmanager
+def _reading(source, max_pixels: int):
+    """Pillow's errors while opening or decoding `source`, as `ImageLoadError`s that say what to do."""
+    try:
+        yield
     except ImageLoadError:
         raise
     except FileNotFoundError as err:
@@ -68,9 +111,6 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIX
         raise ImageLoadError(
             f"Could not read the image ({err}). Use a PNG, JPEG, WebP, GIF or BMP file that opens in an image viewer."
         ) from err
-    if min(image.size) < 1:
-        raise ImageLoadError(f"The image is empty ({image.size[0]}x{image.size[1]} px).")
-    return image
 
 
 def _upright(image: Image.Image) -> bool:
@@ -83,6 +123,25 @@ def _too_large(size: tuple[int, int], max_pixels: int) -> ImageLoadError:
         f"The image is {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} megapixels); this "
         f"server decodes at most {max_pixels / 1e6:.0f} megapixels. Resize it and try again."
     )
+
+
+def video_header(source, max_frames: int = 16) -> tuple[int, tuple[int, int]]:
+    """(frames `load_video` would return, (W, H) of each) from the container's header, or from a list of
+    frames' headers, before any frame is decoded."""
+    if isinstance(source, (list, tuple)):
+        sizes = [image_header_size(frame) for frame in source]
+        return len(sizes) // 2 * 2, max(sizes, key=lambda wh: wh[0] * wh[1], default=(0, 0))
+    import cv2
+
+    capture = cv2.VideoCapture(str(source))
+    try:
+        if not capture.isOpened():
+            return 0, (0, 0)
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        size = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+    return min(max_frames, max(total, 0)) // 2 * 2, size
 
 
 def load_video(source, max_frames: int = 16) -> list[Image.Image]:

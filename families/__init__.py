@@ -205,6 +205,32 @@ def processor_options(family: str, processor) -> dict:
     return options(processor) if options else {}
 
 
+def placeholder_tokens(
+    family: str, processor, image_sizes: list[tuple[int, int]], size: dict | None = None, video: tuple | None = None
+) -> list[int] | None:
+    """How many prompt tokens the processor puts in place of each image's one placeholder, from the (W, H)
+    sizes alone, with nothing decoded: the processor's own resize rule (`_get_num_multimodal_tokens`),
+    under the image-token budget `size` (`pixel_budget`). With `video` = (frames, (W, H)): the one video's
+    count instead, as a one-item list. None when the processor cannot say (the exact check after
+    processing still holds).
+    """
+    own = getattr(_ADAPTER_OF.get(family), "placeholder_tokens", None)
+    if own is not None and video is None:
+        return own(processor, image_sizes, size)
+    count = getattr(type(processor), "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+    options = processor_options(family, processor)
+    if size:  # Qwen's rule reads the budget as min/max pixels
+        options.update(size=size, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    if video is not None:
+        frames, (width, height) = video
+        found = count(processor, video_sizes=[(frames, height, width)], **options)
+        return list(found["num_video_tokens"]) if "num_video_tokens" in found else None
+    found = count(processor, image_sizes=[(height, width) for width, height in image_sizes], **options)
+    return [int(n) for n in found["num_image_tokens"]]
+
+
 def vision_layout(family: str, config, processor, inputs, image_size: tuple[int, int]) -> VisionLayout:
     """The main view of the one image in the model inputs (batch of 1)."""
     return vision_layouts(family, config, processor, inputs, [image_size])[0]

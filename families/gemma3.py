@@ -55,6 +55,13 @@ def _num_crops(processor, size: tuple[int, int]) -> int:
     return len(crops)
 
 
+def placeholder_tokens(processor, image_sizes, size=None) -> list[int]:
+    """Per (W, H) image: the tokens of its expanded image sequence (boi, soft tokens, eoi and the blank
+    lines around them), once for the image and once per pan-and-scan crop."""
+    per_view = len(processor.tokenizer(processor.full_image_sequence, add_special_tokens=False)["input_ids"])
+    return [per_view * (1 + _num_crops(processor, tuple(wh))) for wh in image_sizes]
+
+
 def crop_boxes(size: tuple[int, int], count: int) -> list[tuple[float, float, float, float]]:
     """The pan-and-scan crops of a (W, H) image in original pixels: `count` equal slices along the
     longer side (the last one clipped to the image), left to right or top to bottom."""

@@ -33,6 +33,16 @@ def token_cell_px(config) -> int:
     return int(config.vision_config.patch_size) * int(config.scale_factor)
 
 
+def placeholder_tokens(processor, image_sizes, size=None) -> list[int]:
+    """Per (W, H) image: its tiles', markers' and global image's tokens, by Idefics3's rule (which SmolVLM
+    shares, though its processor does not say so)."""
+    from transformers import Idefics3Processor
+
+    count = getattr(type(processor), "_get_num_multimodal_tokens", Idefics3Processor._get_num_multimodal_tokens)
+    found = count(processor, image_sizes=[(height, width) for width, height in image_sizes])
+    return [int(n) for n in found["num_image_tokens"]]
+
+
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
     if video and family != "smolvlm":
         no_video(family, video)

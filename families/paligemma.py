@@ -16,6 +16,13 @@ def token_cell_px(config) -> int:
     return int(config.vision_config.patch_size)
 
 
+def placeholder_tokens(processor, image_sizes, size=None) -> list[int]:
+    """Per image: `image_seq_length` tokens; the first also carries the BOS and the newline the processor
+    adds around the prompt."""
+    extra = len(processor.tokenizer(processor.tokenizer.bos_token + "\n", add_special_tokens=False)["input_ids"])
+    return [int(processor.image_seq_length) + (extra if i == 0 else 0) for i in range(len(image_sizes))]
+
+
 def layouts(family: str, config, processor, inputs, image_sizes, video: bool) -> list[VisionLayout]:
     no_video(family, video)
     token_id = config.image_token_id

@@ -20,6 +20,7 @@ from attention_processor import RAW_ATTENTION
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
 from errors import UserError
 from families import frames_per_panel
+from model_holder import MediaLimits
 from pictures.stored_run import StoredRun, ViewSettings
 from pictures.views import animation_frames, answer_words, as_text, on_screen, render, share_table, token_label
 from pipeline import (
@@ -50,7 +51,7 @@ from ui.controls import (
     pack,
     resets,
 )
-from utils import load_image, load_video
+from utils import image_header_size, load_image, load_video, video_header
 
 logger = logging.getLogger(__name__)
 
@@ -209,16 +210,20 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
         return pack(PAGE_OUTPUTS, **status, status_timer=gr.Timer(active=False))
 
     # -- generation -------------------------------------------------------------------------------
-    def _media(self, image_path, extra_paths, video_path) -> tuple[list, list | None, list]:
-        """(images, video frames or None, one picture per map panel) from the uploads."""
+    def _media(self, image_path, extra_paths, video_path, check) -> tuple[list, list | None, list]:
+        """(images, video frames or None, one picture per map panel) from the uploads; `check(sizes, video)`
+        sees their headers first (`ModelHolder.check_media`), before anything is decoded."""
         if video_path:
             if image_path or extra_paths:
                 raise gr.Error("Give either images or a video, not both: clear one of them.")
+            check([], video_header(video_path))
             frames = load_video(video_path)
             return [], frames, frames[:: frames_per_panel(self.slot.get().model.config)]
         if not image_path:
             raise gr.Error("No image. Upload an image first.")
-        images = [load_image(path, self.cfg.max_image_pixels) for path in [image_path, *(extra_paths or [])]]
+        paths = [image_path, *(extra_paths or [])]
+        check([image_header_size(path, self.cfg.max_image_pixels) for path in paths], None)
+        images = [load_image(path, self.cfg.max_image_pixels) for path in paths]
         return images, None, images
 
     @user_errors
@@ -246,14 +251,27 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
                 f"The prompt has {len(prompt)} characters; this server accepts up to "
                 f"{self.cfg.max_prompt_chars}. Shorten it and try again."
             )
-        self.slot.get()  # a clear message when none is loaded
-        images, frames, panels = self._media(image_path, extra_paths, video_path)
+        holder = self.slot.get()  # a clear message when none is loaded
         sample = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else {}
         max_new_tokens = whole_number(max_new_tokens, "Max new tokens", minimum=1)
         budget = dict(
             min_pixels=whole_number(min_pixels or 0, "Min pixels") or None,
             max_pixels=whole_number(max_pixels or 0, "Max pixels") or None,
         )
+        limits = MediaLimits(self.cfg.max_images, self.cfg.max_image_pixels)
+
+        def check(sizes, video):
+            holder.check_media(
+                sizes,
+                prompt,
+                int(max_new_tokens),
+                **budget,
+                max_capture_mb=self.cfg.session_cache_mb,
+                video=video,
+                limits=limits,
+            )
+
+        images, frames, panels = self._media(image_path, extra_paths, video_path, check)
         text, run = "", None
         session = getattr(request, "session_hash", None)
         cancel = self.slot.begin(session)
@@ -267,6 +285,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
             cancel=cancel,
             store_device=self.cfg.store_device,
             store_budget_mb=self.cfg.store_budget_mb,
+            limits=limits,
             **sample,
             **budget,
         )
