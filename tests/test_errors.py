@@ -90,7 +90,7 @@ def test_capture_too_large_is_refused_up_front_with_a_suggestion(load_holder, du
     from errors import CaptureTooLargeError
 
     holder = load_holder("qwen2_vl")
-    with pytest.raises(CaptureTooLargeError, match="fewer layers, generate fewer tokens, give fewer or smaller images, or lower the image"):
+    with pytest.raises(CaptureTooLargeError, match="give fewer or smaller images, or lower the image"):
         holder.generate(dummy_image, "Hi", max_new_tokens=50, max_capture_mb=0.001)
     from attention_extractor import estimate_capture_bytes
 
