@@ -51,6 +51,7 @@ from ui.layout import (
 from ui.wiring import named_api_for, wire_analysis, wire_causal, wire_compare, wire_downloads, wire_region_and_box
 
 logger = logging.getLogger("app")
+GENERATIONS_WAITING = 4  # generations that may hold a worker at once (one runs; the others wait for the model)
 
 
 def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = ViewControls) -> gr.Blocks:
@@ -89,13 +90,17 @@ def build_ui(cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = Vi
 
 
 def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
-    """Every event of the page, by component name. Events that run the model share one queue (limit 1);
+    """Every event of the page, by component name. Events that run the model share one queue (limit 1),
+    generations a few workers that wait for the model (a session's newest replaces its older ones);
     renders have their own, so sliders stay live while someone generates."""
     named_api = named_api_for(page)
     view_inputs, view_outputs = page.view_inputs, page.pick(VIEW_OUTPUTS)
     with_run = [page["run_id"], *view_inputs]
     ranges = [page["layer_range"], page["head_range"]]
     model_events = dict(concurrency_id="model", concurrency_limit=1)
+    # Generations start at once, up to a few, and wait for the model's lock inside: a session's new
+    # generation stops the one it still runs (or waits with), so one client never queues several.
+    generate_events = dict(concurrency_id="generate", concurrency_limit=GENERATIONS_WAITING)
     render_events = dict(concurrency_id="render", concurrency_limit=4, show_progress="hidden")
     page_events = dict(api_name=False, concurrency_id="page", concurrency_limit=None, show_progress="hidden")
 
@@ -137,7 +142,7 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
         page.pick(h.generate_outputs),
         api_name="generate",
         trigger_mode="always_last",
-        **model_events,
+        **generate_events,
     )
 
     gr.on(

@@ -51,3 +51,7 @@ class NotReadyError(UserError, LookupError):
 
 class OutOfRangeError(UserError, IndexError):
     """An index past what a run holds: a step, a prompt position, an image or view."""
+
+
+class SupersededError(UserError, RuntimeError):
+    """A newer request of the same session replaced this one before it started."""

@@ -29,7 +29,7 @@ from attention_processor import RAW_ATTENTION
 from causal.knockout import Knockout
 from causal.positions import box_positions, grid_cell_positions, image_positions, top_cell_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
-from errors import EvictedError, InputError, ModelMismatchError, NotReadyError
+from errors import EvictedError, InputError, ModelMismatchError, NotReadyError, SupersededError
 from methods import MapRequest, MapSet, compute_maps, compute_prompt_maps, generic_baseline, method
 from methods.faithfulness import Faithfulness, faithfulness
 from methods.lens import run_logit_lens
@@ -144,6 +144,11 @@ def stream_generation(
     def work():
         try:
             with slot.lock:
+                if cancelled.is_set():  # replaced (or abandoned) while it waited for the model
+                    raise SupersededError(
+                        "A newer generation from this session replaced this one before it started; its "
+                        "result is the one that counts."
+                    )
                 outcome["run"] = holder.generate(
                     images or None,
                     prompt,

@@ -271,3 +271,56 @@ def test_asking_again_stops_the_sessions_own_running_generation_only(tiny_model_
     assert slot._generations == {}  # nothing left registered
     first, second = slot.begin("s"), slot.begin("s")  # a new generation of the session
     assert first.is_set() and not second.is_set()  # stops the one before it
+
+
+def test_a_sessions_new_generation_replaces_its_running_and_waiting_ones(tiny_model_dirs, tmp_path):
+    """One API client submits three generations in a row: the first is stopped, the second never runs to its
+    end, the third is answered; the model ran one generation at a time throughout."""
+    from gradio_client import Client, handle_file
+
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    slot.holder.model.generation_config.min_new_tokens = 500  # unstopped, each would run all it asks for
+    meter = _ConcurrencyMeter(slot.holder)
+    steps, generate = [], meter
+
+    def spy(*args, **kwargs):
+        run = generate(*args, **kwargs)
+        steps.append(run.num_steps)
+        return run
+
+    slot.holder.generate = spy
+    store = RunStore(512)
+    demo = app.build_ui(AppConfig(outputs_dir=tmp_path / "outputs"), slot, store)
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        image = handle_file(_image_file(tmp_path, 3))
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+
+        def ask(tokens: int):
+            return client.submit(image, "Describe it.", tokens, False, 0.7, 0.9, 0, 0, 0, api_name="/generate")
+
+        first = ask(500)
+        deadline = time.monotonic() + 60
+        while not first.outputs() and time.monotonic() < deadline:  # the first answer is streaming
+            time.sleep(0.05)
+        running = slot._generations[client.session_hash]
+        second = ask(500)
+        while not running.is_set() and time.monotonic() < deadline:  # the second reached its handler
+            time.sleep(0.01)
+        third = ask(3)
+        third.result(timeout=120)  # answered
+        first.result(timeout=120)  # stopped early, with the answer so far
+        try:
+            second.result(timeout=120)
+            ran = 3  # it started, and the third stopped it
+        except Exception as err:
+            assert "replaced this one before it started" in str(err)
+            ran = 2
+        assert len(steps) == ran and steps[-1] == 3  # the newest is answered in full
+        assert all(n < 500 for n in steps[:-1]) and meter.peak == 1  # the others stopped early, one at a time
+        assert all(n < 500 for n in steps) and meter.peak == 1
+    finally:
+        demo.close()
