@@ -38,6 +38,7 @@ from pictures.gallery import gallery_zip
 from pictures.report import lens_html
 from pictures.stored_run import StoredRun, ViewSettings, method_key, raw_heatmap, token_map
 from records import AttentionRun
+from visualization import DOWNLOAD_MAX_PIXELS, DOWNLOAD_MAX_SIDE, fit_within
 
 logger = logging.getLogger(__name__)
 
@@ -495,9 +496,9 @@ def _fresh_path(out_dir: Path, stem: str, suffix: str) -> Path:
 
 
 def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
-    """The current picture as a PNG in a fresh, uniquely named file."""
+    """The current picture as a PNG in a fresh, uniquely named file, within the download budget."""
     path = _fresh_path(out_dir, f"attention-token{step_idx}", ".png")
-    picture.save(path, format="PNG")
+    fit_within(picture, DOWNLOAD_MAX_SIDE, DOWNLOAD_MAX_PIXELS).save(path, format="PNG")
     return path
 
 

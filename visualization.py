@@ -182,6 +182,46 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = SIDE_BY_SIDE_
     return canvas
 
 
+# Every picture sent to a browser fits this (px on its longer side, and pixels in all); a download, twice it.
+DISPLAY_MAX_SIDE, DISPLAY_MAX_PIXELS = 4096, 16_000_000
+DOWNLOAD_MAX_SIDE, DOWNLOAD_MAX_PIXELS = 8192, 64_000_000
+
+
+def fit_within(
+    picture: Image.Image, max_side: int = DISPLAY_MAX_SIDE, max_pixels: int = DISPLAY_MAX_PIXELS
+) -> Image.Image:
+    """The picture itself when it fits `max_side` and `max_pixels`, else a copy scaled down to fit (aspect kept)."""
+    width, height = picture.size
+    factor = min(1.0, max_side / max(width, height), (max_pixels / (width * height)) ** 0.5)
+    if factor >= 1.0:
+        return picture
+    return picture.resize((max(1, int(width * factor)), max(1, int(height * factor))), Image.BILINEAR)
+
+
+def tiled(pictures: list[Image.Image], max_width: int = DISPLAY_MAX_SIDE, gap: int = SIDE_BY_SIDE_GAP) -> Image.Image:
+    """Pictures left to right on white, top-aligned, starting a new row below wherever the next one would
+    pass `max_width`; the first stays at (0, 0), so clicks on it keep their coordinates."""
+    rows, row, width = [], [], 0
+    for picture in pictures:
+        if row and width + gap + picture.size[0] > max_width:
+            rows.append(row)
+            row, width = [], 0
+        width += (gap if row else 0) + picture.size[0]
+        row.append(picture)
+    rows.append(row)
+    widths = [sum(p.size[0] for p in r) + gap * (len(r) - 1) for r in rows]
+    heights = [max(p.size[1] for p in r) for r in rows]
+    canvas = Image.new("RGB", (max(widths), sum(heights) + gap * (len(rows) - 1)), (255, 255, 255))
+    y = 0
+    for r, height in zip(rows, heights, strict=True):
+        x = 0
+        for picture in r:
+            canvas.paste(picture, (x, y))
+            x += picture.size[0] + gap
+        y += height + gap
+    return canvas
+
+
 def draw_grid(
     image: Image.Image, grid_hw: tuple[int, int], box_xyxy, color: tuple[int, int, int] = (255, 255, 255)
 ) -> Image.Image:
@@ -195,9 +235,12 @@ def draw_grid(
     return Image.fromarray(canvas)
 
 
-def labelled(picture: Image.Image, label: str) -> Image.Image:
-    """The picture with `label` written on a white strip under it."""
-    font = ImageFont.load_default(size=max(12, picture.size[0] // 40))
+LABEL_MAX_PX = 28  # labels stay readable on wide pictures without growing past a heading
+
+
+def labelled(picture: Image.Image, label: str, font_px: int | None = None) -> Image.Image:
+    """The picture with `label` written on a white strip under it (`font_px` high; by default from its width)."""
+    font = ImageFont.load_default(size=font_px or min(LABEL_MAX_PX, max(12, picture.size[0] // 40)))
     _, _, x1, y1 = font.getbbox(label)  # text extent in px
     pad = 6
     width, strip = max(picture.size[0], x1 + 2 * pad), y1 + 2 * pad

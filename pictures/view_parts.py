@@ -10,7 +10,7 @@ from attention_processor import combine_maps, image_shares, normalize_heatmap
 from metrics import attention_ratio, otsu_iou, pointing_hit, target_mask
 from pictures.stored_run import StoredRun, ViewSettings, layout_heatmap, method_index, method_set
 from utils import scaled_size
-from visualization import SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side
+from visualization import DISPLAY_MAX_SIDE, SIDE_BY_SIDE_GAP, heatmap_image, labelled, overlay, side_by_side, tiled
 
 
 def outline_cells(stored: StoredRun, picture: Image.Image, cells, view: str) -> Image.Image:
@@ -126,11 +126,9 @@ def with_other_views(stored: StoredRun, s: ViewSettings, picture: Image.Image, t
             f"{layout.view} ({layout.grid_hw[0]}×{layout.grid_hw[1]} cells over "
             f"{'the whole image' if whole else 'its own part of the image'}{share})"
         )
-    strip = parts[0]
-    for part in parts[1:]:
-        strip = side_by_side(strip, part)
+    strip = tiled(parts, max(DISPLAY_MAX_SIDE, parts[0].size[0]))  # more views than fit: a row below
     return strip, (
-        f"{text} Left: the {main.view}, the main map. Right, at half size: "
+        f"{text} Left: the {main.view}, the main map. Right (and below), at half size: "
         + "; ".join(notes)
         + "; each min–max on its own scale, always the raw attention."
     )

@@ -37,10 +37,12 @@ from visualization import (
     DIVERGING,
     SIDE_BY_SIDE_GAP,
     colorize,
+    fit_within,
     heatmap_image,
     labelled,
     overlay,
     side_by_side,
+    tiled,
     with_colorbar,
 )
 
@@ -183,6 +185,9 @@ def _frames_label(step: int, per: int, total: int) -> str:
     return f"frames {step * per}–{last} (one token step)" if last > step * per else f"frame {step * per}"
 
 
+STRIP_TILE_MAX_W, STRIP_ROW_MAX_W = 1280, 2560  # px: one panel of several images, and one row of them
+
+
 def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple[Image.Image, str]:
     """Several images (or a video's frames) side by side, each with its map on ONE shared scale."""
     if s.relative or s.mask_sinks or s.method != RAW_ATTENTION or s.contrasted:
@@ -205,12 +210,11 @@ def render_strip(stored: StoredRun, s: ViewSettings, height: int = 360) -> tuple
             if s.view == "heatmap"
             else overlay(image, heat, box, alpha=s.alpha, **draw)
         )
-        scale = height / picture.size[1]
-        tile = picture.resize((scaled_size(picture.size, scale)[0], height))
-        tiles.append(labelled(tile, label))
-    strip = tiles[0]
-    for tile in tiles[1:]:
-        strip = side_by_side(strip, tile)
+        # `height` high, or less for a very wide image, so no panel passes STRIP_TILE_MAX_W
+        scale = min(height / picture.size[1], STRIP_TILE_MAX_W / picture.size[0])
+        tile = picture.resize(scaled_size(picture.size, scale), Image.BILINEAR)
+        tiles.append(labelled(tile, label, font_px=max(12, height // 14)))
+    strip = fit_within(tiled(tiles, STRIP_ROW_MAX_W))  # rows of panels, never one endless line
     strip = with_colorbar(strip, s.colormap, (lo, hi), "attention mass per cell, one scale for all")
     images = len({layout.image_index for layout in stored.run.visions})
     kind = (

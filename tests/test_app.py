@@ -356,7 +356,10 @@ def test_every_view_works_for_every_family(handlers, tiny_model_dirs, tmp_path, 
                 assert picture.size[1] == 333 + colorbar_strip(picture.size[0])
             else:  # tiles, then the global view or thumbnail to their right
                 assert picture.size[1] > 333 and picture.size[0] > 201 * 3 // 2
-                assert f"Left: the {views[0].view}, the main map. Right, at half size: {views[1].view}" in caption
+                assert (
+                    f"Left: the {views[0].view}, the main map. Right (and below), at half size: {views[1].view}"
+                    in caption
+                )
     handlers.relative_toggle(run_id, *_view(), False, False, True, "", False)
     handlers.analysis(run_id, "entropy", *_view())
     handlers.region_click(run_id, [], "overlay", evt=gr.SelectData(None, {"index": [100, 160], "value": None}))

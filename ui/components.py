@@ -10,12 +10,17 @@ import inspect
 import logging
 import math
 import os
+import tempfile
 import time
 import types
+from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils
+from PIL import Image
 
 from errors import UserError
+from visualization import fit_within
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +210,43 @@ def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:
 
     image.preprocess = types.MethodType(preprocess, image)
     return image
+
+
+def picture_output(**kwargs) -> gr.Image:
+    """An output `gr.Image` whose pictures always fit the display budget (`visualization.fit_within`) and
+    reach Gradio's cache safely under concurrency: each is written once under a temporary name and renamed
+    into place (Gradio would rewrite an identical picture's file in place while another request serves it).
+    A picture already cached is reused as is. The check is attached to the instance, so it stays a `gr.Image`."""
+    image = gr.Image(type="pil", interactive=False, **kwargs)
+    plain = image.postprocess
+
+    def postprocess(self, value):
+        if isinstance(value, Image.Image):
+            value = _cached_picture(fit_within(value), self.GRADIO_CACHE, self.format or "png")
+        return plain(value)
+
+    image.postprocess = types.MethodType(postprocess, image)
+    return image
+
+
+def _cached_picture(picture: Image.Image, cache_dir: str, fmt: str) -> str:
+    """The picture's file in Gradio's cache, at the path Gradio itself gives those bytes, written atomically."""
+    data = processing_utils.encode_pil_to_bytes(picture, fmt)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    path = folder / f"image.{fmt}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.utime(path)  # handed out again: young again for the cache's cleaning
+        return str(path)
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(staging, path)  # readers see the old file or the whole new one, never a part
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(path)
 
 
 def upload_bytes(size: str) -> int:

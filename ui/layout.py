@@ -20,7 +20,7 @@ from families import video_families
 from methods import METHODS
 from pictures.stored_run import DISPLAY_NORMALIZATIONS
 from pictures.views import VIEWS
-from ui.components import image_upload, matrix_heatmap, range_slider, upload_bytes
+from ui.components import image_upload, matrix_heatmap, picture_output, range_slider, upload_bytes
 from ui.controls import KNOCKOUT_HINT, NO_REGION, ViewControls
 from visualization import COLORMAPS
 
@@ -171,7 +171,7 @@ def inputs_column(cfg: AppConfig) -> dict:
 def map_column() -> dict:
     """The token chips, the picture and its caption, the token pickers and the share plot."""
     chips = gr.Radio([], label="Tokens", elem_id="token-chips", show_label=False)
-    picture = gr.Image(type="pil", format="jpeg", label="Attention", interactive=False, elem_id="overlay", height=400)
+    picture = picture_output(format="jpeg", label="Attention", elem_id="overlay", height=400)
     with gr.Row(elem_id="click-tools"):  # beside the picture, so ticking one never scrolls the map away
         box_mode = gr.Checkbox(False, label="Clicks draw the target box", elem_id="box-mode", min_width=120)
         region_mode = gr.Checkbox(False, label="Clicks pick region cells", elem_id="region-mode", min_width=120)
@@ -430,9 +430,7 @@ def analysis_tabs() -> dict:
                 compare_btn = gr.Button("Compare with A", elem_id="compare-btn", variant="primary")
             compare_note = gr.Markdown("", elem_id="compare-note")
             with gr.Row():
-                compare_picture = gr.Image(
-                    type="pil", label="A, B and A - B", interactive=False, elem_id="compare-picture", format="png"
-                )
+                compare_picture = picture_output(label="A, B and A - B", elem_id="compare-picture", format="png")
                 compare_plot = gr.LinePlot(
                     x="layer",
                     y="share",
