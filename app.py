@@ -216,7 +216,7 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     )
     wire_region_and_box(page, h, with_run, view_outputs, render_events)
     wire_analysis(page, h, with_run, ranges, model_events, render_events)
-    wire_downloads(page, h, with_run, render_events)
+    wire_downloads(page, h, with_run)
     wire_causal(page, h, model_events)
     wire_compare(page, h, render_events)
 

@@ -95,6 +95,8 @@ class AppConfig:
     trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless asked for)
     allow_model_loading: bool = True  # users may load other models from the page
     animation_max_side: int = 512  # px, longer side of the animation's frames
+    animation_max_frames: int = 128  # a longer answer is animated every k-th token
+    export_workers: int = 2  # exports written at once, beside the renders (each session one at a time)
     outputs_max_mb: int = 2048  # exports, pictures and pages kept in outputs/, oldest removed first
     cache_max_age_s: int = 3600  # Gradio's cache of uploads and pictures, cleaned hourly
     ranges: ModelRanges | None = None  # a ranges.json's model and its default layer and head ranges

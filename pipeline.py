@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -427,17 +427,73 @@ class RunStore:
         return len(self._runs)
 
 
-def export_run(stored: StoredRun, out_dir: Path) -> tuple[Path, Path]:
+class ExportLane:
+    """Exports (animations, ZIPs, raw attention, pictures) in a bounded pool of their own, beside the renders:
+    at most `workers` are written at once, each session one at a time, and each yields between its chunks
+    (frames, tiles, tokens) while a render is being drawn, so a long export never makes another user wait.
+    It starts no threads: each export runs in the thread that asked for it."""
+
+    def __init__(self, workers: int = 2, max_yield_s: float = 0.5):
+        self._slots = threading.BoundedSemaphore(workers)
+        self._sessions: set[str] = set()
+        self._lock = threading.Lock()
+        self._foreground = 0  # renders being drawn now
+        self.max_yield_s = max_yield_s  # longest one chunk waits for renders, so an export always moves on
+
+    @contextmanager
+    def export(self, session: str | None):
+        """Hold a place in the pool for one export of `session`; a second one while the first is written is
+        refused (its user is told to wait), never queued behind it."""
+        with self._lock:
+            if session is not None and session in self._sessions:
+                raise InputError(
+                    "One of your exports is still being written; wait for it to appear under Downloads, then ask again."
+                )
+            if session is not None:
+                self._sessions.add(session)
+        try:
+            with self._slots:
+                yield self
+        finally:
+            with self._lock:
+                self._sessions.discard(session)
+
+    @contextmanager
+    def foreground(self):
+        """Mark a render in progress: exports yield to it between their chunks."""
+        with self._lock:
+            self._foreground += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._foreground -= 1
+
+    def pause(self) -> None:
+        """Between two chunks of an export: wait while renders are drawn (at most `max_yield_s`)."""
+        deadline = time.monotonic() + self.max_yield_s
+        while self._foreground > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def paced(self, items):
+        """`items`, pausing before each one (see `pause`)."""
+        for item in items:
+            self.pause()
+            yield item
+
+
+def export_run(stored: StoredRun, out_dir: Path, pace=lambda steps: steps) -> tuple[Path, Path]:
     """Write the raw captured attention (safetensors) and its metadata (JSON) to a new folder.
 
     Tensor `step_{t}` has shape (num_layers, num_heads, len(prompt_ids) + t), float16.
+    pace: wraps the loop over tokens (`ExportLane.paced`, to yield between them).
     """
     run = stored.run
     folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True, exist_ok=False)  # never overwrite anyone's files
     tensors_path = folder / f"{folder.name}-attention.safetensors"  # names that say what and which run
     meta_path = folder / f"{folder.name}-metadata.json"
-    tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in range(run.num_steps)}
+    tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in pace(range(run.num_steps))}
     prompt_rows = run.prompt_rows
     if prompt_rows is not None:
         tensors["prompt_rows"] = prompt_rows.contiguous()
@@ -522,7 +578,7 @@ def save_animation(frames, out_dir: Path, seconds_per_frame: float = 0.6) -> Pat
     return path
 
 
-def save_gallery_zip(tiles: list[tuple[str, Image.Image]], out_dir: Path, step_idx: int) -> Path:
+def save_gallery_zip(tiles: Iterable[tuple[str, Image.Image]], out_dir: Path, step_idx: int) -> Path:
     """The per-head gallery as a ZIP of `S{step}_L{layer}_H{head}.png` in a fresh, uniquely named file."""
     path = _fresh_path(out_dir, f"heads-token{step_idx}", ".zip")
     path.write_bytes(gallery_zip(tiles))

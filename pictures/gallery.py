@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterable
 
 from PIL import Image
 
@@ -58,7 +59,7 @@ def gallery_sheet(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.I
     return sheet
 
 
-def gallery_zip(tiles: list[tuple[str, Image.Image]]) -> bytes:
+def gallery_zip(tiles: Iterable[tuple[str, Image.Image]]) -> bytes:
     """A ZIP of the tiles as `S{step}_L{layer}_H{head}.png`."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -102,11 +102,14 @@ def colorbar_unit(s: ViewSettings) -> str:
     return "ratio to the generic prompt" if s.relative else "attention mass per cell"
 
 
-def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 512) -> Iterator[Image.Image]:
+def animation_frames(
+    stored: StoredRun, settings: ViewSettings, max_side: int = 512, max_frames: int = 128
+) -> Iterator[Image.Image]:
     """The map moving through the answer: one picture per generated token, in order, with the same
     settings for every frame (choose 'shared' normalisation to compare strengths across tokens), each
     with the token's index and text under it. Frames are at most `max_side` px on the longer side and
-    all of one size; they are made one at a time."""
+    all of one size; they are made one at a time. An answer longer than `max_frames` tokens is shown
+    every k-th token (k the smallest that fits), and the first frame says so."""
     if not stored.is_single_image:
         raise InputError(
             "The animation follows the map over one image; this result has several images or "
@@ -115,7 +118,10 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
     size = font = None
     stored.prepare_answer(settings)  # every frame's map in one pass
     small = replace(stored, display_max_side=max_side, _displays={})  # drawn at the frames' size; caches shared
-    for step_idx, token in enumerate(stored.run.generated_tokens):
+    tokens = stored.run.generated_tokens
+    every = max(1, -(-len(tokens) // max(1, max_frames)))  # ceil: at most max_frames frames
+    for step_idx in range(0, len(tokens), every):
+        token = tokens[step_idx]
         picture, _ = render(small, replace(settings, step_idx=step_idx, steps=(), prompt_pos=None))
         if size is None:
             factor = min(1.0, max_side / max(picture.size))
@@ -124,9 +130,10 @@ def animation_frames(stored: StoredRun, settings: ViewSettings, max_side: int = 
         strip = int(font.size * 1.8)
         frame = Image.new("RGB", (size[0], size[1] + strip), (255, 255, 255))
         frame.paste(picture.resize(size, Image.BILINEAR) if picture.size != size else picture, (0, 0))
-        ImageDraw.Draw(frame).text(
-            (6, size[1] + strip // 2), token_label(step_idx, token), fill=(0, 0, 0), font=font, anchor="lm"
-        )
+        label = token_label(step_idx, token)
+        if every > 1 and step_idx == 0:
+            label += f"  ·  one frame per {every} tokens of {len(tokens)}"
+        ImageDraw.Draw(frame).text((6, size[1] + strip // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
         yield frame
 
 

@@ -227,12 +227,13 @@ class AnalysisHandlers:
         return plot("deletion"), plot("insertion"), f"Token {token}: " + verify_note(auc)
 
     @user_errors
-    def gallery_download(self, run_id, *view_values) -> str:
+    def gallery_download(self, run_id, *view_values, request: gr.Request | None = None) -> str:
         stored, s = self._single(run_id), self._settings(*view_values)
         if s.num_maps > self.cfg.max_gallery_maps:
             raise gr.Error(
                 f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
                 f"(now {s.num_maps}); narrow the layer or head range."
             )
-        tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
-        return str(self._kept(save_gallery_zip(tiles, self.cfg.outputs_dir, s.step_idx)))
+        with self.exports.export(getattr(request, "session_hash", None)) as lane:
+            tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
+            return str(self._kept(save_gallery_zip(lane.paced(tiles), self.cfg.outputs_dir, s.step_idx)))

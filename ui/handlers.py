@@ -24,6 +24,7 @@ from model_holder import MediaLimits
 from pictures.stored_run import StoredRun, ViewSettings
 from pictures.views import animation_frames, answer_words, as_text, on_screen, render, share_table, token_label
 from pipeline import (
+    ExportLane,
     ModelSlot,
     RunStore,
     contrast_baseline,
@@ -54,6 +55,11 @@ from ui.controls import (
 from utils import image_header_size, load_image, load_video, video_header
 
 logger = logging.getLogger(__name__)
+
+
+def _session(request: gr.Request | None) -> str | None:
+    """The browser session (or API client) a request comes from; None outside a server."""
+    return getattr(request, "session_hash", None)
 
 
 def named_api(
@@ -143,6 +149,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
 
     def __init__(self, cfg: AppConfig, slot: ModelSlot, store: RunStore, record: type = ViewControls):
         self.cfg, self.slot, self.store = cfg, slot, store
+        self.exports = ExportLane(cfg.export_workers)  # downloads beside the renders, which come first
         self.record, self.generate_outputs = record, generate_outputs(record)  # the view controls, as wired
 
     # -- model ------------------------------------------------------------------------------------
@@ -273,7 +280,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
 
         images, frames, panels = self._media(image_path, extra_paths, video_path, check)
         text, run = "", None
-        session = getattr(request, "session_hash", None)
+        session = _session(request)
         cancel = self.slot.begin(session)
         stream = stream_generation(
             self.slot,
@@ -411,9 +418,10 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
 
     def _render_with(self, stored: StoredRun, settings: ViewSettings, screen: bool = True):
         """(picture, caption, share table); `screen`: the picture enlarged for display (small images)."""
-        picture, caption = render(stored, settings)
-        picture = on_screen(stored, picture) if screen else picture
-        table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
+        with self.exports.foreground():
+            picture, caption = render(stored, settings)
+            picture = on_screen(stored, picture) if screen else picture
+            table = share_table(stored, settings.layers, settings.heads, settings.step_idx, settings.exclude_system)
         return picture, caption, pd.DataFrame(table)
 
     @user_errors
@@ -511,20 +519,27 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
 
     # -- downloads --------------------------------------------------------------------------------
     @user_errors
-    def download_png(self, run_id, *view_values) -> str:
+    def download_png(self, run_id, *view_values, request: gr.Request | None = None) -> str:
         settings = self._settings(*view_values)
-        picture, _, _ = self._render_with(self.store.get(run_id), settings, screen=False)
-        return str(self._kept(save_picture(picture, self.cfg.outputs_dir, settings.step_idx)))
+        stored = self.store.get(run_id)
+        with self.exports.export(_session(request)):
+            picture, _, _ = self._render_with(stored, settings, screen=False)
+            return str(self._kept(save_picture(picture, self.cfg.outputs_dir, settings.step_idx)))
 
     @user_errors
-    def download_animation(self, run_id, *view_values) -> str:
-        """An animated GIF of the map through the whole answer, with these view settings."""
-        frames = animation_frames(self._single(run_id), self._settings(*view_values), self.cfg.animation_max_side)
-        return str(self._kept(save_animation(frames, self.cfg.outputs_dir)))
+    def download_animation(self, run_id, *view_values, request: gr.Request | None = None) -> str:
+        """An animated GIF of the map through the whole answer, with these view settings (at most
+        `animation_max_frames` frames), written in the export lane, a frame at a time."""
+        stored, settings = self._single(run_id), self._settings(*view_values)
+        with self.exports.export(_session(request)) as lane:
+            frames = animation_frames(stored, settings, self.cfg.animation_max_side, self.cfg.animation_max_frames)
+            return str(self._kept(save_animation(lane.paced(frames), self.cfg.outputs_dir)))
 
     @user_errors
-    def export_attention(self, run_id) -> list[str]:
-        paths = export_run(self.store.get(run_id), self.cfg.outputs_dir)
+    def export_attention(self, run_id, request: gr.Request | None = None) -> list[str]:
+        stored = self.store.get(run_id)
+        with self.exports.export(_session(request)) as lane:
+            paths = export_run(stored, self.cfg.outputs_dir, pace=lane.paced)
         self._kept(*paths)
         return [str(path) for path in paths]
 

@@ -13,6 +13,11 @@ from ui.handlers import Handlers
 from ui.handlers import named_api as named_view_api
 
 
+def export_events(h: Handlers) -> dict:
+    """Exports have workers of their own, as many as the handlers' export lane writes at once."""
+    return dict(concurrency_id="export", concurrency_limit=h.cfg.export_workers, show_progress="minimal")
+
+
 def named_api_for(page: Page):
     """`ui.handlers.named_api` for this page: the API names every view control of the page's record."""
     return functools.partial(named_view_api, record=type(page.view))
@@ -102,24 +107,37 @@ def wire_analysis(
         **model_events,
     )
     page["zip"].click(
-        named_api(h.gallery_download, ("run_id",)), with_run, [page["files"]], api_name="gallery_zip", **render_events
+        named_api(h.gallery_download, ("run_id",), request=True),
+        with_run,
+        [page["files"]],
+        api_name="gallery_zip",
+        **export_events(h),
     )
 
 
-def wire_downloads(page: Page, h: Handlers, with_run: list, render_events: dict) -> None:
+def wire_downloads(page: Page, h: Handlers, with_run: list) -> None:
+    """The downloads, in the exports' own workers (`export_events`), so they never hold a render's."""
     named_api = named_api_for(page)
     page["png_btn"].click(
-        named_api(h.download_png, ("run_id",)), with_run, [page["files"]], api_name="download_png", **render_events
+        named_api(h.download_png, ("run_id",), request=True),
+        with_run,
+        [page["files"]],
+        api_name="download_png",
+        **export_events(h),
     )
     page["gif_btn"].click(
-        named_api(h.download_animation, ("run_id",)),
+        named_api(h.download_animation, ("run_id",), request=True),
         with_run,
         [page["files"]],
         api_name="download_animation",
-        **render_events,
+        **export_events(h),
     )
     page["export_btn"].click(
-        h.export_attention, [page["run_id"]], [page["files"]], api_name="export_attention", **render_events
+        named_api(h.export_attention, ("run_id",), view=False, request=True),
+        [page["run_id"]],
+        [page["files"]],
+        api_name="export_attention",
+        **export_events(h),
     )
 
 

@@ -1,0 +1,134 @@
+"""Exports run beside the renders: a pool of their own, one per session at a time, yielding between chunks,
+and animations capped in frames."""
+
+import statistics
+import threading
+import time
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+import app
+from config import AppConfig
+from conftest import free_port, noise_image
+from errors import InputError
+from pipeline import ExportLane, ModelSlot, RunStore
+from ui.handlers import Handlers
+
+VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
+
+
+@pytest.fixture
+def handlers(tiny_model_dirs, tmp_path):
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    slot.holder.model.generation_config.min_new_tokens = 512  # every answer as long as asked
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs", animation_max_frames=24, export_workers=2)
+    return Handlers(cfg, slot, RunStore(2048))
+
+
+def _run(handlers, tmp_path, tokens: int, seed: int, session: str) -> str:
+    path = tmp_path / f"in{seed}.png"
+    noise_image(320, 240, seed=seed).save(path)
+    request = SimpleNamespace(session_hash=session)
+    *_, last = handlers.generate(str(path), "Hi", tokens, False, 0.7, 0.9, 0, 0, *VIEW, None, None, request=request)
+    return last[0]
+
+
+def test_a_long_answer_is_animated_every_kth_token(handlers, tmp_path):
+    run_id = _run(handlers, tmp_path, 60, 0, "a")
+    gif = handlers.download_animation(run_id, *VIEW, request=SimpleNamespace(session_hash="a"))
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 20  # 60 tokens over at most 24 frames: every 3rd token
+    short = _run(handlers, tmp_path, 10, 1, "a")
+    with Image.open(handlers.download_animation(short, *VIEW)) as animation:
+        assert animation.n_frames == 10  # within the cap: every token
+
+
+def test_one_export_per_session_at_a_time():
+    lane, entered, release = ExportLane(workers=2), threading.Event(), threading.Event()
+
+    def hold():
+        with lane.export("mine"):
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    entered.wait(10)
+    with pytest.raises(InputError, match="still being written"):
+        with lane.export("mine"):
+            pass
+    with lane.export("other"):  # another session is not held up
+        pass
+    release.set()
+    worker.join(10)
+    with lane.export("mine"):  # and the session may export again once it is done
+        pass
+
+
+def test_a_second_export_of_a_session_is_refused_with_a_message(handlers, tmp_path):
+    run_id = _run(handlers, tmp_path, 4, 2, "b")
+    with handlers.exports.export("b"):  # one of b's exports is being written
+        with pytest.raises(gr.Error, match="still being written"):
+            handlers.export_attention(run_id, request=SimpleNamespace(session_hash="b"))
+        paths = handlers.export_attention(run_id, request=SimpleNamespace(session_hash="c"))
+    assert len(paths) == 2
+
+
+def test_another_users_render_stays_quick_while_four_exports_run(tiny_model_dirs, tmp_path):
+    """Four users export animations through the server while a fifth moves through tokens: the fifth's
+    renders (queue wait included) against the same renders with nothing else running."""
+    from gradio_client import Client, handle_file
+
+    slot = ModelSlot()
+    slot.load(str(tiny_model_dirs["qwen2_vl"]), "cpu", "float32")
+    slot.holder.model.generation_config.min_new_tokens = 512
+    cfg = AppConfig(outputs_dir=tmp_path / "outputs", animation_max_frames=48)
+    demo = app.build_ui(cfg, slot, RunStore(2048))
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        clients = [Client(url, verbose=False, download_files=False) for _ in range(5)]
+        for i, client in enumerate(clients):
+            path = tmp_path / f"user{i}.png"
+            noise_image(320, 240, seed=i).save(path)
+            tokens = 8 if i == 0 else 160
+            client.predict(handle_file(str(path)), "Hi", tokens, False, 0.7, 0.9, 0, 0, 0, api_name="/generate")
+        viewer, exporters = clients[0], clients[1:]
+
+        def renders(count: int) -> list[float]:
+            times = []
+            for step in range(count):
+                start = time.perf_counter()
+                viewer.predict(step % 8, api_name="/render")
+                times.append(time.perf_counter() - start)
+            return times
+
+        renders(3)  # warm
+        alone = statistics.median(renders(9))
+        jobs = [client.submit(api_name="/download_animation") for client in exporters]
+        time.sleep(1.0)  # the exports are under way
+        busy_times = renders(9)
+        busy = statistics.median(busy_times)
+        running = sum(not job.done() for job in jobs)
+        for job in jobs:
+            job.result(timeout=300)
+        print(f"render alone {alone * 1000:.0f} ms, with four exports {busy * 1000:.0f} ms ({busy / alone:.2f}x)")
+        assert running >= 2  # measured while exports ran
+        assert busy < 1.0 and busy / alone < 4.0
+        assert max(busy_times) < 3.0  # none waited for an export to finish (one takes seconds here)
+    finally:
+        demo.close()
+
+
+def test_exports_have_workers_of_their_own(tmp_path):
+    demo = app.build_ui(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
+    groups = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values() if fn.api_name}
+    for name in ("download_png", "download_animation", "export_attention", "gallery_zip"):
+        assert groups[name] == ("export", 2)
+    assert groups["render"][0] == "render" and groups["generate"][0] == "generate"
