@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import threading
+from pathlib import Path
 
 import gradio as gr
 
 from attention_store import STORE_DEVICES
 from config import AppConfig, ModelRanges
+from exports import Janitor
 from pipeline import ModelSlot, RunStore
 from ui.components import LoginGuard
 from ui.controls import (
@@ -337,6 +340,32 @@ def start_loading(cfg: AppConfig, slot: ModelSlot) -> None:
     threading.Thread(target=load, daemon=True).start()
 
 
+def use_cache_dir(cfg: AppConfig) -> Path:
+    """Gradio's cache for this app: `cfg.cache_dir`, unless GRADIO_TEMP_DIR names another (read before the
+    page is built, since every component takes its cache folder when it is made). The app's own folder, so
+    cleaning it never touches another program's files."""
+    folder = Path(os.environ.setdefault("GRADIO_TEMP_DIR", str(cfg.cache_dir)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def cleaning_period(cfg: AppConfig) -> float:
+    """Seconds between two cleanings: half the cache's age limit, from 5 s to 5 minutes."""
+    return max(5.0, min(300.0, cfg.cache_max_age_s / 2))
+
+
+def start_cleaning(cfg: AppConfig, cache_dir: Path, every_s: float | None = None) -> Janitor:
+    """Clean Gradio's cache (by age and budget) and outputs/ (by budget) every `every_s` (by default
+    `cleaning_period`), beside Gradio's own `delete_cache`, which misses files it did not record."""
+    every = cleaning_period(cfg) if every_s is None else every_s
+    jobs = [(cfg.outputs_dir, cfg.outputs_max_mb, None)]
+    if cache_dir.resolve() == Path(cfg.cache_dir).resolve() or "gradio" in cache_dir.name.lower():
+        jobs.append((cache_dir, cfg.cache_max_mb, cfg.cache_max_age_s))
+    else:  # a folder someone else named may hold more than this app's files
+        logger.warning("GRADIO_TEMP_DIR=%s is not the app's own cache folder; only Gradio cleans it", cache_dir)
+    return Janitor(jobs, every).start()
+
+
 def launch_options(cfg: AppConfig) -> dict:
     """How the server is exposed: only the app's own output folder is served, uploads are capped."""
     return dict(
@@ -390,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     for warning in exposure_warnings(cfg):
         logger.warning(warning)
     cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
+    start_cleaning(cfg, use_cache_dir(cfg))
     slot, store = ModelSlot(), RunStore(cfg.session_cache_mb)
     start_loading(cfg, slot)
     demo = build_ui(cfg, slot, store)

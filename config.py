@@ -98,7 +98,9 @@ class AppConfig:
     animation_max_frames: int = 128  # a longer answer is animated every k-th token
     export_workers: int = 2  # exports written at once, beside the renders (each session one at a time)
     outputs_max_mb: int = 2048  # exports, pictures and pages kept in outputs/, oldest removed first
-    cache_max_age_s: int = 3600  # Gradio's cache of uploads and pictures, cleaned hourly
+    cache_max_age_s: int = 3600  # Gradio's cache of uploads and pictures: files older than this go
+    cache_max_mb: int = 1024  # and the oldest beyond this, checked every few minutes (exports.Janitor)
+    cache_dir: Path = REPO_DIR / "cache"  # Gradio's cache of this app (unless GRADIO_TEMP_DIR says otherwise)
     ranges: ModelRanges | None = None  # a ranges.json's model and its default layer and head ranges
     presets: tuple[str, ...] = field(default=MODEL_PRESETS)
     outputs_dir: Path = REPO_DIR / "outputs"

@@ -8,21 +8,16 @@ as the browser. Every pass that runs the model takes the slot's lock here, and o
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from attention_processor import RAW_ATTENTION
@@ -34,11 +29,9 @@ from methods import MapRequest, MapSet, compute_maps, compute_prompt_maps, gener
 from methods.faithfulness import Faithfulness, faithfulness
 from methods.lens import run_logit_lens
 from model_holder import ModelHolder
-from pictures.gallery import gallery_zip
 from pictures.report import lens_html
 from pictures.stored_run import StoredRun, ViewSettings, method_key, raw_heatmap, token_map
 from records import AttentionRun
-from visualization import DOWNLOAD_MAX_PIXELS, DOWNLOAD_MAX_SIDE, fit_within
 
 logger = logging.getLogger(__name__)
 
@@ -425,168 +418,3 @@ class RunStore:
 
     def __len__(self) -> int:
         return len(self._runs)
-
-
-class ExportLane:
-    """Exports (animations, ZIPs, raw attention, pictures) in a bounded pool of their own, beside the renders:
-    at most `workers` are written at once, each session one at a time, and each yields between its chunks
-    (frames, tiles, tokens) while a render is being drawn, so a long export never makes another user wait.
-    It starts no threads: each export runs in the thread that asked for it."""
-
-    def __init__(self, workers: int = 2, max_yield_s: float = 0.5):
-        self._slots = threading.BoundedSemaphore(workers)
-        self._sessions: set[str] = set()
-        self._lock = threading.Lock()
-        self._foreground = 0  # renders being drawn now
-        self.max_yield_s = max_yield_s  # longest one chunk waits for renders, so an export always moves on
-
-    @contextmanager
-    def export(self, session: str | None):
-        """Hold a place in the pool for one export of `session`; a second one while the first is written is
-        refused (its user is told to wait), never queued behind it."""
-        with self._lock:
-            if session is not None and session in self._sessions:
-                raise InputError(
-                    "One of your exports is still being written; wait for it to appear under Downloads, then ask again."
-                )
-            if session is not None:
-                self._sessions.add(session)
-        try:
-            with self._slots:
-                yield self
-        finally:
-            with self._lock:
-                self._sessions.discard(session)
-
-    @contextmanager
-    def foreground(self):
-        """Mark a render in progress: exports yield to it between their chunks."""
-        with self._lock:
-            self._foreground += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._foreground -= 1
-
-    def pause(self) -> None:
-        """Between two chunks of an export: wait while renders are drawn (at most `max_yield_s`)."""
-        deadline = time.monotonic() + self.max_yield_s
-        while self._foreground > 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def paced(self, items):
-        """`items`, pausing before each one (see `pause`)."""
-        for item in items:
-            self.pause()
-            yield item
-
-
-def export_run(stored: StoredRun, out_dir: Path, pace=lambda steps: steps) -> tuple[Path, Path]:
-    """Write the raw captured attention (safetensors) and its metadata (JSON) to a new folder.
-
-    Tensor `step_{t}` has shape (num_layers, num_heads, len(prompt_ids) + t), float16.
-    pace: wraps the loop over tokens (`ExportLane.paced`, to yield between them).
-    """
-    run = stored.run
-    folder = Path(out_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True, exist_ok=False)  # never overwrite anyone's files
-    tensors_path = folder / f"{folder.name}-attention.safetensors"  # names that say what and which run
-    meta_path = folder / f"{folder.name}-metadata.json"
-    tensors = {f"step_{t}": run.step_attention(t).contiguous() for t in pace(range(run.num_steps))}
-    prompt_rows = run.prompt_rows
-    if prompt_rows is not None:
-        tensors["prompt_rows"] = prompt_rows.contiguous()
-    save_file(tensors, str(tensors_path))
-    meta = {
-        "model_id": run.model_id,
-        "family": run.family,
-        "prompt_ids": run.prompt_ids,
-        "prompt_tokens": run.prompt_tokens,
-        "prompt_positions": run.prompt_positions,
-        "generated_ids": run.generated_ids,
-        "generated_tokens": run.generated_tokens,
-        "layer_indices": run.layer_indices,
-        "num_heads": run.num_heads,
-        "visions": [layout.to_dict() for layout in run.visions],
-        "settings": run.settings.to_dict(),
-        "store": getattr(run.attention, "placement", "float16 rows on the host"),
-        "tensors": "step_{t}: float16 (num_layers, num_heads, len(prompt_ids) + t), softmax row of the "
-        "query that produced generated token t; prompt_rows: float16 (num_layers, num_heads, "
-        "len(prompt_positions), len(prompt_ids)), row i for prompt position prompt_positions[i]; "
-        "indices 0-based",
-    }
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return tensors_path, meta_path
-
-
-def prune_outputs(out_dir: Path, max_mb: float, keep: list[Path] = ()) -> int:
-    """Delete the oldest files under `out_dir` (and folders left empty) until it holds at most `max_mb`;
-    files in `keep` (just written for a user) stay. Returns how many files were deleted."""
-    keep = {Path(path).resolve() for path in keep}
-    files = sorted(
-        (path for path in Path(out_dir).rglob("*") if path.is_file() and not path.name.startswith(".")),
-        key=lambda path: path.stat().st_mtime,
-    )
-    total, deleted = sum(path.stat().st_size for path in files), 0
-    for path in files:
-        if total <= max_mb * 2**20:
-            break
-        if path.resolve() in keep:
-            continue
-        total -= path.stat().st_size
-        path.unlink(missing_ok=True)
-        deleted += 1
-        if path.parent != Path(out_dir) and not any(path.parent.iterdir()):
-            path.parent.rmdir()
-    if deleted:
-        logger.info("removed %d old files from %s to stay under %d MB", deleted, out_dir, max_mb)
-    return deleted
-
-
-def _fresh_path(out_dir: Path, stem: str, suffix: str) -> Path:
-    """A new, uniquely named file path in `out_dir` (created if needed), so no one's file is overwritten."""
-    path = Path(out_dir) / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save_picture(picture: Image.Image, out_dir: Path, step_idx: int) -> Path:
-    """The current picture as a PNG in a fresh, uniquely named file, within the download budget."""
-    path = _fresh_path(out_dir, f"attention-token{step_idx}", ".png")
-    fit_within(picture, DOWNLOAD_MAX_SIDE, DOWNLOAD_MAX_PIXELS).save(path, format="PNG")
-    return path
-
-
-def save_animation(frames, out_dir: Path, seconds_per_frame: float = 0.6) -> Path:
-    """An animated GIF of `frames` (PIL images, e.g. `views.animation_frames`), looping, in a fresh file.
-    The frames are written as they come, so a long answer is never held as pictures all at once."""
-    frames = iter(frames)
-    first = next(frames, None)
-    if first is None:
-        raise InputError("There is nothing to animate: this run generated no tokens.")
-    path = _fresh_path(out_dir, "attention-animation", ".gif")
-    first.save(
-        path,
-        format="GIF",
-        save_all=True,
-        append_images=frames,
-        duration=int(seconds_per_frame * 1000),
-        loop=0,
-        optimize=False,
-    )
-    return path
-
-
-def save_gallery_zip(tiles: Iterable[tuple[str, Image.Image]], out_dir: Path, step_idx: int) -> Path:
-    """The per-head gallery as a ZIP of `S{step}_L{layer}_H{head}.png` in a fresh, uniquely named file."""
-    path = _fresh_path(out_dir, f"heads-token{step_idx}", ".zip")
-    path.write_bytes(gallery_zip(tiles))
-    return path
-
-
-def save_page(page: str, out_dir: Path, stem: str) -> Path:
-    """A self-contained HTML page in a fresh, uniquely named file."""
-    path = _fresh_path(out_dir, stem, ".html")
-    path.write_text(page, encoding="utf-8")
-    return path

@@ -19,7 +19,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("capture", ("families", "attention_extractor")),
     ("model", ("loading", "causal", "model_holder", "methods")),
     ("pictures", ("pictures",)),
-    ("door", ("pipeline", "batch", "study", "notebook")),
+    ("door", ("pipeline", "exports", "batch", "study", "notebook")),
     ("fixtures", ("testing", "demo")),
     ("ui", ("ui", "app")),
 )

@@ -11,7 +11,8 @@ from PIL import Image
 import app
 from config import AppConfig
 from conftest import free_port, noise_image
-from pipeline import ModelSlot, RunStore, save_picture
+from exports import save_picture
+from pipeline import ModelSlot, RunStore
 from ui.components import _cached_picture, picture_output
 from ui.handlers import Handlers
 from visualization import DISPLAY_MAX_PIXELS, DISPLAY_MAX_SIDE, DOWNLOAD_MAX_SIDE, tiled

@@ -1,6 +1,7 @@
 """Exports run beside the renders: a pool of their own, one per session at a time, yielding between chunks,
 and animations capped in frames."""
 
+import os
 import statistics
 import threading
 import time
@@ -14,7 +15,8 @@ import app
 from config import AppConfig
 from conftest import free_port, noise_image
 from errors import InputError
-from pipeline import ExportLane, ModelSlot, RunStore
+from exports import ExportLane, clean_folder
+from pipeline import ModelSlot, RunStore
 from ui.handlers import Handlers
 
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
@@ -132,3 +134,42 @@ def test_exports_have_workers_of_their_own(tmp_path):
     for name in ("download_png", "download_animation", "export_attention", "gallery_zip"):
         assert groups[name] == ("export", 2)
     assert groups["render"][0] == "render" and groups["generate"][0] == "generate"
+
+
+def _aged(path, seconds: float, size: int = 100_000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_old_files_and_files_over_budget_go_young_ones_stay(tmp_path):
+    old = _aged(tmp_path / ("a" * 64) / "image.png", 4000)
+    recent = [_aged(tmp_path / f"{i:064x}" / "image.png", 1000 - i * 100) for i in range(5)]  # 1000 s .. 600 s
+    young = _aged(tmp_path / ("b" * 64) / "image.png", 5)
+    assert clean_folder(tmp_path, max_mb=0.3, max_age_s=3600, grace_s=60) == 4  # the old one, then 3 oldest
+    left = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == {recent[3], recent[4], young}
+    assert not old.parent.exists()  # its emptied folder too
+    assert clean_folder(tmp_path, max_mb=0.0, grace_s=60) == 2 and young.exists()  # never the youngest
+
+
+def test_the_app_cleans_its_cache_and_outputs_on_a_timer(tmp_path, monkeypatch):
+    cache, outputs = tmp_path / "cache", tmp_path / "outputs"
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    cfg = AppConfig(outputs_dir=outputs, cache_dir=cache, cache_max_age_s=30, outputs_max_mb=0)
+    assert app.use_cache_dir(cfg) == cache and os.environ["GRADIO_TEMP_DIR"] == str(cache)
+    stale = [_aged(cache / f"{i:064x}" / "image.jpeg", 100) for i in range(3)]  # uploads and pictures
+    export = _aged(outputs / "attention-animation-1.gif", 1000)
+    fresh = _aged(cache / ("c" * 64) / "image.jpeg", 0)
+    assert app.cleaning_period(cfg) == 15.0  # half the age limit
+    janitor = app.start_cleaning(cfg, cache, every_s=0.1)  # the same timer, sped up
+    try:
+        deadline = time.monotonic() + 30
+        while (export.exists() or any(p.exists() for p in stale)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        janitor.stop()
+    assert not any(p.exists() for p in stale) and not export.exists()
+    assert fresh.exists()

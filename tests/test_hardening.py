@@ -15,9 +15,10 @@ from attention_extractor import capture_attention
 from config import AppConfig
 from conftest import noise_image
 from errors import CaptureError, ImageLoadError, ModelLoadError
+from exports import prune_outputs
 from model_holder import ModelHolder
 from pictures.views import as_text
-from pipeline import ModelSlot, RunStore, prune_outputs
+from pipeline import ModelSlot, RunStore
 from ui.handlers import Handlers
 from utils import load_image
 from visualization import colorbar_strip
@@ -189,7 +190,7 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
         path = tmp_path / f"run-{k}" / "attention.safetensors" if k % 2 else tmp_path / f"picture-{k}.png"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"x" * 400_000)
-        stamp = time.time() - 100 + k
+        stamp = time.time() - 1000 + k  # older than the grace period of a file being written or fetched
         import os
 
         os.utime(path, (stamp, stamp))
@@ -198,6 +199,9 @@ def test_outputs_stay_under_their_budget_oldest_first(tmp_path):
     left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["attention.safetensors", "picture-4.png"] and not (tmp_path / "run-1").exists()
     assert np.isclose(sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()), 800_000)
+    (tmp_path / "just-written.gif").write_bytes(b"x" * 400_000)  # another user's export, seconds old
+    assert prune_outputs(tmp_path, max_mb=0.1, keep=[newest]) == 1  # the old one goes, the young one stays
+    assert (tmp_path / "just-written.gif").exists()
 
 
 def test_login_backs_off_after_wrong_passwords():

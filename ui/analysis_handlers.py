@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import cell_at, head_matrix, region_to_text, system_positions, text_attention
+from exports import save_gallery_zip, save_page
 from pictures.gallery import head_gallery
 from pictures.stored_run import StoredRun
 from pictures.view_parts import mark_corner, outline_cells
@@ -29,7 +30,7 @@ from pictures.views import (
     token_label,
     verify_note,
 )
-from pipeline import lens_page, save_gallery_zip, save_page, verify_map
+from pipeline import lens_page, verify_map
 from ui.components import parse_box, user_errors
 from ui.controls import ANALYSIS_OUTPUTS, BOX_OUTPUTS, REGION_OUTPUTS, pack
 from visualization import SIDE_BY_SIDE_GAP

@@ -19,21 +19,17 @@ import pandas as pd
 from attention_processor import RAW_ATTENTION
 from config import DEMO_MODEL_DIR, DEMO_RANGES, AppConfig, ModelRanges
 from errors import UserError
+from exports import ExportLane, export_run, prune_outputs, save_animation, save_picture
 from families import frames_per_panel
 from model_holder import MediaLimits
 from pictures.stored_run import StoredRun, ViewSettings
 from pictures.views import animation_frames, answer_words, as_text, on_screen, render, share_table, token_label
 from pipeline import (
-    ExportLane,
     ModelSlot,
     RunStore,
     contrast_baseline,
-    export_run,
     method_maps,
-    prune_outputs,
     relative_baseline,
-    save_animation,
-    save_picture,
     stream_generation,
 )
 from ui.analysis_handlers import AnalysisHandlers
