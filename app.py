@@ -23,12 +23,13 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from attention_store import STORE_DEVICES
 from config import AppConfig, ModelRanges
 from exports import Janitor
 from pipeline import ModelSlot, RunStore
-from ui.components import LoginGuard
+from ui.components import BodyLimit, LoginGuard, inline_body_limit
 from ui.controls import (
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
@@ -375,6 +376,7 @@ def launch_options(cfg: AppConfig) -> dict:
         auth=LoginGuard(*cfg.auth) if cfg.auth else None,
         allowed_paths=[str(cfg.outputs_dir)],
         max_file_size=cfg.max_upload,
+        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=inline_body_limit(cfg.max_upload))]},
         ssr_mode=False,
         css=CSS,
         js=CHIPS_JS,

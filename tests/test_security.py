@@ -57,6 +57,27 @@ def test_only_the_apps_own_files_are_served_and_uploads_are_capped(launched):
         assert small.status_code == 200
 
 
+def test_an_image_sent_inline_is_held_to_the_upload_cap_before_it_is_parsed(launched):
+    """A data: URL skips the upload route: its JSON payload is refused by size before Gradio decodes it."""
+    import base64
+
+    url, cfg = launched
+    inline = "data:image/png;base64," + base64.b64encode(b"0" * (3 * 2**20)).decode()  # 3 MB against 1 MB
+    payload = {
+        "data": [{"url": inline, "meta": {"_type": "gradio.FileData"}}, "Hi"],
+        "fn_index": 0,
+        "session_hash": "x",
+    }
+    with httpx.Client(base_url=url, timeout=30) as client:
+        refused = client.post("/gradio_api/queue/join", json=payload)
+        assert refused.status_code == 413 and "larger than this server accepts" in refused.text
+        chunks = client.post("/gradio_api/queue/join", content=iter([b"{" + b" " * 2**20] * 4))  # no length given
+        assert chunks.status_code >= 400
+        fine = client.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "x"})
+        assert fine.status_code != 413  # ordinary requests pass
+        assert client.get("/config").status_code == 200  # and the server keeps serving
+
+
 def test_safe_defaults_on_the_command_line():
     cfg = app.parse_args([])
     assert cfg.trust_remote_code is False and cfg.auth is None and cfg.share is False

@@ -249,6 +249,48 @@ def _cached_picture(picture: Image.Image, cache_dir: str, fmt: str) -> str:
     return str(path)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused (413) before any of it is parsed, so an
+    image sent inline in a JSON payload (a `data:` URL, which skips the upload route and its cap) is held to
+    the upload cap before it is decoded. Uploads themselves (`…/upload`) are capped by Gradio."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if int(length or 0) > self.max_bytes:
+            return await self._refuse(send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a body sent without its length, grown past the cap
+                raise ValueError(f"request body over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+    async def _refuse(self, send) -> None:
+        body = (
+            f"The request is larger than this server accepts ({self.max_bytes / 2**20:.0f} MB). Send a smaller "
+            "image, or upload the file instead of sending it inline."
+        ).encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def inline_body_limit(max_upload: str) -> int:
+    """The largest request body that can carry one upload-sized image inline: base64 grows it by 4/3, and
+    the rest of the payload (other values, JSON) gets 1 MB."""
+    return upload_bytes(max_upload) * 4 // 3 + 2**20
+
+
 def upload_bytes(size: str) -> int:
     """'50mb' → bytes (kb, mb, gb; 1024-based, as Gradio reads `max_file_size`)."""
     number, unit = size.strip().lower()[:-2], size.strip().lower()[-2:]
