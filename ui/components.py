@@ -212,21 +212,24 @@ def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:
     return image
 
 
-def picture_output(**kwargs) -> gr.Image:
+class PictureOutput(gr.Image):
     """An output `gr.Image` whose pictures always fit the display budget (`visualization.fit_within`) and
     reach Gradio's cache safely under concurrency: each is written once under a temporary name and renamed
     into place (Gradio would rewrite an identical picture's file in place while another request serves it).
-    A picture already cached is reused as is. The check is attached to the instance, so it stays a `gr.Image`."""
-    image = gr.Image(type="pil", interactive=False, **kwargs)
-    plain = image.postprocess
+    A picture already cached is reused as is. A subclass, not a patched instance, so the per-session copies
+    Gradio makes of a component keep it; the browser still shows an ordinary image (`is_template`)."""
+
+    is_template = True
 
     def postprocess(self, value):
         if isinstance(value, Image.Image):
             value = _cached_picture(fit_within(value), self.GRADIO_CACHE, self.format or "png")
-        return plain(value)
+        return super().postprocess(value)
 
-    image.postprocess = types.MethodType(postprocess, image)
-    return image
+
+def picture_output(**kwargs) -> PictureOutput:
+    """A `PictureOutput` for PIL pictures, not editable."""
+    return PictureOutput(type="pil", interactive=False, **kwargs)
 
 
 def _cached_picture(picture: Image.Image, cache_dir: str, fmt: str) -> str:
