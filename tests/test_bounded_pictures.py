@@ -13,8 +13,8 @@ from config import AppConfig
 from conftest import free_port, noise_image
 from exports import save_picture
 from pipeline import ModelSlot, RunStore
-from ui.components import _cached_picture, picture_output
 from ui.handlers import Handlers
+from ui.picture_output import PictureOutput, _cached_picture, picture_output
 from visualization import DISPLAY_MAX_PIXELS, DISPLAY_MAX_SIDE, DOWNLOAD_MAX_SIDE, tiled
 
 VIEW = [0, 0, 2, 0, 3, "mean", "minmax", "jet", 0.5, "overlay", False]
@@ -58,6 +58,9 @@ def test_the_picture_component_holds_every_picture_to_the_budget(tmp_path):
     data = component.postprocess(Image.new("RGB", (20000, 500), (10, 20, 30)))
     shown = Image.open(data.path)
     assert shown.size == (DISPLAY_MAX_SIDE, 102) and _fits(shown)
+    # Gradio copies a component per session as `block.__class__(**constructor_args)`: the copy keeps the budget
+    copy = type(component)(**component.constructor_args)
+    assert isinstance(copy, PictureOutput) and copy.get_block_name() == "image"
 
 
 def test_rows_of_views_keep_the_first_picture_in_place():
