@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image
 
 from analysis import relative_heatmap
 from attention_processor import RAW_ATTENTION, combine_maps, token_heatmap, vision_attention
@@ -219,7 +218,7 @@ def score_item(holder: ModelHolder, item: Item, settings: StudySettings) -> Item
     image = load_image(item.image)
     run = holder.generate(image, item.prompt, max_new_tokens=settings.max_new_tokens)
     steps = scored_steps(run.generated_tokens, item.target)
-    mask = np.asarray(Image.open(item.mask).convert("L")) > 0 if item.mask else None
+    mask = np.asarray(load_image(item.mask).convert("L")) > 0 if item.mask else None  # bounded like images
     region = target_mask(image.size, item.boxes or (), mask)
     answer = holder.processor.tokenizer.decode(run.generated_ids, skip_special_tokens=True).strip()
     expected = item.expected

@@ -59,19 +59,67 @@ class Item:
         return f"{self.source} line {self.line} ({self.id})"
 
 
+MAX_FIELD_CHARS = 128 * 1024  # one CSV field or JSONL line: a prompt, boxes, a path
+MAX_NESTING = 16  # brackets deep in one JSONL row (boxes need 2)
+
+
 def _rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, raw row) of a JSONL or CSV file; a line that is not valid JSON becomes an error row."""
+    """(line number, raw row) of a JSONL or CSV file; a line that cannot be a row (not valid JSON, not a JSON
+    object, nested too deep, a field over MAX_FIELD_CHARS) becomes an error row, and the next line is read."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".csv":
-        return [(number, row) for number, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+        return _csv_rows(text)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                rows.append((number, {"__error__": f"not valid JSON ({err.msg})"}))
+            rows.append((number, _json_row(line)))
     return rows
+
+
+def _json_row(line: str) -> dict:
+    """One JSONL line as a row, or an error row saying why it is not one."""
+    if len(line) > MAX_FIELD_CHARS:
+        return {"__error__": f"the line has {len(line)} characters, over {MAX_FIELD_CHARS}"}
+    if _depth(line) > MAX_NESTING:
+        return {"__error__": f"nested more than {MAX_NESTING} deep"}
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return {"__error__": f"not valid JSON ({err.msg})"}
+    if not isinstance(row, dict):
+        return {"__error__": f"a JSON object per line is needed, got {type(row).__name__}"}
+    return row
+
+
+def _depth(line: str) -> int:
+    """The deepest bracket nesting in a line (an upper bound: brackets inside strings count too)."""
+    depth = deepest = 0
+    for char in line:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _csv_rows(text: str) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV text with a header; a row the reader refuses becomes an error row."""
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None) or []
+    rows = []
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:  # e.g. a field over the reader's limit
+            rows.append((reader.line_num, {"__error__": f"not a CSV row ({err})"}))
+            continue
+        if any(len(value) > MAX_FIELD_CHARS for value in values):
+            rows.append((reader.line_num, {"__error__": f"a field over {MAX_FIELD_CHARS} characters"}))
+        elif values:
+            rows.append((reader.line_num, dict(zip(header, values, strict=False))))
 
 
 def _metadata(folder: Path) -> Path | None:
@@ -117,14 +165,18 @@ def _item(number: int, row: dict, base: Path, source: str, folder_split: str | N
     if missing:
         raise InputError(f"missing {', '.join(missing)}")
     image = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
+    if source.endswith(METADATA_FILES) and base.resolve() not in image.resolve().parents:
+        raise InputError(f"file_name {row['image']!r} is outside the imagefolder; name an image inside it")
     if not image.is_file():
         raise InputError(f"no image file {str(image)!r}")
     boxes = row.get("boxes") or None
-    boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+    boxes = json.loads(boxes) if isinstance(boxes, str) and _depth(boxes) <= MAX_NESTING else boxes
     if boxes is not None and not (isinstance(boxes, list) and all(_is_box(b) for b in boxes)):
         raise InputError("boxes must be a list of [x0, y0, x1, y1]: four finite numbers with x0 < x1 and y0 < y1")
     mask = row.get("mask") or None
     mask = (Path(mask) if Path(mask).is_absolute() else base / mask) if mask else None
+    if mask is not None and source.endswith(METADATA_FILES) and base.resolve() not in mask.resolve().parents:
+        raise InputError(f"mask {str(row['mask'])!r} is outside the imagefolder; name a mask inside it")
     if not boxes and mask is None:
         raise InputError("no target: give boxes or a mask")
     split = str(row.get("split") or "").strip() or folder_split

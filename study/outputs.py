@@ -37,8 +37,24 @@ from study.manifest import Item, is_validation
 logger = logging.getLogger(__name__)
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with every text cell that a spreadsheet would run as a formula (it begins with =, +, -, @,
+    a tab or a carriage return; a prompt, an id, a generated word) behind a leading apostrophe, which
+    spreadsheets show as text. Numbers are untouched; the Parquet file keeps the exact text."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if pd.api.types.is_object_dtype(safe[column]) or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(
+                lambda value: "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+            )
+    return safe
+
+
 def _write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
-    frame.to_csv(out / f"{name}.csv", index=False)
+    spreadsheet_safe(frame).to_csv(out / f"{name}.csv", index=False)
     try:
         frame.to_parquet(out / f"{name}.parquet", index=False)
     except ImportError:
