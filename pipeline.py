@@ -235,24 +235,40 @@ def method_maps(
     if key not in stored.method_maps:
         if entry.per_token and settings.prompt_pos is None:  # only the tokens on show, filled in below
             stored.method_maps[key] = MapSet([None] * stored.run.num_steps)
-        else:
-            every = request(range(stored.run.num_steps))
+        elif settings.prompt_pos is not None:
             with slot.lock:
-                if settings.prompt_pos is not None:
-                    maps = compute_prompt_maps(entry.name, every, stored.run.prompt_positions)
-                else:
-                    maps = compute_maps(entry.name, every)
+                maps = compute_prompt_maps(
+                    entry.name, request(range(stored.run.num_steps)), stored.run.prompt_positions
+                )
             stored.method_maps[key] = maps
+        else:
+            stored.method_maps[key] = _in_turns(slot, entry.name, request, list(range(stored.run.num_steps)))
         stored.method_captions[entry.name] = entry.caption
     maps = stored.method_maps[key]
     missing = [t for t in settings.tokens if settings.prompt_pos is None and maps[t] is None]
     if missing:
-        wanted = request(missing)
-        with slot.lock:
-            found = compute_maps(entry.name, wanted)
+        found = _in_turns(slot, entry.name, request, missing)
         for t, heat, note in zip(missing, found, found.notes, strict=True):
             maps[t], maps.notes[t] = heat, note
     return maps
+
+
+MAPS_PER_TURN = 4  # tokens whose maps one hold of the model's lock computes (model passes for each)
+
+
+def _in_turns(slot: ModelSlot, name: str, request, steps: list[int]) -> MapSet:
+    """The maps of `steps` by method `name`, MAPS_PER_TURN tokens per hold of the model's lock, so other
+    users' generations and passes run between the turns of a long computation (64 tokens' cell knockouts,
+    a whole answer's gradient maps)."""
+    found = MapSet()
+    for start in range(0, len(steps), MAPS_PER_TURN):
+        with slot.lock:
+            part = compute_maps(name, request(steps[start : start + MAPS_PER_TURN]))
+        found.extend(part)
+        found.notes.extend(part.notes)
+        for kind, maps in part.parts.items():
+            found.parts.setdefault(kind, []).extend(maps)
+    return found
 
 
 def lens_page(slot: ModelSlot, stored: StoredRun) -> str:

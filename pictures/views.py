@@ -7,6 +7,7 @@ stating what is drawn; the rest are the words, tables and small pictures the pag
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,6 +35,8 @@ from pictures.view_parts import outline_target, target_scores, with_other_views,
 from records import AttentionRun
 from utils import scaled_size
 from visualization import (
+    DISPLAY_MAX_PIXELS,
+    DISPLAY_MAX_SIDE,
     DIVERGING,
     SIDE_BY_SIDE_GAP,
     colorize,
@@ -138,22 +141,27 @@ def animation_frames(
 
 
 SCREEN_MIN_SIDE = 640  # px: pictures of smaller images are enlarged to about this on screen
+SCREEN_MAX_ZOOM = 8  # a 1-px image is not blown up 640 times (its labels and colour bar would be too)
 
 
 def screen_zoom(stored: StoredRun) -> int:
     """Whole-number factor by which a single image's pictures are enlarged on screen, so a small image
-    is not shown postage-stamp size; 1 for large images and for several images or a video."""
+    is not shown postage-stamp size (at most SCREEN_MAX_ZOOM); 1 for large images and for several images
+    or a video."""
     if not stored.is_single_image:
         return 1
     shown, _ = stored.display(0)
-    return max(1, SCREEN_MIN_SIDE // max(shown.size))
+    return max(1, min(SCREEN_MAX_ZOOM, SCREEN_MIN_SIDE // max(shown.size)))
 
 
 def on_screen(stored: StoredRun, picture: Image.Image) -> Image.Image:
-    """The picture enlarged by `screen_zoom` with nearest-neighbour, so token cells keep sharp edges.
-    A click at (x, y) on it is at (x, y) / screen_zoom on the picture itself."""
-    zoom = screen_zoom(stored)
-    return picture if zoom == 1 else picture.resize((picture.size[0] * zoom, picture.size[1] * zoom), Image.NEAREST)
+    """The picture enlarged by `screen_zoom` with nearest-neighbour, so token cells keep sharp edges, and
+    never past the display budget (a smaller zoom then). A click at (x, y) on it is at (x, y) / screen_zoom
+    on the picture itself."""
+    width, height = picture.size
+    fits = min(DISPLAY_MAX_SIDE // max(width, height), math.isqrt(DISPLAY_MAX_PIXELS // max(1, width * height)))
+    zoom = max(1, min(screen_zoom(stored), fits))
+    return picture if zoom == 1 else picture.resize((width * zoom, height * zoom), Image.NEAREST)
 
 
 def _panels(stored: StoredRun, s: ViewSettings) -> list[tuple[Image.Image, np.ndarray, tuple, str]]:

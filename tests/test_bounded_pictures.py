@@ -150,3 +150,20 @@ def test_a_render_never_mutates_the_shared_display_copy(load_holder, tmp_path, a
     for alpha in (0.0, 0.5, 1.0):
         handlers.render(last[0], *VIEW[:8], alpha, "overlay", True)
     assert np.array_equal(np.asarray(stored.display(0)[0]), before)
+
+
+def test_a_one_pixel_image_is_enlarged_within_the_budget(load_holder, tmp_path):
+    """A 1x1 image used to be zoomed 640 times on screen, with the labels and colour bar of its parts:
+    a 222080x43520 picture (27 GB) that ended the server."""
+    from ui.controls import ViewControls, defaults
+
+    slot = ModelSlot()
+    slot.holder = load_holder("qwen2_vl")
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(256))
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(path)
+    *_, last = handlers.generate(str(path), "What is this?", 2, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
+    values = defaults(ViewControls)
+    for changes in ({"method": "tam", "parts": True}, {"view": "side_by_side"}, {}):
+        picture, *_ = handlers.render(last[0], *{**values, "layer_hi": 2, "head_hi": 3, **changes}.values())
+        assert _fits(picture), (changes, picture.size)

@@ -324,3 +324,30 @@ def test_a_sessions_new_generation_replaces_its_running_and_waiting_ones(tiny_mo
         assert all(n < 500 for n in steps) and meter.peak == 1
     finally:
         demo.close()
+
+
+def test_a_long_model_map_computation_lets_go_of_the_model_between_turns(load_holder, tmp_path, monkeypatch):
+    """A render asking for many tokens' cell-knockout maps (model passes) holds the model's lock for a few
+    tokens at a time, so another user's generation runs between the turns instead of after all of them."""
+    import pipeline
+    from pictures.stored_run import StoredRun
+    from ui.controls import ViewControls, defaults
+    from ui.handlers import Handlers
+
+    slot = ModelSlot()
+    slot.holder = load_holder("qwen2_vl")
+    slot.holder.model.generation_config.min_new_tokens = 10
+    handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(256))
+    image = _image_file(tmp_path, 5)
+    *_, last = handlers.generate(image, "Hi", 10, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
+    turns, inner = [], pipeline.compute_maps
+
+    def counted(name, request):
+        turns.append(len(request.steps))
+        return inner(name, request)
+
+    monkeypatch.setattr(pipeline, "compute_maps", counted)
+    values = {**defaults(ViewControls), "layer_hi": 2, "head_hi": 3, "method": "cell_knockout", "tokens": "0-9"}
+    picture, caption, _ = handlers.render(last[0], *values.values())
+    assert turns == [4, 4, 2]  # ten tokens' maps in three holds of the lock
+    assert "Tokens 0, 1, 2" in caption and isinstance(handlers.store.get(last[0]), StoredRun)
