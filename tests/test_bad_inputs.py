@@ -10,6 +10,7 @@ import app
 from config import AppConfig
 from conftest import free_port
 from errors import ImageLoadError
+from pictures.views import SCREEN_MAX_ZOOM
 from pipeline import ModelSlot, RunStore
 from visualization import colorbar_strip, overlay
 
@@ -143,7 +144,7 @@ def test_bad_inputs_through_the_app_api(tiny_model_dirs, awkward_images, tmp_pat
             assert "Token 0" in caption, name
             factor = min(1.0, 2048 / max(displayed))  # drawn on a bounded display copy
             shown = tuple(max(1, round(v * factor)) for v in displayed)
-            zoom = max(1, 640 // max(shown))  # small images enlarged on screen
+            zoom = max(1, min(SCREEN_MAX_ZOOM, 640 // max(shown)))  # small images enlarged on screen, at most 8x
             with_bar = (shown[0], shown[1] + colorbar_strip(shown[0]))  # the colour bar's strip under the map
             assert Image.open(picture).size == tuple(zoom * v for v in with_bar), name
         not_image = tmp_path / "notes.png"
