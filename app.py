@@ -29,7 +29,7 @@ from attention_store import STORE_DEVICES
 from config import AppConfig, ModelRanges
 from exports import Janitor
 from pipeline import ModelSlot, RunStore
-from ui.components import BodyLimit, LoginGuard, inline_body_limit
+from ui.components import BodyLimit, ClientAddress, LoginGuard, RequireLogin, inline_body_limit
 from ui.controls import (
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
@@ -376,7 +376,13 @@ def launch_options(cfg: AppConfig) -> dict:
         auth=LoginGuard(*cfg.auth) if cfg.auth else None,
         allowed_paths=[str(cfg.outputs_dir)],
         max_file_size=cfg.max_upload,
-        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=inline_body_limit(cfg.max_upload))]},
+        app_kwargs={
+            "middleware": [
+                Middleware(ClientAddress),
+                Middleware(RequireLogin),
+                Middleware(BodyLimit, max_bytes=inline_body_limit(cfg.max_upload)),
+            ]
+        },
         ssr_mode=False,
         css=CSS,
         js=CHIPS_JS,

@@ -26,18 +26,26 @@ class ModelRanges:
 
     @classmethod
     def read(cls, path: str | Path) -> ModelRanges:
-        """The model and ranges of a ranges.json, or ValueError saying what is wrong with it."""
+        """The model and ranges of a ranges.json, or InputError naming the field that is wrong. The file is
+        held to a schema: a JSON object of at most a few KB and two levels, `model` a non-empty string,
+        `layers` and `heads` each [lo, hi] of whole numbers with 0 <= lo <= hi <= 100000 (no floats, booleans,
+        strings, NaN or Infinity)."""
         try:
-            record = json.loads(Path(path).read_text(encoding="utf-8"))
-            layers, heads = (tuple(int(v) for v in record[key]) for key in ("layers", "heads"))
-            if len(layers) != 2 or len(heads) != 2 or not 0 <= layers[0] <= layers[1] or not 0 <= heads[0] <= heads[1]:
-                raise InputError("layers and heads must each be [lo, hi] with 0 <= lo <= hi")
-            return cls(str(record["model"]), layers, heads)
-        except (OSError, KeyError, TypeError, ValueError) as err:
-            raise InputError(
-                f"Could not read the ranges file {str(path)!r}: {err}. Give a ranges.json written by "
-                "batch.py --manifest ... --per-head --val-fraction F (it holds model, layers and heads)."
-            ) from err
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise _ranges_error(path, f"it cannot be read ({err})") from err
+        if len(text) > 64 * 1024 or _nesting(text) > 2:
+            raise _ranges_error(path, "it is not a small JSON object of model, layers and heads")
+        try:
+            record = json.loads(text, parse_constant=_no_constant)
+        except ValueError as err:
+            raise _ranges_error(path, f"it is not valid JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise _ranges_error(path, f"it holds a JSON {type(record).__name__}, not an object")
+        model = record.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise _ranges_error(path, "'model' must be the model's id or folder, a non-empty string")
+        return cls(model, _range_field(path, record, "layers"), _range_field(path, record, "heads"))
 
     def fits(self, model_id: str) -> bool:
         """Whether these ranges belong to `model_id`: the same id, or the same local folder."""
@@ -45,6 +53,38 @@ class ModelRanges:
             return True
         mine, theirs = Path(self.model).expanduser(), Path(model_id).expanduser()
         return mine.is_dir() and theirs.is_dir() and mine.resolve() == theirs.resolve()
+
+
+def _ranges_error(path, what: str) -> InputError:
+    return InputError(
+        f"Could not read the ranges file {str(path)!r}: {what}. Give a ranges.json written by a study "
+        "(batch.py --manifest ... --per-head) or by bench/bench_localization.py --write-ranges."
+    )
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number this file may hold")
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of a JSON text (brackets inside strings count too: an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _range_field(path, record: dict, name: str) -> tuple[int, int]:
+    """`record[name]` as an inclusive (lo, hi) of whole numbers, or InputError naming the field."""
+    value = record.get(name)
+    whole = isinstance(value, list) and all(type(v) is int for v in value)
+    if not (whole and len(value) == 2 and 0 <= value[0] <= value[1] <= 100_000):
+        raise _ranges_error(
+            path, f"'{name}' must be [lo, hi], two whole numbers with 0 <= lo <= hi (0-based), got {value!r}"[:300]
+        )
+    return value[0], value[1]
 
 
 MODEL_PRESETS: tuple[str, ...] = (

@@ -221,7 +221,7 @@ class ModelHolder:
             inputs = self.processor(text=[text], return_tensors="pt", **media, **kwargs)
             inputs.pop("labels", None)  # PaliGemma's processor adds training labels; never wanted here
             return inputs
-        except ValueError as err:
+        except (ValueError, IndexError, RuntimeError, ZeroDivisionError) as err:  # a processor that cannot size it
             raise _processor_refused(err, [im.size for im in images + (video or [])[:1]]) from err
 
     def _chat_text(self, num_images: int, prompt: str, video: bool = False) -> str:

@@ -8,6 +8,10 @@ as the browser. Every pass that runs the model takes the slot's lock here, and o
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import logging
 import threading
 import uuid
@@ -41,6 +45,7 @@ class ModelSlot:
 
     def __init__(self):
         self.lock = threading.RLock()
+        self._loading = threading.Lock()  # one load at a time, beside the model's lock
         self.holder: ModelHolder | None = None
         self.ready = threading.Event()  # cleared while a start-up load runs
         self.ready.set()
@@ -77,14 +82,17 @@ class ModelSlot:
         trust_remote_code: bool = False,
         max_pixels_cap: int | None = None,
     ) -> ModelHolder:
-        """Load a model for everyone; atomic: the current model stays until the new one has loaded."""
-        with self.lock:
+        """Load a model for everyone; atomic: the current model stays, and keeps serving, until the new one
+        has loaded (one load at a time; the model's lock is held only for the swap, so a slow or refused load
+        never holds up anyone's generation)."""
+        with self._loading:
             if self.holder is not None and self.holder.model_id == str(model_id):
                 return self.holder
             holder = ModelHolder.load(
                 model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code, max_pixels_cap=max_pixels_cap
             )
-            self.holder = holder
+            with self.lock:
+                self.holder = holder
             return holder
 
     def made(self, run: AttentionRun, what: str) -> ModelHolder:
@@ -103,6 +111,26 @@ class ModelSlot:
         if self.holder is None:
             raise NotReadyError("No model is loaded. Pick a model and press Load first.")
         return self.holder
+
+
+def release_memory() -> bool:
+    """Give memory no longer needed back to the system after a large request: Python's garbage, PyTorch's
+    cached GPU blocks, and the C allocator's free pages (`malloc_trim`, where the C library has it, which
+    glibc otherwise keeps for reuse, so a process that once peaked stays at its peak). Returns whether the
+    C allocator was trimmed."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # not glibc (macOS, Windows): nothing to trim
+        return None
 
 
 class _Cancelled(StoppingCriteria):
@@ -167,6 +195,7 @@ def stream_generation(
     finally:
         cancelled.set()  # only matters when closed early
     worker.join()  # the streamer ends before the run is built
+    release_memory()  # the inputs, the processor's pixels and the generation's cache are gone now
     if "error" in outcome:
         raise outcome["error"]
     yield outcome["run"]

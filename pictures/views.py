@@ -401,16 +401,22 @@ def matrix_view(values: np.ndarray, layers: list[int], heads: tuple[int, int], m
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")
 
 
+# What a Markdown renderer turns into a link by itself (GFM autolinks): a word joiner inside stops it.
+_AUTOLINKS = re.compile(r"(?<=:)(?=//)|(?<=www)(?=\.)|(?<=@)(?=\w)", re.IGNORECASE)
+WORD_JOINER = "\u2060"
+
+
 def as_text(value: str) -> str:
     """A string from a tokenizer, a model id or a user, made to show literally inside Markdown or HTML:
-    no tag, entity, link or emphasis in it takes effect."""
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
+    no tag, entity, link or emphasis in it takes effect (a URL or an address stays text, not a link)."""
+    escaped = _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
+    return _AUTOLINKS.sub(WORD_JOINER, escaped)
 
 
 def plain_text(shown: str) -> str:
     """What `as_text` made literal for Markdown, back as the plain text it stands for (for a page or a
     notebook that escapes for itself)."""
-    return html.unescape(re.sub(r"\\([\\`*_\[\]{}#|~!])", r"\1", shown))
+    return html.unescape(re.sub(r"\\([\\`*_\[\]{}#|~!])", r"\1", shown)).replace(WORD_JOINER, "")
 
 
 def answer_words(tokens: list[str]) -> list[tuple[str, tuple[int, ...]]]:

@@ -14,7 +14,7 @@ import app
 from attention_extractor import capture_attention
 from config import AppConfig
 from conftest import noise_image
-from errors import CaptureError, ImageLoadError, ModelLoadError
+from errors import CaptureError, ImageLoadError, InputError, ModelLoadError
 from exports import prune_outputs
 from model_holder import ModelHolder
 from pictures.views import as_text
@@ -162,8 +162,10 @@ def test_page_loads_never_wait_for_the_start_up_model(tmp_path):
 def test_nothing_from_a_tokenizer_or_a_user_renders_as_markup(load_holder, tmp_path):
     assert (
         as_text("</s> <img src=x onerror=alert(1)> **b** [l](http://x)")
-        == r"&lt;/s&gt; &lt;img src=x onerror=alert(1)&gt; \*\*b\*\* \[l\](http://x)"
+        == r"&lt;/s&gt; &lt;img src=x onerror=alert(1)&gt; \*\*b\*\* \[l\](http:" + "\u2060//x)"
     )
+    assert "://" not in as_text("see https://evil.example or www.evil.example, mail me@evil.example")
+    assert "www." not in as_text("www.evil.example") and "@e" not in as_text("me@evil.example")
     handlers = Handlers(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
     with pytest.raises(gr.Error) as caught:
         handlers.load_model("<img src=http://example.com/x.png>")
@@ -212,10 +214,33 @@ def test_login_backs_off_after_wrong_passwords():
     assert guard("ada", "secret")
     results = [guard("ada", f"guess{k}") for k in range(200)]  # 200 guesses at once
     assert not any(results)
-    assert guard.failures == 5  # only 5 were even checked
+    assert guard.failures() == 5  # only 5 were even checked
     assert not guard("ada", "secret")  # locked, even for the right one
     now[0] += 1.5
-    assert guard("ada", "secret") and guard.failures == 0  # the window passed; reset
+    assert guard("ada", "secret") and guard.failures() == 0  # the window passed; reset
+
+
+def test_a_guesser_elsewhere_never_locks_the_real_user_out():
+    from ui.components import CLIENT_ADDRESS, LoginGuard
+
+    now = [0.0]
+    guard = LoginGuard("ada", "secret", clock=lambda: now[0])
+
+    def attempt(address: str, user: str, password: str) -> bool:
+        token = CLIENT_ADDRESS.set(address)
+        try:
+            return guard(user, password)
+        finally:
+            CLIENT_ADDRESS.reset(token)
+
+    logins = 0
+    for second in range(22):  # four wrong passwords a second from the attacker, one right login from ada
+        now[0] = float(second)
+        assert not any(attempt("203.0.113.9", "ada", f"guess{second}-{k}") for k in range(4))
+        logins += attempt("198.51.100.7", "ada", "secret")
+    assert logins == 22  # every one of the real user's logins went through
+    assert guard.failures("203.0.113.9", "ada") > 5 and not attempt("203.0.113.9", "ada", "secret")  # locked
+    assert attempt("203.0.113.9", "bob", "nope") is False and guard.failures("203.0.113.9", "bob") == 1
 
 
 def test_inline_images_obey_the_upload_cap(tmp_path):
@@ -352,3 +377,58 @@ def test_the_apps_numbers_are_whole_or_refused(tiny_model_dirs, tmp_path, field,
                     str(image), "Hi", args["max_new_tokens"], False, 0.7, 0.9, 0, args["max_pixels"], *view, None, None
                 )
             )
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ('{"model": "m", "layers": [0, Infinity], "heads": [0, 1]}', "not valid JSON"),
+        ('{"model": "m", "layers": [0.5, 2], "heads": [0, 1]}', "'layers' must be"),
+        ('{"model": "m", "layers": [true, 2], "heads": [0, 1]}', "'layers' must be"),
+        ('{"model": "m", "layers": [0, 2], "heads": ["0", "1"]}', "'heads' must be"),
+        ('{"model": "m", "layers": [0, 2], "heads": [0, 1, 2]}', "'heads' must be"),
+        ('{"model": "", "layers": [0, 2], "heads": [0, 1]}', "'model' must be"),
+        ("[1, 2]", "not an object"),
+        ("DEEP", "not a small JSON object"),
+        ('{"model": "m", "layers": [0, 2], "heads": [0, NaN]}', "not valid JSON"),
+    ],
+)
+def test_a_ranges_file_is_held_to_its_schema(tmp_path, text, field):
+    from config import ModelRanges
+
+    path = tmp_path / "ranges.json"
+    path.write_text("[" * 100_000 + "]" * 100_000 if text == "DEEP" else text)
+    with pytest.raises(InputError, match=field):
+        ModelRanges.read(path)
+    with pytest.raises(SystemExit):  # the command line says so, with no traceback
+        app.parse_args(["--ranges", str(path)])
+
+
+def test_a_refused_load_never_holds_the_model_for_others(tiny_model_dirs, monkeypatch):
+    slot = ModelSlot()
+    started, release = threading.Event(), threading.Event()
+
+    def slow_refusal(*args, **kwargs):  # a checkpoint whose config takes long to check, then is refused
+        started.set()
+        release.wait(10)
+        raise ModelLoadError("declares 20000 layers")
+
+    monkeypatch.setattr(ModelHolder, "load", slow_refusal)
+    loading = threading.Thread(target=lambda: pytest.raises(ModelLoadError, slot.load, "huge"))
+    loading.start()
+    started.wait(10)
+    assert slot.lock.acquire(timeout=1)  # a generation could run meanwhile
+    slot.lock.release()
+    release.set()
+    loading.join(10)
+
+
+def test_what_a_user_typed_is_literal_in_its_own_message():
+    from ui.components import parse_box, whole_number
+
+    with pytest.raises(gr.Error) as caught:
+        parse_box("<img src=x onerror=alert(1)>")
+    assert "<img" not in caught.value.message and "&lt;img" in caught.value.message
+    with pytest.raises(gr.Error) as caught:
+        whole_number("<b>5</b>", "Max new tokens")
+    assert "<b>" not in caught.value.message

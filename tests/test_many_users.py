@@ -351,3 +351,26 @@ def test_a_long_model_map_computation_lets_go_of_the_model_between_turns(load_ho
     picture, caption, _ = handlers.render(last[0], *values.values())
     assert turns == [4, 4, 2]  # ten tokens' maps in three holds of the lock
     assert "Tokens 0, 1, 2" in caption and isinstance(handlers.store.get(last[0]), StoredRun)
+
+
+def test_memory_a_large_request_used_is_given_back():
+    """glibc keeps freed heap pages for reuse, so a process that once peaked stayed near its peak (7.1 GB
+    after one large request); `release_memory`, run after every generation, hands them back."""
+    import ctypes.util
+
+    from pipeline import release_memory
+
+    if not ctypes.util.find_library("c") or not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim"):
+        pytest.skip("this C library has no malloc_trim")
+    process = psutil.Process()
+    release_memory()
+    idle = process.memory_info().rss
+    blocks = [np.ones(4_000) for _ in range(20_000)]  # 32 KB each, under mmap's threshold: 640 MB of heap
+    kept = blocks[::50]  # a few survive, so the heap cannot shrink from its top by itself
+    del blocks
+    held = process.memory_info().rss - idle
+    release_memory()
+    back = process.memory_info().rss - idle
+    print(f"after the request {held / 2**20:.0f} MB over idle, after release {back / 2**20:.0f} MB")
+    assert held > 300 * 2**20  # the allocator kept it
+    assert back < 100 * 2**20 and len(kept) == 400  # given back, all but what is still in use

@@ -45,6 +45,39 @@ def test_auth_protects_api_files_and_config(launched):
         assert client.get("/gradio_api/info").status_code == 200  # with credentials it works
 
 
+@pytest.mark.parametrize("launched", [("alice", "s3cret")], indirect=True)
+def test_routes_that_act_on_a_job_need_the_login(launched):
+    url, cfg = launched
+    routes = [
+        ("POST", "/gradio_api/cancel", {"session_hash": "someone", "fn_index": 0, "event_id": "x"}),
+        ("POST", "/gradio_api/reset", {"session_hash": "someone", "fn_index": 0, "event_id": "x"}),
+        ("GET", "/gradio_api/heartbeat/someone", None),
+        ("GET", "/gradio_api/queue/data?session_hash=someone", None),
+        ("GET", f"/gradio_api/file={cfg.outputs_dir}/result.png", None),
+        ("GET", "/gradio_api/info", None),
+    ]
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for method, route, body in routes:
+            assert client.request(method, route, json=body).status_code == 401, route
+        assert client.get("/").status_code == 200  # the login page itself
+        assert client.post("/login", data={"username": "alice", "password": "s3cret"}).status_code == 200
+        assert client.post("/gradio_api/cancel", json=routes[0][2]).status_code != 401  # logged in: allowed
+        assert client.get(f"/gradio_api/file={cfg.outputs_dir}/result.png").status_code == 200
+
+
+@pytest.mark.parametrize("launched", [("alice", "s3cret")], indirect=True)
+def test_wrong_passwords_from_one_address_never_lock_out_another(launched):
+    url, _ = launched
+    attacker, user = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "198.51.100.7"}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for k in range(12):
+            client.post("/login", data={"username": "alice", "password": f"guess{k}"}, headers=attacker)
+        refused = client.post("/login", data={"username": "alice", "password": "s3cret"}, headers=attacker)
+        assert refused.status_code != 200  # the guessing address is backed off
+    with httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/login", data={"username": "alice", "password": "s3cret"}, headers=user).status_code == 200
+
+
 def test_only_the_apps_own_files_are_served_and_uploads_are_capped(launched):
     url, cfg = launched
     with httpx.Client(base_url=url, timeout=10) as client:

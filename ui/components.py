@@ -3,15 +3,18 @@ upload, the login back-off, and `user_errors`, which turns the project's errors 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hmac
 import html
+import http.cookies
 import inspect
 import logging
 import math
 import os
 import time
 import types
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -255,27 +258,112 @@ def upload_bytes(size: str) -> int:
     return int(float(number) * {"kb": 2**10, "mb": 2**20, "gb": 2**30}[unit])
 
 
-class LoginGuard:
-    """The `--auth` check with a back-off: after 5 wrong attempts in a row, every attempt is refused
-    for a window that doubles with each further wrong one (1 s, 2 s, … up to 5 minutes); the right
-    user and password reset it. Nothing sleeps, so guessing never ties up the server."""
+# The address of the client whose request is being handled (set by `ClientAddress`), for the login back-off.
+CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("client_address", default="unknown")
 
-    def __init__(self, user: str, password: str, clock=time.monotonic):
-        self.user, self.password, self.clock = user, password, clock
-        self.failures, self.locked_until = 0, 0.0
+
+class ClientAddress:
+    """ASGI middleware: records the client's address for the request it passes on (`CLIENT_ADDRESS`). Behind
+    a proxy on this machine (the share link's relay) the proxy's X-Forwarded-For names the client; a header
+    from anyone else is ignored, so no one outside can pose as another address."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = (scope.get("client") or ("unknown", 0))[0]
+            forwarded = dict(scope.get("headers", [])).get(b"x-forwarded-for", b"")
+            if host in ("127.0.0.1", "::1") and forwarded:
+                host = forwarded.decode("latin-1").split(",")[0].strip()[:64] or host
+            token = CLIENT_ADDRESS.set(host)
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                CLIENT_ADDRESS.reset(token)
+        return await self.app(scope, receive, send)
+
+
+class RequireLogin:
+    """ASGI middleware, with `--auth`: the routes that act on a job or a file (cancel, reset, streams,
+    heartbeats, uploads, files, the queue, the API and its description) answer 401 to a request without the
+    session's login cookie, whether or not Gradio checks that route itself."""
+
+    GUARDED = (
+        "/cancel",
+        "/reset",
+        "/stream/",
+        "/heartbeat/",
+        "/upload",
+        "/file=",
+        "/info",
+        "/queue/",
+        "/call/",
+        "/run/",
+    )
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self._guarded(scope["path"]) and not self._logged_in(scope):
+            body = b'{"detail": "Not authenticated: log in first."}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        return await self.app(scope, receive, send)
+
+    def _guarded(self, path: str) -> bool:
+        rest = path.split("/gradio_api", 1)[1] if "/gradio_api" in path else ""
+        return any(rest.startswith(prefix) for prefix in self.GUARDED)
+
+    @staticmethod
+    def _logged_in(scope) -> bool:
+        app = scope.get("app")
+        tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
+        if tokens is None or getattr(app, "auth", None) is None:
+            return True  # no login configured: nothing to check
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(dict(scope.get("headers", [])).get(b"cookie", b"").decode("latin-1"))
+        except http.cookies.CookieError:
+            return False
+        names = (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}")
+        return any(name in jar and jar[name].value in tokens for name in names)
+
+
+class LoginGuard:
+    """The `--auth` check with a back-off per client address and user name: after 5 wrong attempts in a row
+    from one address for one name, that pair is refused for a window that doubles with each further wrong
+    one (1 s, 2 s, … up to 5 minutes); the right password resets it. Someone guessing from elsewhere never
+    locks the real user out, and nothing sleeps, so guessing never ties up the server. At most `max_pairs`
+    pairs are remembered (the least recently seen are forgotten)."""
+
+    def __init__(self, user: str, password: str, clock=time.monotonic, max_pairs: int = 10_000):
+        self.user, self.password, self.clock, self.max_pairs = user, password, clock, max_pairs
+        self._pairs: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()  # -> (failures, locked until)
+
+    def failures(self, client: str | None = None, user: str | None = None) -> int:
+        """Wrong attempts in a row from `client` (default: the current request's) for `user` (default: ours)."""
+        return self._pairs.get((client or CLIENT_ADDRESS.get(), user or self.user), (0, 0.0))[0]
 
     def __call__(self, user: str, password: str) -> bool:
-        now = self.clock()
-        if now < self.locked_until:
+        key, now = (CLIENT_ADDRESS.get(), str(user)[:256]), self.clock()
+        # Gradio calls this on its event loop, one login at a time: no lock needed.
+        failures, locked_until = self._pairs.get(key, (0, 0.0))
+        if now < locked_until:
             return False
         if hmac.compare_digest(str(user).encode(), self.user.encode()) & hmac.compare_digest(
             str(password).encode(), self.password.encode()
         ):
-            self.failures = 0
+            self._pairs.pop(key, None)
             return True
-        self.failures += 1
-        if self.failures >= 5:
-            self.locked_until = now + min(300.0, 2.0 ** (self.failures - 5))
+        failures += 1
+        self._pairs[key] = (failures, now + min(300.0, 2.0 ** (failures - 5)) if failures >= 5 else 0.0)
+        self._pairs.move_to_end(key)
+        while len(self._pairs) > self.max_pairs:
+            self._pairs.popitem(last=False)
         return False
 
 
@@ -334,6 +422,12 @@ def user_errors(handler):
     return call
 
 
+def _typed(value, limit: int = 40) -> str:
+    """What a user typed, quoted for a message: cut to `limit` characters and shown literally (a toast
+    renders HTML)."""
+    return html.escape(repr(str(value)[:limit] if isinstance(value, str) else value), quote=False)
+
+
 def parse_box(text) -> tuple[float, float, float, float] | None:
     """A target box typed or drawn as "x0, y0, x1, y1" (image pixels; spaces or commas), or None if empty."""
     if text is None or not str(text).strip():
@@ -343,7 +437,7 @@ def parse_box(text) -> tuple[float, float, float, float] | None:
         x0, y0, x1, y1 = (float(part) for part in parts)
     except ValueError:
         raise gr.Error(
-            f"The target box {str(text)[:40]!r} is not four numbers; write x0, y0, x1, y1 in image "
+            f"The target box {_typed(text)} is not four numbers; write x0, y0, x1, y1 in image "
             "pixels (left, top, right, bottom), or click two corners on the picture."
         ) from None
     if not all(math.isfinite(v) and abs(v) <= 1e6 for v in (x0, y0, x1, y1)):
@@ -351,7 +445,7 @@ def parse_box(text) -> tuple[float, float, float, float] | None:
     box = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
         raise gr.Error(
-            f"The target box {str(text)[:40]!r} is empty (under one pixel wide or tall); give two "
+            f"The target box {_typed(text)} is empty (under one pixel wide or tall); give two "
             "opposite corners, at least a pixel apart."
         )
     return box
@@ -363,9 +457,9 @@ def whole_number(value, name: str, minimum: int = 0) -> int:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}.") from None
+        raise gr.Error(f"{name} must be a whole number, got {_typed(value)}.") from None
     if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or number < minimum:
-        raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+        raise gr.Error(f"{name} must be a whole number of at least {minimum}, got {_typed(value)}.")
     return int(number)
 
 
@@ -390,7 +484,7 @@ def parse_steps(value, name: str = "Tokens") -> tuple[int, ...]:
             if dash:
                 first, last = whole_number(lo.strip(), name), whole_number(hi.strip(), name)
                 if last < first or last - first >= MAX_COMBINED:
-                    raise gr.Error(f"{name}: the range {piece!r} must run upwards, over at most {MAX_COMBINED}.")
+                    raise gr.Error(f"{name}: the range {_typed(piece)} must run upwards, over at most {MAX_COMBINED}.")
                 steps += range(first, last + 1)
             else:
                 steps.append(whole_number(piece, name))
