@@ -26,7 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from attention_processor import RAW_ATTENTION
 from causal.knockout import Knockout
-from causal.positions import box_positions, grid_cell_positions, image_positions, top_cell_positions
+from causal.positions import box_positions, checked_cells, grid_cell_positions, image_positions, top_cell_positions
 from causal.sweep import KnockoutSweep, control_positions, knockout_sweep, knockout_with_control
 from errors import EvictedError, InputError, ModelMismatchError, NotReadyError, SupersededError
 from methods import MapRequest, MapSet, compute_maps, compute_prompt_maps, generic_baseline, method
@@ -403,7 +403,7 @@ def knockout_layers(
     box = settings.target_box
     if box is None and region:
         layout = stored.run.vision
-        boxes = np.array([layout.cell_box_xyxy(r, c) for r, c in region])  # (n, 4)
+        boxes = np.array([layout.cell_box_xyxy(r, c) for r, c in checked_cells(stored.run, region)])  # (n, 4)
         box = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
     if box is None:
         raise InputError("The layer sweep needs a target box or a region: draw one first, then sweep.")

@@ -10,6 +10,7 @@ the same token share one forward, one batch row each.
 from __future__ import annotations
 
 import gc
+import numbers
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -68,9 +69,20 @@ def relative(p_after: float, p_before: float) -> float:
     return (p_after - p_before) / p_before if p_before > 0 else 0.0
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _whole_pair(values) -> bool:
+    """Two whole numbers (not floats, booleans or strings), as a (lo, hi) range is given."""
+    return isinstance(values, (tuple, list)) and len(values) == 2 and all(_whole(v) for v in values)
+
+
 def layer_range(holder, layers) -> tuple[int, int]:
     """The inclusive decoder-layer range `layers` (None: all), checked against the model's depth."""
     num_layers = len(decoder_layers(holder.model))
+    if layers is not None and not _whole_pair(layers):
+        raise InputError(f"layers must be an inclusive (lo, hi) of two whole numbers, got {layers!r}.")
     lo, hi = (0, num_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
     if not 0 <= lo <= hi < num_layers:
         raise InputError(f"layers must be an inclusive range inside 0..{num_layers - 1}, got {layers}.")
@@ -90,6 +102,13 @@ def head_set(num_heads: int, heads) -> tuple[int, ...] | None:
     """None for all heads; a (lo, hi) tuple or range is inclusive, a list names the heads."""
     if heads is None:
         return None
+    if isinstance(heads, tuple) and not _whole_pair(heads):
+        raise InputError(
+            f"heads as a tuple is an inclusive (lo, hi) range of two whole numbers, got {heads!r}; name several "
+            "heads as a list, e.g. [0, 1, 2]."
+        )
+    if not isinstance(heads, (tuple, list, range)) or not all(_whole(h) for h in heads):
+        raise InputError(f"heads must be a (lo, hi) range or a list of whole numbers, got {heads!r}.")
     chosen = list(range(int(heads[0]), int(heads[1]) + 1)) if isinstance(heads, tuple) else [int(h) for h in heads]
     if not chosen or not all(0 <= head < num_heads for head in chosen):
         raise InputError(f"heads must lie in 0..{num_heads - 1}, got {heads}.")

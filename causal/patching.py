@@ -26,7 +26,8 @@ class Patch:
     p_before: the token's probability (0..1) in the run's own replay; p_other: with the other image, no
     patch; p_after: the run's replay, patched; relative_change: (p_after − p_before) / p_before;
     toward_other: how far the patch moved p toward the other image's, (p_after − p_before) /
-    (p_other − p_before): 0 = not at all, 1 = all the way (NaN when the two images agree);
+    (p_other − p_before): 0 = not at all, 1 = all the way (NaN when the two images agree, to within
+    AGREE of the larger probability: a share of a near-zero gap would be noise);
     top_before / top_after: the five likeliest tokens as (text, probability); patched: in words."""
 
     step_idx: int
@@ -41,6 +42,17 @@ class Patch:
     patched: str
     positions: tuple[int, ...]
     layers: tuple[int, ...]
+
+
+AGREE = 0.02  # relative gap under which the run's and the other image's probabilities count as equal
+
+
+def _share_of_the_way(p_before: float, p_other: float, p_after: float) -> float:
+    """(p_after − p_before) / (p_other − p_before), or NaN when the gap is within AGREE (or 1e-4)."""
+    gap = p_other - p_before
+    if abs(gap) <= max(1e-4, AGREE * max(p_before, p_other)):
+        return float("nan")
+    return (p_after - p_before) / gap
 
 
 def _image_slots(holder, run: AttentionRun, image_idx: int) -> np.ndarray:
@@ -142,9 +154,7 @@ def patch(
         p_other=other_out.p_token,
         p_after=after.p_token,
         relative_change=relative(after.p_token, before.p_token),
-        toward_other=(after.p_token - before.p_token) / (other_out.p_token - before.p_token)
-        if other_out.p_token != before.p_token
-        else float("nan"),
+        toward_other=_share_of_the_way(before.p_token, other_out.p_token, after.p_token),
         top_before=before.top,
         top_after=after.top,
         patched=f"the residual stream after {span} at {where}, from the other image",

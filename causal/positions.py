@@ -4,6 +4,7 @@ tokens under a box or under picked main-view cells (on every view, as the geomet
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -29,18 +30,30 @@ def cell_positions(run: AttentionRun, image_idx: int | None = None) -> np.ndarra
     return np.unique(np.concatenate([layout.token_positions for layout in layouts])).astype(np.int64)
 
 
+def checked_cells(run: AttentionRun, cells, image_idx: int = 0) -> list[tuple[int, int]]:
+    """The distinct main-view cells (row, col) of image `image_idx`, each two whole numbers inside its grid,
+    or InputError naming the first that is not (a negative index never wraps around)."""
+    grid_h, grid_w = run.visions[run.view_index(image_idx)].grid_hw
+    found = []
+    for cell in cells or ():
+        whole = isinstance(cell, (list, tuple)) and len(cell) == 2
+        whole = whole and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in cell)
+        if not whole or not (0 <= cell[0] < grid_h and 0 <= cell[1] < grid_w):
+            raise InputError(f"Cell {str(cell)[:40]} is not a (row, col) inside the {grid_h}×{grid_w} token grid.")
+        found.append((int(cell[0]), int(cell[1])))
+    if not found:
+        raise InputError("No cell given: pick at least one token cell.")
+    return sorted(set(found))
+
+
 def grid_cell_positions(run: AttentionRun, cells, image_idx: int = 0) -> np.ndarray:
     """(n,) int64, sorted: main-view cells (row, col) of image `image_idx` and, on every other view, the
     cells that overlap them (a region clicked or a map's top cells, blocked on every view as a box is)."""
     layout = run.visions[run.view_index(image_idx)]
-    grid_h, grid_w = layout.grid_hw
-    found = []
-    for row, col in cells:
-        if not (0 <= int(row) < grid_h and 0 <= int(col) < grid_w):
-            raise InputError(f"Cell ({row}, {col}) is outside the {grid_h}×{grid_w} token grid.")
-        found.append(box_positions(run, layout.cell_box_xyxy(int(row), int(col)), image_idx))
-    if not found:
-        raise InputError("No cell given: pick at least one token cell.")
+    found = [
+        box_positions(run, layout.cell_box_xyxy(row, col), image_idx)
+        for row, col in checked_cells(run, cells, image_idx)
+    ]
     return np.unique(np.concatenate(found)).astype(np.int64)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from analysis import GENERIC_PROMPT
 from attention_processor import RAW_ATTENTION, token_heatmap
-from errors import InputError
+from errors import InputError, ModelMismatchError
 from methods.explain import gradient_map, rollout_map, vit_combined_maps
 from methods.lens import run_logit_lens
 from methods.occlusion import knockout_maps
@@ -188,8 +188,19 @@ def method(name: str) -> MapMethod:
 
 def compute_maps(name: str, request: MapRequest) -> MapSet:
     """The maps of `request.steps` by method `name`: one float32 array per step, (grid_h, grid_w) or the
-    encoder's patch grid over the same box (the ViT map), as a MapSet."""
+    encoder's patch grid over the same box (the ViT map), as a MapSet. A model pass needs the model that
+    made the run: another one is refused (its maps would describe a different network)."""
+    _same_model(request)
     return _as_set(method(name).compute(request))
+
+
+def _same_model(request: MapRequest) -> None:
+    holder, made_by = request.holder, getattr(request.run, "model_id", None)
+    if holder is not None and made_by is not None and getattr(holder, "model_id", made_by) != made_by:
+        raise ModelMismatchError(
+            f"This run was made by {made_by}, and the model given is {holder.model_id}. Pass the model that "
+            "made the run (or generate with this one first)."
+        )
 
 
 def _as_set(maps) -> MapSet:
@@ -201,6 +212,7 @@ def compute_prompt_maps(name: str, request: MapRequest, positions: Sequence[int]
     `request.steps` is not used. Raw attention reads its prompt rows elsewhere
     (`attention_processor.prompt_token_heatmap`); among the others, only some map prompt tokens."""
     entry = method(name)
+    _same_model(request)
     if entry.prompt is None:
         able = [m.name for m in METHODS.values() if m.prompt is not None]
         raise InputError(

@@ -27,19 +27,22 @@ from visualization import DIVERGING, hatch, labelled, overlay, side_by_side, wit
 MATCHES: tuple[str, ...] = ("position", "text")
 
 
-def matched_step(a: AttentionRun, b: AttentionRun, step_idx: int, match: str) -> int:
-    """The token of run B that stands for run A's token `step_idx`: the same position, or (by text) the
-    token of B with the same text nearest that position."""
+def matched_step(
+    a: AttentionRun, b: AttentionRun, step_idx: int, match: str, names: tuple[str, str] = ("A", "B")
+) -> int:
+    """The token of run `b` that stands for run `a`'s token `step_idx`: the same position, or (by text) the
+    token of `b` with the same text nearest that position. `names`: what messages call a and b."""
+    one, other = names
     if match not in MATCHES:
         raise InputError(f"Unknown match {match!r}; choose one of {MATCHES}.")
     if not 0 <= step_idx < a.num_steps:
-        raise InputError(f"Token {step_idx} is not in run A's answer (tokens 0..{a.num_steps - 1}).")
+        raise InputError(f"Token {step_idx} is not in run {one}'s answer (tokens 0..{a.num_steps - 1}).")
     if b.num_steps == 0:
-        raise InputError("Run B generated no tokens; generate it again.")
+        raise InputError(f"Run {other} generated no tokens; generate it again.")
     if match == "position":
         if step_idx >= b.num_steps:
             raise InputError(
-                f"Run B's answer has {b.num_steps} tokens, so it has no token {step_idx}; pick a token below "
+                f"Run {other}'s answer has {b.num_steps} tokens, so it has no token {step_idx}; pick a token below "
                 f"{b.num_steps}, or match by text."
             )
         return step_idx
@@ -47,7 +50,7 @@ def matched_step(a: AttentionRun, b: AttentionRun, step_idx: int, match: str) ->
     found = [t for t, piece in enumerate(b.generated_tokens) if piece.strip() == text]
     if not found:
         raise InputError(
-            f"Run A's token {step_idx} ({text!r}) is not in run B's answer "
+            f"Run {one}'s token {step_idx} ({text!r}) is not in run {other}'s answer "
             f"({''.join(b.generated_tokens)[:120]!r}); match by position, or pick another token."
         )
     return min(found, key=lambda t: (abs(t - step_idx), t))
@@ -214,7 +217,7 @@ def compare_runs(
     if step_in not in ("a", "b"):
         raise InputError(f"step_in is 'a' or 'b' (whose token step_idx is), not {step_in!r}.")
     if step_in == "b":
-        step_idx, step_b = matched_step(run_b, run_a, int(step_idx), match), int(step_idx)
+        step_idx, step_b = matched_step(run_b, run_a, int(step_idx), match, names=("B", "A")), int(step_idx)
     else:
         step_b = matched_step(run_a, run_b, int(step_idx), match)
     ranges_a = _ranges(run_a, layers, heads)

@@ -118,7 +118,7 @@ def test_the_app_compares_a_kept_result_with_the_current_one_for_two_models(tiny
     assert follow[2] == note
     import gradio as gr
 
-    with pytest.raises(gr.Error, match="has no token 9|not in run A|not in this answer|out of range"):
+    with pytest.raises(gr.Error, match="has no token 9|not in run B|not in this answer|out of range"):
         h.compare(run_b, run_a, "position", 9, *view[1:])
 
 

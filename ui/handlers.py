@@ -368,12 +368,14 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
         """The view controls' values by name as one ViewSettings; ranges left out are the page's own."""
         layers, heads = self._default_ranges()  # what the page starts with
         layers = tuple(
-            int(given) if given is not None else default
-            for given, default in zip((v["layer_lo"], v["layer_hi"]), layers, strict=True)
+            whole_number(given, name) if given is not None else default
+            for name, given, default in zip(
+                ("Layer from", "Layer to"), (v["layer_lo"], v["layer_hi"]), layers, strict=True
+            )
         )
         heads = tuple(
-            int(given) if given is not None else default
-            for given, default in zip((v["head_lo"], v["head_hi"]), heads, strict=True)
+            whole_number(given, name) if given is not None else default
+            for name, given, default in zip(("Head from", "Head to"), (v["head_lo"], v["head_hi"]), heads, strict=True)
         )
         steps = parse_steps(v["tokens"], "Combine tokens") or parse_steps(v["token"], "Token") or (0,)
         contrast = parse_steps(v["contrast_token"], "Contrast token")
@@ -398,7 +400,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
             renormalize=bool(v["renormalize"]),
             mask_sinks=bool(v["mask_sinks"]),
             relative=bool(v["relative"]),
-            prompt_pos=None if v["prompt_token"] in (None, "") else int(v["prompt_token"]),
+            prompt_pos=None if v["prompt_token"] in (None, "") else whole_number(v["prompt_token"], "Prompt token"),
             exclude_system=bool(v["exclude_system"]),
             method=v["method"] or RAW_ATTENTION,
             target_box=parse_box(v["target_box"]),
