@@ -74,7 +74,9 @@ class StudySettings:
     function_words: bool = False  # also score the maps of the answer's function words (study.function_words)
 
     def check(self) -> None:
-        """Raise ValueError naming the fix."""
+        """Raise ValueError naming the fix (before any model is loaded)."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be a whole number of at least 1, got {self.max_new_tokens!r}.")
         unknown = [name for name in self.methods if name not in METHODS]
         if unknown or not self.methods:
             raise InputError(f"Unknown map method(s) {unknown}; choose from {', '.join(METHODS)}.")

@@ -5,6 +5,7 @@ import os
 import statistics
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import gradio as gr
@@ -173,3 +174,25 @@ def test_the_app_cleans_its_cache_and_outputs_on_a_timer(tmp_path, monkeypatch):
         janitor.stop()
     assert not any(p.exists() for p in stale) and not export.exists()
     assert fresh.exists()
+
+
+def test_concurrent_exports_against_a_tiny_budget_all_keep_their_files(handlers, tmp_path):
+    """With outputs/ budgeted at 0 MB, 16 sessions exporting at once each still find their own files:
+    pruning never removes a file younger than its grace period (another user's export being written)."""
+    run_id = _run(handlers, tmp_path, 6, 7, "s")
+    handlers = Handlers(replace(handlers.cfg, outputs_max_mb=0, export_workers=16), handlers.slot, handlers.store)
+    found, failures = [], []
+
+    def export(i: int):
+        try:
+            found.append(handlers.export_attention(run_id, request=SimpleNamespace(session_hash=f"user{i}")))
+        except Exception as err:
+            failures.append(repr(err))
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and len(found) == 16
+    assert all(os.path.exists(path) for paths in found for path in paths)  # none pruned under anyone

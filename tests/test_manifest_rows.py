@@ -106,3 +106,15 @@ def test_a_study_with_bad_rows_and_a_mask_bomb_scores_the_rest(tmp_path):
     exact = tmp_path / "out" / "results.parquet"
     if exact.exists():
         assert set(pd.read_parquet(exact)["item_id"]) == {"=cmd|' /C calc'!A0"}
+
+
+def test_nonsense_study_settings_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import batch
+    from model_holder import ModelHolder as Holder
+
+    monkeypatch.setattr(Holder, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps(GOOD) + "\n")
+    for flags in (["--max-new-tokens", "0"], ["--knockout-window", "0"], ["--val-fraction", "1.5"]):
+        with pytest.raises(SystemExit):
+            batch.main(["--model", "m", "--manifest", str(manifest), "--out", str(tmp_path / "o"), *flags])
