@@ -74,3 +74,27 @@ def test_readme_gradio_client_example_runs_against_the_default_app(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_api_needs_only_what_the_readme_says_is_required(tmp_path):
+    from gradio_client import Client
+
+    import app
+    from config import AppConfig
+    from conftest import free_port
+    from pipeline import ModelSlot, RunStore
+
+    assert "only\n`generate`'s `image` and `prompt` are required" in (REPO / "README.md").read_text()
+    demo = app.build_ui(AppConfig(outputs_dir=tmp_path), ModelSlot(), RunStore(64))
+    demo.queue()
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        api = Client(f"http://127.0.0.1:{port}/", verbose=False).view_api(return_format="dict", print_info=False)
+        required = {
+            name: [p["parameter_name"] for p in info["parameters"] if not p.get("parameter_has_default")]
+            for name, info in api["named_endpoints"].items()
+        }
+        assert {name: params for name, params in required.items() if params} == {"/generate": ["image", "prompt"]}
+    finally:
+        demo.close()

@@ -208,6 +208,7 @@ def map_column() -> dict:
         sort="x",
         title="Attention share on the image per generated token",
         y_lim=[0, 1],
+        x_label_angle=-45,  # a long answer's token labels slant instead of overlapping
         elem_id="share-plot",
         height=220,
         color_map={"selected": "#d62728", "other": "#b8c4d6"},
