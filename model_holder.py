@@ -80,9 +80,10 @@ def _token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
 
 def _processor_refused(err: ValueError, sizes: list[tuple[int, int]]) -> InputError:
     """The processor's refusal of these (W, H) inputs, with what to do."""
+    extreme = any(max(w, h) > 50 * max(1, min(w, h)) for w, h in sizes)  # a side that resizes to nothing
     hint = (
         "Crop it to a less extreme aspect ratio or resize it"
-        if "aspect ratio" in str(err)
+        if "aspect ratio" in str(err) or extreme
         else "Check that this checkpoint's processor takes this kind of input (images, video)"
     )
     listed = ", ".join(f"{width}x{height}" for width, height in sizes)

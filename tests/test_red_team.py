@@ -56,3 +56,10 @@ def test_region_cells_are_whole_numbers_inside_the_grid(load_holder, tmp_path):
 def test_the_share_of_the_way_is_not_a_ratio_of_noise():
     assert _share_of_the_way(0.004138, 0.004139, 0.004267) != _share_of_the_way(0.004138, 0.004139, 0.004267)  # NaN
     assert _share_of_the_way(0.2, 0.6, 0.4) == pytest.approx(0.5)
+
+
+def test_mistral_3_on_an_extreme_aspect_ratio_says_what_to_do(load_holder):
+    from PIL import Image
+
+    with pytest.raises(InputError, match="less extreme aspect ratio"):
+        load_holder("mistral3").generate(Image.new("RGB", (30000, 50)), "Hi", max_new_tokens=1)
