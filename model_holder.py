@@ -257,6 +257,8 @@ class ModelHolder:
                 "prompt. Give fewer images (or start the app with a larger --max-images)."
             )
         frames, frame_size = video or (0, (0, 0))
+        if video is not None and (frames < 2 or min(frame_size) < 1):
+            return  # a video its header does not describe: reading it says what is wrong
         sizes = image_sizes or [frame_size] * frames
         pixels = sum(width * height for width, height in sizes)
         listed = ", ".join(f"{width}x{height}" for width, height in sizes[:16]) + (" …" if len(sizes) > 16 else "")
@@ -297,6 +299,9 @@ class ModelHolder:
             counts = placeholder_tokens(self.family, self.processor, image_sizes, size, video=video)
         except ValueError as err:  # the resize rule refuses these sizes, as the processor would
             raise _processor_refused(err, image_sizes or [video[1]]) from err
+        except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
+            logger.debug("no token count from the sizes alone (%s); the processed prompt is checked", err)
+            return None
         if counts is None:
             return None
         tokenizer = self.processor.tokenizer

@@ -120,3 +120,13 @@ def test_images_within_the_limits_still_generate(loaded, tmp_path):
         Image.fromarray(np.full((40 + 8 * i, 60, 3), 40 * i, np.uint8)).save(paths[-1])
     *_, last = _generate(handlers, paths)
     assert len(handlers.store.get(last[0]).run.visions) == 3
+
+
+def test_a_video_its_header_does_not_describe_is_left_to_the_reader(load_holder, tmp_path):
+    holder = load_holder("qwen2_vl")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    assert video_header(str(broken)) == (0, (0, 0))
+    holder.check_media([], "Hi", 2, video=(0, (0, 0)))  # no verdict from an empty header
+    with pytest.raises(Exception, match="at least two frames"):
+        holder.generate(None, "Hi", max_new_tokens=2, video=str(broken))
