@@ -112,7 +112,17 @@ def wire(demo: gr.Blocks, page: Page, h: Handlers) -> None:
     page["extra_images"].change(
         lambda files: list(files or []), page["extra_images"], page["extra_state"], api_name=False, queue=False
     )
-    page["video"].change(lambda path: path or None, page["video"], page["video_state"], api_name=False, queue=False)
+    # A video reaches generation through session state as uploaded; the page may show a playable copy.
+    page["video"].upload(
+        h.video_preview,
+        page["video"],
+        [page["video"], page["video_state"]],
+        api_name=False,
+        concurrency_id="video_preview",
+        concurrency_limit=2,
+        show_progress="minimal",
+    )
+    page["video"].clear(lambda: None, None, page["video_state"], api_name=False, queue=False)
     # Loading writes only to a hidden state, so a failure marks nothing on the page: the message
     # says why, the picker goes back to the loaded model, and the status and ranges stay.
     loading = page["load_btn"].click(

@@ -144,6 +144,45 @@ def video_header(source, max_frames: int = 16) -> tuple[int, tuple[int, int]]:
     return min(max_frames, max(total, 0)) // 2 * 2, size
 
 
+BROWSER_CODECS = ("avc1", "h264", "vp80", "vp08", "vp90", "vp09", "av01")  # what browsers play in a <video>
+
+
+def playable_preview(source: str | Path, out_dir: Path, max_side: int = 480, max_frames: int = 300) -> Path | None:
+    """A VP8 WebM copy of a video whose codec a browser cannot play (MPEG-4 Part 2, `mp4v`, is common from
+    OpenCV and phones), for the page's preview only: at most `max_side` px and `max_frames` frames at the
+    video's own rate; the model still reads the original. None when the browser plays the original, or
+    when it cannot be read."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(source))
+    try:
+        if not capture.isOpened():
+            return None
+        code = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("latin-1").lower()
+        if code in BROWSER_CODECS:
+            return None
+        fps = capture.get(cv2.CAP_PROP_FPS) or 10.0
+        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if min(width, height) < 1:
+            return None
+        size = scaled_size((width, height), min(1.0, max_side / max(width, height)))
+        size = (size[0] + size[0] % 2, size[1] + size[1] % 2)  # even sides, as the encoder wants
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / f"{Path(source).stem}-preview.webm"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), float(fps), size)
+        try:
+            for _ in range(max_frames):
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                writer.write(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA))
+        finally:
+            writer.release()
+    finally:
+        capture.release()
+    return path if path.exists() and path.stat().st_size > 0 else None
+
+
 def load_video(source, max_frames: int = 16) -> list[Image.Image]:
     """Upright 8-bit RGB frames from a video file (sampled evenly) or a list of images.
 

@@ -305,7 +305,12 @@ def test_video_and_baseline_views(served_app, tmp_path):
         page.locator("#prompt textarea").fill("Where does the ball go?")
         page.get_by_text("More images, or a video").click()
         page.locator("#video-input input[type=file]").set_input_files(_clip(tmp_path / "ball.mp4"))
-        page.wait_for_timeout(1500)
+        # an mp4v clip, which the browser cannot play: the page previews a WebM copy of it
+        expect(page.locator("#video-input video")).to_have_attribute(
+            "src", re.compile(r"preview\.webm"), timeout=30_000
+        )
+        expect(page.locator("#video-input")).not_to_contain_text("not playable")
+        page.wait_for_timeout(1000)
         page.locator("#generate-btn").click()
         expect(page.locator("#caption")).to_contain_text("time steps of the video on one scale", timeout=60_000)
         page.locator("#overlay").screenshot(path=str(REPO / "outputs" / "browser-test-video.png"))

@@ -130,3 +130,26 @@ def test_a_video_its_header_does_not_describe_is_left_to_the_reader(load_holder,
     holder.check_media([], "Hi", 2, video=(0, (0, 0)))  # no verdict from an empty header
     with pytest.raises(Exception, match="at least two frames"):
         holder.generate(None, "Hi", max_new_tokens=2, video=str(broken))
+
+
+def test_a_video_the_browser_cannot_play_gets_a_webm_preview(tmp_path):
+    import cv2
+
+    from utils import playable_preview
+
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5, (1280, 720))
+    for k in range(12):
+        writer.write(np.full((720, 1280, 3), 20 * k, np.uint8))
+    writer.release()
+    preview = playable_preview(clip, tmp_path, max_side=480, max_frames=10)
+    read = cv2.VideoCapture(str(preview))
+    code = int(read.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("latin-1").lower()
+    size = int(read.get(cv2.CAP_PROP_FRAME_WIDTH)), int(read.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    frames = 0
+    while read.read()[0]:
+        frames += 1
+    read.release()
+    assert preview.suffix == ".webm" and code in ("vp80", "vp08") and size == (480, 270) and frames == 10
+    assert playable_preview(preview, tmp_path) is None  # a browser plays VP8 as it is
+    assert playable_preview(tmp_path / "missing.mp4", tmp_path) is None

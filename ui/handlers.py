@@ -48,7 +48,7 @@ from ui.controls import (
     pack,
     resets,
 )
-from utils import image_header_size, load_image, load_video, video_header
+from utils import image_header_size, load_image, load_video, playable_preview, video_header
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +349,14 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
                 "contrast_token": gr.Dropdown(choices=choices, value=None),
             },
         )
+
+    def video_preview(self, path):
+        """An uploaded video: (what the page shows, what generation reads). A video the browser cannot play
+        is shown as a small WebM copy, and the model still reads the original."""
+        if not path:
+            return gr.skip(), None
+        preview = playable_preview(path, Path(path).parent)
+        return (str(preview) if preview is not None else gr.skip()), path
 
     def stop_generation(self, request: gr.Request | None = None) -> None:
         """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
