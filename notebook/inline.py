@@ -118,6 +118,10 @@ def show(
     `methods.METHODS`; those that replay the model need `holder`. max_side bounds the picture's longer side.
     Other keywords are `ViewSettings` fields (reduce="max", normalization="percentile", view="side_by_side",
     steps=(2, 3) to combine tokens, contrast_step=…)."""
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
+        raise InputError(
+            f"max_side is the picture's longer side in pixels, a whole number of at least 16, got {max_side!r}."
+        )
     settings = view_settings(run, step_idx, layers, heads, method, **view)
     picture, caption = picture_of(run, settings, holder)
     if max(picture.size) > max_side:
