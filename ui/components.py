@@ -11,7 +11,9 @@ import http.cookies
 import inspect
 import logging
 import math
+import os
 import time
+import types
 from collections import OrderedDict
 
 import gradio as gr
@@ -177,6 +179,35 @@ def range_slider(label: str, elem_id: str, maximum: int, value: tuple[int, int] 
         handle=f"{elem_id}-handle",
         apply_default_css=False,
     )
+
+
+def image_upload(max_bytes: int | None, **kwargs) -> gr.Image:
+    """A `gr.Image(type="filepath")` that passes the uploaded file through untouched (our loader
+    handles EXIF, 16-bit, alpha and frames), turns an unreadable upload into a message instead of a
+    stack trace, and holds every image to `max_bytes`, also one sent inline as a `data:` URL (which
+    does not go through the upload route and its cap).
+
+    The check is attached to the instance, so the component stays a plain `gr.Image`.
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    plain = image.preprocess
+
+    def preprocess(self, payload):
+        path = getattr(payload, "path", None)
+        if max_bytes and path and os.path.isfile(path) and os.path.getsize(path) > max_bytes:
+            raise gr.Error(
+                f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
+                f"{max_bytes / 2**20:.0f} MB. Upload a smaller file."
+            )
+        try:
+            return plain(payload)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise gr.Error(
+                f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, GIF or BMP file."
+            ) from err
+
+    image.preprocess = types.MethodType(preprocess, image)
+    return image
 
 
 class BodyLimit:

@@ -20,9 +20,9 @@ from families import video_families
 from methods import METHODS
 from pictures.stored_run import DISPLAY_NORMALIZATIONS
 from pictures.views import VIEWS
-from ui.components import matrix_heatmap, range_slider, upload_bytes
+from ui.components import image_upload, matrix_heatmap, range_slider, upload_bytes
 from ui.controls import KNOCKOUT_HINT, NO_REGION, ViewControls
-from ui.picture_output import image_upload, picture_output
+from ui.picture_output import picture_output
 from visualization import COLORMAPS
 
 CSS = """

@@ -1,9 +1,6 @@
-"""The page's image components, as subclasses of `gr.Image` (Gradio's per-session copies of a component,
-`block.__class__(**constructor_args)`, keep a subclass's behaviour; they drop a patched instance's):
-`ImageUpload`, the bounded upload, and `PictureOutput`, the picture within the display budget, cached
-atomically.
+"""The picture output: an `gr.Image` whose pictures fit the display budget and reach Gradio's cache atomically.
 
-They live in a module of their own because Gradio writes a type stub (`.pyi`) beside the module of every
+It lives in a module of its own because Gradio writes a type stub (`.pyi`) beside the module of every
 component class it meets; this one's stub stays small (and git ignores it).
 """
 
@@ -18,38 +15,6 @@ from gradio import processing_utils
 from PIL import Image
 
 from visualization import fit_within
-
-
-class ImageUpload(gr.Image):
-    """A `gr.Image(type="filepath")` that passes the uploaded file through untouched (our loader handles
-    EXIF, 16-bit, alpha and frames), turns an unreadable upload into a message instead of a stack trace, and
-    holds every image to `max_bytes`, also one sent inline as a `data:` URL (which does not go through the
-    upload route and its cap). The browser shows an ordinary image input (`is_template`)."""
-
-    is_template = True
-
-    def __init__(self, max_bytes: int | None = None, **kwargs):
-        self.max_bytes = max_bytes
-        super().__init__(type="filepath", **kwargs)
-
-    def preprocess(self, payload):
-        path = getattr(payload, "path", None)
-        if self.max_bytes and path and os.path.isfile(path) and os.path.getsize(path) > self.max_bytes:
-            raise gr.Error(
-                f"The image is {os.path.getsize(path) / 2**20:.0f} MB; this server accepts up to "
-                f"{self.max_bytes / 2**20:.0f} MB. Upload a smaller file."
-            )
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise gr.Error(
-                f"Could not read the uploaded file as an image ({err}). Upload a PNG, JPEG, WebP, GIF or BMP file."
-            ) from err
-
-
-def image_upload(max_bytes: int | None, **kwargs) -> ImageUpload:
-    """An `ImageUpload` holding every image to `max_bytes`."""
-    return ImageUpload(max_bytes, **kwargs)
 
 
 class PictureOutput(gr.Image):
