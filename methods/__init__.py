@@ -106,10 +106,20 @@ def _lens_prompt(request: MapRequest, positions: Sequence[int]) -> list[np.ndarr
     return _lens_of(request, [request.run.prompt_ids[p] for p in positions])
 
 
+ONE_CELL_TAM = (
+    "; on a one-cell grid the removed context equals the map itself, so TAM is 0 there: use a larger image "
+    "for TAM, or the raw attention"
+)
+
+
 def _tam_set(found) -> MapSet:
     return MapSet(
         [t.heat for t in found],
-        [f"context removed: α = {t.alpha:.2f} over {t.context} earlier text tokens" for t in found],
+        [
+            f"context removed: α = {t.alpha:.2f} over {t.context} earlier text tokens"
+            + (ONE_CELL_TAM if t.heat.size == 1 else "")
+            for t in found
+        ],
         {"raw logit": [t.logit for t in found], "interference removed": [t.interference for t in found]},
     )
 

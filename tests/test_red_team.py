@@ -63,3 +63,15 @@ def test_mistral_3_on_an_extreme_aspect_ratio_says_what_to_do(load_holder):
 
     with pytest.raises(InputError, match="less extreme aspect ratio"):
         load_holder("mistral3").generate(Image.new("RGB", (30000, 50)), "Hi", max_new_tokens=1)
+
+
+def test_tam_on_a_one_cell_grid_says_why_it_is_zero(load_holder):
+    from PIL import Image
+
+    holder = load_holder("qwen2_vl")
+    run = holder.generate(Image.new("RGB", (1, 1), (200, 30, 30)), "What is this?", max_new_tokens=3)
+    assert run.vision.grid_hw == (1, 1)
+    found = compute_maps("tam", MapRequest(holder, run, [1, 2], (0, 2), (0, 3)))
+    assert all("one-cell grid" in note for note in found.notes)
+    big = holder.generate(noise_image(120, 90), "What is this?", max_new_tokens=2)
+    assert "one-cell" not in compute_maps("tam", MapRequest(holder, big, [1], (0, 2), (0, 3))).notes[0]
