@@ -130,8 +130,7 @@ def clean_folder(
 ) -> int:
     """Delete files under `folder` last written (or handed out) more than `max_age_s` ago, then the oldest
     until it holds at most `max_mb`; never a file younger than `grace_s` (or `max_age_s`, if shorter) nor
-    one in `keep`. Folders left
-    empty go too. Returns how many files were deleted."""
+    one in `keep`. Folders left empty go too. Returns how many files were deleted."""
     folder, now = Path(folder), time.time() if now is None else now
     keep = {Path(path).resolve() for path in keep}
     files = []

@@ -276,10 +276,10 @@ class ModelHolder:
             each = f" The video's {frames} frames of {frame_size[0]}x{frame_size[1]} take {sum(counts)} tokens."
         else:
             per_image = [
-                f"image {i + 1}: {w}x{h} px, {n} tokens"
+                f"{'Image' if i == 0 else 'image'} {i + 1}: {w}x{h} px, {n} tokens"
                 for i, ((w, h), n) in enumerate(zip(sizes, counts, strict=True))
             ]
-            each = " I" + "; ".join(per_image)[1:] + "."
+            each = " " + "; ".join(per_image) + "."
         num_layers = len(set(capture_layers)) if capture_layers is not None else len(softmax_layers(self.model))
         self._check_budget(prompt_len, max_new_tokens, num_layers, max_capture_mb, store=store, detail=each)
 

@@ -31,7 +31,7 @@ from pictures.views import (
     verify_note,
 )
 from pipeline import lens_page, verify_map
-from ui.components import parse_box, user_errors
+from ui.components import parse_box, session_of, user_errors
 from ui.controls import ANALYSIS_OUTPUTS, BOX_OUTPUTS, REGION_OUTPUTS, pack
 from visualization import SIDE_BY_SIDE_GAP
 
@@ -235,6 +235,6 @@ class AnalysisHandlers:
                 f"The gallery holds at most {self.cfg.max_gallery_maps} layer × head maps "
                 f"(now {s.num_maps}); narrow the layer or head range."
             )
-        with self.exports.export(getattr(request, "session_hash", None)) as lane:
+        with self.exports.export(session_of(request)) as lane:
             tiles = head_gallery(stored.run, stored.image, s.step_idx, s.layers, s.heads, s.colormap)
             return str(self._kept(save_gallery_zip(lane.paced(tiles), self.cfg.outputs_dir, s.step_idx)))

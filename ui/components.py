@@ -237,13 +237,23 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
     async def _refuse(self, send) -> None:
-        body = (
+        message = (
             f"The request is larger than this server accepts ({self.max_bytes / 2**20:.0f} MB). Send a smaller "
             "image, or upload the file instead of sending it inline."
-        ).encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        )
+        await _respond(send, 413, message.encode(), b"text/plain; charset=utf-8")
+
+
+async def _respond(send, status: int, body: bytes, content_type: bytes) -> None:
+    """Answer an ASGI request from a middleware, without passing it on."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def session_of(request) -> str | None:
+    """The browser session (or API client) a request comes from; None outside a server."""
+    return getattr(request, "session_hash", None)
 
 
 def inline_body_limit(max_upload: str) -> int:
@@ -307,11 +317,7 @@ class RequireLogin:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self._guarded(scope["path"]) and not self._logged_in(scope):
-            body = b'{"detail": "Not authenticated: log in first."}'
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
+            return await _respond(send, 401, b'{"detail": "Not authenticated: log in first."}', b"application/json")
         return await self.app(scope, receive, send)
 
     def _guarded(self, path: str) -> bool:

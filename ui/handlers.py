@@ -35,7 +35,7 @@ from pipeline import (
 from ui.analysis_handlers import AnalysisHandlers
 from ui.causal_handlers import CausalHandlers
 from ui.compare_handlers import CompareHandlers
-from ui.components import parse_box, parse_steps, user_errors, whole_number
+from ui.components import parse_box, parse_steps, session_of, user_errors, whole_number
 from ui.controls import (
     MODEL_OUTPUTS,
     PAGE_OUTPUTS,
@@ -51,11 +51,6 @@ from ui.controls import (
 from utils import image_header_size, load_image, load_video, playable_preview, video_header
 
 logger = logging.getLogger(__name__)
-
-
-def _session(request: gr.Request | None) -> str | None:
-    """The browser session (or API client) a request comes from; None outside a server."""
-    return getattr(request, "session_hash", None)
 
 
 def named_api(
@@ -276,7 +271,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
 
         images, frames, panels = self._media(image_path, extra_paths, video_path, check)
         text, run = "", None
-        session = _session(request)
+        session = session_of(request)
         cancel = self.slot.begin(session)
         stream = stream_generation(
             self.slot,
@@ -361,7 +356,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
     def stop_generation(self, request: gr.Request | None = None) -> None:
         """Stop this session's running generation at its next token (wired, unqueued, to Generate, so
         asking again never waits behind one's own old answer)."""
-        self.slot.stop(getattr(request, "session_hash", None))
+        self.slot.stop(session_of(request))
 
     # -- views ------------------------------------------------------------------------------------
     def _view(self, view_values: tuple) -> dict:
@@ -528,7 +523,7 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
     def download_png(self, run_id, *view_values, request: gr.Request | None = None) -> str:
         settings = self._settings(*view_values)
         stored = self.store.get(run_id)
-        with self.exports.export(_session(request)):
+        with self.exports.export(session_of(request)):
             picture, _, _ = self._render_with(stored, settings, screen=False)
             return str(self._kept(save_picture(picture, self.cfg.outputs_dir, settings.step_idx)))
 
@@ -537,14 +532,14 @@ class Handlers(AnalysisHandlers, CausalHandlers, CompareHandlers):
         """An animated GIF of the map through the whole answer, with these view settings (at most
         `animation_max_frames` frames), written in the export lane, a frame at a time."""
         stored, settings = self._single(run_id), self._settings(*view_values)
-        with self.exports.export(_session(request)) as lane:
+        with self.exports.export(session_of(request)) as lane:
             frames = animation_frames(stored, settings, self.cfg.animation_max_side, self.cfg.animation_max_frames)
             return str(self._kept(save_animation(lane.paced(frames), self.cfg.outputs_dir)))
 
     @user_errors
     def export_attention(self, run_id, request: gr.Request | None = None) -> list[str]:
         stored = self.store.get(run_id)
-        with self.exports.export(_session(request)) as lane:
+        with self.exports.export(session_of(request)) as lane:
             paths = export_run(stored, self.cfg.outputs_dir, pace=lane.paced)
         self._kept(*paths)
         return [str(path) for path in paths]
