@@ -336,7 +336,7 @@ def test_a_long_model_map_computation_lets_go_of_the_model_between_turns(load_ho
 
     slot = ModelSlot()
     slot.holder = load_holder("qwen2_vl")
-    slot.holder.model.generation_config.min_new_tokens = 10
+    monkeypatch.setattr(slot.holder.model.generation_config, "min_new_tokens", 10)  # the holder is shared
     handlers = Handlers(AppConfig(outputs_dir=tmp_path), slot, RunStore(256))
     image = _image_file(tmp_path, 5)
     *_, last = handlers.generate(image, "Hi", 10, False, 0.7, 0.9, 0, 0, *VIEW, None, None)
